@@ -1,0 +1,65 @@
+//! The component traits. One CiM step calls them in this order (DESIGN.md, stages 1–9):
+//! [`Tokenizer::encode`] → [`Masking::sample`] → [`Generator::forward`] / [`Generator::mim_loss`] →
+//! [`Sampler::sample`] → replace → [`Tokenizer::decode`] → [`Enhancer::forward_t`] →
+//! [`Objective::forward`].
+
+use candle_core::{DType, Tensor};
+use rand::RngCore;
+
+use crate::types::{EnhancerInfo, Features, Mask, ObjectiveBatch, ObjectiveOutput, TokenGrid};
+use crate::Result;
+
+/// A frozen discrete image tokenizer (DALL-E's dVAE in the paper, §2.1).
+///
+/// Pixels in and out are in `[0, 1]`; any pixel map (DALL-E's `map_pixels`) happens inside.
+pub trait Tokenizer: Send + Sync {
+    /// Number of distinct visual tokens.
+    fn vocab_size(&self) -> usize;
+    /// Token grid for a `(height, width)` input, or an error naming the size if it does not fit.
+    fn grid(&self, size: (usize, usize)) -> Result<TokenGrid>;
+    /// `(B, 3, h, w)` pixels → `(B, gh, gw)` u32 token ids ("golden" tokens). No gradient.
+    fn encode(&self, pixels: &Tensor) -> Result<Tensor>;
+    /// `(B, gh, gw)` u32 token ids → `(B, 3, h, w)` pixels in `[0, 1]`. No gradient.
+    fn decode(&self, ids: &Tensor) -> Result<Tensor>;
+}
+
+/// Chooses which patches the generator masks (paper Eq. 1: k of n positions).
+pub trait Masking: Send + Sync {
+    fn sample(&self, batch: usize, grid: TokenGrid, rng: &mut dyn RngCore) -> Result<Mask>;
+}
+
+/// The trainable part of the generator: a small BEiT doing masked image modeling (§2.1, §2.3).
+pub trait Generator: Send + Sync {
+    /// `image`: the normalised enhancer-resolution view `(B, 3, H, W)` whose patch grid equals the
+    /// token grid. Returns logits `(M, V)` at the masked positions, rows in
+    /// [`Mask::flat_indices`] order.
+    fn forward(&self, image: &Tensor, mask: &Mask) -> Result<Tensor>;
+
+    /// The MIM loss: mean cross-entropy of `logits` `(M, V)` against the golden ids `(M,)` u32.
+    fn mim_loss(&self, logits: &Tensor, golden: &Tensor) -> Result<Tensor> {
+        let logits = logits.to_dtype(DType::F32)?;
+        Ok(candle_nn::loss::cross_entropy(&logits, golden)?)
+    }
+}
+
+/// Draws replacement tokens from generator logits (§2.3, Eq. 2). Never receives gradients.
+pub trait Sampler: Send + Sync {
+    /// `logits` `(M, V)` → `(M,)` u32 token ids, using only `rng` for randomness.
+    fn sample(&self, logits: &Tensor, rng: &mut dyn RngCore) -> Result<Tensor>;
+}
+
+/// The network being pre-trained (§2.2): sees only the corrupted image.
+pub trait Enhancer: Send + Sync {
+    /// Width, stride and input size of the features, known before the first forward.
+    fn info(&self) -> EnhancerInfo;
+    /// `(B, 3, H, W)` normalised image → per-position features. `train` switches BatchNorm /
+    /// dropout-like behaviour where a network has any.
+    fn forward_t(&self, image: &Tensor, train: bool) -> Result<Features>;
+}
+
+/// The enhancer's pretext task: a head, its targets and its loss (RESPIX, REVDET).
+pub trait Objective: Send + Sync {
+    /// Weight of this loss in `total = MIM + weight · objective` (paper Table 9: RESPIX 10, REVDET 1).
+    fn weight(&self) -> f64;
+    fn forward(&self, features: &Features, batch: &ObjectiveBatch<'_>) -> Result<ObjectiveOutput>;
+}

@@ -1,0 +1,173 @@
+//! Shared types that flow between components during one CiM step.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// The grid of discrete visual tokens (and of generator patches): 14×14 for a 224-px image with
+/// 16-px patches and a 112-px tokenizer view with DALL-E's 8× downsampling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenGrid {
+    pub h: usize,
+    pub w: usize,
+}
+
+impl TokenGrid {
+    pub fn new(h: usize, w: usize) -> Self {
+        Self { h, w }
+    }
+    /// Number of positions, `n` in the paper's Eq. (1).
+    pub fn len(&self) -> usize {
+        self.h * self.w
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl std::fmt::Display for TokenGrid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}×{}", self.h, self.w)
+    }
+}
+
+/// Which token positions the generator masks, per image. Host-side: masks are drawn on the CPU
+/// from a seeded RNG, so they are identical on every device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mask {
+    batch: usize,
+    grid: TokenGrid,
+    /// Row-major `(batch, grid.len())`.
+    flags: Vec<bool>,
+}
+
+impl Mask {
+    pub fn new(batch: usize, grid: TokenGrid, flags: Vec<bool>) -> Result<Self> {
+        if flags.len() != batch * grid.len() {
+            return Err(Error::msg(format!(
+                "mask has {} flags, expected batch {batch} × grid {grid} = {}",
+                flags.len(),
+                batch * grid.len()
+            )));
+        }
+        Ok(Self { batch, grid, flags })
+    }
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    pub fn grid(&self) -> TokenGrid {
+        self.grid
+    }
+    pub fn flags(&self) -> &[bool] {
+        &self.flags
+    }
+    /// Whether position `pos` (row-major in the grid) of image `b` is masked.
+    pub fn is_masked(&self, b: usize, pos: usize) -> bool {
+        self.flags[b * self.grid.len() + pos]
+    }
+    /// Masked positions per image (`k` in the paper).
+    pub fn counts(&self) -> Vec<usize> {
+        self.flags
+            .chunks(self.grid.len())
+            .map(|c| c.iter().filter(|&&m| m).count())
+            .collect()
+    }
+    /// All masked positions of the batch (`M = Σ k`).
+    pub fn total(&self) -> usize {
+        self.flags.iter().filter(|&&m| m).count()
+    }
+    /// Flat indices `b·n + pos` of masked positions, in row-major order. Generators return their
+    /// logits in this order and samplers' outputs follow it.
+    pub fn flat_indices(&self) -> Vec<u32> {
+        self.flags
+            .iter()
+            .enumerate()
+            .filter(|(_, &m)| m)
+            .map(|(i, _)| i as u32)
+            .collect()
+    }
+    /// `(B, n)` tensor with 1 at masked positions.
+    pub fn to_tensor(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+        let v: Vec<f32> = self.flags.iter().map(|&m| m as u8 as f32).collect();
+        Ok(Tensor::from_vec(v, (self.batch, self.grid.len()), device)?.to_dtype(dtype)?)
+    }
+    /// `(M,)` u32 tensor of [`Mask::flat_indices`].
+    pub fn indices_tensor(&self, device: &Device) -> Result<Tensor> {
+        let idx = self.flat_indices();
+        let n = idx.len();
+        Ok(Tensor::from_vec(idx, n, device)?)
+    }
+}
+
+/// What an enhancer tells the objective about its output, known at build time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnhancerInfo {
+    /// Feature width `D`.
+    pub dim: usize,
+    /// Pixels per feature position along each axis (16 for ViT-B/16, 32 for ResNet-50).
+    pub stride: usize,
+    /// Input resolution (square).
+    pub image_size: usize,
+}
+
+impl EnhancerInfo {
+    pub fn grid(&self) -> TokenGrid {
+        TokenGrid::new(self.image_size / self.stride, self.image_size / self.stride)
+    }
+}
+
+/// Enhancer output: one feature vector per position of its grid.
+#[derive(Clone, Debug)]
+pub struct Features {
+    /// `(B, grid.len(), D)`, row-major over the grid; no class token.
+    pub tokens: Tensor,
+    pub grid: TokenGrid,
+    pub stride: usize,
+}
+
+/// Everything an objective may look at besides the enhancer output.
+#[derive(Clone, Copy, Debug)]
+pub struct ObjectiveBatch<'a> {
+    /// Original images, `(B, 3, H, W)` in `[0, 1]` (not normalised): RESPIX's target source.
+    pub original: &'a Tensor,
+    /// The corrupted images the enhancer saw, `(B, 3, H, W)` in `[0, 1]`.
+    pub corrupted: &'a Tensor,
+    /// The generator's mask on the token grid.
+    pub mask: &'a Mask,
+    /// `(B, n)` f32, 1 where the sampled token differs from the golden one: REVDET's label.
+    pub replaced: &'a Tensor,
+}
+
+/// An objective's loss and, for pictures, its prediction and target in image layout.
+#[derive(Clone, Debug)]
+pub struct ObjectiveOutput {
+    /// Scalar loss, unweighted (the runner multiplies by [`crate::Objective::weight`]).
+    pub loss: Tensor,
+    /// `(B, 3, H, W)` prediction when the objective predicts pixels.
+    pub prediction: Option<Tensor>,
+    /// `(B, 3, H, W)` target when the objective regresses pixels.
+    pub target: Option<Tensor>,
+}
+
+/// Named scalar losses and metrics of one step, in a stable order for logs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Losses(pub BTreeMap<String, f64>);
+
+impl Losses {
+    pub fn insert(&mut self, name: impl Into<String>, value: f64) {
+        self.0.insert(name.into(), value);
+    }
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.0.get(name).copied()
+    }
+    /// The first non-finite entry, if any.
+    pub fn first_non_finite(&self) -> Option<(&str, f64)> {
+        self.0
+            .iter()
+            .find(|(_, v)| !v.is_finite())
+            .map(|(k, v)| (k.as_str(), *v))
+    }
+}

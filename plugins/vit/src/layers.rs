@@ -1,0 +1,254 @@
+//! Transformer building blocks shared by the ViT enhancers and the BEiT generator.
+//!
+//! Parameter names follow timm's `VisionTransformer` (`patch_embed.proj`, `blocks.N.attn.qkv`,
+//! `blocks.N.mlp.fc1`, `norm`, …) so export to timm is a key-for-key copy. Every operation is
+//! composed from candle ops that have a backward pass (candle's fused softmax / LayerNorm have none).
+
+use candle_core::{Module, Tensor, D};
+use candle_nn::{Init, Linear, VarBuilder};
+
+use cim_api::{Error, Result};
+
+/// Linear layer with weights ~ N(0, std²) (BEiT/timm use a truncated normal with std 0.02,
+/// truncated at ±2 — i.e. at 100σ, which never triggers) and zero bias.
+pub fn linear(d_in: usize, d_out: usize, std: f64, vb: VarBuilder) -> Result<Linear> {
+    let w = vb.get_with_hints((d_out, d_in), "weight", Init::Randn { mean: 0.0, stdev: std })?;
+    let b = vb.get_with_hints(d_out, "bias", Init::Const(0.0))?;
+    Ok(Linear::new(w, Some(b)))
+}
+
+/// LayerNorm over the last dimension, composed from differentiable ops.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(dim, "bias", Init::Const(0.0))?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Non-overlapping patches → tokens. The weight keeps timm's conv layout `(D, 3, p, p)`; the
+/// forward pass is a reshape + matmul, which equals a stride-p convolution.
+#[derive(Clone, Debug)]
+pub struct PatchEmbed {
+    weight: Tensor,
+    bias: Tensor,
+    patch: usize,
+    dim: usize,
+    channels: usize,
+}
+
+impl PatchEmbed {
+    pub fn new(channels: usize, patch: usize, dim: usize, std: f64, vb: VarBuilder) -> Result<Self> {
+        let vb = vb.pp("proj");
+        Ok(Self {
+            weight: vb.get_with_hints(
+                (dim, channels, patch, patch),
+                "weight",
+                Init::Randn { mean: 0.0, stdev: std },
+            )?,
+            bias: vb.get_with_hints(dim, "bias", Init::Const(0.0))?,
+            patch,
+            dim,
+            channels,
+        })
+    }
+
+    /// `(B, C, H, W)` → `(B, (H/p)·(W/p), D)`, row-major over the patch grid.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let p = self.patch;
+        if c != self.channels || h % p != 0 || w % p != 0 {
+            return Err(Error::msg(format!(
+                "patch embedding expects {} channels and sides divisible by {p}, got {:?}",
+                self.channels,
+                x.dims()
+            )));
+        }
+        let (gh, gw) = (h / p, w / p);
+        let patches = x
+            .reshape((b, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b, gh * gw, c * p * p))?;
+        let w = self.weight.reshape((self.dim, c * p * p))?;
+        Ok(patches.broadcast_matmul(&w.t()?)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// Multi-head self-attention with a fused qkv projection.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    pub fn new(dim: usize, heads: usize, std: f64, proj_std: f64, vb: VarBuilder) -> Result<Self> {
+        if heads == 0 || dim % heads != 0 {
+            return Err(Error::config(format!(
+                "width {dim} is not divisible by {heads} attention heads"
+            )));
+        }
+        Ok(Self {
+            qkv: linear(dim, 3 * dim, std, vb.pp("qkv"))?,
+            proj: linear(dim, dim, proj_std, vb.pp("proj"))?,
+            heads,
+            scale: 1.0 / ((dim / heads) as f64).sqrt(),
+        })
+    }
+}
+
+impl Module for Attention {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        let hd = c / self.heads;
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((b, n, 3, self.heads, hd))?
+            .permute((2, 0, 3, 1, 4))?; // (3, B, H, N, hd)
+        let q = (qkv.get(0)?.contiguous()? * self.scale)?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let attn = q.matmul(&k.t()?)?;
+        let attn = candle_nn::ops::softmax(&attn, D::Minus1)?;
+        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        self.proj.forward(&out)
+    }
+}
+
+/// The MLP of a transformer block: fc1 → GELU (erf) → fc2.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    pub fn new(dim: usize, hidden: usize, std: f64, proj_std: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            fc1: linear(dim, hidden, std, vb.pp("fc1"))?,
+            fc2: linear(hidden, dim, proj_std, vb.pp("fc2"))?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
+    }
+}
+
+/// Shape of a stack of pre-norm transformer blocks.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockSpec {
+    pub dim: usize,
+    pub heads: usize,
+    pub mlp_ratio: f64,
+    pub eps: f64,
+    pub init_std: f64,
+    /// BEiT's `fix_init_weight`: scale the output projections of block `i` by `1/sqrt(2(i+1))`.
+    pub rescale_residual: bool,
+}
+
+/// Pre-norm transformer block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`.
+/// No LayerScale, no drop-path (paper Table 9).
+#[derive(Clone, Debug)]
+pub struct Block {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    pub fn new(spec: &BlockSpec, index: usize, vb: VarBuilder) -> Result<Self> {
+        let proj_std = if spec.rescale_residual {
+            spec.init_std / (2.0 * (index + 1) as f64).sqrt()
+        } else {
+            spec.init_std
+        };
+        let hidden = (spec.dim as f64 * spec.mlp_ratio).round() as usize;
+        Ok(Self {
+            norm1: LayerNorm::new(spec.dim, spec.eps, vb.pp("norm1"))?,
+            attn: Attention::new(spec.dim, spec.heads, spec.init_std, proj_std, vb.pp("attn"))?,
+            norm2: LayerNorm::new(spec.dim, spec.eps, vb.pp("norm2"))?,
+            mlp: Mlp::new(spec.dim, hidden, spec.init_std, proj_std, vb.pp("mlp"))?,
+        })
+    }
+}
+
+impl Module for Block {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
+        &x + self.mlp.forward(&self.norm2.forward(&x)?)?
+    }
+}
+
+/// `depth` blocks named `blocks.0 … blocks.{depth-1}` under `vb`.
+pub fn blocks(spec: &BlockSpec, depth: usize, vb: VarBuilder) -> Result<Vec<Block>> {
+    (0..depth)
+        .map(|i| Block::new(spec, i, vb.pp("blocks").pp(i)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use cim_api::ParamStore;
+
+    #[test]
+    fn patch_embed_equals_strided_convolution() -> Result<()> {
+        let dev = Device::Cpu;
+        let store = ParamStore::trainable(1);
+        let pe = PatchEmbed::new(3, 4, 5, 0.1, store.var_builder(DType::F32, &dev))?;
+        let x = cim_api::testing::uniform((2, 3, 8, 12), 3)?;
+        let ours = pe.forward(&x)?; // (2, 6, 5)
+        let conv = x
+            .conv2d(&pe.weight, 0, 4, 1, 1)?
+            .broadcast_add(&pe.bias.reshape((1, 5, 1, 1))?)?
+            .flatten_from(2)?
+            .transpose(1, 2)?;
+        let diff = (ours - conv)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "max diff {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn layer_norm_normalises_last_dim() -> Result<()> {
+        let dev = Device::Cpu;
+        let store = ParamStore::trainable(1);
+        let ln = LayerNorm::new(6, 1e-6, store.var_builder(DType::F32, &dev))?;
+        let x = cim_api::testing::uniform((3, 6), 2)?.affine(10.0, 3.0)?;
+        let y = ln.forward(&x)?;
+        let m = y.mean_keepdim(1)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let v = y.sqr()?.mean_keepdim(1)?.flatten_all()?.to_vec1::<f32>()?;
+        assert!(m < 1e-5);
+        for v in v {
+            assert!((v - 1.0).abs() < 1e-3, "{v}");
+        }
+        Ok(())
+    }
+}
