@@ -1,0 +1,390 @@
+//! # `dalle_dvae` — the DALL-E discrete VAE tokenizer
+//!
+//! Paper §2.1: "We directly use the DALL-E (Ramesh et al., 2021) tokenizer, following BEiT." This is
+//! OpenAI's architecture (openai/DALL-E, `dall_e/encoder.py`, `dall_e/decoder.py`) with every size
+//! taken from config, so a tiny one runs on a CPU:
+//!
+//! - encoder: `map_pixels` (ε = 0.1) → 7×7 conv → `group_count` groups of `n_blk_per_group`
+//!   residual blocks of widths `n_hid·2^g`, 2×2 max-pool after every group but the last → ReLU →
+//!   1×1 conv to `vocab_size` logits → argmax. `(B, 3, s, s)` → `(B, s/2^(G−1), s/2^(G−1))` ids.
+//!   With the paper's 4 groups: 112 px → 14×14 tokens.
+//! - decoder: one-hot ids → 1×1 conv to `dec_n_init` channels → groups of widths
+//!   `dec_n_hid·2^(G−1−g)` with nearest ×2 upsampling after every group but the last → ReLU →
+//!   1×1 conv to 6 channels; the first 3 go through a sigmoid and `unmap_pixels`.
+//! - residual blocks: `id_path(x) + post_gain · res_path(x)`, `post_gain = 1 / n_layers²`,
+//!   `n_layers = group_count · n_blk_per_group`; encoder res path 3×3,3×3,3×3,1×1 convs, decoder
+//!   res path 1×1,3×3,3×3,3×3, both at a quarter of the block's output width.
+//!
+//! Parameter names are OpenAI's (`encoder.blocks.group_1.block_1.res_path.conv_1.w`, `.b`,
+//! `encoder.blocks.input.w`, `decoder.blocks.output.conv.w`, …), so their checkpoints load
+//! key-for-key under `encoder.` / `decoder.`. The tokenizer is frozen: its tensors never track
+//! gradients.
+
+use candle_core::{DType, Tensor};
+use candle_nn::{Init, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use cim_api::pixels::{map_pixels, unmap_pixels, LOGIT_LAPLACE_EPS};
+use cim_api::{BuildCtx, Error, Result, TokenGrid, Tokenizer};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DvaeConfig {
+    pub vocab_size: usize,
+    /// Encoder base width (OpenAI: 256).
+    pub n_hid: usize,
+    /// Decoder base width (OpenAI: 256).
+    pub dec_n_hid: usize,
+    /// Decoder width after the input 1×1 conv (OpenAI: 128).
+    pub dec_n_init: usize,
+    /// Number of groups (OpenAI: 4, i.e. 8× downsampling).
+    pub group_count: usize,
+    /// Residual blocks per group (OpenAI: 2).
+    pub n_blk_per_group: usize,
+    /// ε of the logit-Laplace pixel map (OpenAI: 0.1).
+    pub eps: f64,
+}
+
+impl Default for DvaeConfig {
+    /// OpenAI's released dVAE.
+    fn default() -> Self {
+        Self {
+            vocab_size: 8192,
+            n_hid: 256,
+            dec_n_hid: 256,
+            dec_n_init: 128,
+            group_count: 4,
+            n_blk_per_group: 2,
+            eps: LOGIT_LAPLACE_EPS,
+        }
+    }
+}
+
+impl DvaeConfig {
+    /// For conformance tests: 3 groups (4× downsampling), 64 tokens.
+    pub fn test_tiny() -> Self {
+        Self {
+            vocab_size: 64,
+            n_hid: 8,
+            dec_n_hid: 8,
+            dec_n_init: 16,
+            group_count: 3,
+            n_blk_per_group: 1,
+            eps: LOGIT_LAPLACE_EPS,
+        }
+    }
+    /// Spatial downsampling factor of the encoder.
+    pub fn downsample(&self) -> usize {
+        1 << (self.group_count - 1)
+    }
+}
+
+/// OpenAI's `Conv2d`: weight `w` `(out, in, k, k)` ~ N(0, 1/(in·k²)), bias `b` zeros, "same" padding.
+#[derive(Clone, Debug)]
+struct Conv {
+    w: Tensor,
+    b: Tensor,
+    pad: usize,
+}
+
+impl Conv {
+    fn new(n_in: usize, n_out: usize, k: usize, vb: VarBuilder) -> Result<Self> {
+        let std = 1.0 / ((n_in * k * k) as f64).sqrt();
+        Ok(Self {
+            w: vb.get_with_hints((n_out, n_in, k, k), "w", Init::Randn { mean: 0.0, stdev: std })?,
+            b: vb.get_with_hints(n_out, "b", Init::Const(0.0))?,
+            pad: (k - 1) / 2,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let n = self.b.dim(0)?;
+        Ok(x.conv2d(&self.w, self.pad, 1, 1, 1)?
+            .broadcast_add(&self.b.reshape((1, n, 1, 1))?)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct ResBlock {
+    id_path: Option<Conv>,
+    res_path: Vec<Conv>,
+    post_gain: f64,
+}
+
+impl ResBlock {
+    /// `kernels`: the four res-path kernel sizes (encoder 3,3,3,1; decoder 1,3,3,3).
+    fn new(n_in: usize, n_out: usize, n_layers: usize, kernels: [usize; 4], vb: VarBuilder) -> Result<Self> {
+        if n_out % 4 != 0 {
+            return Err(Error::config(format!("dalle_dvae: block width {n_out} must be divisible by 4")));
+        }
+        let hid = n_out / 4;
+        let widths = [(n_in, hid), (hid, hid), (hid, hid), (hid, n_out)];
+        let res = vb.pp("res_path");
+        let res_path = widths
+            .iter()
+            .zip(kernels)
+            .enumerate()
+            .map(|(i, (&(a, b), k))| Conv::new(a, b, k, res.pp(format!("conv_{}", i + 1))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            id_path: if n_in != n_out { Some(Conv::new(n_in, n_out, 1, vb.pp("id_path"))?) } else { None },
+            res_path,
+            post_gain: 1.0 / (n_layers * n_layers) as f64,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let id = match &self.id_path {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        let mut h = x.clone();
+        for c in &self.res_path {
+            h = c.forward(&h.relu()?)?;
+        }
+        Ok((id + (h * self.post_gain)?)?)
+    }
+}
+
+/// `group_count` groups of blocks; `resample` runs between groups.
+#[derive(Clone, Debug)]
+struct Groups {
+    groups: Vec<Vec<ResBlock>>,
+}
+
+impl Groups {
+    fn new(widths: &[(usize, usize)], cfg: &DvaeConfig, kernels: [usize; 4], vb: VarBuilder) -> Result<Self> {
+        let n_layers = cfg.group_count * cfg.n_blk_per_group;
+        let groups = widths
+            .iter()
+            .enumerate()
+            .map(|(g, &(w_in, w_out))| {
+                (0..cfg.n_blk_per_group)
+                    .map(|i| {
+                        let n_in = if i == 0 { w_in } else { w_out };
+                        ResBlock::new(n_in, w_out, n_layers, kernels,
+                            vb.pp(format!("group_{}", g + 1)).pp(format!("block_{}", i + 1)))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { groups })
+    }
+    fn forward(&self, x: &Tensor, resample: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let mut x = x.clone();
+        let last = self.groups.len() - 1;
+        for (g, blocks) in self.groups.iter().enumerate() {
+            for b in blocks {
+                x = b.forward(&x)?;
+            }
+            if g < last {
+                x = resample(&x)?;
+            }
+        }
+        Ok(x)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DalleDvae {
+    cfg: DvaeConfig,
+    enc_input: Conv,
+    enc_groups: Groups,
+    enc_output: Conv,
+    /// Decoder input 1×1 conv as a `(V, n_init)` lookup table (one-hot · W = row gather).
+    dec_table: Tensor,
+    dec_bias: Tensor,
+    dec_groups: Groups,
+    dec_output: Conv,
+}
+
+impl DalleDvae {
+    pub fn new(cfg: DvaeConfig, vb: VarBuilder) -> Result<Self> {
+        if cfg.group_count == 0 || cfg.n_blk_per_group == 0 {
+            return Err(Error::config("dalle_dvae: group_count and n_blk_per_group must be ≥ 1"));
+        }
+        let g = cfg.group_count;
+        let enc = vb.pp("encoder").pp("blocks");
+        let enc_widths: Vec<(usize, usize)> = (0..g)
+            .map(|i| (cfg.n_hid << i.saturating_sub(1), cfg.n_hid << i))
+            .collect();
+        let dec = vb.pp("decoder").pp("blocks");
+        let dec_widths: Vec<(usize, usize)> = (0..g)
+            .map(|i| {
+                let w_in = if i == 0 { cfg.dec_n_init } else { cfg.dec_n_hid << (g - i) };
+                (w_in, cfg.dec_n_hid << (g - 1 - i))
+            })
+            .collect();
+        let dec_in = Conv::new(cfg.vocab_size, cfg.dec_n_init, 1, dec.pp("input"))?;
+        Ok(Self {
+            enc_input: Conv::new(3, cfg.n_hid, 7, enc.pp("input"))?,
+            enc_groups: Groups::new(&enc_widths, &cfg, [3, 3, 3, 1], enc.clone())?,
+            // The encoder's last group is n_hid·2^(G−1) wide.
+            enc_output: Conv::new(cfg.n_hid << (g - 1), cfg.vocab_size, 1, enc.pp("output").pp("conv"))?,
+            dec_table: dec_in.w.reshape((cfg.dec_n_init, cfg.vocab_size))?.t()?.contiguous()?,
+            dec_bias: dec_in.b.clone(),
+            dec_groups: Groups::new(&dec_widths, &cfg, [1, 3, 3, 3], dec.clone())?,
+            dec_output: Conv::new(cfg.dec_n_hid, 6, 1, dec.pp("output").pp("conv"))?,
+            cfg,
+        })
+    }
+
+    /// Encoder logits `(B, V, s/d, s/d)` for pixels in `[0, 1]`.
+    pub fn encoder_logits(&self, pixels: &Tensor) -> Result<Tensor> {
+        let x = map_pixels(pixels, self.cfg.eps)?;
+        let x = self.enc_input.forward(&x)?;
+        let x = self.enc_groups.forward(&x, |t| Ok(t.max_pool2d(2)?))?;
+        self.enc_output.forward(&x.relu()?)
+    }
+
+    /// Decoder statistics `(B, 6, h, w)` before the sigmoid.
+    pub fn decoder_stats(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, h, w) = ids.dims3()?;
+        let d = self.cfg.dec_n_init;
+        let x = self
+            .dec_table
+            .index_select(&ids.flatten_all()?, 0)?
+            .broadcast_add(&self.dec_bias)?
+            .reshape((b, h, w, d))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?;
+        let x = self.dec_groups.forward(&x, |t| {
+            let (_, _, h, w) = t.dims4()?;
+            Ok(t.upsample_nearest2d(2 * h, 2 * w)?)
+        })?;
+        self.dec_output.forward(&x.relu()?)
+    }
+}
+
+impl Tokenizer for DalleDvae {
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn grid(&self, (h, w): (usize, usize)) -> Result<TokenGrid> {
+        let d = self.cfg.downsample();
+        if h % d != 0 || w % d != 0 {
+            return Err(Error::config(format!(
+                "dalle_dvae with {} groups downsamples by {d}: the tokenizer view {h}×{w} must be a multiple of {d}",
+                self.cfg.group_count
+            )));
+        }
+        Ok(TokenGrid::new(h / d, w / d))
+    }
+
+    fn encode(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (_, c, h, w) = pixels.dims4()?;
+        self.grid((h, w))?;
+        if c != 3 {
+            return Err(Error::msg(format!("dalle_dvae: expected 3 channels, got {c}")));
+        }
+        Ok(self.encoder_logits(&pixels.detach())?.argmax(1)?)
+    }
+
+    fn decode(&self, ids: &Tensor) -> Result<Tensor> {
+        let stats = self.decoder_stats(&ids.to_dtype(DType::U32)?)?;
+        let rgb = candle_nn::ops::sigmoid(&stats.narrow(1, 0, 3)?)?;
+        Ok(unmap_pixels(&rgb, self.cfg.eps)?.detach())
+    }
+}
+
+/// Top-1 agreement of two id tensors (for precision checks and tests).
+pub fn agreement(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let eq = a.eq(b)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
+    Ok(eq as f64)
+}
+
+fn build(cfg: DvaeConfig, ctx: &BuildCtx) -> Result<DalleDvae> {
+    DalleDvae::new(cfg, ctx.vb.clone())
+}
+
+cim_api::register_tokenizer! {
+    name: "dalle_dvae",
+    about: "DALL-E dVAE (OpenAI architecture; 8192 tokens, 8× downsampling by default)",
+    config: DvaeConfig,
+    default: DvaeConfig::default(),
+    tiny: DvaeConfig::test_tiny(),
+    build: build,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use cim_api::ParamStore;
+
+    #[test]
+    fn conformance() -> Result<()> {
+        cim_api::testing::check_tokenizer("dalle_dvae")
+    }
+
+    /// Key names are OpenAI's; the parameter count of a small instance equals a hand count of
+    /// the architecture (worked out in the comment below).
+    #[test]
+    fn parameter_names_and_counts_follow_openai_layout() -> Result<()> {
+        let store = ParamStore::frozen(0);
+        let cfg = DvaeConfig { vocab_size: 16, n_hid: 8, dec_n_hid: 8, dec_n_init: 4, group_count: 2, n_blk_per_group: 1, eps: 0.1 };
+        let _ = DalleDvae::new(cfg, store.var_builder(DType::F32, &Device::Cpu))?;
+        let names = store.names_under("");
+        for key in [
+            "encoder.blocks.input.w",
+            "encoder.blocks.group_1.block_1.res_path.conv_1.w",
+            "encoder.blocks.group_2.block_1.id_path.w",
+            "encoder.blocks.output.conv.b",
+            "decoder.blocks.input.w",
+            "decoder.blocks.group_1.block_1.id_path.w",
+            "decoder.blocks.group_2.block_1.res_path.conv_4.b",
+            "decoder.blocks.output.conv.w",
+        ] {
+            assert!(names.iter().any(|n| n == key), "missing {key} in {names:?}");
+        }
+        // Hand count. Encoder: input 3·8·49+8 = 1184; group_1 block (8→8, hid 2):
+        // 8·2·9+2 + 2·2·9+2 + 2·2·9+2 + 2·8·1+8 = 146+38+38+24 = 246;
+        // group_2 block (8→16, hid 4): id 8·16+16 = 144; res 8·4·9+4 + 4·4·9+4 ·2 + 4·16+16
+        // = 292+148+148+80 = 668; output 16·16+16 = 272. Encoder total 1184+246+144+668+272 = 2514.
+        // Decoder: input 16·4+4 = 68; group_1 block (4→16, hid 4): id 4·16+16 = 80;
+        // res 4·4+4 + (4·4·9+4)·2 + 4·16·9+16 = 20+296+592 = 908; group_2 block (16→8, hid 2):
+        // id 16·8+8 = 136; res 16·2+2 + (2·2·9+2)·2 + 2·8·9+8 = 34+76+152 = 262;
+        // output 8·6+6 = 54. Decoder total 68+80+908+136+262+54 = 1508.
+        assert_eq!(store.num_params(), 2514 + 1508);
+        Ok(())
+    }
+
+    #[test]
+    fn paper_size_gives_a_14x14_grid_for_the_112_px_view() -> Result<()> {
+        let cfg = DvaeConfig::default();
+        assert_eq!(cfg.downsample(), 8);
+        // Build only the shape logic on a tiny instance with the paper's group count.
+        let small = DvaeConfig { vocab_size: 32, n_hid: 4, dec_n_hid: 4, dec_n_init: 8, ..cfg };
+        let tok = DalleDvae::new(small, ParamStore::frozen(0).var_builder(DType::F32, &Device::Cpu))?;
+        assert_eq!(tok.grid((112, 112))?, TokenGrid::new(14, 14));
+        let ids = tok.encode(&cim_api::testing::uniform((1, 3, 112, 112), 0)?)?;
+        assert_eq!(ids.dims(), [1, 14, 14]);
+        assert_eq!(tok.decode(&ids)?.dims(), [1, 3, 112, 112]);
+        let err = tok.grid((100, 100)).unwrap_err().to_string();
+        assert!(err.contains("multiple of 8"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn decode_lookup_equals_one_hot_convolution() -> Result<()> {
+        let cfg = DvaeConfig::test_tiny();
+        let store = ParamStore::frozen(3);
+        let tok = DalleDvae::new(cfg.clone(), store.var_builder(DType::F32, &Device::Cpu))?;
+        let ids = Tensor::new(&[[[1u32, 5], [63, 0]]], &Device::Cpu)?;
+        let ours = tok.decoder_stats(&ids)?;
+        // Reference: one-hot (B, V, h, w) through the input conv, then the same groups.
+        let one_hot = candle_nn::encoding::one_hot(ids.clone(), cfg.vocab_size, 1f32, 0f32)?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?;
+        let w = store.get("decoder.blocks.input.w").unwrap().as_detached_tensor();
+        let b = store.get("decoder.blocks.input.b").unwrap().as_detached_tensor();
+        let x = one_hot.conv2d(&w, 0, 1, 1, 1)?.broadcast_add(&b.reshape((1, cfg.dec_n_init, 1, 1))?)?;
+        let x = tok.dec_groups.forward(&x, |t| {
+            let (_, _, h, w) = t.dims4()?;
+            Ok(t.upsample_nearest2d(2 * h, 2 * w)?)
+        })?;
+        let reference = tok.dec_output.forward(&x.relu()?)?;
+        let diff = (ours - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+}

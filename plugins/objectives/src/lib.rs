@@ -1,0 +1,262 @@
+//! # Objectives — `respix`
+//!
+//! RESPIX, "pixel residual learning" (paper §2.2, Figures 3–4): a linear head on every enhancer
+//! position regresses ALL original pixels of its `stride × stride` patch; the target is the
+//! original image normalised inside a sliding 8×8 window centred on each pixel; the loss is
+//! `l1 + l2` (§2.3), weighted by 10 in the total (Table 9).
+//!
+//! - input: [`Features`] `(B, N, D)` on a grid with `stride` pixels per position; the original
+//!   image `(B, 3, H, W)` in `[0, 1]`
+//! - output: loss (scalar), prediction and target `(B, 3, H, W)`
+//!
+//! ## Target normalisation (DESIGN.md)
+//! For pixel `(i, j)` and each channel: `(x − μ) / sqrt(σ² + eps)`, μ and σ² (population variance)
+//! over the `k×k` window rows `i − k/2 … i + k/2 − 1` and the same columns — for k = 8 that is 4
+//! pixels before and 3 after, the extra pixel on the top/left side. Windows are clipped at the
+//! borders: only pixels inside the image count. `target = "patch"` is MAE's non-overlapping
+//! variant with the same `k`, estimator and `eps` (it equals the sliding one evaluated with the
+//! window snapped to the k-aligned grid); `target = "none"` regresses raw `[0, 1]` pixels.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Init, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use cim_api::{BuildCtx, EnhancerInfo, Error, Features, Objective, ObjectiveBatch, ObjectiveOutput, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RespixTarget {
+    /// Sliding-window normalisation (the paper's default).
+    Sliding,
+    /// Non-overlapping k×k patch normalisation (MAE).
+    Patch,
+    /// Raw pixels in `[0, 1]`.
+    None,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RespixConfig {
+    /// Loss weight in the total (paper Table 9: 10).
+    pub weight: f64,
+    pub target: RespixTarget,
+    /// Normalisation window side `k` (paper: 8).
+    pub window: usize,
+    pub eps: f64,
+    /// Std of the head's weight initialisation.
+    pub init_std: f64,
+}
+
+impl Default for RespixConfig {
+    fn default() -> Self {
+        Self {
+            weight: 10.0,
+            target: RespixTarget::Sliding,
+            window: 8,
+            eps: 1e-6,
+            init_std: 0.02,
+        }
+    }
+}
+
+/// Sum over a `k`-long window `[i − before, i − before + k)` along `dim`, clipped at the borders.
+fn box_sum(x: &Tensor, dim: usize, k: usize, before: usize) -> Result<Tensor> {
+    let n = x.dim(dim)?;
+    let after = k - 1 - before;
+    let padded = x.pad_with_zeros(dim, before, after)?;
+    let mut acc = padded.narrow(dim, 0, n)?;
+    for s in 1..k {
+        acc = (acc + padded.narrow(dim, s, n)?)?;
+    }
+    Ok(acc)
+}
+
+/// Number of in-image pixels of each clipped window along an axis of length `n`.
+fn window_counts(n: usize, k: usize, before: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let lo = i.saturating_sub(before);
+            let hi = (i + k - before).min(n);
+            (hi - lo) as f32
+        })
+        .collect()
+}
+
+/// The RESPIX target of `x` `(B, C, H, W)` (see the module docs).
+pub fn respix_target(x: &Tensor, kind: RespixTarget, k: usize, eps: f64) -> Result<Tensor> {
+    let x = x.detach().to_dtype(DType::F32)?;
+    let (b, c, h, w) = x.dims4()?;
+    match kind {
+        RespixTarget::None => Ok(x),
+        RespixTarget::Sliding => {
+            let before = k / 2;
+            let sum = |t: &Tensor| -> Result<Tensor> { box_sum(&box_sum(t, 2, k, before)?, 3, k, before) };
+            let ch = Tensor::from_vec(window_counts(h, k, before), (h, 1), &Device::Cpu)?;
+            let cw = Tensor::from_vec(window_counts(w, k, before), (1, w), &Device::Cpu)?;
+            let count = ch.broadcast_mul(&cw)?.reshape((1, 1, h, w))?.to_device(x.device())?;
+            let mean = sum(&x)?.broadcast_div(&count)?;
+            let mean_sq = sum(&x.sqr()?)?.broadcast_div(&count)?;
+            let var = (mean_sq - mean.sqr()?)?.relu()?;
+            Ok(x.sub(&mean)?.div(&(var + eps)?.sqrt()?)?)
+        }
+        RespixTarget::Patch => {
+            if h % k != 0 || w % k != 0 {
+                return Err(Error::config(format!(
+                    "objective.respix: target \"patch\" needs the image sides ({h}×{w}) divisible by window {k}"
+                )));
+            }
+            let p = x.reshape((b, c, h / k, k, w / k, k))?;
+            let mean = p.mean_keepdim(5)?.mean_keepdim(3)?;
+            let xc = p.broadcast_sub(&mean)?;
+            let var = xc.sqr()?.mean_keepdim(5)?.mean_keepdim(3)?;
+            Ok(xc.broadcast_div(&(var + eps)?.sqrt()?)?.reshape((b, c, h, w))?)
+        }
+    }
+}
+
+/// `(B, gh·gw, p·p·C)` → `(B, C, gh·p, gw·p)`, the per-position layout being `(p, p, C)` (MAE's).
+pub fn unpatchify(x: &Tensor, gh: usize, gw: usize, p: usize, c: usize) -> Result<Tensor> {
+    let b = x.dim(0)?;
+    Ok(x.reshape((b, gh, gw, p, p, c))?
+        .permute((0, 5, 1, 3, 2, 4))?
+        .contiguous()?
+        .reshape((b, c, gh * p, gw * p))?)
+}
+
+#[derive(Clone, Debug)]
+pub struct Respix {
+    cfg: RespixConfig,
+    head: Linear,
+    info: EnhancerInfo,
+}
+
+impl Respix {
+    pub fn new(cfg: RespixConfig, info: EnhancerInfo, vb: VarBuilder) -> Result<Self> {
+        if cfg.window == 0 {
+            return Err(Error::config("objective.respix.window must be ≥ 1"));
+        }
+        let out = info.stride * info.stride * 3;
+        let head = vb.pp("head");
+        let w = head.get_with_hints((out, info.dim), "weight", Init::Randn { mean: 0.0, stdev: cfg.init_std })?;
+        let b = head.get_with_hints(out, "bias", Init::Const(0.0))?;
+        Ok(Self { cfg, head: Linear::new(w, Some(b)), info })
+    }
+}
+
+impl Objective for Respix {
+    fn weight(&self) -> f64 {
+        self.cfg.weight
+    }
+
+    fn forward(&self, f: &Features, batch: &ObjectiveBatch<'_>) -> Result<ObjectiveOutput> {
+        let p = f.stride;
+        if p != self.info.stride {
+            return Err(Error::msg(format!("respix: features have stride {p}, head built for {}", self.info.stride)));
+        }
+        let pred = unpatchify(&self.head.forward(&f.tokens)?, f.grid.h, f.grid.w, p, 3)?;
+        let target = respix_target(batch.original, self.cfg.target, self.cfg.window, self.cfg.eps)?;
+        if pred.dims() != target.dims() {
+            return Err(Error::msg(format!(
+                "respix: prediction {:?} and original image {:?} differ in size",
+                pred.dims(),
+                target.dims()
+            )));
+        }
+        let diff = (pred.to_dtype(DType::F32)? - &target)?;
+        let loss = (diff.abs()?.mean_all()? + diff.sqr()?.mean_all()?)?;
+        Ok(ObjectiveOutput { loss, prediction: Some(pred), target: Some(target) })
+    }
+}
+
+fn build(cfg: RespixConfig, ctx: &BuildCtx) -> Result<Respix> {
+    Respix::new(cfg, ctx.enhancer("objective respix")?, ctx.vb.clone())
+}
+
+cim_api::register_objective! {
+    name: "respix",
+    about: "RESPIX: regress all pixels, sliding-window normalised target, l1 + l2 (paper §2.2; weight 10)",
+    config: RespixConfig,
+    default: RespixConfig::default(),
+    tiny: RespixConfig::default(),
+    build: build,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conformance() -> Result<()> {
+        cim_api::testing::check_objective("respix")
+    }
+
+    /// Hand-computed sliding-window normalisation at corners, edges and the interior.
+    #[test]
+    fn sliding_target_matches_hand_computed_windows() -> Result<()> {
+        let (h, w) = (11, 13);
+        let x = cim_api::testing::uniform((1, 2, h, w), 42)?;
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let t = respix_target(&x, RespixTarget::Sliding, 8, 1e-6)?;
+        let ts: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        for &(c, i, j) in &[(0usize, 0usize, 0usize), (1, 0, 12), (0, 10, 0), (1, 10, 12), (0, 5, 6), (1, 4, 4), (0, 7, 3)] {
+            // Window rows i−4 ..= i+3, clipped; population variance.
+            let rows = i.saturating_sub(4)..(i + 4).min(h);
+            let cols = j.saturating_sub(4)..(j + 4).min(w);
+            let mut vals = vec![];
+            for r in rows.clone() {
+                for q in cols.clone() {
+                    vals.push(xs[c * h * w + r * w + q] as f64);
+                }
+            }
+            let n = vals.len() as f64;
+            let mu = vals.iter().sum::<f64>() / n;
+            let var = vals.iter().map(|v| (v - mu).powi(2)).sum::<f64>() / n;
+            let expected = (xs[c * h * w + i * w + j] as f64 - mu) / (var + 1e-6).sqrt();
+            let got = ts[c * h * w + i * w + j] as f64;
+            assert!((got - expected).abs() < 1e-4, "({c},{i},{j}): {got} vs {expected} over {} px", vals.len());
+        }
+        // The corner window holds 4×4 pixels, the interior one 8×8.
+        assert_eq!(window_counts(11, 8, 4)[0], 4.0);
+        assert_eq!(window_counts(11, 8, 4)[5], 8.0);
+        Ok(())
+    }
+
+    #[test]
+    fn patch_target_normalises_each_patch() -> Result<()> {
+        let x = cim_api::testing::uniform((1, 3, 16, 16), 1)?;
+        let t = respix_target(&x, RespixTarget::Patch, 8, 1e-6)?;
+        let p = t.reshape((1, 3, 2, 8, 2, 8))?;
+        let mean = p.mean_keepdim(5)?.mean_keepdim(3)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let var = p.sqr()?.mean_keepdim(5)?.mean_keepdim(3)?.flatten_all()?.to_vec1::<f32>()?;
+        assert!(mean < 1e-5);
+        assert!(var.iter().all(|v| (v - 1.0).abs() < 1e-3), "{var:?}");
+        let err = respix_target(&x.narrow(2, 0, 12)?, RespixTarget::Patch, 8, 1e-6).unwrap_err();
+        assert!(err.to_string().contains("divisible by window 8"));
+        Ok(())
+    }
+
+    #[test]
+    fn unpatchify_places_each_position_in_its_patch() -> Result<()> {
+        // Position (gy, gx) of a 2×3 grid predicts value 10·gy + gx + channel/10 everywhere.
+        let (gh, gw, p) = (2, 3, 2);
+        let mut v = vec![];
+        for gy in 0..gh {
+            for gx in 0..gw {
+                for _ in 0..p * p {
+                    for c in 0..3 {
+                        v.push((10 * gy + gx) as f32 + c as f32 / 10.0);
+                    }
+                }
+            }
+        }
+        let x = Tensor::from_vec(v, (1, gh * gw, p * p * 3), &Device::Cpu)?;
+        let img = unpatchify(&x, gh, gw, p, 3)?;
+        assert_eq!(img.dims(), [1, 3, 4, 6]);
+        let t = img.squeeze(0)?.to_vec3::<f32>()?;
+        let px = |c: usize, y: usize, xx: usize| t[c][y][xx];
+        assert_eq!(px(0, 0, 0), 0.0);
+        assert_eq!(px(0, 3, 5), 12.0);
+        assert!((px(2, 1, 2) - 1.2).abs() < 1e-6);
+        Ok(())
+    }
+}
