@@ -72,7 +72,11 @@ impl From<figment::Error> for Error {
     fn from(e: figment::Error) -> Self {
         // figment's Display names the key and the provider (file, env var, --set) it came from;
         // it reports one error per line when there are several.
-        let lines: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
+        // Keys are shown without figment's profile prefix ("default.train.lr" → "train.lr").
+        let lines: Vec<String> = e
+            .into_iter()
+            .map(|e| e.to_string().replace("for key \"default.", "for key \""))
+            .collect();
         Error::Config(lines.join("\n"))
     }
 }

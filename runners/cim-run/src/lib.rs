@@ -1,0 +1,22 @@
+//! # cim-run — configuration, data and the CiM training step
+//!
+//! The `cim-run` binary is a thin shell over this library: [`config::resolve`] layers and
+//! validates the configuration, [`pipeline::Cim::build`] assembles the six components through the
+//! registry, [`train::Trainer`] runs the steps. A custom binary that links extra plugin crates
+//! calls [`cli::main`] and gets the same CLI with its plugins registered.
+
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod optim;
+pub mod pipeline;
+pub mod train;
+
+// inventory drops registrations from crates nothing references: name every plugin crate here.
+use cim_plugin_beit as _;
+use cim_plugin_dalle_dvae as _;
+use cim_plugin_masking as _;
+use cim_plugin_objectives as _;
+use cim_plugin_samplers as _;
+use cim_plugin_vit as _;

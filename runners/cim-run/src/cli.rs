@@ -1,0 +1,148 @@
+//! The command line: `cim-run --preset NAME [--config FILE]… [--set KEY=VALUE]… [--steps N] [--out DIR]`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use cim_api::registry;
+use cim_api::{Enhancer, Generator, Masking, Objective, Sampler, Tokenizer};
+
+use crate::config::{preset_names, resolve, Layers};
+use crate::train::Trainer;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cim-run",
+    version,
+    about = "Corrupted Image Modeling (CiM) pre-training",
+    after_help = "Configuration precedence, lowest first: built-in defaults → configs/base.toml → --preset → \
+                  --config FILE(s) → CIM_* environment variables (CIM_TRAIN__LR=1e-3) → --set KEY=VALUE.\n\
+                  Without --preset or --config, the `quickstart` preset runs."
+)]
+pub struct Cli {
+    /// Preset name (an embedded `configs/NAME.toml`).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Extra TOML config files, applied in order.
+    #[arg(long = "config", value_name = "FILE")]
+    pub config: Vec<PathBuf>,
+    /// Override one key, e.g. `--set train.lr=1e-3 --set enhancer.name=vit_s16`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// List registered components by kind, and the presets.
+    #[arg(long)]
+    pub list: bool,
+    /// Print the resolved configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// Stop after N optimizer steps (the schedule still spans the configured run).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Run directory (default: `<run.out_root>/<preset>-<unix time>`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+fn list() -> anyhow::Result<String> {
+    let mut s = String::new();
+    let mut kind = |k: &str, rows: Vec<(&str, &str)>| {
+        s.push_str(&format!("{k}:\n"));
+        for (n, a) in rows {
+            s.push_str(&format!("  {n:<14} {a}\n"));
+        }
+    };
+    kind("tokenizer", registry::about::<dyn Tokenizer>()?);
+    kind("masking", registry::about::<dyn Masking>()?);
+    kind("generator", registry::about::<dyn Generator>()?);
+    kind("sampler", registry::about::<dyn Sampler>()?);
+    kind("enhancer", registry::about::<dyn Enhancer>()?);
+    kind("objective", registry::about::<dyn Objective>()?);
+    s.push_str(&format!("presets:\n  {}\n", preset_names().join(", ")));
+    Ok(s)
+}
+
+/// Runs the CLI on `args` (the first item is the program name).
+pub fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
+    let cli = Cli::try_parse_from(args).map_err(|e| {
+        if e.use_stderr() {
+            anyhow::anyhow!("{e}")
+        } else {
+            // --help / --version: print and succeed.
+            print!("{e}");
+            anyhow::anyhow!(HelpShown)
+        }
+    });
+    let cli = match cli {
+        Ok(c) => c,
+        Err(e) if e.is::<HelpShown>() => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if cli.list {
+        print!("{}", list()?);
+        return Ok(());
+    }
+    let preset = match (&cli.preset, cli.config.is_empty()) {
+        (None, true) => Some("quickstart".to_string()),
+        (p, _) => p.clone(),
+    };
+    let mut set = cli.set.clone();
+    if let Some(n) = cli.steps {
+        set.push(format!("run.max_steps={n}"));
+    }
+    let resolved = resolve(&Layers { preset: preset.clone(), config_files: cli.config.clone(), set, env: true })?;
+    if cli.print_config {
+        print!("{}", resolved.to_toml()?);
+        return Ok(());
+    }
+    let run_dir = match &cli.out {
+        Some(d) => d.clone(),
+        None => {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            resolved.cfg.run.out_root.join(format!("{}-{secs}", preset.as_deref().unwrap_or("run")))
+        }
+    };
+    let max = resolved.cfg.run.max_steps;
+    let mut trainer = Trainer::new(resolved, run_dir)?;
+    let summary = trainer.run(Some(max))?;
+    let obj = format!("loss_{}", trainer.cim.names["objective"]);
+    let n = (summary.steps / 10).max(1);
+    println!(
+        "done: {} steps in {:.1}s; loss_mim {:.4} → {:.4}, {obj} {:.4} → {:.4} (means of first/last {n} steps)\n\
+         wrote {dir}/config.toml, {dir}/metrics.jsonl, {dir}/model.safetensors",
+        summary.steps,
+        summary.seconds,
+        summary.mean("loss_mim", true, n),
+        summary.mean("loss_mim", false, n),
+        summary.mean(&obj, true, n),
+        summary.mean(&obj, false, n),
+        dir = summary.run_dir.display()
+    );
+    Ok(())
+}
+
+#[derive(Debug)]
+struct HelpShown;
+impl std::fmt::Display for HelpShown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("help shown")
+    }
+}
+impl std::error::Error for HelpShown {}
+
+/// Entry point of `cim-run` and of custom runners that link more plugins.
+pub fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match run(std::env::args()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! The run configuration and its layering.
+//!
+//! Precedence, lowest first — the one place it is stated ([`figment`]):
+//! built-in defaults → `configs/base.toml` → the preset → `--config FILE`s → `CIM_` environment
+//! variables (`__` separates levels: `CIM_TRAIN__LR=1e-3`) → `--set key=value`.
+//!
+//! Fixed sections (`run`, `data`, `train`) reject unknown keys through serde; component sections
+//! (`tokenizer`, `masking`, `generator`, `sampler`, `enhancer`, `objective`) are validated against
+//! the plugin registry by [`cim_api::config::select`]. Errors name the key and the file, variable
+//! or `--set` that set it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use cim_api::figment::providers::{Env, Format, Serialized, Toml};
+use cim_api::figment::value::{Dict, Map, Value};
+use cim_api::figment::{Figment, Metadata, Profile, Provider, Source};
+use cim_api::registry::Variant;
+use cim_api::{Enhancer, Error, Generator, Masking, Objective, Result, Sampler, Tokenizer};
+use serde::{Deserialize, Serialize};
+
+include!(concat!(env!("OUT_DIR"), "/presets.rs"));
+
+/// `[run]`: where, on what, for how long.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    pub seed: u64,
+    /// `"auto"`, `"cpu"` or `"cuda:N"`.
+    pub device: String,
+    /// Parent folder of run directories (`<out_root>/<preset>-<unix time>`), unless `--out` names one.
+    pub out_root: PathBuf,
+    /// Stop after this many optimizer steps (the schedule still spans the whole run); 0 = run it all.
+    pub max_steps: usize,
+    /// Log a line every this many steps when no progress bar is shown.
+    pub log_every: usize,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            device: "auto".into(),
+            out_root: "runs".into(),
+            max_steps: 0,
+            log_every: 10,
+        }
+    }
+}
+
+/// Where images come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataSource {
+    /// The photographs embedded in the binary.
+    Quickstart,
+    /// CIFAR-10 binary records (`path` = folder holding `train.bin`/`test.bin`, or the file).
+    Cifar10,
+    /// ImageFolder layout: `path/<class>/*.{jpg,jpeg,png}`.
+    Folder,
+}
+
+/// `[data]`: the dataset and BEiT's two views of one RandomResizedCrop.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    pub source: DataSource,
+    pub path: Option<PathBuf>,
+    /// CIFAR-10 split: `"train"` or `"test"`.
+    pub split: String,
+    /// Side of the generator/enhancer view (paper: 224), bicubic.
+    pub image_size: usize,
+    /// Side of the tokenizer view (paper: 112), Lanczos.
+    pub tokenizer_size: usize,
+    /// RandomResizedCrop area range (torchvision default 0.08–1).
+    pub crop_scale: [f64; 2],
+    /// RandomResizedCrop aspect-ratio range (3/4–4/3).
+    pub crop_ratio: [f64; 2],
+    /// Horizontal flip with probability 0.5.
+    pub hflip: bool,
+    /// Input normalisation of the generator and enhancer views.
+    pub mean: [f64; 3],
+    pub std: [f64; 3],
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            source: DataSource::Quickstart,
+            path: None,
+            split: "train".into(),
+            image_size: 224,
+            tokenizer_size: 112,
+            crop_scale: [0.08, 1.0],
+            crop_ratio: [3.0 / 4.0, 4.0 / 3.0],
+            hflip: true,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        }
+    }
+}
+
+/// `[train]`: optimisation (paper Table 9).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate of the cosine decay.
+    pub min_lr: f64,
+    pub weight_decay: f64,
+    pub betas: [f64; 2],
+    pub adam_eps: f64,
+    /// Global gradient-norm clip; 0 disables.
+    pub clip_grad: f64,
+    pub epochs: usize,
+    pub warmup_epochs: usize,
+    /// If > 0, the schedule's length in steps (instead of epochs × steps per epoch).
+    pub total_steps: usize,
+    /// If > 0, warmup length in steps (instead of warmup_epochs × steps per epoch).
+    pub warmup_steps: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 2048,
+            lr: 1.5e-3,
+            min_lr: 1e-5,
+            weight_decay: 0.05,
+            betas: [0.9, 0.98],
+            adam_eps: 1e-8,
+            clip_grad: 3.0,
+            epochs: 300,
+            warmup_epochs: 10,
+            total_steps: 0,
+            warmup_steps: 0,
+        }
+    }
+}
+
+/// A component section as written: `name` plus one table per plugin. Validated by the registry.
+pub type Section = BTreeMap<String, Value>;
+
+fn section(name: &str) -> Section {
+    BTreeMap::from([("name".to_string(), Value::from(name.to_string()))])
+}
+
+/// The whole configuration as extracted from the layered figment.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub run: RunSection,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+    pub tokenizer: Section,
+    pub masking: Section,
+    pub generator: Section,
+    pub sampler: Section,
+    pub enhancer: Section,
+    pub objective: Section,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            run: RunSection::default(),
+            data: DataConfig::default(),
+            train: TrainConfig::default(),
+            tokenizer: section("dalle_dvae"),
+            masking: section("random"),
+            generator: section("beit"),
+            sampler: section("gumbel"),
+            enhancer: section("vit_b16"),
+            objective: section("respix"),
+        }
+    }
+}
+
+/// A provider with a name of our choosing, so errors say "preset tiny_vit_respix
+/// (configs/tiny_vit_respix.toml)" rather than "TOML source string".
+struct Named<P> {
+    inner: P,
+    name: String,
+    source: Option<String>,
+}
+
+impl<P: Provider> Provider for Named<P> {
+    fn metadata(&self) -> Metadata {
+        let md = Metadata::named(self.name.clone());
+        match &self.source {
+            Some(s) => md.source(Source::Custom(s.clone())),
+            None => md,
+        }
+    }
+    fn data(&self) -> std::result::Result<Map<Profile, Dict>, cim_api::figment::Error> {
+        self.inner.data()
+    }
+}
+
+/// `--set key=value` pairs, in order (later wins). Values are TOML (`3`, `1e-3`, `true`,
+/// `[100, 120]`, `"text"`); anything that does not parse as TOML is taken as a string.
+#[derive(Clone, Debug, Default)]
+pub struct SetArgs(pub Vec<(String, Value)>);
+
+impl SetArgs {
+    pub fn parse(items: &[String]) -> Result<Self> {
+        let mut out = vec![];
+        for item in items {
+            let (k, v) = item.split_once('=').ok_or_else(|| {
+                Error::config(format!("--set expects key=value, got `{item}`"))
+            })?;
+            let k = k.trim();
+            if k.is_empty() || k.split('.').any(|p| p.is_empty()) {
+                return Err(Error::config(format!("--set: bad key `{k}` in `{item}`")));
+            }
+            let v = v.trim();
+            let value: Value = match toml::from_str::<toml::Table>(&format!("v = {v}")) {
+                Ok(mut t) => t
+                    .remove("v")
+                    .expect("parsed table has v")
+                    .try_into()
+                    .map_err(|e| Error::config(format!("--set {item}: {e}")))?,
+                Err(_) => Value::from(v.to_string()),
+            };
+            out.push((k.to_string(), value));
+        }
+        Ok(Self(out))
+    }
+}
+
+impl Provider for SetArgs {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("--set")
+    }
+    fn data(&self) -> std::result::Result<Map<Profile, Dict>, cim_api::figment::Error> {
+        // Built by hand (not through an inner Figment) so the values carry no foreign tags and
+        // errors can point at "--set".
+        let mut dict = Dict::new();
+        for (k, v) in &self.0 {
+            if let Value::Dict(_, d) = cim_api::figment::util::nest(k, v.clone()) {
+                merge_into(&mut dict, d);
+            }
+        }
+        Ok(Map::from([(Profile::Default, dict)]))
+    }
+}
+
+/// Deep merge: tables merge key by key, anything else is replaced.
+fn merge_into(into: &mut Dict, from: Dict) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(Value::Dict(_, a)), Value::Dict(_, b)) => merge_into(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Embedded preset names (every `configs/*.toml` but `base`).
+pub fn preset_names() -> Vec<&'static str> {
+    EMBEDDED.iter().map(|(n, _, _)| *n).filter(|n| *n != "base").collect()
+}
+
+fn embedded(name: &str) -> Option<(&'static str, &'static str)> {
+    EMBEDDED.iter().find(|(n, _, _)| *n == name).map(|(_, p, c)| (*p, *c))
+}
+
+/// What the command line says about configuration.
+#[derive(Clone, Debug, Default)]
+pub struct Layers {
+    pub preset: Option<String>,
+    pub config_files: Vec<PathBuf>,
+    pub set: Vec<String>,
+    /// Read `CIM_*` environment variables (the CLI does; tests may not want to).
+    pub env: bool,
+}
+
+/// The layered figment. See the module docs for the precedence.
+pub fn figment(layers: &Layers) -> Result<Figment> {
+    let (base_path, base) = embedded("base").expect("configs/base.toml is embedded");
+    let mut fig = Figment::from(Serialized::defaults(RunConfig::default())).merge(Named {
+        inner: Toml::string(base),
+        name: "base config".into(),
+        source: Some(base_path.into()),
+    });
+    if let Some(p) = &layers.preset {
+        let (path, text) = embedded(p).filter(|_| p != "base").ok_or_else(|| {
+            Error::config(format!("unknown preset `{p}`; available: {}", preset_names().join(", ")))
+        })?;
+        fig = fig.merge(Named {
+            inner: Toml::string(text),
+            name: format!("preset {p}"),
+            source: Some(path.into()),
+        });
+    }
+    for f in &layers.config_files {
+        let text = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
+        fig = fig.merge(Named {
+            inner: Toml::string(&text),
+            name: "--config".into(),
+            source: Some(f.display().to_string()),
+        });
+    }
+    if layers.env {
+        fig = fig.merge(Env::prefixed("CIM_").split("__"));
+    }
+    Ok(fig.merge(SetArgs::parse(&layers.set)?))
+}
+
+/// The resolved configuration: fixed sections plus each component's name and full parameters.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    pub preset: Option<String>,
+    pub figment: Figment,
+    pub cfg: RunConfig,
+    /// kind → (name, parameters with defaults filled in).
+    pub components: BTreeMap<&'static str, (String, Value)>,
+}
+
+impl Resolved {
+    pub fn name_of(&self, kind: &str) -> &str {
+        &self.components[kind].0
+    }
+
+    /// The configuration as TOML, loadable again with `--config`.
+    pub fn to_toml(&self) -> Result<String> {
+        let mut root = toml::Table::new();
+        let to_toml = |v: &dyn erased::Ser| -> Result<toml::Value> { v.to_toml() };
+        root.insert("run".into(), to_toml(&self.cfg.run)?);
+        root.insert("data".into(), to_toml(&self.cfg.data)?);
+        root.insert("train".into(), to_toml(&self.cfg.train)?);
+        for (kind, (name, params)) in &self.components {
+            let mut t = toml::Table::new();
+            t.insert("name".into(), toml::Value::String(name.clone()));
+            t.insert(name.clone(), to_toml(params)?);
+            root.insert(kind.to_string(), toml::Value::Table(t));
+        }
+        let mut text = String::new();
+        if let Some(p) = &self.preset {
+            text.push_str(&format!("# resolved from preset `{p}`\n"));
+        }
+        text.push_str(&toml::to_string_pretty(&root).map_err(|e| Error::msg(e.to_string()))?);
+        Ok(text)
+    }
+}
+
+mod erased {
+    use serde::Serialize;
+    pub trait Ser {
+        fn to_toml(&self) -> cim_api::Result<toml::Value>;
+    }
+    impl<T: Serialize> Ser for T {
+        fn to_toml(&self) -> cim_api::Result<toml::Value> {
+            toml::Value::try_from(self).map_err(|e| cim_api::Error::msg(format!("cannot write config: {e}")))
+        }
+    }
+}
+
+fn component<K: cim_api::registry::Kind + ?Sized>(fig: &Figment) -> Result<(String, Value)>
+where
+    cim_api::registry::Entry<K>: cim_api::inventory::Collect,
+{
+    let sel = cim_api::config::select::<K>(fig)?;
+    let params = (sel.entry.params)(&sel.params, Variant::Default)
+        .map_err(|e| Error::config(format!("in [{}.{}]: {e}", K::KIND, sel.entry.name)))?;
+    Ok((sel.entry.name.to_string(), params))
+}
+
+/// Extracts and validates everything; errors name the bad key and where it was set.
+pub fn resolve(layers: &Layers) -> Result<Resolved> {
+    let figment = figment(layers)?;
+    let cfg: RunConfig = figment.extract()?;
+    let mut components = BTreeMap::new();
+    components.insert("tokenizer", component::<dyn Tokenizer>(&figment)?);
+    components.insert("masking", component::<dyn Masking>(&figment)?);
+    components.insert("generator", component::<dyn Generator>(&figment)?);
+    components.insert("sampler", component::<dyn Sampler>(&figment)?);
+    components.insert("enhancer", component::<dyn Enhancer>(&figment)?);
+    components.insert("objective", component::<dyn Objective>(&figment)?);
+    validate(&cfg)?;
+    Ok(Resolved {
+        preset: layers.preset.clone(),
+        figment,
+        cfg,
+        components,
+    })
+}
+
+fn validate(cfg: &RunConfig) -> Result<()> {
+    let bad = |k: &str, why: String| Err(Error::config(format!("`{k}` {why}")));
+    if cfg.train.batch_size == 0 {
+        return bad("train.batch_size", "must be ≥ 1".into());
+    }
+    if !(cfg.train.lr > 0.0) {
+        return bad("train.lr", format!("must be > 0, got {}", cfg.train.lr));
+    }
+    let [s0, s1] = cfg.data.crop_scale;
+    if !(0.0 < s0 && s0 <= s1 && s1 <= 1.0) {
+        return bad("data.crop_scale", format!("must satisfy 0 < lo ≤ hi ≤ 1, got [{s0}, {s1}]"));
+    }
+    let [r0, r1] = cfg.data.crop_ratio;
+    if !(0.0 < r0 && r0 <= r1) {
+        return bad("data.crop_ratio", format!("must satisfy 0 < lo ≤ hi, got [{r0}, {r1}]"));
+    }
+    if cfg.data.source != DataSource::Quickstart && cfg.data.path.is_none() {
+        return bad("data.path", format!("is required for data.source = {:?}", cfg.data.source));
+    }
+    Ok(())
+}
+
+/// `path` relative to the workspace root when it exists there, else as given. Lets tests and
+/// presets name `../shared/data/...` the same way from any crate directory.
+pub fn workspace_path(path: &Path) -> PathBuf {
+    if path.is_absolute() || path.exists() {
+        return path.to_path_buf();
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let p = root.join(path);
+    if p.exists() {
+        p
+    } else {
+        path.to_path_buf()
+    }
+}

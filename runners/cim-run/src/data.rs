@@ -1,0 +1,387 @@
+//! Datasets and BEiT's two views of one RandomResizedCrop (DESIGN.md stage 0).
+//!
+//! Every random choice of a sample comes from an RNG seeded by `(seed, epoch, position)`, so a
+//! batch is the same whatever order or thread produced it; the epoch order is a seeded shuffle.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use image::imageops::FilterType;
+use image::RgbImage;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+use cim_api::{Error, Result};
+
+use crate::config::{DataConfig, DataSource};
+
+/// A random-access collection of RGB images.
+pub trait Dataset: Send + Sync {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Image `i`; decoding problems are errors naming the file or record.
+    fn get(&self, i: usize) -> Result<RgbImage>;
+    fn describe(&self) -> String;
+}
+
+/// The embedded quickstart photographs (see `assets/quickstart/LICENSE.md`).
+pub const QUICKSTART: &[(&str, &[u8])] = &[
+    ("astronaut.jpg", include_bytes!("../assets/quickstart/astronaut.jpg")),
+    ("chelsea.jpg", include_bytes!("../assets/quickstart/chelsea.jpg")),
+    ("coffee.jpg", include_bytes!("../assets/quickstart/coffee.jpg")),
+    ("coins.jpg", include_bytes!("../assets/quickstart/coins.jpg")),
+    ("hubble_deep_field.jpg", include_bytes!("../assets/quickstart/hubble_deep_field.jpg")),
+    ("retina.jpg", include_bytes!("../assets/quickstart/retina.jpg")),
+    ("rocket.jpg", include_bytes!("../assets/quickstart/rocket.jpg")),
+];
+
+/// Decoded once at start: a handful of small photos.
+pub struct Embedded {
+    images: Vec<RgbImage>,
+}
+
+impl Embedded {
+    pub fn quickstart() -> Result<Self> {
+        let images = QUICKSTART
+            .iter()
+            .map(|(name, bytes)| {
+                image::load_from_memory(bytes)
+                    .map(|i| i.to_rgb8())
+                    .map_err(|e| Error::Data { path: format!("embedded:{name}"), message: e.to_string() })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { images })
+    }
+}
+
+impl Dataset for Embedded {
+    fn len(&self) -> usize {
+        self.images.len()
+    }
+    fn get(&self, i: usize) -> Result<RgbImage> {
+        Ok(self.images[i].clone())
+    }
+    fn describe(&self) -> String {
+        format!("{} embedded quickstart photographs", self.images.len())
+    }
+}
+
+/// CIFAR-10 binary version: records of 1 label byte + 3072 bytes (1024 R, 1024 G, 1024 B).
+pub struct Cifar10 {
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+pub const CIFAR_RECORD: usize = 3073;
+
+impl Cifar10 {
+    /// `path` is a `.bin` file, or a folder holding `{split}.bin`.
+    pub fn open(path: &Path, split: &str) -> Result<Self> {
+        let file = if path.is_dir() { path.join(format!("{split}.bin")) } else { path.to_path_buf() };
+        let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
+        if bytes.is_empty() || bytes.len() % CIFAR_RECORD != 0 {
+            return Err(Error::Data {
+                path: file.display().to_string(),
+                message: format!(
+                    "{} bytes is not a whole number of {CIFAR_RECORD}-byte CIFAR-10 records",
+                    bytes.len()
+                ),
+            });
+        }
+        Ok(Self { path: file, bytes })
+    }
+    pub fn label(&self, i: usize) -> u8 {
+        self.bytes[i * CIFAR_RECORD]
+    }
+}
+
+impl Dataset for Cifar10 {
+    fn len(&self) -> usize {
+        self.bytes.len() / CIFAR_RECORD
+    }
+    fn get(&self, i: usize) -> Result<RgbImage> {
+        let rec = &self.bytes[i * CIFAR_RECORD + 1..(i + 1) * CIFAR_RECORD];
+        let mut img = RgbImage::new(32, 32);
+        for (p, px) in img.pixels_mut().enumerate() {
+            *px = image::Rgb([rec[p], rec[1024 + p], rec[2048 + p]]);
+        }
+        Ok(img)
+    }
+    fn describe(&self) -> String {
+        format!("CIFAR-10 {} ({} images)", self.path.display(), self.len())
+    }
+}
+
+/// ImageFolder: `root/<class>/<image>`; JPEG and PNG of any size, grayscale converted to RGB.
+pub struct Folder {
+    root: PathBuf,
+    files: Vec<PathBuf>,
+}
+
+impl Folder {
+    pub fn open(root: &Path) -> Result<Self> {
+        let mut files = vec![];
+        let classes = std::fs::read_dir(root).map_err(|e| Error::io(root, e))?;
+        for class in classes {
+            let class = class.map_err(|e| Error::io(root, e))?.path();
+            if !class.is_dir() {
+                continue;
+            }
+            for f in std::fs::read_dir(&class).map_err(|e| Error::io(&class, e))? {
+                let f = f.map_err(|e| Error::io(&class, e))?.path();
+                let ext = f.extension().map(|e| e.to_string_lossy().to_lowercase());
+                if matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png")) {
+                    files.push(f);
+                }
+            }
+        }
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::Data {
+                path: root.display().to_string(),
+                message: "no images found (expected <root>/<class>/*.jpg|jpeg|png)".into(),
+            });
+        }
+        Ok(Self { root: root.to_path_buf(), files })
+    }
+}
+
+impl Dataset for Folder {
+    fn len(&self) -> usize {
+        self.files.len()
+    }
+    fn get(&self, i: usize) -> Result<RgbImage> {
+        let f = &self.files[i];
+        image::open(f)
+            .map(|i| i.to_rgb8())
+            .map_err(|e| Error::Data { path: f.display().to_string(), message: e.to_string() })
+    }
+    fn describe(&self) -> String {
+        format!("image folder {} ({} images)", self.root.display(), self.files.len())
+    }
+}
+
+/// Opens the dataset a config names.
+pub fn open(cfg: &DataConfig) -> Result<Arc<dyn Dataset>> {
+    let path = || cfg.path.clone().ok_or_else(|| Error::config("`data.path` is required for this data.source"));
+    Ok(match cfg.source {
+        DataSource::Quickstart => Arc::new(Embedded::quickstart()?),
+        DataSource::Cifar10 => Arc::new(Cifar10::open(&path()?, &cfg.split)?),
+        DataSource::Folder => Arc::new(Folder::open(&path()?)?),
+    })
+}
+
+/// A crop rectangle `(x, y, w, h)`.
+pub type Rect = (u32, u32, u32, u32);
+
+/// torchvision's `RandomResizedCrop.get_params`: 10 tries at a random area and log-uniform aspect
+/// ratio, then a centre crop clamped to the ratio range.
+pub fn random_resized_crop(w: u32, h: u32, scale: [f64; 2], ratio: [f64; 2], rng: &mut impl Rng) -> Rect {
+    let area = (w * h) as f64;
+    let (lr0, lr1) = (ratio[0].ln(), ratio[1].ln());
+    for _ in 0..10 {
+        let target = area * rng.gen_range(scale[0]..=scale[1]);
+        let aspect = if lr1 > lr0 { rng.gen_range(lr0..lr1).exp() } else { ratio[0] };
+        let cw = (target * aspect).sqrt().round() as u32;
+        let ch = (target / aspect).sqrt().round() as u32;
+        if 0 < cw && cw <= w && 0 < ch && ch <= h {
+            let x = rng.gen_range(0..=w - cw);
+            let y = rng.gen_range(0..=h - ch);
+            return (x, y, cw, ch);
+        }
+    }
+    let in_ratio = w as f64 / h as f64;
+    let (cw, ch) = if in_ratio < ratio[0] {
+        (w, ((w as f64 / ratio[0]).round() as u32).min(h))
+    } else if in_ratio > ratio[1] {
+        (((h as f64 * ratio[1]).round() as u32).min(w), h)
+    } else {
+        (w, h)
+    };
+    ((w - cw) / 2, (h - ch) / 2, cw, ch)
+}
+
+/// One sample's two views, CHW f32 in `[0, 1]`.
+pub struct Views {
+    pub image: Vec<f32>,
+    pub tok_view: Vec<f32>,
+}
+
+fn chw(img: &RgbImage) -> Vec<f32> {
+    let (w, h) = img.dimensions();
+    let n = (w * h) as usize;
+    let mut out = vec![0f32; 3 * n];
+    for (p, px) in img.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * n + p] = px[c] as f32 / 255.0;
+        }
+    }
+    out
+}
+
+/// ONE RandomResizedCrop + flip, rendered at the enhancer size (bicubic, i.e. Catmull–Rom) and at
+/// the tokenizer size (Lanczos-3).
+pub fn two_views(img: &RgbImage, cfg: &DataConfig, rng: &mut impl Rng) -> Views {
+    let (w, h) = img.dimensions();
+    let (x, y, cw, ch) = random_resized_crop(w, h, cfg.crop_scale, cfg.crop_ratio, rng);
+    let mut crop = image::imageops::crop_imm(img, x, y, cw, ch).to_image();
+    if cfg.hflip && rng.gen_bool(0.5) {
+        image::imageops::flip_horizontal_in_place(&mut crop);
+    }
+    let render = |side: usize, filter: FilterType| -> RgbImage {
+        if crop.dimensions() == (side as u32, side as u32) {
+            crop.clone()
+        } else {
+            image::imageops::resize(&crop, side as u32, side as u32, filter)
+        }
+    };
+    Views {
+        image: chw(&render(cfg.image_size, FilterType::CatmullRom)),
+        tok_view: chw(&render(cfg.tokenizer_size, FilterType::Lanczos3)),
+    }
+}
+
+/// A batch on the device: both views in `[0, 1]`.
+pub struct Batch {
+    /// `(B, 3, image_size, image_size)`.
+    pub image: Tensor,
+    /// `(B, 3, tokenizer_size, tokenizer_size)`.
+    pub tok_view: Tensor,
+    /// Dataset indices of the samples.
+    pub indices: Vec<usize>,
+}
+
+fn mix(a: u64, b: u64) -> u64 {
+    // splitmix64 of a combination: independent streams for (seed, epoch, position).
+    let mut z = a ^ b.wrapping_mul(0x9E3779B97F4A7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+    z ^ (z >> 31)
+}
+
+/// Deterministic epoch-shuffled batches: batch `k` of epoch `e` depends only on `(seed, e, k)`.
+pub struct Loader {
+    data: Arc<dyn Dataset>,
+    cfg: DataConfig,
+    batch_size: usize,
+    seed: u64,
+}
+
+impl Loader {
+    pub fn new(data: Arc<dyn Dataset>, cfg: DataConfig, batch_size: usize, seed: u64) -> Result<Self> {
+        if data.is_empty() {
+            return Err(Error::msg(format!("{}: the dataset is empty", data.describe())));
+        }
+        Ok(Self { data, cfg, batch_size, seed })
+    }
+
+    /// Batches per epoch (a last partial batch is dropped; at least one batch, cycling small sets).
+    pub fn batches_per_epoch(&self) -> usize {
+        (self.data.len() / self.batch_size).max(1)
+    }
+
+    pub fn dataset(&self) -> &Arc<dyn Dataset> {
+        &self.data
+    }
+
+    fn order(&self, epoch: u64) -> Vec<usize> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(mix(self.seed, mix(0xD47A, epoch)));
+        let mut idx: Vec<usize> = (0..self.data.len()).collect();
+        idx.shuffle(&mut rng);
+        idx
+    }
+
+    /// Batch number `step` of the whole run (epochs follow each other).
+    pub fn batch(&self, step: u64, device: &Device) -> Result<Batch> {
+        let per_epoch = self.batches_per_epoch() as u64;
+        let epoch = step / per_epoch;
+        let k = (step % per_epoch) as usize;
+        let order = self.order(epoch);
+        let n = order.len();
+        let indices: Vec<usize> = (0..self.batch_size).map(|j| order[(k * self.batch_size + j) % n]).collect();
+        let (s, t) = (self.cfg.image_size, self.cfg.tokenizer_size);
+        let mut image = Vec::with_capacity(self.batch_size * 3 * s * s);
+        let mut tok = Vec::with_capacity(self.batch_size * 3 * t * t);
+        for (j, &i) in indices.iter().enumerate() {
+            let img = self.data.get(i)?;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(mix(self.seed, mix(epoch, (k * self.batch_size + j) as u64)));
+            let v = two_views(&img, &self.cfg, &mut rng);
+            image.extend_from_slice(&v.image);
+            tok.extend_from_slice(&v.tok_view);
+        }
+        let b = self.batch_size;
+        Ok(Batch {
+            image: Tensor::from_vec(image, (b, 3, s, s), device)?,
+            tok_view: Tensor::from_vec(tok, (b, 3, t, t), device)?,
+            indices,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crops_stay_inside_and_follow_scale() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        for _ in 0..500 {
+            let (x, y, w, h) = random_resized_crop(240, 160, [0.08, 1.0], [0.75, 4.0 / 3.0], &mut rng);
+            assert!(x + w <= 240 && y + h <= 160 && w > 0 && h > 0);
+            let frac = (w * h) as f64 / (240.0 * 160.0);
+            assert!(frac <= 1.0 + 1e-9);
+        }
+        // Impossible ratio: centre crop clamped to the ratio.
+        let (x, y, w, h) = random_resized_crop(100, 10, [0.99, 1.0], [1.0, 1.0], &mut rng);
+        assert_eq!((x, y, w, h), (45, 0, 10, 10));
+    }
+
+    #[test]
+    fn quickstart_photos_decode_and_views_have_the_right_sizes() -> Result<()> {
+        let data = Embedded::quickstart()?;
+        assert_eq!(data.len(), QUICKSTART.len());
+        let cfg = DataConfig { image_size: 64, tokenizer_size: 32, ..DataConfig::default() };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let v = two_views(&data.get(0)?, &cfg, &mut rng);
+        assert_eq!(v.image.len(), 3 * 64 * 64);
+        assert_eq!(v.tok_view.len(), 3 * 32 * 32);
+        assert!(v.image.iter().all(|p| (0.0..=1.0).contains(p)));
+        Ok(())
+    }
+
+    #[test]
+    fn batches_depend_only_on_seed_and_step() -> Result<()> {
+        let data: Arc<dyn Dataset> = Arc::new(Embedded::quickstart()?);
+        let cfg = DataConfig { image_size: 32, tokenizer_size: 16, ..DataConfig::default() };
+        let a = Loader::new(data.clone(), cfg.clone(), 3, 5)?;
+        let b = Loader::new(data.clone(), cfg.clone(), 3, 5)?;
+        let c = Loader::new(data, cfg, 3, 6)?;
+        let ba = a.batch(4, &Device::Cpu)?;
+        let _ = b.batch(0, &Device::Cpu)?;
+        let bb = b.batch(4, &Device::Cpu)?;
+        let bc = c.batch(4, &Device::Cpu)?;
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v(&ba.image), v(&bb.image));
+        assert_ne!(v(&ba.image), v(&bc.image));
+        Ok(())
+    }
+
+    #[test]
+    fn cifar_records_are_read_plane_by_plane_and_bad_sizes_rejected() -> Result<()> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rec = vec![7u8];
+        rec.extend((0..3072).map(|i| (i / 1024) as u8 * 100 + (i % 7) as u8));
+        std::fs::write(dir.path().join("train.bin"), &rec).unwrap();
+        let d = Cifar10::open(dir.path(), "train")?;
+        assert_eq!((d.len(), d.label(0)), (1, 7));
+        let img = d.get(0)?;
+        assert_eq!(img.get_pixel(1, 0).0, [1, 101, 201]);
+        std::fs::write(dir.path().join("test.bin"), &rec[..100]).unwrap();
+        let err = Cifar10::open(dir.path(), "test").err().unwrap().to_string();
+        assert!(err.contains("test.bin") && err.contains("3073"), "{err}");
+        Ok(())
+    }
+}

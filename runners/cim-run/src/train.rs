@@ -1,0 +1,200 @@
+//! The training loop: data → [`Cim::forward`] → backward → clip → AdamW, with per-step metrics,
+//! a divergence guard, and the run directory's files.
+//!
+//! A run directory holds:
+//! - `config.toml` — the resolved configuration (loadable with `--config`)
+//! - `metrics.jsonl` — one JSON object per step: step, lr, every loss, grad norm, images/s
+//! - `model.safetensors` — every trainable parameter (`generator.*`, `enhancer.*`, `objective.*`)
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rand::SeedableRng;
+use serde::Serialize;
+
+use cim_api::{Error, Losses, Result};
+
+use crate::checkpoint::{save_safetensors, write_atomic};
+use crate::config::Resolved;
+use crate::data::{self, Loader};
+use crate::optim::{AdamW, Schedule};
+use crate::pipeline::{Cim, StepRngs};
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepRecord {
+    pub step: usize,
+    pub lr: f64,
+    #[serde(flatten)]
+    pub losses: Losses,
+    pub grad_norm: f64,
+    pub images_per_s: f64,
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub run_dir: PathBuf,
+    pub steps: usize,
+    pub records: Vec<StepRecord>,
+    pub seconds: f64,
+}
+
+impl Summary {
+    /// Mean of `key` over the first / last `n` steps.
+    pub fn mean(&self, key: &str, first: bool, n: usize) -> f64 {
+        let n = n.min(self.records.len()).max(1);
+        let slice = if first { &self.records[..n] } else { &self.records[self.records.len() - n..] };
+        slice.iter().map(|r| r.losses.get(key).unwrap_or(f64::NAN)).sum::<f64>() / n as f64
+    }
+}
+
+pub struct Trainer {
+    pub cim: Cim,
+    opt: AdamW,
+    pub schedule: Schedule,
+    loader: Loader,
+    rngs: StepRngs,
+    step: usize,
+    resolved: Resolved,
+    run_dir: PathBuf,
+}
+
+impl Trainer {
+    /// Builds the model and data and creates `run_dir` (refusing one that already holds a run).
+    pub fn new(resolved: Resolved, run_dir: PathBuf) -> Result<Self> {
+        if run_dir.join("model.safetensors").exists() || run_dir.join("metrics.jsonl").exists() {
+            return Err(Error::msg(format!(
+                "{} already holds a run; choose another --out so nothing is overwritten",
+                run_dir.display()
+            )));
+        }
+        let cim = Cim::build(&resolved)?;
+        let cfg = &resolved.cfg;
+        let dataset = data::open(&cfg.data)?;
+        let loader = Loader::new(dataset, cfg.data.clone(), cfg.train.batch_size, cfg.run.seed)?;
+        let per_epoch = loader.batches_per_epoch();
+        let t = &cfg.train;
+        let total = if t.total_steps > 0 { t.total_steps } else { t.epochs * per_epoch };
+        let warmup = if t.warmup_steps > 0 { t.warmup_steps } else { t.warmup_epochs * per_epoch };
+        let schedule = Schedule { base: t.lr, min: t.min_lr, warmup: warmup.min(total), total: total.max(1) };
+        let opt = AdamW::new(cim.params.vars(), t.betas, t.adam_eps, t.weight_decay)?;
+        let seed = cfg.run.seed;
+        let rngs = StepRngs {
+            mask: rand::rngs::StdRng::seed_from_u64(seed ^ 0x6D61_736B),
+            sample: rand::rngs::StdRng::seed_from_u64(seed ^ 0x7361_6D70),
+        };
+        std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+        write_atomic(&run_dir.join("config.toml"), resolved.to_toml()?.as_bytes())?;
+        tracing::info!(
+            run_dir = %run_dir.display(),
+            data = %loader.dataset().describe(),
+            trainable = cim.params.num_params(),
+            grid = %cim.grid,
+            device = ?cim.device,
+            "built {}",
+            cim.names.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+        );
+        Ok(Self { cim, opt, schedule, loader, rngs, step: 0, resolved, run_dir })
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// One optimizer step. A non-finite loss or gradient norm stops with an error naming the step
+    /// and the loss; no parameter is changed by the failing step.
+    pub fn train_step(&mut self) -> Result<StepRecord> {
+        let start = Instant::now();
+        let batch = self.loader.batch(self.step as u64, &self.cim.device)?;
+        let out = self.cim.forward(&batch, &mut self.rngs)?;
+        if let Some((name, v)) = out.losses.first_non_finite() {
+            return Err(Error::msg(format!(
+                "step {}: {name} is {v} (generator MIM loss {:?}, {} loss {:?}); stopping — the last checkpoint in {} is intact",
+                self.step + 1,
+                out.losses.get("loss_mim"),
+                self.cim.names["objective"],
+                out.losses.get(&format!("loss_{}", self.cim.names["objective"])),
+                self.run_dir.display()
+            )));
+        }
+        let grads = out.total.backward()?;
+        let lr = self.schedule.lr(self.step);
+        let info = self
+            .opt
+            .step(&grads, lr, self.resolved.cfg.train.clip_grad)
+            .map_err(|e| Error::msg(format!("step {}: {e}; stopping before the update", self.step + 1)))?;
+        self.step += 1;
+        let secs = start.elapsed().as_secs_f64();
+        Ok(StepRecord {
+            step: self.step,
+            lr,
+            losses: out.losses,
+            grad_norm: info.grad_norm,
+            images_per_s: self.resolved.cfg.train.batch_size as f64 / secs.max(1e-9),
+        })
+    }
+
+    /// Trainable parameters as a name → tensor map.
+    pub fn weights(&self) -> HashMap<String, candle_core::Tensor> {
+        self.cim.params.vars().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect()
+    }
+
+    /// Runs until `max_steps` (or the schedule's end), then writes the weights.
+    pub fn run(&mut self, max_steps: Option<usize>) -> Result<Summary> {
+        let steps = max_steps.filter(|&n| n > 0).unwrap_or(self.schedule.total);
+        let metrics_path = self.run_dir.join("metrics.jsonl");
+        let mut metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .map_err(|e| Error::io(&metrics_path, e))?;
+        let bar = if std::io::stderr().is_terminal() {
+            let b = indicatif::ProgressBar::new(steps as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                    .expect("valid template"),
+            );
+            Some(b)
+        } else {
+            None
+        };
+        let obj_key = format!("loss_{}", self.cim.names["objective"]);
+        let log_every = self.resolved.cfg.run.log_every.max(1);
+        let start = Instant::now();
+        let mut records = vec![];
+        for _ in 0..steps {
+            let rec = self.train_step()?;
+            let line = serde_json::to_string(&rec).map_err(|e| Error::msg(e.to_string()))?;
+            writeln!(metrics, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
+            let msg = format!(
+                "loss {:.4} mim {:.4} {} {:.4} lr {:.2e} {:.1} img/s",
+                rec.losses.get("loss").unwrap_or(f64::NAN),
+                rec.losses.get("loss_mim").unwrap_or(f64::NAN),
+                obj_key.trim_start_matches("loss_"),
+                rec.losses.get(&obj_key).unwrap_or(f64::NAN),
+                rec.lr,
+                rec.images_per_s
+            );
+            match &bar {
+                Some(b) => {
+                    b.set_message(msg);
+                    b.inc(1);
+                }
+                None if rec.step % log_every == 0 || rec.step == 1 || rec.step == steps => {
+                    tracing::info!(step = rec.step, "{msg}");
+                }
+                None => {}
+            }
+            records.push(rec);
+        }
+        if let Some(b) = bar {
+            b.finish();
+        }
+        metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
+        save_safetensors(&self.run_dir.join("model.safetensors"), &self.weights())?;
+        Ok(Summary { run_dir: self.run_dir.clone(), steps, records, seconds: start.elapsed().as_secs_f64() })
+    }
+}
