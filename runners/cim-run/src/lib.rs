@@ -20,3 +20,8 @@ use cim_plugin_masking as _;
 use cim_plugin_objectives as _;
 use cim_plugin_samplers as _;
 use cim_plugin_vit as _;
+
+// candle allocates a fresh buffer for every op; glibc's malloc hands large ones back to the kernel
+// each time (page faults on every step). mimalloc keeps them: ~20% faster CPU steps here.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -122,6 +122,26 @@ pub struct StepOutput {
     pub corrupted: Tensor,
     pub prediction: Option<Tensor>,
     pub target: Option<Tensor>,
+    /// Wall time of each forward phase in ms (host-side; meaningful on CPU, and on CUDA only
+    /// where a phase ends with a host read).
+    pub phase_ms: Vec<(&'static str, f64)>,
+}
+
+/// Wall-clock laps of named phases.
+pub struct PhaseClock {
+    last: std::time::Instant,
+    pub phases: Vec<(&'static str, f64)>,
+}
+
+impl PhaseClock {
+    pub fn start() -> Self {
+        Self { last: std::time::Instant::now(), phases: vec![] }
+    }
+    pub fn lap(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.phases.push((name, (now - self.last).as_secs_f64() * 1e3));
+        self.last = now;
+    }
 }
 
 impl Cim {
@@ -130,9 +150,11 @@ impl Cim {
     /// images are detached.
     pub fn forward(&self, batch: &Batch, rngs: &mut StepRngs) -> Result<StepOutput> {
         let (mean, std) = (self.data.mean, self.data.std);
+        let mut clock = PhaseClock::start();
         // 1. Golden tokens from the frozen tokenizer.
         let golden = self.tokenizer.encode(&batch.tok_view)?; // (B, gh, gw)
         let b = golden.dim(0)?;
+        clock.lap("tok_encode");
         // 2. Mask.
         let mask = self.masking.sample(b, self.grid, &mut rngs.mask)?;
         // 3. Generator: MIM on the masked positions.
@@ -142,6 +164,7 @@ impl Cim {
         let at_mask = mask.indices_tensor(&self.device)?;
         let golden_m = golden_flat.index_select(&at_mask, 0)?;
         let mim = self.generator.mim_loss(&logits, &golden_m)?;
+        clock.lap("gen_fwd");
         // 4. Sample replacements (no gradient).
         let sampled = self.sampler.sample(&logits.detach(), &mut rngs.sample)?;
         // 5. Replace golden tokens at masked positions; `replaced` is REVDET's label.
@@ -161,6 +184,7 @@ impl Cim {
         // 7. To the enhancer's size.
         let s = self.data.image_size;
         let corrupted = if small.dims()[2..] == [s, s] { small } else { small.upsample_bilinear2d(s, s, false)? };
+        clock.lap("sample_decode");
         // 8. Enhancer.
         let features = self.enhancer.forward_t(&normalize(&corrupted, mean, std)?, true)?;
         // 9. Objective.
@@ -169,6 +193,7 @@ impl Cim {
             &ObjectiveBatch { original: &batch.image, corrupted: &corrupted, mask: &mask, replaced: &replaced },
         )?;
         let total = (&mim + (&out.loss * self.objective.weight())?)?;
+        clock.lap("enh_fwd");
 
         let mut losses = Losses::default();
         let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64) };
@@ -189,6 +214,7 @@ impl Cim {
             corrupted,
             prediction: out.prediction,
             target: out.target,
+            phase_ms: clock.phases,
         })
     }
 }

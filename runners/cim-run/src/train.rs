@@ -31,6 +31,8 @@ pub struct StepRecord {
     pub losses: Losses,
     pub grad_norm: f64,
     pub images_per_s: f64,
+    /// Milliseconds per phase: data, tok_encode, gen_fwd, sample_decode, enh_fwd, backward, optim.
+    pub phase_ms: std::collections::BTreeMap<&'static str, f64>,
 }
 
 /// What a finished run reports.
@@ -109,7 +111,9 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepRecord> {
         let start = Instant::now();
         let batch = self.loader.batch(self.step as u64, &self.cim.device)?;
+        let data_ms = start.elapsed().as_secs_f64() * 1e3;
         let out = self.cim.forward(&batch, &mut self.rngs)?;
+        let mut clock = crate::pipeline::PhaseClock::start();
         if let Some((name, v)) = out.losses.first_non_finite() {
             return Err(Error::msg(format!(
                 "step {}: {name} is {v} (generator MIM loss {:?}, {} loss {:?}); stopping — the last checkpoint in {} is intact",
@@ -121,19 +125,25 @@ impl Trainer {
             )));
         }
         let grads = out.total.backward()?;
+        clock.lap("backward");
         let lr = self.schedule.lr(self.step);
         let info = self
             .opt
             .step(&grads, lr, self.resolved.cfg.train.clip_grad)
             .map_err(|e| Error::msg(format!("step {}: {e}; stopping before the update", self.step + 1)))?;
+        clock.lap("optim");
         self.step += 1;
         let secs = start.elapsed().as_secs_f64();
+        let mut phase_ms: std::collections::BTreeMap<&'static str, f64> =
+            out.phase_ms.iter().chain(clock.phases.iter()).copied().collect();
+        phase_ms.insert("data", data_ms);
         Ok(StepRecord {
             step: self.step,
             lr,
             losses: out.losses,
             grad_norm: info.grad_norm,
             images_per_s: self.resolved.cfg.train.batch_size as f64 / secs.max(1e-9),
+            phase_ms,
         })
     }
 
