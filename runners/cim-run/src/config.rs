@@ -10,7 +10,7 @@
 //! or `--set` that set it.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use cim_api::figment::providers::{Env, Format, Serialized, Toml};
 use cim_api::figment::value::{Dict, Map, Value};
@@ -342,7 +342,7 @@ impl Resolved {
         if let Some(p) = &self.preset {
             text.push_str(&format!("# resolved from preset `{p}`\n"));
         }
-        text.push_str(&toml::to_string_pretty(&root).map_err(|e| Error::msg(e.to_string()))?);
+        text.push_str(&toml::to_string(&root).map_err(|e| Error::msg(e.to_string()))?);
         Ok(text)
     }
 }
@@ -409,19 +409,4 @@ fn validate(cfg: &RunConfig) -> Result<()> {
         return bad("data.path", format!("is required for data.source = {:?}", cfg.data.source));
     }
     Ok(())
-}
-
-/// `path` relative to the workspace root when it exists there, else as given. Lets tests and
-/// presets name `../shared/data/...` the same way from any crate directory.
-pub fn workspace_path(path: &Path) -> PathBuf {
-    if path.is_absolute() || path.exists() {
-        return path.to_path_buf();
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let p = root.join(path);
-    if p.exists() {
-        p
-    } else {
-        path.to_path_buf()
-    }
 }

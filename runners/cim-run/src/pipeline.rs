@@ -169,6 +169,7 @@ impl Cim {
         let sampled = self.sampler.sample(&logits.detach(), &mut rngs.sample)?;
         // 5. Replace golden tokens at masked positions; `replaced` is REVDET's label.
         let mut ids: Vec<u32> = golden_flat.to_vec1()?;
+        let distinct = ids.iter().collect::<std::collections::BTreeSet<_>>().len();
         let sampled: Vec<u32> = sampled.to_vec1()?;
         let mut replaced = vec![0f32; ids.len()];
         for (j, p) in mask.flat_indices().into_iter().enumerate() {
@@ -205,6 +206,8 @@ impl Cim {
         let m = mask.total().max(1) as f64;
         losses.insert("mask_frac", m / (b * self.grid.len()) as f64);
         losses.insert("replaced_frac", n_replaced as f64 / m);
+        // Distinct golden tokens in the batch: a collapsed tokenizer shows up here first.
+        losses.insert("golden_distinct", distinct as f64);
         Ok(StepOutput {
             total,
             mim,
