@@ -66,6 +66,7 @@ cim_api::register_sampler! {
 }
 // ANCHOR_END: register
 
+// ANCHOR: tests
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,3 +93,4 @@ mod tests {
         Ok(())
     }
 }
+// ANCHOR_END: tests
