@@ -47,7 +47,7 @@ fn unknown_plugin_parameter_names_the_table_and_the_fields() {
 fn unknown_plugin_name_lists_the_registered_ones() {
     let e = err(layers("quickstart", &["sampler.name=gumble"]));
     assert!(e.contains("unknown sampler `gumble`"), "{e}");
-    assert!(e.contains("argmax, gumbel, uniform"), "{e}");
+    assert!(e.contains("argmax, gumbel, top_k, top_p, uniform"), "{e}");
 }
 
 #[test]

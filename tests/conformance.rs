@@ -16,11 +16,11 @@ fn registry_holds_the_documented_names() {
     let names = all_names().unwrap();
     let expected: Vec<(&str, Vec<&str>)> = vec![
         ("tokenizer", vec!["dalle_dvae", "patch_kmeans"]),
-        ("masking", vec!["random"]),
+        ("masking", vec!["blockwise", "random"]),
         ("generator", vec!["beit"]),
-        ("sampler", vec!["argmax", "gumbel", "uniform"]),
+        ("sampler", vec!["argmax", "gumbel", "top_k", "top_p", "uniform"]),
         ("enhancer", vec!["vit_b16", "vit_s16", "vit_tiny"]),
-        ("objective", vec!["respix"]),
+        ("objective", vec!["respix", "revdet"]),
     ];
     assert_eq!(names, expected);
 }

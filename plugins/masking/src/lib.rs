@@ -1,8 +1,13 @@
-//! # Masking — `random`
+//! # Masking — `random`, `blockwise`
 //!
 //! Paper §2.3, Eq. (1) and footnote 3: "we randomly mask k embeddings … Typically, we set k equal to
 //! 100 ∼ 120 given the input sequence length n of 196". Table 9: "100 to 120, Random Masking".
 //! k is drawn uniformly per image from the configured range, then k distinct positions uniformly.
+//!
+//! `blockwise` is BEiT's block-wise masking (Bao et al., 2021, Algorithm 1; Table 4 of the CiM paper
+//! compares it with random masking): rectangles of at least `min_block` patches with aspect ratio
+//! drawn log-uniformly from `aspect`, added until k patches are masked (at most k; a block that would
+//! overshoot is redrawn, and after 10 failed draws the image keeps what it has).
 
 use rand::{Rng, RngCore};
 use serde::{Deserialize, Serialize};
@@ -99,6 +104,113 @@ impl Masking for RandomMasking {
     }
 }
 
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockwiseMaskingConfig {
+    pub mode: RangeMode,
+    pub count: [usize; 2],
+    pub ratio: [f64; 2],
+    /// Smallest block, in patches (BEiT: 16).
+    pub min_block: usize,
+    /// Aspect-ratio range of blocks (BEiT: 0.3 to 1/0.3).
+    pub aspect: [f64; 2],
+}
+
+impl Default for BlockwiseMaskingConfig {
+    fn default() -> Self {
+        let r = RandomMaskingConfig::default();
+        Self { mode: r.mode, count: r.count, ratio: r.ratio, min_block: 16, aspect: [0.3, 1.0 / 0.3] }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct BlockwiseMasking {
+    range: RandomMasking,
+    min_block: usize,
+    aspect: [f64; 2],
+}
+
+/// A rectangle `(top, left, h, w)` on the grid.
+pub type Block = (usize, usize, usize, usize);
+
+impl BlockwiseMasking {
+    pub fn new(cfg: BlockwiseMaskingConfig) -> Result<Self> {
+        let [a0, a1] = cfg.aspect;
+        if !(a0 > 0.0 && a0 <= a1) || cfg.min_block == 0 {
+            return Err(Error::config(format!(
+                "masking.blockwise needs min_block ≥ 1 and 0 < aspect[0] ≤ aspect[1], got {} and {:?}",
+                cfg.min_block, cfg.aspect
+            )));
+        }
+        let range = RandomMasking::new(RandomMaskingConfig { mode: cfg.mode, count: cfg.count, ratio: cfg.ratio })?;
+        Ok(Self { range, min_block: cfg.min_block, aspect: cfg.aspect })
+    }
+
+    /// One candidate block of area in `[min_block, max_area]` (before rounding), or `None` when it
+    /// does not fit the grid.
+    pub fn draw_block(&self, grid: TokenGrid, max_area: usize, rng: &mut dyn RngCore) -> Option<Block> {
+        let lo = self.min_block as f64;
+        let hi = (max_area as f64).max(lo);
+        let area = rng.gen_range(lo..=hi);
+        let (l0, l1) = (self.aspect[0].ln(), self.aspect[1].ln());
+        let aspect = if l1 > l0 { rng.gen_range(l0..l1).exp() } else { self.aspect[0] };
+        let h = (area * aspect).sqrt().round() as usize;
+        let w = (area / aspect).sqrt().round() as usize;
+        if h == 0 || w == 0 || h >= grid.h || w >= grid.w {
+            return None;
+        }
+        let top = rng.gen_range(0..=grid.h - h);
+        let left = rng.gen_range(0..=grid.w - w);
+        Some((top, left, h, w))
+    }
+
+    fn one(&self, grid: TokenGrid, k: usize, flags: &mut [bool], rng: &mut dyn RngCore) {
+        let mut count = 0;
+        while count < k {
+            let max_new = k - count;
+            let mut added = 0;
+            for _ in 0..10 {
+                let Some((top, left, h, w)) = self.draw_block(grid, max_new, rng) else { continue };
+                let cells = || (top..top + h).flat_map(move |y| (left..left + w).map(move |x| y * grid.w + x));
+                let new = cells().filter(|&i| !flags[i]).count();
+                if new > 0 && new <= max_new {
+                    for i in cells() {
+                        flags[i] = true;
+                    }
+                    added = new;
+                    break;
+                }
+            }
+            if added == 0 {
+                break;
+            }
+            count += added;
+        }
+    }
+}
+
+impl Masking for BlockwiseMasking {
+    fn sample(&self, batch: usize, grid: TokenGrid, rng: &mut dyn RngCore) -> Result<Mask> {
+        let n = grid.len();
+        let (lo, hi) = self.range.count_range(n)?;
+        let mut flags = vec![false; batch * n];
+        for b in 0..batch {
+            let k = rng.gen_range(lo..=hi);
+            self.one(grid, k, &mut flags[b * n..(b + 1) * n], rng);
+        }
+        Mask::new(batch, grid, flags)
+    }
+}
+
+cim_api::register_masking! {
+    name: "blockwise",
+    about: "BEiT's block-wise masking: rectangles of ≥ 16 patches, aspect 0.3–3.3, up to k (paper Table 4)",
+    config: BlockwiseMaskingConfig,
+    default: BlockwiseMaskingConfig::default(),
+    tiny: BlockwiseMaskingConfig { mode: RangeMode::Ratio, min_block: 4, ..BlockwiseMaskingConfig::default() },
+    build: |cfg: BlockwiseMaskingConfig, _ctx: &BuildCtx| BlockwiseMasking::new(cfg),
+}
+
 cim_api::register_masking! {
     name: "random",
     about: "k uniformly random positions per image, k uniform in a count or ratio range (paper: 100–120 of 196)",
@@ -115,7 +227,52 @@ mod tests {
 
     #[test]
     fn conformance() -> Result<()> {
-        cim_api::testing::check_masking("random")
+        cim_api::testing::check_masking("random")?;
+        cim_api::testing::check_masking("blockwise")
+    }
+
+    #[test]
+    fn blockwise_blocks_respect_size_and_aspect_and_counts_stay_in_range() -> Result<()> {
+        let m = BlockwiseMasking::new(BlockwiseMaskingConfig::default())?;
+        let grid = TokenGrid::new(14, 14);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let mut drawn = 0;
+        for _ in 0..2000 {
+            if let Some((top, left, h, w)) = m.draw_block(grid, 120, &mut rng) {
+                drawn += 1;
+                assert!(top + h <= 14 && left + w <= 14);
+                // Rounding each side of a ≥16-patch block can lose at most one row/column.
+                assert!(h * w >= 9, "{h}×{w}");
+                let r = h as f64 / w as f64;
+                // Aspect within [0.3, 3.33], widened for rounding of small sides.
+                assert!((0.3 / 1.6..=3.34 * 1.6).contains(&r), "{h}×{w}");
+            }
+        }
+        assert!(drawn > 1000, "most draws fit a 14×14 grid: {drawn}");
+        let mask = m.sample(500, grid, &mut rng)?;
+        let counts = mask.counts();
+        assert!(counts.iter().all(|&k| k <= 120), "never more than the drawn k");
+        let mean = counts.iter().sum::<usize>() as f64 / counts.len() as f64;
+        assert!(mean > 95.0, "blocks fill close to k ∈ [100, 120]: mean {mean}");
+        // Masks are blocky: most masked patches have a masked 4-neighbour (random masking at 55 %
+        // gives ~80 %; blocks give more).
+        let mut with_neighbour = 0;
+        let mut total = 0;
+        for b in 0..500 {
+            for y in 0..14 {
+                for x in 0..14 {
+                    if mask.is_masked(b, y * 14 + x) {
+                        total += 1;
+                        let n = [(y.wrapping_sub(1), x), (y + 1, x), (y, x.wrapping_sub(1)), (y, x + 1)];
+                        if n.iter().any(|&(yy, xx)| yy < 14 && xx < 14 && mask.is_masked(b, yy * 14 + xx)) {
+                            with_neighbour += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(with_neighbour as f64 / total as f64 > 0.95, "{with_neighbour}/{total}");
+        Ok(())
     }
 
     #[test]

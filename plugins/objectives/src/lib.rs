@@ -1,4 +1,4 @@
-//! # Objectives — `respix`
+//! # Objectives — `respix`, `revdet`
 //!
 //! RESPIX, "pixel residual learning" (paper §2.2, Figures 3–4): a linear head on every enhancer
 //! position regresses ALL original pixels of its `stride × stride` patch; the target is the
@@ -168,6 +168,81 @@ impl Objective for Respix {
     }
 }
 
+/// REVDET, "replaced visual token detection" (paper §2.2): a linear head on every enhancer
+/// position predicts whether the token there was replaced by a generator sample *that differs from
+/// the golden token* (a sample equal to the golden token counts as not replaced); binary
+/// cross-entropy; weight 1 in the total (Table 9). When the enhancer's grid differs from the token
+/// grid (ResNet-50: 7×7 against 14×14), the logit map is brought to the token grid by bilinear
+/// interpolation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevdetConfig {
+    /// Loss weight in the total (paper Table 9: 1).
+    pub weight: f64,
+    pub init_std: f64,
+}
+
+impl Default for RevdetConfig {
+    fn default() -> Self {
+        Self { weight: 1.0, init_std: 0.02 }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Revdet {
+    cfg: RevdetConfig,
+    head: Linear,
+}
+
+/// Mean binary cross-entropy of `logits` against `targets` in {0, 1}, in the stable form
+/// `max(x, 0) − x·y + log(1 + exp(−|x|))`.
+pub fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let x = logits.to_dtype(DType::F32)?;
+    let y = targets.to_dtype(DType::F32)?;
+    let softplus = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    Ok((x.relu()? - (&x * &y)? + softplus)?.mean_all()?)
+}
+
+impl Revdet {
+    pub fn new(cfg: RevdetConfig, info: EnhancerInfo, vb: VarBuilder) -> Result<Self> {
+        let head = vb.pp("head");
+        let w = head.get_with_hints((1, info.dim), "weight", Init::Randn { mean: 0.0, stdev: cfg.init_std })?;
+        let b = head.get_with_hints(1, "bias", Init::Const(0.0))?;
+        Ok(Self { cfg, head: Linear::new(w, Some(b)) })
+    }
+}
+
+impl Objective for Revdet {
+    fn weight(&self) -> f64 {
+        self.cfg.weight
+    }
+
+    fn forward(&self, f: &Features, batch: &ObjectiveBatch<'_>) -> Result<ObjectiveOutput> {
+        let b = f.tokens.dim(0)?;
+        let tgrid = batch.mask.grid();
+        let mut logits = self.head.forward(&f.tokens)?.reshape((b, 1, f.grid.h, f.grid.w))?;
+        if f.grid != tgrid {
+            logits = logits.upsample_bilinear2d(tgrid.h, tgrid.w, false)?;
+        }
+        let logits = logits.reshape((b, tgrid.len()))?;
+        let loss = bce_with_logits(&logits, batch.replaced)?;
+        Ok(ObjectiveOutput { loss, prediction: None, target: None })
+    }
+}
+
+fn build_revdet(cfg: RevdetConfig, ctx: &BuildCtx) -> Result<Revdet> {
+    Revdet::new(cfg, ctx.enhancer("objective revdet")?, ctx.vb.clone())
+}
+
+cim_api::register_objective! {
+    name: "revdet",
+    about: "REVDET: per-token binary 'was this token replaced?', BCE (paper §2.2; weight 1)",
+    config: RevdetConfig,
+    default: RevdetConfig::default(),
+    tiny: RevdetConfig::default(),
+    build: build_revdet,
+}
+
 fn build(cfg: RespixConfig, ctx: &BuildCtx) -> Result<Respix> {
     Respix::new(cfg, ctx.enhancer("objective respix")?, ctx.vb.clone())
 }
@@ -187,7 +262,28 @@ mod tests {
 
     #[test]
     fn conformance() -> Result<()> {
-        cim_api::testing::check_objective("respix")
+        cim_api::testing::check_objective("respix")?;
+        cim_api::testing::check_objective("revdet")
+    }
+
+    #[test]
+    fn bce_matches_the_textbook_formula() -> Result<()> {
+        let x = Tensor::new(&[-3.0f32, -0.5, 0.0, 2.0, 30.0], &Device::Cpu)?;
+        let y = Tensor::new(&[0.0f32, 1.0, 1.0, 0.0, 1.0], &Device::Cpu)?;
+        let got = bce_with_logits(&x, &y)?.to_scalar::<f32>()? as f64;
+        let xs = [-3.0f64, -0.5, 0.0, 2.0, 30.0];
+        let ys = [0.0f64, 1.0, 1.0, 0.0, 1.0];
+        let want = xs
+            .iter()
+            .zip(ys)
+            .map(|(&x, y)| {
+                let p = 1.0 / (1.0 + (-x).exp());
+                -(y * p.ln() + (1.0 - y) * (1.0 - p).max(1e-300).ln())
+            })
+            .sum::<f64>()
+            / 5.0;
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        Ok(())
     }
 
     /// Hand-computed sliding-window normalisation at corners, edges and the interior.

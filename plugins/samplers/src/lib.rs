@@ -1,4 +1,4 @@
-//! # Samplers — `gumbel`, `argmax`, `uniform`
+//! # Samplers — `gumbel`, `argmax`, `uniform`, `top_k`, `top_p`
 //!
 //! Paper §2.3, Eq. (2): replacement tokens are drawn from the generator's output distribution,
 //! "sample from softmax with a temperature of 1 at all the masked positions". Table 7 compares
@@ -57,6 +57,26 @@ pub fn inverse_cdf(probs: &Tensor, u: &[f32]) -> Result<Tensor> {
     let k = count(&inner_cdf, &(target - before)?, BLOCK - 1)?;
     let ids = ((blk * BLOCK as f64)? + k)?.clamp(0f32, (v - 1) as f32)?;
     Ok(ids.squeeze(1)?.to_dtype(DType::U32)?)
+}
+
+/// Inclusive prefix sums along the last dimension of `(M, V)`, in two levels of 64 (block sums,
+/// then within blocks) so no `V×V` triangular matrix is formed.
+pub fn block_cumsum(x: &Tensor) -> Result<Tensor> {
+    let (m, v) = x.dims2()?;
+    let nb = v.div_ceil(BLOCK);
+    let xp = if nb * BLOCK != v { x.pad_with_zeros(1, 0, nb * BLOCK - v)? } else { x.clone() };
+    let x3 = xp.reshape((m, nb, BLOCK))?;
+    let inner = x3.cumsum(2)?; // (M, nb, 64)
+    let block_sums = x3.sum(2)?; // (M, nb)
+    let before = (block_sums.cumsum(1)? - &block_sums)?; // exclusive prefix of blocks
+    let out = inner.broadcast_add(&before.unsqueeze(2)?)?.reshape((m, nb * BLOCK))?;
+    Ok(out.narrow(1, 0, v)?)
+}
+
+/// Sorts each row's logits in descending order: `(sorted logits, token ids)`.
+fn sort_desc(logits: &Tensor) -> Result<(Tensor, Tensor)> {
+    let idx = logits.arg_sort_last_dim(false)?;
+    Ok((logits.gather(&idx, 1)?, idx))
 }
 
 fn uniforms(m: usize, rng: &mut dyn RngCore) -> Vec<f32> {
@@ -133,6 +153,116 @@ impl Sampler for Uniform {
     }
 }
 
+/// Softmax sampling restricted to the `k` most likely tokens (an extra, not in the paper).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopKConfig {
+    pub k: usize,
+    pub temperature: f64,
+}
+
+impl Default for TopKConfig {
+    fn default() -> Self {
+        Self { k: 50, temperature: 1.0 }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TopK {
+    k: usize,
+    temperature: f64,
+}
+
+impl TopK {
+    pub fn new(cfg: TopKConfig) -> Result<Self> {
+        if cfg.k == 0 || !(cfg.temperature > 0.0) {
+            return Err(Error::config(format!(
+                "sampler.top_k needs k ≥ 1 and temperature > 0, got k = {}, temperature = {}",
+                cfg.k, cfg.temperature
+            )));
+        }
+        Ok(Self { k: cfg.k, temperature: cfg.temperature })
+    }
+}
+
+impl Sampler for TopK {
+    fn sample(&self, logits: &Tensor, rng: &mut dyn RngCore) -> Result<Tensor> {
+        let logits = logits.detach().to_dtype(DType::F32)?;
+        let (m, v) = logits.dims2()?;
+        let k = self.k.min(v);
+        let (sorted, idx) = sort_desc(&logits)?;
+        let top = sorted.narrow(1, 0, k)?.contiguous()?;
+        let probs = candle_nn::ops::softmax_last_dim(&(top / self.temperature)?)?;
+        let pos = inverse_cdf(&probs, &uniforms(m, rng))?; // position among the top k
+        let ids = idx.narrow(1, 0, k)?.contiguous()?.gather(&pos.unsqueeze(1)?, 1)?;
+        Ok(ids.squeeze(1)?)
+    }
+}
+
+/// Nucleus sampling: the smallest set of most likely tokens whose mass reaches `p` (an extra).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopPConfig {
+    pub p: f64,
+    pub temperature: f64,
+}
+
+impl Default for TopPConfig {
+    fn default() -> Self {
+        Self { p: 0.9, temperature: 1.0 }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TopP {
+    p: f64,
+    temperature: f64,
+}
+
+impl TopP {
+    pub fn new(cfg: TopPConfig) -> Result<Self> {
+        if !(cfg.p > 0.0 && cfg.p <= 1.0) || !(cfg.temperature > 0.0) {
+            return Err(Error::config(format!(
+                "sampler.top_p needs 0 < p ≤ 1 and temperature > 0, got p = {}, temperature = {}",
+                cfg.p, cfg.temperature
+            )));
+        }
+        Ok(Self { p: cfg.p, temperature: cfg.temperature })
+    }
+}
+
+impl Sampler for TopP {
+    fn sample(&self, logits: &Tensor, rng: &mut dyn RngCore) -> Result<Tensor> {
+        let logits = logits.detach().to_dtype(DType::F32)?;
+        let m = logits.dim(0)?;
+        let (sorted, idx) = sort_desc(&(logits / self.temperature)?)?;
+        let probs = candle_nn::ops::softmax_last_dim(&sorted)?;
+        // Keep a token when the mass strictly before it is below p (the first one always stays).
+        let before = (block_cumsum(&probs)? - &probs)?;
+        let keep = before.lt(self.p as f32)?.to_dtype(DType::F32)?;
+        let pos = inverse_cdf(&(probs * keep)?, &uniforms(m, rng))?;
+        Ok(idx.gather(&pos.unsqueeze(1)?, 1)?.squeeze(1)?)
+    }
+}
+
+cim_api::register_sampler! {
+    name: "top_k",
+    about: "softmax sampling among the k most likely tokens (extra; default k = 50)",
+    config: TopKConfig,
+    default: TopKConfig::default(),
+    tiny: TopKConfig { k: 5, temperature: 1.0 },
+    build: |cfg: TopKConfig, _ctx: &BuildCtx| TopK::new(cfg),
+}
+
+cim_api::register_sampler! {
+    name: "top_p",
+    about: "nucleus sampling: most likely tokens up to mass p (extra; default p = 0.9)",
+    config: TopPConfig,
+    default: TopPConfig::default(),
+    tiny: TopPConfig::default(),
+    build: |cfg: TopPConfig, _ctx: &BuildCtx| TopP::new(cfg),
+}
+
 cim_api::register_sampler! {
     name: "gumbel",
     about: "sample from softmax(logits / τ) (paper: τ = 1)",
@@ -167,7 +297,7 @@ mod tests {
 
     #[test]
     fn conformance() -> Result<()> {
-        for n in ["gumbel", "argmax", "uniform"] {
+        for n in ["gumbel", "argmax", "uniform", "top_k", "top_p"] {
             cim_api::testing::check_sampler(n)?;
         }
         Ok(())
@@ -210,6 +340,57 @@ mod tests {
                 assert!((freq - p).abs() < 4.5 * se + 1e-9, "τ={tau} token {i}: {freq} vs {p}");
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn block_cumsum_equals_a_plain_prefix_sum() -> Result<()> {
+        let x = cim_api::testing::uniform((3, 150), 9)?;
+        let ours = block_cumsum(&x)?.to_vec2::<f32>()?;
+        let rows = x.to_vec2::<f32>()?;
+        for (r, o) in rows.iter().zip(&ours) {
+            let mut acc = 0f32;
+            for (v, got) in r.iter().zip(o) {
+                acc += v;
+                assert!((acc - got).abs() < 1e-4, "{acc} vs {got}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn top_k_never_leaves_the_top_k_and_top_p_keeps_the_nucleus() -> Result<()> {
+        // Row logits: token i has logit (i·13 mod 100)/10, so the order is a fixed permutation.
+        let v = 100;
+        let row: Vec<f32> = (0..v).map(|i| ((i * 13) % v) as f32 / 10.0).collect();
+        let mut order: Vec<usize> = (0..v).collect();
+        order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap());
+        let logits = Tensor::from_vec(row.repeat(5000), (5000, v), &Device::Cpu)?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let k = 7;
+        let ids = TopK::new(TopKConfig { k, temperature: 1.0 })?.sample(&logits, &mut rng)?.to_vec1::<u32>()?;
+        let allowed: std::collections::BTreeSet<u32> = order[..k].iter().map(|&i| i as u32).collect();
+        assert!(ids.iter().all(|i| allowed.contains(i)));
+        // The most likely token is drawn with its renormalised top-k probability.
+        let z: f64 = order[..k].iter().map(|&i| (row[i] as f64).exp()).sum();
+        let p0 = (row[order[0]] as f64).exp() / z;
+        let f0 = ids.iter().filter(|&&i| i as usize == order[0]).count() as f64 / 5000.0;
+        assert!((f0 - p0).abs() < 0.03, "{f0} vs {p0}");
+        // Nucleus: compute the set by hand.
+        let p = 0.5;
+        let zall: f64 = row.iter().map(|&x| (x as f64).exp()).sum();
+        let mut mass = 0.0;
+        let mut nucleus = std::collections::BTreeSet::new();
+        for &i in &order {
+            if mass >= p {
+                break;
+            }
+            nucleus.insert(i as u32);
+            mass += (row[i] as f64).exp() / zall;
+        }
+        let ids = TopP::new(TopPConfig { p, temperature: 1.0 })?.sample(&logits, &mut rng)?.to_vec1::<u32>()?;
+        assert!(ids.iter().all(|i| nucleus.contains(i)), "nucleus {nucleus:?}");
+        assert_eq!(ids.iter().collect::<std::collections::BTreeSet<_>>().len(), nucleus.len());
         Ok(())
     }
 
