@@ -165,6 +165,11 @@ pub struct BuildCtx {
     /// Where the component's parameters live, already prefixed with its section
     /// (`generator.`, `enhancer.`, …). Trainable for all but the tokenizer.
     pub vb: VarBuilder<'static>,
+    /// Non-trainable state that belongs in checkpoints (BatchNorm running statistics). Create it
+    /// under `vb.prefix()` so its names line up with the parameters'.
+    pub buffers: crate::ParamStore,
+    /// The enhancer's parameters, for a generator that shares layers with it (paper Table 5).
+    pub enhancer_vb: Option<VarBuilder<'static>>,
 }
 
 impl BuildCtx {

@@ -44,8 +44,11 @@ pub fn tiny_ctx(store: &ParamStore, prefix: &str) -> BuildCtx {
             dim: 16,
             stride: 4,
             image_size: IMAGE,
+            shareable_blocks: None,
         }),
         vb: store.var_builder(DType::F32, &dev).pp(prefix),
+        buffers: ParamStore::frozen(0),
+        enhancer_vb: None,
     }
 }
 

@@ -111,6 +111,9 @@ pub struct EnhancerInfo {
     pub stride: usize,
     /// Input resolution (square).
     pub image_size: usize,
+    /// Set by transformer enhancers whose patch embedding and blocks use the shared ViT layout
+    /// (`patch_embed.proj`, `blocks.N.…`), so a generator may share them (paper Table 5).
+    pub shareable_blocks: Option<usize>,
 }
 
 impl EnhancerInfo {

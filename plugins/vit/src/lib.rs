@@ -118,6 +118,7 @@ impl Vit {
                 dim: cfg.width,
                 stride: cfg.patch_size,
                 image_size,
+                shareable_blocks: Some(cfg.depth),
             },
         })
     }

@@ -33,6 +33,8 @@ pub struct Cim {
     pub params: ParamStore,
     /// The frozen tokenizer's tensors (never seen by the optimizer).
     pub frozen: ParamStore,
+    /// Non-trainable state saved with the weights (BatchNorm running statistics).
+    pub buffers: ParamStore,
     pub grid: TokenGrid,
     pub names: BTreeMap<&'static str, String>,
     pub data: DataConfig,
@@ -74,6 +76,7 @@ impl Cim {
         let data = res.cfg.data.clone();
         let params = ParamStore::trainable(res.cfg.run.seed);
         let frozen = ParamStore::frozen(RANDOM_TOKENIZER_SEED);
+        let buffers = ParamStore::frozen(res.cfg.run.seed);
         let mut ctx = BuildCtx {
             device: device.clone(),
             dtype: DType::F32,
@@ -84,6 +87,8 @@ impl Cim {
             token_grid: None,
             enhancer: None,
             vb: frozen.var_builder(DType::F32, &device).pp("tokenizer"),
+            buffers: buffers.clone(),
+            enhancer_vb: None,
         };
         let tokenizer = build::<dyn Tokenizer>(res, &ctx)?;
         let grid = tokenizer
@@ -95,11 +100,12 @@ impl Cim {
         let masking = build::<dyn Masking>(res, &ctx.with_vb(vb.pp("masking")))?;
         let enhancer = build::<dyn Enhancer>(res, &ctx.with_vb(vb.pp("enhancer")))?;
         ctx.enhancer = Some(enhancer.info());
+        ctx.enhancer_vb = Some(vb.pp("enhancer"));
         let generator = build::<dyn Generator>(res, &ctx.with_vb(vb.pp("generator")))?;
         let sampler = build::<dyn Sampler>(res, &ctx.with_vb(vb.pp("sampler")))?;
         let objective = build::<dyn Objective>(res, &ctx.with_vb(vb.pp("objective")))?;
         let names = res.components.iter().map(|(k, (n, _))| (*k, n.clone())).collect();
-        Ok(Self { tokenizer, masking, generator, sampler, enhancer, objective, params, frozen, grid, names, data, device })
+        Ok(Self { tokenizer, masking, generator, sampler, enhancer, objective, params, frozen, buffers, grid, names, data, device })
     }
 }
 

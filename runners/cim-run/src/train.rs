@@ -147,9 +147,15 @@ impl Trainer {
         })
     }
 
-    /// Trainable parameters as a name → tensor map.
+    /// Trainable parameters and buffers (BatchNorm statistics) as a name → tensor map.
     pub fn weights(&self) -> HashMap<String, candle_core::Tensor> {
-        self.cim.params.vars().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect()
+        self.cim
+            .params
+            .vars()
+            .into_iter()
+            .chain(self.cim.buffers.vars())
+            .map(|(k, v)| (k, v.as_tensor().clone()))
+            .collect()
     }
 
     /// Runs until `max_steps` (or the schedule's end), then writes the weights.

@@ -1,0 +1,336 @@
+//! # `resnet50` — the vanilla ResNet-50 enhancer
+//!
+//! Paper §3.1, footnote 5: "The vanilla ResNet-50 model refers to the torchvision ResNet-50 without
+//! further architectural change." This is torchvision's `resnet50` (He et al., 2016; v1.5: the stride
+//! sits on the 3×3 conv of a bottleneck) without the classifier, with torchvision's parameter names
+//! (`conv1.weight`, `bn1.running_mean`, `layer3.2.conv2.weight`, `layer1.0.downsample.1.bias`, …).
+//!
+//! - input: `(B, 3, H, W)` normalised image
+//! - output: [`Features`] `(B, (H/32)², 2048)` from `layer4`, stride 32
+//!
+//! BatchNorm trains: batch statistics and a running-statistics update (momentum 0.1, unbiased
+//! variance, as PyTorch) when `train` is true, running statistics otherwise. Running statistics are
+//! buffers ([`BuildCtx::buffers`]): saved with the weights, never seen by the optimizer.
+
+use candle_core::{DType, Tensor, Var};
+use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
+use candle_nn::{Init, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use cim_api::{BuildCtx, Enhancer, EnhancerInfo, Error, Features, ParamStore, Result, TokenGrid};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResNetConfig {
+    /// Bottleneck blocks per stage (ResNet-50: 3, 4, 6, 3).
+    pub layers: [usize; 4],
+    /// Width of the first stage (64); stage i has `width·2^i` planes and `4×` that many outputs.
+    pub width: usize,
+    pub bn_momentum: f64,
+    pub bn_eps: f64,
+}
+
+impl Default for ResNetConfig {
+    fn default() -> Self {
+        Self { layers: [3, 4, 6, 3], width: 64, bn_momentum: 0.1, bn_eps: 1e-5 }
+    }
+}
+
+impl ResNetConfig {
+    pub fn test_tiny() -> Self {
+        Self { layers: [1, 1, 1, 1], width: 4, ..Self::default() }
+    }
+}
+
+/// torchvision's conv init: Kaiming normal, fan-out, ReLU gain.
+const CONV_INIT: Init = Init::Kaiming { dist: NormalOrUniform::Normal, fan: FanInOut::FanOut, non_linearity: NonLinearity::ReLU };
+
+#[derive(Clone, Debug)]
+struct Conv {
+    w: Tensor,
+    stride: usize,
+    pad: usize,
+}
+
+impl Conv {
+    fn new(c_in: usize, c_out: usize, k: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { w: vb.get_with_hints((c_out, c_in, k, k), "weight", CONV_INIT)?, stride, pad: k / 2 })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.conv2d(&self.w, self.pad, self.stride, 1, 1)?)
+    }
+}
+
+/// BatchNorm2d with trainable affine parameters and running statistics in the buffer store.
+#[derive(Clone, Debug)]
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    momentum: f64,
+    eps: f64,
+}
+
+impl BatchNorm {
+    pub fn new(c: usize, momentum: f64, eps: f64, vb: VarBuilder, buffers: &ParamStore) -> Result<Self> {
+        let bvb = buffers.var_builder(DType::F32, vb.device()).pp(vb.prefix());
+        bvb.get_with_hints(c, "running_mean", Init::Const(0.0))?;
+        bvb.get_with_hints(c, "running_var", Init::Const(1.0))?;
+        let var = |n: &str| {
+            let key = format!("{}.{n}", vb.prefix());
+            buffers.get(&key).ok_or_else(|| Error::msg(format!("buffer {key} was not created")))
+        };
+        Ok(Self {
+            weight: vb.get_with_hints(c, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(c, "bias", Init::Const(0.0))?,
+            running_mean: var("running_mean")?,
+            running_var: var("running_var")?,
+            momentum,
+            eps,
+        })
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let c = self.weight.dim(0)?;
+        let shape = (1, c, 1, 1);
+        let (mean, var) = if train {
+            let (b, _, h, w) = x.dims4()?;
+            let n = (b * h * w) as f64;
+            let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+            let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+            let m = self.momentum;
+            let bm = mean.detach().flatten_all()?;
+            let bv = (var.detach().flatten_all()? * (n / (n - 1.0).max(1.0)))?;
+            self.running_mean.set(&((self.running_mean.as_tensor() * (1.0 - m))? + (bm * m)?)?)?;
+            self.running_var.set(&((self.running_var.as_tensor() * (1.0 - m))? + (bv * m)?)?)?;
+            (mean, var)
+        } else {
+            (self.running_mean.as_tensor().reshape(shape)?, self.running_var.as_tensor().reshape(shape)?)
+        };
+        let xn = x.broadcast_sub(&mean)?.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(xn.broadcast_mul(&self.weight.reshape(shape)?)?.broadcast_add(&self.bias.reshape(shape)?)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Bottleneck {
+    conv1: Conv,
+    bn1: BatchNorm,
+    conv2: Conv,
+    bn2: BatchNorm,
+    conv3: Conv,
+    bn3: BatchNorm,
+    downsample: Option<(Conv, BatchNorm)>,
+}
+
+impl Bottleneck {
+    fn new(c_in: usize, planes: usize, stride: usize, cfg: &ResNetConfig, vb: VarBuilder, buf: &ParamStore) -> Result<Self> {
+        let out = planes * 4;
+        let bn = |c, name: &str| BatchNorm::new(c, cfg.bn_momentum, cfg.bn_eps, vb.pp(name), buf);
+        let downsample = if stride != 1 || c_in != out {
+            let d = vb.pp("downsample");
+            Some((Conv::new(c_in, out, 1, stride, d.pp("0"))?,
+                  BatchNorm::new(out, cfg.bn_momentum, cfg.bn_eps, d.pp("1"), buf)?))
+        } else {
+            None
+        };
+        Ok(Self {
+            conv1: Conv::new(c_in, planes, 1, 1, vb.pp("conv1"))?,
+            bn1: bn(planes, "bn1")?,
+            conv2: Conv::new(planes, planes, 3, stride, vb.pp("conv2"))?,
+            bn2: bn(planes, "bn2")?,
+            conv3: Conv::new(planes, out, 1, 1, vb.pp("conv3"))?,
+            bn3: bn(out, "bn3")?,
+            downsample,
+        })
+    }
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let h = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let h = self.bn2.forward_t(&self.conv2.forward(&h)?, train)?.relu()?;
+        let h = self.bn3.forward_t(&self.conv3.forward(&h)?, train)?;
+        let id = match &self.downsample {
+            Some((c, b)) => b.forward_t(&c.forward(x)?, train)?,
+            None => x.clone(),
+        };
+        Ok((h + id)?.relu()?)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ResNet {
+    conv1: Conv,
+    bn1: BatchNorm,
+    stages: Vec<Vec<Bottleneck>>,
+    info: EnhancerInfo,
+}
+
+impl ResNet {
+    pub fn new(cfg: &ResNetConfig, image_size: usize, vb: VarBuilder, buffers: &ParamStore) -> Result<Self> {
+        if image_size % 32 != 0 {
+            return Err(Error::config(format!("resnet50: image size {image_size} must be a multiple of 32")));
+        }
+        let w = cfg.width;
+        let mut c_in = w;
+        let mut stages = vec![];
+        for (i, &n) in cfg.layers.iter().enumerate() {
+            let planes = w << i;
+            let stage = vb.pp(format!("layer{}", i + 1));
+            let mut blocks = vec![];
+            for j in 0..n {
+                let stride = if j == 0 && i > 0 { 2 } else { 1 };
+                blocks.push(Bottleneck::new(c_in, planes, stride, cfg, stage.pp(j), buffers)?);
+                c_in = planes * 4;
+            }
+            stages.push(blocks);
+        }
+        Ok(Self {
+            conv1: Conv::new(3, w, 7, 2, vb.pp("conv1"))?,
+            bn1: BatchNorm::new(w, cfg.bn_momentum, cfg.bn_eps, vb.pp("bn1"), buffers)?,
+            stages,
+            info: EnhancerInfo { dim: c_in, stride: 32, image_size, shareable_blocks: None },
+        })
+    }
+
+    /// `layer4` output `(B, 2048, H/32, W/32)`.
+    pub fn forward_map(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let x = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let mut x = max_pool_3x3_s2(&x)?;
+        for stage in &self.stages {
+            for b in stage {
+                x = b.forward_t(&x, train)?;
+            }
+        }
+        Ok(x)
+    }
+}
+
+/// Every `step`-th entry along `dim` starting at `start`, `n` of them (`x[start::step][:n]`).
+fn strided(x: &Tensor, dim: usize, start: usize, n: usize, step: usize) -> Result<Tensor> {
+    let mut shape = x.dims().to_vec();
+    let t = x.narrow(dim, start, n * step)?;
+    shape[dim] = n;
+    shape.insert(dim + 1, step);
+    Ok(t.reshape(shape)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)?)
+}
+
+/// torchvision's stem pool, `MaxPool2d(3, stride=2, padding=1)`, as the maximum of 9 strided views
+/// (candle's own max-pool has no backward for overlapping windows). Its input follows a ReLU, so
+/// zero padding equals PyTorch's −∞ padding.
+pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
+    // Pad 1 before and enough after that every strided view has ho (wo) entries.
+    let xp = x.pad_with_zeros(2, 1, 2 * ho + 1 - h)?.pad_with_zeros(3, 1, 2 * wo + 1 - w)?;
+    let mut out: Option<Tensor> = None;
+    for dy in 0..3 {
+        let rows = strided(&xp, 2, dy, ho, 2)?;
+        for dx in 0..3 {
+            let v = strided(&rows, 3, dx, wo, 2)?;
+            out = Some(match out {
+                None => v,
+                Some(o) => o.maximum(&v)?,
+            });
+        }
+    }
+    Ok(out.expect("9 views"))
+}
+
+impl Enhancer for ResNet {
+    fn info(&self) -> EnhancerInfo {
+        self.info
+    }
+    fn forward_t(&self, image: &Tensor, train: bool) -> Result<Features> {
+        let x = self.forward_map(image, train)?;
+        let (_, _, h, w) = x.dims4()?;
+        Ok(Features { tokens: x.flatten_from(2)?.transpose(1, 2)?, grid: TokenGrid::new(h, w), stride: 32 })
+    }
+}
+
+fn build(cfg: ResNetConfig, ctx: &BuildCtx) -> Result<ResNet> {
+    ResNet::new(&cfg, ctx.image_size, ctx.vb.clone(), &ctx.buffers)
+}
+
+cim_api::register_enhancer! {
+    name: "resnet50",
+    about: "ResNet-50 (torchvision layout and names, trainable BatchNorm), features from layer4",
+    config: ResNetConfig,
+    default: ResNetConfig::default(),
+    tiny: ResNetConfig::test_tiny(),
+    build: build,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn conformance() -> Result<()> {
+        cim_api::testing::check_enhancer("resnet50")
+    }
+
+    /// torchvision: `sum(p.numel() for n, p in resnet50().named_parameters() if not n.startswith("fc"))`
+    /// = 25,557,032 − (2048·1000 + 1000) = 23,508,032.
+    #[test]
+    fn parameter_count_and_names_match_torchvision() -> Result<()> {
+        let store = ParamStore::trainable(0);
+        let buffers = ParamStore::frozen(0);
+        let _ = ResNet::new(&ResNetConfig::default(), 224, store.var_builder(DType::F32, &Device::Cpu), &buffers)?;
+        assert_eq!(store.num_params(), 23_508_032);
+        let names = store.names_under("");
+        for n in ["conv1.weight", "bn1.weight", "layer1.0.downsample.0.weight", "layer1.0.downsample.1.bias",
+                  "layer3.5.conv3.weight", "layer4.2.bn3.weight"] {
+            assert!(names.iter().any(|k| k == n), "missing {n}");
+        }
+        // 53 BatchNorms, each with running mean and variance.
+        assert_eq!(buffers.len(), 2 * 53);
+        assert!(buffers.get("layer2.0.downsample.1.running_var").is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn stem_pool_matches_a_direct_max_over_windows() -> Result<()> {
+        let x = cim_api::testing::uniform((1, 2, 7, 6), 5)?;
+        let got = max_pool_3x3_s2(&x)?;
+        assert_eq!(got.dims(), [1, 2, 4, 3]);
+        let v = x.squeeze(0)?.to_vec3::<f32>()?;
+        let g = got.squeeze(0)?.to_vec3::<f32>()?;
+        for c in 0..2 {
+            for oy in 0usize..4 {
+                for ox in 0usize..3 {
+                    let mut m = 0f32; // padding value (inputs are ≥ 0)
+                    for y in (2 * oy).saturating_sub(1)..(2 * oy + 2).min(7) {
+                        for xx in (2 * ox).saturating_sub(1)..(2 * ox + 2).min(6) {
+                            m = m.max(v[c][y][xx]);
+                        }
+                    }
+                    assert_eq!(g[c][oy][ox], m, "({c},{oy},{ox})");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn batchnorm_uses_batch_stats_in_training_and_running_stats_in_eval() -> Result<()> {
+        let store = ParamStore::trainable(0);
+        let buffers = ParamStore::frozen(0);
+        let bn = BatchNorm::new(2, 0.1, 1e-5, store.var_builder(DType::F32, &Device::Cpu).pp("bn"), &buffers)?;
+        // Channel 0 ~ values 1..=8 (mean 4.5, unbiased var 6), channel 1 constant 3.
+        let x = Tensor::from_vec((0..16).map(|i| if (i / 4) % 2 == 0 { (i / 8 * 4 + i % 4 + 1) as f32 } else { 3.0 }).collect::<Vec<_>>(), (2, 2, 2, 2), &Device::Cpu)?;
+        let y = bn.forward_t(&x, true)?;
+        let m = y.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?.flatten_all()?.to_vec1::<f32>()?;
+        assert!(m.iter().all(|v| v.abs() < 1e-5), "{m:?}");
+        let rm = buffers.get("bn.running_mean").unwrap().as_tensor().to_vec1::<f32>()?;
+        let rv = buffers.get("bn.running_var").unwrap().as_tensor().to_vec1::<f32>()?;
+        assert!((rm[0] - 0.45).abs() < 1e-5 && (rm[1] - 0.3).abs() < 1e-5, "{rm:?}");
+        assert!((rv[0] - (0.9 + 0.1 * 6.0)).abs() < 1e-4 && (rv[1] - 0.9).abs() < 1e-5, "{rv:?}");
+        // Eval normalises with the running statistics and leaves them alone.
+        let e = bn.forward_t(&x, false)?;
+        let first = e.flatten_all()?.to_vec1::<f32>()?[0];
+        assert!((first - (1.0 - 0.45) / (1.5f32 + 1e-5).sqrt()).abs() < 1e-4, "{first}");
+        assert_eq!(buffers.get("bn.running_mean").unwrap().as_tensor().to_vec1::<f32>()?, rm);
+        Ok(())
+    }
+}
