@@ -30,7 +30,7 @@ fn unknown_key_in_a_component_section_names_key_source_and_alternatives() {
     let e = err(layers("tiny_vit_respix", &["enhancer.widht=3"]));
     assert!(e.contains("unknown key `enhancer.widht`"), "{e}");
     assert!(e.contains("--set"), "{e}");
-    assert!(e.contains("vit_b16, vit_s16, vit_tiny"), "{e}");
+    assert!(e.contains("resnet50, vit_b16, vit_s16, vit_tiny"), "{e}");
     assert!(e.contains("width"), "the selected plugin's parameters are listed: {e}");
 }
 

@@ -19,7 +19,7 @@ fn registry_holds_the_documented_names() {
         ("masking", vec!["blockwise", "random"]),
         ("generator", vec!["beit"]),
         ("sampler", vec!["argmax", "gumbel", "top_k", "top_p", "uniform"]),
-        ("enhancer", vec!["vit_b16", "vit_s16", "vit_tiny"]),
+        ("enhancer", vec!["resnet50", "vit_b16", "vit_s16", "vit_tiny"]),
         ("objective", vec!["respix", "revdet"]),
     ];
     assert_eq!(names, expected);

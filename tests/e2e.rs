@@ -150,3 +150,90 @@ fn tiny_cifar10_losses_fall() {
     assert!(mim1 < 0.9 * mim0, "generator loss did not fall: {mim0} → {mim1}");
     assert!(enh1 < 0.95 * enh0, "enhancer loss did not fall: {enh0} → {enh1}");
 }
+
+/// Paper Table 5: the generator reuses the enhancer's patch embedding and first 2 blocks — one
+/// set of variables, trained by both losses.
+#[test]
+fn weight_sharing_uses_one_set_of_variables_trained_by_both_losses() {
+    let res = resolve(&layers("quickstart", &["generator.beit.share_blocks=2"])).unwrap();
+    let cim = Cim::build(&res).unwrap();
+    let vars = cim.params.vars();
+    let names: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
+    for gone in ["generator.patch_embed.", "generator.blocks.0.", "generator.blocks.1."] {
+        assert!(!names.iter().any(|n| n.starts_with(gone)), "{gone}* should be the enhancer's");
+    }
+    assert!(names.iter().any(|n| n.starts_with("generator.blocks.2.")));
+    let data = cim_run::data::open(&res.cfg.data).unwrap();
+    let loader = Loader::new(data, res.cfg.data.clone(), 4, 0).unwrap();
+    let out = cim.forward(&loader.batch(0, &Device::Cpu).unwrap(), &mut rngs()).unwrap();
+    let nonzero = |g: Option<&candle_core::Tensor>| {
+        g.map(|g| g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0).unwrap_or(false)
+    };
+    let mim = out.mim.backward().unwrap();
+    let enh = out.objective.backward().unwrap();
+    let mut shared = 0;
+    for (name, var) in &vars {
+        let is_shared = ["enhancer.patch_embed.", "enhancer.blocks.0.", "enhancer.blocks.1."].iter().any(|p| name.starts_with(p));
+        if is_shared {
+            shared += 1;
+            assert!(nonzero(mim.get(var.as_tensor())) && nonzero(enh.get(var.as_tensor())), "{name} needs both gradients");
+        } else if name.starts_with("enhancer.") {
+            assert!(!nonzero(mim.get(var.as_tensor())), "{name} is not shared but got MIM gradient");
+        }
+    }
+    // patch_embed (2) + 2 blocks × 12 tensors.
+    assert_eq!(shared, 2 + 2 * 12);
+}
+
+#[test]
+fn weight_sharing_is_refused_for_a_resnet_enhancer() {
+    let res = resolve(&layers(
+        "quickstart",
+        &["enhancer.name=resnet50", "enhancer.resnet50.width=8", "enhancer.resnet50.layers=[1,1,1,1]",
+          "generator.beit.width=64", "generator.beit.share_blocks=2"],
+    ))
+    .unwrap();
+    let e = Cim::build(&res).err().expect("sharing with a ResNet must fail").to_string();
+    assert!(e.contains("share_blocks") && e.contains("needs a ViT enhancer"), "{e}");
+}
+
+/// Every tiny preset: 100 CPU steps with finite losses and a falling generator loss.
+#[test]
+fn every_tiny_preset_trains_for_100_steps() {
+    if !Path::new("../shared/data/cifar10/train.bin").exists() {
+        eprintln!("SKIPPED every_tiny_preset_trains_for_100_steps: ../shared/data/cifar10 is absent");
+        return;
+    }
+    for preset in cim_run::config::preset_names().into_iter().filter(|p| p.starts_with("tiny_")) {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        cli(&["--preset", preset, "--steps", "100", "--out", out.to_str().unwrap(), "--set", "data.path=../shared/data/cifar10"])
+            .unwrap_or_else(|e| panic!("{preset}: {e}"));
+        let m = read_metrics(&out);
+        assert_eq!(m.len(), 100, "{preset}");
+        assert!(m.iter().all(|r| r["loss"].as_f64().is_some_and(f64::is_finite)), "{preset}");
+        let mean = |r: std::ops::Range<usize>| r.clone().map(|i| m[i]["loss_mim"].as_f64().unwrap()).sum::<f64>() / r.len() as f64;
+        let (a, b) = (mean(0..10), mean(80..100));
+        eprintln!("{preset}: loss_mim {a:.4} → {b:.4}");
+        assert!(b < 0.95 * a, "{preset}: generator loss {a} → {b}");
+    }
+}
+
+/// The paper-sized presets build (full widths, 224 px, the 8192-token dVAE) and take one step at
+/// batch 2 on the CPU, on the embedded photographs.
+#[test]
+fn full_size_presets_build_and_take_one_step() {
+    for preset in ["vit_s16_respix", "vit_s16_revdet", "vit_b16_respix", "vit_b16_revdet", "resnet50_respix", "resnet50_revdet"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        cli(&["--preset", preset, "--steps", "1", "--out", out.to_str().unwrap(),
+              "--set", "data.source=quickstart", "--set", "train.batch_size=2", "--set", "run.device=cpu"])
+            .unwrap_or_else(|e| panic!("{preset}: {e}"));
+        let m = read_metrics(&out);
+        assert_eq!(m.len(), 1);
+        assert!(m[0]["loss"].as_f64().is_some_and(f64::is_finite), "{preset}: {}", m[0]);
+        // 100–120 of 196 masked.
+        let frac = m[0]["mask_frac"].as_f64().unwrap();
+        assert!((100.0 / 196.0 - 1e-9..=120.0 / 196.0 + 1e-9).contains(&frac), "{preset}: mask_frac {frac}");
+    }
+}

@@ -33,6 +33,9 @@ pub struct BeitConfig {
     pub mlp_ratio: f64,
     pub layer_norm_eps: f64,
     pub init_std: f64,
+    /// Share the patch embedding and the first `share_blocks` transformer blocks with a ViT
+    /// enhancer (paper Table 5 uses 2); 0 = no sharing.
+    pub share_blocks: usize,
 }
 
 impl Default for BeitConfig {
@@ -44,6 +47,7 @@ impl Default for BeitConfig {
             mlp_ratio: 4.0,
             layer_norm_eps: 1e-6,
             init_std: 0.02,
+            share_blocks: 0,
         }
     }
 }
@@ -75,6 +79,20 @@ pub struct Beit {
 impl Beit {
     /// `image_size`: square input side; `grid`: the tokenizer's token grid; `vocab`: its size.
     pub fn new(cfg: &BeitConfig, width: usize, image_size: usize, grid: TokenGrid, vocab: usize, vb: VarBuilder) -> Result<Self> {
+        Self::with_shared(cfg, width, image_size, grid, vocab, vb, None)
+    }
+
+    /// `shared`: the enhancer's `VarBuilder`, whose `patch_embed` and first `cfg.share_blocks`
+    /// blocks this generator reuses (the same variables, so both losses train them).
+    pub fn with_shared(
+        cfg: &BeitConfig,
+        width: usize,
+        image_size: usize,
+        grid: TokenGrid,
+        vocab: usize,
+        vb: VarBuilder,
+        shared: Option<VarBuilder>,
+    ) -> Result<Self> {
         if grid.h != grid.w || grid.h == 0 || image_size % grid.h != 0 {
             return Err(Error::config(format!(
                 "beit: the {image_size}-px image cannot be cut into the tokenizer's {grid} token grid \
@@ -92,12 +110,20 @@ impl Beit {
             rescale_residual: true,
         };
         let std = Init::Randn { mean: 0.0, stdev: cfg.init_std };
+        let n_shared = if shared.is_some() { cfg.share_blocks.min(cfg.depth) } else { 0 };
+        let pe_vb = shared.as_ref().map(|s| s.pp("patch_embed")).unwrap_or_else(|| vb.pp("patch_embed"));
+        let blocks = (0..cfg.depth)
+            .map(|i| {
+                let owner = if i < n_shared { shared.as_ref().expect("n_shared > 0") } else { &vb };
+                layers::Block::new(&spec, i, owner.pp("blocks").pp(i))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            patch_embed: PatchEmbed::new(3, patch, width, cfg.init_std, vb.pp("patch_embed"))?,
+            patch_embed: PatchEmbed::new(3, patch, width, cfg.init_std, pe_vb)?,
             cls_token: vb.get_with_hints((1, 1, width), "cls_token", std)?,
             mask_token: vb.get_with_hints((1, 1, width), "mask_token", std)?,
             pos_embed: vb.get_with_hints((1, grid.len() + 1, width), "pos_embed", std)?,
-            blocks: layers::blocks(&spec, cfg.depth, vb.clone())?,
+            blocks,
             norm: LayerNorm::new(width, cfg.layer_norm_eps, vb.pp("norm"))?,
             lm_head: layers::linear(width, vocab, cfg.init_std, vb.pp("lm_head"))?,
             grid,
@@ -153,14 +179,29 @@ fn build(cfg: BeitConfig, ctx: &BuildCtx) -> Result<Beit> {
         Some(w) => w,
         None => ctx.enhancer("generator beit (width = enhancer width)")?.dim,
     };
-    Beit::new(
-        &cfg,
-        width,
-        ctx.image_size,
-        ctx.token_grid("generator beit")?,
-        ctx.vocab_size("generator beit")?,
-        ctx.vb.clone(),
-    )
+    let grid = ctx.token_grid("generator beit")?;
+    let shared = if cfg.share_blocks > 0 {
+        let info = ctx.enhancer("generator beit (share_blocks)")?;
+        let depth = info.shareable_blocks.ok_or_else(|| {
+            Error::config(format!(
+                "generator.beit.share_blocks = {} needs a ViT enhancer to share its patch embedding and blocks with; \
+                 the selected enhancer ({}-wide features at stride {}) has no transformer blocks — set share_blocks = 0",
+                cfg.share_blocks, info.dim, info.stride
+            ))
+        })?;
+        let patch = ctx.image_size / grid.h.max(1);
+        if cfg.share_blocks > depth.min(cfg.depth) || width != info.dim || patch != info.stride {
+            return Err(Error::config(format!(
+                "generator.beit.share_blocks = {}: sharing needs the generator's width ({width}) and patch ({patch}) to equal \
+                 the enhancer's ({}, {}) and at most min(generator depth {}, enhancer depth {depth}) blocks",
+                cfg.share_blocks, info.dim, info.stride, cfg.depth
+            )));
+        }
+        Some(ctx.enhancer_vb.clone().ok_or_else(|| Error::msg("share_blocks: the runner did not pass the enhancer's parameters"))?)
+    } else {
+        None
+    };
+    Beit::with_shared(&cfg, width, ctx.image_size, grid, ctx.vocab_size("generator beit")?, ctx.vb.clone(), shared)
 }
 
 cim_api::register_generator! {

@@ -194,6 +194,22 @@ pub struct Revdet {
     head: Linear,
 }
 
+/// The `(out, in)` matrix of 1-D bilinear resizing with PyTorch's `align_corners=False` rule:
+/// source coordinate `(dst + 0.5)·in/out − 0.5`, clamped at the borders.
+pub fn bilinear_matrix(out: usize, inp: usize, device: &Device) -> Result<Tensor> {
+    let mut m = vec![0f32; out * inp];
+    let scale = inp as f64 / out as f64;
+    for o in 0..out {
+        let src = ((o as f64 + 0.5) * scale - 0.5).max(0.0);
+        let i0 = (src.floor() as usize).min(inp - 1);
+        let i1 = (i0 + 1).min(inp - 1);
+        let l = (src - i0 as f64) as f32;
+        m[o * inp + i0] += 1.0 - l;
+        m[o * inp + i1] += l;
+    }
+    Ok(Tensor::from_vec(m, (out, inp), device)?)
+}
+
 /// Mean binary cross-entropy of `logits` against `targets` in {0, 1}, in the stable form
 /// `max(x, 0) − x·y + log(1 + exp(−|x|))`.
 pub fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
@@ -220,9 +236,13 @@ impl Objective for Revdet {
     fn forward(&self, f: &Features, batch: &ObjectiveBatch<'_>) -> Result<ObjectiveOutput> {
         let b = f.tokens.dim(0)?;
         let tgrid = batch.mask.grid();
-        let mut logits = self.head.forward(&f.tokens)?.reshape((b, 1, f.grid.h, f.grid.w))?;
+        let mut logits = self.head.forward(&f.tokens)?.reshape((b, f.grid.h, f.grid.w))?;
         if f.grid != tgrid {
-            logits = logits.upsample_bilinear2d(tgrid.h, tgrid.w, false)?;
+            // Bilinear resize as two matrix products (differentiable, unlike candle's upsample).
+            let dev = logits.device();
+            let rh = bilinear_matrix(tgrid.h, f.grid.h, dev)?; // (Th, h)
+            let rw = bilinear_matrix(tgrid.w, f.grid.w, dev)?; // (Tw, w)
+            logits = rh.broadcast_matmul(&logits)?.broadcast_matmul(&rw.t()?)?;
         }
         let logits = logits.reshape((b, tgrid.len()))?;
         let loss = bce_with_logits(&logits, batch.replaced)?;
@@ -264,6 +284,18 @@ mod tests {
     fn conformance() -> Result<()> {
         cim_api::testing::check_objective("respix")?;
         cim_api::testing::check_objective("revdet")
+    }
+
+    #[test]
+    fn bilinear_matrix_matches_candles_bilinear_upsampling() -> Result<()> {
+        let x = cim_api::testing::uniform((1, 1, 7, 5), 2)?;
+        let reference = x.upsample_bilinear2d(14, 10, false)?.squeeze(0)?.squeeze(0)?;
+        let rh = bilinear_matrix(14, 7, &Device::Cpu)?;
+        let rw = bilinear_matrix(10, 5, &Device::Cpu)?;
+        let ours = rh.matmul(&x.squeeze(0)?.squeeze(0)?)?.matmul(&rw.t()?)?;
+        let d = (ours - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-5, "{d}");
+        Ok(())
     }
 
     #[test]
