@@ -22,7 +22,10 @@ fn err(l: Layers) -> String {
 fn unknown_preset_lists_the_available_ones() {
     let e = err(layers("nope", &[]));
     assert!(e.contains("unknown preset `nope`"), "{e}");
-    assert!(e.contains("quickstart") && e.contains("tiny_vit_respix") && e.contains("vit_b16_respix"), "{e}");
+    assert!(
+        e.contains("quickstart") && e.contains("tiny_vit_respix") && e.contains("vit_b16_respix"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -31,16 +34,25 @@ fn unknown_key_in_a_component_section_names_key_source_and_alternatives() {
     assert!(e.contains("unknown key `enhancer.widht`"), "{e}");
     assert!(e.contains("--set"), "{e}");
     assert!(e.contains("resnet50, vit_b16, vit_s16, vit_tiny"), "{e}");
-    assert!(e.contains("width"), "the selected plugin's parameters are listed: {e}");
+    assert!(
+        e.contains("width"),
+        "the selected plugin's parameters are listed: {e}"
+    );
 }
 
 #[test]
 fn unknown_plugin_parameter_names_the_table_and_the_fields() {
     let e = err(layers("tiny_vit_respix", &["enhancer.vit_tiny.widht=3"]));
-    assert!(e.contains("[enhancer.vit_tiny]") && e.contains("widht") && e.contains("`width`"), "{e}");
+    assert!(
+        e.contains("[enhancer.vit_tiny]") && e.contains("widht") && e.contains("`width`"),
+        "{e}"
+    );
     // Tables of plugins that are not selected are validated too.
     let e = err(layers("tiny_vit_respix", &["enhancer.vit_b16.depht=3"]));
-    assert!(e.contains("[enhancer.vit_b16]") && e.contains("depht"), "{e}");
+    assert!(
+        e.contains("[enhancer.vit_b16]") && e.contains("depht"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -53,7 +65,10 @@ fn unknown_plugin_name_lists_the_registered_ones() {
 #[test]
 fn wrong_type_and_unknown_fixed_keys_name_the_key() {
     let e = err(layers("quickstart", &["train.lr=fast"]));
-    assert!(e.contains("train.lr") && e.contains("f64") && e.contains("--set"), "{e}");
+    assert!(
+        e.contains("train.lr") && e.contains("f64") && e.contains("--set"),
+        "{e}"
+    );
     let e = err(layers("quickstart", &["train.lrr=1"]));
     assert!(e.contains("lrr") && e.contains("`lr`"), "{e}");
 }
@@ -66,7 +81,10 @@ fn errors_from_a_config_file_name_the_file() {
     let mut l = layers("quickstart", &[]);
     l.config_files.push(f.clone());
     let e = err(l);
-    assert!(e.contains("train.batch_size") && e.contains("mine.toml"), "{e}");
+    assert!(
+        e.contains("train.batch_size") && e.contains("mine.toml"),
+        "{e}"
+    );
     // A missing file is an error, not silently skipped.
     let mut l = layers("quickstart", &[]);
     l.config_files.push(dir.path().join("absent.toml"));
@@ -104,8 +122,14 @@ fn vit_b16_respix_resolves_to_table_9() {
     let r = resolve(&layers("vit_b16_respix", &[])).unwrap();
     let t = &r.cfg.train;
     assert_eq!((t.lr, t.batch_size, t.weight_decay), (1.5e-3, 2048, 0.05));
-    assert_eq!((t.betas, t.clip_grad, t.epochs, t.warmup_epochs), ([0.9, 0.98], 3.0, 300, 10));
-    assert_eq!((r.cfg.data.image_size, r.cfg.data.tokenizer_size), (224, 112));
+    assert_eq!(
+        (t.betas, t.clip_grad, t.epochs, t.warmup_epochs),
+        ([0.9, 0.98], 3.0, 300, 10)
+    );
+    assert_eq!(
+        (r.cfg.data.image_size, r.cfg.data.tokenizer_size),
+        (224, 112)
+    );
     let text = r.to_toml().unwrap();
     for needle in [
         "lr = 0.0015",
@@ -130,8 +154,19 @@ fn vit_b16_respix_resolves_to_table_9() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("resolved.toml");
     std::fs::write(&f, &text).unwrap();
-    let again = resolve(&Layers { preset: None, config_files: vec![f], set: vec![], env: false }).unwrap();
-    let body = |t: &str| t.lines().filter(|l| !l.starts_with('#')).map(str::to_string).collect::<Vec<_>>();
+    let again = resolve(&Layers {
+        preset: None,
+        config_files: vec![f],
+        set: vec![],
+        env: false,
+    })
+    .unwrap();
+    let body = |t: &str| {
+        t.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
     assert_eq!(body(&again.to_toml().unwrap()), body(&text));
 }
 
@@ -144,7 +179,12 @@ fn cli_reports_bad_presets_and_keys() {
     };
     let e = run(&["--preset", "nope"]).unwrap_err().to_string();
     assert!(e.contains("unknown preset `nope`"), "{e}");
-    let e = run(&["--preset", "tiny_vit_respix", "--set", "enhancer.widht=3"]).unwrap_err().to_string();
-    assert!(e.contains("enhancer.widht") && e.contains("vit_tiny"), "{e}");
+    let e = run(&["--preset", "tiny_vit_respix", "--set", "enhancer.widht=3"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("enhancer.widht") && e.contains("vit_tiny"),
+        "{e}"
+    );
     assert!(run(&["--list"]).is_ok());
 }

@@ -8,7 +8,14 @@ fn every_registered_name_passes_conformance() {
     // Linking the runner links every plugin crate (it names each with `use … as _`).
     let _ = cim_run::config::preset_names();
     let checked = cim_api::testing::check_all_registered().unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(checked.len(), all_names().unwrap().iter().map(|(_, n)| n.len()).sum::<usize>());
+    assert_eq!(
+        checked.len(),
+        all_names()
+            .unwrap()
+            .iter()
+            .map(|(_, n)| n.len())
+            .sum::<usize>()
+    );
 }
 
 #[test]
@@ -18,8 +25,14 @@ fn registry_holds_the_documented_names() {
         ("tokenizer", vec!["dalle_dvae", "patch_kmeans"]),
         ("masking", vec!["blockwise", "random"]),
         ("generator", vec!["beit"]),
-        ("sampler", vec!["argmax", "gumbel", "top_k", "top_p", "uniform"]),
-        ("enhancer", vec!["resnet50", "vit_b16", "vit_s16", "vit_tiny"]),
+        (
+            "sampler",
+            vec!["argmax", "gumbel", "top_k", "top_p", "uniform"],
+        ),
+        (
+            "enhancer",
+            vec!["resnet50", "vit_b16", "vit_s16", "vit_tiny"],
+        ),
         ("objective", vec!["respix", "revdet"]),
     ];
     assert_eq!(names, expected);

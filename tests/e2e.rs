@@ -11,7 +11,12 @@ use cim_run::data::Loader;
 use cim_run::pipeline::{Cim, StepRngs};
 
 fn layers(preset: &str, set: &[&str]) -> Layers {
-    Layers { preset: Some(preset.into()), config_files: vec![], set: set.iter().map(|s| s.to_string()).collect(), env: false }
+    Layers {
+        preset: Some(preset.into()),
+        config_files: vec![],
+        set: set.iter().map(|s| s.to_string()).collect(),
+        env: false,
+    }
 }
 
 fn cli(args: &[&str]) -> anyhow::Result<()> {
@@ -29,45 +34,97 @@ fn read_metrics(dir: &Path) -> Vec<serde_json::Value> {
 }
 
 fn rngs() -> StepRngs {
-    StepRngs { mask: rand::rngs::StdRng::seed_from_u64(1), sample: rand::rngs::StdRng::seed_from_u64(2) }
+    StepRngs {
+        mask: rand::rngs::StdRng::seed_from_u64(1),
+        sample: rand::rngs::StdRng::seed_from_u64(2),
+    }
 }
 
 #[test]
 fn quickstart_runs_and_writes_its_run_directory() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    cli(&["--preset", "quickstart", "--steps", "4", "--out", out.to_str().unwrap()]).unwrap();
+    cli(&[
+        "--preset",
+        "quickstart",
+        "--steps",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .unwrap();
     let m = read_metrics(&out);
     assert_eq!(m.len(), 4);
     for (i, rec) in m.iter().enumerate() {
         assert_eq!(rec["step"], i + 1);
-        for k in ["loss", "loss_mim", "loss_respix", "grad_norm", "lr", "images_per_s"] {
-            let v = rec[k].as_f64().unwrap_or_else(|| panic!("{k} missing in {rec}"));
+        for k in [
+            "loss",
+            "loss_mim",
+            "loss_respix",
+            "grad_norm",
+            "lr",
+            "images_per_s",
+        ] {
+            let v = rec[k]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{k} missing in {rec}"));
             assert!(v.is_finite(), "{k} = {v}");
         }
         let total = rec["loss"].as_f64().unwrap();
         let parts = rec["loss_mim"].as_f64().unwrap() + 10.0 * rec["loss_respix"].as_f64().unwrap();
-        assert!((total - parts).abs() < 1e-3 * total, "total {total} ≠ mim + 10·respix {parts}");
+        assert!(
+            (total - parts).abs() < 1e-3 * total,
+            "total {total} ≠ mim + 10·respix {parts}"
+        );
     }
     // Weights: every trainable component, nothing of the frozen tokenizer.
     let w = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
     for prefix in ["generator.", "enhancer.", "objective."] {
-        assert!(w.keys().any(|k| k.starts_with(prefix)), "no {prefix}* in the checkpoint");
+        assert!(
+            w.keys().any(|k| k.starts_with(prefix)),
+            "no {prefix}* in the checkpoint"
+        );
     }
     assert!(!w.keys().any(|k| k.starts_with("tokenizer.")));
     // The resolved config loads back.
-    let again = resolve(&Layers { preset: None, config_files: vec![out.join("config.toml")], set: vec![], env: false }).unwrap();
+    let again = resolve(&Layers {
+        preset: None,
+        config_files: vec![out.join("config.toml")],
+        set: vec![],
+        env: false,
+    })
+    .unwrap();
     assert_eq!(again.cfg.data.image_size, 64);
     // A second run into the same directory is refused instead of overwriting it.
-    let e = cli(&["--preset", "quickstart", "--steps", "1", "--out", out.to_str().unwrap()]).unwrap_err().to_string();
+    let e = cli(&[
+        "--preset",
+        "quickstart",
+        "--steps",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("already holds a run"), "{e}");
 }
 
 #[test]
 fn masked_count_matches_config() {
     for (set, lo, hi) in [
-        (vec!["masking.random.mode=count", "masking.random.count=[20, 30]"], 20, 30),
-        (vec!["masking.random.mode=ratio", "masking.random.ratio=[0.25, 0.5]"], 16, 32),
+        (
+            vec!["masking.random.mode=count", "masking.random.count=[20, 30]"],
+            20,
+            30,
+        ),
+        (
+            vec![
+                "masking.random.mode=ratio",
+                "masking.random.ratio=[0.25, 0.5]",
+            ],
+            16,
+            32,
+        ),
     ] {
         let res = resolve(&layers("quickstart", &set)).unwrap();
         let cim = Cim::build(&res).unwrap();
@@ -75,7 +132,9 @@ fn masked_count_matches_config() {
         let loader = Loader::new(data, res.cfg.data.clone(), 8, 0).unwrap();
         let mut r = rngs();
         for step in 0..3 {
-            let out = cim.forward(&loader.batch(step, &Device::Cpu).unwrap(), &mut r).unwrap();
+            let out = cim
+                .forward(&loader.batch(step, &Device::Cpu).unwrap(), &mut r)
+                .unwrap();
             for k in out.mask.counts() {
                 assert!((lo..=hi).contains(&k), "{set:?}: {k} masked");
             }
@@ -91,10 +150,22 @@ fn gradients_are_routed_as_in_the_paper() {
     let cim = Cim::build(&res).unwrap();
     let data = cim_run::data::open(&res.cfg.data).unwrap();
     let loader = Loader::new(data, res.cfg.data.clone(), 4, 0).unwrap();
-    let out = cim.forward(&loader.batch(0, &Device::Cpu).unwrap(), &mut rngs()).unwrap();
+    let out = cim
+        .forward(&loader.batch(0, &Device::Cpu).unwrap(), &mut rngs())
+        .unwrap();
     let nonzero = |g: Option<&candle_core::Tensor>| {
-        g.map(|g| g.abs().unwrap().sum_all().unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap() > 0.0)
-            .unwrap_or(false)
+        g.map(|g| {
+            g.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        })
+        .unwrap_or(false)
     };
     let vars = cim.params.vars();
     let enh_grads = out.objective.backward().unwrap();
@@ -103,12 +174,26 @@ fn gradients_are_routed_as_in_the_paper() {
     for (name, var) in &vars {
         let t = var.as_tensor();
         let is_gen = name.starts_with("generator.");
-        assert_eq!(nonzero(enh_grads.get(t)), !is_gen, "objective-loss gradient on {name}");
+        assert_eq!(
+            nonzero(enh_grads.get(t)),
+            !is_gen,
+            "objective-loss gradient on {name}"
+        );
         assert_eq!(nonzero(mim_grads.get(t)), is_gen, "MIM gradient on {name}");
         assert!(nonzero(all.get(t)), "no gradient on {name}");
     }
-    assert!(vars.iter().any(|(n, _)| n.starts_with("generator.")) && vars.iter().any(|(n, _)| n.starts_with("enhancer.")));
-    assert_eq!(cim.frozen.vars().iter().filter(|(_, v)| all.get(v.as_tensor()).is_some()).count(), 0);
+    assert!(
+        vars.iter().any(|(n, _)| n.starts_with("generator."))
+            && vars.iter().any(|(n, _)| n.starts_with("enhancer."))
+    );
+    assert_eq!(
+        cim.frozen
+            .vars()
+            .iter()
+            .filter(|(_, v)| all.get(v.as_tensor()).is_some())
+            .count(),
+        0
+    );
 }
 
 #[test]
@@ -116,12 +201,25 @@ fn divergence_stops_the_run_naming_step_and_loss() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let e = cli(&[
-        "--preset", "quickstart", "--steps", "30", "--out", out.to_str().unwrap(),
-        "--set", "train.lr=1e12", "--set", "train.warmup_steps=1", "--set", "train.clip_grad=0",
+        "--preset",
+        "quickstart",
+        "--steps",
+        "30",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "train.lr=1e12",
+        "--set",
+        "train.warmup_steps=1",
+        "--set",
+        "train.clip_grad=0",
     ])
     .unwrap_err()
     .to_string();
-    assert!(e.contains("step ") && (e.contains("NaN") || e.contains("inf")), "{e}");
+    assert!(
+        e.contains("step ") && (e.contains("NaN") || e.contains("inf")),
+        "{e}"
+    );
     // The steps before the failure were logged; the failing one was not.
     let m = read_metrics(&out);
     assert!(m.len() < 30);
@@ -140,15 +238,33 @@ fn tiny_cifar10_losses_fall() {
     }
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    cli(&["--preset", "tiny_vit_respix", "--steps", "300", "--out", out.to_str().unwrap(), "--set", "data.path=../shared/data/cifar10"]).unwrap();
+    cli(&[
+        "--preset",
+        "tiny_vit_respix",
+        "--steps",
+        "300",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "data.path=../shared/data/cifar10",
+    ])
+    .unwrap();
     let m = read_metrics(&out);
     assert_eq!(m.len(), 300);
-    let mean = |k: &str, r: std::ops::Range<usize>| r.clone().map(|i| m[i][k].as_f64().unwrap()).sum::<f64>() / r.len() as f64;
+    let mean = |k: &str, r: std::ops::Range<usize>| {
+        r.clone().map(|i| m[i][k].as_f64().unwrap()).sum::<f64>() / r.len() as f64
+    };
     let (mim0, mim1) = (mean("loss_mim", 0..10), mean("loss_mim", 250..300));
     let (enh0, enh1) = (mean("loss_respix", 0..10), mean("loss_respix", 250..300));
     eprintln!("loss_mim {mim0:.4} → {mim1:.4}; loss_respix {enh0:.4} → {enh1:.4}");
-    assert!(mim1 < 0.9 * mim0, "generator loss did not fall: {mim0} → {mim1}");
-    assert!(enh1 < 0.95 * enh0, "enhancer loss did not fall: {enh0} → {enh1}");
+    assert!(
+        mim1 < 0.9 * mim0,
+        "generator loss did not fall: {mim0} → {mim1}"
+    );
+    assert!(
+        enh1 < 0.95 * enh0,
+        "enhancer loss did not fall: {enh0} → {enh1}"
+    );
 }
 
 /// Paper Table 5: the generator reuses the enhancer's patch embedding and first 2 blocks — one
@@ -159,26 +275,56 @@ fn weight_sharing_uses_one_set_of_variables_trained_by_both_losses() {
     let cim = Cim::build(&res).unwrap();
     let vars = cim.params.vars();
     let names: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
-    for gone in ["generator.patch_embed.", "generator.blocks.0.", "generator.blocks.1."] {
-        assert!(!names.iter().any(|n| n.starts_with(gone)), "{gone}* should be the enhancer's");
+    for gone in [
+        "generator.patch_embed.",
+        "generator.blocks.0.",
+        "generator.blocks.1.",
+    ] {
+        assert!(
+            !names.iter().any(|n| n.starts_with(gone)),
+            "{gone}* should be the enhancer's"
+        );
     }
     assert!(names.iter().any(|n| n.starts_with("generator.blocks.2.")));
     let data = cim_run::data::open(&res.cfg.data).unwrap();
     let loader = Loader::new(data, res.cfg.data.clone(), 4, 0).unwrap();
-    let out = cim.forward(&loader.batch(0, &Device::Cpu).unwrap(), &mut rngs()).unwrap();
+    let out = cim
+        .forward(&loader.batch(0, &Device::Cpu).unwrap(), &mut rngs())
+        .unwrap();
     let nonzero = |g: Option<&candle_core::Tensor>| {
-        g.map(|g| g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0).unwrap_or(false)
+        g.map(|g| {
+            g.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        })
+        .unwrap_or(false)
     };
     let mim = out.mim.backward().unwrap();
     let enh = out.objective.backward().unwrap();
     let mut shared = 0;
     for (name, var) in &vars {
-        let is_shared = ["enhancer.patch_embed.", "enhancer.blocks.0.", "enhancer.blocks.1."].iter().any(|p| name.starts_with(p));
+        let is_shared = [
+            "enhancer.patch_embed.",
+            "enhancer.blocks.0.",
+            "enhancer.blocks.1.",
+        ]
+        .iter()
+        .any(|p| name.starts_with(p));
         if is_shared {
             shared += 1;
-            assert!(nonzero(mim.get(var.as_tensor())) && nonzero(enh.get(var.as_tensor())), "{name} needs both gradients");
+            assert!(
+                nonzero(mim.get(var.as_tensor())) && nonzero(enh.get(var.as_tensor())),
+                "{name} needs both gradients"
+            );
         } else if name.starts_with("enhancer.") {
-            assert!(!nonzero(mim.get(var.as_tensor())), "{name} is not shared but got MIM gradient");
+            assert!(
+                !nonzero(mim.get(var.as_tensor())),
+                "{name} is not shared but got MIM gradient"
+            );
         }
     }
     // patch_embed (2) + 2 blocks × 12 tensors.
@@ -189,30 +335,64 @@ fn weight_sharing_uses_one_set_of_variables_trained_by_both_losses() {
 fn weight_sharing_is_refused_for_a_resnet_enhancer() {
     let res = resolve(&layers(
         "quickstart",
-        &["enhancer.name=resnet50", "enhancer.resnet50.width=8", "enhancer.resnet50.layers=[1,1,1,1]",
-          "generator.beit.width=64", "generator.beit.share_blocks=2"],
+        &[
+            "enhancer.name=resnet50",
+            "enhancer.resnet50.width=8",
+            "enhancer.resnet50.layers=[1,1,1,1]",
+            "generator.beit.width=64",
+            "generator.beit.share_blocks=2",
+        ],
     ))
     .unwrap();
-    let e = Cim::build(&res).err().expect("sharing with a ResNet must fail").to_string();
-    assert!(e.contains("share_blocks") && e.contains("needs a ViT enhancer"), "{e}");
+    let e = Cim::build(&res)
+        .err()
+        .expect("sharing with a ResNet must fail")
+        .to_string();
+    assert!(
+        e.contains("share_blocks") && e.contains("needs a ViT enhancer"),
+        "{e}"
+    );
 }
 
 /// Every tiny preset: 100 CPU steps with finite losses and a falling generator loss.
 #[test]
 fn every_tiny_preset_trains_for_100_steps() {
     if !Path::new("../shared/data/cifar10/train.bin").exists() {
-        eprintln!("SKIPPED every_tiny_preset_trains_for_100_steps: ../shared/data/cifar10 is absent");
+        eprintln!(
+            "SKIPPED every_tiny_preset_trains_for_100_steps: ../shared/data/cifar10 is absent"
+        );
         return;
     }
-    for preset in cim_run::config::preset_names().into_iter().filter(|p| p.starts_with("tiny_")) {
+    for preset in cim_run::config::preset_names()
+        .into_iter()
+        .filter(|p| p.starts_with("tiny_"))
+    {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("run");
-        cli(&["--preset", preset, "--steps", "100", "--out", out.to_str().unwrap(), "--set", "data.path=../shared/data/cifar10"])
-            .unwrap_or_else(|e| panic!("{preset}: {e}"));
+        cli(&[
+            "--preset",
+            preset,
+            "--steps",
+            "100",
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            "data.path=../shared/data/cifar10",
+        ])
+        .unwrap_or_else(|e| panic!("{preset}: {e}"));
         let m = read_metrics(&out);
         assert_eq!(m.len(), 100, "{preset}");
-        assert!(m.iter().all(|r| r["loss"].as_f64().is_some_and(f64::is_finite)), "{preset}");
-        let mean = |r: std::ops::Range<usize>| r.clone().map(|i| m[i]["loss_mim"].as_f64().unwrap()).sum::<f64>() / r.len() as f64;
+        assert!(
+            m.iter()
+                .all(|r| r["loss"].as_f64().is_some_and(f64::is_finite)),
+            "{preset}"
+        );
+        let mean = |r: std::ops::Range<usize>| {
+            r.clone()
+                .map(|i| m[i]["loss_mim"].as_f64().unwrap())
+                .sum::<f64>()
+                / r.len() as f64
+        };
         let (a, b) = (mean(0..10), mean(80..100));
         eprintln!("{preset}: loss_mim {a:.4} → {b:.4}");
         assert!(b < 0.95 * a, "{preset}: generator loss {a} → {b}");
@@ -223,17 +403,43 @@ fn every_tiny_preset_trains_for_100_steps() {
 /// batch 2 on the CPU, on the embedded photographs.
 #[test]
 fn full_size_presets_build_and_take_one_step() {
-    for preset in ["vit_s16_respix", "vit_s16_revdet", "vit_b16_respix", "vit_b16_revdet", "resnet50_respix", "resnet50_revdet"] {
+    for preset in [
+        "vit_s16_respix",
+        "vit_s16_revdet",
+        "vit_b16_respix",
+        "vit_b16_revdet",
+        "resnet50_respix",
+        "resnet50_revdet",
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("run");
-        cli(&["--preset", preset, "--steps", "1", "--out", out.to_str().unwrap(),
-              "--set", "data.source=quickstart", "--set", "train.batch_size=2", "--set", "run.device=cpu"])
-            .unwrap_or_else(|e| panic!("{preset}: {e}"));
+        cli(&[
+            "--preset",
+            preset,
+            "--steps",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            "data.source=quickstart",
+            "--set",
+            "train.batch_size=2",
+            "--set",
+            "run.device=cpu",
+        ])
+        .unwrap_or_else(|e| panic!("{preset}: {e}"));
         let m = read_metrics(&out);
         assert_eq!(m.len(), 1);
-        assert!(m[0]["loss"].as_f64().is_some_and(f64::is_finite), "{preset}: {}", m[0]);
+        assert!(
+            m[0]["loss"].as_f64().is_some_and(f64::is_finite),
+            "{preset}: {}",
+            m[0]
+        );
         // 100–120 of 196 masked.
         let frac = m[0]["mask_frac"].as_f64().unwrap();
-        assert!((100.0 / 196.0 - 1e-9..=120.0 / 196.0 + 1e-9).contains(&frac), "{preset}: mask_frac {frac}");
+        assert!(
+            (100.0 / 196.0 - 1e-9..=120.0 / 196.0 + 1e-9).contains(&frac),
+            "{preset}: mask_frac {frac}"
+        );
     }
 }

@@ -67,9 +67,9 @@ where
     let entry = lookup::<K>(&name, &origin(fig, &name_key))?;
     let table = crate::registry::table::<K>()?;
     let section = fig.find_value(kind)?;
-    let dict = section.into_dict().ok_or_else(|| {
-        Error::config(format!("`{kind}` must be a table{}", origin(fig, kind)))
-    })?;
+    let dict = section
+        .into_dict()
+        .ok_or_else(|| Error::config(format!("`{kind}` must be a table{}", origin(fig, kind))))?;
     for key in dict.keys() {
         if key == "name" {
             continue;
@@ -79,9 +79,8 @@ where
             Some(other) => {
                 // Validate every plugin table present, selected or not: a typo in a table that
                 // is not used now must not wait for the day it is.
-                (other.params)(&fig.focus(&full), crate::registry::Variant::Default).map_err(
-                    |e| Error::config(format!("in [{full}]: {e}")),
-                )?;
+                (other.params)(&fig.focus(&full), crate::registry::Variant::Default)
+                    .map_err(|e| Error::config(format!("in [{full}]: {e}")))?;
             }
             None => {
                 return Err(Error::config(format!(

@@ -21,7 +21,9 @@ pub enum Error {
     },
 
     /// Two plugins registered the same name for the same kind.
-    #[error("{kind} `{name}` is registered twice (by {first} and by {second}); names must be unique")]
+    #[error(
+        "{kind} `{name}` is registered twice (by {first} and by {second}); names must be unique"
+    )]
     DuplicateComponent {
         kind: &'static str,
         name: String,

@@ -96,7 +96,9 @@ impl ParamStore {
         let map = self.vars.lock().expect("param store poisoned");
         for (name, t) in tensors {
             let var = map.get(name).ok_or_else(|| {
-                Error::msg(format!("checkpoint key `{name}` names no parameter of the model"))
+                Error::msg(format!(
+                    "checkpoint key `{name}` names no parameter of the model"
+                ))
             })?;
             if var.shape() != t.shape() {
                 return Err(Error::msg(format!(
@@ -216,12 +218,19 @@ impl SimpleBackend for ParamStore {
         t.to_dtype(dtype)
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let map = self.vars.lock().expect("param store poisoned");
         match map.get(name) {
             Some(v) if self.trainable => v.as_tensor().to_dtype(dtype),
             Some(v) => v.as_detached_tensor().to_dtype(dtype),
-            None => candle_core::bail!("parameter `{name}` does not exist and has no shape to create it with"),
+            None => candle_core::bail!(
+                "parameter `{name}` does not exist and has no shape to create it with"
+            ),
         }
     }
 
@@ -240,7 +249,10 @@ mod tests {
     #[test]
     fn init_depends_only_on_seed_and_name() -> Result<()> {
         let dev = Device::Cpu;
-        let init = Init::Randn { mean: 0.0, stdev: 0.02 };
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
         let a = ParamStore::trainable(7);
         let b = ParamStore::trainable(7);
         let va = a.var_builder(DType::F32, &dev);

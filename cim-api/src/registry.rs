@@ -108,12 +108,15 @@ where
     Entry<K>: inventory::Collect,
 {
     let table = table::<K>()?;
-    table.get(name).copied().ok_or_else(|| Error::UnknownComponent {
-        kind: K::KIND,
-        name: name.to_string(),
-        origin: origin.to_string(),
-        available: join(table.keys().copied()),
-    })
+    table
+        .get(name)
+        .copied()
+        .ok_or_else(|| Error::UnknownComponent {
+            kind: K::KIND,
+            name: name.to_string(),
+            origin: origin.to_string(),
+            available: join(table.keys().copied()),
+        })
 }
 
 pub(crate) fn join<'a>(it: impl IntoIterator<Item = &'a str>) -> String {

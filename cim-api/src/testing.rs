@@ -70,12 +70,18 @@ pub fn assert_finite(t: &Tensor, what: &str) -> Result<()> {
 /// Asserts every parameter of `store` got a gradient with a non-zero entry from `loss`.
 pub fn assert_all_grads_nonzero(store: &ParamStore, loss: &Tensor, what: &str) -> Result<()> {
     let grads = loss.backward()?;
-    ensure(!store.is_empty(), || format!("{what}: has no trainable parameters"))?;
+    ensure(!store.is_empty(), || {
+        format!("{what}: has no trainable parameters")
+    })?;
     for (name, var) in store.vars() {
-        let g = grads
-            .get(var.as_tensor())
-            .ok_or_else(|| Error::msg(format!("{what}: parameter `{name}` received no gradient")))?;
-        let s = g.abs()?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let g = grads.get(var.as_tensor()).ok_or_else(|| {
+            Error::msg(format!("{what}: parameter `{name}` received no gradient"))
+        })?;
+        let s = g
+            .abs()?
+            .sum_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
         ensure(s > 0.0 && s.is_finite(), || {
             format!("{what}: gradient of `{name}` is {s} (must be non-zero and finite)")
         })?;
@@ -113,11 +119,20 @@ pub fn check_tokenizer(name: &str) -> Result<()> {
     let grid = tok.grid((IMAGE, IMAGE))?;
     let ids = tok.encode(&rand_image(1)?)?;
     ensure(ids.dims() == [BATCH, grid.h, grid.w], || {
-        format!("tokenizer {name}: encode gave {:?}, expected [{BATCH}, {}, {}]", ids.dims(), grid.h, grid.w)
+        format!(
+            "tokenizer {name}: encode gave {:?}, expected [{BATCH}, {}, {}]",
+            ids.dims(),
+            grid.h,
+            grid.w
+        )
     })?;
-    ensure(ids.dtype() == DType::U32, || format!("tokenizer {name}: ids must be u32"))?;
+    ensure(ids.dtype() == DType::U32, || {
+        format!("tokenizer {name}: ids must be u32")
+    })?;
     let max = ids.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
-    ensure(max < tok.vocab_size(), || format!("tokenizer {name}: id {max} ≥ vocab"))?;
+    ensure(max < tok.vocab_size(), || {
+        format!("tokenizer {name}: id {max} ≥ vocab")
+    })?;
     let img = tok.decode(&ids)?;
     ensure(img.dims() == [BATCH, 3, IMAGE, IMAGE], || {
         format!("tokenizer {name}: decode gave {:?}", img.dims())
@@ -125,9 +140,10 @@ pub fn check_tokenizer(name: &str) -> Result<()> {
     assert_finite(&img, name)?;
     let lo = img.flatten_all()?.min(0)?.to_scalar::<f32>()?;
     let hi = img.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    ensure((0.0..=1.0).contains(&lo) && (0.0..=1.0).contains(&hi), || {
-        format!("tokenizer {name}: decoded pixels in [{lo}, {hi}], expected within [0, 1]")
-    })?;
+    ensure(
+        (0.0..=1.0).contains(&lo) && (0.0..=1.0).contains(&hi),
+        || format!("tokenizer {name}: decoded pixels in [{lo}, {hi}], expected within [0, 1]"),
+    )?;
     ensure(!ids.is_variable() && !img.is_variable(), || {
         format!("tokenizer {name}: outputs must not track gradients")
     })?;
@@ -140,31 +156,49 @@ pub fn check_masking(name: &str) -> Result<()> {
     let m = (e.build)(&Figment::new(), Variant::Tiny, &tiny_ctx(&store, "masking"))?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     let mask = m.sample(BATCH, GRID, &mut rng)?;
-    ensure(mask.batch() == BATCH && mask.grid() == GRID, || format!("masking {name}: wrong layout"))?;
+    ensure(mask.batch() == BATCH && mask.grid() == GRID, || {
+        format!("masking {name}: wrong layout")
+    })?;
     for k in mask.counts() {
-        ensure(k > 0 && k < GRID.len(), || format!("masking {name}: {k} of {} masked", GRID.len()))?;
+        ensure(k > 0 && k < GRID.len(), || {
+            format!("masking {name}: {k} of {} masked", GRID.len())
+        })?;
     }
     let mut rng2 = rand::rngs::StdRng::seed_from_u64(3);
     ensure(m.sample(BATCH, GRID, &mut rng2)? == mask, || {
         format!("masking {name}: same seed gave another mask")
     })?;
-    ensure(store.is_empty(), || format!("masking {name}: must not create parameters"))
+    ensure(store.is_empty(), || {
+        format!("masking {name}: must not create parameters")
+    })
 }
 
 pub fn check_generator(name: &str) -> Result<()> {
     let e = entry::<dyn Generator>(name)?;
     let store = ParamStore::trainable(0);
-    let g = (e.build)(&Figment::new(), Variant::Tiny, &tiny_ctx(&store, "generator"))?;
+    let g = (e.build)(
+        &Figment::new(),
+        Variant::Tiny,
+        &tiny_ctx(&store, "generator"),
+    )?;
     let mask = simple_mask(BATCH, GRID, 20)?;
     let logits = g.forward(&rand_image(2)?, &mask)?;
     ensure(logits.dims() == [mask.total(), VOCAB], || {
-        format!("generator {name}: logits {:?}, expected [{}, {VOCAB}]", logits.dims(), mask.total())
+        format!(
+            "generator {name}: logits {:?}, expected [{}, {VOCAB}]",
+            logits.dims(),
+            mask.total()
+        )
     })?;
     assert_finite(&logits, name)?;
-    let golden: Vec<u32> = (0..mask.total() as u32).map(|i| (i * 7) % VOCAB as u32).collect();
+    let golden: Vec<u32> = (0..mask.total() as u32)
+        .map(|i| (i * 7) % VOCAB as u32)
+        .collect();
     let golden = Tensor::from_vec(golden, mask.total(), &Device::Cpu)?;
     let loss = g.mim_loss(&logits, &golden)?;
-    ensure(loss.dims().is_empty(), || format!("generator {name}: loss must be a scalar"))?;
+    ensure(loss.dims().is_empty(), || {
+        format!("generator {name}: loss must be a scalar")
+    })?;
     assert_finite(&loss, name)?;
     assert_all_grads_nonzero(&store, &loss, &format!("generator {name}"))
 }
@@ -177,28 +211,51 @@ pub fn check_sampler(name: &str) -> Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let ids = s.sample(&logits, &mut rng)?;
     ensure(ids.dims() == [10] && ids.dtype() == DType::U32, || {
-        format!("sampler {name}: got {:?} {:?}, expected [10] u32", ids.dims(), ids.dtype())
+        format!(
+            "sampler {name}: got {:?} {:?}, expected [10] u32",
+            ids.dims(),
+            ids.dtype()
+        )
     })?;
     let v: Vec<u32> = ids.to_vec1()?;
-    ensure(v.iter().all(|&i| (i as usize) < VOCAB), || format!("sampler {name}: id out of range"))?;
+    ensure(v.iter().all(|&i| (i as usize) < VOCAB), || {
+        format!("sampler {name}: id out of range")
+    })?;
     let mut rng2 = rand::rngs::StdRng::seed_from_u64(5);
     ensure(s.sample(&logits, &mut rng2)?.to_vec1::<u32>()? == v, || {
         format!("sampler {name}: same seed gave other tokens")
     })?;
-    ensure(store.is_empty(), || format!("sampler {name}: must not create parameters"))
+    ensure(store.is_empty(), || {
+        format!("sampler {name}: must not create parameters")
+    })
 }
 
 pub fn check_enhancer(name: &str) -> Result<()> {
     let e = entry::<dyn Enhancer>(name)?;
     let store = ParamStore::trainable(0);
-    let enh = (e.build)(&Figment::new(), Variant::Tiny, &tiny_ctx(&store, "enhancer"))?;
+    let enh = (e.build)(
+        &Figment::new(),
+        Variant::Tiny,
+        &tiny_ctx(&store, "enhancer"),
+    )?;
     let info = enh.info();
-    ensure(info.image_size == IMAGE, || format!("enhancer {name}: built for {} px", info.image_size))?;
+    ensure(info.image_size == IMAGE, || {
+        format!("enhancer {name}: built for {} px", info.image_size)
+    })?;
     let f = enh.forward_t(&rand_image(6)?, true)?;
     let grid = info.grid();
-    ensure(f.tokens.dims() == [BATCH, grid.len(), info.dim] && f.grid == grid, || {
-        format!("enhancer {name}: features {:?} on {}, expected [{BATCH}, {}, {}]", f.tokens.dims(), f.grid, grid.len(), info.dim)
-    })?;
+    ensure(
+        f.tokens.dims() == [BATCH, grid.len(), info.dim] && f.grid == grid,
+        || {
+            format!(
+                "enhancer {name}: features {:?} on {}, expected [{BATCH}, {}, {}]",
+                f.tokens.dims(),
+                f.grid,
+                grid.len(),
+                info.dim
+            )
+        },
+    )?;
     assert_finite(&f.tokens, name)?;
     let proj = uniform(f.tokens.shape().clone(), 7)?.affine(2.0, -1.0)?;
     let loss = (f.tokens * proj)?.sum_all()?;
@@ -231,11 +288,17 @@ pub fn check_objective(name: &str) -> Result<()> {
             replaced: &replaced,
         },
     )?;
-    ensure(out.loss.dims().is_empty(), || format!("objective {name}: loss must be a scalar"))?;
+    ensure(out.loss.dims().is_empty(), || {
+        format!("objective {name}: loss must be a scalar")
+    })?;
     assert_finite(&out.loss, name)?;
-    ensure(obj.weight().is_finite() && obj.weight() > 0.0, || format!("objective {name}: bad weight"))?;
+    ensure(obj.weight().is_finite() && obj.weight() > 0.0, || {
+        format!("objective {name}: bad weight")
+    })?;
     if let Some(p) = &out.prediction {
-        ensure(p.dims() == [BATCH, 3, IMAGE, IMAGE], || format!("objective {name}: prediction {:?}", p.dims()))?;
+        ensure(p.dims() == [BATCH, 3, IMAGE, IMAGE], || {
+            format!("objective {name}: prediction {:?}", p.dims())
+        })?;
     }
     let grads = out.loss.backward()?;
     ensure(grads.get(feats.as_tensor()).is_some(), || {
@@ -254,11 +317,27 @@ pub fn check_all_registered() -> Result<Vec<String>> {
         }
         Ok(())
     };
-    run("tokenizer", registry::names::<dyn Tokenizer>()?, check_tokenizer)?;
+    run(
+        "tokenizer",
+        registry::names::<dyn Tokenizer>()?,
+        check_tokenizer,
+    )?;
     run("masking", registry::names::<dyn Masking>()?, check_masking)?;
-    run("generator", registry::names::<dyn Generator>()?, check_generator)?;
+    run(
+        "generator",
+        registry::names::<dyn Generator>()?,
+        check_generator,
+    )?;
     run("sampler", registry::names::<dyn Sampler>()?, check_sampler)?;
-    run("enhancer", registry::names::<dyn Enhancer>()?, check_enhancer)?;
-    run("objective", registry::names::<dyn Objective>()?, check_objective)?;
+    run(
+        "enhancer",
+        registry::names::<dyn Enhancer>()?,
+        check_enhancer,
+    )?;
+    run(
+        "objective",
+        registry::names::<dyn Objective>()?,
+        check_objective,
+    )?;
     Ok(done)
 }

@@ -38,7 +38,9 @@ impl EpsilonGreedy {
                 cfg.epsilon
             )));
         }
-        Ok(Self { epsilon: cfg.epsilon })
+        Ok(Self {
+            epsilon: cfg.epsilon,
+        })
     }
 }
 
@@ -48,7 +50,13 @@ impl Sampler for EpsilonGreedy {
         let best: Vec<u32> = logits.detach().argmax(D::Minus1)?.to_vec1()?;
         let ids: Vec<u32> = best
             .into_iter()
-            .map(|b| if rng.gen_bool(self.epsilon) { rng.gen_range(0..v as u32) } else { b })
+            .map(|b| {
+                if rng.gen_bool(self.epsilon) {
+                    rng.gen_range(0..v as u32)
+                } else {
+                    b
+                }
+            })
             .collect();
         Ok(Tensor::from_vec(ids, m, &Device::Cpu)?.to_device(logits.device())?)
     }

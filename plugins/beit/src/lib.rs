@@ -78,7 +78,14 @@ pub struct Beit {
 
 impl Beit {
     /// `image_size`: square input side; `grid`: the tokenizer's token grid; `vocab`: its size.
-    pub fn new(cfg: &BeitConfig, width: usize, image_size: usize, grid: TokenGrid, vocab: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        cfg: &BeitConfig,
+        width: usize,
+        image_size: usize,
+        grid: TokenGrid,
+        vocab: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Self::with_shared(cfg, width, image_size, grid, vocab, vb, None)
     }
 
@@ -109,12 +116,26 @@ impl Beit {
             init_std: cfg.init_std,
             rescale_residual: true,
         };
-        let std = Init::Randn { mean: 0.0, stdev: cfg.init_std };
-        let n_shared = if shared.is_some() { cfg.share_blocks.min(cfg.depth) } else { 0 };
-        let pe_vb = shared.as_ref().map(|s| s.pp("patch_embed")).unwrap_or_else(|| vb.pp("patch_embed"));
+        let std = Init::Randn {
+            mean: 0.0,
+            stdev: cfg.init_std,
+        };
+        let n_shared = if shared.is_some() {
+            cfg.share_blocks.min(cfg.depth)
+        } else {
+            0
+        };
+        let pe_vb = shared
+            .as_ref()
+            .map(|s| s.pp("patch_embed"))
+            .unwrap_or_else(|| vb.pp("patch_embed"));
         let blocks = (0..cfg.depth)
             .map(|i| {
-                let owner = if i < n_shared { shared.as_ref().expect("n_shared > 0") } else { &vb };
+                let owner = if i < n_shared {
+                    shared.as_ref().expect("n_shared > 0")
+                } else {
+                    &vb
+                };
                 layers::Block::new(&spec, i, owner.pp("blocks").pp(i))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -170,7 +191,10 @@ impl Generator for Beit {
     }
 
     fn mim_loss(&self, logits: &Tensor, golden: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, golden)?)
+        Ok(candle_nn::loss::cross_entropy(
+            &logits.to_dtype(DType::F32)?,
+            golden,
+        )?)
     }
 }
 
@@ -197,11 +221,21 @@ fn build(cfg: BeitConfig, ctx: &BuildCtx) -> Result<Beit> {
                 cfg.share_blocks, info.dim, info.stride, cfg.depth
             )));
         }
-        Some(ctx.enhancer_vb.clone().ok_or_else(|| Error::msg("share_blocks: the runner did not pass the enhancer's parameters"))?)
+        Some(ctx.enhancer_vb.clone().ok_or_else(|| {
+            Error::msg("share_blocks: the runner did not pass the enhancer's parameters")
+        })?)
     } else {
         None
     };
-    Beit::with_shared(&cfg, width, ctx.image_size, grid, ctx.vocab_size("generator beit")?, ctx.vb.clone(), shared)
+    Beit::with_shared(
+        &cfg,
+        width,
+        ctx.image_size,
+        grid,
+        ctx.vocab_size("generator beit")?,
+        ctx.vb.clone(),
+        shared,
+    )
 }
 
 cim_api::register_generator! {
@@ -229,8 +263,14 @@ mod tests {
         // Changing the pixels of a masked patch must not change any output: the patch embedding
         // there is replaced by the mask token before the transformer.
         let store = ParamStore::trainable(0);
-        let g = Beit::new(&BeitConfig::test_tiny(), 16, 32, TokenGrid::new(8, 8), 64,
-            store.var_builder(DType::F32, &Device::Cpu))?;
+        let g = Beit::new(
+            &BeitConfig::test_tiny(),
+            16,
+            32,
+            TokenGrid::new(8, 8),
+            64,
+            store.var_builder(DType::F32, &Device::Cpu),
+        )?;
         let mask = cim_api::testing::simple_mask(1, TokenGrid::new(8, 8), 5)?;
         assert!(mask.is_masked(0, 0));
         let img = cim_api::testing::uniform((1, 3, 32, 32), 1)?;

@@ -91,7 +91,14 @@ impl Conv {
     fn new(n_in: usize, n_out: usize, k: usize, vb: VarBuilder) -> Result<Self> {
         let std = 1.0 / ((n_in * k * k) as f64).sqrt();
         Ok(Self {
-            w: vb.get_with_hints((n_out, n_in, k, k), "w", Init::Randn { mean: 0.0, stdev: std })?,
+            w: vb.get_with_hints(
+                (n_out, n_in, k, k),
+                "w",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: std,
+                },
+            )?,
             b: vb.get_with_hints(n_out, "b", Init::Const(0.0))?,
             pad: (k - 1) / 2,
         })
@@ -127,9 +134,17 @@ struct ResBlock {
 
 impl ResBlock {
     /// `kernels`: the four res-path kernel sizes (encoder 3,3,3,1; decoder 1,3,3,3).
-    fn new(n_in: usize, n_out: usize, n_layers: usize, kernels: [usize; 4], vb: VarBuilder) -> Result<Self> {
+    fn new(
+        n_in: usize,
+        n_out: usize,
+        n_layers: usize,
+        kernels: [usize; 4],
+        vb: VarBuilder,
+    ) -> Result<Self> {
         if n_out % 4 != 0 {
-            return Err(Error::config(format!("dalle_dvae: block width {n_out} must be divisible by 4")));
+            return Err(Error::config(format!(
+                "dalle_dvae: block width {n_out} must be divisible by 4"
+            )));
         }
         let hid = n_out / 4;
         let widths = [(n_in, hid), (hid, hid), (hid, hid), (hid, n_out)];
@@ -141,7 +156,11 @@ impl ResBlock {
             .map(|(i, (&(a, b), k))| Conv::new(a, b, k, res.pp(format!("conv_{}", i + 1))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            id_path: if n_in != n_out { Some(Conv::new(n_in, n_out, 1, vb.pp("id_path"))?) } else { None },
+            id_path: if n_in != n_out {
+                Some(Conv::new(n_in, n_out, 1, vb.pp("id_path"))?)
+            } else {
+                None
+            },
             res_path,
             post_gain: 1.0 / (n_layers * n_layers) as f64,
         })
@@ -166,7 +185,12 @@ struct Groups {
 }
 
 impl Groups {
-    fn new(widths: &[(usize, usize)], cfg: &DvaeConfig, kernels: [usize; 4], vb: VarBuilder) -> Result<Self> {
+    fn new(
+        widths: &[(usize, usize)],
+        cfg: &DvaeConfig,
+        kernels: [usize; 4],
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let n_layers = cfg.group_count * cfg.n_blk_per_group;
         let groups = widths
             .iter()
@@ -175,8 +199,14 @@ impl Groups {
                 (0..cfg.n_blk_per_group)
                     .map(|i| {
                         let n_in = if i == 0 { w_in } else { w_out };
-                        ResBlock::new(n_in, w_out, n_layers, kernels,
-                            vb.pp(format!("group_{}", g + 1)).pp(format!("block_{}", i + 1)))
+                        ResBlock::new(
+                            n_in,
+                            w_out,
+                            n_layers,
+                            kernels,
+                            vb.pp(format!("group_{}", g + 1))
+                                .pp(format!("block_{}", i + 1)),
+                        )
                     })
                     .collect::<Result<Vec<_>>>()
             })
@@ -214,7 +244,9 @@ pub struct DalleDvae {
 impl DalleDvae {
     pub fn new(cfg: DvaeConfig, vb: VarBuilder) -> Result<Self> {
         if cfg.group_count == 0 || cfg.n_blk_per_group == 0 {
-            return Err(Error::config("dalle_dvae: group_count and n_blk_per_group must be ≥ 1"));
+            return Err(Error::config(
+                "dalle_dvae: group_count and n_blk_per_group must be ≥ 1",
+            ));
         }
         let g = cfg.group_count;
         let enc = vb.pp("encoder").pp("blocks");
@@ -224,7 +256,11 @@ impl DalleDvae {
         let dec = vb.pp("decoder").pp("blocks");
         let dec_widths: Vec<(usize, usize)> = (0..g)
             .map(|i| {
-                let w_in = if i == 0 { cfg.dec_n_init } else { cfg.dec_n_hid << (g - i) };
+                let w_in = if i == 0 {
+                    cfg.dec_n_init
+                } else {
+                    cfg.dec_n_hid << (g - i)
+                };
                 (w_in, cfg.dec_n_hid << (g - 1 - i))
             })
             .collect();
@@ -234,8 +270,17 @@ impl DalleDvae {
             enc_input,
             enc_groups: Groups::new(&enc_widths, &cfg, [3, 3, 3, 1], enc.clone())?,
             // The encoder's last group is n_hid·2^(G−1) wide.
-            enc_output: Conv::new(cfg.n_hid << (g - 1), cfg.vocab_size, 1, enc.pp("output").pp("conv"))?,
-            dec_table: dec_in.w.reshape((cfg.dec_n_init, cfg.vocab_size))?.t()?.contiguous()?,
+            enc_output: Conv::new(
+                cfg.n_hid << (g - 1),
+                cfg.vocab_size,
+                1,
+                enc.pp("output").pp("conv"),
+            )?,
+            dec_table: dec_in
+                .w
+                .reshape((cfg.dec_n_init, cfg.vocab_size))?
+                .t()?
+                .contiguous()?,
             dec_bias: dec_in.b.clone(),
             dec_groups: Groups::new(&dec_widths, &cfg, [1, 3, 3, 3], dec.clone())?,
             dec_output: Conv::new(cfg.dec_n_hid, 6, 1, dec.pp("output").pp("conv"))?,
@@ -290,7 +335,9 @@ impl Tokenizer for DalleDvae {
         let (_, c, h, w) = pixels.dims4()?;
         self.grid((h, w))?;
         if c != 3 {
-            return Err(Error::msg(format!("dalle_dvae: expected 3 channels, got {c}")));
+            return Err(Error::msg(format!(
+                "dalle_dvae: expected 3 channels, got {c}"
+            )));
         }
         Ok(self.encoder_logits(&pixels.detach())?.argmax(1)?)
     }
@@ -304,7 +351,11 @@ impl Tokenizer for DalleDvae {
 
 /// Top-1 agreement of two id tensors (for precision checks and tests).
 pub fn agreement(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let eq = a.eq(b)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
+    let eq = a
+        .eq(b)?
+        .to_dtype(DType::F32)?
+        .mean_all()?
+        .to_scalar::<f32>()?;
     Ok(eq as f64)
 }
 
@@ -337,7 +388,15 @@ mod tests {
     #[test]
     fn parameter_names_and_counts_follow_openai_layout() -> Result<()> {
         let store = ParamStore::frozen(0);
-        let cfg = DvaeConfig { vocab_size: 16, n_hid: 8, dec_n_hid: 8, dec_n_init: 4, group_count: 2, n_blk_per_group: 1, eps: 0.1 };
+        let cfg = DvaeConfig {
+            vocab_size: 16,
+            n_hid: 8,
+            dec_n_hid: 8,
+            dec_n_init: 4,
+            group_count: 2,
+            n_blk_per_group: 1,
+            eps: 0.1,
+        };
         let _ = DalleDvae::new(cfg, store.var_builder(DType::F32, &Device::Cpu))?;
         let names = store.names_under("");
         for key in [
@@ -369,8 +428,17 @@ mod tests {
         let cfg = DvaeConfig::default();
         assert_eq!(cfg.downsample(), 8);
         // Build only the shape logic on a tiny instance with the paper's group count.
-        let small = DvaeConfig { vocab_size: 32, n_hid: 4, dec_n_hid: 4, dec_n_init: 8, ..cfg };
-        let tok = DalleDvae::new(small, ParamStore::frozen(0).var_builder(DType::F32, &Device::Cpu))?;
+        let small = DvaeConfig {
+            vocab_size: 32,
+            n_hid: 4,
+            dec_n_hid: 4,
+            dec_n_init: 8,
+            ..cfg
+        };
+        let tok = DalleDvae::new(
+            small,
+            ParamStore::frozen(0).var_builder(DType::F32, &Device::Cpu),
+        )?;
         assert_eq!(tok.grid((112, 112))?, TokenGrid::new(14, 14));
         let ids = tok.encode(&cim_api::testing::uniform((1, 3, 112, 112), 0)?)?;
         assert_eq!(ids.dims(), [1, 14, 14]);
@@ -391,9 +459,20 @@ mod tests {
         let one_hot = candle_nn::encoding::one_hot(ids.clone(), cfg.vocab_size, 1f32, 0f32)?
             .permute((0, 3, 1, 2))?
             .contiguous()?;
-        let w = store.get("decoder.blocks.input.w").unwrap().as_detached_tensor();
-        let b = store.get("decoder.blocks.input.b").unwrap().as_detached_tensor();
-        let x = one_hot.conv2d(&w, 0, 1, 1, 1)?.broadcast_add(&b.reshape((1, cfg.dec_n_init, 1, 1))?)?;
+        let w = store
+            .get("decoder.blocks.input.w")
+            .unwrap()
+            .as_detached_tensor();
+        let b = store
+            .get("decoder.blocks.input.b")
+            .unwrap()
+            .as_detached_tensor();
+        let x = one_hot.conv2d(&w, 0, 1, 1, 1)?.broadcast_add(&b.reshape((
+            1,
+            cfg.dec_n_init,
+            1,
+            1,
+        ))?)?;
         let x = tok.dec_groups.forward(&x, |t| {
             let (_, _, h, w) = t.dims4()?;
             Ok(t.upsample_nearest2d(2 * h, 2 * w)?)

@@ -119,7 +119,13 @@ pub struct BlockwiseMaskingConfig {
 impl Default for BlockwiseMaskingConfig {
     fn default() -> Self {
         let r = RandomMaskingConfig::default();
-        Self { mode: r.mode, count: r.count, ratio: r.ratio, min_block: 16, aspect: [0.3, 1.0 / 0.3] }
+        Self {
+            mode: r.mode,
+            count: r.count,
+            ratio: r.ratio,
+            min_block: 16,
+            aspect: [0.3, 1.0 / 0.3],
+        }
     }
 }
 
@@ -142,18 +148,35 @@ impl BlockwiseMasking {
                 cfg.min_block, cfg.aspect
             )));
         }
-        let range = RandomMasking::new(RandomMaskingConfig { mode: cfg.mode, count: cfg.count, ratio: cfg.ratio })?;
-        Ok(Self { range, min_block: cfg.min_block, aspect: cfg.aspect })
+        let range = RandomMasking::new(RandomMaskingConfig {
+            mode: cfg.mode,
+            count: cfg.count,
+            ratio: cfg.ratio,
+        })?;
+        Ok(Self {
+            range,
+            min_block: cfg.min_block,
+            aspect: cfg.aspect,
+        })
     }
 
     /// One candidate block of area in `[min_block, max_area]` (before rounding), or `None` when it
     /// does not fit the grid.
-    pub fn draw_block(&self, grid: TokenGrid, max_area: usize, rng: &mut dyn RngCore) -> Option<Block> {
+    pub fn draw_block(
+        &self,
+        grid: TokenGrid,
+        max_area: usize,
+        rng: &mut dyn RngCore,
+    ) -> Option<Block> {
         let lo = self.min_block as f64;
         let hi = (max_area as f64).max(lo);
         let area = rng.gen_range(lo..=hi);
         let (l0, l1) = (self.aspect[0].ln(), self.aspect[1].ln());
-        let aspect = if l1 > l0 { rng.gen_range(l0..l1).exp() } else { self.aspect[0] };
+        let aspect = if l1 > l0 {
+            rng.gen_range(l0..l1).exp()
+        } else {
+            self.aspect[0]
+        };
         let h = (area * aspect).sqrt().round() as usize;
         let w = (area / aspect).sqrt().round() as usize;
         if h == 0 || w == 0 || h >= grid.h || w >= grid.w {
@@ -170,8 +193,12 @@ impl BlockwiseMasking {
             let max_new = k - count;
             let mut added = 0;
             for _ in 0..10 {
-                let Some((top, left, h, w)) = self.draw_block(grid, max_new, rng) else { continue };
-                let cells = || (top..top + h).flat_map(move |y| (left..left + w).map(move |x| y * grid.w + x));
+                let Some((top, left, h, w)) = self.draw_block(grid, max_new, rng) else {
+                    continue;
+                };
+                let cells = || {
+                    (top..top + h).flat_map(move |y| (left..left + w).map(move |x| y * grid.w + x))
+                };
                 let new = cells().filter(|&i| !flags[i]).count();
                 if new > 0 && new <= max_new {
                     for i in cells() {
@@ -251,9 +278,15 @@ mod tests {
         assert!(drawn > 1000, "most draws fit a 14×14 grid: {drawn}");
         let mask = m.sample(500, grid, &mut rng)?;
         let counts = mask.counts();
-        assert!(counts.iter().all(|&k| k <= 120), "never more than the drawn k");
+        assert!(
+            counts.iter().all(|&k| k <= 120),
+            "never more than the drawn k"
+        );
         let mean = counts.iter().sum::<usize>() as f64 / counts.len() as f64;
-        assert!(mean > 95.0, "blocks fill close to k ∈ [100, 120]: mean {mean}");
+        assert!(
+            mean > 95.0,
+            "blocks fill close to k ∈ [100, 120]: mean {mean}"
+        );
         // Masks are blocky: most masked patches have a masked 4-neighbour (random masking at 55 %
         // gives ~80 %; blocks give more).
         let mut with_neighbour = 0;
@@ -263,15 +296,25 @@ mod tests {
                 for x in 0..14 {
                     if mask.is_masked(b, y * 14 + x) {
                         total += 1;
-                        let n = [(y.wrapping_sub(1), x), (y + 1, x), (y, x.wrapping_sub(1)), (y, x + 1)];
-                        if n.iter().any(|&(yy, xx)| yy < 14 && xx < 14 && mask.is_masked(b, yy * 14 + xx)) {
+                        let n = [
+                            (y.wrapping_sub(1), x),
+                            (y + 1, x),
+                            (y, x.wrapping_sub(1)),
+                            (y, x + 1),
+                        ];
+                        if n.iter()
+                            .any(|&(yy, xx)| yy < 14 && xx < 14 && mask.is_masked(b, yy * 14 + xx))
+                        {
                             with_neighbour += 1;
                         }
                     }
                 }
             }
         }
-        assert!(with_neighbour as f64 / total as f64 > 0.95, "{with_neighbour}/{total}");
+        assert!(
+            with_neighbour as f64 / total as f64 > 0.95,
+            "{with_neighbour}/{total}"
+        );
         Ok(())
     }
 
@@ -304,7 +347,10 @@ mod tests {
 
     #[test]
     fn ratio_mode_and_bad_ranges() -> Result<()> {
-        let cfg = RandomMaskingConfig { mode: RangeMode::Ratio, ..Default::default() };
+        let cfg = RandomMaskingConfig {
+            mode: RangeMode::Ratio,
+            ..Default::default()
+        };
         let m = RandomMasking::new(cfg)?;
         assert_eq!(m.count_range(64)?, (32, 38));
         let too_many = RandomMasking::new(RandomMaskingConfig::default())?;

@@ -21,7 +21,9 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use cim_api::{BuildCtx, EnhancerInfo, Error, Features, Objective, ObjectiveBatch, ObjectiveOutput, Result};
+use cim_api::{
+    BuildCtx, EnhancerInfo, Error, Features, Objective, ObjectiveBatch, ObjectiveOutput, Result,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -90,10 +92,15 @@ pub fn respix_target(x: &Tensor, kind: RespixTarget, k: usize, eps: f64) -> Resu
         RespixTarget::None => Ok(x),
         RespixTarget::Sliding => {
             let before = k / 2;
-            let sum = |t: &Tensor| -> Result<Tensor> { box_sum(&box_sum(t, 2, k, before)?, 3, k, before) };
+            let sum = |t: &Tensor| -> Result<Tensor> {
+                box_sum(&box_sum(t, 2, k, before)?, 3, k, before)
+            };
             let ch = Tensor::from_vec(window_counts(h, k, before), (h, 1), &Device::Cpu)?;
             let cw = Tensor::from_vec(window_counts(w, k, before), (1, w), &Device::Cpu)?;
-            let count = ch.broadcast_mul(&cw)?.reshape((1, 1, h, w))?.to_device(x.device())?;
+            let count = ch
+                .broadcast_mul(&cw)?
+                .reshape((1, 1, h, w))?
+                .to_device(x.device())?;
             let mean = sum(&x)?.broadcast_div(&count)?;
             let mean_sq = sum(&x.sqr()?)?.broadcast_div(&count)?;
             let var = (mean_sq - mean.sqr()?)?.relu()?;
@@ -109,7 +116,9 @@ pub fn respix_target(x: &Tensor, kind: RespixTarget, k: usize, eps: f64) -> Resu
             let mean = p.mean_keepdim(5)?.mean_keepdim(3)?;
             let xc = p.broadcast_sub(&mean)?;
             let var = xc.sqr()?.mean_keepdim(5)?.mean_keepdim(3)?;
-            Ok(xc.broadcast_div(&(var + eps)?.sqrt()?)?.reshape((b, c, h, w))?)
+            Ok(xc
+                .broadcast_div(&(var + eps)?.sqrt()?)?
+                .reshape((b, c, h, w))?)
         }
     }
 }
@@ -137,9 +146,20 @@ impl Respix {
         }
         let out = info.stride * info.stride * 3;
         let head = vb.pp("head");
-        let w = head.get_with_hints((out, info.dim), "weight", Init::Randn { mean: 0.0, stdev: cfg.init_std })?;
+        let w = head.get_with_hints(
+            (out, info.dim),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: cfg.init_std,
+            },
+        )?;
         let b = head.get_with_hints(out, "bias", Init::Const(0.0))?;
-        Ok(Self { cfg, head: Linear::new(w, Some(b)), info })
+        Ok(Self {
+            cfg,
+            head: Linear::new(w, Some(b)),
+            info,
+        })
     }
 }
 
@@ -151,10 +171,18 @@ impl Objective for Respix {
     fn forward(&self, f: &Features, batch: &ObjectiveBatch<'_>) -> Result<ObjectiveOutput> {
         let p = f.stride;
         if p != self.info.stride {
-            return Err(Error::msg(format!("respix: features have stride {p}, head built for {}", self.info.stride)));
+            return Err(Error::msg(format!(
+                "respix: features have stride {p}, head built for {}",
+                self.info.stride
+            )));
         }
         let pred = unpatchify(&self.head.forward(&f.tokens)?, f.grid.h, f.grid.w, p, 3)?;
-        let target = respix_target(batch.original, self.cfg.target, self.cfg.window, self.cfg.eps)?;
+        let target = respix_target(
+            batch.original,
+            self.cfg.target,
+            self.cfg.window,
+            self.cfg.eps,
+        )?;
         if pred.dims() != target.dims() {
             return Err(Error::msg(format!(
                 "respix: prediction {:?} and original image {:?} differ in size",
@@ -164,7 +192,11 @@ impl Objective for Respix {
         }
         let diff = (pred.to_dtype(DType::F32)? - &target)?;
         let loss = (diff.abs()?.mean_all()? + diff.sqr()?.mean_all()?)?;
-        Ok(ObjectiveOutput { loss, prediction: Some(pred), target: Some(target) })
+        Ok(ObjectiveOutput {
+            loss,
+            prediction: Some(pred),
+            target: Some(target),
+        })
     }
 }
 
@@ -184,7 +216,10 @@ pub struct RevdetConfig {
 
 impl Default for RevdetConfig {
     fn default() -> Self {
-        Self { weight: 1.0, init_std: 0.02 }
+        Self {
+            weight: 1.0,
+            init_std: 0.02,
+        }
     }
 }
 
@@ -222,9 +257,19 @@ pub fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 impl Revdet {
     pub fn new(cfg: RevdetConfig, info: EnhancerInfo, vb: VarBuilder) -> Result<Self> {
         let head = vb.pp("head");
-        let w = head.get_with_hints((1, info.dim), "weight", Init::Randn { mean: 0.0, stdev: cfg.init_std })?;
+        let w = head.get_with_hints(
+            (1, info.dim),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: cfg.init_std,
+            },
+        )?;
         let b = head.get_with_hints(1, "bias", Init::Const(0.0))?;
-        Ok(Self { cfg, head: Linear::new(w, Some(b)) })
+        Ok(Self {
+            cfg,
+            head: Linear::new(w, Some(b)),
+        })
     }
 }
 
@@ -236,7 +281,10 @@ impl Objective for Revdet {
     fn forward(&self, f: &Features, batch: &ObjectiveBatch<'_>) -> Result<ObjectiveOutput> {
         let b = f.tokens.dim(0)?;
         let tgrid = batch.mask.grid();
-        let mut logits = self.head.forward(&f.tokens)?.reshape((b, f.grid.h, f.grid.w))?;
+        let mut logits = self
+            .head
+            .forward(&f.tokens)?
+            .reshape((b, f.grid.h, f.grid.w))?;
         if f.grid != tgrid {
             // Bilinear resize as two matrix products (differentiable, unlike candle's upsample).
             let dev = logits.device();
@@ -246,7 +294,11 @@ impl Objective for Revdet {
         }
         let logits = logits.reshape((b, tgrid.len()))?;
         let loss = bce_with_logits(&logits, batch.replaced)?;
-        Ok(ObjectiveOutput { loss, prediction: None, target: None })
+        Ok(ObjectiveOutput {
+            loss,
+            prediction: None,
+            target: None,
+        })
     }
 }
 
@@ -289,7 +341,10 @@ mod tests {
     #[test]
     fn bilinear_matrix_matches_candles_bilinear_upsampling() -> Result<()> {
         let x = cim_api::testing::uniform((1, 1, 7, 5), 2)?;
-        let reference = x.upsample_bilinear2d(14, 10, false)?.squeeze(0)?.squeeze(0)?;
+        let reference = x
+            .upsample_bilinear2d(14, 10, false)?
+            .squeeze(0)?
+            .squeeze(0)?;
         let rh = bilinear_matrix(14, 7, &Device::Cpu)?;
         let rw = bilinear_matrix(10, 5, &Device::Cpu)?;
         let ours = rh.matmul(&x.squeeze(0)?.squeeze(0)?)?.matmul(&rw.t()?)?;
@@ -326,7 +381,15 @@ mod tests {
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let t = respix_target(&x, RespixTarget::Sliding, 8, 1e-6)?;
         let ts: Vec<f32> = t.flatten_all()?.to_vec1()?;
-        for &(c, i, j) in &[(0usize, 0usize, 0usize), (1, 0, 12), (0, 10, 0), (1, 10, 12), (0, 5, 6), (1, 4, 4), (0, 7, 3)] {
+        for &(c, i, j) in &[
+            (0usize, 0usize, 0usize),
+            (1, 0, 12),
+            (0, 10, 0),
+            (1, 10, 12),
+            (0, 5, 6),
+            (1, 4, 4),
+            (0, 7, 3),
+        ] {
             // Window rows i−4 ..= i+3, clipped; population variance.
             let rows = i.saturating_sub(4)..(i + 4).min(h);
             let cols = j.saturating_sub(4)..(j + 4).min(w);
@@ -341,7 +404,11 @@ mod tests {
             let var = vals.iter().map(|v| (v - mu).powi(2)).sum::<f64>() / n;
             let expected = (xs[c * h * w + i * w + j] as f64 - mu) / (var + 1e-6).sqrt();
             let got = ts[c * h * w + i * w + j] as f64;
-            assert!((got - expected).abs() < 1e-4, "({c},{i},{j}): {got} vs {expected} over {} px", vals.len());
+            assert!(
+                (got - expected).abs() < 1e-4,
+                "({c},{i},{j}): {got} vs {expected} over {} px",
+                vals.len()
+            );
         }
         // The corner window holds 4×4 pixels, the interior one 8×8.
         assert_eq!(window_counts(11, 8, 4)[0], 4.0);
@@ -354,8 +421,18 @@ mod tests {
         let x = cim_api::testing::uniform((1, 3, 16, 16), 1)?;
         let t = respix_target(&x, RespixTarget::Patch, 8, 1e-6)?;
         let p = t.reshape((1, 3, 2, 8, 2, 8))?;
-        let mean = p.mean_keepdim(5)?.mean_keepdim(3)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        let var = p.sqr()?.mean_keepdim(5)?.mean_keepdim(3)?.flatten_all()?.to_vec1::<f32>()?;
+        let mean = p
+            .mean_keepdim(5)?
+            .mean_keepdim(3)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        let var = p
+            .sqr()?
+            .mean_keepdim(5)?
+            .mean_keepdim(3)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         assert!(mean < 1e-5);
         assert!(var.iter().all(|v| (v - 1.0).abs() < 1e-3), "{var:?}");
         let err = respix_target(&x.narrow(2, 0, 12)?, RespixTarget::Patch, 8, 1e-6).unwrap_err();

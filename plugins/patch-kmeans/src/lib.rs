@@ -41,7 +41,11 @@ pub struct PatchKmeansConfig {
 
 impl Default for PatchKmeansConfig {
     fn default() -> Self {
-        Self { patch: 4, vocab_size: 512, weights: None }
+        Self {
+            patch: 4,
+            vocab_size: 512,
+            weights: None,
+        }
     }
 }
 
@@ -56,7 +60,14 @@ pub fn patchify(x: &Tensor, p: usize) -> Result<Tensor> {
 }
 
 /// Inverse of [`patchify`].
-pub fn unpatchify(rows: &Tensor, b: usize, c: usize, gh: usize, gw: usize, p: usize) -> Result<Tensor> {
+pub fn unpatchify(
+    rows: &Tensor,
+    b: usize,
+    c: usize,
+    gh: usize,
+    gw: usize,
+    p: usize,
+) -> Result<Tensor> {
     Ok(rows
         .reshape((b, gh, gw, c, p, p))?
         .permute((0, 3, 1, 4, 2, 5))?
@@ -67,8 +78,11 @@ pub fn unpatchify(rows: &Tensor, b: usize, c: usize, gh: usize, gw: usize, p: us
 /// Index of the nearest codebook row for every row of `x` (`argmin ‖x − c‖²`).
 pub fn nearest(x: &Tensor, codebook: &Tensor) -> Result<Tensor> {
     let c2 = codebook.sqr()?.sum(1)?; // (V,)
-    // ‖x‖² is the same for every centroid, so argmin(‖c‖² − 2 x·c).
-    let score = x.matmul(&codebook.t()?)?.affine(-2.0, 0.0)?.broadcast_add(&c2)?;
+                                      // ‖x‖² is the same for every centroid, so argmin(‖c‖² − 2 x·c).
+    let score = x
+        .matmul(&codebook.t()?)?
+        .affine(-2.0, 0.0)?
+        .broadcast_add(&c2)?;
     Ok(score.argmin(D::Minus1)?)
 }
 
@@ -82,8 +96,12 @@ impl PatchKmeans {
     pub fn new(cfg: &PatchKmeansConfig, device: &Device) -> Result<Self> {
         let (tensors, source) = match &cfg.weights {
             Some(p) => (
-                candle_core::safetensors::load(p, &Device::Cpu)
-                    .map_err(|e| Error::msg(format!("tokenizer.patch_kmeans.weights = {}: {e}", p.display())))?,
+                candle_core::safetensors::load(p, &Device::Cpu).map_err(|e| {
+                    Error::msg(format!(
+                        "tokenizer.patch_kmeans.weights = {}: {e}",
+                        p.display()
+                    ))
+                })?,
                 p.display().to_string(),
             ),
             None => (
@@ -105,7 +123,10 @@ impl PatchKmeans {
                 cfg.patch
             )));
         }
-        Ok(Self { codebook: codebook.to_device(device)?, patch: cfg.patch })
+        Ok(Self {
+            codebook: codebook.to_device(device)?,
+            patch: cfg.patch,
+        })
     }
 
     pub fn codebook(&self) -> &Tensor {
@@ -129,7 +150,10 @@ impl Tokenizer for PatchKmeans {
     fn encode(&self, pixels: &Tensor) -> Result<Tensor> {
         let (b, _, h, w) = pixels.dims4()?;
         let g = self.grid((h, w))?;
-        let ids = nearest(&patchify(&pixels.detach().to_dtype(DType::F32)?, self.patch)?, &self.codebook)?;
+        let ids = nearest(
+            &patchify(&pixels.detach().to_dtype(DType::F32)?, self.patch)?,
+            &self.codebook,
+        )?;
         Ok(ids.reshape((b, g.h, g.w))?)
     }
     fn decode(&self, ids: &Tensor) -> Result<Tensor> {
@@ -145,7 +169,9 @@ impl Tokenizer for PatchKmeans {
 pub fn fit_kmeans(data: &Tensor, k: usize, iters: usize, seed: u64) -> Result<(Tensor, Vec<f64>)> {
     let (n, d) = data.dims2()?;
     if n < k {
-        return Err(Error::msg(format!("k-means needs at least {k} samples, got {n}")));
+        return Err(Error::msg(format!(
+            "k-means needs at least {k} samples, got {n}"
+        )));
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut order: Vec<usize> = (0..n).collect();
@@ -215,7 +241,10 @@ mod tests {
         let rows = patchify(&x, 4)?;
         assert_eq!(rows.dims(), [2 * 2 * 3, 48]);
         let back = unpatchify(&rows, 2, 3, 2, 3, 4)?;
-        assert_eq!(back.flatten_all()?.to_vec1::<f32>()?, x.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(
+            back.flatten_all()?.to_vec1::<f32>()?,
+            x.flatten_all()?.to_vec1::<f32>()?
+        );
         Ok(())
     }
 
@@ -237,7 +266,10 @@ mod tests {
         let data = Tensor::from_vec(rows, (300, 48), &Device::Cpu)?;
         let (cb, hist) = fit_kmeans(&data, 3, 10, 1)?;
         assert!(*hist.last().unwrap() < 48.0 * 1e-4, "{hist:?}");
-        let tok = PatchKmeans { codebook: cb, patch: 4 };
+        let tok = PatchKmeans {
+            codebook: cb,
+            patch: 4,
+        };
         let img = unpatchify(&data.narrow(0, 0, 4)?, 1, 3, 2, 2, 4)?;
         let rec = tok.decode(&tok.encode(&img)?)?;
         let err = (rec - img)?.abs()?.max_all()?.to_scalar::<f32>()?;
@@ -254,11 +286,23 @@ mod tests {
         let img = coarse.upsample_nearest2d(32, 32)?;
         let rec = tok.decode(&tok.encode(&img)?)?;
         let mse = (&rec - &img)?.sqr()?.mean_all()?.to_scalar::<f32>()?;
-        let var = img.broadcast_sub(&img.mean_all()?)?.sqr()?.mean_all()?.to_scalar::<f32>()?;
+        let var = img
+            .broadcast_sub(&img.mean_all()?)?
+            .sqr()?
+            .mean_all()?
+            .to_scalar::<f32>()?;
         assert!(mse < 0.25 * var, "mse {mse} vs variance {var}");
-        let bad = PatchKmeansConfig { vocab_size: 100, ..Default::default() };
-        let e = PatchKmeans::new(&bad, &Device::Cpu).unwrap_err().to_string();
-        assert!(e.contains("vocab_size 100") && e.contains("[512, 48]"), "{e}");
+        let bad = PatchKmeansConfig {
+            vocab_size: 100,
+            ..Default::default()
+        };
+        let e = PatchKmeans::new(&bad, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("vocab_size 100") && e.contains("[512, 48]"),
+            "{e}"
+        );
         Ok(())
     }
 }

@@ -32,18 +32,31 @@ pub struct ResNetConfig {
 
 impl Default for ResNetConfig {
     fn default() -> Self {
-        Self { layers: [3, 4, 6, 3], width: 64, bn_momentum: 0.1, bn_eps: 1e-5 }
+        Self {
+            layers: [3, 4, 6, 3],
+            width: 64,
+            bn_momentum: 0.1,
+            bn_eps: 1e-5,
+        }
     }
 }
 
 impl ResNetConfig {
     pub fn test_tiny() -> Self {
-        Self { layers: [1, 1, 1, 1], width: 4, ..Self::default() }
+        Self {
+            layers: [1, 1, 1, 1],
+            width: 4,
+            ..Self::default()
+        }
     }
 }
 
 /// torchvision's conv init: Kaiming normal, fan-out, ReLU gain.
-const CONV_INIT: Init = Init::Kaiming { dist: NormalOrUniform::Normal, fan: FanInOut::FanOut, non_linearity: NonLinearity::ReLU };
+const CONV_INIT: Init = Init::Kaiming {
+    dist: NormalOrUniform::Normal,
+    fan: FanInOut::FanOut,
+    non_linearity: NonLinearity::ReLU,
+};
 
 #[derive(Clone, Debug)]
 struct Conv {
@@ -54,7 +67,11 @@ struct Conv {
 
 impl Conv {
     fn new(c_in: usize, c_out: usize, k: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { w: vb.get_with_hints((c_out, c_in, k, k), "weight", CONV_INIT)?, stride, pad: k / 2 })
+        Ok(Self {
+            w: vb.get_with_hints((c_out, c_in, k, k), "weight", CONV_INIT)?,
+            stride,
+            pad: k / 2,
+        })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.conv2d(&self.w, self.pad, self.stride, 1, 1)?)
@@ -73,13 +90,21 @@ pub struct BatchNorm {
 }
 
 impl BatchNorm {
-    pub fn new(c: usize, momentum: f64, eps: f64, vb: VarBuilder, buffers: &ParamStore) -> Result<Self> {
+    pub fn new(
+        c: usize,
+        momentum: f64,
+        eps: f64,
+        vb: VarBuilder,
+        buffers: &ParamStore,
+    ) -> Result<Self> {
         let bvb = buffers.var_builder(DType::F32, vb.device()).pp(vb.prefix());
         bvb.get_with_hints(c, "running_mean", Init::Const(0.0))?;
         bvb.get_with_hints(c, "running_var", Init::Const(1.0))?;
         let var = |n: &str| {
             let key = format!("{}.{n}", vb.prefix());
-            buffers.get(&key).ok_or_else(|| Error::msg(format!("buffer {key} was not created")))
+            buffers
+                .get(&key)
+                .ok_or_else(|| Error::msg(format!("buffer {key} was not created")))
         };
         Ok(Self {
             weight: vb.get_with_hints(c, "weight", Init::Const(1.0))?,
@@ -98,18 +123,32 @@ impl BatchNorm {
             let (b, _, h, w) = x.dims4()?;
             let n = (b * h * w) as f64;
             let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
-            let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+            let var = x
+                .broadcast_sub(&mean)?
+                .sqr()?
+                .mean_keepdim(0)?
+                .mean_keepdim(2)?
+                .mean_keepdim(3)?;
             let m = self.momentum;
             let bm = mean.detach().flatten_all()?;
             let bv = (var.detach().flatten_all()? * (n / (n - 1.0).max(1.0)))?;
-            self.running_mean.set(&((self.running_mean.as_tensor() * (1.0 - m))? + (bm * m)?)?)?;
-            self.running_var.set(&((self.running_var.as_tensor() * (1.0 - m))? + (bv * m)?)?)?;
+            self.running_mean
+                .set(&((self.running_mean.as_tensor() * (1.0 - m))? + (bm * m)?)?)?;
+            self.running_var
+                .set(&((self.running_var.as_tensor() * (1.0 - m))? + (bv * m)?)?)?;
             (mean, var)
         } else {
-            (self.running_mean.as_tensor().reshape(shape)?, self.running_var.as_tensor().reshape(shape)?)
+            (
+                self.running_mean.as_tensor().reshape(shape)?,
+                self.running_var.as_tensor().reshape(shape)?,
+            )
         };
-        let xn = x.broadcast_sub(&mean)?.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(xn.broadcast_mul(&self.weight.reshape(shape)?)?.broadcast_add(&self.bias.reshape(shape)?)?)
+        let xn = x
+            .broadcast_sub(&mean)?
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(xn
+            .broadcast_mul(&self.weight.reshape(shape)?)?
+            .broadcast_add(&self.bias.reshape(shape)?)?)
     }
 }
 
@@ -125,13 +164,22 @@ struct Bottleneck {
 }
 
 impl Bottleneck {
-    fn new(c_in: usize, planes: usize, stride: usize, cfg: &ResNetConfig, vb: VarBuilder, buf: &ParamStore) -> Result<Self> {
+    fn new(
+        c_in: usize,
+        planes: usize,
+        stride: usize,
+        cfg: &ResNetConfig,
+        vb: VarBuilder,
+        buf: &ParamStore,
+    ) -> Result<Self> {
         let out = planes * 4;
         let bn = |c, name: &str| BatchNorm::new(c, cfg.bn_momentum, cfg.bn_eps, vb.pp(name), buf);
         let downsample = if stride != 1 || c_in != out {
             let d = vb.pp("downsample");
-            Some((Conv::new(c_in, out, 1, stride, d.pp("0"))?,
-                  BatchNorm::new(out, cfg.bn_momentum, cfg.bn_eps, d.pp("1"), buf)?))
+            Some((
+                Conv::new(c_in, out, 1, stride, d.pp("0"))?,
+                BatchNorm::new(out, cfg.bn_momentum, cfg.bn_eps, d.pp("1"), buf)?,
+            ))
         } else {
             None
         };
@@ -147,7 +195,10 @@ impl Bottleneck {
     }
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let h = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
-        let h = self.bn2.forward_t(&self.conv2.forward(&h)?, train)?.relu()?;
+        let h = self
+            .bn2
+            .forward_t(&self.conv2.forward(&h)?, train)?
+            .relu()?;
         let h = self.bn3.forward_t(&self.conv3.forward(&h)?, train)?;
         let id = match &self.downsample {
             Some((c, b)) => b.forward_t(&c.forward(x)?, train)?,
@@ -166,9 +217,16 @@ pub struct ResNet {
 }
 
 impl ResNet {
-    pub fn new(cfg: &ResNetConfig, image_size: usize, vb: VarBuilder, buffers: &ParamStore) -> Result<Self> {
+    pub fn new(
+        cfg: &ResNetConfig,
+        image_size: usize,
+        vb: VarBuilder,
+        buffers: &ParamStore,
+    ) -> Result<Self> {
         if image_size % 32 != 0 {
-            return Err(Error::config(format!("resnet50: image size {image_size} must be a multiple of 32")));
+            return Err(Error::config(format!(
+                "resnet50: image size {image_size} must be a multiple of 32"
+            )));
         }
         let w = cfg.width;
         let mut c_in = w;
@@ -179,7 +237,14 @@ impl ResNet {
             let mut blocks = vec![];
             for j in 0..n {
                 let stride = if j == 0 && i > 0 { 2 } else { 1 };
-                blocks.push(Bottleneck::new(c_in, planes, stride, cfg, stage.pp(j), buffers)?);
+                blocks.push(Bottleneck::new(
+                    c_in,
+                    planes,
+                    stride,
+                    cfg,
+                    stage.pp(j),
+                    buffers,
+                )?);
                 c_in = planes * 4;
             }
             stages.push(blocks);
@@ -188,7 +253,12 @@ impl ResNet {
             conv1: Conv::new(3, w, 7, 2, vb.pp("conv1"))?,
             bn1: BatchNorm::new(w, cfg.bn_momentum, cfg.bn_eps, vb.pp("bn1"), buffers)?,
             stages,
-            info: EnhancerInfo { dim: c_in, stride: 32, image_size, shareable_blocks: None },
+            info: EnhancerInfo {
+                dim: c_in,
+                stride: 32,
+                image_size,
+                shareable_blocks: None,
+            },
         })
     }
 
@@ -221,7 +291,9 @@ pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
     // Pad 1 before and enough after that every strided view has ho (wo) entries.
-    let xp = x.pad_with_zeros(2, 1, 2 * ho + 1 - h)?.pad_with_zeros(3, 1, 2 * wo + 1 - w)?;
+    let xp = x
+        .pad_with_zeros(2, 1, 2 * ho + 1 - h)?
+        .pad_with_zeros(3, 1, 2 * wo + 1 - w)?;
     let mut out: Option<Tensor> = None;
     for dy in 0..3 {
         let rows = strided(&xp, 2, dy, ho, 2)?;
@@ -243,7 +315,11 @@ impl Enhancer for ResNet {
     fn forward_t(&self, image: &Tensor, train: bool) -> Result<Features> {
         let x = self.forward_map(image, train)?;
         let (_, _, h, w) = x.dims4()?;
-        Ok(Features { tokens: x.flatten_from(2)?.transpose(1, 2)?, grid: TokenGrid::new(h, w), stride: 32 })
+        Ok(Features {
+            tokens: x.flatten_from(2)?.transpose(1, 2)?,
+            grid: TokenGrid::new(h, w),
+            stride: 32,
+        })
     }
 }
 
@@ -276,11 +352,22 @@ mod tests {
     fn parameter_count_and_names_match_torchvision() -> Result<()> {
         let store = ParamStore::trainable(0);
         let buffers = ParamStore::frozen(0);
-        let _ = ResNet::new(&ResNetConfig::default(), 224, store.var_builder(DType::F32, &Device::Cpu), &buffers)?;
+        let _ = ResNet::new(
+            &ResNetConfig::default(),
+            224,
+            store.var_builder(DType::F32, &Device::Cpu),
+            &buffers,
+        )?;
         assert_eq!(store.num_params(), 23_508_032);
         let names = store.names_under("");
-        for n in ["conv1.weight", "bn1.weight", "layer1.0.downsample.0.weight", "layer1.0.downsample.1.bias",
-                  "layer3.5.conv3.weight", "layer4.2.bn3.weight"] {
+        for n in [
+            "conv1.weight",
+            "bn1.weight",
+            "layer1.0.downsample.0.weight",
+            "layer1.0.downsample.1.bias",
+            "layer3.5.conv3.weight",
+            "layer4.2.bn3.weight",
+        ] {
             assert!(names.iter().any(|k| k == n), "missing {n}");
         }
         // 53 BatchNorms, each with running mean and variance.
@@ -316,21 +403,68 @@ mod tests {
     fn batchnorm_uses_batch_stats_in_training_and_running_stats_in_eval() -> Result<()> {
         let store = ParamStore::trainable(0);
         let buffers = ParamStore::frozen(0);
-        let bn = BatchNorm::new(2, 0.1, 1e-5, store.var_builder(DType::F32, &Device::Cpu).pp("bn"), &buffers)?;
+        let bn = BatchNorm::new(
+            2,
+            0.1,
+            1e-5,
+            store.var_builder(DType::F32, &Device::Cpu).pp("bn"),
+            &buffers,
+        )?;
         // Channel 0 ~ values 1..=8 (mean 4.5, unbiased var 6), channel 1 constant 3.
-        let x = Tensor::from_vec((0..16).map(|i| if (i / 4) % 2 == 0 { (i / 8 * 4 + i % 4 + 1) as f32 } else { 3.0 }).collect::<Vec<_>>(), (2, 2, 2, 2), &Device::Cpu)?;
+        let x = Tensor::from_vec(
+            (0..16)
+                .map(|i| {
+                    if (i / 4) % 2 == 0 {
+                        (i / 8 * 4 + i % 4 + 1) as f32
+                    } else {
+                        3.0
+                    }
+                })
+                .collect::<Vec<_>>(),
+            (2, 2, 2, 2),
+            &Device::Cpu,
+        )?;
         let y = bn.forward_t(&x, true)?;
-        let m = y.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?.flatten_all()?.to_vec1::<f32>()?;
+        let m = y
+            .mean_keepdim(0)?
+            .mean_keepdim(2)?
+            .mean_keepdim(3)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         assert!(m.iter().all(|v| v.abs() < 1e-5), "{m:?}");
-        let rm = buffers.get("bn.running_mean").unwrap().as_tensor().to_vec1::<f32>()?;
-        let rv = buffers.get("bn.running_var").unwrap().as_tensor().to_vec1::<f32>()?;
-        assert!((rm[0] - 0.45).abs() < 1e-5 && (rm[1] - 0.3).abs() < 1e-5, "{rm:?}");
-        assert!((rv[0] - (0.9 + 0.1 * 6.0)).abs() < 1e-4 && (rv[1] - 0.9).abs() < 1e-5, "{rv:?}");
+        let rm = buffers
+            .get("bn.running_mean")
+            .unwrap()
+            .as_tensor()
+            .to_vec1::<f32>()?;
+        let rv = buffers
+            .get("bn.running_var")
+            .unwrap()
+            .as_tensor()
+            .to_vec1::<f32>()?;
+        assert!(
+            (rm[0] - 0.45).abs() < 1e-5 && (rm[1] - 0.3).abs() < 1e-5,
+            "{rm:?}"
+        );
+        assert!(
+            (rv[0] - (0.9 + 0.1 * 6.0)).abs() < 1e-4 && (rv[1] - 0.9).abs() < 1e-5,
+            "{rv:?}"
+        );
         // Eval normalises with the running statistics and leaves them alone.
         let e = bn.forward_t(&x, false)?;
         let first = e.flatten_all()?.to_vec1::<f32>()?[0];
-        assert!((first - (1.0 - 0.45) / (1.5f32 + 1e-5).sqrt()).abs() < 1e-4, "{first}");
-        assert_eq!(buffers.get("bn.running_mean").unwrap().as_tensor().to_vec1::<f32>()?, rm);
+        assert!(
+            (first - (1.0 - 0.45) / (1.5f32 + 1e-5).sqrt()).abs() < 1e-4,
+            "{first}"
+        );
+        assert_eq!(
+            buffers
+                .get("bn.running_mean")
+                .unwrap()
+                .as_tensor()
+                .to_vec1::<f32>()?,
+            rm
+        );
         Ok(())
     }
 }

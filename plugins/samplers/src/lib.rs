@@ -25,7 +25,10 @@ const BLOCK: usize = 64;
 pub fn inverse_cdf(probs: &Tensor, u: &[f32]) -> Result<Tensor> {
     let (m, v) = probs.dims2()?;
     if u.len() != m {
-        return Err(Error::msg(format!("inverse_cdf: {} uniforms for {m} rows", u.len())));
+        return Err(Error::msg(format!(
+            "inverse_cdf: {} uniforms for {m} rows",
+            u.len()
+        )));
     }
     let dev = probs.device();
     let probs = probs.to_dtype(DType::F32)?;
@@ -51,7 +54,10 @@ pub fn inverse_cdf(probs: &Tensor, u: &[f32]) -> Result<Tensor> {
     let blk = count(&block_cdf, &target, nb - 1)?; // (M, 1) f32
     let blk_u32 = blk.to_dtype(DType::U32)?;
     let before = (block_cdf.gather(&blk_u32, 1)? - block_sums.gather(&blk_u32, 1)?)?;
-    let idx3 = blk_u32.reshape((m, 1, 1))?.broadcast_as((m, 1, BLOCK))?.contiguous()?;
+    let idx3 = blk_u32
+        .reshape((m, 1, 1))?
+        .broadcast_as((m, 1, BLOCK))?
+        .contiguous()?;
     let inner = p3.gather(&idx3, 1)?.reshape((m, BLOCK))?;
     let inner_cdf = inner.cumsum(1)?;
     let k = count(&inner_cdf, &(target - before)?, BLOCK - 1)?;
@@ -64,12 +70,18 @@ pub fn inverse_cdf(probs: &Tensor, u: &[f32]) -> Result<Tensor> {
 pub fn block_cumsum(x: &Tensor) -> Result<Tensor> {
     let (m, v) = x.dims2()?;
     let nb = v.div_ceil(BLOCK);
-    let xp = if nb * BLOCK != v { x.pad_with_zeros(1, 0, nb * BLOCK - v)? } else { x.clone() };
+    let xp = if nb * BLOCK != v {
+        x.pad_with_zeros(1, 0, nb * BLOCK - v)?
+    } else {
+        x.clone()
+    };
     let x3 = xp.reshape((m, nb, BLOCK))?;
     let inner = x3.cumsum(2)?; // (M, nb, 64)
     let block_sums = x3.sum(2)?; // (M, nb)
     let before = (block_sums.cumsum(1)? - &block_sums)?; // exclusive prefix of blocks
-    let out = inner.broadcast_add(&before.unsqueeze(2)?)?.reshape((m, nb * BLOCK))?;
+    let out = inner
+        .broadcast_add(&before.unsqueeze(2)?)?
+        .reshape((m, nb * BLOCK))?;
     Ok(out.narrow(1, 0, v)?)
 }
 
@@ -110,7 +122,9 @@ impl Gumbel {
                 cfg.temperature
             )));
         }
-        Ok(Self { temperature: cfg.temperature })
+        Ok(Self {
+            temperature: cfg.temperature,
+        })
     }
 }
 
@@ -163,7 +177,10 @@ pub struct TopKConfig {
 
 impl Default for TopKConfig {
     fn default() -> Self {
-        Self { k: 50, temperature: 1.0 }
+        Self {
+            k: 50,
+            temperature: 1.0,
+        }
     }
 }
 
@@ -181,7 +198,10 @@ impl TopK {
                 cfg.k, cfg.temperature
             )));
         }
-        Ok(Self { k: cfg.k, temperature: cfg.temperature })
+        Ok(Self {
+            k: cfg.k,
+            temperature: cfg.temperature,
+        })
     }
 }
 
@@ -194,7 +214,10 @@ impl Sampler for TopK {
         let top = sorted.narrow(1, 0, k)?.contiguous()?;
         let probs = candle_nn::ops::softmax_last_dim(&(top / self.temperature)?)?;
         let pos = inverse_cdf(&probs, &uniforms(m, rng))?; // position among the top k
-        let ids = idx.narrow(1, 0, k)?.contiguous()?.gather(&pos.unsqueeze(1)?, 1)?;
+        let ids = idx
+            .narrow(1, 0, k)?
+            .contiguous()?
+            .gather(&pos.unsqueeze(1)?, 1)?;
         Ok(ids.squeeze(1)?)
     }
 }
@@ -209,7 +232,10 @@ pub struct TopPConfig {
 
 impl Default for TopPConfig {
     fn default() -> Self {
-        Self { p: 0.9, temperature: 1.0 }
+        Self {
+            p: 0.9,
+            temperature: 1.0,
+        }
     }
 }
 
@@ -227,7 +253,10 @@ impl TopP {
                 cfg.p, cfg.temperature
             )));
         }
-        Ok(Self { p: cfg.p, temperature: cfg.temperature })
+        Ok(Self {
+            p: cfg.p,
+            temperature: cfg.temperature,
+        })
     }
 }
 
@@ -337,7 +366,10 @@ mod tests {
                 let p = (logits[i] as f64 / tau).exp() / z;
                 let freq = c as f64 / rows as f64;
                 let se = (p * (1.0 - p) / rows as f64).sqrt();
-                assert!((freq - p).abs() < 4.5 * se + 1e-9, "τ={tau} token {i}: {freq} vs {p}");
+                assert!(
+                    (freq - p).abs() < 4.5 * se + 1e-9,
+                    "τ={tau} token {i}: {freq} vs {p}"
+                );
             }
         }
         Ok(())
@@ -368,8 +400,14 @@ mod tests {
         let logits = Tensor::from_vec(row.repeat(5000), (5000, v), &Device::Cpu)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let k = 7;
-        let ids = TopK::new(TopKConfig { k, temperature: 1.0 })?.sample(&logits, &mut rng)?.to_vec1::<u32>()?;
-        let allowed: std::collections::BTreeSet<u32> = order[..k].iter().map(|&i| i as u32).collect();
+        let ids = TopK::new(TopKConfig {
+            k,
+            temperature: 1.0,
+        })?
+        .sample(&logits, &mut rng)?
+        .to_vec1::<u32>()?;
+        let allowed: std::collections::BTreeSet<u32> =
+            order[..k].iter().map(|&i| i as u32).collect();
         assert!(ids.iter().all(|i| allowed.contains(i)));
         // The most likely token is drawn with its renormalised top-k probability.
         let z: f64 = order[..k].iter().map(|&i| (row[i] as f64).exp()).sum();
@@ -388,9 +426,20 @@ mod tests {
             nucleus.insert(i as u32);
             mass += (row[i] as f64).exp() / zall;
         }
-        let ids = TopP::new(TopPConfig { p, temperature: 1.0 })?.sample(&logits, &mut rng)?.to_vec1::<u32>()?;
-        assert!(ids.iter().all(|i| nucleus.contains(i)), "nucleus {nucleus:?}");
-        assert_eq!(ids.iter().collect::<std::collections::BTreeSet<_>>().len(), nucleus.len());
+        let ids = TopP::new(TopPConfig {
+            p,
+            temperature: 1.0,
+        })?
+        .sample(&logits, &mut rng)?
+        .to_vec1::<u32>()?;
+        assert!(
+            ids.iter().all(|i| nucleus.contains(i)),
+            "nucleus {nucleus:?}"
+        );
+        assert_eq!(
+            ids.iter().collect::<std::collections::BTreeSet<_>>().len(),
+            nucleus.len()
+        );
         Ok(())
     }
 

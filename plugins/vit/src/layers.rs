@@ -12,7 +12,14 @@ use cim_api::{Error, Result};
 /// Linear layer with weights ~ N(0, std²) (BEiT/timm use a truncated normal with std 0.02,
 /// truncated at ±2 — i.e. at 100σ, which never triggers) and zero bias.
 pub fn linear(d_in: usize, d_out: usize, std: f64, vb: VarBuilder) -> Result<Linear> {
-    let w = vb.get_with_hints((d_out, d_in), "weight", Init::Randn { mean: 0.0, stdev: std })?;
+    let w = vb.get_with_hints(
+        (d_out, d_in),
+        "weight",
+        Init::Randn {
+            mean: 0.0,
+            stdev: std,
+        },
+    )?;
     let b = vb.get_with_hints(d_out, "bias", Init::Const(0.0))?;
     Ok(Linear::new(w, Some(b)))
 }
@@ -57,13 +64,22 @@ pub struct PatchEmbed {
 }
 
 impl PatchEmbed {
-    pub fn new(channels: usize, patch: usize, dim: usize, std: f64, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        channels: usize,
+        patch: usize,
+        dim: usize,
+        std: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let vb = vb.pp("proj");
         Ok(Self {
             weight: vb.get_with_hints(
                 (dim, channels, patch, patch),
                 "weight",
-                Init::Randn { mean: 0.0, stdev: std },
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: std,
+                },
             )?,
             bias: vb.get_with_hints(dim, "bias", Init::Const(0.0))?,
             patch,
@@ -90,7 +106,9 @@ impl PatchEmbed {
             .contiguous()?
             .reshape((b, gh * gw, c * p * p))?;
         let w = self.weight.reshape((self.dim, c * p * p))?;
-        Ok(patches.broadcast_matmul(&w.t()?)?.broadcast_add(&self.bias)?)
+        Ok(patches
+            .broadcast_matmul(&w.t()?)?
+            .broadcast_add(&self.bias)?)
     }
 }
 

@@ -99,7 +99,10 @@ impl Vit {
         }
         let grid = image_size / cfg.patch_size;
         let n = grid * grid;
-        let std = Init::Randn { mean: 0.0, stdev: cfg.init_std };
+        let std = Init::Randn {
+            mean: 0.0,
+            stdev: cfg.init_std,
+        };
         let spec = BlockSpec {
             dim: cfg.width,
             heads: cfg.heads,
@@ -109,7 +112,13 @@ impl Vit {
             rescale_residual: false,
         };
         Ok(Self {
-            patch_embed: PatchEmbed::new(3, cfg.patch_size, cfg.width, cfg.init_std, vb.pp("patch_embed"))?,
+            patch_embed: PatchEmbed::new(
+                3,
+                cfg.patch_size,
+                cfg.width,
+                cfg.init_std,
+                vb.pp("patch_embed"),
+            )?,
             cls_token: vb.get_with_hints((1, 1, cfg.width), "cls_token", std)?,
             pos_embed: vb.get_with_hints((1, n + 1, cfg.width), "pos_embed", std)?,
             blocks: layers::blocks(&spec, cfg.depth, vb.clone())?,
@@ -202,7 +211,10 @@ mod tests {
     /// report: 21,665,664 and 85,798,656 (`sum(p.numel() for p in m.parameters())`).
     #[test]
     fn parameter_counts_match_timm() -> Result<()> {
-        for (cfg, expected) in [(VitConfig::vit_s16(), 21_665_664), (VitConfig::vit_b16(), 85_798_656)] {
+        for (cfg, expected) in [
+            (VitConfig::vit_s16(), 21_665_664),
+            (VitConfig::vit_b16(), 85_798_656),
+        ] {
             let store = ParamStore::trainable(0);
             // Zero-cost shapes: build on CPU and count.
             let _ = Vit::new(&cfg, 224, store.var_builder(DType::F32, &Device::Cpu))?;

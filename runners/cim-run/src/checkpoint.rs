@@ -10,13 +10,18 @@ use candle_core::Tensor;
 use cim_api::{Error, Result};
 
 fn tmp_path(path: &Path) -> std::path::PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(format!(".{}.tmp", std::process::id()));
     path.with_file_name(name)
 }
 
 fn commit(tmp: &Path, path: &Path) -> Result<()> {
-    File::open(tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(tmp, e))?;
+    File::open(tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(tmp, e))?;
     std::fs::rename(tmp, path).map_err(|e| Error::io(path, e))?;
     if let Some(dir) = path.parent() {
         // Persist the rename itself (best effort: not every platform can open a directory).
@@ -56,7 +61,10 @@ mod tests {
         save_safetensors(&p, &HashMap::from([("a".to_string(), t)]))?;
         let back = candle_core::safetensors::load(&p, &Device::Cpu)?;
         assert_eq!(back["a"].to_vec1::<f32>()?, vec![1., 2., 3.]);
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "{names:?}");
         Ok(())
     }

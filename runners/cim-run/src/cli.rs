@@ -77,14 +77,36 @@ pub enum Command {
 }
 
 fn fit(cmd: Command) -> anyhow::Result<()> {
-    let Command::FitKmeans { data, path, split, size, patch, vocab, samples, iters, seed, out } = cmd;
+    let Command::FitKmeans {
+        data,
+        path,
+        split,
+        size,
+        patch,
+        vocab,
+        samples,
+        iters,
+        seed,
+        out,
+    } = cmd;
     let source = match data.as_str() {
         "cifar10" => crate::config::DataSource::Cifar10,
         "folder" => crate::config::DataSource::Folder,
         "quickstart" => crate::config::DataSource::Quickstart,
         other => anyhow::bail!("--data `{other}`: expected cifar10, folder or quickstart"),
     };
-    let opts = crate::fit::FitKmeans { source, path, split, size, patch, vocab, samples, iters, seed, out: out.clone() };
+    let opts = crate::fit::FitKmeans {
+        source,
+        path,
+        split,
+        size,
+        patch,
+        vocab,
+        samples,
+        iters,
+        seed,
+        out: out.clone(),
+    };
     let hist = crate::fit::fit_kmeans(&opts)?;
     println!(
         "fitted {vocab} centroids of {patch}×{patch} patches on {samples} samples; mean squared error per patch {:.5} → {:.5} over {} iterations; wrote {}",
@@ -145,7 +167,12 @@ pub fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
     if let Some(n) = cli.steps {
         set.push(format!("run.max_steps={n}"));
     }
-    let resolved = resolve(&Layers { preset: preset.clone(), config_files: cli.config.clone(), set, env: true })?;
+    let resolved = resolve(&Layers {
+        preset: preset.clone(),
+        config_files: cli.config.clone(),
+        set,
+        env: true,
+    })?;
     if cli.print_config {
         print!("{}", resolved.to_toml()?);
         return Ok(());
@@ -157,7 +184,11 @@ pub fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
-            resolved.cfg.run.out_root.join(format!("{}-{secs}", preset.as_deref().unwrap_or("run")))
+            resolved
+                .cfg
+                .run
+                .out_root
+                .join(format!("{}-{secs}", preset.as_deref().unwrap_or("run")))
         }
     };
     let max = resolved.cfg.run.max_steps;
@@ -192,7 +223,10 @@ impl std::error::Error for HelpShown {}
 pub fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     match run(std::env::args()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -208,9 +208,9 @@ impl SetArgs {
     pub fn parse(items: &[String]) -> Result<Self> {
         let mut out = vec![];
         for item in items {
-            let (k, v) = item.split_once('=').ok_or_else(|| {
-                Error::config(format!("--set expects key=value, got `{item}`"))
-            })?;
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| Error::config(format!("--set expects key=value, got `{item}`")))?;
             let k = k.trim();
             if k.is_empty() || k.split('.').any(|p| p.is_empty()) {
                 return Err(Error::config(format!("--set: bad key `{k}` in `{item}`")));
@@ -261,11 +261,18 @@ fn merge_into(into: &mut Dict, from: Dict) {
 
 /// Embedded preset names (every `configs/*.toml` but `base`).
 pub fn preset_names() -> Vec<&'static str> {
-    EMBEDDED.iter().map(|(n, _, _)| *n).filter(|n| *n != "base").collect()
+    EMBEDDED
+        .iter()
+        .map(|(n, _, _)| *n)
+        .filter(|n| *n != "base")
+        .collect()
 }
 
 fn embedded(name: &str) -> Option<(&'static str, &'static str)> {
-    EMBEDDED.iter().find(|(n, _, _)| *n == name).map(|(_, p, c)| (*p, *c))
+    EMBEDDED
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .map(|(_, p, c)| (*p, *c))
 }
 
 /// What the command line says about configuration.
@@ -288,7 +295,10 @@ pub fn figment(layers: &Layers) -> Result<Figment> {
     });
     if let Some(p) = &layers.preset {
         let (path, text) = embedded(p).filter(|_| p != "base").ok_or_else(|| {
-            Error::config(format!("unknown preset `{p}`; available: {}", preset_names().join(", ")))
+            Error::config(format!(
+                "unknown preset `{p}`; available: {}",
+                preset_names().join(", ")
+            ))
         })?;
         fig = fig.merge(Named {
             inner: Toml::string(text),
@@ -354,7 +364,8 @@ mod erased {
     }
     impl<T: Serialize> Ser for T {
         fn to_toml(&self) -> cim_api::Result<toml::Value> {
-            toml::Value::try_from(self).map_err(|e| cim_api::Error::msg(format!("cannot write config: {e}")))
+            toml::Value::try_from(self)
+                .map_err(|e| cim_api::Error::msg(format!("cannot write config: {e}")))
         }
     }
 }
@@ -399,14 +410,23 @@ fn validate(cfg: &RunConfig) -> Result<()> {
     }
     let [s0, s1] = cfg.data.crop_scale;
     if !(0.0 < s0 && s0 <= s1 && s1 <= 1.0) {
-        return bad("data.crop_scale", format!("must satisfy 0 < lo ≤ hi ≤ 1, got [{s0}, {s1}]"));
+        return bad(
+            "data.crop_scale",
+            format!("must satisfy 0 < lo ≤ hi ≤ 1, got [{s0}, {s1}]"),
+        );
     }
     let [r0, r1] = cfg.data.crop_ratio;
     if !(0.0 < r0 && r0 <= r1) {
-        return bad("data.crop_ratio", format!("must satisfy 0 < lo ≤ hi, got [{r0}, {r1}]"));
+        return bad(
+            "data.crop_ratio",
+            format!("must satisfy 0 < lo ≤ hi, got [{r0}, {r1}]"),
+        );
     }
     if cfg.data.source != DataSource::Quickstart && cfg.data.path.is_none() {
-        return bad("data.path", format!("is required for data.source = {:?}", cfg.data.source));
+        return bad(
+            "data.path",
+            format!("is required for data.source = {:?}", cfg.data.source),
+        );
     }
     Ok(())
 }

@@ -29,13 +29,34 @@ pub trait Dataset: Send + Sync {
 
 /// The embedded quickstart photographs (see `assets/quickstart/LICENSE.md`).
 pub const QUICKSTART: &[(&str, &[u8])] = &[
-    ("astronaut.jpg", include_bytes!("../assets/quickstart/astronaut.jpg")),
-    ("chelsea.jpg", include_bytes!("../assets/quickstart/chelsea.jpg")),
-    ("coffee.jpg", include_bytes!("../assets/quickstart/coffee.jpg")),
-    ("coins.jpg", include_bytes!("../assets/quickstart/coins.jpg")),
-    ("hubble_deep_field.jpg", include_bytes!("../assets/quickstart/hubble_deep_field.jpg")),
-    ("retina.jpg", include_bytes!("../assets/quickstart/retina.jpg")),
-    ("rocket.jpg", include_bytes!("../assets/quickstart/rocket.jpg")),
+    (
+        "astronaut.jpg",
+        include_bytes!("../assets/quickstart/astronaut.jpg"),
+    ),
+    (
+        "chelsea.jpg",
+        include_bytes!("../assets/quickstart/chelsea.jpg"),
+    ),
+    (
+        "coffee.jpg",
+        include_bytes!("../assets/quickstart/coffee.jpg"),
+    ),
+    (
+        "coins.jpg",
+        include_bytes!("../assets/quickstart/coins.jpg"),
+    ),
+    (
+        "hubble_deep_field.jpg",
+        include_bytes!("../assets/quickstart/hubble_deep_field.jpg"),
+    ),
+    (
+        "retina.jpg",
+        include_bytes!("../assets/quickstart/retina.jpg"),
+    ),
+    (
+        "rocket.jpg",
+        include_bytes!("../assets/quickstart/rocket.jpg"),
+    ),
 ];
 
 /// Decoded once at start: a handful of small photos.
@@ -50,7 +71,10 @@ impl Embedded {
             .map(|(name, bytes)| {
                 image::load_from_memory(bytes)
                     .map(|i| i.to_rgb8())
-                    .map_err(|e| Error::Data { path: format!("embedded:{name}"), message: e.to_string() })
+                    .map_err(|e| Error::Data {
+                        path: format!("embedded:{name}"),
+                        message: e.to_string(),
+                    })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { images })
@@ -80,7 +104,11 @@ pub const CIFAR_RECORD: usize = 3073;
 impl Cifar10 {
     /// `path` is a `.bin` file, or a folder holding `{split}.bin`.
     pub fn open(path: &Path, split: &str) -> Result<Self> {
-        let file = if path.is_dir() { path.join(format!("{split}.bin")) } else { path.to_path_buf() };
+        let file = if path.is_dir() {
+            path.join(format!("{split}.bin"))
+        } else {
+            path.to_path_buf()
+        };
         let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
         if bytes.is_empty() || bytes.len() % CIFAR_RECORD != 0 {
             return Err(Error::Data {
@@ -145,7 +173,10 @@ impl Folder {
                 message: "no images found (expected <root>/<class>/*.jpg|jpeg|png)".into(),
             });
         }
-        Ok(Self { root: root.to_path_buf(), files })
+        Ok(Self {
+            root: root.to_path_buf(),
+            files,
+        })
     }
 }
 
@@ -157,16 +188,27 @@ impl Dataset for Folder {
         let f = &self.files[i];
         image::open(f)
             .map(|i| i.to_rgb8())
-            .map_err(|e| Error::Data { path: f.display().to_string(), message: e.to_string() })
+            .map_err(|e| Error::Data {
+                path: f.display().to_string(),
+                message: e.to_string(),
+            })
     }
     fn describe(&self) -> String {
-        format!("image folder {} ({} images)", self.root.display(), self.files.len())
+        format!(
+            "image folder {} ({} images)",
+            self.root.display(),
+            self.files.len()
+        )
     }
 }
 
 /// Opens the dataset a config names.
 pub fn open(cfg: &DataConfig) -> Result<Arc<dyn Dataset>> {
-    let path = || cfg.path.clone().ok_or_else(|| Error::config("`data.path` is required for this data.source"));
+    let path = || {
+        cfg.path
+            .clone()
+            .ok_or_else(|| Error::config("`data.path` is required for this data.source"))
+    };
     Ok(match cfg.source {
         DataSource::Quickstart => Arc::new(Embedded::quickstart()?),
         DataSource::Cifar10 => Arc::new(Cifar10::open(&path()?, &cfg.split)?),
@@ -179,12 +221,22 @@ pub type Rect = (u32, u32, u32, u32);
 
 /// torchvision's `RandomResizedCrop.get_params`: 10 tries at a random area and log-uniform aspect
 /// ratio, then a centre crop clamped to the ratio range.
-pub fn random_resized_crop(w: u32, h: u32, scale: [f64; 2], ratio: [f64; 2], rng: &mut impl Rng) -> Rect {
+pub fn random_resized_crop(
+    w: u32,
+    h: u32,
+    scale: [f64; 2],
+    ratio: [f64; 2],
+    rng: &mut impl Rng,
+) -> Rect {
     let area = (w * h) as f64;
     let (lr0, lr1) = (ratio[0].ln(), ratio[1].ln());
     for _ in 0..10 {
         let target = area * rng.gen_range(scale[0]..=scale[1]);
-        let aspect = if lr1 > lr0 { rng.gen_range(lr0..lr1).exp() } else { ratio[0] };
+        let aspect = if lr1 > lr0 {
+            rng.gen_range(lr0..lr1).exp()
+        } else {
+            ratio[0]
+        };
         let cw = (target * aspect).sqrt().round() as u32;
         let ch = (target / aspect).sqrt().round() as u32;
         if 0 < cw && cw <= w && 0 < ch && ch <= h {
@@ -268,14 +320,30 @@ pub struct Loader {
     cfg: DataConfig,
     batch_size: usize,
     seed: u64,
+    /// The last epoch's order, so consecutive batches do not reshuffle the whole dataset.
+    order_cache: std::sync::Mutex<Option<(u64, Arc<Vec<usize>>)>>,
 }
 
 impl Loader {
-    pub fn new(data: Arc<dyn Dataset>, cfg: DataConfig, batch_size: usize, seed: u64) -> Result<Self> {
+    pub fn new(
+        data: Arc<dyn Dataset>,
+        cfg: DataConfig,
+        batch_size: usize,
+        seed: u64,
+    ) -> Result<Self> {
         if data.is_empty() {
-            return Err(Error::msg(format!("{}: the dataset is empty", data.describe())));
+            return Err(Error::msg(format!(
+                "{}: the dataset is empty",
+                data.describe()
+            )));
         }
-        Ok(Self { data, cfg, batch_size, seed })
+        Ok(Self {
+            data,
+            cfg,
+            batch_size,
+            seed,
+            order_cache: Default::default(),
+        })
     }
 
     /// Batches per epoch (a last partial batch is dropped; at least one batch, cycling small sets).
@@ -287,10 +355,18 @@ impl Loader {
         &self.data
     }
 
-    fn order(&self, epoch: u64) -> Vec<usize> {
+    fn order(&self, epoch: u64) -> Arc<Vec<usize>> {
+        let mut cache = self.order_cache.lock().expect("order cache poisoned");
+        if let Some((e, order)) = cache.as_ref() {
+            if *e == epoch {
+                return order.clone();
+            }
+        }
         let mut rng = rand::rngs::StdRng::seed_from_u64(mix(self.seed, mix(0xD47A, epoch)));
         let mut idx: Vec<usize> = (0..self.data.len()).collect();
         idx.shuffle(&mut rng);
+        let idx = Arc::new(idx);
+        *cache = Some((epoch, idx.clone()));
         idx
     }
 
@@ -301,13 +377,18 @@ impl Loader {
         let k = (step % per_epoch) as usize;
         let order = self.order(epoch);
         let n = order.len();
-        let indices: Vec<usize> = (0..self.batch_size).map(|j| order[(k * self.batch_size + j) % n]).collect();
+        let indices: Vec<usize> = (0..self.batch_size)
+            .map(|j| order[(k * self.batch_size + j) % n])
+            .collect();
         let (s, t) = (self.cfg.image_size, self.cfg.tokenizer_size);
         let mut image = Vec::with_capacity(self.batch_size * 3 * s * s);
         let mut tok = Vec::with_capacity(self.batch_size * 3 * t * t);
         for (j, &i) in indices.iter().enumerate() {
             let img = self.data.get(i)?;
-            let mut rng = rand::rngs::StdRng::seed_from_u64(mix(self.seed, mix(epoch, (k * self.batch_size + j) as u64)));
+            let mut rng = rand::rngs::StdRng::seed_from_u64(mix(
+                self.seed,
+                mix(epoch, (k * self.batch_size + j) as u64),
+            ));
             let v = two_views(&img, &self.cfg, &mut rng);
             image.extend_from_slice(&v.image);
             tok.extend_from_slice(&v.tok_view);
@@ -329,7 +410,8 @@ mod tests {
     fn crops_stay_inside_and_follow_scale() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
         for _ in 0..500 {
-            let (x, y, w, h) = random_resized_crop(240, 160, [0.08, 1.0], [0.75, 4.0 / 3.0], &mut rng);
+            let (x, y, w, h) =
+                random_resized_crop(240, 160, [0.08, 1.0], [0.75, 4.0 / 3.0], &mut rng);
             assert!(x + w <= 240 && y + h <= 160 && w > 0 && h > 0);
             let frac = (w * h) as f64 / (240.0 * 160.0);
             assert!(frac <= 1.0 + 1e-9);
@@ -343,7 +425,11 @@ mod tests {
     fn quickstart_photos_decode_and_views_have_the_right_sizes() -> Result<()> {
         let data = Embedded::quickstart()?;
         assert_eq!(data.len(), QUICKSTART.len());
-        let cfg = DataConfig { image_size: 64, tokenizer_size: 32, ..DataConfig::default() };
+        let cfg = DataConfig {
+            image_size: 64,
+            tokenizer_size: 32,
+            ..DataConfig::default()
+        };
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
         let v = two_views(&data.get(0)?, &cfg, &mut rng);
         assert_eq!(v.image.len(), 3 * 64 * 64);
@@ -355,7 +441,11 @@ mod tests {
     #[test]
     fn batches_depend_only_on_seed_and_step() -> Result<()> {
         let data: Arc<dyn Dataset> = Arc::new(Embedded::quickstart()?);
-        let cfg = DataConfig { image_size: 32, tokenizer_size: 16, ..DataConfig::default() };
+        let cfg = DataConfig {
+            image_size: 32,
+            tokenizer_size: 16,
+            ..DataConfig::default()
+        };
         let a = Loader::new(data.clone(), cfg.clone(), 3, 5)?;
         let b = Loader::new(data.clone(), cfg.clone(), 3, 5)?;
         let c = Loader::new(data, cfg, 3, 6)?;

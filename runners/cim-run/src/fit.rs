@@ -31,11 +31,19 @@ pub struct FitKmeans {
 /// Samples `samples` random `patch×patch` crops (any offset) of randomly chosen images, fits the
 /// codebook and writes it atomically. Returns the inertia per iteration.
 pub fn fit_kmeans(o: &FitKmeans) -> Result<Vec<f64>> {
-    let cfg = DataConfig { source: o.source, path: o.path.clone(), split: o.split.clone(), ..DataConfig::default() };
+    let cfg = DataConfig {
+        source: o.source,
+        path: o.path.clone(),
+        split: o.split.clone(),
+        ..DataConfig::default()
+    };
     let data = crate::data::open(&cfg)?;
     let p = o.patch as u32;
     if p == 0 || p > o.size {
-        return Err(Error::config(format!("--patch {p} must be in 1..={}", o.size)));
+        return Err(Error::config(format!(
+            "--patch {p} must be in 1..={}",
+            o.size
+        )));
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
     let d = 3 * o.patch * o.patch;

@@ -18,9 +18,9 @@ pub mod train;
 use cim_plugin_beit as _;
 use cim_plugin_dalle_dvae as _;
 use cim_plugin_masking as _;
+use cim_plugin_objectives as _;
 use cim_plugin_patch_kmeans as _;
 use cim_plugin_resnet as _;
-use cim_plugin_objectives as _;
 use cim_plugin_samplers as _;
 use cim_plugin_vit as _;
 

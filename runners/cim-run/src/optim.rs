@@ -42,7 +42,12 @@ pub struct StepInfo {
 }
 
 impl AdamW {
-    pub fn new(vars: Vec<(String, Var)>, betas: [f64; 2], eps: f64, weight_decay: f64) -> Result<Self> {
+    pub fn new(
+        vars: Vec<(String, Var)>,
+        betas: [f64; 2],
+        eps: f64,
+        weight_decay: f64,
+    ) -> Result<Self> {
         let slots = vars
             .into_iter()
             .map(|(name, var)| {
@@ -55,12 +60,23 @@ impl AdamW {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { slots, beta1: betas[0], beta2: betas[1], eps, weight_decay, t: 0 })
+        Ok(Self {
+            slots,
+            beta1: betas[0],
+            beta2: betas[1],
+            eps,
+            weight_decay,
+            t: 0,
+        })
     }
 
     /// Names of the parameters that get weight decay.
     pub fn decayed(&self) -> Vec<&str> {
-        self.slots.iter().filter(|s| s.decay).map(|s| s.name.as_str()).collect()
+        self.slots
+            .iter()
+            .filter(|s| s.decay)
+            .map(|s| s.name.as_str())
+            .collect()
     }
 
     pub fn steps_taken(&self) -> u64 {
@@ -71,10 +87,14 @@ impl AdamW {
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
         let mut sq = 0f64;
         for s in &self.slots {
-            let g = grads
-                .get(s.var.as_tensor())
-                .ok_or_else(|| Error::msg(format!("parameter `{}` received no gradient", s.name)))?;
-            sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            let g = grads.get(s.var.as_tensor()).ok_or_else(|| {
+                Error::msg(format!("parameter `{}` received no gradient", s.name))
+            })?;
+            sq += g
+                .to_dtype(DType::F32)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f32>()? as f64;
         }
         Ok(sq.sqrt())
     }
@@ -86,21 +106,36 @@ impl AdamW {
         if !norm.is_finite() {
             return Err(Error::msg(format!("gradient norm is {norm}")));
         }
-        let scale = if clip > 0.0 && norm > clip { clip / (norm + 1e-6) } else { 1.0 };
+        let scale = if clip > 0.0 && norm > clip {
+            clip / (norm + 1e-6)
+        } else {
+            1.0
+        };
         self.t += 1;
         let (b1, b2) = (self.beta1, self.beta2);
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
         for s in &mut self.slots {
-            let g = (grads.get(s.var.as_tensor()).expect("checked in grad_norm").to_dtype(DType::F32)? * scale)?;
+            let g = (grads
+                .get(s.var.as_tensor())
+                .expect("checked in grad_norm")
+                .to_dtype(DType::F32)?
+                * scale)?;
             s.m = ((&s.m * b1)? + (&g * (1.0 - b1))?)?;
             s.v = ((&s.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let update = ((&s.m / bc1)? / ((&s.v / bc2)?.sqrt()? + self.eps)?)?;
             let p = s.var.as_tensor();
-            let p = if s.decay && self.weight_decay > 0.0 { (p * (1.0 - lr * self.weight_decay))? } else { p.clone() };
+            let p = if s.decay && self.weight_decay > 0.0 {
+                (p * (1.0 - lr * self.weight_decay))?
+            } else {
+                p.clone()
+            };
             s.var.set(&(p - (update * lr)?)?)?;
         }
-        Ok(StepInfo { grad_norm: norm, clipped: scale < 1.0 })
+        Ok(StepInfo {
+            grad_norm: norm,
+            clipped: scale < 1.0,
+        })
     }
 }
 
@@ -143,7 +178,12 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_follows_cosine() {
-        let s = Schedule { base: 1.0, min: 0.0, warmup: 10, total: 110 };
+        let s = Schedule {
+            base: 1.0,
+            min: 0.0,
+            warmup: 10,
+            total: 110,
+        };
         assert!((s.lr(0) - 0.1).abs() < 1e-12);
         assert!((s.lr(9) - 1.0).abs() < 1e-12);
         assert!((s.lr(10) - 1.0).abs() < 1e-12);
@@ -160,8 +200,14 @@ mod tests {
         let dev = Device::Cpu;
         let w = Var::new(&[[1.0f32, -2.0]], &dev)?;
         let b = Var::new(&[0.5f32], &dev)?;
-        let mut opt = AdamW::new(vec![("x.weight".into(), w.clone()), ("x.bias".into(), b.clone())], [0.9, 0.98], 1e-8, 0.05)?;
-        let loss = ((w.as_tensor() * Tensor::new(&[[0.1f32, 0.2]], &dev)?)?.sum_all()? + (b.as_tensor() * -0.3)?.sum_all()?)?;
+        let mut opt = AdamW::new(
+            vec![("x.weight".into(), w.clone()), ("x.bias".into(), b.clone())],
+            [0.9, 0.98],
+            1e-8,
+            0.05,
+        )?;
+        let loss = ((w.as_tensor() * Tensor::new(&[[0.1f32, 0.2]], &dev)?)?.sum_all()?
+            + (b.as_tensor() * -0.3)?.sum_all()?)?;
         let grads = loss.backward()?;
         let info = opt.step(&grads, 0.1, 0.0)?;
         assert!((info.grad_norm - (0.01f64 + 0.04 + 0.09).sqrt()).abs() < 1e-6);

@@ -10,8 +10,8 @@ use cim_api::config::select;
 use cim_api::pixels::normalize;
 use cim_api::registry::{BuildCtx, Entry, Kind, Variant};
 use cim_api::{
-    Enhancer, Error, Generator, Losses, Mask, Masking, Objective, ObjectiveBatch, ParamStore, Result, Sampler,
-    TokenGrid, Tokenizer,
+    Enhancer, Error, Generator, Losses, Mask, Masking, Objective, ObjectiveBatch, ParamStore,
+    Result, Sampler, TokenGrid, Tokenizer,
 };
 
 use crate::config::{DataConfig, Resolved};
@@ -93,7 +93,12 @@ impl Cim {
         let tokenizer = build::<dyn Tokenizer>(res, &ctx)?;
         let grid = tokenizer
             .grid((data.tokenizer_size, data.tokenizer_size))
-            .map_err(|e| Error::config(format!("data.tokenizer_size = {}: {e}", data.tokenizer_size)))?;
+            .map_err(|e| {
+                Error::config(format!(
+                    "data.tokenizer_size = {}: {e}",
+                    data.tokenizer_size
+                ))
+            })?;
         ctx.vocab_size = Some(tokenizer.vocab_size());
         ctx.token_grid = Some(grid);
         let vb = params.var_builder(DType::F32, &device);
@@ -104,8 +109,26 @@ impl Cim {
         let generator = build::<dyn Generator>(res, &ctx.with_vb(vb.pp("generator")))?;
         let sampler = build::<dyn Sampler>(res, &ctx.with_vb(vb.pp("sampler")))?;
         let objective = build::<dyn Objective>(res, &ctx.with_vb(vb.pp("objective")))?;
-        let names = res.components.iter().map(|(k, (n, _))| (*k, n.clone())).collect();
-        Ok(Self { tokenizer, masking, generator, sampler, enhancer, objective, params, frozen, buffers, grid, names, data, device })
+        let names = res
+            .components
+            .iter()
+            .map(|(k, (n, _))| (*k, n.clone()))
+            .collect();
+        Ok(Self {
+            tokenizer,
+            masking,
+            generator,
+            sampler,
+            enhancer,
+            objective,
+            params,
+            frozen,
+            buffers,
+            grid,
+            names,
+            data,
+            device,
+        })
     }
 }
 
@@ -141,11 +164,15 @@ pub struct PhaseClock {
 
 impl PhaseClock {
     pub fn start() -> Self {
-        Self { last: std::time::Instant::now(), phases: vec![] }
+        Self {
+            last: std::time::Instant::now(),
+            phases: vec![],
+        }
     }
     pub fn lap(&mut self, name: &'static str) {
         let now = std::time::Instant::now();
-        self.phases.push((name, (now - self.last).as_secs_f64() * 1e3));
+        self.phases
+            .push((name, (now - self.last).as_secs_f64() * 1e3));
         self.last = now;
     }
 }
@@ -190,24 +217,43 @@ impl Cim {
         let small = self.tokenizer.decode(&corrupted_ids)?.detach();
         // 7. To the enhancer's size.
         let s = self.data.image_size;
-        let corrupted = if small.dims()[2..] == [s, s] { small } else { small.upsample_bilinear2d(s, s, false)? };
+        let corrupted = if small.dims()[2..] == [s, s] {
+            small
+        } else {
+            small.upsample_bilinear2d(s, s, false)?
+        };
         clock.lap("sample_decode");
         // 8. Enhancer.
-        let features = self.enhancer.forward_t(&normalize(&corrupted, mean, std)?, true)?;
+        let features = self
+            .enhancer
+            .forward_t(&normalize(&corrupted, mean, std)?, true)?;
         // 9. Objective.
         let out = self.objective.forward(
             &features,
-            &ObjectiveBatch { original: &batch.image, corrupted: &corrupted, mask: &mask, replaced: &replaced },
+            &ObjectiveBatch {
+                original: &batch.image,
+                corrupted: &corrupted,
+                mask: &mask,
+                replaced: &replaced,
+            },
         )?;
         let total = (&mim + (&out.loss * self.objective.weight())?)?;
         clock.lap("enh_fwd");
 
         let mut losses = Losses::default();
-        let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64) };
+        let scalar =
+            |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64) };
         losses.insert("loss", scalar(&total)?);
         losses.insert("loss_mim", scalar(&mim)?);
-        losses.insert(format!("loss_{}", self.names["objective"]), scalar(&out.loss)?);
-        let acc = logits.argmax(1)?.eq(&golden_m)?.to_dtype(DType::F32)?.mean_all()?;
+        losses.insert(
+            format!("loss_{}", self.names["objective"]),
+            scalar(&out.loss)?,
+        );
+        let acc = logits
+            .argmax(1)?
+            .eq(&golden_m)?
+            .to_dtype(DType::F32)?
+            .mean_all()?;
         losses.insert("mim_acc", scalar(&acc)?);
         let m = mask.total().max(1) as f64;
         losses.insert("mask_frac", m / (b * self.grid.len()) as f64);

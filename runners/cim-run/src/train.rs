@@ -48,8 +48,16 @@ impl Summary {
     /// Mean of `key` over the first / last `n` steps.
     pub fn mean(&self, key: &str, first: bool, n: usize) -> f64 {
         let n = n.min(self.records.len()).max(1);
-        let slice = if first { &self.records[..n] } else { &self.records[self.records.len() - n..] };
-        slice.iter().map(|r| r.losses.get(key).unwrap_or(f64::NAN)).sum::<f64>() / n as f64
+        let slice = if first {
+            &self.records[..n]
+        } else {
+            &self.records[self.records.len() - n..]
+        };
+        slice
+            .iter()
+            .map(|r| r.losses.get(key).unwrap_or(f64::NAN))
+            .sum::<f64>()
+            / n as f64
     }
 }
 
@@ -76,12 +84,30 @@ impl Trainer {
         let cim = Cim::build(&resolved)?;
         let cfg = &resolved.cfg;
         let dataset = data::open(&cfg.data)?;
-        let loader = Loader::new(dataset, cfg.data.clone(), cfg.train.batch_size, cfg.run.seed)?;
+        let loader = Loader::new(
+            dataset,
+            cfg.data.clone(),
+            cfg.train.batch_size,
+            cfg.run.seed,
+        )?;
         let per_epoch = loader.batches_per_epoch();
         let t = &cfg.train;
-        let total = if t.total_steps > 0 { t.total_steps } else { t.epochs * per_epoch };
-        let warmup = if t.warmup_steps > 0 { t.warmup_steps } else { t.warmup_epochs * per_epoch };
-        let schedule = Schedule { base: t.lr, min: t.min_lr, warmup: warmup.min(total), total: total.max(1) };
+        let total = if t.total_steps > 0 {
+            t.total_steps
+        } else {
+            t.epochs * per_epoch
+        };
+        let warmup = if t.warmup_steps > 0 {
+            t.warmup_steps
+        } else {
+            t.warmup_epochs * per_epoch
+        };
+        let schedule = Schedule {
+            base: t.lr,
+            min: t.min_lr,
+            warmup: warmup.min(total),
+            total: total.max(1),
+        };
         let opt = AdamW::new(cim.params.vars(), t.betas, t.adam_eps, t.weight_decay)?;
         let seed = cfg.run.seed;
         let rngs = StepRngs {
@@ -99,7 +125,16 @@ impl Trainer {
             "built {}",
             cim.names.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
         );
-        Ok(Self { cim, opt, schedule, loader, rngs, step: 0, resolved, run_dir })
+        Ok(Self {
+            cim,
+            opt,
+            schedule,
+            loader,
+            rngs,
+            step: 0,
+            resolved,
+            run_dir,
+        })
     }
 
     pub fn run_dir(&self) -> &Path {
@@ -130,12 +165,21 @@ impl Trainer {
         let info = self
             .opt
             .step(&grads, lr, self.resolved.cfg.train.clip_grad)
-            .map_err(|e| Error::msg(format!("step {}: {e}; stopping before the update", self.step + 1)))?;
+            .map_err(|e| {
+                Error::msg(format!(
+                    "step {}: {e}; stopping before the update",
+                    self.step + 1
+                ))
+            })?;
         clock.lap("optim");
         self.step += 1;
         let secs = start.elapsed().as_secs_f64();
-        let mut phase_ms: std::collections::BTreeMap<&'static str, f64> =
-            out.phase_ms.iter().chain(clock.phases.iter()).copied().collect();
+        let mut phase_ms: std::collections::BTreeMap<&'static str, f64> = out
+            .phase_ms
+            .iter()
+            .chain(clock.phases.iter())
+            .copied()
+            .collect();
         phase_ms.insert("data", data_ms);
         Ok(StepRecord {
             step: self.step,
@@ -170,8 +214,10 @@ impl Trainer {
         let bar = if std::io::stderr().is_terminal() {
             let b = indicatif::ProgressBar::new(steps as u64);
             b.set_style(
-                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-                    .expect("valid template"),
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+                )
+                .expect("valid template"),
             );
             Some(b)
         } else {
@@ -211,6 +257,11 @@ impl Trainer {
         }
         metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
         save_safetensors(&self.run_dir.join("model.safetensors"), &self.weights())?;
-        Ok(Summary { run_dir: self.run_dir.clone(), steps, records, seconds: start.elapsed().as_secs_f64() })
+        Ok(Summary {
+            run_dir: self.run_dir.clone(),
+            steps,
+            records,
+            seconds: start.elapsed().as_secs_f64(),
+        })
     }
 }
