@@ -86,6 +86,9 @@ fn quickstart_runs_and_writes_its_run_directory() {
         );
     }
     assert!(!w.keys().any(|k| k.starts_with("tokenizer.")));
+    // The picture grid is a valid PNG: 8 rows of 64-px tiles, 5 columns (RESPIX adds two).
+    let png = image::open(out.join("samples.png")).unwrap().to_rgb8();
+    assert_eq!(png.dimensions(), (5 * 66 + 2, 8 * 66 + 2));
     // The resolved config loads back.
     let again = resolve(&Layers {
         preset: None,

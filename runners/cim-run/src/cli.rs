@@ -198,7 +198,7 @@ pub fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
     let n = (summary.steps / 10).max(1);
     println!(
         "done: {} steps in {:.1}s; loss_mim {:.4} → {:.4}, {obj} {:.4} → {:.4} (means of first/last {n} steps)\n\
-         wrote {dir}/config.toml, {dir}/metrics.jsonl, {dir}/model.safetensors",
+         wrote {dir}/config.toml, {dir}/metrics.jsonl, {dir}/model.safetensors, {dir}/samples.png",
         summary.steps,
         summary.seconds,
         summary.mean("loss_mim", true, n),

@@ -202,6 +202,27 @@ impl Trainer {
             .collect()
     }
 
+    /// Draws the first batch of the run through the current model and writes a picture grid:
+    /// original | masked input | corrupted image | prediction and target (pixel objectives).
+    pub fn write_samples(&self, path: &Path) -> Result<()> {
+        let batch = self.loader.batch(0, &self.cim.device)?;
+        let mut rngs = StepRngs {
+            mask: rand::rngs::StdRng::seed_from_u64(self.resolved.cfg.run.seed ^ 0x5049_4354),
+            sample: rand::rngs::StdRng::seed_from_u64(self.resolved.cfg.run.seed ^ 0x5341_4d50),
+        };
+        let out = self.cim.forward(&batch, &mut rngs)?;
+        let mut cols = vec![
+            batch.image.clone(),
+            crate::pictures::masked_view(&batch.image, &out.mask)?,
+            out.corrupted.clone(),
+        ];
+        if let (Some(p), Some(t)) = (&out.prediction, &out.target) {
+            cols.push(crate::pictures::show_normalised(p)?);
+            cols.push(crate::pictures::show_normalised(t)?);
+        }
+        crate::pictures::write_grid(path, &cols, 8)
+    }
+
     /// Runs until `max_steps` (or the schedule's end), then writes the weights.
     pub fn run(&mut self, max_steps: Option<usize>) -> Result<Summary> {
         let steps = max_steps.filter(|&n| n > 0).unwrap_or(self.schedule.total);
@@ -257,6 +278,7 @@ impl Trainer {
         }
         metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
         save_safetensors(&self.run_dir.join("model.safetensors"), &self.weights())?;
+        self.write_samples(&self.run_dir.join("samples.png"))?;
         Ok(Summary {
             run_dir: self.run_dir.clone(),
             steps,
