@@ -34,6 +34,8 @@ pub struct RunSection {
     pub max_steps: usize,
     /// Log a line every this many steps when no progress bar is shown.
     pub log_every: usize,
+    /// Write `model.safetensors` (atomically) every this many steps, and always at the end; 0 = end only.
+    pub checkpoint_every: usize,
 }
 
 impl Default for RunSection {
@@ -44,6 +46,7 @@ impl Default for RunSection {
             out_root: "runs".into(),
             max_steps: 0,
             log_every: 10,
+            checkpoint_every: 1000,
         }
     }
 }

@@ -70,6 +70,8 @@ pub struct Trainer {
     step: usize,
     resolved: Resolved,
     run_dir: PathBuf,
+    /// Step of the last weights written to `model.safetensors`.
+    last_checkpoint: Option<usize>,
 }
 
 impl Trainer {
@@ -134,6 +136,7 @@ impl Trainer {
             step: 0,
             resolved,
             run_dir,
+            last_checkpoint: None,
         })
     }
 
@@ -151,12 +154,12 @@ impl Trainer {
         let mut clock = crate::pipeline::PhaseClock::start();
         if let Some((name, v)) = out.losses.first_non_finite() {
             return Err(Error::msg(format!(
-                "step {}: {name} is {v} (generator MIM loss {:?}, {} loss {:?}); stopping — the last checkpoint in {} is intact",
+                "step {}: {name} is {v} (generator MIM loss {:?}, {} loss {:?}); stopping before the update — {}",
                 self.step + 1,
                 out.losses.get("loss_mim"),
                 self.cim.names["objective"],
                 out.losses.get(&format!("loss_{}", self.cim.names["objective"])),
-                self.run_dir.display()
+                self.checkpoint_note()
             )));
         }
         let grads = out.total.backward()?;
@@ -189,6 +192,26 @@ impl Trainer {
             images_per_s: self.resolved.cfg.train.batch_size as f64 / secs.max(1e-9),
             phase_ms,
         })
+    }
+
+    fn checkpoint_note(&self) -> String {
+        match self.last_checkpoint {
+            Some(s) => format!(
+                "{} holds the weights of step {s}",
+                self.run_dir.join("model.safetensors").display()
+            ),
+            None => format!(
+                "no weights were written yet (run.checkpoint_every); {} has the finished steps",
+                self.run_dir.join("metrics.jsonl").display()
+            ),
+        }
+    }
+
+    /// Writes the current weights to `model.safetensors` atomically.
+    pub fn checkpoint(&mut self) -> Result<()> {
+        save_safetensors(&self.run_dir.join("model.safetensors"), &self.weights())?;
+        self.last_checkpoint = Some(self.step);
+        Ok(())
     }
 
     /// Trainable parameters and buffers (BatchNorm statistics) as a name → tensor map.
@@ -246,6 +269,7 @@ impl Trainer {
         };
         let obj_key = format!("loss_{}", self.cim.names["objective"]);
         let log_every = self.resolved.cfg.run.log_every.max(1);
+        let ckpt_every = self.resolved.cfg.run.checkpoint_every;
         let start = Instant::now();
         let mut records = vec![];
         for _ in 0..steps {
@@ -271,13 +295,17 @@ impl Trainer {
                 }
                 None => {}
             }
+            let step = rec.step;
             records.push(rec);
+            if ckpt_every > 0 && step % ckpt_every == 0 && step < steps {
+                self.checkpoint()?;
+            }
         }
         if let Some(b) = bar {
             b.finish();
         }
         metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
-        save_safetensors(&self.run_dir.join("model.safetensors"), &self.weights())?;
+        self.checkpoint()?;
         self.write_samples(&self.run_dir.join("samples.png"))?;
         Ok(Summary {
             run_dir: self.run_dir.clone(),
