@@ -132,6 +132,20 @@ impl Cim {
     }
 }
 
+/// Paper Eq. (2), `replace(g, m, x_sampling)`: the golden ids with the sampled ones written at the
+/// masked positions, and REVDET's label per position — 1 where the token changed. A sampled token
+/// equal to the golden one counts as not replaced.
+pub fn replace_tokens(golden: &[u32], masked: &[u32], sampled: &[u32]) -> (Vec<u32>, Vec<f32>) {
+    let mut ids = golden.to_vec();
+    let mut replaced = vec![0f32; golden.len()];
+    for (&p, &s) in masked.iter().zip(sampled) {
+        let p = p as usize;
+        replaced[p] = (s != golden[p]) as u8 as f32;
+        ids[p] = s;
+    }
+    (ids, replaced)
+}
+
 /// The RNG streams of a step, seeded once per run and carried across steps.
 pub struct StepRngs {
     pub mask: StdRng,
@@ -201,15 +215,13 @@ impl Cim {
         // 4. Sample replacements (no gradient).
         let sampled = self.sampler.sample(&logits.detach(), &mut rngs.sample)?;
         // 5. Replace golden tokens at masked positions; `replaced` is REVDET's label.
-        let mut ids: Vec<u32> = golden_flat.to_vec1()?;
-        let distinct = ids.iter().collect::<std::collections::BTreeSet<_>>().len();
-        let sampled: Vec<u32> = sampled.to_vec1()?;
-        let mut replaced = vec![0f32; ids.len()];
-        for (j, p) in mask.flat_indices().into_iter().enumerate() {
-            let p = p as usize;
-            replaced[p] = (sampled[j] != ids[p]) as u8 as f32;
-            ids[p] = sampled[j];
-        }
+        let golden_ids: Vec<u32> = golden_flat.to_vec1()?;
+        let distinct = golden_ids
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        let (ids, replaced) =
+            replace_tokens(&golden_ids, &mask.flat_indices(), &sampled.to_vec1()?);
         let n_replaced: f32 = replaced.iter().sum();
         let corrupted_ids = Tensor::from_vec(ids, golden.shape(), &self.device)?;
         let replaced = Tensor::from_vec(replaced, (b, self.grid.len()), &self.device)?;
@@ -271,5 +283,18 @@ impl Cim {
             target: out.target,
             phase_ms: clock.phases,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaced_means_changed_not_merely_masked() {
+        // Positions 1, 2, 4 masked; position 2's sample equals its golden token.
+        let (ids, replaced) = replace_tokens(&[10, 11, 12, 13, 14], &[1, 2, 4], &[7, 12, 9]);
+        assert_eq!(ids, vec![10, 7, 12, 13, 9]);
+        assert_eq!(replaced, vec![0.0, 1.0, 0.0, 0.0, 1.0]);
     }
 }
