@@ -33,6 +33,34 @@ fn read_metrics(dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// One forward pass of `cim` on the first batch (of `batch` images) of the run's data.
+fn forward_first_batch(
+    cim: &Cim,
+    res: &cim_run::config::Resolved,
+    batch: usize,
+) -> cim_run::pipeline::StepOutput {
+    let data = cim_run::data::open(&res.cfg.data).unwrap();
+    let loader = Loader::new(data, res.cfg.data.clone(), batch, 0).unwrap();
+    cim.forward(&loader.batch(0, &Device::Cpu).unwrap(), &mut rngs())
+        .unwrap()
+}
+
+/// Whether a gradient exists and has a non-zero entry.
+fn nonzero(g: Option<&candle_core::Tensor>) -> bool {
+    g.map(|g| {
+        g.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    })
+    .unwrap_or(false)
+}
+
 fn rngs() -> StepRngs {
     StepRngs {
         mask: rand::rngs::StdRng::seed_from_u64(1),
@@ -151,25 +179,7 @@ fn masked_count_matches_config() {
 fn gradients_are_routed_as_in_the_paper() {
     let res = resolve(&layers("quickstart", &[])).unwrap();
     let cim = Cim::build(&res).unwrap();
-    let data = cim_run::data::open(&res.cfg.data).unwrap();
-    let loader = Loader::new(data, res.cfg.data.clone(), 4, 0).unwrap();
-    let out = cim
-        .forward(&loader.batch(0, &Device::Cpu).unwrap(), &mut rngs())
-        .unwrap();
-    let nonzero = |g: Option<&candle_core::Tensor>| {
-        g.map(|g| {
-            g.abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                > 0.0
-        })
-        .unwrap_or(false)
-    };
+    let out = forward_first_batch(&cim, &res, 4);
     let vars = cim.params.vars();
     let enh_grads = out.objective.backward().unwrap();
     let mim_grads = out.mim.backward().unwrap();
@@ -289,23 +299,7 @@ fn weight_sharing_uses_one_set_of_variables_trained_by_both_losses() {
         );
     }
     assert!(names.iter().any(|n| n.starts_with("generator.blocks.2.")));
-    let data = cim_run::data::open(&res.cfg.data).unwrap();
-    let loader = Loader::new(data, res.cfg.data.clone(), 4, 0).unwrap();
-    let out = cim
-        .forward(&loader.batch(0, &Device::Cpu).unwrap(), &mut rngs())
-        .unwrap();
-    let nonzero = |g: Option<&candle_core::Tensor>| {
-        g.map(|g| {
-            g.abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                > 0.0
-        })
-        .unwrap_or(false)
-    };
+    let out = forward_first_batch(&cim, &res, 4);
     let mim = out.mim.backward().unwrap();
     let enh = out.objective.backward().unwrap();
     let mut shared = 0;

@@ -77,21 +77,10 @@ pub struct Beit {
 }
 
 impl Beit {
-    /// `image_size`: square input side; `grid`: the tokenizer's token grid; `vocab`: its size.
-    pub fn new(
-        cfg: &BeitConfig,
-        width: usize,
-        image_size: usize,
-        grid: TokenGrid,
-        vocab: usize,
-        vb: VarBuilder,
-    ) -> Result<Self> {
-        Self::with_shared(cfg, width, image_size, grid, vocab, vb, None)
-    }
-
+    /// `image_size`: square input side; `grid`: the tokenizer's token grid; `vocab`: its size;
     /// `shared`: the enhancer's `VarBuilder`, whose `patch_embed` and first `cfg.share_blocks`
     /// blocks this generator reuses (the same variables, so both losses train them).
-    pub fn with_shared(
+    pub fn new(
         cfg: &BeitConfig,
         width: usize,
         image_size: usize,
@@ -227,7 +216,7 @@ fn build(cfg: BeitConfig, ctx: &BuildCtx) -> Result<Beit> {
     } else {
         None
     };
-    Beit::with_shared(
+    Beit::new(
         &cfg,
         width,
         ctx.image_size,
@@ -270,6 +259,7 @@ mod tests {
             TokenGrid::new(8, 8),
             64,
             store.var_builder(DType::F32, &Device::Cpu),
+            None,
         )?;
         let mask = cim_api::testing::simple_mask(1, TokenGrid::new(8, 8), 5)?;
         assert!(mask.is_masked(0, 0));

@@ -49,71 +49,21 @@ pub struct Cli {
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Fit a `patch_kmeans` tokenizer codebook (k-means on random image patches).
-    FitKmeans {
-        /// `cifar10`, `folder` or `quickstart`.
-        #[arg(long, default_value = "cifar10")]
-        data: String,
-        #[arg(long)]
-        path: Option<PathBuf>,
-        #[arg(long, default_value = "train")]
-        split: String,
-        /// Images are resized to this square side first (use the tokenizer view size).
-        #[arg(long, default_value_t = 32)]
-        size: u32,
-        #[arg(long, default_value_t = 4)]
-        patch: usize,
-        #[arg(long, default_value_t = 512)]
-        vocab: usize,
-        #[arg(long, default_value_t = 200_000)]
-        samples: usize,
-        #[arg(long, default_value_t = 30)]
-        iters: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Output safetensors file (holds `codebook`).
-        #[arg(long)]
-        out: PathBuf,
-    },
+    FitKmeans(crate::fit::FitKmeans),
 }
 
 fn fit(cmd: Command) -> anyhow::Result<()> {
-    let Command::FitKmeans {
-        data,
-        path,
-        split,
-        size,
-        patch,
-        vocab,
-        samples,
-        iters,
-        seed,
-        out,
-    } = cmd;
-    let source = match data.as_str() {
-        "cifar10" => crate::config::DataSource::Cifar10,
-        "folder" => crate::config::DataSource::Folder,
-        "quickstart" => crate::config::DataSource::Quickstart,
-        other => anyhow::bail!("--data `{other}`: expected cifar10, folder or quickstart"),
-    };
-    let opts = crate::fit::FitKmeans {
-        source,
-        path,
-        split,
-        size,
-        patch,
-        vocab,
-        samples,
-        iters,
-        seed,
-        out: out.clone(),
-    };
+    let Command::FitKmeans(opts) = cmd;
     let hist = crate::fit::fit_kmeans(&opts)?;
     println!(
-        "fitted {vocab} centroids of {patch}×{patch} patches on {samples} samples; mean squared error per patch {:.5} → {:.5} over {} iterations; wrote {}",
+        "fitted {} centroids of {p}×{p} patches on {} samples; mean squared error per patch {:.5} → {:.5} over {} iterations; wrote {}",
+        opts.vocab,
+        opts.samples,
         hist.first().copied().unwrap_or(f64::NAN),
         hist.last().copied().unwrap_or(f64::NAN),
         hist.len(),
-        out.display()
+        opts.out.display(),
+        p = opts.patch,
     );
     Ok(())
 }

@@ -52,7 +52,7 @@ impl Default for RunSection {
 }
 
 /// Where images come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DataSource {
     /// The photographs embedded in the binary.
@@ -341,7 +341,6 @@ impl Resolved {
     /// The configuration as TOML, loadable again with `--config`.
     pub fn to_toml(&self) -> Result<String> {
         let mut root = toml::Table::new();
-        let to_toml = |v: &dyn erased::Ser| -> Result<toml::Value> { v.to_toml() };
         root.insert("run".into(), to_toml(&self.cfg.run)?);
         root.insert("data".into(), to_toml(&self.cfg.data)?);
         root.insert("train".into(), to_toml(&self.cfg.train)?);
@@ -360,17 +359,8 @@ impl Resolved {
     }
 }
 
-mod erased {
-    use serde::Serialize;
-    pub trait Ser {
-        fn to_toml(&self) -> cim_api::Result<toml::Value>;
-    }
-    impl<T: Serialize> Ser for T {
-        fn to_toml(&self) -> cim_api::Result<toml::Value> {
-            toml::Value::try_from(self)
-                .map_err(|e| cim_api::Error::msg(format!("cannot write config: {e}")))
-        }
-    }
+fn to_toml<T: Serialize>(v: &T) -> Result<toml::Value> {
+    toml::Value::try_from(v).map_err(|e| Error::msg(format!("cannot write config: {e}")))
 }
 
 fn component<K: cim_api::registry::Kind + ?Sized>(fig: &Figment) -> Result<(String, Value)>
