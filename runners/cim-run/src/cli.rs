@@ -21,15 +21,8 @@ use crate::train::Trainer;
                   Without --preset or --config, the `quickstart` preset runs."
 )]
 pub struct Cli {
-    /// Preset name (an embedded `configs/NAME.toml`).
-    #[arg(long)]
-    pub preset: Option<String>,
-    /// Extra TOML config files, applied in order.
-    #[arg(long = "config", value_name = "FILE")]
-    pub config: Vec<PathBuf>,
-    /// Override one key, e.g. `--set train.lr=1e-3 --set enhancer.name=vit_s16`.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
+    #[command(flatten)]
+    pub cfg: ConfigArgs,
     /// List registered components by kind, and the presets.
     #[arg(long)]
     pub list: bool,
@@ -46,14 +39,56 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+/// Where the configuration comes from; shared by training and the subcommands.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigArgs {
+    /// Preset name (an embedded `configs/NAME.toml`).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Extra TOML config files, applied in order.
+    #[arg(long = "config", value_name = "FILE")]
+    pub config: Vec<PathBuf>,
+    /// Override one key, e.g. `--set train.lr=1e-3 --set enhancer.name=vit_s16`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+impl ConfigArgs {
+    /// The config layers these flags name (`quickstart` when neither a preset nor a file is given).
+    pub fn layers(&self) -> Layers {
+        let preset = match (&self.preset, self.config.is_empty()) {
+            (None, true) => Some("quickstart".to_string()),
+            (p, _) => p.clone(),
+        };
+        Layers {
+            preset,
+            config_files: self.config.clone(),
+            set: self.set.clone(),
+            env: true,
+        }
+    }
+}
+
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Fit a `patch_kmeans` tokenizer codebook (k-means on random image patches).
     FitKmeans(crate::fit::FitKmeans),
+    /// Time one training step phase by phase; prints one JSON line (the reference's fields).
+    Bench(crate::bench::BenchArgs),
 }
 
-fn fit(cmd: Command) -> anyhow::Result<()> {
-    let Command::FitKmeans(opts) = cmd;
+fn subcommand(cmd: Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::FitKmeans(opts) => fit(opts),
+        Command::Bench(args) => {
+            let report = crate::bench::bench(&args)?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+    }
+}
+
+fn fit(opts: crate::fit::FitKmeans) -> anyhow::Result<()> {
     let hist = crate::fit::fit_kmeans(&opts)?;
     println!(
         "fitted {} centroids of {p}×{p} patches on {} samples; mean squared error per patch {:.5} → {:.5} over {} iterations; wrote {}",
@@ -103,26 +138,18 @@ pub fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
         Err(e) => return Err(e),
     };
     if let Some(cmd) = cli.command {
-        return fit(cmd);
+        return subcommand(cmd);
     }
     if cli.list {
         print!("{}", list()?);
         return Ok(());
     }
-    let preset = match (&cli.preset, cli.config.is_empty()) {
-        (None, true) => Some("quickstart".to_string()),
-        (p, _) => p.clone(),
-    };
-    let mut set = cli.set.clone();
+    let mut layers = cli.cfg.layers();
+    let preset = layers.preset.clone();
     if let Some(n) = cli.steps {
-        set.push(format!("run.max_steps={n}"));
+        layers.set.push(format!("run.max_steps={n}"));
     }
-    let resolved = resolve(&Layers {
-        preset: preset.clone(),
-        config_files: cli.config.clone(),
-        set,
-        env: true,
-    })?;
+    let resolved = resolve(&layers)?;
     if cli.print_config {
         print!("{}", resolved.to_toml()?);
         return Ok(());

@@ -34,8 +34,14 @@ pub struct RunSection {
     pub max_steps: usize,
     /// Log a line every this many steps when no progress bar is shown.
     pub log_every: usize,
-    /// Write `model.safetensors` (atomically) every this many steps, and always at the end; 0 = end only.
+    /// Write a checkpoint (atomically) every this many steps, and always at the end; 0 = end only.
     pub checkpoint_every: usize,
+    /// Checkpoints kept in `<run>/checkpoints/` (the newest K; at least 1).
+    pub keep_checkpoints: usize,
+    /// Write a picture grid `pictures/step-NNNNNNN.png` every this many steps; 0 = only at the end.
+    pub picture_every: usize,
+    /// On CUDA, let f32 matmuls use TF32 tensor cores (PyTorch's `allow_tf32`).
+    pub tf32: bool,
 }
 
 impl Default for RunSection {
@@ -47,6 +53,9 @@ impl Default for RunSection {
             max_steps: 0,
             log_every: 10,
             checkpoint_every: 1000,
+            keep_checkpoints: 3,
+            picture_every: 0,
+            tf32: true,
         }
     }
 }
@@ -84,6 +93,10 @@ pub struct DataConfig {
     /// Input normalisation of the generator and enhancer views.
     pub mean: [f64; 3],
     pub std: [f64; 3],
+    /// Decode/augment threads; 0 = one per core.
+    pub workers: usize,
+    /// Batches prepared ahead of the training step (bounded queue).
+    pub prefetch: usize,
 }
 
 impl Default for DataConfig {
@@ -99,6 +112,8 @@ impl Default for DataConfig {
             hflip: true,
             mean: [0.485, 0.456, 0.406],
             std: [0.229, 0.224, 0.225],
+            workers: 0,
+            prefetch: 2,
         }
     }
 }
@@ -123,6 +138,9 @@ pub struct TrainConfig {
     pub total_steps: usize,
     /// If > 0, warmup length in steps (instead of warmup_epochs × steps per epoch).
     pub warmup_steps: usize,
+    /// Gradient accumulation: each optimizer step sums gradients over this many micro-batches of
+    /// `batch_size / accum_steps` images (`batch_size` stays the effective batch).
+    pub accum_steps: usize,
 }
 
 impl Default for TrainConfig {
@@ -139,6 +157,7 @@ impl Default for TrainConfig {
             warmup_epochs: 10,
             total_steps: 0,
             warmup_steps: 0,
+            accum_steps: 1,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! registry, [`train::Trainer`] runs the steps. A custom binary that links extra plugin crates
 //! calls [`cli::main`] and gets the same CLI with its plugins registered.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

@@ -83,20 +83,21 @@ impl AdamW {
         self.t
     }
 
-    /// Global L2 norm of all gradients; a parameter without a gradient is an error naming it.
+    /// Global L2 norm of all gradients (one host read); a parameter without a gradient is an
+    /// error naming it.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let mut sq = 0f64;
+        let mut sums = Vec::with_capacity(self.slots.len());
         for s in &self.slots {
             let g = grads.get(s.var.as_tensor()).ok_or_else(|| {
                 Error::msg(format!("parameter `{}` received no gradient", s.name))
             })?;
-            sq += g
-                .to_dtype(DType::F32)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f32>()? as f64;
+            sums.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?);
         }
-        Ok(sq.sqrt())
+        if sums.is_empty() {
+            return Ok(0.0);
+        }
+        let sq = Tensor::stack(&sums, 0)?.to_dtype(DType::F64)?.sum_all()?;
+        Ok(sq.to_scalar::<f64>()?.sqrt())
     }
 
     /// One update at learning rate `lr`, clipping the global gradient norm to `clip` (0 = off).

@@ -191,98 +191,165 @@ impl PhaseClock {
     }
 }
 
+/// Stage 3's result: the mask and the generator's MIM prediction.
+pub struct MimOut {
+    /// `(B, gh, gw)` golden token ids.
+    pub golden: Tensor,
+    pub mask: Mask,
+    /// `(M, V)` logits at the masked positions.
+    pub logits: Tensor,
+    /// `(M,)` golden ids at the masked positions.
+    pub golden_m: Tensor,
+    /// The MIM cross-entropy (gradient into the generator).
+    pub loss: Tensor,
+}
+
+/// Stages 4–7: the corrupted image and REVDET's label.
+pub struct Corruption {
+    /// `(B, 3, H, W)` in `[0, 1]` at the enhancer's size, detached.
+    pub image: Tensor,
+    /// `(B, N)` 1 where the token was replaced by a different one.
+    pub replaced: Tensor,
+    pub n_replaced: f64,
+    /// Distinct golden tokens in the batch.
+    pub distinct: usize,
+}
+
 impl Cim {
-    /// Stages 1–9 of DESIGN.md. Gradients flow into the generator only through the MIM loss and
-    /// into the enhancer/objective only through the objective loss: sampled ids and decoded
-    /// images are detached.
-    pub fn forward(&self, batch: &Batch, rngs: &mut StepRngs) -> Result<StepOutput> {
-        let (mean, std) = (self.data.mean, self.data.std);
-        let mut clock = PhaseClock::start();
-        // 1. Golden tokens from the frozen tokenizer.
-        let golden = self.tokenizer.encode(&batch.tok_view)?; // (B, gh, gw)
+    /// Stage 1: golden tokens from the frozen tokenizer, `(B, gh, gw)`.
+    pub fn tokens(&self, batch: &Batch) -> Result<Tensor> {
+        self.tokenizer.encode(&batch.tok_view)
+    }
+
+    /// Stages 2–3: mask, generator forward, MIM loss at the masked positions.
+    pub fn mim(&self, batch: &Batch, golden: Tensor, rngs: &mut StepRngs) -> Result<MimOut> {
         let b = golden.dim(0)?;
-        clock.lap("tok_encode");
-        // 2. Mask.
         let mask = self.masking.sample(b, self.grid, &mut rngs.mask)?;
-        // 3. Generator: MIM on the masked positions.
-        let image_n = normalize(&batch.image, mean, std)?;
+        let image_n = normalize(&batch.image, self.data.mean, self.data.std)?;
         let logits = self.generator.forward(&image_n, &mask)?; // (M, V)
-        let golden_flat = golden.flatten_all()?;
         let at_mask = mask.indices_tensor(&self.device)?;
-        let golden_m = golden_flat.index_select(&at_mask, 0)?;
-        let mim = self.generator.mim_loss(&logits, &golden_m)?;
-        clock.lap("gen_fwd");
-        // 4. Sample replacements (no gradient).
-        let sampled = self.sampler.sample(&logits.detach(), &mut rngs.sample)?;
-        // 5. Replace golden tokens at masked positions; `replaced` is REVDET's label.
-        let golden_ids: Vec<u32> = golden_flat.to_vec1()?;
+        let golden_m = golden.flatten_all()?.index_select(&at_mask, 0)?;
+        let loss = self.generator.mim_loss(&logits, &golden_m)?;
+        Ok(MimOut {
+            golden,
+            mask,
+            logits,
+            golden_m,
+            loss,
+        })
+    }
+
+    /// Stages 4–7, without gradients: sample at the masked positions, replace, decode, resize.
+    pub fn corrupt(&self, mim: &MimOut, rngs: &mut StepRngs) -> Result<Corruption> {
+        let golden = &mim.golden;
+        let b = golden.dim(0)?;
+        let sampled = self.sampler.sample(&mim.logits.detach(), &mut rngs.sample)?;
+        let golden_ids: Vec<u32> = golden.flatten_all()?.to_vec1()?;
         let distinct = golden_ids
             .iter()
             .collect::<std::collections::BTreeSet<_>>()
             .len();
         let (ids, replaced) =
-            replace_tokens(&golden_ids, &mask.flat_indices(), &sampled.to_vec1()?);
+            replace_tokens(&golden_ids, &mim.mask.flat_indices(), &sampled.to_vec1()?);
         let n_replaced: f32 = replaced.iter().sum();
         let corrupted_ids = Tensor::from_vec(ids, golden.shape(), &self.device)?;
         let replaced = Tensor::from_vec(replaced, (b, self.grid.len()), &self.device)?;
-        // 6. Render the corrupted image (no gradient).
         let small = self.tokenizer.decode(&corrupted_ids)?.detach();
-        // 7. To the enhancer's size.
         let s = self.data.image_size;
-        let corrupted = if small.dims()[2..] == [s, s] {
+        let image = if small.dims()[2..] == [s, s] {
             small
         } else {
             small.upsample_bilinear2d(s, s, false)?
         };
-        clock.lap("sample_decode");
-        // 8. Enhancer.
-        let features = self
-            .enhancer
-            .forward_t(&normalize(&corrupted, mean, std)?, true)?;
-        // 9. Objective.
-        let out = self.objective.forward(
+        Ok(Corruption {
+            image,
+            replaced,
+            n_replaced: n_replaced as f64,
+            distinct,
+        })
+    }
+
+    /// Stages 8–9: the enhancer on the corrupted image and the pre-training objective.
+    pub fn enhance(
+        &self,
+        batch: &Batch,
+        mim: &MimOut,
+        corruption: &Corruption,
+    ) -> Result<cim_api::ObjectiveOutput> {
+        let features = self.enhancer.forward_t(
+            &normalize(&corruption.image, self.data.mean, self.data.std)?,
+            true,
+        )?;
+        self.objective.forward(
             &features,
             &ObjectiveBatch {
                 original: &batch.image,
-                corrupted: &corrupted,
-                mask: &mask,
-                replaced: &replaced,
+                corrupted: &corruption.image,
+                mask: &mim.mask,
+                replaced: &corruption.replaced,
             },
-        )?;
-        let total = (&mim + (&out.loss * self.objective.weight())?)?;
-        clock.lap("enh_fwd");
+        )
+    }
 
-        let mut losses = Losses::default();
-        let scalar =
-            |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64) };
-        losses.insert("loss", scalar(&total)?);
-        losses.insert("loss_mim", scalar(&mim)?);
-        losses.insert(
-            format!("loss_{}", self.names["objective"]),
-            scalar(&out.loss)?,
-        );
-        let acc = logits
-            .argmax(1)?
-            .eq(&golden_m)?
-            .to_dtype(DType::F32)?
-            .mean_all()?;
-        losses.insert("mim_acc", scalar(&acc)?);
-        let m = mask.total().max(1) as f64;
-        losses.insert("mask_frac", m / (b * self.grid.len()) as f64);
-        losses.insert("replaced_frac", n_replaced as f64 / m);
-        // Distinct golden tokens in the batch: a collapsed tokenizer shows up here first.
-        losses.insert("golden_distinct", distinct as f64);
+    /// Stages 1–9 of DESIGN.md. Gradients flow into the generator only through the MIM loss and
+    /// into the enhancer/objective only through the objective loss: sampled ids and decoded
+    /// images are detached.
+    pub fn forward(&self, batch: &Batch, rngs: &mut StepRngs) -> Result<StepOutput> {
+        let mut clock = PhaseClock::start();
+        let golden = self.tokens(batch)?;
+        clock.lap("tok_encode");
+        let mim = self.mim(batch, golden, rngs)?;
+        clock.lap("gen_fwd");
+        let corruption = self.corrupt(&mim, rngs)?;
+        clock.lap("sample_decode");
+        let out = self.enhance(batch, &mim, &corruption)?;
+        let total = (&mim.loss + (&out.loss * self.objective.weight())?)?;
+        clock.lap("enh_fwd");
+        let losses = self.losses(&total, &mim, &corruption, &out.loss)?;
         Ok(StepOutput {
             total,
-            mim,
+            mim: mim.loss,
             objective: out.loss,
             losses,
-            mask,
-            corrupted,
+            mask: mim.mask,
+            corrupted: corruption.image,
             prediction: out.prediction,
             target: out.target,
             phase_ms: clock.phases,
         })
+    }
+
+    /// The scalars of a step: losses, MIM accuracy, mask and replacement fractions.
+    pub fn losses(
+        &self,
+        total: &Tensor,
+        mim: &MimOut,
+        corruption: &Corruption,
+        objective: &Tensor,
+    ) -> Result<Losses> {
+        let mut losses = Losses::default();
+        let scalar =
+            |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64) };
+        losses.insert("loss", scalar(total)?);
+        losses.insert("loss_mim", scalar(&mim.loss)?);
+        losses.insert(
+            format!("loss_{}", self.names["objective"]),
+            scalar(objective)?,
+        );
+        let acc = mim
+            .logits
+            .argmax(1)?
+            .eq(&mim.golden_m)?
+            .to_dtype(DType::F32)?
+            .mean_all()?;
+        losses.insert("mim_acc", scalar(&acc)?);
+        let b = mim.golden.dim(0)?;
+        let m = mim.mask.total().max(1) as f64;
+        losses.insert("mask_frac", m / (b * self.grid.len()) as f64);
+        losses.insert("replaced_frac", corruption.n_replaced / m);
+        // Distinct golden tokens in the batch: a collapsed tokenizer shows up here first.
+        losses.insert("golden_distinct", corruption.distinct as f64);
+        Ok(losses)
     }
 }
 

@@ -1,0 +1,287 @@
+//! `cim-run bench`: the throughput of one CiM training step, phase by phase, in the JSON fields of
+//! the PyTorch reference (`../shared/bench/torch_cim_ref.py`) so the two can be set side by side.
+//!
+//! Like the reference, one batch is prepared once and reused (here: the embedded photographs at the
+//! preset's sizes), the phases are timed in order — `tok_encode`, `gen_fwd_bwd`, `sample_decode`,
+//! `enh_fwd_bwd`, `optim` — and the generator's and enhancer's backward passes run separately (their
+//! gradients are summed before the update, which equals the backward of the summed loss).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::Device;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use cim_api::Result;
+
+use crate::cli::ConfigArgs;
+use crate::config::resolve;
+use crate::data::{self, Loader};
+use crate::optim::AdamW;
+use crate::pipeline::{Cim, StepRngs};
+
+/// Options of `cim-run bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Images per step (default: the preset's `train.batch_size`, at most 128).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Timed steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Untimed steps first (kernel JIT, allocator warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// Overrides `run.device` ("cpu", "cuda:0", "auto").
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+/// The JSON line `cim-run bench` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub preset: Option<String>,
+    pub tokenizer: String,
+    pub generator: String,
+    pub enhancer: String,
+    pub objective: String,
+    pub batch: usize,
+    pub img: usize,
+    pub tok_res: usize,
+    pub tokens: usize,
+    pub dtype: &'static str,
+    pub device: String,
+    pub params_m: f64,
+    pub steps: usize,
+    pub warmup: usize,
+    pub build_s: f64,
+    pub warmup_s: f64,
+    pub step_ms: f64,
+    pub images_per_s: f64,
+    pub phase_ms: BTreeMap<&'static str, f64>,
+    pub phase_sum_ms: f64,
+    pub loss_first: f64,
+    pub loss_last: f64,
+    pub loss_finite: bool,
+    /// CUDA: most device memory in use at any phase boundary (whole device, sampled);
+    /// CPU: the process's peak resident set.
+    pub peak_mem_gib: Option<f64>,
+}
+
+pub const PHASES: [&str; 5] = [
+    "tok_encode",
+    "gen_fwd_bwd",
+    "sample_decode",
+    "enh_fwd_bwd",
+    "optim",
+];
+
+/// Memory in use now (CUDA) or the peak resident set so far (CPU), in GiB.
+fn memory_gib(device: &Device) -> Option<f64> {
+    match device {
+        Device::Cpu => {
+            let status = std::fs::read_to_string("/proc/self/status").ok()?;
+            let kb: f64 = status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some(kb / (1024.0 * 1024.0))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+            Some((total - free) as f64 / (1u64 << 30) as f64)
+        }
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
+/// Runs the benchmark and returns its report.
+pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
+    let t_build = Instant::now();
+    let mut layers = args.config.layers();
+    if let Some(d) = &args.device {
+        layers.set.push(format!("run.device=\"{d}\""));
+    }
+    // Data: the embedded photographs, so a benchmark needs no dataset on disk.
+    layers.set.push("data.source=\"quickstart\"".into());
+    let probe = resolve(&layers)?;
+    let batch = args
+        .batch
+        .unwrap_or(probe.cfg.train.batch_size.min(128))
+        .max(1);
+    layers.set.push(format!("train.batch_size={batch}"));
+    let res = resolve(&layers)?;
+    let cfg = &res.cfg;
+    set_tf32(cfg.run.tf32);
+    let cim = Cim::build(&res)?;
+    let dev = cim.device.clone();
+    let loader = Loader::new(data::open(&cfg.data)?, cfg.data.clone(), batch, cfg.run.seed)?;
+    let b = loader.batch(0, &dev)?;
+    let mut opt = AdamW::new(
+        cim.params.vars(),
+        cfg.train.betas,
+        cfg.train.adam_eps,
+        cfg.train.weight_decay,
+    )?;
+    let mut rngs = StepRngs {
+        mask: rand::rngs::StdRng::seed_from_u64(cfg.run.seed ^ 0x6D61_736B),
+        sample: rand::rngs::StdRng::seed_from_u64(cfg.run.seed ^ 0x7361_6D70),
+    };
+    dev.synchronize()?;
+    let build_s = t_build.elapsed().as_secs_f64();
+    let weight = cim.objective.weight();
+    let mut peak = memory_gib(&dev);
+    let mut step = |times: Option<&mut BTreeMap<&'static str, f64>>,
+                    peak: &mut Option<f64>|
+     -> Result<candle_core::Tensor> {
+        let mut lap = Lap::new(&dev, times);
+        let golden = cim.tokens(&b)?;
+        lap.end("tok_encode", peak)?;
+        let mim = cim.mim(&b, golden, &mut rngs)?;
+        let mut grads = mim.loss.backward()?;
+        lap.end("gen_fwd_bwd", peak)?;
+        let corruption = cim.corrupt(&mim, &mut rngs)?;
+        lap.end("sample_decode", peak)?;
+        let out = cim.enhance(&b, &mim, &corruption)?;
+        let enh = (&out.loss * weight)?;
+        grads.extend(enh.backward()?)?;
+        lap.end("enh_fwd_bwd", peak)?;
+        opt.step(&grads, cfg.train.lr, cfg.train.clip_grad)?;
+        lap.end("optim", peak)?;
+        Ok((&mim.loss + enh)?.detach())
+    };
+    let t0 = Instant::now();
+    for _ in 0..args.warmup {
+        step(None, &mut peak)?;
+    }
+    dev.synchronize()?;
+    let warmup_s = t0.elapsed().as_secs_f64();
+    let mut sums: BTreeMap<&'static str, f64> = PHASES.iter().map(|&p| (p, 0.0)).collect();
+    let mut losses = vec![];
+    let t0 = Instant::now();
+    for _ in 0..args.steps.max(1) {
+        losses.push(step(Some(&mut sums), &mut peak)?);
+    }
+    dev.synchronize()?;
+    let wall = t0.elapsed().as_secs_f64();
+    let n = args.steps.max(1) as f64;
+    let phase_ms: BTreeMap<&'static str, f64> = sums.into_iter().map(|(k, v)| (k, v / n)).collect();
+    let losses: Vec<f64> = losses
+        .iter()
+        .map(|t| t.to_scalar::<f32>().map(|v| v as f64))
+        .collect::<candle_core::Result<_>>()?;
+    let step_ms = wall / n * 1e3;
+    Ok(BenchReport {
+        preset: args.config.preset.clone(),
+        tokenizer: cim.names["tokenizer"].clone(),
+        generator: cim.names["generator"].clone(),
+        enhancer: cim.names["enhancer"].clone(),
+        objective: cim.names["objective"].clone(),
+        batch,
+        img: cfg.data.image_size,
+        tok_res: cfg.data.tokenizer_size,
+        tokens: cim.grid.len(),
+        dtype: if dev.is_cuda() && cfg.run.tf32 {
+            "fp32 (tf32 matmul)"
+        } else {
+            "fp32"
+        },
+        device: format!("{dev:?}"),
+        params_m: cim.params.num_params() as f64 / 1e6,
+        steps: n as usize,
+        warmup: args.warmup,
+        build_s,
+        warmup_s,
+        step_ms,
+        images_per_s: batch as f64 / (step_ms / 1e3),
+        phase_sum_ms: phase_ms.values().sum(),
+        phase_ms,
+        loss_first: losses[0],
+        loss_last: *losses.last().expect("at least one step"),
+        loss_finite: losses.iter().all(|l| l.is_finite()),
+        peak_mem_gib: peak,
+    })
+}
+
+/// Phase timing: the device is synchronised at every phase boundary so a phase's kernels are
+/// charged to it (CUDA launches are asynchronous).
+struct Lap<'a> {
+    dev: &'a Device,
+    times: Option<&'a mut BTreeMap<&'static str, f64>>,
+    last: Instant,
+}
+
+impl<'a> Lap<'a> {
+    fn new(dev: &'a Device, times: Option<&'a mut BTreeMap<&'static str, f64>>) -> Self {
+        Self {
+            dev,
+            times,
+            last: Instant::now(),
+        }
+    }
+    fn end(&mut self, name: &'static str, peak: &mut Option<f64>) -> Result<()> {
+        self.dev.synchronize()?;
+        let now = Instant::now();
+        if let Some(t) = self.times.as_deref_mut() {
+            *t.entry(name).or_default() += (now - self.last).as_secs_f64() * 1e3;
+        }
+        if self.dev.is_cuda() {
+            if let Some(m) = memory_gib(self.dev) {
+                *peak = Some(peak.map_or(m, |p: f64| p.max(m)));
+            }
+        }
+        self.last = Instant::now();
+        Ok(())
+    }
+}
+
+/// Applies `run.tf32` (a no-op in CPU builds).
+pub fn set_tf32(on: bool) {
+    candle_core::cuda::set_gemm_reduced_precision_f32(on);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_bench_reports_every_phase_of_the_reference() -> Result<()> {
+        let args = BenchArgs {
+            config: ConfigArgs {
+                preset: Some("tiny_vit_respix".into()),
+                ..Default::default()
+            },
+            batch: Some(2),
+            steps: 2,
+            warmup: 1,
+            device: Some("cpu".into()),
+        };
+        let r = bench(&args)?;
+        assert_eq!(r.batch, 2);
+        assert_eq!(r.steps, 2);
+        assert_eq!(r.phase_ms.keys().copied().collect::<Vec<_>>(), {
+            let mut p = PHASES.to_vec();
+            p.sort();
+            p
+        });
+        assert!(r.phase_ms.values().all(|&v| v > 0.0), "{:?}", r.phase_ms);
+        // The phases are the whole step, up to the loop's own overhead.
+        assert!(r.phase_sum_ms <= r.step_ms * 1.001 + 0.5, "{r:?}");
+        assert!(r.phase_sum_ms > 0.8 * r.step_ms, "{r:?}");
+        assert!(r.images_per_s > 0.0 && r.loss_finite);
+        assert!(r.peak_mem_gib.unwrap() > 0.0);
+        let line = serde_json::to_string(&r).unwrap();
+        for key in ["images_per_s", "step_ms", "phase_ms", "peak_mem_gib"] {
+            assert!(line.contains(key), "{line}");
+        }
+        Ok(())
+    }
+}
