@@ -62,6 +62,13 @@ impl Error {
     pub fn config(m: impl Into<String>) -> Self {
         Error::Config(m.into())
     }
+    /// The file or record a [`Error::Data`] or [`Error::Io`] is about.
+    pub fn path(&self) -> Option<String> {
+        match self {
+            Error::Data { path, .. } | Error::Io { path, .. } => Some(path.clone()),
+            _ => None,
+        }
+    }
     pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.as_ref().display().to_string(),

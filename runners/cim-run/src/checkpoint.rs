@@ -1,4 +1,10 @@
-//! Atomic writes: a file is either the old version or the complete new one, never half of each.
+//! Atomic writes and training checkpoints.
+//!
+//! A file is either the old version or the complete new one, never half of each (temp file, fsync,
+//! rename). A checkpoint is a folder `<run>/checkpoints/step-NNNNNNNN/` holding
+//! `model.safetensors` (trainable weights and buffers), `optimizer.safetensors` (AdamW moments),
+//! `state.json` ([`TrainState`]) and `config.toml`; it is written as a hidden temporary folder and
+//! renamed into place, so a crash leaves either no new checkpoint or a complete one.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -48,6 +54,158 @@ pub fn save_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Resul
     commit(&tmp, path)
 }
 
+/// Where a run stands, beside its weights: enough to continue bit-exactly. All randomness of a step
+/// (data order, crops, masks, samples) is a function of `(seed, step)`, so the step is the RNG state.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps taken.
+    pub step: usize,
+    /// AdamW's step counter (bias correction).
+    pub optimizer_t: u64,
+    pub seed: u64,
+    /// Micro-batches consumed (`step × accum_steps`): the data loader's position.
+    pub micro_batches: u64,
+    pub epoch: u64,
+    /// Files skipped as unreadable so far.
+    pub skipped: Vec<String>,
+}
+
+/// Test hook: `CIMRUN_FAULT=checkpoint:N` aborts the process in the middle of writing the N-th
+/// checkpoint of this process (after the weights, before the state and the rename).
+fn fault_point(count: usize) {
+    if let Ok(spec) = std::env::var("CIMRUN_FAULT") {
+        if spec.strip_prefix("checkpoint:").and_then(|n| n.parse::<usize>().ok()) == Some(count) {
+            eprintln!("CIMRUN_FAULT: aborting while writing checkpoint {count}");
+            std::process::abort();
+        }
+    }
+}
+
+static WRITTEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The folder of the checkpoint at `step`.
+pub fn checkpoint_dir(run_dir: &Path, step: usize) -> std::path::PathBuf {
+    run_dir.join("checkpoints").join(format!("step-{step:08}"))
+}
+
+/// Writes a checkpoint folder atomically, then deletes all but the newest `keep` checkpoints.
+pub fn write_checkpoint(
+    run_dir: &Path,
+    state: &TrainState,
+    weights: &HashMap<String, Tensor>,
+    optimizer: &HashMap<String, Tensor>,
+    config_toml: &str,
+    keep: usize,
+) -> Result<std::path::PathBuf> {
+    let root = run_dir.join("checkpoints");
+    std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+    let dest = checkpoint_dir(run_dir, state.step);
+    let tmp = root.join(format!(
+        ".step-{:08}.tmp-{}",
+        state.step,
+        std::process::id()
+    ));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let n = WRITTEN.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    let synced = |name: &str, write: &dyn Fn(&Path) -> Result<()>| -> Result<()> {
+        let p = tmp.join(name);
+        write(&p)?;
+        File::open(&p)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(&p, e))
+    };
+    synced("model.safetensors", &|p| {
+        Ok(candle_core::safetensors::save(weights, p)?)
+    })?;
+    synced("optimizer.safetensors", &|p| {
+        Ok(candle_core::safetensors::save(optimizer, p)?)
+    })?;
+    fault_point(n);
+    let json = serde_json::to_string_pretty(state).map_err(|e| Error::msg(e.to_string()))?;
+    synced("state.json", &|p| {
+        std::fs::write(p, json.as_bytes()).map_err(|e| Error::io(p, e))
+    })?;
+    synced("config.toml", &|p| {
+        std::fs::write(p, config_toml.as_bytes()).map_err(|e| Error::io(p, e))
+    })?;
+    if dest.exists() {
+        // Same step written again (e.g. after a resume): replace it.
+        std::fs::remove_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
+    }
+    std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+    if let Ok(d) = File::open(&root) {
+        let _ = d.sync_all();
+    }
+    let all = list_checkpoints(run_dir)?;
+    for (_, old) in all.iter().rev().skip(keep.max(1)) {
+        std::fs::remove_dir_all(old).map_err(|e| Error::io(old, e))?;
+    }
+    Ok(dest)
+}
+
+/// Complete checkpoints of a run, oldest first (temporary folders of interrupted writes are ignored).
+pub fn list_checkpoints(run_dir: &Path) -> Result<Vec<(usize, std::path::PathBuf)>> {
+    let root = run_dir.join("checkpoints");
+    let mut out = vec![];
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return Ok(out);
+    };
+    for e in entries {
+        let p = e.map_err(|e| Error::io(&root, e))?.path();
+        let name = p.file_name().unwrap_or_default().to_string_lossy().to_string();
+        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse().ok()) {
+            if p.join("state.json").is_file() {
+                out.push((step, p));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A checkpoint read back.
+pub struct Loaded {
+    pub dir: std::path::PathBuf,
+    pub state: TrainState,
+    pub weights: std::collections::BTreeMap<String, Tensor>,
+    pub optimizer: std::collections::BTreeMap<String, Tensor>,
+}
+
+/// Reads the newest complete checkpoint of `run_dir`.
+pub fn load_latest(run_dir: &Path) -> Result<Loaded> {
+    let (_, dir) = list_checkpoints(run_dir)?.pop().ok_or_else(|| {
+        Error::msg(format!(
+            "{}: no complete checkpoint to resume from (expected checkpoints/step-*/state.json)",
+            run_dir.display()
+        ))
+    })?;
+    let state_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+    let state: TrainState = serde_json::from_str(&text).map_err(|e| Error::Data {
+        path: state_path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let read = |name: &str| -> Result<std::collections::BTreeMap<String, Tensor>> {
+        let p = dir.join(name);
+        let t = candle_core::safetensors::load(&p, &candle_core::Device::Cpu).map_err(|e| {
+            Error::Data {
+                path: p.display().to_string(),
+                message: e.to_string(),
+            }
+        })?;
+        Ok(t.into_iter().collect())
+    };
+    Ok(Loaded {
+        weights: read("model.safetensors")?,
+        optimizer: read("optimizer.safetensors")?,
+        state,
+        dir,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,6 +224,35 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn checkpoints_keep_the_newest_k_and_ignore_interrupted_writes() -> Result<()> {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tensor::new(&[1f32], &Device::Cpu)?;
+        let w = HashMap::from([("a".to_string(), t)]);
+        for step in [10, 20, 30] {
+            let state = TrainState {
+                step,
+                optimizer_t: step as u64,
+                seed: 1,
+                micro_batches: step as u64,
+                epoch: 0,
+                skipped: vec![],
+            };
+            write_checkpoint(dir.path(), &state, &w, &w, "", 2)?;
+        }
+        // An interrupted write: a hidden temp folder and a step folder without state.json.
+        std::fs::create_dir_all(dir.path().join("checkpoints/.step-00000040.tmp-1")).unwrap();
+        std::fs::create_dir_all(dir.path().join("checkpoints/step-00000050")).unwrap();
+        let steps: Vec<usize> = list_checkpoints(dir.path())?.into_iter().map(|c| c.0).collect();
+        assert_eq!(steps, vec![20, 30]);
+        let l = load_latest(dir.path())?;
+        assert_eq!((l.state.step, l.weights.len()), (30, 1));
+        let empty = tempfile::tempdir().unwrap();
+        let e = load_latest(empty.path()).err().unwrap().to_string();
+        assert!(e.contains("no complete checkpoint"), "{e}");
         Ok(())
     }
 }

@@ -35,6 +35,9 @@ pub struct Cli {
     /// Run directory (default: `<run.out_root>/<preset>-<unix time>`).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Continue the run in RUN_DIR from its newest checkpoint (with --steps N: until step N).
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["preset", "config", "out"])]
+    pub resume: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -144,39 +147,50 @@ pub fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
         print!("{}", list()?);
         return Ok(());
     }
-    let mut layers = cli.cfg.layers();
-    let preset = layers.preset.clone();
-    if let Some(n) = cli.steps {
-        layers.set.push(format!("run.max_steps={n}"));
-    }
-    let resolved = resolve(&layers)?;
-    if cli.print_config {
-        print!("{}", resolved.to_toml()?);
-        return Ok(());
-    }
-    let run_dir = match &cli.out {
-        Some(d) => d.clone(),
+    let mut trainer = match &cli.resume {
+        Some(dir) => {
+            let mut set = cli.cfg.set.clone();
+            if let Some(n) = cli.steps {
+                set.push(format!("run.max_steps={n}"));
+            }
+            Trainer::resume(dir.clone(), set)?
+        }
         None => {
-            let secs = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            resolved
-                .cfg
-                .run
-                .out_root
-                .join(format!("{}-{secs}", preset.as_deref().unwrap_or("run")))
+            let mut layers = cli.cfg.layers();
+            let preset = layers.preset.clone();
+            if let Some(n) = cli.steps {
+                layers.set.push(format!("run.max_steps={n}"));
+            }
+            let resolved = resolve(&layers)?;
+            if cli.print_config {
+                print!("{}", resolved.to_toml()?);
+                return Ok(());
+            }
+            let run_dir = match &cli.out {
+                Some(d) => d.clone(),
+                None => {
+                    let secs = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    resolved
+                        .cfg
+                        .run
+                        .out_root
+                        .join(format!("{}-{secs}", preset.as_deref().unwrap_or("run")))
+                }
+            };
+            Trainer::new(resolved, run_dir)?
         }
     };
-    let max = resolved.cfg.run.max_steps;
-    let mut trainer = Trainer::new(resolved, run_dir)?;
-    let summary = trainer.run(Some(max))?;
+    let summary = trainer.run(None)?;
     let obj = format!("loss_{}", trainer.cim.names["objective"]);
     let n = (summary.steps / 10).max(1);
     println!(
-        "done: {} steps in {:.1}s; loss_mim {:.4} → {:.4}, {obj} {:.4} → {:.4} (means of first/last {n} steps)\n\
-         wrote {dir}/config.toml, {dir}/metrics.jsonl, {dir}/model.safetensors, {dir}/samples.png",
+        "done: {} steps (now at step {}) in {:.1}s; loss_mim {:.4} → {:.4}, {obj} {:.4} → {:.4} (means of first/last {n} steps)\n\
+         wrote {dir}/config.toml, {dir}/metrics.jsonl, {dir}/checkpoints/, {dir}/model.safetensors, {dir}/samples.png, {dir}/loss_curve.png",
         summary.steps,
+        summary.final_step,
         summary.seconds,
         summary.mean("loss_mim", true, n),
         summary.mean("loss_mim", false, n),
@@ -184,6 +198,12 @@ pub fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
         summary.mean(&obj, false, n),
         dir = summary.run_dir.display()
     );
+    if !summary.skipped.is_empty() {
+        println!("skipped {} unreadable files:", summary.skipped.len());
+        for p in &summary.skipped {
+            println!("  {p}");
+        }
+    }
     Ok(())
 }
 

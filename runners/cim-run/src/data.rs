@@ -186,12 +186,11 @@ impl Dataset for Folder {
     }
     fn get(&self, i: usize) -> Result<RgbImage> {
         let f = &self.files[i];
-        image::open(f)
-            .map(|i| i.to_rgb8())
-            .map_err(|e| Error::Data {
-                path: f.display().to_string(),
-                message: e.to_string(),
-            })
+        let bytes = std::fs::read(f).map_err(|e| Error::io(f, e))?;
+        decode_image(&bytes).map_err(|message| Error::Data {
+            path: f.display().to_string(),
+            message,
+        })
     }
     fn describe(&self) -> String {
         format!(
@@ -200,6 +199,33 @@ impl Dataset for Folder {
             self.files.len()
         )
     }
+}
+
+/// Decodes a JPEG or PNG by its content (not its name) to RGB: grayscale, RGBA and CMYK are
+/// converted. Empty files, other formats and JPEGs without their end-of-image marker (truncated
+/// downloads, which decoders would otherwise fill with grey) are errors.
+pub fn decode_image(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+    if bytes.is_empty() {
+        return Err("empty file (0 bytes)".into());
+    }
+    let format = image::guess_format(bytes)
+        .map_err(|_| "not an image (no JPEG or PNG signature)".to_string())?;
+    match format {
+        image::ImageFormat::Jpeg => {
+            let end = bytes
+                .iter()
+                .rposition(|&b| !matches!(b, 0 | b'\n' | b'\r' | b' '))
+                .unwrap_or(0);
+            if end < 1 || bytes[end - 1..=end] != [0xFF, 0xD9] {
+                return Err("truncated JPEG (no end-of-image marker)".into());
+            }
+        }
+        image::ImageFormat::Png => {}
+        other => return Err(format!("{other:?} images are not supported (JPEG or PNG)")),
+    }
+    image::load_from_memory_with_format(bytes, format)
+        .map(|i| i.to_rgb8())
+        .map_err(|e| e.to_string())
 }
 
 /// Opens the dataset a config names.
@@ -306,15 +332,41 @@ pub struct Batch {
     pub indices: Vec<usize>,
 }
 
-fn mix(a: u64, b: u64) -> u64 {
-    // splitmix64 of a combination: independent streams for (seed, epoch, position).
+/// A batch still on the host, as the loader's workers produce it.
+pub struct HostBatch {
+    /// Position of the batch in the run (epochs follow each other).
+    pub index: u64,
+    pub image: Vec<f32>,
+    pub tok_view: Vec<f32>,
+    pub indices: Vec<usize>,
+    /// Files that could not be read while making this batch (each replaced by the next readable
+    /// image of the epoch's order).
+    pub skipped: Vec<String>,
+    /// Milliseconds spent decoding and augmenting (summed over workers).
+    pub work_ms: f64,
+}
+
+impl HostBatch {
+    pub fn to_device(&self, image_size: usize, tokenizer_size: usize, device: &Device) -> Result<Batch> {
+        let b = self.indices.len();
+        Ok(Batch {
+            image: Tensor::from_slice(&self.image, (b, 3, image_size, image_size), device)?,
+            tok_view: Tensor::from_slice(&self.tok_view, (b, 3, tokenizer_size, tokenizer_size), device)?,
+            indices: self.indices.clone(),
+        })
+    }
+}
+
+/// splitmix64 of a combination: independent streams for `(seed, a, b)` tuples.
+pub fn mix(a: u64, b: u64) -> u64 {
     let mut z = a ^ b.wrapping_mul(0x9E3779B97F4A7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
     z ^ (z >> 31)
 }
 
-/// Deterministic epoch-shuffled batches: batch `k` of epoch `e` depends only on `(seed, e, k)`.
+/// Deterministic epoch-shuffled batches: batch `k` of epoch `e` depends only on `(seed, e, k)`,
+/// whatever thread or how many threads produced it.
 pub struct Loader {
     data: Arc<dyn Dataset>,
     cfg: DataConfig,
@@ -322,6 +374,7 @@ pub struct Loader {
     seed: u64,
     /// The last epoch's order, so consecutive batches do not reshuffle the whole dataset.
     order_cache: std::sync::Mutex<Option<(u64, Arc<Vec<usize>>)>>,
+    pool: rayon::ThreadPool,
 }
 
 impl Loader {
@@ -337,18 +390,37 @@ impl Loader {
                 data.describe()
             )));
         }
+        let workers = if cfg.workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            cfg.workers
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(workers)
+            .thread_name(|i| format!("cim-data-{i}"))
+            .build()
+            .map_err(|e| Error::msg(format!("data.workers = {workers}: {e}")))?;
         Ok(Self {
             data,
             cfg,
             batch_size,
             seed,
             order_cache: Default::default(),
+            pool,
         })
     }
 
     /// Batches per epoch (a last partial batch is dropped; at least one batch, cycling small sets).
     pub fn batches_per_epoch(&self) -> usize {
         (self.data.len() / self.batch_size).max(1)
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    pub fn workers(&self) -> usize {
+        self.pool.current_num_threads()
     }
 
     pub fn dataset(&self) -> &Arc<dyn Dataset> {
@@ -370,35 +442,125 @@ impl Loader {
         idx
     }
 
-    /// Batch number `step` of the whole run (epochs follow each other).
-    pub fn batch(&self, step: u64, device: &Device) -> Result<Batch> {
+    /// Batch number `index` of the whole run on the host, its samples decoded on the worker pool.
+    /// An unreadable file is logged, reported in [`HostBatch::skipped`] and replaced by the next
+    /// readable image in the epoch's order (so the batch stays deterministic).
+    pub fn host_batch(&self, index: u64) -> Result<HostBatch> {
+        use rayon::prelude::*;
+        let start = std::time::Instant::now();
         let per_epoch = self.batches_per_epoch() as u64;
-        let epoch = step / per_epoch;
-        let k = (step % per_epoch) as usize;
+        let epoch = index / per_epoch;
+        let k = (index % per_epoch) as usize;
         let order = self.order(epoch);
         let n = order.len();
-        let indices: Vec<usize> = (0..self.batch_size)
-            .map(|j| order[(k * self.batch_size + j) % n])
-            .collect();
+        let samples: Vec<Result<(usize, Views, Vec<String>, f64)>> = self.pool.install(|| {
+            (0..self.batch_size)
+                .into_par_iter()
+                .map(|j| {
+                    let t = std::time::Instant::now();
+                    let pos = k * self.batch_size + j;
+                    let mut skipped = vec![];
+                    for attempt in 0..n {
+                        let i = order[(pos + attempt) % n];
+                        match self.data.get(i) {
+                            Ok(img) => {
+                                let mut rng = rand::rngs::StdRng::seed_from_u64(mix(
+                                    self.seed,
+                                    mix(epoch, pos as u64),
+                                ));
+                                let v = two_views(&img, &self.cfg, &mut rng);
+                                return Ok((i, v, skipped, t.elapsed().as_secs_f64() * 1e3));
+                            }
+                            Err(e) => match e.path() {
+                                Some(path) => {
+                                    tracing::warn!("skipping unreadable image: {e}");
+                                    skipped.push(path);
+                                }
+                                None => return Err(e),
+                            },
+                        }
+                    }
+                    Err(Error::msg(format!(
+                        "{}: none of its {n} images could be read",
+                        self.data.describe()
+                    )))
+                })
+                .collect()
+        });
         let (s, t) = (self.cfg.image_size, self.cfg.tokenizer_size);
-        let mut image = Vec::with_capacity(self.batch_size * 3 * s * s);
-        let mut tok = Vec::with_capacity(self.batch_size * 3 * t * t);
-        for (j, &i) in indices.iter().enumerate() {
-            let img = self.data.get(i)?;
-            let mut rng = rand::rngs::StdRng::seed_from_u64(mix(
-                self.seed,
-                mix(epoch, (k * self.batch_size + j) as u64),
-            ));
-            let v = two_views(&img, &self.cfg, &mut rng);
-            image.extend_from_slice(&v.image);
-            tok.extend_from_slice(&v.tok_view);
+        let mut out = HostBatch {
+            index,
+            image: Vec::with_capacity(self.batch_size * 3 * s * s),
+            tok_view: Vec::with_capacity(self.batch_size * 3 * t * t),
+            indices: Vec::with_capacity(self.batch_size),
+            skipped: vec![],
+            work_ms: 0.0,
+        };
+        for r in samples {
+            let (i, v, skipped, ms) = r?;
+            out.indices.push(i);
+            out.image.extend_from_slice(&v.image);
+            out.tok_view.extend_from_slice(&v.tok_view);
+            out.skipped.extend(skipped);
+            out.work_ms += ms;
         }
-        let b = self.batch_size;
-        Ok(Batch {
-            image: Tensor::from_vec(image, (b, 3, s, s), device)?,
-            tok_view: Tensor::from_vec(tok, (b, 3, t, t), device)?,
-            indices,
-        })
+        tracing::trace!(index, ms = start.elapsed().as_secs_f64() * 1e3, "batch ready");
+        Ok(out)
+    }
+
+    /// Batch number `step` of the whole run, on `device`.
+    pub fn batch(&self, step: u64, device: &Device) -> Result<Batch> {
+        self.host_batch(step)?
+            .to_device(self.cfg.image_size, self.cfg.tokenizer_size, device)
+    }
+}
+
+/// Batches `start, start+1, …` made ahead of time on a background thread (which fans each batch
+/// out over the loader's worker pool), at most `depth` waiting. Dropping it stops the thread.
+pub struct Prefetch {
+    rx: std::sync::mpsc::Receiver<Result<HostBatch>>,
+    next: u64,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+impl Prefetch {
+    pub fn start(loader: Arc<Loader>, start: u64, depth: usize) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel(depth.max(1));
+        let thread = std::thread::Builder::new()
+            .name("cim-prefetch".into())
+            .spawn(move || {
+                let mut i = start;
+                loop {
+                    let b = loader.host_batch(i);
+                    let failed = b.is_err();
+                    if tx.send(b).is_err() || failed {
+                        return; // receiver gone, or an error to report once
+                    }
+                    i += 1;
+                }
+            })
+            .expect("spawning the prefetch thread");
+        Self {
+            rx,
+            next: start,
+            _thread: thread,
+        }
+    }
+
+    /// Index of the batch [`Prefetch::next`] returns.
+    pub fn position(&self) -> u64 {
+        self.next
+    }
+
+    /// The next batch in order.
+    pub fn next(&mut self) -> Result<HostBatch> {
+        let b = self
+            .rx
+            .recv()
+            .map_err(|_| Error::msg("the data loader thread stopped"))??;
+        debug_assert_eq!(b.index, self.next);
+        self.next += 1;
+        Ok(b)
     }
 }
 

@@ -83,6 +83,54 @@ impl AdamW {
         self.t
     }
 
+    /// The moments as `m.<param>` / `v.<param>` tensors (for checkpoints).
+    pub fn state(&self) -> std::collections::HashMap<String, Tensor> {
+        self.slots
+            .iter()
+            .flat_map(|s| {
+                [
+                    (format!("m.{}", s.name), s.m.clone()),
+                    (format!("v.{}", s.name), s.v.clone()),
+                ]
+            })
+            .collect()
+    }
+
+    /// Restores [`AdamW::state`] and the step counter; every moment must be present with its
+    /// parameter's shape, and no other tensor.
+    pub fn load_state(
+        &mut self,
+        state: &std::collections::BTreeMap<String, Tensor>,
+        t: u64,
+    ) -> Result<()> {
+        if state.len() != 2 * self.slots.len() {
+            return Err(Error::msg(format!(
+                "optimizer state has {} tensors, the model's {} parameters need {}",
+                state.len(),
+                self.slots.len(),
+                2 * self.slots.len()
+            )));
+        }
+        for s in &mut self.slots {
+            for (key, dst) in [("m", &mut s.m), ("v", &mut s.v)] {
+                let k = format!("{key}.{}", s.name);
+                let src = state
+                    .get(&k)
+                    .ok_or_else(|| Error::msg(format!("optimizer state lacks `{k}`")))?;
+                if src.shape() != dst.shape() {
+                    return Err(Error::msg(format!(
+                        "optimizer state `{k}` has shape {:?}, the parameter has {:?}",
+                        src.dims(),
+                        dst.dims()
+                    )));
+                }
+                *dst = src.to_dtype(DType::F32)?.to_device(s.var.device())?;
+            }
+        }
+        self.t = t;
+        Ok(())
+    }
+
     /// Global L2 norm of all gradients (one host read); a parameter without a gradient is an
     /// error naming it.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
@@ -105,7 +153,25 @@ impl AdamW {
     pub fn step(&mut self, grads: &GradStore, lr: f64, clip: f64) -> Result<StepInfo> {
         let norm = self.grad_norm(grads)?;
         if !norm.is_finite() {
-            return Err(Error::msg(format!("gradient norm is {norm}")));
+            // Name the component: the first parameters whose gradient is not finite.
+            let mut bad = vec![];
+            for s in &self.slots {
+                if let Some(g) = grads.get(s.var.as_tensor()) {
+                    let sq = g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
+                    if !sq.is_finite() {
+                        bad.push(s.name.as_str());
+                    }
+                }
+            }
+            let more = if bad.len() > 3 {
+                format!(" and {} more", bad.len() - 3)
+            } else {
+                String::new()
+            };
+            return Err(Error::msg(format!(
+                "gradient norm is {norm}: non-finite gradients in {}{more}",
+                bad.iter().take(3).copied().collect::<Vec<_>>().join(", ")
+            )));
         }
         let scale = if clip > 0.0 && norm > clip {
             clip / (norm + 1e-6)

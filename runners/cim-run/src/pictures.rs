@@ -100,3 +100,84 @@ mod tests {
         Ok(())
     }
 }
+
+const FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSansMono.ttf");
+
+/// Plots every `loss*` series of `metrics.jsonl` against the step (log-scale y) into a PNG.
+pub fn loss_curve(metrics: &Path, out: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let text = std::fs::read_to_string(metrics).map_err(|e| Error::io(metrics, e))?;
+    let mut series: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
+    for (n, line) in text.lines().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Data {
+            path: format!("{}:{}", metrics.display(), n + 1),
+            message: e.to_string(),
+        })?;
+        let Some(step) = v["step"].as_f64() else {
+            continue;
+        };
+        if let Some(obj) = v.as_object() {
+            for (k, x) in obj {
+                if let Some(x) = x.as_f64().filter(|x| k.starts_with("loss") && *x > 0.0) {
+                    series.entry(k.clone()).or_default().push((step, x));
+                }
+            }
+        }
+    }
+    let points = series.values().flatten();
+    let (x1, lo, hi) = points.fold((1.0f64, f64::MAX, f64::MIN), |(x, lo, hi), &(s, v)| {
+        (x.max(s), lo.min(v), hi.max(v))
+    });
+    if series.is_empty() {
+        return Err(Error::Data {
+            path: metrics.display().to_string(),
+            message: "no loss values to plot".into(),
+        });
+    }
+    let plot_err = |e: &dyn std::fmt::Display| Error::msg(format!("{}: {e}", out.display()));
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    let (w, h) = (900u32, 540u32);
+    let mut buf = vec![0u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| plot_err(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                format!("losses — {}", metrics.display()),
+                ("sans-serif", 16),
+            )
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0f64..x1.max(1.0), (lo * 0.9..hi * 1.1).log_scale())
+            .map_err(|e| plot_err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("loss (log scale)")
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(|e| plot_err(&e))?;
+        for (i, (name, pts)) in series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+                .map_err(|e| plot_err(&e))?
+                .label(name.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .draw()
+            .map_err(|e| plot_err(&e))?;
+        root.present().map_err(|e| plot_err(&e))?;
+    }
+    let img = RgbImage::from_raw(w, h, buf).expect("buffer has w·h·3 bytes");
+    let mut png = vec![];
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| plot_err(&e))?;
+    write_atomic(out, &png)
+}

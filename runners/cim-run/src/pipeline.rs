@@ -146,10 +146,24 @@ pub fn replace_tokens(golden: &[u32], masked: &[u32], sampled: &[u32]) -> (Vec<u
     (ids, replaced)
 }
 
-/// The RNG streams of a step, seeded once per run and carried across steps.
+/// The RNG streams of a step.
 pub struct StepRngs {
     pub mask: StdRng,
     pub sample: StdRng,
+}
+
+impl StepRngs {
+    /// The streams of micro-batch `micro` of optimizer step `step`: a function of the run's seed
+    /// and the position only, so a resumed run draws exactly what an uninterrupted one would.
+    pub fn for_step(seed: u64, step: u64, micro: u64) -> Self {
+        use crate::data::mix;
+        use rand::SeedableRng;
+        let at = mix(step, micro);
+        Self {
+            mask: StdRng::seed_from_u64(mix(seed ^ 0x6D61_736B, at)),
+            sample: StdRng::seed_from_u64(mix(seed ^ 0x7361_6D70, at)),
+        }
+    }
 }
 
 /// Everything one forward pass produced.

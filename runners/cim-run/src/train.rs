@@ -1,24 +1,27 @@
-//! The training loop: data → [`Cim::forward`] → backward → clip → AdamW, with per-step metrics,
-//! a divergence guard, and the run directory's files.
+//! The training loop: data → [`Cim::forward`] → backward (accumulated over micro-batches) → clip →
+//! AdamW, with per-step metrics, a divergence guard, checkpoints and exact resume.
 //!
 //! A run directory holds:
 //! - `config.toml` — the resolved configuration (loadable with `--config`)
 //! - `metrics.jsonl` — one JSON object per step: step, lr, every loss, grad norm, images/s
-//! - `model.safetensors` — every trainable parameter (`generator.*`, `enhancer.*`, `objective.*`)
+//! - `checkpoints/step-NNNNNNNN/` — the newest `run.keep_checkpoints` full checkpoints
+//!   (weights, optimizer moments, [`TrainState`], config), each written atomically
+//! - `model.safetensors` — the final trainable weights and buffers
+//! - `samples.png`, `pictures/step-NNNNNNNN.png` — Figure 2/3-style grids; `loss_curve.png`
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
-use rand::SeedableRng;
 use serde::Serialize;
 
 use cim_api::{Error, Losses, Result};
 
-use crate::checkpoint::{save_safetensors, write_atomic};
-use crate::config::Resolved;
-use crate::data::{self, Loader};
+use crate::checkpoint::{save_safetensors, write_atomic, write_checkpoint, TrainState};
+use crate::config::{resolve, Layers, Resolved};
+use crate::data::{self, HostBatch, Loader, Prefetch};
 use crate::optim::{AdamW, Schedule};
 use crate::pipeline::{Cim, StepRngs};
 
@@ -31,7 +34,10 @@ pub struct StepRecord {
     pub losses: Losses,
     pub grad_norm: f64,
     pub images_per_s: f64,
-    /// Milliseconds per phase: data, tok_encode, gen_fwd, sample_decode, enh_fwd, backward, optim.
+    /// Distinct unreadable files skipped so far.
+    pub skipped_files: usize,
+    /// Milliseconds per phase: data, tok_encode, gen_fwd, sample_decode, enh_fwd, backward, optim
+    /// (summed over micro-batches).
     pub phase_ms: std::collections::BTreeMap<&'static str, f64>,
 }
 
@@ -39,9 +45,14 @@ pub struct StepRecord {
 #[derive(Clone, Debug)]
 pub struct Summary {
     pub run_dir: PathBuf,
+    /// Steps run by this call.
     pub steps: usize,
+    /// The run's step count at the end.
+    pub final_step: usize,
     pub records: Vec<StepRecord>,
     pub seconds: f64,
+    /// Every file skipped as unreadable during the whole run.
+    pub skipped: Vec<String>,
 }
 
 impl Summary {
@@ -51,7 +62,7 @@ impl Summary {
         let slice = if first {
             &self.records[..n]
         } else {
-            &self.records[self.records.len() - n..]
+            &self.records[self.records.len().saturating_sub(n)..]
         };
         slice
             .iter()
@@ -65,35 +76,140 @@ pub struct Trainer {
     pub cim: Cim,
     opt: AdamW,
     pub schedule: Schedule,
-    loader: Loader,
-    rngs: StepRngs,
+    loader: Arc<Loader>,
+    prefetch: Option<Prefetch>,
+    accum: usize,
     step: usize,
     resolved: Resolved,
     run_dir: PathBuf,
-    /// Step of the last weights written to `model.safetensors`.
-    last_checkpoint: Option<usize>,
+    /// The newest checkpoint written or resumed from.
+    last_checkpoint: Option<(usize, PathBuf)>,
+    skipped: BTreeSet<String>,
 }
 
 impl Trainer {
     /// Builds the model and data and creates `run_dir` (refusing one that already holds a run).
     pub fn new(resolved: Resolved, run_dir: PathBuf) -> Result<Self> {
-        if run_dir.join("model.safetensors").exists() || run_dir.join("metrics.jsonl").exists() {
+        if run_dir.join("model.safetensors").exists()
+            || run_dir.join("metrics.jsonl").exists()
+            || run_dir.join("checkpoints").exists()
+        {
             return Err(Error::msg(format!(
-                "{} already holds a run; choose another --out so nothing is overwritten",
+                "{} already holds a run; choose another --out so nothing is overwritten (or --resume it)",
                 run_dir.display()
             )));
         }
-        let cim = Cim::build(&resolved)?;
+        let t = Self::build(resolved, run_dir)?;
+        std::fs::create_dir_all(&t.run_dir).map_err(|e| Error::io(&t.run_dir, e))?;
+        write_atomic(
+            &t.run_dir.join("config.toml"),
+            t.resolved.to_toml()?.as_bytes(),
+        )?;
+        Ok(t)
+    }
+
+    /// Continues the run in `run_dir` from its newest complete checkpoint. `set` may change `run.*`
+    /// keys (device, max_steps, logging, checkpoint cadence) but nothing that shapes the model,
+    /// the data or the optimisation. Metrics after the checkpoint are dropped (they are redone).
+    pub fn resume(run_dir: PathBuf, set: Vec<String>) -> Result<Self> {
+        let ckpt = crate::checkpoint::load_latest(&run_dir)?;
+        let saved = ckpt.dir.join("config.toml");
+        let layers = |set: Vec<String>| Layers {
+            preset: None,
+            config_files: vec![saved.clone()],
+            set,
+            env: false,
+        };
+        let original = resolve(&layers(vec![]))?;
+        let resolved = resolve(&layers(set))?;
+        let strip = |r: &Resolved| -> Result<toml::Value> {
+            let mut v = toml::Value::try_from(&r.cfg).map_err(|e| Error::msg(e.to_string()))?;
+            if let Some(t) = v.as_table_mut() {
+                t.remove("run");
+            }
+            Ok(v)
+        };
+        if strip(&original)? != strip(&resolved)? {
+            return Err(Error::config(
+                "--resume may only change `run.*` keys (device, max_steps, logging, checkpoints); \
+                 the model, data and optimisation must stay as checkpointed",
+            ));
+        }
+        let mut t = Self::build(resolved, run_dir)?;
+        let state = ckpt.state;
+        if state.seed != t.resolved.cfg.run.seed {
+            return Err(Error::config(format!(
+                "{}: seed {} differs from the config's run.seed {}",
+                ckpt.dir.display(),
+                state.seed,
+                t.resolved.cfg.run.seed
+            )));
+        }
+        let (params, buffers): (Vec<_>, Vec<_>) = ckpt
+            .weights
+            .into_iter()
+            .partition(|(k, _)| t.cim.params.get(k).is_some());
+        let params = params.into_iter().collect();
+        let buffers = buffers.into_iter().collect();
+        let ctx = |e: Error| Error::msg(format!("{}: {e}", ckpt.dir.display()));
+        t.cim.params.load(&params, true).map_err(ctx)?;
+        t.cim.buffers.load(&buffers, true).map_err(ctx)?;
+        t.opt
+            .load_state(&ckpt.optimizer, state.optimizer_t)
+            .map_err(ctx)?;
+        t.step = state.step;
+        t.skipped = state.skipped.into_iter().collect();
+        t.last_checkpoint = Some((state.step, ckpt.dir.clone()));
+        // metrics.jsonl: keep the lines up to the checkpoint.
+        let metrics = t.run_dir.join("metrics.jsonl");
+        if let Ok(text) = std::fs::read_to_string(&metrics) {
+            let mut kept = String::new();
+            let mut dropped = 0;
+            for line in text.lines() {
+                let step = serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64());
+                match step {
+                    Some(s) if s as usize <= state.step => {
+                        kept.push_str(line);
+                        kept.push('\n');
+                    }
+                    _ => dropped += 1,
+                }
+            }
+            write_atomic(&metrics, kept.as_bytes())?;
+            if dropped > 0 {
+                tracing::info!("dropped {dropped} metrics lines after step {}", state.step);
+            }
+        }
+        write_atomic(
+            &t.run_dir.join("config.toml"),
+            t.resolved.to_toml()?.as_bytes(),
+        )?;
+        tracing::info!(checkpoint = %ckpt.dir.display(), step = state.step, "resumed");
+        Ok(t)
+    }
+
+    fn build(resolved: Resolved, run_dir: PathBuf) -> Result<Self> {
         let cfg = &resolved.cfg;
+        let t = &cfg.train;
+        let accum = t.accum_steps;
+        if accum == 0 || t.batch_size % accum != 0 {
+            return Err(Error::config(format!(
+                "train.accum_steps = {accum} must be ≥ 1 and divide train.batch_size = {}",
+                t.batch_size
+            )));
+        }
+        crate::bench::set_tf32(cfg.run.tf32);
+        let cim = Cim::build(&resolved)?;
         let dataset = data::open(&cfg.data)?;
-        let loader = Loader::new(
+        let loader = Arc::new(Loader::new(
             dataset,
             cfg.data.clone(),
-            cfg.train.batch_size,
+            t.batch_size / accum,
             cfg.run.seed,
-        )?;
-        let per_epoch = loader.batches_per_epoch();
-        let t = &cfg.train;
+        )?);
+        let per_epoch = (loader.batches_per_epoch() / accum).max(1);
         let total = if t.total_steps > 0 {
             t.total_steps
         } else {
@@ -111,16 +227,10 @@ impl Trainer {
             total: total.max(1),
         };
         let opt = AdamW::new(cim.params.vars(), t.betas, t.adam_eps, t.weight_decay)?;
-        let seed = cfg.run.seed;
-        let rngs = StepRngs {
-            mask: rand::rngs::StdRng::seed_from_u64(seed ^ 0x6D61_736B),
-            sample: rand::rngs::StdRng::seed_from_u64(seed ^ 0x7361_6D70),
-        };
-        std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
-        write_atomic(&run_dir.join("config.toml"), resolved.to_toml()?.as_bytes())?;
         tracing::info!(
             run_dir = %run_dir.display(),
             data = %loader.dataset().describe(),
+            workers = loader.workers(),
             trainable = cim.params.num_params(),
             grid = %cim.grid,
             device = ?cim.device,
@@ -132,86 +242,164 @@ impl Trainer {
             opt,
             schedule,
             loader,
-            rngs,
+            prefetch: None,
+            accum,
             step: 0,
             resolved,
             run_dir,
             last_checkpoint: None,
+            skipped: BTreeSet::new(),
         })
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    pub fn resolved(&self) -> &Resolved {
+        &self.resolved
     }
 
     pub fn run_dir(&self) -> &Path {
         &self.run_dir
     }
 
-    /// One optimizer step. A non-finite loss or gradient norm stops with an error naming the step
-    /// and the loss; no parameter is changed by the failing step.
+    /// Micro-batch `index` of the run, from the prefetch queue (restarted if out of order).
+    fn host_batch(&mut self, index: u64) -> Result<HostBatch> {
+        let depth = self.resolved.cfg.data.prefetch;
+        if depth == 0 {
+            return self.loader.host_batch(index);
+        }
+        if self.prefetch.as_ref().map(|p| p.position()) != Some(index) {
+            self.prefetch = Some(Prefetch::start(self.loader.clone(), index, depth));
+        }
+        self.prefetch.as_mut().expect("just started").next()
+    }
+
+    /// One optimizer step over `train.accum_steps` micro-batches. A non-finite loss or gradient
+    /// norm stops with an error naming the step and the component; no parameter is changed.
     pub fn train_step(&mut self) -> Result<StepRecord> {
         let start = Instant::now();
-        let batch = self.loader.batch(self.step as u64, &self.cim.device)?;
-        let data_ms = start.elapsed().as_secs_f64() * 1e3;
-        let out = self.cim.forward(&batch, &mut self.rngs)?;
-        let mut clock = crate::pipeline::PhaseClock::start();
-        if let Some((name, v)) = out.losses.first_non_finite() {
-            return Err(Error::msg(format!(
-                "step {}: {name} is {v} (generator MIM loss {:?}, {} loss {:?}); stopping before the update — {}",
-                self.step + 1,
-                out.losses.get("loss_mim"),
-                self.cim.names["objective"],
-                out.losses.get(&format!("loss_{}", self.cim.names["objective"])),
-                self.checkpoint_note()
-            )));
+        let cfg = &self.resolved.cfg;
+        let (seed, accum) = (cfg.run.seed, self.accum);
+        let (s, t) = (cfg.data.image_size, cfg.data.tokenizer_size);
+        let mut grads: Option<candle_core::backprop::GradStore> = None;
+        let mut losses = Losses::default();
+        let mut phase_ms = std::collections::BTreeMap::<&'static str, f64>::new();
+        for j in 0..accum {
+            let t0 = Instant::now();
+            let micro = (self.step * accum + j) as u64;
+            let hb = self.host_batch(micro)?;
+            self.skipped.extend(hb.skipped.iter().cloned());
+            let batch = hb.to_device(s, t, &self.cim.device)?;
+            *phase_ms.entry("data").or_default() += t0.elapsed().as_secs_f64() * 1e3;
+            let mut rngs = StepRngs::for_step(seed, self.step as u64, j as u64);
+            let out = self.cim.forward(&batch, &mut rngs)?;
+            if let Some((name, v)) = out.losses.first_non_finite() {
+                let obj = self.cim.names["objective"].clone();
+                let component = if name == "loss_mim"
+                    || !out.losses.get("loss_mim").is_some_and(f64::is_finite)
+                {
+                    format!("generator `{}` (MIM loss)", self.cim.names["generator"])
+                } else {
+                    format!("enhancer `{}` / objective `{obj}`", self.cim.names["enhancer"])
+                };
+                return Err(Error::msg(format!(
+                    "step {}: {name} is {v} in the {component} (loss_mim {:?}, loss_{obj} {:?}); \
+                     stopping before the update — {}",
+                    self.step + 1,
+                    out.losses.get("loss_mim"),
+                    out.losses.get(&format!("loss_{obj}")),
+                    self.checkpoint_note()
+                )));
+            }
+            let mut clock = crate::pipeline::PhaseClock::start();
+            let total = if accum == 1 {
+                out.total.clone()
+            } else {
+                (&out.total / accum as f64)?
+            };
+            let g = total.backward()?;
+            match grads.as_mut() {
+                None => grads = Some(g),
+                Some(acc) => acc.extend(g)?,
+            }
+            clock.lap("backward");
+            for (k, v) in out.losses.0 {
+                *losses.0.entry(k).or_default() += v / accum as f64;
+            }
+            for (k, v) in out.phase_ms.iter().chain(clock.phases.iter()) {
+                *phase_ms.entry(k).or_default() += v;
+            }
         }
-        let grads = out.total.backward()?;
-        clock.lap("backward");
+        let grads = grads.expect("accum_steps ≥ 1");
+        let mut clock = crate::pipeline::PhaseClock::start();
         let lr = self.schedule.lr(self.step);
         let info = self
             .opt
             .step(&grads, lr, self.resolved.cfg.train.clip_grad)
             .map_err(|e| {
                 Error::msg(format!(
-                    "step {}: {e}; stopping before the update",
-                    self.step + 1
+                    "step {}: {e}; stopping before the update — {}",
+                    self.step + 1,
+                    self.checkpoint_note()
                 ))
             })?;
         clock.lap("optim");
+        phase_ms.extend(clock.phases);
         self.step += 1;
         let secs = start.elapsed().as_secs_f64();
-        let mut phase_ms: std::collections::BTreeMap<&'static str, f64> = out
-            .phase_ms
-            .iter()
-            .chain(clock.phases.iter())
-            .copied()
-            .collect();
-        phase_ms.insert("data", data_ms);
         Ok(StepRecord {
             step: self.step,
             lr,
-            losses: out.losses,
+            losses,
             grad_norm: info.grad_norm,
             images_per_s: self.resolved.cfg.train.batch_size as f64 / secs.max(1e-9),
+            skipped_files: self.skipped.len(),
             phase_ms,
         })
     }
 
     fn checkpoint_note(&self) -> String {
-        match self.last_checkpoint {
-            Some(s) => format!(
-                "{} holds the weights of step {s}",
-                self.run_dir.join("model.safetensors").display()
+        match &self.last_checkpoint {
+            Some((s, dir)) => format!(
+                "{} holds step {s}; continue with --resume {}",
+                dir.display(),
+                self.run_dir.display()
             ),
             None => format!(
-                "no weights were written yet (run.checkpoint_every); {} has the finished steps",
+                "no checkpoint was written yet (run.checkpoint_every); {} has the finished steps",
                 self.run_dir.join("metrics.jsonl").display()
             ),
         }
     }
 
-    /// Writes the current weights to `model.safetensors` atomically.
-    pub fn checkpoint(&mut self) -> Result<()> {
-        save_safetensors(&self.run_dir.join("model.safetensors"), &self.weights())?;
-        self.last_checkpoint = Some(self.step);
-        Ok(())
+    /// The state beside the weights.
+    pub fn state(&self) -> TrainState {
+        let micro = (self.step * self.accum) as u64;
+        TrainState {
+            step: self.step,
+            optimizer_t: self.opt.steps_taken(),
+            seed: self.resolved.cfg.run.seed,
+            micro_batches: micro,
+            epoch: micro / self.loader.batches_per_epoch() as u64,
+            skipped: self.skipped.iter().cloned().collect(),
+        }
+    }
+
+    /// Writes a full checkpoint (atomically) and keeps the newest `run.keep_checkpoints`.
+    pub fn checkpoint(&mut self) -> Result<PathBuf> {
+        let dir = write_checkpoint(
+            &self.run_dir,
+            &self.state(),
+            &self.weights(),
+            &self.opt.state(),
+            &self.resolved.to_toml()?,
+            self.resolved.cfg.run.keep_checkpoints,
+        )?;
+        self.last_checkpoint = Some((self.step, dir.clone()));
+        Ok(dir)
     }
 
     /// Trainable parameters and buffers (BatchNorm statistics) as a name → tensor map.
@@ -229,10 +417,7 @@ impl Trainer {
     /// original | masked input | corrupted image | prediction and target (pixel objectives).
     pub fn write_samples(&self, path: &Path) -> Result<()> {
         let batch = self.loader.batch(0, &self.cim.device)?;
-        let mut rngs = StepRngs {
-            mask: rand::rngs::StdRng::seed_from_u64(self.resolved.cfg.run.seed ^ 0x5049_4354),
-            sample: rand::rngs::StdRng::seed_from_u64(self.resolved.cfg.run.seed ^ 0x5341_4d50),
-        };
+        let mut rngs = StepRngs::for_step(self.resolved.cfg.run.seed ^ 0x5049_4354, 0, 0);
         let out = self.cim.forward(&batch, &mut rngs)?;
         let mut cols = vec![
             batch.image.clone(),
@@ -246,9 +431,14 @@ impl Trainer {
         crate::pictures::write_grid(path, &cols, 8)
     }
 
-    /// Runs until `max_steps` (or the schedule's end), then writes the weights.
-    pub fn run(&mut self, max_steps: Option<usize>) -> Result<Summary> {
-        let steps = max_steps.filter(|&n| n > 0).unwrap_or(self.schedule.total);
+    /// Runs until the run has taken `until` steps (default: `run.max_steps`, else the schedule's
+    /// end), checkpointing every `run.checkpoint_every` steps and at the end.
+    pub fn run(&mut self, until: Option<usize>) -> Result<Summary> {
+        let target = until
+            .filter(|&n| n > 0)
+            .or(Some(self.resolved.cfg.run.max_steps).filter(|&n| n > 0))
+            .unwrap_or(self.schedule.total);
+        let steps = target.saturating_sub(self.step);
         let metrics_path = self.run_dir.join("metrics.jsonl");
         let mut metrics = std::fs::OpenOptions::new()
             .create(true)
@@ -256,7 +446,8 @@ impl Trainer {
             .open(&metrics_path)
             .map_err(|e| Error::io(&metrics_path, e))?;
         let bar = if std::io::stderr().is_terminal() {
-            let b = indicatif::ProgressBar::new(steps as u64);
+            let b = indicatif::ProgressBar::new(target as u64);
+            b.set_position(self.step as u64);
             b.set_style(
                 indicatif::ProgressStyle::with_template(
                     "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
@@ -268,8 +459,8 @@ impl Trainer {
             None
         };
         let obj_key = format!("loss_{}", self.cim.names["objective"]);
-        let log_every = self.resolved.cfg.run.log_every.max(1);
-        let ckpt_every = self.resolved.cfg.run.checkpoint_every;
+        let run = self.resolved.cfg.run.clone();
+        let log_every = run.log_every.max(1);
         let start = Instant::now();
         let mut records = vec![];
         for _ in 0..steps {
@@ -290,15 +481,21 @@ impl Trainer {
                     b.set_message(msg);
                     b.inc(1);
                 }
-                None if rec.step % log_every == 0 || rec.step == 1 || rec.step == steps => {
+                None if rec.step % log_every == 0 || rec.step == 1 || rec.step == target => {
                     tracing::info!(step = rec.step, "{msg}");
                 }
                 None => {}
             }
             let step = rec.step;
             records.push(rec);
-            if ckpt_every > 0 && step % ckpt_every == 0 && step < steps {
+            if run.checkpoint_every > 0 && step % run.checkpoint_every == 0 && step < target {
+                metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
                 self.checkpoint()?;
+            }
+            if run.picture_every > 0 && step % run.picture_every == 0 {
+                let dir = self.run_dir.join("pictures");
+                std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+                self.write_samples(&dir.join(format!("step-{step:08}.png")))?;
             }
         }
         if let Some(b) = bar {
@@ -306,12 +503,23 @@ impl Trainer {
         }
         metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
         self.checkpoint()?;
+        save_safetensors(&self.run_dir.join("model.safetensors"), &self.weights())?;
         self.write_samples(&self.run_dir.join("samples.png"))?;
+        crate::pictures::loss_curve(&metrics_path, &self.run_dir.join("loss_curve.png"))?;
+        if !self.skipped.is_empty() {
+            tracing::warn!(
+                "skipped {} unreadable files: {}",
+                self.skipped.len(),
+                self.skipped.iter().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
         Ok(Summary {
             run_dir: self.run_dir.clone(),
             steps,
+            final_step: self.step,
             records,
             seconds: start.elapsed().as_secs_f64(),
+            skipped: self.skipped.iter().cloned().collect(),
         })
     }
 }

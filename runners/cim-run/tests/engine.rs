@@ -1,0 +1,325 @@
+//! The training engine's promises: exact resume, crash-safe checkpoints, bad files skipped and
+//! reported, gradient accumulation, picture grids and the loss curve.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
+
+use cim_run::checkpoint::{list_checkpoints, load_latest};
+use cim_run::config::{resolve, Layers};
+use cim_run::train::Trainer;
+
+/// The quickstart pipeline, shrunk: batch 4, a 6-step schedule.
+fn small(extra: &[&str]) -> Vec<String> {
+    let mut set: Vec<String> = [
+        "train.batch_size=4",
+        "train.total_steps=6",
+        "train.warmup_steps=2",
+        "run.checkpoint_every=3",
+        "run.log_every=1000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    set.extend(extra.iter().map(|s| s.to_string()));
+    set
+}
+
+fn trainer(dir: &Path, set: Vec<String>) -> Trainer {
+    let res = resolve(&Layers {
+        preset: Some("quickstart".into()),
+        config_files: vec![],
+        set,
+        env: false,
+    })
+    .unwrap();
+    Trainer::new(res, dir.to_path_buf()).unwrap()
+}
+
+fn tensors(path: &Path) -> BTreeMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+/// Every tensor equal bit for bit.
+fn assert_bit_identical(a: &Path, b: &Path) {
+    let (ta, tb) = (tensors(a), tensors(b));
+    assert_eq!(
+        ta.keys().collect::<Vec<_>>(),
+        tb.keys().collect::<Vec<_>>()
+    );
+    assert!(!ta.is_empty());
+    for (k, x) in &ta {
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        assert!(bits(x) == bits(&tb[k]), "{k} differs between {a:?} and {b:?}");
+    }
+}
+
+fn losses(dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn n_steps_plus_resume_for_n_is_bit_identical_to_2n_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    // Gradient accumulation (2 micro-batches of 2) and different loader thread counts on the way:
+    // neither may change a bit.
+    let mut ta = trainer(&a, small(&["train.accum_steps=2", "data.workers=1"]));
+    ta.run(Some(6)).unwrap();
+
+    let mut tb = trainer(&b, small(&["train.accum_steps=2", "data.workers=3"]));
+    tb.run(Some(3)).unwrap();
+    drop(tb);
+    let mut tb = Trainer::resume(b.clone(), vec![]).unwrap();
+    assert_eq!(tb.step(), 3);
+    let s = tb.run(Some(6)).unwrap();
+    assert_eq!((s.steps, s.final_step), (3, 6));
+
+    assert_bit_identical(&a.join("model.safetensors"), &b.join("model.safetensors"));
+    let ca = list_checkpoints(&a).unwrap();
+    let cb = list_checkpoints(&b).unwrap();
+    assert_eq!(
+        ca.iter().map(|c| c.0).collect::<Vec<_>>(),
+        vec![3, 6],
+        "checkpoint cadence 3 and the end"
+    );
+    assert_eq!(cb.iter().map(|c| c.0).collect::<Vec<_>>(), vec![3, 6]);
+    assert_bit_identical(
+        &ca[1].1.join("optimizer.safetensors"),
+        &cb[1].1.join("optimizer.safetensors"),
+    );
+    // Same losses step by step, and metrics.jsonl holds each step once.
+    assert_eq!(losses(&a), losses(&b));
+    assert_eq!(losses(&b).len(), 6);
+}
+
+#[test]
+fn resume_refuses_to_change_the_model_and_needs_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("r");
+    trainer(&dir, small(&[])).run(Some(3)).unwrap();
+    let e = Trainer::resume(dir.clone(), vec!["train.lr=1.0".into()])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("run.*"), "{e}");
+    // run.* keys may change.
+    Trainer::resume(dir, vec!["run.log_every=5".into()]).unwrap();
+    let e = Trainer::resume(tmp.path().join("nothing"), vec![])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("no complete checkpoint"), "{e}");
+}
+
+fn cim_run(args: &[&str], fault: Option<&str>) -> std::process::Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cim-run"));
+    c.args(args).env("RUST_LOG", "warn");
+    if let Some(f) = fault {
+        c.env("CIMRUN_FAULT", f);
+    }
+    c.output().unwrap()
+}
+
+fn with_sets<'a>(base: &[&'a str], sets: &'a [String]) -> Vec<&'a str> {
+    let mut v = base.to_vec();
+    for s in sets {
+        v.push("--set");
+        v.push(s);
+    }
+    v
+}
+
+#[test]
+fn a_process_killed_while_writing_a_checkpoint_leaves_the_previous_one_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let killed = tmp.path().join("killed");
+    let clean = tmp.path().join("clean");
+    let sets = small(&[]);
+    let k = killed.to_str().unwrap();
+    // The second checkpoint (step 6, the end) is interrupted half-way: weights written, no state.
+    let out = cim_run(
+        &with_sets(&["--preset", "quickstart", "--out", k], &sets),
+        Some("checkpoint:2"),
+    );
+    assert!(!out.status.success(), "the fault point must kill the run");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("CIMRUN_FAULT"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let root = killed.join("checkpoints");
+    let names: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.starts_with(".step-00000006.tmp")),
+        "the half-written checkpoint is a temp folder: {names:?}"
+    );
+    // The previous checkpoint is complete and loadable.
+    let latest = load_latest(&killed).unwrap();
+    assert_eq!(latest.state.step, 3);
+    assert!(!latest.weights.is_empty() && !latest.optimizer.is_empty());
+
+    let out = cim_run(&["--resume", k], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("now at step 6"), "{stdout}");
+    // …and ends where an uninterrupted run ends.
+    let out = cim_run(
+        &with_sets(&["--preset", "quickstart", "--out", clean.to_str().unwrap()], &sets),
+        None,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_bit_identical(&killed.join("model.safetensors"), &clean.join("model.safetensors"));
+}
+
+/// An image folder with 5 good images (RGB JPEG, grayscale PNG, RGBA PNG) and 3 bad files.
+fn folder_with_bad_files(root: &Path) -> Vec<PathBuf> {
+    let class = root.join("class_a");
+    std::fs::create_dir_all(&class).unwrap();
+    let photo = |seed: u32, w: u32, h: u32| {
+        image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([
+                ((x * 3 + seed * 40) % 256) as u8,
+                ((y * 5 + seed * 17) % 256) as u8,
+                ((x + y + seed * 90) % 256) as u8,
+            ])
+        })
+    };
+    for i in 0..3 {
+        photo(i, 96 + 8 * i, 80).save(class.join(format!("ok{i}.jpg"))).unwrap();
+    }
+    image::DynamicImage::ImageRgb8(photo(7, 70, 90))
+        .to_luma8()
+        .save(class.join("gray.png"))
+        .unwrap();
+    image::DynamicImage::ImageRgb8(photo(9, 90, 70))
+        .to_rgba8()
+        .save(class.join("rgba.png"))
+        .unwrap();
+    let good = std::fs::read(class.join("ok0.jpg")).unwrap();
+    let bad = vec![
+        class.join("truncated.jpg"),
+        class.join("empty.jpg"),
+        class.join("text.jpg"),
+    ];
+    std::fs::write(&bad[0], &good[..good.len() / 3]).unwrap();
+    std::fs::write(&bad[1], b"").unwrap();
+    std::fs::write(&bad[2], b"this is not a JPEG, just text with the wrong name\n").unwrap();
+    bad
+}
+
+#[test]
+fn unreadable_files_are_skipped_counted_and_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let bad = folder_with_bad_files(&data);
+    let dir = tmp.path().join("run");
+    let path = format!("data.path=\"{}\"", data.display());
+    // 8 files, batch 4: two batches per epoch; 3 epochs visit every file.
+    let mut t = trainer(
+        &dir,
+        small(&["data.source=\"folder\"", &path, "data.prefetch=2"]),
+    );
+    let s = t.run(Some(6)).unwrap();
+    let mut want: Vec<String> = bad.iter().map(|p| p.display().to_string()).collect();
+    want.sort();
+    assert_eq!(s.skipped, want);
+    let last: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(last["skipped_files"], 3);
+    assert!(last["loss"].as_f64().unwrap().is_finite());
+}
+
+#[test]
+fn folders_without_images_are_an_error_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("empty/class")).unwrap();
+    std::fs::write(tmp.path().join("empty/class/notes.txt"), "x").unwrap();
+    for p in ["empty", "missing"] {
+        let res = resolve(&Layers {
+            preset: Some("quickstart".into()),
+            config_files: vec![],
+            set: vec![
+                "data.source=\"folder\"".into(),
+                format!("data.path=\"{}\"", tmp.path().join(p).display()),
+            ],
+            env: false,
+        })
+        .unwrap();
+        let e = Trainer::new(res, tmp.path().join(format!("run-{p}")))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(p), "{e}");
+    }
+}
+
+#[test]
+fn accumulation_must_divide_the_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let res = resolve(&Layers {
+        preset: Some("quickstart".into()),
+        config_files: vec![],
+        set: small(&["train.accum_steps=3"]),
+        env: false,
+    })
+    .unwrap();
+    let e = Trainer::new(res, tmp.path().join("r")).err().unwrap().to_string();
+    assert!(e.contains("train.accum_steps = 3") && e.contains("batch_size = 4"), "{e}");
+}
+
+#[test]
+fn pictures_and_loss_curve_are_valid_pngs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("p");
+    trainer(&dir, small(&["run.picture_every=2"]))
+        .run(Some(4))
+        .unwrap();
+    for step in [2, 4] {
+        let p = dir.join(format!("pictures/step-{step:08}.png"));
+        let img = image::open(&p).unwrap().to_rgb8();
+        // 4 rows (batch 4) of 64-px tiles, 5 columns for RESPIX.
+        assert_eq!(img.dimensions(), (5 * 66 + 2, 4 * 66 + 2), "{p:?}");
+    }
+    let curve = image::open(dir.join("loss_curve.png")).unwrap().to_rgb8();
+    assert_eq!(curve.dimensions(), (900, 540));
+    // Not a blank canvas: the curves put colour on it.
+    let coloured = curve
+        .pixels()
+        .filter(|p| {
+            let [r, g, b] = p.0;
+            r.max(g).max(b) - r.min(g).min(b) > 60
+        })
+        .count();
+    assert!(coloured > 500, "{coloured} coloured pixels");
+}
