@@ -78,6 +78,10 @@ pub enum Command {
     FitKmeans(crate::fit::FitKmeans),
     /// Time one training step phase by phase; prints one JSON line (the reference's fields).
     Bench(crate::bench::BenchArgs),
+    /// Figure-2-style grids for given images: original, masked input, several sampled corruptions.
+    Corrupt(crate::inspect::CorruptArgs),
+    /// Data-loader throughput on an ImageFolder (decode and augmentation time per image).
+    BenchData(crate::inspect::BenchDataArgs),
 }
 
 fn subcommand(cmd: Command) -> anyhow::Result<()> {
@@ -85,6 +89,22 @@ fn subcommand(cmd: Command) -> anyhow::Result<()> {
         Command::FitKmeans(opts) => fit(opts),
         Command::Bench(args) => {
             let report = crate::bench::bench(&args)?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Command::Corrupt(args) => {
+            let frac = crate::inspect::corrupt(&args)?;
+            println!(
+                "wrote {} ({} images × {} samples); {:.1}% of masked tokens replaced by a different one",
+                args.out.display(),
+                args.images.len(),
+                args.samples,
+                100.0 * frac
+            );
+            Ok(())
+        }
+        Command::BenchData(args) => {
+            let report = crate::inspect::bench_data(&args)?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }

@@ -300,25 +300,67 @@ fn chw(img: &RgbImage) -> Vec<f32> {
     out
 }
 
-/// ONE RandomResizedCrop + flip, rendered at the enhancer size (bicubic, i.e. Catmull–Rom) and at
-/// the tokenizer size (Lanczos-3).
-pub fn two_views(img: &RgbImage, cfg: &DataConfig, rng: &mut impl Rng) -> Views {
+/// Crops `rect` out of `img` and resizes it to `side`×`side` with a separable convolution filter
+/// (SIMD, fast_image_resize), into CHW floats in `[0, 1]`, optionally mirrored.
+fn crop_resize(img: &RgbImage, rect: Rect, side: usize, filter: FilterType, flip: bool) -> Vec<f32> {
+    use fast_image_resize as fr;
     let (w, h) = img.dimensions();
-    let (x, y, cw, ch) = random_resized_crop(w, h, cfg.crop_scale, cfg.crop_ratio, rng);
-    let mut crop = image::imageops::crop_imm(img, x, y, cw, ch).to_image();
-    if cfg.hflip && rng.gen_bool(0.5) {
-        image::imageops::flip_horizontal_in_place(&mut crop);
-    }
-    let render = |side: usize, filter: FilterType| -> RgbImage {
+    let (x, y, cw, ch) = rect;
+    let plain = || {
+        let crop = image::imageops::crop_imm(img, x, y, cw, ch).to_image();
         if crop.dimensions() == (side as u32, side as u32) {
-            crop.clone()
+            crop
         } else {
             image::imageops::resize(&crop, side as u32, side as u32, filter)
         }
     };
+    let out: RgbImage = if (cw, ch) == (side as u32, side as u32) {
+        plain()
+    } else {
+        let alg = fr::ResizeAlg::Convolution(match filter {
+            FilterType::Lanczos3 => fr::FilterType::Lanczos3,
+            FilterType::Triangle => fr::FilterType::Bilinear,
+            _ => fr::FilterType::CatmullRom,
+        });
+        let src = fr::images::ImageRef::new(w, h, img.as_raw(), fr::PixelType::U8x3);
+        let mut dst = fr::images::Image::new(side as u32, side as u32, fr::PixelType::U8x3);
+        let opts = fr::ResizeOptions::new()
+            .resize_alg(alg)
+            .crop(x as f64, y as f64, cw as f64, ch as f64);
+        match src.map(|src| fr::Resizer::new().resize(&src, &mut dst, &opts)) {
+            Ok(Ok(())) => RgbImage::from_raw(side as u32, side as u32, dst.into_vec())
+                .expect("side² RGB pixels"),
+            _ => plain(),
+        }
+    };
+    let mut out = out;
+    if flip {
+        image::imageops::flip_horizontal_in_place(&mut out);
+    }
+    chw(&out)
+}
+
+/// ONE RandomResizedCrop + flip, rendered at the enhancer size (bicubic, i.e. Catmull–Rom) and at
+/// the tokenizer size (Lanczos-3).
+pub fn two_views(img: &RgbImage, cfg: &DataConfig, rng: &mut impl Rng) -> Views {
+    let (w, h) = img.dimensions();
+    let rect = random_resized_crop(w, h, cfg.crop_scale, cfg.crop_ratio, rng);
+    let flip = cfg.hflip && rng.gen_bool(0.5);
     Views {
-        image: chw(&render(cfg.image_size, FilterType::CatmullRom)),
-        tok_view: chw(&render(cfg.tokenizer_size, FilterType::Lanczos3)),
+        image: crop_resize(img, rect, cfg.image_size, FilterType::CatmullRom, flip),
+        tok_view: crop_resize(img, rect, cfg.tokenizer_size, FilterType::Lanczos3, flip),
+    }
+}
+
+/// The deterministic views for inspection (`cim-run corrupt`): the largest centred square,
+/// resized like [`two_views`] (no randomness, no flip).
+pub fn center_views(img: &RgbImage, cfg: &DataConfig) -> Views {
+    let (w, h) = img.dimensions();
+    let side = w.min(h);
+    let rect = ((w - side) / 2, (h - side) / 2, side, side);
+    Views {
+        image: crop_resize(img, rect, cfg.image_size, FilterType::CatmullRom, false),
+        tok_view: crop_resize(img, rect, cfg.tokenizer_size, FilterType::Lanczos3, false),
     }
 }
 
@@ -342,8 +384,9 @@ pub struct HostBatch {
     /// Files that could not be read while making this batch (each replaced by the next readable
     /// image of the epoch's order).
     pub skipped: Vec<String>,
-    /// Milliseconds spent decoding and augmenting (summed over workers).
-    pub work_ms: f64,
+    /// Milliseconds spent reading + decoding files, and cropping + resizing (summed over workers).
+    pub decode_ms: f64,
+    pub augment_ms: f64,
 }
 
 impl HostBatch {
@@ -453,7 +496,8 @@ impl Loader {
         let k = (index % per_epoch) as usize;
         let order = self.order(epoch);
         let n = order.len();
-        let samples: Vec<Result<(usize, Views, Vec<String>, f64)>> = self.pool.install(|| {
+        type Sample = (usize, Views, Vec<String>, f64, f64);
+        let samples: Vec<Result<Sample>> = self.pool.install(|| {
             (0..self.batch_size)
                 .into_par_iter()
                 .map(|j| {
@@ -464,12 +508,14 @@ impl Loader {
                         let i = order[(pos + attempt) % n];
                         match self.data.get(i) {
                             Ok(img) => {
+                                let decoded = t.elapsed().as_secs_f64() * 1e3;
                                 let mut rng = rand::rngs::StdRng::seed_from_u64(mix(
                                     self.seed,
                                     mix(epoch, pos as u64),
                                 ));
                                 let v = two_views(&img, &self.cfg, &mut rng);
-                                return Ok((i, v, skipped, t.elapsed().as_secs_f64() * 1e3));
+                                let total = t.elapsed().as_secs_f64() * 1e3;
+                                return Ok((i, v, skipped, decoded, total - decoded));
                             }
                             Err(e) => match e.path() {
                                 Some(path) => {
@@ -494,15 +540,17 @@ impl Loader {
             tok_view: Vec::with_capacity(self.batch_size * 3 * t * t),
             indices: Vec::with_capacity(self.batch_size),
             skipped: vec![],
-            work_ms: 0.0,
+            decode_ms: 0.0,
+            augment_ms: 0.0,
         };
         for r in samples {
-            let (i, v, skipped, ms) = r?;
+            let (i, v, skipped, dec, aug) = r?;
             out.indices.push(i);
             out.image.extend_from_slice(&v.image);
             out.tok_view.extend_from_slice(&v.tok_view);
             out.skipped.extend(skipped);
-            out.work_ms += ms;
+            out.decode_ms += dec;
+            out.augment_ms += aug;
         }
         tracing::trace!(index, ms = start.elapsed().as_secs_f64() * 1e3, "batch ready");
         Ok(out)
@@ -598,6 +646,30 @@ mod tests {
         assert_eq!(v.tok_view.len(), 3 * 32 * 32);
         assert!(v.image.iter().all(|p| (0.0..=1.0).contains(p)));
         Ok(())
+    }
+
+    #[test]
+    fn fast_resize_agrees_with_the_reference_filter() {
+        // A smooth image: the SIMD crop+resize and image's generic resize of the cropped copy
+        // differ only by rounding.
+        let img = RgbImage::from_fn(120, 90, |x, y| {
+            image::Rgb([(x * 2) as u8, (y * 2) as u8, ((x + y) as u8)])
+        });
+        let rect = (10, 5, 100, 80);
+        for (side, f) in [(64, FilterType::CatmullRom), (32, FilterType::Lanczos3)] {
+            let fast = crop_resize(&img, rect, side, f, false);
+            let crop = image::imageops::crop_imm(&img, 10, 5, 100, 80).to_image();
+            let slow = chw(&image::imageops::resize(&crop, side as u32, side as u32, f));
+            let worst = fast
+                .iter()
+                .zip(&slow)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst <= 3.0 / 255.0, "{side}px: max diff {worst}");
+            // Mirroring is a horizontal flip of the same rendering.
+            let flipped = crop_resize(&img, rect, side, f, true);
+            assert_eq!(flipped[side - 1], fast[0]);
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod fit;
+pub mod inspect;
 pub mod optim;
 pub mod pictures;
 pub mod pipeline;

@@ -1,0 +1,177 @@
+//! Looking at what the pipeline does: `cim-run corrupt` (Figure-2-style grids for given images) and
+//! `cim-run bench-data` (loader throughput per stage).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use serde::Serialize;
+
+use cim_api::{Error, Result};
+
+use crate::cli::ConfigArgs;
+use crate::config::resolve;
+use crate::data::{center_views, decode_image, Batch, Dataset, Folder, Loader};
+use crate::pipeline::{Cim, StepRngs};
+
+/// Options of `cim-run corrupt`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CorruptArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Images to corrupt (JPEG or PNG); each becomes one row.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// Trained weights: a run directory (its `model.safetensors`, else its newest checkpoint) or a
+    /// `.safetensors` file. Without it the generator is freshly initialised.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Corrupted samples per image (columns after the original and the masked input).
+    #[arg(long, default_value_t = 4)]
+    pub samples: usize,
+    /// Seed of the mask and the samples.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output PNG.
+    #[arg(long, default_value = "corrupt.png")]
+    pub out: PathBuf,
+}
+
+fn load_weights(cim: &Cim, from: &std::path::Path) -> Result<()> {
+    let file = if from.is_dir() {
+        let m = from.join("model.safetensors");
+        if m.is_file() {
+            m
+        } else {
+            crate::checkpoint::load_latest(from)?.dir.join("model.safetensors")
+        }
+    } else {
+        from.to_path_buf()
+    };
+    let all = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).map_err(|e| {
+        Error::Data {
+            path: file.display().to_string(),
+            message: e.to_string(),
+        }
+    })?;
+    let (params, buffers): (std::collections::BTreeMap<_, _>, std::collections::BTreeMap<_, _>) =
+        all.into_iter().partition(|(k, _)| cim.params.get(k).is_some());
+    let ctx = |e: Error| Error::msg(format!("{}: {e}", file.display()));
+    cim.params.load(&params, false).map_err(ctx)?;
+    cim.buffers.load(&buffers, false).map_err(ctx)
+}
+
+/// Writes a grid: original | masked input | `samples` corrupted images, one row per image.
+/// Returns the fraction of masked tokens that the samples replaced by a different token.
+pub fn corrupt(args: &CorruptArgs) -> Result<f64> {
+    let res = resolve(&args.config.layers())?;
+    let cim = Cim::build(&res)?;
+    if let Some(w) = &args.weights {
+        load_weights(&cim, w)?;
+    }
+    let cfg = &res.cfg.data;
+    let (mut image, mut tok) = (vec![], vec![]);
+    for p in &args.images {
+        let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
+        let img = decode_image(&bytes).map_err(|message| Error::Data {
+            path: p.display().to_string(),
+            message,
+        })?;
+        let v = center_views(&img, cfg);
+        image.extend(v.image);
+        tok.extend(v.tok_view);
+    }
+    let (b, s, t) = (args.images.len(), cfg.image_size, cfg.tokenizer_size);
+    let batch = Batch {
+        image: Tensor::from_vec(image, (b, 3, s, s), &cim.device)?,
+        tok_view: Tensor::from_vec(tok, (b, 3, t, t), &cim.device)?,
+        indices: (0..b).collect(),
+    };
+    let golden = cim.tokens(&batch)?;
+    let mut rngs = StepRngs::for_step(args.seed, 0, 0);
+    let mim = cim.mim(&batch, golden, &mut rngs)?;
+    let mut cols = vec![
+        batch.image.clone(),
+        crate::pictures::masked_view(&batch.image, &mim.mask)?,
+    ];
+    let mut replaced = 0.0;
+    for k in 0..args.samples.max(1) {
+        let mut r = StepRngs::for_step(args.seed, 0, 1 + k as u64);
+        let c = cim.corrupt(&mim, &mut r)?;
+        replaced += c.n_replaced / mim.mask.total().max(1) as f64;
+        cols.push(c.image);
+    }
+    crate::pictures::write_grid(&args.out, &cols, b)?;
+    Ok(replaced / args.samples.max(1) as f64)
+}
+
+/// Options of `cim-run bench-data`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchDataArgs {
+    /// An ImageFolder (`DIR/<class>/*.jpg|png`).
+    pub dir: PathBuf,
+    /// Loader threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Batches to time (after one warm-up batch).
+    #[arg(long, default_value_t = 8)]
+    pub batches: usize,
+    #[arg(long, default_value_t = 224)]
+    pub image_size: usize,
+    #[arg(long, default_value_t = 112)]
+    pub tokenizer_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchDataReport {
+    pub dir: String,
+    pub images: usize,
+    pub workers: usize,
+    pub batch: usize,
+    pub batches: usize,
+    pub images_per_s: f64,
+    pub images_per_s_per_worker: f64,
+    /// Per image, one worker: read + decode, and crop + flip + two resizes (+ CHW float).
+    pub decode_ms_per_image: f64,
+    pub augment_ms_per_image: f64,
+    pub skipped: usize,
+}
+
+pub fn bench_data(args: &BenchDataArgs) -> Result<BenchDataReport> {
+    let folder = Arc::new(Folder::open(&args.dir)?);
+    let n = folder.len();
+    let cfg = crate::config::DataConfig {
+        image_size: args.image_size,
+        tokenizer_size: args.tokenizer_size,
+        workers: args.workers,
+        ..Default::default()
+    };
+    let loader = Loader::new(folder, cfg, args.batch, 0)?;
+    loader.host_batch(0)?; // warm-up: page cache, thread pool
+    let t0 = Instant::now();
+    let (mut dec, mut aug, mut skipped) = (0.0, 0.0, 0);
+    for i in 1..=args.batches as u64 {
+        let b = loader.host_batch(i)?;
+        dec += b.decode_ms;
+        aug += b.augment_ms;
+        skipped += b.skipped.len();
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let imgs = (args.batches * args.batch) as f64;
+    let ips = imgs / secs;
+    Ok(BenchDataReport {
+        dir: args.dir.display().to_string(),
+        images: n,
+        workers: loader.workers(),
+        batch: args.batch,
+        batches: args.batches,
+        images_per_s: ips,
+        images_per_s_per_worker: ips / loader.workers() as f64,
+        decode_ms_per_image: dec / imgs,
+        augment_ms_per_image: aug / imgs,
+        skipped,
+    })
+}
