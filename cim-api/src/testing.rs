@@ -274,6 +274,7 @@ pub fn check_objective(name: &str) -> Result<()> {
         tokens: feats.as_tensor().clone(),
         grid,
         stride: info.stride,
+        cls: None,
     };
     let original = rand_image(9)?;
     let corrupted = rand_image(10)?;

@@ -129,6 +129,9 @@ pub struct Features {
     pub tokens: Tensor,
     pub grid: TokenGrid,
     pub stride: usize,
+    /// The network's own image summary where it has one: a ViT's class token after the final
+    /// norm, `(B, D)`. `None` for networks without one (ResNet: pool `tokens` instead).
+    pub cls: Option<Tensor>,
 }
 
 /// Everything an objective may look at besides the enhancer output.

@@ -319,6 +319,7 @@ impl Enhancer for ResNet {
             tokens: x.flatten_from(2)?.transpose(1, 2)?,
             grid: TokenGrid::new(h, w),
             stride: 32,
+            cls: None,
         })
     }
 }

@@ -157,6 +157,7 @@ impl Enhancer for Vit {
             tokens: x.narrow(1, 1, n)?,
             grid,
             stride: self.info.stride,
+            cls: Some(x.narrow(1, 0, 1)?.squeeze(1)?),
         })
     }
 }

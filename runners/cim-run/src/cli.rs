@@ -82,6 +82,8 @@ pub enum Command {
     Corrupt(crate::inspect::CorruptArgs),
     /// Data-loader throughput on an ImageFolder (decode and augmentation time per image).
     BenchData(crate::inspect::BenchDataArgs),
+    /// Linear-probe and k-NN accuracy of a run's frozen enhancer on labelled data.
+    Probe(crate::probe::ProbeArgs),
 }
 
 fn subcommand(cmd: Command) -> anyhow::Result<()> {
@@ -101,6 +103,11 @@ fn subcommand(cmd: Command) -> anyhow::Result<()> {
                 args.samples,
                 100.0 * frac
             );
+            Ok(())
+        }
+        Command::Probe(args) => {
+            let report = crate::probe::probe(&args)?;
+            println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
         Command::BenchData(args) => {

@@ -25,6 +25,14 @@ pub trait Dataset: Send + Sync {
     /// Image `i`; decoding problems are errors naming the file or record.
     fn get(&self, i: usize) -> Result<RgbImage>;
     fn describe(&self) -> String;
+    /// Class index of image `i`, for labelled datasets (evaluation); `None` when unlabelled.
+    fn label(&self, _i: usize) -> Option<usize> {
+        None
+    }
+    /// Number of classes of a labelled dataset (0 when unlabelled).
+    fn num_classes(&self) -> usize {
+        0
+    }
 }
 
 /// The embedded quickstart photographs (see `assets/quickstart/LICENSE.md`).
@@ -121,7 +129,7 @@ impl Cifar10 {
         }
         Ok(Self { path: file, bytes })
     }
-    pub fn label(&self, i: usize) -> u8 {
+    pub fn class_of(&self, i: usize) -> u8 {
         self.bytes[i * CIFAR_RECORD]
     }
 }
@@ -141,25 +149,37 @@ impl Dataset for Cifar10 {
     fn describe(&self) -> String {
         format!("CIFAR-10 {} ({} images)", self.path.display(), self.len())
     }
+    fn label(&self, i: usize) -> Option<usize> {
+        Some(self.class_of(i) as usize)
+    }
+    fn num_classes(&self) -> usize {
+        10
+    }
 }
 
 /// ImageFolder: `root/<class>/<image>`; JPEG and PNG of any size, grayscale converted to RGB.
+/// Labels are the class folders' indices in sorted order.
 pub struct Folder {
     root: PathBuf,
     files: Vec<PathBuf>,
+    labels: Vec<usize>,
+    classes: Vec<String>,
 }
 
 impl Folder {
     pub fn open(root: &Path) -> Result<Self> {
-        let mut files = vec![];
-        let classes = std::fs::read_dir(root).map_err(|e| Error::io(root, e))?;
-        for class in classes {
+        let mut dirs = vec![];
+        for class in std::fs::read_dir(root).map_err(|e| Error::io(root, e))? {
             let class = class.map_err(|e| Error::io(root, e))?.path();
-            if !class.is_dir() {
-                continue;
+            if class.is_dir() {
+                dirs.push(class);
             }
-            for f in std::fs::read_dir(&class).map_err(|e| Error::io(&class, e))? {
-                let f = f.map_err(|e| Error::io(&class, e))?.path();
+        }
+        dirs.sort();
+        let mut files = vec![];
+        for class in &dirs {
+            for f in std::fs::read_dir(class).map_err(|e| Error::io(class, e))? {
+                let f = f.map_err(|e| Error::io(class, e))?.path();
                 let ext = f.extension().map(|e| e.to_string_lossy().to_lowercase());
                 if matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png")) {
                     files.push(f);
@@ -167,6 +187,20 @@ impl Folder {
             }
         }
         files.sort();
+        let classes: Vec<String> = dirs
+            .iter()
+            .map(|d| d.file_name().unwrap_or_default().to_string_lossy().to_string())
+            .collect();
+        let labels = files
+            .iter()
+            .map(|f| {
+                let c = f.parent().and_then(|p| p.file_name()).unwrap_or_default();
+                classes
+                    .iter()
+                    .position(|n| n.as_str() == c.to_string_lossy())
+                    .expect("files are listed from class folders")
+            })
+            .collect();
         if files.is_empty() {
             return Err(Error::Data {
                 path: root.display().to_string(),
@@ -176,6 +210,8 @@ impl Folder {
         Ok(Self {
             root: root.to_path_buf(),
             files,
+            labels,
+            classes,
         })
     }
 }
@@ -198,6 +234,12 @@ impl Dataset for Folder {
             self.root.display(),
             self.files.len()
         )
+    }
+    fn label(&self, i: usize) -> Option<usize> {
+        Some(self.labels[i])
+    }
+    fn num_classes(&self) -> usize {
+        self.classes.len()
     }
 }
 
@@ -700,7 +742,7 @@ mod tests {
         rec.extend((0..3072).map(|i| (i / 1024) as u8 * 100 + ((i % 1024) % 7) as u8));
         std::fs::write(dir.path().join("train.bin"), &rec).unwrap();
         let d = Cifar10::open(dir.path(), "train")?;
-        assert_eq!((d.len(), d.label(0)), (1, 7));
+        assert_eq!((d.len(), d.label(0)), (1, Some(7)));
         let img = d.get(0)?;
         assert_eq!(img.get_pixel(1, 0).0, [1, 101, 201]);
         std::fs::write(dir.path().join("test.bin"), &rec[..100]).unwrap();

@@ -38,7 +38,9 @@ pub struct CorruptArgs {
     pub out: PathBuf,
 }
 
-fn load_weights(cim: &Cim, from: &std::path::Path) -> Result<()> {
+/// Loads trained weights into `cim` from a run directory (its `model.safetensors`, else its newest
+/// checkpoint) or a `.safetensors` file; returns the file read.
+pub fn load_weights(cim: &Cim, from: &std::path::Path) -> Result<PathBuf> {
     let file = if from.is_dir() {
         let m = from.join("model.safetensors");
         if m.is_file() {
@@ -59,7 +61,8 @@ fn load_weights(cim: &Cim, from: &std::path::Path) -> Result<()> {
         all.into_iter().partition(|(k, _)| cim.params.get(k).is_some());
     let ctx = |e: Error| Error::msg(format!("{}: {e}", file.display()));
     cim.params.load(&params, false).map_err(ctx)?;
-    cim.buffers.load(&buffers, false).map_err(ctx)
+    cim.buffers.load(&buffers, false).map_err(ctx)?;
+    Ok(file)
 }
 
 /// Writes a grid: original | masked input | `samples` corrupted images, one row per image.

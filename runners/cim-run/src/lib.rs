@@ -15,6 +15,7 @@ pub mod inspect;
 pub mod optim;
 pub mod pictures;
 pub mod pipeline;
+pub mod probe;
 pub mod train;
 
 // inventory drops registrations from crates nothing references: name every plugin crate here.
