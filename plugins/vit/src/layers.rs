@@ -191,7 +191,7 @@ pub struct BlockSpec {
 }
 
 /// Pre-norm transformer block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`.
-/// No LayerScale, no drop-path (paper Table 9).
+/// No LayerScale; drop-path only when the caller passes keep factors (fine-tuning, Table 10).
 #[derive(Clone, Debug)]
 pub struct Block {
     norm1: LayerNorm,
@@ -219,9 +219,35 @@ impl Block {
 
 impl Module for Block {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
-        &x + self.mlp.forward(&self.norm2.forward(&x)?)?
+        self.forward_drop(x, None, None)
     }
+}
+
+impl Block {
+    /// The block with stochastic depth: each residual branch is multiplied by its per-sample
+    /// `(B, 1, 1)` keep factor (0 or `1/keep_prob`) when one is given.
+    pub fn forward_drop(
+        &self,
+        x: &Tensor,
+        keep_attn: Option<&Tensor>,
+        keep_mlp: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let scaled = |branch: Tensor, keep: Option<&Tensor>| match keep {
+            Some(k) => branch.broadcast_mul(k),
+            None => Ok(branch),
+        };
+        let x = (x + scaled(self.attn.forward(&self.norm1.forward(x)?)?, keep_attn)?)?;
+        &x + scaled(self.mlp.forward(&self.norm2.forward(&x)?)?, keep_mlp)?
+    }
+}
+
+/// Per-sample keep factors of stochastic depth (Huang et al. 2016) at drop rate `rate`: each
+/// entry is 0 with probability `rate`, else `1 / (1 - rate)` so the expectation is unchanged.
+pub fn drop_path_keep(batch: usize, rate: f64, rng: &mut impl rand::Rng) -> Vec<f32> {
+    let scale = (1.0 / (1.0 - rate)) as f32;
+    (0..batch)
+        .map(|_| if rng.gen_bool(rate) { 0.0 } else { scale })
+        .collect()
 }
 
 /// `depth` blocks named `blocks.0 … blocks.{depth-1}` under `vb`.

@@ -40,6 +40,10 @@ pub struct VitConfig {
     pub layer_norm_eps: f64,
     /// Std of the normal initialisation of weights and embeddings (timm/BEiT: 0.02).
     pub init_std: f64,
+    /// Stochastic depth: the drop rate of the last block's residual branches, rising linearly
+    /// from 0 at the first block (timm/BEiT); active only in training. Pre-training (Table 9)
+    /// uses none; fine-tuning (Table 10) uses 0.1.
+    pub drop_path: f64,
 }
 
 impl VitConfig {
@@ -52,6 +56,7 @@ impl VitConfig {
             mlp_ratio: 4.0,
             layer_norm_eps: 1e-6,
             init_std: 0.02,
+            drop_path: 0.0,
         }
     }
     /// DeiT-Tiny widths (5.7M parameters).
@@ -87,10 +92,25 @@ pub struct Vit {
     blocks: Vec<layers::Block>,
     norm: LayerNorm,
     info: EnhancerInfo,
+    drop_path: f64,
+    /// Stochastic depth's draws (seeded from the run's seed).
+    rng: std::sync::Arc<std::sync::Mutex<rand::rngs::StdRng>>,
 }
 
 impl Vit {
     pub fn new(cfg: &VitConfig, image_size: usize, vb: VarBuilder) -> Result<Self> {
+        Self::with_seed(cfg, image_size, vb, 0)
+    }
+
+    /// As [`Vit::new`], seeding stochastic depth's random draws with `seed`.
+    pub fn with_seed(cfg: &VitConfig, image_size: usize, vb: VarBuilder, seed: u64) -> Result<Self> {
+        use rand::SeedableRng;
+        if !(0.0..1.0).contains(&cfg.drop_path) {
+            return Err(Error::config(format!(
+                "vit: drop_path = {} must be in [0, 1)",
+                cfg.drop_path
+            )));
+        }
         if cfg.patch_size == 0 || image_size % cfg.patch_size != 0 {
             return Err(Error::config(format!(
                 "vit: image size {image_size} is not divisible by patch_size {}",
@@ -129,17 +149,39 @@ impl Vit {
                 image_size,
                 shareable_blocks: Some(cfg.depth),
             },
+            drop_path: cfg.drop_path,
+            rng: std::sync::Arc::new(std::sync::Mutex::new(rand::rngs::StdRng::seed_from_u64(
+                seed ^ 0xD80F_9A7E,
+            ))),
         })
     }
 
-    /// All tokens after the final norm, class token first: `(B, 1 + N, D)`.
+    /// All tokens after the final norm, class token first: `(B, 1 + N, D)` (inference).
     pub fn forward_all(&self, image: &Tensor) -> Result<Tensor> {
+        self.forward_all_t(image, false)
+    }
+
+    /// As [`Vit::forward_all`]; in training with `drop_path > 0`, block `i` of `L` drops each
+    /// sample's attention and MLP branches independently at rate `drop_path · i / (L − 1)`.
+    pub fn forward_all_t(&self, image: &Tensor, train: bool) -> Result<Tensor> {
         let x = self.patch_embed.forward(image)?;
         let b = x.dim(0)?;
         let cls = self.cls_token.broadcast_as((b, 1, self.info.dim))?;
         let mut x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos_embed)?;
-        for blk in &self.blocks {
-            x = blk.forward(&x)?;
+        let depth = self.blocks.len();
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let rate = self.drop_path * i as f64 / (depth.max(2) - 1) as f64;
+            x = if train && rate > 0.0 {
+                let mut rng = self.rng.lock().expect("drop-path rng poisoned");
+                let mut keep = || -> Result<Tensor> {
+                    let k = layers::drop_path_keep(b, rate, &mut *rng);
+                    Ok(Tensor::from_vec(k, (b, 1, 1), x.device())?.to_dtype(x.dtype())?)
+                };
+                let (ka, km) = (keep()?, keep()?);
+                blk.forward_drop(&x, Some(&ka), Some(&km))?
+            } else {
+                blk.forward(&x)?
+            };
         }
         Ok(self.norm.forward(&x)?)
     }
@@ -149,8 +191,8 @@ impl Enhancer for Vit {
     fn info(&self) -> EnhancerInfo {
         self.info
     }
-    fn forward_t(&self, image: &Tensor, _train: bool) -> Result<Features> {
-        let x = self.forward_all(image)?;
+    fn forward_t(&self, image: &Tensor, train: bool) -> Result<Features> {
+        let x = self.forward_all_t(image, train)?;
         let n = x.dim(1)? - 1;
         let grid: TokenGrid = self.info.grid();
         Ok(Features {
@@ -163,7 +205,7 @@ impl Enhancer for Vit {
 }
 
 fn build(cfg: VitConfig, ctx: &BuildCtx) -> Result<Vit> {
-    Vit::new(&cfg, ctx.image_size, ctx.vb.clone())
+    Vit::with_seed(&cfg, ctx.image_size, ctx.vb.clone(), ctx.seed)
 }
 
 cim_api::register_enhancer! {
@@ -204,6 +246,41 @@ mod tests {
         for name in ["vit_tiny", "vit_s16", "vit_b16"] {
             cim_api::testing::check_enhancer(name)?;
         }
+        Ok(())
+    }
+
+    #[test]
+    fn stochastic_depth_drops_whole_branches_in_training_only() -> Result<()> {
+        use rand::SeedableRng;
+        // The keep factors: 0 at the configured rate, else 1/(1 − rate).
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let k = layers::drop_path_keep(20_000, 0.3, &mut rng);
+        let dropped = k.iter().filter(|&&v| v == 0.0).count() as f64 / k.len() as f64;
+        assert!((dropped - 0.3).abs() < 0.015, "{dropped}");
+        assert!(k.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.7).abs() < 1e-6));
+
+        let image = cim_api::testing::uniform((4, 3, 32, 32), 1)?;
+        let run = |drop_path: f64, train: bool| -> Result<Vec<f32>> {
+            let store = ParamStore::trainable(0);
+            let cfg = VitConfig {
+                drop_path,
+                ..VitConfig::test_tiny()
+            };
+            let vit = Vit::with_seed(&cfg, 32, store.var_builder(DType::F32, &Device::Cpu), 0)?;
+            Ok(vit.forward_t(&image, train)?.tokens.flatten_all()?.to_vec1()?)
+        };
+        // Evaluation ignores drop_path; training with drop_path 0 is the plain network.
+        assert_eq!(run(0.5, false)?, run(0.0, false)?);
+        assert_eq!(run(0.0, true)?, run(0.0, false)?);
+        // Training with drop_path changes the output (2 blocks: the second drops at 0.5).
+        assert_ne!(run(0.5, true)?, run(0.0, true)?);
+        let store = ParamStore::trainable(0);
+        let bad = VitConfig {
+            drop_path: 1.0,
+            ..VitConfig::test_tiny()
+        };
+        let e = Vit::new(&bad, 32, store.var_builder(DType::F32, &Device::Cpu)).err().unwrap();
+        assert!(e.to_string().contains("drop_path"), "{e}");
         Ok(())
     }
 

@@ -84,6 +84,8 @@ pub enum Command {
     BenchData(crate::inspect::BenchDataArgs),
     /// Linear-probe and k-NN accuracy of a run's frozen enhancer on labelled data.
     Probe(crate::probe::ProbeArgs),
+    /// Fine-tune a run's enhancer end to end on labelled data (`--init scratch`: the control).
+    Finetune(crate::finetune::FinetuneArgs),
 }
 
 fn subcommand(cmd: Command) -> anyhow::Result<()> {
@@ -108,6 +110,11 @@ fn subcommand(cmd: Command) -> anyhow::Result<()> {
         Command::Probe(args) => {
             let report = crate::probe::probe(&args)?;
             println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Command::Finetune(args) => {
+            let summary = crate::finetune::finetune(&args)?;
+            println!("{}", serde_json::to_string(&summary)?);
             Ok(())
         }
         Command::BenchData(args) => {

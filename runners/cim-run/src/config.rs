@@ -162,6 +162,94 @@ impl Default for TrainConfig {
     }
 }
 
+/// Loss of the fine-tuning classifier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinetuneLoss {
+    /// Softmax cross-entropy on (mixed, smoothed) soft targets (ViT recipe, Table 10).
+    Ce,
+    /// Per-class binary cross-entropy on the same targets (ResNet recipe, Table 11).
+    Bce,
+}
+
+/// `[finetune]`: end-to-end fine-tuning of the pre-trained enhancer (paper Tables 10–11; the
+/// defaults are Table 10's ViT-B/16 RESPIX recipe). The data come from `[data]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneConfig {
+    pub epochs: usize,
+    pub warmup_epochs: usize,
+    pub batch_size: usize,
+    /// Peak learning rate (of the head; blocks get less under layer decay).
+    pub lr: f64,
+    pub min_lr: f64,
+    pub weight_decay: f64,
+    pub betas: [f64; 2],
+    pub adam_eps: f64,
+    /// Layer-wise learning-rate decay for ViT enhancers: block `i` of `L` gets
+    /// `lr · decay^(L − i)`, embeddings `lr · decay^(L + 1)`; 1.0 switches it off.
+    pub layer_decay: f64,
+    /// Stochastic depth of ViT enhancers (the last block's rate).
+    pub drop_path: f64,
+    pub label_smoothing: f64,
+    /// Mixup's Beta(α, α) parameter; 0 = off.
+    pub mixup: f64,
+    /// CutMix's Beta(α, α) parameter; 0 = off.
+    pub cutmix: f64,
+    /// Probability that a batch is mixed at all.
+    pub mix_prob: f64,
+    /// With both on: probability of CutMix rather than Mixup for a batch.
+    pub switch_prob: f64,
+    /// RandAugment: operations per image (0 = off), magnitude (0–10) and its per-op noise std.
+    pub randaugment_n: usize,
+    pub randaugment_m: f64,
+    pub randaugment_mstd: f64,
+    pub loss: FinetuneLoss,
+    /// Image summary fed to the head: `mean` of the position features (BEiT's default) or `cls`.
+    pub pooling: String,
+    /// Test-time centre crop: resize the shorter side to `size / crop_ratio`, crop `size`.
+    pub test_crop_ratio: f64,
+    /// Evaluate on the test split every N epochs (and at the end).
+    pub eval_every: usize,
+    /// Stop after this many optimizer steps (0 = all epochs).
+    pub max_steps: usize,
+    /// Use at most this many training / test images (seeded subset; 0 = all).
+    pub train_limit: usize,
+    pub test_limit: usize,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 100,
+            warmup_epochs: 5,
+            batch_size: 1024,
+            lr: 3e-3,
+            min_lr: 1e-6,
+            weight_decay: 0.05,
+            betas: [0.9, 0.999],
+            adam_eps: 1e-8,
+            layer_decay: 0.8,
+            drop_path: 0.1,
+            label_smoothing: 0.1,
+            mixup: 0.8,
+            cutmix: 1.0,
+            mix_prob: 1.0,
+            switch_prob: 0.5,
+            randaugment_n: 2,
+            randaugment_m: 9.0,
+            randaugment_mstd: 0.5,
+            loss: FinetuneLoss::Ce,
+            pooling: "mean".into(),
+            test_crop_ratio: 0.95,
+            eval_every: 1,
+            max_steps: 0,
+            train_limit: 0,
+            test_limit: 0,
+        }
+    }
+}
+
 /// A component section as written: `name` plus one table per plugin. Validated by the registry.
 pub type Section = BTreeMap<String, Value>;
 
@@ -182,6 +270,7 @@ pub struct RunConfig {
     pub sampler: Section,
     pub enhancer: Section,
     pub objective: Section,
+    pub finetune: FinetuneConfig,
 }
 
 impl Default for RunConfig {
@@ -196,6 +285,7 @@ impl Default for RunConfig {
             sampler: section("gumbel"),
             enhancer: section("vit_b16"),
             objective: section("respix"),
+            finetune: FinetuneConfig::default(),
         }
     }
 }

@@ -5,11 +5,13 @@
 //! registry, [`train::Trainer`] runs the steps. A custom binary that links extra plugin crates
 //! calls [`cli::main`] and gets the same CLI with its plugins registered.
 
+pub mod augment;
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod finetune;
 pub mod fit;
 pub mod inspect;
 pub mod optim;

@@ -19,6 +19,8 @@ struct Slot {
     name: String,
     var: Var,
     decay: bool,
+    /// Multiplier of the learning rate (layer-wise decay); 1 by default.
+    lr_scale: f64,
     m: Tensor,
     v: Tensor,
 }
@@ -53,6 +55,7 @@ impl AdamW {
             .map(|(name, var)| {
                 Ok(Slot {
                     decay: decays(&name, var.rank()),
+                    lr_scale: 1.0,
                     m: var.zeros_like()?,
                     v: var.zeros_like()?,
                     name,
@@ -76,6 +79,21 @@ impl AdamW {
             .iter()
             .filter(|s| s.decay)
             .map(|s| s.name.as_str())
+            .collect()
+    }
+
+    /// Sets every parameter's learning-rate multiplier from its name (layer-wise decay).
+    pub fn set_lr_scales(&mut self, scale: impl Fn(&str) -> f64) {
+        for s in &mut self.slots {
+            s.lr_scale = scale(&s.name);
+        }
+    }
+
+    /// `(name, lr multiplier, weight decay on?)` of every parameter.
+    pub fn groups(&self) -> Vec<(&str, f64, bool)> {
+        self.slots
+            .iter()
+            .map(|s| (s.name.as_str(), s.lr_scale, s.decay))
             .collect()
     }
 
@@ -191,6 +209,7 @@ impl AdamW {
             s.m = ((&s.m * b1)? + (&g * (1.0 - b1))?)?;
             s.v = ((&s.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let update = ((&s.m / bc1)? / ((&s.v / bc2)?.sqrt()? + self.eps)?)?;
+            let lr = lr * s.lr_scale;
             let p = s.var.as_tensor();
             let p = if s.decay && self.weight_decay > 0.0 {
                 (p * (1.0 - lr * self.weight_decay))?
