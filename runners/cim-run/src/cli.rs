@@ -86,6 +86,8 @@ pub enum Command {
     Probe(crate::probe::ProbeArgs),
     /// Fine-tune a run's enhancer end to end on labelled data (`--init scratch`: the control).
     Finetune(crate::finetune::FinetuneArgs),
+    /// Write a run's enhancer with timm's or torchvision's names (+ a JSON mapping).
+    Export(crate::export::ExportArgs),
 }
 
 fn subcommand(cmd: Command) -> anyhow::Result<()> {
@@ -115,6 +117,18 @@ fn subcommand(cmd: Command) -> anyhow::Result<()> {
         Command::Finetune(args) => {
             let summary = crate::finetune::finetune(&args)?;
             println!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
+        Command::Export(args) => {
+            let r = crate::export::export(&args)?;
+            println!(
+                "wrote {} ({} tensors, {:?} names for {}) and {}",
+                args.out.display(),
+                r.tensors.len(),
+                r.format,
+                r.model,
+                crate::export::mapping_path(&args.out).display()
+            );
             Ok(())
         }
         Command::BenchData(args) => {

@@ -46,10 +46,13 @@ pub struct ProbeArgs {
     /// A pre-training run directory (its `config.toml` builds the enhancer).
     pub run_dir: PathBuf,
     /// Labelled data: `cifar10` (PATH holds train.bin/test.bin) or `folder` (PATH/train, PATH/val).
+    /// Without --path, `data.source` and `data.path` of --preset/--config/--set are used.
     #[arg(long, value_enum, default_value = "cifar10")]
     pub data: DataSource,
     #[arg(long)]
-    pub path: PathBuf,
+    pub path: Option<PathBuf>,
+    #[command(flatten)]
+    pub config: crate::cli::ConfigArgs,
     #[arg(long, value_enum, default_value = "mean")]
     pub feature: Pooling,
     #[arg(long, value_enum, default_value = "pretrained")]
@@ -116,14 +119,35 @@ impl FeatureSet {
     }
 }
 
+/// The labelled data the flags name: `--data/--path`, else the config's `[data]`.
+fn data_source(args: &ProbeArgs) -> Result<(DataSource, PathBuf)> {
+    if let Some(p) = &args.path {
+        return Ok((args.data, p.clone()));
+    }
+    if args.config.preset.is_none() && args.config.config.is_empty() {
+        return Err(Error::config(
+            "probe needs labelled data: --path DIR (with --data cifar10|folder) or --preset probe_cifar10",
+        ));
+    }
+    let res = resolve(&args.config.layers())?;
+    let path = res
+        .cfg
+        .data
+        .path
+        .clone()
+        .ok_or_else(|| Error::config("probe: data.path is not set"))?;
+    Ok((res.cfg.data.source, path))
+}
+
 fn open_split(args: &ProbeArgs, train: bool) -> Result<Box<dyn Dataset>> {
-    Ok(match args.data {
+    let (source, path) = data_source(args)?;
+    Ok(match source {
         DataSource::Cifar10 => Box::new(Cifar10::open(
-            &args.path,
+            &path,
             if train { "train" } else { "test" },
         )?),
         DataSource::Folder => Box::new(Folder::open(
-            &args.path.join(if train { "train" } else { "val" }),
+            &path.join(if train { "train" } else { "val" }),
         )?),
         DataSource::Quickstart => {
             return Err(Error::config(
@@ -424,7 +448,7 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport> {
             "{}-{:?}-{}-{split}-{n}.safetensors",
             format!("{:?}", args.init).to_lowercase(),
             args.feature,
-            format!("{:?}", args.data).to_lowercase()
+            format!("{:?}", data_source(args).map(|d| d.0).unwrap_or(args.data)).to_lowercase()
         ).to_lowercase())
     };
     let tr_idx = subset(train_data.len(), args.train_limit, seed ^ 0x7A1);

@@ -59,7 +59,8 @@ fn probe_scores_pretrained_and_scratch_features_and_caches_them() {
     let args = |init| ProbeArgs {
         run_dir: run.clone(),
         data: cim_run::config::DataSource::Cifar10,
-        path: tmp.path().join("data"),
+        path: Some(tmp.path().join("data")),
+        config: ConfigArgs::default(),
         feature: Pooling::Both,
         init,
         train_limit: 0,
@@ -85,7 +86,7 @@ fn probe_scores_pretrained_and_scratch_features_and_caches_them() {
     assert!(scratch.linear.top1 > 0.0);
     // ResNet-style `cls` on a ViT works; a bad folder is a clear error.
     let mut bad = args(Init::Pretrained);
-    bad.path = tmp.path().join("nowhere");
+    bad.path = Some(tmp.path().join("nowhere"));
     let e = probe(&bad).err().unwrap().to_string();
     assert!(e.contains("nowhere"), "{e}");
 }
