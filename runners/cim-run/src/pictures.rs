@@ -143,7 +143,13 @@ pub fn loss_curve(metrics: &Path, out: &Path) -> Result<()> {
         root.fill(&WHITE).map_err(|e| plot_err(&e))?;
         let mut chart = ChartBuilder::on(&root)
             .caption(
-                format!("losses — {}", metrics.display()),
+                format!(
+                    "losses — {}",
+                    metrics
+                        .parent()
+                        .and_then(|p| p.file_name())
+                        .map_or_else(|| metrics.display().to_string(), |n| n.to_string_lossy().to_string())
+                ),
                 ("sans-serif", 16),
             )
             .margin(12)
