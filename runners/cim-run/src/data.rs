@@ -637,13 +637,13 @@ impl Prefetch {
         }
     }
 
-    /// Index of the batch [`Prefetch::next`] returns.
+    /// Index of the batch [`Prefetch::next_batch`] returns.
     pub fn position(&self) -> u64 {
         self.next
     }
 
     /// The next batch in order.
-    pub fn next(&mut self) -> Result<HostBatch> {
+    pub fn next_batch(&mut self) -> Result<HostBatch> {
         let b = self
             .rx
             .recv()

@@ -443,7 +443,7 @@ pub fn finetune(args: &FinetuneArgs) -> Result<FinetuneSummary> {
         .map_err(|e| Error::io(&metrics_path, e))?;
         let end_of_epoch = k + 1 == per_epoch;
         let last = step + 1 == total;
-        if (end_of_epoch && (epoch + 1) % ft.eval_every.max(1) == 0) || last {
+        if (end_of_epoch && (epoch + 1).is_multiple_of(ft.eval_every.max(1))) || last {
             let rec = evaluate(epoch + 1, step + 1, loss_sum.0 / loss_sum.1.max(1) as f64)?;
             loss_sum = (0.0, 0);
             tracing::info!(

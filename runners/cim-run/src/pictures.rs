@@ -72,35 +72,6 @@ pub fn write_grid(path: &Path, columns: &[Tensor], rows: usize) -> Result<()> {
     write_atomic(path, bytes.get_ref())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-    use cim_api::TokenGrid;
-
-    #[test]
-    fn grid_is_a_valid_png_with_the_expected_layout() -> Result<()> {
-        let dir = tempfile::tempdir().unwrap();
-        let img = cim_api::testing::uniform((3, 3, 8, 8), 1)?;
-        let mask = Mask::new(
-            3,
-            TokenGrid::new(2, 2),
-            vec![true, false, false, false].repeat(3),
-        )?;
-        let masked = masked_view(&img, &mask)?;
-        // The masked quadrant is grey, the rest untouched.
-        let v = masked.get(0)?.get(0)?.to_vec2::<f32>()?;
-        assert_eq!(v[0][0], 0.5);
-        assert_eq!(v[7][7], img.get(0)?.get(0)?.to_vec2::<f32>()?[7][7]);
-        let p = dir.path().join("g.png");
-        write_grid(&p, &[img.clone(), masked, show_normalised(&img)?], 2)?;
-        let back = image::open(&p).unwrap().to_rgb8();
-        assert_eq!(back.dimensions(), (3 * 10 + 2, 2 * 10 + 2));
-        let _ = Device::Cpu;
-        Ok(())
-    }
-}
-
 const FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSansMono.ttf");
 
 /// Plots every `loss*` series of `metrics.jsonl` against the step (log-scale y) into a PNG.
@@ -186,4 +157,33 @@ pub fn loss_curve(metrics: &Path, out: &Path) -> Result<()> {
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .map_err(|e| plot_err(&e))?;
     write_atomic(out, &png)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use cim_api::TokenGrid;
+
+    #[test]
+    fn grid_is_a_valid_png_with_the_expected_layout() -> Result<()> {
+        let dir = tempfile::tempdir().unwrap();
+        let img = cim_api::testing::uniform((3, 3, 8, 8), 1)?;
+        let mask = Mask::new(
+            3,
+            TokenGrid::new(2, 2),
+            [true, false, false, false].repeat(3),
+        )?;
+        let masked = masked_view(&img, &mask)?;
+        // The masked quadrant is grey, the rest untouched.
+        let v = masked.get(0)?.get(0)?.to_vec2::<f32>()?;
+        assert_eq!(v[0][0], 0.5);
+        assert_eq!(v[7][7], img.get(0)?.get(0)?.to_vec2::<f32>()?[7][7]);
+        let p = dir.path().join("g.png");
+        write_grid(&p, &[img.clone(), masked, show_normalised(&img)?], 2)?;
+        let back = image::open(&p).unwrap().to_rgb8();
+        assert_eq!(back.dimensions(), (3 * 10 + 2, 2 * 10 + 2));
+        let _ = Device::Cpu;
+        Ok(())
+    }
 }

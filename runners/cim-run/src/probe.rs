@@ -334,6 +334,9 @@ fn linear_scores(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Vec<f32>> {
         .to_vec1::<f32>()?)
 }
 
+/// The linear probe's test score, the chosen weight decay, and `(decay, held-out top-1)` per candidate.
+pub type LinearProbe = (ClassifierScore, f64, Vec<(f64, f64)>);
+
 /// Weight decays tried on the held-out split.
 pub const WEIGHT_DECAYS: [f64; 5] = [0.0, 1e-4, 1e-3, 1e-2, 1e-1];
 
@@ -344,7 +347,7 @@ pub fn linear_probe(
     test: &FeatureSet,
     classes: usize,
     seed: u64,
-) -> Result<(ClassifierScore, f64, Vec<(f64, f64)>)> {
+) -> Result<LinearProbe> {
     let xt = train.tensor()?;
     let (mean, std) = moments(&xt)?;
     let z = |t: &Tensor| -> Result<Tensor> { Ok(t.broadcast_sub(&mean)?.broadcast_div(&std)?) };

@@ -194,7 +194,7 @@ impl Trainer {
         let cfg = &resolved.cfg;
         let t = &cfg.train;
         let accum = t.accum_steps;
-        if accum == 0 || t.batch_size % accum != 0 {
+        if accum == 0 || !t.batch_size.is_multiple_of(accum) {
             return Err(Error::config(format!(
                 "train.accum_steps = {accum} must be ≥ 1 and divide train.batch_size = {}",
                 t.batch_size
@@ -274,7 +274,7 @@ impl Trainer {
         if self.prefetch.as_ref().map(|p| p.position()) != Some(index) {
             self.prefetch = Some(Prefetch::start(self.loader.clone(), index, depth));
         }
-        self.prefetch.as_mut().expect("just started").next()
+        self.prefetch.as_mut().expect("just started").next_batch()
     }
 
     /// One optimizer step over `train.accum_steps` micro-batches. A non-finite loss or gradient
