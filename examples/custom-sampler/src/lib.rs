@@ -89,7 +89,7 @@ mod tests {
     fn epsilon_sets_the_share_of_uniform_draws() -> Result<()> {
         // Token 3 is the argmax of every row; with ε = 0.2 over 8 tokens, a row differs from it
         // with probability 0.2 · 7/8 = 0.175.
-        let mut row = vec![0f32; 8];
+        let mut row = [0f32; 8];
         row[3] = 5.0;
         let logits = Tensor::from_vec(row.repeat(20_000), (20_000, 8), &Device::Cpu)?;
         let s = EpsilonGreedy::new(EpsilonGreedyConfig { epsilon: 0.2 })?;

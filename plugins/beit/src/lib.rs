@@ -89,7 +89,7 @@ impl Beit {
         vb: VarBuilder,
         shared: Option<VarBuilder>,
     ) -> Result<Self> {
-        if grid.h != grid.w || grid.h == 0 || image_size % grid.h != 0 {
+        if grid.h != grid.w || grid.h == 0 || !image_size.is_multiple_of(grid.h) {
             return Err(Error::config(format!(
                 "beit: the {image_size}-px image cannot be cut into the tokenizer's {grid} token grid \
                  (needs a square grid dividing the image size)"

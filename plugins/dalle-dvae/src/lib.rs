@@ -141,7 +141,7 @@ impl ResBlock {
         kernels: [usize; 4],
         vb: VarBuilder,
     ) -> Result<Self> {
-        if n_out % 4 != 0 {
+        if !n_out.is_multiple_of(4) {
             return Err(Error::config(format!(
                 "dalle_dvae: block width {n_out} must be divisible by 4"
             )));

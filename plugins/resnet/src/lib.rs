@@ -223,7 +223,7 @@ impl ResNet {
         vb: VarBuilder,
         buffers: &ParamStore,
     ) -> Result<Self> {
-        if image_size % 32 != 0 {
+        if !image_size.is_multiple_of(32) {
             return Err(Error::config(format!(
                 "resnet50: image size {image_size} must be a multiple of 32"
             )));

@@ -247,7 +247,7 @@ pub struct TopP {
 
 impl TopP {
     pub fn new(cfg: TopPConfig) -> Result<Self> {
-        if !(cfg.p > 0.0 && cfg.p <= 1.0) || !(cfg.temperature > 0.0) {
+        if !(cfg.p > 0.0 && cfg.p <= 1.0 && cfg.temperature > 0.0) {
             return Err(Error::config(format!(
                 "sampler.top_p needs 0 < p ≤ 1 and temperature > 0, got p = {}, temperature = {}",
                 cfg.p, cfg.temperature

@@ -123,7 +123,7 @@ pub struct Attention {
 
 impl Attention {
     pub fn new(dim: usize, heads: usize, std: f64, proj_std: f64, vb: VarBuilder) -> Result<Self> {
-        if heads == 0 || dim % heads != 0 {
+        if heads == 0 || !dim.is_multiple_of(heads) {
             return Err(Error::config(format!(
                 "width {dim} is not divisible by {heads} attention heads"
             )));

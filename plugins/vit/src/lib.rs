@@ -111,7 +111,7 @@ impl Vit {
                 cfg.drop_path
             )));
         }
-        if cfg.patch_size == 0 || image_size % cfg.patch_size != 0 {
+        if cfg.patch_size == 0 || !image_size.is_multiple_of(cfg.patch_size) {
             return Err(Error::config(format!(
                 "vit: image size {image_size} is not divisible by patch_size {}",
                 cfg.patch_size
