@@ -88,6 +88,8 @@ pub enum Command {
     Finetune(crate::finetune::FinetuneArgs),
     /// Write a run's enhancer with timm's or torchvision's names (+ a JSON mapping).
     Export(crate::export::ExportArgs),
+    /// Print each image's token grid as JSON (`--decode OUT.png`: view and reconstruction).
+    Tokenize(crate::inspect::TokenizeArgs),
 }
 
 fn subcommand(cmd: Command) -> anyhow::Result<()> {
@@ -129,6 +131,12 @@ fn subcommand(cmd: Command) -> anyhow::Result<()> {
                 r.model,
                 crate::export::mapping_path(&args.out).display()
             );
+            Ok(())
+        }
+        Command::Tokenize(args) => {
+            for t in crate::inspect::tokenize(&args)? {
+                println!("{}", serde_json::to_string(&t)?);
+            }
             Ok(())
         }
         Command::BenchData(args) => {

@@ -178,3 +178,73 @@ pub fn bench_data(args: &BenchDataArgs) -> Result<BenchDataReport> {
         skipped,
     })
 }
+
+/// Options of `cim-run tokenize`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenizeArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Images (JPEG or PNG), centre-cropped to the tokenizer view (`data.tokenizer_size`).
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// Also write a PNG with each image's tokenizer view and its reconstruction from the tokens.
+    #[arg(long, value_name = "OUT.png")]
+    pub decode: Option<PathBuf>,
+}
+
+/// One image's tokens.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tokenized {
+    pub image: String,
+    pub tokenizer: String,
+    pub grid: [usize; 2],
+    /// Row-major token ids.
+    pub tokens: Vec<Vec<u32>>,
+    pub distinct: usize,
+    /// PSNR (dB) of the reconstruction against the tokenizer view.
+    pub psnr_db: f64,
+}
+
+/// Encodes each image with the configured tokenizer (and decodes it back).
+pub fn tokenize(args: &TokenizeArgs) -> Result<Vec<Tokenized>> {
+    let res = resolve(&args.config.layers())?;
+    let cim = Cim::build(&res)?;
+    let t = res.cfg.data.tokenizer_size;
+    let mut px = vec![];
+    for p in &args.images {
+        let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
+        let img = decode_image(&bytes).map_err(|message| Error::Data {
+            path: p.display().to_string(),
+            message,
+        })?;
+        px.extend(center_views(&img, &res.cfg.data).tok_view);
+    }
+    let b = args.images.len();
+    let view = Tensor::from_vec(px, (b, 3, t, t), &cim.device)?;
+    let ids = cim.tokenizer.encode(&view)?;
+    let recon = cim.tokenizer.decode(&ids)?;
+    let mse: Vec<f32> = (&recon - &view)?.sqr()?.flatten_from(1)?.mean(1)?.to_vec1()?;
+    if let Some(out) = &args.decode {
+        crate::pictures::write_grid(out, &[view.clone(), recon.clone()], b)?;
+    }
+    let (gh, gw) = (ids.dim(1)?, ids.dim(2)?);
+    let rows: Vec<Vec<Vec<u32>>> = ids.to_vec3()?;
+    Ok(args
+        .images
+        .iter()
+        .zip(rows)
+        .zip(mse)
+        .map(|((p, tokens), mse)| Tokenized {
+            image: p.display().to_string(),
+            tokenizer: cim.names["tokenizer"].clone(),
+            grid: [gh, gw],
+            distinct: tokens
+                .iter()
+                .flatten()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            tokens,
+            psnr_db: 10.0 * (1.0 / (mse as f64).max(1e-12)).log10(),
+        })
+        .collect())
+}

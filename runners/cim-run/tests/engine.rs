@@ -323,3 +323,34 @@ fn pictures_and_loss_curve_are_valid_pngs() {
         .count();
     assert!(coloured > 500, "{coloured} coloured pixels");
 }
+
+#[test]
+fn tokenize_prints_token_grids_and_writes_the_reconstruction() {
+    let tmp = tempfile::tempdir().unwrap();
+    let assets = format!("{}/assets/quickstart", env!("CARGO_MANIFEST_DIR"));
+    let out = tmp.path().join("recon.png");
+    let args = cim_run::inspect::TokenizeArgs {
+        config: cim_run::cli::ConfigArgs {
+            preset: Some("quickstart".into()),
+            ..Default::default()
+        },
+        images: vec![
+            format!("{assets}/chelsea.jpg").into(),
+            format!("{assets}/coffee.jpg").into(),
+        ],
+        decode: Some(out.clone()),
+    };
+    let t = cim_run::inspect::tokenize(&args).unwrap();
+    assert_eq!(t.len(), 2);
+    for r in &t {
+        assert_eq!(r.tokenizer, "patch_kmeans");
+        assert_eq!(r.grid, [8, 8]);
+        assert_eq!(r.tokens.len(), 8);
+        assert!(r.tokens.iter().all(|row| row.len() == 8 && row.iter().all(|&i| i < 512)));
+        assert!(r.distinct > 10, "{r:?}");
+        // The k-means codebook reconstructs a photo's 32-px view recognisably.
+        assert!(r.psnr_db > 18.0, "{r:?}");
+    }
+    let png = image::open(&out).unwrap().to_rgb8();
+    assert_eq!(png.dimensions(), (2 * 34 + 2, 2 * 34 + 2));
+}
