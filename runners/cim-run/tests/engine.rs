@@ -354,3 +354,28 @@ fn tokenize_prints_token_grids_and_writes_the_reconstruction() {
     let png = image::open(&out).unwrap().to_rgb8();
     assert_eq!(png.dimensions(), (2 * 34 + 2, 2 * 34 + 2));
 }
+
+#[test]
+fn cmyk_and_grayscale_jpegs_decode_to_rgb() {
+    // cmyk.jpg (make_cmyk.py): left half cyan, right half yellow, stored as CMYK.
+    let bytes = std::fs::read(format!(
+        "{}/tests/fixtures/cmyk.jpg",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let img = cim_run::data::decode_image(&bytes).unwrap();
+    assert_eq!(img.dimensions(), (16, 16));
+    let [r, g, b] = img.get_pixel(2, 8).0;
+    assert!(r < 60 && g > 200 && b > 200, "cyan, got {:?}", (r, g, b));
+    let [r, g, b] = img.get_pixel(13, 8).0;
+    assert!(r > 200 && g > 200 && b < 60, "yellow, got {:?}", (r, g, b));
+    // Grayscale JPEG: three equal channels.
+    let gray = image::GrayImage::from_fn(8, 8, |x, _| image::Luma([(x * 30) as u8]));
+    let mut buf = vec![];
+    image::DynamicImage::ImageLuma8(gray)
+        .write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Jpeg)
+        .unwrap();
+    let rgb = cim_run::data::decode_image(&buf).unwrap();
+    let p = rgb.get_pixel(5, 3).0;
+    assert!(p[0] == p[1] && p[1] == p[2] && p[0] > 100, "{p:?}");
+}
