@@ -43,6 +43,10 @@ pub struct DvaeConfig {
     pub n_blk_per_group: usize,
     /// ε of the logit-Laplace pixel map (OpenAI: 0.1).
     pub eps: f64,
+    /// A safetensors file with OpenAI's parameter names (`encoder.blocks.input.w`, …,
+    /// `decoder.blocks.output.conv.b`), e.g. written by `tools/convert_dalle.py`. Every tensor is
+    /// shape-checked by name. Unset: random initialisation (seeded), which is useless as a tokenizer.
+    pub weights: Option<std::path::PathBuf>,
 }
 
 impl Default for DvaeConfig {
@@ -56,6 +60,7 @@ impl Default for DvaeConfig {
             group_count: 4,
             n_blk_per_group: 2,
             eps: LOGIT_LAPLACE_EPS,
+            weights: None,
         }
     }
 }
@@ -71,6 +76,7 @@ impl DvaeConfig {
             group_count: 3,
             n_blk_per_group: 1,
             eps: LOGIT_LAPLACE_EPS,
+            weights: None,
         }
     }
     /// Spatial downsampling factor of the encoder.
@@ -360,7 +366,52 @@ pub fn agreement(a: &Tensor, b: &Tensor) -> Result<f64> {
 }
 
 fn build(cfg: DvaeConfig, ctx: &BuildCtx) -> Result<DalleDvae> {
-    DalleDvae::new(cfg, ctx.vb.clone())
+    match cfg.weights.clone() {
+        None => DalleDvae::new(cfg, ctx.vb.clone()),
+        Some(path) => DalleDvae::from_file(cfg, &path, &ctx.device),
+    }
+}
+
+impl DalleDvae {
+    /// Builds the dVAE from a safetensors file with OpenAI's names; a missing tensor or a shape
+    /// that does not fit the configured sizes is an error naming the file and the key.
+    pub fn from_file(cfg: DvaeConfig, path: &std::path::Path, device: &candle_core::Device) -> Result<Self> {
+        let tensors = candle_core::safetensors::load(path, device).map_err(|e| Error::Data {
+            path: path.display().to_string(),
+            message: format!("cannot read dVAE weights: {e}"),
+        })?;
+        let n = tensors.len();
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        let model = Self::new(cfg, vb).map_err(|e| Error::Data {
+            path: path.display().to_string(),
+            message: format!("{e} (tokenizer.dalle_dvae sizes must match the file)"),
+        })?;
+        if model.num_tensors() != n {
+            return Err(Error::Data {
+                path: path.display().to_string(),
+                message: format!(
+                    "holds {n} tensors, the configured dVAE uses {} (sizes differ?)",
+                    model.num_tensors()
+                ),
+            });
+        }
+        Ok(model)
+    }
+
+    /// Number of weight and bias tensors (for completeness checks against a file).
+    pub fn num_tensors(&self) -> usize {
+        let conv = |c: &Conv| 2 * (c.w.elem_count() > 0) as usize;
+        let groups = |g: &Groups| -> usize {
+            g.groups
+                .iter()
+                .flatten()
+                .map(|b| b.res_path.iter().map(conv).sum::<usize>() + b.id_path.as_ref().map_or(0, conv))
+                .sum()
+        };
+        conv(&self.enc_input) + groups(&self.enc_groups) + conv(&self.enc_output) + 2
+            + groups(&self.dec_groups)
+            + conv(&self.dec_output)
+    }
 }
 
 cim_api::register_tokenizer! {
@@ -375,6 +426,51 @@ cim_api::register_tokenizer! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Parity with the PyTorch re-implementation of OpenAI's dVAE in
+    /// `tests/fixtures/dalle/make.py` (small widths, random weights with OpenAI's names).
+    #[test]
+    fn matches_the_pytorch_reference_on_openai_named_weights() -> Result<()> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/dalle");
+        let dev = candle_core::Device::Cpu;
+        let cfg = DvaeConfig {
+            vocab_size: 64,
+            n_hid: 16,
+            dec_n_hid: 16,
+            dec_n_init: 8,
+            group_count: 3,
+            n_blk_per_group: 2,
+            eps: LOGIT_LAPLACE_EPS,
+            weights: Some(dir.join("dvae_small.safetensors")),
+        };
+        let dvae = DalleDvae::from_file(cfg.clone(), cfg.weights.as_ref().unwrap(), &dev)?;
+        let want = candle_core::safetensors::load(dir.join("expected.safetensors"), &dev)?;
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+        };
+        let logits = dvae.encoder_logits(&want["input"])?;
+        assert!(max_diff(&logits, &want["logits"])? < 1e-4);
+        let tokens = dvae.encode(&want["input"])?;
+        let expect: Vec<u32> = want["tokens"].to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+        assert_eq!(tokens.flatten_all()?.to_vec1::<u32>()?, expect, "tokens must match exactly");
+        let pixels = dvae.decode(&tokens)?;
+        let d = max_diff(&pixels, &want["pixels"])?;
+        assert!(d < 1e-4, "decoded pixels differ by {d}");
+        let grid = want["grid"].to_dtype(DType::U32)?;
+        let d = max_diff(&dvae.decode(&grid)?, &want["grid_pixels"])?;
+        assert!(d < 1e-4, "decoded pixels (all tokens) differ by {d}");
+        // A file that does not fit the configured sizes names the key.
+        let wrong = DvaeConfig {
+            n_hid: 32,
+            ..cfg.clone()
+        };
+        let e = DalleDvae::from_file(wrong, cfg.weights.as_ref().unwrap(), &dev)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("dvae_small.safetensors") && e.contains("encoder.blocks.input.w"), "{e}");
+        Ok(())
+    }
     use candle_core::Device;
     use cim_api::ParamStore;
 
@@ -396,6 +492,7 @@ mod tests {
             group_count: 2,
             n_blk_per_group: 1,
             eps: 0.1,
+            weights: None,
         };
         let _ = DalleDvae::new(cfg, store.var_builder(DType::F32, &Device::Cpu))?;
         let names = store.names_under("");
