@@ -131,11 +131,17 @@ pub fn write_checkpoint(
     synced("config.toml", &|p| {
         std::fs::write(p, config_toml.as_bytes()).map_err(|e| Error::io(p, e))
     })?;
-    if dest.exists() {
-        // Same step written again (e.g. after a resume): replace it.
-        std::fs::remove_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
+    // Same step written again (e.g. a resume that had nothing left to do): move the old folder
+    // aside first, so a complete checkpoint of this step exists at every moment.
+    let old = root.join(format!(".step-{:08}.old-{}", state.step, std::process::id()));
+    let replaced = dest.exists();
+    if replaced {
+        std::fs::rename(&dest, &old).map_err(|e| Error::io(&dest, e))?;
     }
     std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+    if replaced {
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
     if let Ok(d) = File::open(&root) {
         let _ = d.sync_all();
     }
@@ -250,6 +256,13 @@ mod tests {
         assert_eq!(steps, vec![20, 30]);
         let l = load_latest(dir.path())?;
         assert_eq!((l.state.step, l.weights.len()), (30, 1));
+        // Writing the same step again replaces it and leaves nothing else behind.
+        write_checkpoint(dir.path(), &l.state, &w, &w, "again", 2)?;
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("checkpoints/step-00000030/config.toml")).unwrap(),
+            "again"
+        );
+        assert_eq!(list_checkpoints(dir.path())?.len(), 2);
         let empty = tempfile::tempdir().unwrap();
         let e = load_latest(empty.path()).err().unwrap().to_string();
         assert!(e.contains("no complete checkpoint"), "{e}");

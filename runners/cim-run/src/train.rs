@@ -502,7 +502,9 @@ impl Trainer {
             b.finish();
         }
         metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
-        self.checkpoint()?;
+        if self.last_checkpoint.as_ref().map(|c| c.0) != Some(self.step) {
+            self.checkpoint()?;
+        }
         save_safetensors(&self.run_dir.join("model.safetensors"), &self.weights())?;
         self.write_samples(&self.run_dir.join("samples.png"))?;
         crate::pictures::loss_curve(&metrics_path, &self.run_dir.join("loss_curve.png"))?;
