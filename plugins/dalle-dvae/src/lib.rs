@@ -375,7 +375,11 @@ fn build(cfg: DvaeConfig, ctx: &BuildCtx) -> Result<DalleDvae> {
 impl DalleDvae {
     /// Builds the dVAE from a safetensors file with OpenAI's names; a missing tensor or a shape
     /// that does not fit the configured sizes is an error naming the file and the key.
-    pub fn from_file(cfg: DvaeConfig, path: &std::path::Path, device: &candle_core::Device) -> Result<Self> {
+    pub fn from_file(
+        cfg: DvaeConfig,
+        path: &std::path::Path,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
         let tensors = candle_core::safetensors::load(path, device).map_err(|e| Error::Data {
             path: path.display().to_string(),
             message: format!("cannot read dVAE weights: {e}"),
@@ -405,10 +409,15 @@ impl DalleDvae {
             g.groups
                 .iter()
                 .flatten()
-                .map(|b| b.res_path.iter().map(conv).sum::<usize>() + b.id_path.as_ref().map_or(0, conv))
+                .map(|b| {
+                    b.res_path.iter().map(conv).sum::<usize>() + b.id_path.as_ref().map_or(0, conv)
+                })
                 .sum()
         };
-        conv(&self.enc_input) + groups(&self.enc_groups) + conv(&self.enc_output) + 2
+        conv(&self.enc_input)
+            + groups(&self.enc_groups)
+            + conv(&self.enc_output)
+            + 2
             + groups(&self.dec_groups)
             + conv(&self.dec_output)
     }
@@ -431,7 +440,8 @@ mod tests {
     /// `tests/fixtures/dalle/make.py` (small widths, random weights with OpenAI's names).
     #[test]
     fn matches_the_pytorch_reference_on_openai_named_weights() -> Result<()> {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/dalle");
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/dalle");
         let dev = candle_core::Device::Cpu;
         let cfg = DvaeConfig {
             vocab_size: 64,
@@ -451,8 +461,15 @@ mod tests {
         let logits = dvae.encoder_logits(&want["input"])?;
         assert!(max_diff(&logits, &want["logits"])? < 1e-4);
         let tokens = dvae.encode(&want["input"])?;
-        let expect: Vec<u32> = want["tokens"].to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
-        assert_eq!(tokens.flatten_all()?.to_vec1::<u32>()?, expect, "tokens must match exactly");
+        let expect: Vec<u32> = want["tokens"]
+            .to_dtype(DType::U32)?
+            .flatten_all()?
+            .to_vec1()?;
+        assert_eq!(
+            tokens.flatten_all()?.to_vec1::<u32>()?,
+            expect,
+            "tokens must match exactly"
+        );
         let pixels = dvae.decode(&tokens)?;
         let d = max_diff(&pixels, &want["pixels"])?;
         assert!(d < 1e-4, "decoded pixels differ by {d}");
@@ -468,7 +485,10 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(e.contains("dvae_small.safetensors") && e.contains("encoder.blocks.input.w"), "{e}");
+        assert!(
+            e.contains("dvae_small.safetensors") && e.contains("encoder.blocks.input.w"),
+            "{e}"
+        );
         Ok(())
     }
     use candle_core::Device;

@@ -103,7 +103,12 @@ impl Vit {
     }
 
     /// As [`Vit::new`], seeding stochastic depth's random draws with `seed`.
-    pub fn with_seed(cfg: &VitConfig, image_size: usize, vb: VarBuilder, seed: u64) -> Result<Self> {
+    pub fn with_seed(
+        cfg: &VitConfig,
+        image_size: usize,
+        vb: VarBuilder,
+        seed: u64,
+    ) -> Result<Self> {
         use rand::SeedableRng;
         if !(0.0..1.0).contains(&cfg.drop_path) {
             return Err(Error::config(format!(
@@ -267,7 +272,11 @@ mod tests {
                 ..VitConfig::test_tiny()
             };
             let vit = Vit::with_seed(&cfg, 32, store.var_builder(DType::F32, &Device::Cpu), 0)?;
-            Ok(vit.forward_t(&image, train)?.tokens.flatten_all()?.to_vec1()?)
+            Ok(vit
+                .forward_t(&image, train)?
+                .tokens
+                .flatten_all()?
+                .to_vec1()?)
         };
         // Evaluation ignores drop_path; training with drop_path 0 is the plain network.
         assert_eq!(run(0.5, false)?, run(0.0, false)?);
@@ -279,7 +288,9 @@ mod tests {
             drop_path: 1.0,
             ..VitConfig::test_tiny()
         };
-        let e = Vit::new(&bad, 32, store.var_builder(DType::F32, &Device::Cpu)).err().unwrap();
+        let e = Vit::new(&bad, 32, store.var_builder(DType::F32, &Device::Cpu))
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("drop_path"), "{e}");
         Ok(())
     }

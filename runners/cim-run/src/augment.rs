@@ -39,7 +39,9 @@ fn blend(img: &mut RgbImage, degenerate: impl Fn(&Rgb<u8>) -> [f32; 3], factor: 
     for p in img.pixels_mut() {
         let d = degenerate(p);
         for c in 0..3 {
-            p[c] = (d[c] + factor * (p[c] as f32 - d[c])).round().clamp(0.0, 255.0) as u8;
+            p[c] = (d[c] + factor * (p[c] as f32 - d[c]))
+                .round()
+                .clamp(0.0, 255.0) as u8;
         }
     }
 }
@@ -120,12 +122,8 @@ pub fn apply_op(img: &mut RgbImage, op: &str, m: f64, rng: &mut impl Rng) {
         "brightness" => blend(img, |_| [0.0; 3], 1.0 + sign * 0.9 * m),
         "shear_x" => *img = affine(img, [1.0, -sign * 0.3 * m, 0.0, 0.0, 1.0, 0.0]),
         "shear_y" => *img = affine(img, [1.0, 0.0, 0.0, -sign * 0.3 * m, 1.0, 0.0]),
-        "translate_x" => {
-            *img = affine(img, [1.0, 0.0, -sign * 0.45 * m * w as f32, 0.0, 1.0, 0.0])
-        }
-        "translate_y" => {
-            *img = affine(img, [1.0, 0.0, 0.0, 0.0, 1.0, -sign * 0.45 * m * h as f32])
-        }
+        "translate_x" => *img = affine(img, [1.0, 0.0, -sign * 0.45 * m * w as f32, 0.0, 1.0, 0.0]),
+        "translate_y" => *img = affine(img, [1.0, 0.0, 0.0, 0.0, 1.0, -sign * 0.45 * m * h as f32]),
         other => unreachable!("unknown RandAugment op {other}"),
     }
 }
@@ -161,9 +159,14 @@ pub fn smooth_targets(labels: &[u32], classes: usize, smoothing: f64) -> Vec<f32
 pub enum Mix {
     None,
     /// `x ← λ·x + (1 − λ)·flip(x)`.
-    Mixup { lambda: f64 },
+    Mixup {
+        lambda: f64,
+    },
     /// The box `(x0, y0, x1, y1)` of `flip(x)` pasted into `x`; `lambda` = kept area fraction.
-    Cutmix { lambda: f64, bbox: (usize, usize, usize, usize) },
+    Cutmix {
+        lambda: f64,
+        bbox: (usize, usize, usize, usize),
+    },
 }
 
 impl Mix {
@@ -251,7 +254,9 @@ mod tests {
 
     fn batch(b: usize, side: usize) -> Vec<f32> {
         // Image i is constant i+1, so every pixel says where it came from.
-        (0..b).flat_map(|i| vec![(i + 1) as f32; 3 * side * side]).collect()
+        (0..b)
+            .flat_map(|i| vec![(i + 1) as f32; 3 * side * side])
+            .collect()
     }
 
     #[test]

@@ -123,7 +123,12 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
     set_tf32(cfg.run.tf32);
     let cim = Cim::build(&res)?;
     let dev = cim.device.clone();
-    let loader = Loader::new(data::open(&cfg.data)?, cfg.data.clone(), batch, cfg.run.seed)?;
+    let loader = Loader::new(
+        data::open(&cfg.data)?,
+        cfg.data.clone(),
+        batch,
+        cfg.run.seed,
+    )?;
     let b = loader.batch(0, &dev)?;
     let mut opt = AdamW::new(
         cim.params.vars(),

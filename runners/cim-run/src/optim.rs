@@ -175,7 +175,11 @@ impl AdamW {
             let mut bad = vec![];
             for s in &self.slots {
                 if let Some(g) = grads.get(s.var.as_tensor()) {
-                    let sq = g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
+                    let sq = g
+                        .to_dtype(DType::F32)?
+                        .sqr()?
+                        .sum_all()?
+                        .to_scalar::<f32>()?;
                     if !sq.is_finite() {
                         bad.push(s.name.as_str());
                     }

@@ -116,10 +116,10 @@ pub fn loss_curve(metrics: &Path, out: &Path) -> Result<()> {
             .caption(
                 format!(
                     "losses — {}",
-                    metrics
-                        .parent()
-                        .and_then(|p| p.file_name())
-                        .map_or_else(|| metrics.display().to_string(), |n| n.to_string_lossy().to_string())
+                    metrics.parent().and_then(|p| p.file_name()).map_or_else(
+                        || metrics.display().to_string(),
+                        |n| n.to_string_lossy().to_string()
+                    )
                 ),
                 ("sans-serif", 16),
             )

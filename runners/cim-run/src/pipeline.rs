@@ -257,7 +257,9 @@ impl Cim {
     pub fn corrupt(&self, mim: &MimOut, rngs: &mut StepRngs) -> Result<Corruption> {
         let golden = &mim.golden;
         let b = golden.dim(0)?;
-        let sampled = self.sampler.sample(&mim.logits.detach(), &mut rngs.sample)?;
+        let sampled = self
+            .sampler
+            .sample(&mim.logits.detach(), &mut rngs.sample)?;
         let golden_ids: Vec<u32> = golden.flatten_all()?.to_vec1()?;
         let distinct = golden_ids
             .iter()

@@ -303,7 +303,10 @@ impl Trainer {
                 {
                     format!("generator `{}` (MIM loss)", self.cim.names["generator"])
                 } else {
-                    format!("enhancer `{}` / objective `{obj}`", self.cim.names["enhancer"])
+                    format!(
+                        "enhancer `{}` / objective `{obj}`",
+                        self.cim.names["enhancer"]
+                    )
                 };
                 return Err(Error::msg(format!(
                     "step {}: {name} is {v} in the {component} (loss_mim {:?}, loss_{obj} {:?}); \

@@ -48,10 +48,7 @@ fn tensors(path: &Path) -> BTreeMap<String, Tensor> {
 /// Every tensor equal bit for bit.
 fn assert_bit_identical(a: &Path, b: &Path) {
     let (ta, tb) = (tensors(a), tensors(b));
-    assert_eq!(
-        ta.keys().collect::<Vec<_>>(),
-        tb.keys().collect::<Vec<_>>()
-    );
+    assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
     assert!(!ta.is_empty());
     for (k, x) in &ta {
         let bits = |t: &Tensor| -> Vec<u32> {
@@ -63,7 +60,10 @@ fn assert_bit_identical(a: &Path, b: &Path) {
                 .map(|v| v.to_bits())
                 .collect()
         };
-        assert!(bits(x) == bits(&tb[k]), "{k} differs between {a:?} and {b:?}");
+        assert!(
+            bits(x) == bits(&tb[k]),
+            "{k} differs between {a:?} and {b:?}"
+        );
     }
 }
 
@@ -71,7 +71,11 @@ fn losses(dir: &Path) -> Vec<f64> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
         .collect()
 }
 
@@ -189,11 +193,21 @@ fn a_process_killed_while_writing_a_checkpoint_leaves_the_previous_one_and_resum
     assert!(stdout.contains("now at step 6"), "{stdout}");
     // …and ends where an uninterrupted run ends.
     let out = cim_run(
-        &with_sets(&["--preset", "quickstart", "--out", clean.to_str().unwrap()], &sets),
+        &with_sets(
+            &["--preset", "quickstart", "--out", clean.to_str().unwrap()],
+            &sets,
+        ),
         None,
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_bit_identical(&killed.join("model.safetensors"), &clean.join("model.safetensors"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_bit_identical(
+        &killed.join("model.safetensors"),
+        &clean.join("model.safetensors"),
+    );
 }
 
 /// An image folder with 5 good images (RGB JPEG, grayscale PNG, RGBA PNG) and 3 bad files.
@@ -210,7 +224,9 @@ fn folder_with_bad_files(root: &Path) -> Vec<PathBuf> {
         })
     };
     for i in 0..3 {
-        photo(i, 96 + 8 * i, 80).save(class.join(format!("ok{i}.jpg"))).unwrap();
+        photo(i, 96 + 8 * i, 80)
+            .save(class.join(format!("ok{i}.jpg")))
+            .unwrap();
     }
     image::DynamicImage::ImageRgb8(photo(7, 70, 90))
         .to_luma8()
@@ -228,7 +244,11 @@ fn folder_with_bad_files(root: &Path) -> Vec<PathBuf> {
     ];
     std::fs::write(&bad[0], &good[..good.len() / 3]).unwrap();
     std::fs::write(&bad[1], b"").unwrap();
-    std::fs::write(&bad[2], b"this is not a JPEG, just text with the wrong name\n").unwrap();
+    std::fs::write(
+        &bad[2],
+        b"this is not a JPEG, just text with the wrong name\n",
+    )
+    .unwrap();
     bad
 }
 
@@ -294,8 +314,14 @@ fn accumulation_must_divide_the_batch() {
         env: false,
     })
     .unwrap();
-    let e = Trainer::new(res, tmp.path().join("r")).err().unwrap().to_string();
-    assert!(e.contains("train.accum_steps = 3") && e.contains("batch_size = 4"), "{e}");
+    let e = Trainer::new(res, tmp.path().join("r"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("train.accum_steps = 3") && e.contains("batch_size = 4"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -346,7 +372,10 @@ fn tokenize_prints_token_grids_and_writes_the_reconstruction() {
         assert_eq!(r.tokenizer, "patch_kmeans");
         assert_eq!(r.grid, [8, 8]);
         assert_eq!(r.tokens.len(), 8);
-        assert!(r.tokens.iter().all(|row| row.len() == 8 && row.iter().all(|&i| i < 512)));
+        assert!(r
+            .tokens
+            .iter()
+            .all(|row| row.len() == 8 && row.iter().all(|&i| i < 512)));
         assert!(r.distinct > 10, "{r:?}");
         // The k-means codebook reconstructs a photo's 32-px view recognisably.
         assert!(r.psnr_db > 18.0, "{r:?}");
@@ -373,7 +402,10 @@ fn cmyk_and_grayscale_jpegs_decode_to_rgb() {
     let gray = image::GrayImage::from_fn(8, 8, |x, _| image::Luma([(x * 30) as u8]));
     let mut buf = vec![];
     image::DynamicImage::ImageLuma8(gray)
-        .write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Jpeg)
+        .write_to(
+            &mut std::io::Cursor::new(&mut buf),
+            image::ImageFormat::Jpeg,
+        )
         .unwrap();
     let rgb = cim_run::data::decode_image(&buf).unwrap();
     let p = rgb.get_pixel(5, 3).0;

@@ -113,13 +113,21 @@ fn finetune_trains_evaluates_and_keeps_best_and_last() {
         out: Some(tmp.path().join(out)),
     };
     let s = finetune(&ft(Init::Pretrained, "ft")).unwrap();
-    assert_eq!((s.steps, s.curve.len()), (20, 2), "2 epochs of 10 steps, one eval each");
+    assert_eq!(
+        (s.steps, s.curve.len()),
+        (20, 2),
+        "2 epochs of 10 steps, one eval each"
+    );
     for r in &s.curve {
         assert!((0.0..=1.0).contains(&r.top1) && r.top5 >= r.top1, "{r:?}");
         assert!(r.train_loss.is_finite());
     }
     assert!(s.best_top1 > 0.2, "learns the visible classes: {s:?}");
-    let best = candle_core::safetensors::load(tmp.path().join("ft/best.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let best = candle_core::safetensors::load(
+        tmp.path().join("ft/best.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     assert!(best.contains_key("head.weight") && best.contains_key("fc_norm.weight"));
     assert!(best.keys().any(|k| k.starts_with("enhancer.blocks.")));
     assert!(!best.keys().any(|k| k.starts_with("generator.")));
@@ -130,6 +138,9 @@ fn finetune_trains_evaluates_and_keeps_best_and_last() {
     let scratch = finetune(&ft(Init::Scratch, "ft-scratch")).unwrap();
     assert_eq!(scratch.steps, 20);
     // Refuses to overwrite.
-    let e = finetune(&ft(Init::Pretrained, "ft")).err().unwrap().to_string();
+    let e = finetune(&ft(Init::Pretrained, "ft"))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("already holds"), "{e}");
 }

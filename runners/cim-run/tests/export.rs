@@ -9,7 +9,10 @@ use cim_api::{Enhancer, ParamStore};
 use cim_run::export::{map_names, Format};
 
 fn fixture(name: &str) -> BTreeMap<String, Vec<usize>> {
-    let p = format!("{}/../../tests/fixtures/export/{name}.json", env!("CARGO_MANIFEST_DIR"));
+    let p = format!(
+        "{}/../../tests/fixtures/export/{name}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }
 
@@ -50,7 +53,10 @@ fn check(enhancer: &str, format: Format, fixture_name: &str) {
         .collect();
     let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
     let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
-    assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}, extra {extra:?}");
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing {missing:?}, extra {extra:?}"
+    );
     for (k, shape) in &want {
         assert_eq!(&got[k], shape, "{k}");
     }
@@ -69,6 +75,9 @@ fn resnet50_exports_with_torchvision_names_and_shapes() {
 
 #[test]
 fn a_format_that_does_not_fit_is_refused() {
-    let e = map_names("resnet50", &BTreeMap::new(), Format::Timm).err().unwrap().to_string();
+    let e = map_names("resnet50", &BTreeMap::new(), Format::Timm)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("does not fit"), "{e}");
 }
