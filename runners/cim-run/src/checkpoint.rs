@@ -74,7 +74,11 @@ pub struct TrainState {
 /// checkpoint of this process (after the weights, before the state and the rename).
 fn fault_point(count: usize) {
     if let Ok(spec) = std::env::var("CIMRUN_FAULT") {
-        if spec.strip_prefix("checkpoint:").and_then(|n| n.parse::<usize>().ok()) == Some(count) {
+        if spec
+            .strip_prefix("checkpoint:")
+            .and_then(|n| n.parse::<usize>().ok())
+            == Some(count)
+        {
             eprintln!("CIMRUN_FAULT: aborting while writing checkpoint {count}");
             std::process::abort();
         }
@@ -133,7 +137,11 @@ pub fn write_checkpoint(
     })?;
     // Same step written again (e.g. a resume that had nothing left to do): move the old folder
     // aside first, so a complete checkpoint of this step exists at every moment.
-    let old = root.join(format!(".step-{:08}.old-{}", state.step, std::process::id()));
+    let old = root.join(format!(
+        ".step-{:08}.old-{}",
+        state.step,
+        std::process::id()
+    ));
     let replaced = dest.exists();
     if replaced {
         std::fs::rename(&dest, &old).map_err(|e| Error::io(&dest, e))?;
@@ -161,7 +169,11 @@ pub fn list_checkpoints(run_dir: &Path) -> Result<Vec<(usize, std::path::PathBuf
     };
     for e in entries {
         let p = e.map_err(|e| Error::io(&root, e))?.path();
-        let name = p.file_name().unwrap_or_default().to_string_lossy().to_string();
+        let name = p
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
         if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse().ok()) {
             if p.join("state.json").is_file() {
                 out.push((step, p));
@@ -170,6 +182,15 @@ pub fn list_checkpoints(run_dir: &Path) -> Result<Vec<(usize, std::path::PathBuf
     }
     out.sort();
     Ok(out)
+}
+
+/// The weights of a run: its final `model.safetensors`, else its newest checkpoint's.
+pub fn weights_file(run_dir: &Path) -> Result<std::path::PathBuf> {
+    let m = run_dir.join("model.safetensors");
+    if m.is_file() {
+        return Ok(m);
+    }
+    Ok(load_latest(run_dir)?.dir.join("model.safetensors"))
 }
 
 /// A checkpoint read back.
@@ -252,14 +273,18 @@ mod tests {
         // An interrupted write: a hidden temp folder and a step folder without state.json.
         std::fs::create_dir_all(dir.path().join("checkpoints/.step-00000040.tmp-1")).unwrap();
         std::fs::create_dir_all(dir.path().join("checkpoints/step-00000050")).unwrap();
-        let steps: Vec<usize> = list_checkpoints(dir.path())?.into_iter().map(|c| c.0).collect();
+        let steps: Vec<usize> = list_checkpoints(dir.path())?
+            .into_iter()
+            .map(|c| c.0)
+            .collect();
         assert_eq!(steps, vec![20, 30]);
         let l = load_latest(dir.path())?;
         assert_eq!((l.state.step, l.weights.len()), (30, 1));
         // Writing the same step again replaces it and leaves nothing else behind.
         write_checkpoint(dir.path(), &l.state, &w, &w, "again", 2)?;
         assert_eq!(
-            std::fs::read_to_string(dir.path().join("checkpoints/step-00000030/config.toml")).unwrap(),
+            std::fs::read_to_string(dir.path().join("checkpoints/step-00000030/config.toml"))
+                .unwrap(),
             "again"
         );
         assert_eq!(list_checkpoints(dir.path())?.len(), 2);

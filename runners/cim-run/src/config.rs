@@ -250,6 +250,24 @@ impl Default for FinetuneConfig {
     }
 }
 
+/// The layers that rebuild a run from its directory's `config.toml` (environment ignored), plus
+/// `set`; a directory without one is an error saying so.
+pub fn run_layers(run_dir: &std::path::Path, set: Vec<String>) -> Result<Layers> {
+    let file = run_dir.join("config.toml");
+    if !file.is_file() {
+        return Err(Error::msg(format!(
+            "{}: not a run directory (no config.toml)",
+            run_dir.display()
+        )));
+    }
+    Ok(Layers {
+        preset: None,
+        config_files: vec![file],
+        set,
+        env: false,
+    })
+}
+
 /// A component section as written: `name` plus one table per plugin. Validated by the registry.
 pub type Section = BTreeMap<String, Value>;
 

@@ -189,7 +189,12 @@ impl Folder {
         files.sort();
         let classes: Vec<String> = dirs
             .iter()
-            .map(|d| d.file_name().unwrap_or_default().to_string_lossy().to_string())
+            .map(|d| {
+                d.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .to_string()
+            })
             .collect();
         let labels = files
             .iter()
@@ -221,12 +226,7 @@ impl Dataset for Folder {
         self.files.len()
     }
     fn get(&self, i: usize) -> Result<RgbImage> {
-        let f = &self.files[i];
-        let bytes = std::fs::read(f).map_err(|e| Error::io(f, e))?;
-        decode_image(&bytes).map_err(|message| Error::Data {
-            path: f.display().to_string(),
-            message,
-        })
+        read_image(&self.files[i])
     }
     fn describe(&self) -> String {
         format!(
@@ -268,6 +268,49 @@ pub fn decode_image(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     image::load_from_memory_with_format(bytes, format)
         .map(|i| i.to_rgb8())
         .map_err(|e| e.to_string())
+}
+
+/// Reads and decodes an image file ([`decode_image`]); problems are errors naming the file.
+pub fn read_image(path: &Path) -> Result<RgbImage> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_image(&bytes).map_err(|message| Error::Data {
+        path: path.display().to_string(),
+        message,
+    })
+}
+
+/// A labelled split for evaluation: CIFAR-10's `train.bin`/`test.bin` under `path`, or an
+/// ImageFolder's `path/train` / `path/val`. `who` names the command in the error for unlabelled data.
+pub fn open_labelled(
+    source: DataSource,
+    path: &Path,
+    train: bool,
+    who: &str,
+) -> Result<Box<dyn Dataset>> {
+    Ok(match source {
+        DataSource::Cifar10 => Box::new(Cifar10::open(path, if train { "train" } else { "test" })?),
+        DataSource::Folder => Box::new(Folder::open(&path.join(if train {
+            "train"
+        } else {
+            "val"
+        }))?),
+        DataSource::Quickstart => {
+            return Err(Error::config(format!(
+                "{who} needs labelled data: data.source \"cifar10\" or \"folder\""
+            )))
+        }
+    })
+}
+
+/// The indices `0..n`, or a seeded random subset of `limit` of them (sorted) when `0 < limit < n`.
+pub fn subset(n: usize, limit: usize, seed: u64) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    if limit > 0 && limit < n {
+        idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+        idx.truncate(limit);
+        idx.sort();
+    }
+    idx
 }
 
 /// Opens the dataset a config names.
@@ -330,7 +373,8 @@ pub struct Views {
     pub tok_view: Vec<f32>,
 }
 
-fn chw(img: &RgbImage) -> Vec<f32> {
+/// HWC bytes → CHW floats in `[0, 1]`.
+pub fn chw(img: &RgbImage) -> Vec<f32> {
     let (w, h) = img.dimensions();
     let n = (w * h) as usize;
     let mut out = vec![0f32; 3 * n];
@@ -344,7 +388,13 @@ fn chw(img: &RgbImage) -> Vec<f32> {
 
 /// Crops `rect` out of `img` and resizes it to `side`×`side` with a separable convolution filter
 /// (SIMD, fast_image_resize), into CHW floats in `[0, 1]`, optionally mirrored.
-fn crop_resize(img: &RgbImage, rect: Rect, side: usize, filter: FilterType, flip: bool) -> Vec<f32> {
+fn crop_resize(
+    img: &RgbImage,
+    rect: Rect,
+    side: usize,
+    filter: FilterType,
+    flip: bool,
+) -> Vec<f32> {
     use fast_image_resize as fr;
     let (w, h) = img.dimensions();
     let (x, y, cw, ch) = rect;
@@ -432,11 +482,20 @@ pub struct HostBatch {
 }
 
 impl HostBatch {
-    pub fn to_device(&self, image_size: usize, tokenizer_size: usize, device: &Device) -> Result<Batch> {
+    pub fn to_device(
+        &self,
+        image_size: usize,
+        tokenizer_size: usize,
+        device: &Device,
+    ) -> Result<Batch> {
         let b = self.indices.len();
         Ok(Batch {
             image: Tensor::from_slice(&self.image, (b, 3, image_size, image_size), device)?,
-            tok_view: Tensor::from_slice(&self.tok_view, (b, 3, tokenizer_size, tokenizer_size), device)?,
+            tok_view: Tensor::from_slice(
+                &self.tok_view,
+                (b, 3, tokenizer_size, tokenizer_size),
+                device,
+            )?,
             indices: self.indices.clone(),
         })
     }
@@ -594,7 +653,11 @@ impl Loader {
             out.decode_ms += dec;
             out.augment_ms += aug;
         }
-        tracing::trace!(index, ms = start.elapsed().as_secs_f64() * 1e3, "batch ready");
+        tracing::trace!(
+            index,
+            ms = start.elapsed().as_secs_f64() * 1e3,
+            "batch ready"
+        );
         Ok(out)
     }
 

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use cim_api::{Error, Result};
 
-use crate::config::{resolve, Layers};
+use crate::config::resolve;
 
 /// Target naming.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -98,21 +98,16 @@ fn model_name(enhancer: &str, patch: Option<i64>, width: Option<i64>, image: usi
 }
 
 pub fn export(args: &ExportArgs) -> Result<ExportReport> {
-    let cfg = args.run_dir.join("config.toml");
-    if !cfg.is_file() {
-        return Err(Error::msg(format!(
-            "{}: not a run directory (no config.toml)",
-            args.run_dir.display()
-        )));
-    }
-    let res = resolve(&Layers {
-        preset: None,
-        config_files: vec![cfg],
-        set: vec![],
-        env: false,
-    })?;
-    let enhancer = res.cfg.enhancer["name"].as_str().unwrap_or_default().to_string();
-    let table = res.cfg.enhancer.get(&enhancer).and_then(|v| v.as_dict().cloned());
+    let res = resolve(&crate::config::run_layers(&args.run_dir, vec![])?)?;
+    let enhancer = res.cfg.enhancer["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let table = res
+        .cfg
+        .enhancer
+        .get(&enhancer)
+        .and_then(|v| v.as_dict().cloned());
     let get = |k: &str| {
         table
             .as_ref()
@@ -120,14 +115,7 @@ pub fn export(args: &ExportArgs) -> Result<ExportReport> {
             .and_then(|v| v.to_i128())
             .map(|i| i as i64)
     };
-    let source = {
-        let m = args.run_dir.join("model.safetensors");
-        if m.is_file() {
-            m
-        } else {
-            crate::checkpoint::load_latest(&args.run_dir)?.dir.join("model.safetensors")
-        }
-    };
+    let source = crate::checkpoint::weights_file(&args.run_dir)?;
     let weights: BTreeMap<String, Tensor> = candle_core::safetensors::load(&source, &Device::Cpu)
         .map_err(|e| Error::Data {
             path: source.display().to_string(),
@@ -136,8 +124,10 @@ pub fn export(args: &ExportArgs) -> Result<ExportReport> {
         .into_iter()
         .collect();
     let mapped = map_names(&enhancer, &weights, args.format)?;
-    let tensors: HashMap<String, Tensor> =
-        mapped.iter().map(|(k, (_, t))| (k.clone(), t.clone())).collect();
+    let tensors: HashMap<String, Tensor> = mapped
+        .iter()
+        .map(|(k, (_, t))| (k.clone(), t.clone()))
+        .collect();
     crate::checkpoint::save_safetensors(&args.out, &tensors)?;
     let report = ExportReport {
         format: args.format,

@@ -20,8 +20,8 @@ use cim_api::{Error, ParamStore, Result};
 use crate::augment::{mix_batch, rand_augment, smooth_targets};
 use crate::checkpoint::{save_safetensors, write_atomic};
 use crate::cli::ConfigArgs;
-use crate::config::{resolve, DataConfig, DataSource, FinetuneConfig, FinetuneLoss, Layers};
-use crate::data::{mix, random_resized_crop, Cifar10, Dataset, Folder};
+use crate::config::{resolve, DataConfig, FinetuneConfig, FinetuneLoss};
+use crate::data::{chw, mix, open_labelled, random_resized_crop, subset, Dataset};
 use crate::optim::{AdamW, Schedule};
 use crate::pipeline::Cim;
 use crate::probe::{topk_accuracy, ClassifierScore, Init};
@@ -69,7 +69,9 @@ pub struct FinetuneSummary {
 /// `i + 1`, everything after the blocks (final norm, fc_norm, head) `depth + 1`.
 pub fn layer_id(name: &str, depth: usize) -> usize {
     let leaf = name.strip_prefix("enhancer.").unwrap_or(name);
-    if leaf.starts_with("cls_token") || leaf.starts_with("pos_embed") || leaf.starts_with("patch_embed")
+    if leaf.starts_with("cls_token")
+        || leaf.starts_with("pos_embed")
+        || leaf.starts_with("patch_embed")
     {
         return 0;
     }
@@ -91,41 +93,16 @@ fn open_split(data: &DataConfig, train: bool) -> Result<Box<dyn Dataset>> {
         .path
         .clone()
         .ok_or_else(|| Error::config("fine-tuning needs `data.path` (labelled data)"))?;
-    Ok(match data.source {
-        DataSource::Cifar10 => Box::new(Cifar10::open(&path, if train { "train" } else { "test" })?),
-        DataSource::Folder => Box::new(Folder::open(&path.join(if train { "train" } else { "val" }))?),
-        DataSource::Quickstart => {
-            return Err(Error::config(
-                "fine-tuning needs labelled data: data.source = \"cifar10\" or \"folder\"",
-            ))
-        }
-    })
-}
-
-fn subset(n: usize, limit: usize, seed: u64) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..n).collect();
-    if limit > 0 && limit < n {
-        idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
-        idx.truncate(limit);
-        idx.sort();
-    }
-    idx
-}
-
-fn chw(img: &image::RgbImage) -> Vec<f32> {
-    let (w, h) = img.dimensions();
-    let n = (w * h) as usize;
-    let mut out = vec![0f32; 3 * n];
-    for (p, px) in img.pixels().enumerate() {
-        for c in 0..3 {
-            out[c * n + p] = px[c] as f32 / 255.0;
-        }
-    }
-    out
+    open_labelled(data.source, &path, train, "fine-tuning")
 }
 
 /// Training view: RandomResizedCrop + flip + RandAugment, CHW in `[0, 1]`.
-fn train_view(img: &image::RgbImage, data: &DataConfig, ft: &FinetuneConfig, rng: &mut impl Rng) -> Vec<f32> {
+fn train_view(
+    img: &image::RgbImage,
+    data: &DataConfig,
+    ft: &FinetuneConfig,
+    rng: &mut impl Rng,
+) -> Vec<f32> {
     let (w, h) = img.dimensions();
     let (x, y, cw, ch) = random_resized_crop(w, h, data.crop_scale, data.crop_ratio, rng);
     let s = data.image_size as u32;
@@ -135,7 +112,13 @@ fn train_view(img: &image::RgbImage, data: &DataConfig, ft: &FinetuneConfig, rng
         image::imageops::flip_horizontal_in_place(&mut out);
     }
     if ft.randaugment_n > 0 {
-        rand_augment(&mut out, ft.randaugment_n, ft.randaugment_m, ft.randaugment_mstd, rng);
+        rand_augment(
+            &mut out,
+            ft.randaugment_n,
+            ft.randaugment_m,
+            ft.randaugment_mstd,
+            rng,
+        );
     }
     chw(&out)
 }
@@ -145,9 +128,15 @@ fn test_view(img: &image::RgbImage, size: usize, crop_ratio: f64) -> Vec<f32> {
     let (w, h) = img.dimensions();
     let short = ((size as f64 / crop_ratio).round() as u32).max(size as u32);
     let (nw, nh) = if w <= h {
-        (short, ((h as f64 * short as f64 / w as f64).round() as u32).max(short))
+        (
+            short,
+            ((h as f64 * short as f64 / w as f64).round() as u32).max(short),
+        )
     } else {
-        (((w as f64 * short as f64 / h as f64).round() as u32).max(short), short)
+        (
+            ((w as f64 * short as f64 / h as f64).round() as u32).max(short),
+            short,
+        )
     };
     let r = image::imageops::resize(img, nw, nh, FilterType::CatmullRom);
     let s = size as u32;
@@ -201,20 +190,8 @@ pub fn finetune(args: &FinetuneArgs) -> Result<FinetuneSummary> {
         )));
     }
     // The network: the run's own config, with fine-tuning's stochastic depth.
-    let saved = args.run_dir.join("config.toml");
-    if !saved.is_file() {
-        return Err(Error::msg(format!(
-            "{}: not a run directory (no config.toml)",
-            args.run_dir.display()
-        )));
-    }
-    let layers = |set: Vec<String>| Layers {
-        preset: None,
-        config_files: vec![saved.clone()],
-        set,
-        env: false,
-    };
-    let pre = resolve(&layers(vec![]))?;
+    let layers = |set: Vec<String>| crate::config::run_layers(&args.run_dir, set);
+    let pre = resolve(&layers(vec![])?)?;
     let enh_name = pre.cfg.enhancer["name"]
         .as_str()
         .unwrap_or_default()
@@ -223,7 +200,7 @@ pub fn finetune(args: &FinetuneArgs) -> Result<FinetuneSummary> {
     if ft.drop_path > 0.0 {
         set.push(format!("enhancer.{enh_name}.drop_path={}", ft.drop_path));
     }
-    let pre = resolve(&layers(set)).map_err(|e| {
+    let pre = resolve(&layers(set)?).map_err(|e| {
         Error::config(format!(
             "finetune.drop_path = {} for enhancer `{enh_name}`: {e} (set finetune.drop_path = 0 for networks without stochastic depth)",
             ft.drop_path
@@ -316,7 +293,8 @@ pub fn finetune(args: &FinetuneArgs) -> Result<FinetuneSummary> {
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
     write_atomic(&out.join("config.toml"), ft_res.to_toml()?.as_bytes())?;
     let metrics_path = out.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+    let mut metrics =
+        std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
     tracing::info!(
         run = %args.run_dir.display(),
         init = ?args.init,
@@ -332,8 +310,18 @@ pub fn finetune(args: &FinetuneArgs) -> Result<FinetuneSummary> {
     let weights = |head_store: &ParamStore| -> HashMap<String, Tensor> {
         vars.iter()
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .chain(cim.buffers.vars().into_iter().map(|(k, v)| (k, v.as_tensor().clone())))
-            .chain(head_store.vars().into_iter().map(|(k, v)| (k, v.as_tensor().clone())))
+            .chain(
+                cim.buffers
+                    .vars()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.as_tensor().clone())),
+            )
+            .chain(
+                head_store
+                    .vars()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.as_tensor().clone())),
+            )
             .collect()
     };
     let evaluate = |epoch: usize, step: usize, train_loss: f64| -> Result<EvalRecord> {
@@ -375,7 +363,10 @@ pub fn finetune(args: &FinetuneArgs) -> Result<FinetuneSummary> {
         let epoch = step / per_epoch;
         let k = step % per_epoch;
         let mut order = train_idx.clone();
-        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(mix(seed ^ 0xF1E7, epoch as u64)));
+        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(mix(
+            seed ^ 0xF1E7,
+            epoch as u64,
+        )));
         let idx = &order[k * bs..(k + 1) * bs];
         let views: Vec<Result<(Vec<f32>, u32)>> = idx
             .par_iter()
@@ -419,8 +410,9 @@ pub fn finetune(args: &FinetuneArgs) -> Result<FinetuneSummary> {
                 .mean_all()?
                 .neg()?,
             // BCE with logits: max(z, 0) − z·t + log(1 + exp(−|z|)).
-            FinetuneLoss::Bce => ((z.relu()? - (&z * &t)?)? + (z.abs()?.neg()?.exp()? + 1.0)?.log()?)?
-                .mean_all()?,
+            FinetuneLoss::Bce => {
+                ((z.relu()? - (&z * &t)?)? + (z.abs()?.neg()?.exp()? + 1.0)?.log()?)?.mean_all()?
+            }
         };
         let l = loss.to_scalar::<f32>()? as f64;
         if !l.is_finite() {
@@ -453,8 +445,12 @@ pub fn finetune(args: &FinetuneArgs) -> Result<FinetuneSummary> {
                 train_loss = rec.train_loss,
                 "eval"
             );
-            writeln!(metrics, "{}", serde_json::to_string(&rec).map_err(|e| Error::msg(e.to_string()))?)
-                .map_err(|e| Error::io(&metrics_path, e))?;
+            writeln!(
+                metrics,
+                "{}",
+                serde_json::to_string(&rec).map_err(|e| Error::msg(e.to_string()))?
+            )
+            .map_err(|e| Error::io(&metrics_path, e))?;
             let w = weights(&head_store);
             save_safetensors(&out.join("last.safetensors"), &w)?;
             if rec.top1 > best {

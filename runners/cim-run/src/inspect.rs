@@ -12,7 +12,7 @@ use cim_api::{Error, Result};
 
 use crate::cli::ConfigArgs;
 use crate::config::resolve;
-use crate::data::{center_views, decode_image, Batch, Dataset, Folder, Loader};
+use crate::data::{center_views, read_image, Batch, Dataset, Folder, Loader};
 use crate::pipeline::{Cim, StepRngs};
 
 /// Options of `cim-run corrupt`.
@@ -42,12 +42,7 @@ pub struct CorruptArgs {
 /// checkpoint) or a `.safetensors` file; returns the file read.
 pub fn load_weights(cim: &Cim, from: &std::path::Path) -> Result<PathBuf> {
     let file = if from.is_dir() {
-        let m = from.join("model.safetensors");
-        if m.is_file() {
-            m
-        } else {
-            crate::checkpoint::load_latest(from)?.dir.join("model.safetensors")
-        }
+        crate::checkpoint::weights_file(from)?
     } else {
         from.to_path_buf()
     };
@@ -57,8 +52,12 @@ pub fn load_weights(cim: &Cim, from: &std::path::Path) -> Result<PathBuf> {
             message: e.to_string(),
         }
     })?;
-    let (params, buffers): (std::collections::BTreeMap<_, _>, std::collections::BTreeMap<_, _>) =
-        all.into_iter().partition(|(k, _)| cim.params.get(k).is_some());
+    let (params, buffers): (
+        std::collections::BTreeMap<_, _>,
+        std::collections::BTreeMap<_, _>,
+    ) = all
+        .into_iter()
+        .partition(|(k, _)| cim.params.get(k).is_some());
     let ctx = |e: Error| Error::msg(format!("{}: {e}", file.display()));
     cim.params.load(&params, false).map_err(ctx)?;
     cim.buffers.load(&buffers, false).map_err(ctx)?;
@@ -76,11 +75,7 @@ pub fn corrupt(args: &CorruptArgs) -> Result<f64> {
     let cfg = &res.cfg.data;
     let (mut image, mut tok) = (vec![], vec![]);
     for p in &args.images {
-        let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
-        let img = decode_image(&bytes).map_err(|message| Error::Data {
-            path: p.display().to_string(),
-            message,
-        })?;
+        let img = read_image(p)?;
         let v = center_views(&img, cfg);
         image.extend(v.image);
         tok.extend(v.tok_view);
@@ -212,18 +207,18 @@ pub fn tokenize(args: &TokenizeArgs) -> Result<Vec<Tokenized>> {
     let t = res.cfg.data.tokenizer_size;
     let mut px = vec![];
     for p in &args.images {
-        let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
-        let img = decode_image(&bytes).map_err(|message| Error::Data {
-            path: p.display().to_string(),
-            message,
-        })?;
+        let img = read_image(p)?;
         px.extend(center_views(&img, &res.cfg.data).tok_view);
     }
     let b = args.images.len();
     let view = Tensor::from_vec(px, (b, 3, t, t), &cim.device)?;
     let ids = cim.tokenizer.encode(&view)?;
     let recon = cim.tokenizer.decode(&ids)?;
-    let mse: Vec<f32> = (&recon - &view)?.sqr()?.flatten_from(1)?.mean(1)?.to_vec1()?;
+    let mse: Vec<f32> = (&recon - &view)?
+        .sqr()?
+        .flatten_from(1)?
+        .mean(1)?
+        .to_vec1()?;
     if let Some(out) = &args.decode {
         crate::pictures::write_grid(out, &[view.clone(), recon.clone()], b)?;
     }

@@ -14,8 +14,8 @@ use serde::Serialize;
 use cim_api::pixels::normalize;
 use cim_api::{Error, Result};
 
-use crate::config::{resolve, DataSource, Layers};
-use crate::data::{center_views, Cifar10, Dataset, Folder};
+use crate::config::{resolve, DataSource};
+use crate::data::{center_views, open_labelled, subset, Dataset};
 use crate::pipeline::Cim;
 
 /// Which vector summarises an image.
@@ -115,7 +115,11 @@ impl FeatureSet {
         self.labels.is_empty()
     }
     fn tensor(&self) -> Result<Tensor> {
-        Ok(Tensor::from_slice(&self.x, (self.len(), self.dim), &Device::Cpu)?)
+        Ok(Tensor::from_slice(
+            &self.x,
+            (self.len(), self.dim),
+            &Device::Cpu,
+        )?)
     }
 }
 
@@ -141,30 +145,7 @@ fn data_source(args: &ProbeArgs) -> Result<(DataSource, PathBuf)> {
 
 fn open_split(args: &ProbeArgs, train: bool) -> Result<Box<dyn Dataset>> {
     let (source, path) = data_source(args)?;
-    Ok(match source {
-        DataSource::Cifar10 => Box::new(Cifar10::open(
-            &path,
-            if train { "train" } else { "test" },
-        )?),
-        DataSource::Folder => Box::new(Folder::open(
-            &path.join(if train { "train" } else { "val" }),
-        )?),
-        DataSource::Quickstart => {
-            return Err(Error::config(
-                "probe needs labelled data: --data cifar10 or --data folder",
-            ))
-        }
-    })
-}
-
-fn subset(n: usize, limit: usize, seed: u64) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..n).collect();
-    if limit > 0 && limit < n {
-        idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
-        idx.truncate(limit);
-        idx.sort();
-    }
-    idx
+    open_labelled(source, &path, train, "probe")
 }
 
 /// Runs the enhancer over `indices` of `data` (centre crop at the run's size, normalised).
@@ -211,9 +192,11 @@ fn extract(
         dim = v.dim(1)?;
         x.extend(v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
         for &i in chunk {
-            labels.push(data.label(i).ok_or_else(|| {
-                Error::config(format!("{} has no labels", data.describe()))
-            })? as u32);
+            labels.push(
+                data.label(i)
+                    .ok_or_else(|| Error::config(format!("{} has no labels", data.describe())))?
+                    as u32,
+            );
         }
     }
     Ok(FeatureSet { x, dim, labels })
@@ -281,7 +264,12 @@ pub fn topk_accuracy(scores: &[f32], classes: usize, labels: &[u32]) -> Classifi
 /// Mean and standard deviation per feature (for standardising before the linear probe).
 fn moments(x: &Tensor) -> Result<(Tensor, Tensor)> {
     let mean = x.mean_keepdim(0)?;
-    let std = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?.sqrt()?.affine(1.0, 1e-6)?;
+    let std = x
+        .broadcast_sub(&mean)?
+        .sqr()?
+        .mean_keepdim(0)?
+        .sqrt()?
+        .affine(1.0, 1e-6)?;
     Ok((mean, std))
 }
 
@@ -421,19 +409,7 @@ pub fn knn(
 /// Builds the run's enhancer, extracts (or reuses cached) features, and scores both classifiers.
 pub fn probe(args: &ProbeArgs) -> Result<ProbeReport> {
     let start = Instant::now();
-    let cfg_path = args.run_dir.join("config.toml");
-    if !cfg_path.is_file() {
-        return Err(Error::msg(format!(
-            "{}: not a run directory (no config.toml)",
-            args.run_dir.display()
-        )));
-    }
-    let res = resolve(&Layers {
-        preset: None,
-        config_files: vec![cfg_path],
-        set: vec![],
-        env: false,
-    })?;
+    let res = resolve(&crate::config::run_layers(&args.run_dir, vec![])?)?;
     let cim = Cim::build(&res)?;
     let weights = match args.init {
         Init::Scratch => None,
@@ -447,12 +423,15 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport> {
     let classes = train_data.num_classes().max(test_data.num_classes());
     let seed = res.cfg.run.seed;
     let tag = |split: &str, n: usize| {
-        args.run_dir.join("probe").join(format!(
-            "{}-{:?}-{}-{split}-{n}.safetensors",
-            format!("{:?}", args.init).to_lowercase(),
-            args.feature,
-            format!("{:?}", data_source(args).map(|d| d.0).unwrap_or(args.data)).to_lowercase()
-        ).to_lowercase())
+        args.run_dir.join("probe").join(
+            format!(
+                "{}-{:?}-{}-{split}-{n}.safetensors",
+                format!("{:?}", args.init).to_lowercase(),
+                args.feature,
+                format!("{:?}", data_source(args).map(|d| d.0).unwrap_or(args.data)).to_lowercase()
+            )
+            .to_lowercase(),
+        )
     };
     let tr_idx = subset(train_data.len(), args.train_limit, seed ^ 0x7A1);
     let te_idx = subset(test_data.len(), args.test_limit, seed ^ 0x7E5);
@@ -495,7 +474,9 @@ mod tests {
     /// 4 coordinates; the other coordinates are noise.
     fn planted(n: usize, d: usize, classes: usize, seed: u64) -> FeatureSet {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let w: Vec<f32> = (0..4 * classes).map(|i| ((i * 7 % 11) as f32 - 5.0) / 5.0).collect();
+        let w: Vec<f32> = (0..4 * classes)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) / 5.0)
+            .collect();
         let mut x = vec![];
         let mut labels = vec![];
         for _ in 0..n {
@@ -517,12 +498,18 @@ mod tests {
         let train = planted(2000, 16, 4, 1);
         let test = planted(500, 16, 4, 2);
         let (score, wd, sweep) = linear_probe(&train, &test, 4, 0)?;
-        assert!(score.top1 > 0.93, "top-1 {} (wd {wd}, sweep {sweep:?})", score.top1);
+        assert!(
+            score.top1 > 0.93,
+            "top-1 {} (wd {wd}, sweep {sweep:?})",
+            score.top1
+        );
         assert_eq!(score.top5, 1.0);
         assert_eq!(sweep.len(), WEIGHT_DECAYS.len());
         // Chance is ~25 %: random labels must not be learnable.
         let mut shuffled = planted(500, 16, 4, 3);
-        shuffled.labels.shuffle(&mut rand::rngs::StdRng::seed_from_u64(4));
+        shuffled
+            .labels
+            .shuffle(&mut rand::rngs::StdRng::seed_from_u64(4));
         let (s, _, _) = linear_probe(&train, &shuffled, 4, 0)?;
         assert!(s.top1 < 0.4, "{}", s.top1);
         Ok(())
