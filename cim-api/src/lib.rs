@@ -29,6 +29,7 @@ pub mod pixels;
 pub mod registry;
 pub mod traits;
 pub mod types;
+pub mod weights;
 
 #[cfg(feature = "testing")]
 pub mod testing;

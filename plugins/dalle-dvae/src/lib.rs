@@ -45,8 +45,9 @@ pub struct DvaeConfig {
     pub eps: f64,
     /// A safetensors file with OpenAI's parameter names (`encoder.blocks.input.w`, …,
     /// `decoder.blocks.output.conv.b`), e.g. written by `tools/convert_dalle.py`. Every tensor is
-    /// shape-checked by name. Unset: random initialisation (seeded), which is useless as a tokenizer.
-    pub weights: Option<std::path::PathBuf>,
+    /// shape-checked by name. A local path or `hub:OWNER/REPO[@REVISION]/FILE`
+    /// ([`cim_api::weights`]). Unset: random initialisation (seeded), useless as a tokenizer.
+    pub weights: Option<String>,
 }
 
 impl Default for DvaeConfig {
@@ -368,7 +369,10 @@ pub fn agreement(a: &Tensor, b: &Tensor) -> Result<f64> {
 fn build(cfg: DvaeConfig, ctx: &BuildCtx) -> Result<DalleDvae> {
     match cfg.weights.clone() {
         None => DalleDvae::new(cfg, ctx.vb.clone()),
-        Some(path) => DalleDvae::from_file(cfg, &path, &ctx.device),
+        Some(spec) => {
+            let path = cim_api::weights::resolve(&spec, "tokenizer.dalle_dvae.weights")?;
+            DalleDvae::from_file(cfg, &path, &ctx.device)
+        }
     }
 }
 
@@ -451,9 +455,9 @@ mod tests {
             group_count: 3,
             n_blk_per_group: 2,
             eps: LOGIT_LAPLACE_EPS,
-            weights: Some(dir.join("dvae_small.safetensors")),
+            weights: Some(dir.join("dvae_small.safetensors").display().to_string()),
         };
-        let dvae = DalleDvae::from_file(cfg.clone(), cfg.weights.as_ref().unwrap(), &dev)?;
+        let dvae = DalleDvae::from_file(cfg.clone(), cfg.weights.as_ref().unwrap().as_ref(), &dev)?;
         let want = candle_core::safetensors::load(dir.join("expected.safetensors"), &dev)?;
         let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
             Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
@@ -481,7 +485,7 @@ mod tests {
             n_hid: 32,
             ..cfg.clone()
         };
-        let e = DalleDvae::from_file(wrong, cfg.weights.as_ref().unwrap(), &dev)
+        let e = DalleDvae::from_file(wrong, cfg.weights.as_ref().unwrap().as_ref(), &dev)
             .err()
             .unwrap()
             .to_string();

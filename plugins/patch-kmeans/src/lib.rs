@@ -18,8 +18,6 @@
 //! - weights: a safetensors file with one tensor `codebook` of shape `(vocab_size, 3·p·p)`, each
 //!   row laid out channel-major (`c, y, x`) like a patch-embedding kernel.
 
-use std::path::PathBuf;
-
 use candle_core::{DType, Device, Tensor, D};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -35,8 +33,9 @@ pub const EMBEDDED_CODEBOOK: &[u8] = include_bytes!("../assets/cifar10_p4_v512.s
 pub struct PatchKmeansConfig {
     pub patch: usize,
     pub vocab_size: usize,
-    /// A safetensors file holding `codebook`; unset uses the embedded CIFAR-10 codebook.
-    pub weights: Option<PathBuf>,
+    /// A safetensors file holding `codebook` (local path or `hub:OWNER/REPO[@REV]/FILE`); unset
+    /// uses the embedded CIFAR-10 codebook.
+    pub weights: Option<String>,
 }
 
 impl Default for PatchKmeansConfig {
@@ -95,15 +94,18 @@ pub struct PatchKmeans {
 impl PatchKmeans {
     pub fn new(cfg: &PatchKmeansConfig, device: &Device) -> Result<Self> {
         let (tensors, source) = match &cfg.weights {
-            Some(p) => (
-                candle_core::safetensors::load(p, &Device::Cpu).map_err(|e| {
-                    Error::msg(format!(
-                        "tokenizer.patch_kmeans.weights = {}: {e}",
-                        p.display()
-                    ))
-                })?,
-                p.display().to_string(),
-            ),
+            Some(spec) => {
+                let p = cim_api::weights::resolve(spec, "tokenizer.patch_kmeans.weights")?;
+                (
+                    candle_core::safetensors::load(&p, &Device::Cpu).map_err(|e| {
+                        Error::msg(format!(
+                            "tokenizer.patch_kmeans.weights = {}: {e}",
+                            p.display()
+                        ))
+                    })?,
+                    p.display().to_string(),
+                )
+            }
             None => (
                 candle_core::safetensors::load_buffer(EMBEDDED_CODEBOOK, &Device::Cpu)?,
                 "the embedded CIFAR-10 codebook".to_string(),
