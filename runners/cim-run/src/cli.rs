@@ -90,6 +90,8 @@ pub enum Command {
     Export(crate::export::ExportArgs),
     /// Print each image's token grid as JSON (`--decode OUT.png`: view and reconstruction).
     Tokenize(crate::inspect::TokenizeArgs),
+    /// Train the `vq` tokenizer on [data]'s images; prints PSNR and codebook perplexity on held-out images.
+    TokenizerTrain(crate::tokenizer_train::TokenizerTrainArgs),
 }
 
 fn subcommand(cmd: Command) -> anyhow::Result<()> {
@@ -137,6 +139,20 @@ fn subcommand(cmd: Command) -> anyhow::Result<()> {
             for t in crate::inspect::tokenize(&args)? {
                 println!("{}", serde_json::to_string(&t)?);
             }
+            Ok(())
+        }
+        Command::TokenizerTrain(args) => {
+            let r = crate::tokenizer_train::tokenizer_train(&args)?;
+            println!("{}", serde_json::to_string(&r)?);
+            eprintln!(
+                "wrote {} (and {}, a reconstruction grid .png): held-out PSNR {:.2} dB, perplexity {:.1} of {} codes ({} used)",
+                r.weights,
+                crate::tokenizer_train::report_path(&args.out).display(),
+                r.psnr_db,
+                r.perplexity,
+                r.vocab_size,
+                r.codes_used
+            );
             Ok(())
         }
         Command::BenchData(args) => {

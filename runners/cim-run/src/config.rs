@@ -250,6 +250,65 @@ impl Default for FinetuneConfig {
     }
 }
 
+/// `[init]`: start trainable components from weight files instead of their seeded initialisation
+/// (new runs only; `--resume` restores checkpoints). Each value is a local path or
+/// `hub:OWNER/REPO[@REV]/FILE`: a run's `model.safetensors` or checkpoint (names `enhancer.*`, …), or
+/// a file with the component's own names — e.g. `cim-run export`'s timm/torchvision file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitConfig {
+    pub generator: Option<String>,
+    pub enhancer: Option<String>,
+    pub objective: Option<String>,
+}
+
+impl InitConfig {
+    /// `(component, source)` pairs that are set, in build order.
+    pub fn sources(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("generator", &self.generator),
+            ("enhancer", &self.enhancer),
+            ("objective", &self.objective),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))
+        .collect()
+    }
+}
+
+/// `[tokenizer_train]`: `cim-run tokenizer-train` (training the `vq` tokenizer on `[data]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerTrainConfig {
+    pub steps: usize,
+    pub batch_size: usize,
+    /// Peak learning rate (AdamW, no weight decay; linear warmup, cosine decay to `min_lr`).
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    /// Re-seed codes that no batch chose during the last this many steps (0 = never).
+    pub reset_every: usize,
+    /// Images held out of training (seeded subset of the dataset) for PSNR and perplexity.
+    pub eval_images: usize,
+    /// Log a line every this many steps.
+    pub log_every: usize,
+}
+
+impl Default for TokenizerTrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 3000,
+            batch_size: 64,
+            lr: 2e-3,
+            min_lr: 1e-4,
+            warmup_steps: 100,
+            reset_every: 100,
+            eval_images: 1000,
+            log_every: 100,
+        }
+    }
+}
+
 /// The layers that rebuild a run from its directory's `config.toml` (environment ignored), plus
 /// `set`; a directory without one is an error saying so.
 pub fn run_layers(run_dir: &std::path::Path, set: Vec<String>) -> Result<Layers> {
@@ -289,6 +348,8 @@ pub struct RunConfig {
     pub enhancer: Section,
     pub objective: Section,
     pub finetune: FinetuneConfig,
+    pub tokenizer_train: TokenizerTrainConfig,
+    pub init: InitConfig,
 }
 
 impl Default for RunConfig {
@@ -304,6 +365,8 @@ impl Default for RunConfig {
             enhancer: section("vit_b16"),
             objective: section("respix"),
             finetune: FinetuneConfig::default(),
+            tokenizer_train: TokenizerTrainConfig::default(),
+            init: InitConfig::default(),
         }
     }
 }
@@ -471,6 +534,9 @@ impl Resolved {
         root.insert("run".into(), to_toml(&self.cfg.run)?);
         root.insert("data".into(), to_toml(&self.cfg.data)?);
         root.insert("train".into(), to_toml(&self.cfg.train)?);
+        if self.cfg.init != InitConfig::default() {
+            root.insert("init".into(), to_toml(&self.cfg.init)?);
+        }
         for (kind, (name, params)) in &self.components {
             let mut t = toml::Table::new();
             t.insert("name".into(), toml::Value::String(name.clone()));

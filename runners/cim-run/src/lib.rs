@@ -19,6 +19,7 @@ pub mod optim;
 pub mod pictures;
 pub mod pipeline;
 pub mod probe;
+pub mod tokenizer_train;
 pub mod train;
 
 // inventory drops registrations from crates nothing references: name every plugin crate here.
@@ -30,6 +31,7 @@ use cim_plugin_patch_kmeans as _;
 use cim_plugin_resnet as _;
 use cim_plugin_samplers as _;
 use cim_plugin_vit as _;
+use cim_plugin_vq as _;
 
 // candle allocates a fresh buffer for every op; glibc's malloc hands large ones back to the kernel
 // each time (page faults on every step). mimalloc keeps them: ~20% faster CPU steps here.

@@ -132,6 +132,116 @@ impl Cim {
     }
 }
 
+/// What [`Cim::init_from`] loaded.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct InitReport {
+    pub component: String,
+    pub file: String,
+    /// Parameters and buffers set from the file.
+    pub loaded: usize,
+    /// Tensors of the file that name nothing in the component (a classifier head,
+    /// `num_batches_tracked`, other components of a run file).
+    pub ignored: Vec<String>,
+}
+
+impl Cim {
+    /// Sets every parameter (and BatchNorm buffer) of `component` (`generator`, `enhancer` or
+    /// `objective`) from the weight file `spec` (local path or `hub:…`). The file may use the
+    /// run's names (`enhancer.blocks.0…`) or the component's own (`blocks.0…`, as `cim-run export`
+    /// writes them). A parameter the file lacks, or a shape that differs, is an error naming it.
+    pub fn init_from(&self, component: &str, spec: &str) -> Result<InitReport> {
+        let key = format!("init.{component}");
+        let path = cim_api::weights::resolve(spec, &key)?;
+        let file =
+            candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| Error::Data {
+                path: path.display().to_string(),
+                message: format!("cannot read weights for {key}: {e}"),
+            })?;
+        let prefix = format!("{component}.");
+        let prefixed = file.keys().any(|k| k.starts_with(&prefix));
+        let (mut params, mut buffers) = (BTreeMap::new(), BTreeMap::new());
+        let mut ignored = vec![];
+        for (k, t) in file {
+            let full = if prefixed {
+                match k.strip_prefix(&prefix) {
+                    Some(_) => k.clone(),
+                    None => {
+                        ignored.push(k);
+                        continue;
+                    }
+                }
+            } else {
+                format!("{prefix}{k}")
+            };
+            if self.params.get(&full).is_some() {
+                params.insert(full, t);
+            } else if self.buffers.get(&full).is_some() {
+                buffers.insert(full, t);
+            } else {
+                ignored.push(k);
+            }
+        }
+        let ctx = |m: String| Error::Data {
+            path: path.display().to_string(),
+            message: format!("{key}: {m}"),
+        };
+        let missing: Vec<String> = self
+            .params
+            .names_under(component)
+            .into_iter()
+            .chain(self.buffers.names_under(component))
+            .filter(|n| !params.contains_key(n) && !buffers.contains_key(n))
+            .collect();
+        if !missing.is_empty() {
+            let name = self.names.get(component).map_or("?", |s| s.as_str());
+            return Err(ctx(format!(
+                "lacks {} of the {} tensors of {component} `{name}`: {}{} (names are matched {})",
+                missing.len(),
+                self.params.names_under(component).len()
+                    + self.buffers.names_under(component).len(),
+                missing
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if missing.len() > 5 { ", …" } else { "" },
+                if prefixed {
+                    format!("with the `{prefix}` prefix")
+                } else {
+                    format!("after adding `{prefix}`")
+                }
+            )));
+        }
+        self.params
+            .load(&params, false)
+            .map_err(|e| ctx(e.to_string()))?;
+        self.buffers
+            .load(&buffers, false)
+            .map_err(|e| ctx(e.to_string()))?;
+        if !ignored.is_empty() {
+            tracing::warn!(
+                "{key}: {} tensors of {} name nothing in the {component} and were ignored: {}{}",
+                ignored.len(),
+                path.display(),
+                ignored
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if ignored.len() > 5 { ", …" } else { "" }
+            );
+        }
+        Ok(InitReport {
+            component: component.to_string(),
+            file: path.display().to_string(),
+            loaded: params.len() + buffers.len(),
+            ignored,
+        })
+    }
+}
+
 /// Paper Eq. (2), `replace(g, m, x_sampling)`: the golden ids with the sampled ones written at the
 /// masked positions, and REVDET's label per position — 1 where the token changed. A sampled token
 /// equal to the golden one counts as not replaced.

@@ -100,6 +100,10 @@ impl Trainer {
             )));
         }
         let t = Self::build(resolved, run_dir)?;
+        for (component, spec) in t.resolved.cfg.init.sources() {
+            let r = t.cim.init_from(component, spec)?;
+            tracing::info!(component, file = %r.file, tensors = r.loaded, ignored = r.ignored.len(), "initialised from file");
+        }
         std::fs::create_dir_all(&t.run_dir).map_err(|e| Error::io(&t.run_dir, e))?;
         write_atomic(
             &t.run_dir.join("config.toml"),

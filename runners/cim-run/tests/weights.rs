@@ -107,3 +107,140 @@ fn hub_weights_missing_offline_fail_with_repo_file_and_remedy() {
         assert!(err.contains(why), "{err}");
     }
 }
+
+mod init {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use candle_core::{Device, Tensor};
+    use cim_run::config::{resolve, Layers};
+    use cim_run::train::Trainer;
+
+    fn trainer(dir: &Path, extra: &[String]) -> cim_api::Result<Trainer> {
+        let mut set: Vec<String> = [
+            "train.batch_size=4",
+            "train.total_steps=2",
+            "train.warmup_steps=1",
+            "run.log_every=1000",
+            "run.seed=7",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        set.extend(extra.iter().cloned());
+        let res = resolve(&Layers {
+            preset: Some("quickstart".into()),
+            config_files: vec![],
+            set,
+            env: false,
+        })?;
+        Trainer::new(res, dir.to_path_buf())
+    }
+
+    fn values(t: &Trainer, prefix: &str) -> BTreeMap<String, Vec<f32>> {
+        t.cim
+            .params
+            .vars()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k, v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
+            .collect()
+    }
+
+    fn file(path: &Path) -> std::collections::HashMap<String, Tensor> {
+        candle_core::safetensors::load(path, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect()
+    }
+
+    #[test]
+    fn components_start_from_run_files_and_exports_and_bad_files_are_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a_dir = tmp.path().join("a");
+        let mut a = trainer(&a_dir, &[]).unwrap();
+        a.run(None).unwrap();
+        let trained_enh = values(&a, "enhancer.");
+        let trained_gen = values(&a, "generator.");
+        let fresh = trainer(&tmp.path().join("fresh"), &[]).unwrap();
+        assert_ne!(
+            values(&fresh, "enhancer."),
+            trained_enh,
+            "2 steps must move the weights"
+        );
+
+        // The timm-named export (no prefix) initialises the enhancer only.
+        let export = tmp.path().join("enh.safetensors");
+        cim_run::export::export(&cim_run::export::ExportArgs {
+            run_dir: a_dir.clone(),
+            format: cim_run::export::Format::Timm,
+            out: export.clone(),
+        })
+        .unwrap();
+        let b = trainer(
+            &tmp.path().join("b"),
+            &[format!("init.enhancer={}", export.display())],
+        )
+        .unwrap();
+        assert_eq!(values(&b, "enhancer."), trained_enh);
+        assert_eq!(values(&b, "generator."), values(&fresh, "generator."));
+        let saved = std::fs::read_to_string(tmp.path().join("b/config.toml")).unwrap();
+        assert!(
+            saved.contains("[init]") && saved.contains("enh.safetensors"),
+            "{saved}"
+        );
+
+        // A run's model.safetensors (prefixed names) initialises the generator.
+        let model = a_dir.join("model.safetensors");
+        let c = trainer(
+            &tmp.path().join("c"),
+            &[format!("init.generator={}", model.display())],
+        )
+        .unwrap();
+        assert_eq!(values(&c, "generator."), trained_gen);
+        assert_eq!(values(&c, "enhancer."), values(&fresh, "enhancer."));
+
+        // A missing tensor and a wrong shape are errors naming the tensor.
+        let mut w = file(&export);
+        let gone = w.keys().find(|k| k.contains("blocks.1.")).unwrap().clone();
+        w.remove(&gone);
+        let partial = tmp.path().join("partial.safetensors");
+        candle_core::safetensors::save(&w, &partial).unwrap();
+        let e = trainer(
+            &tmp.path().join("d"),
+            &[format!("init.enhancer={}", partial.display())],
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            e.contains("partial.safetensors")
+                && e.contains("lacks 1")
+                && e.contains(&format!("enhancer.{gone}")),
+            "{e}"
+        );
+        let mut w = file(&export);
+        let key = w.keys().find(|k| k.ends_with("pos_embed")).unwrap().clone();
+        let t = w[&key].clone();
+        w.insert(key.clone(), t.narrow(1, 0, t.dim(1).unwrap() - 1).unwrap());
+        let wrong = tmp.path().join("wrong.safetensors");
+        candle_core::safetensors::save(&w, &wrong).unwrap();
+        let e = trainer(
+            &tmp.path().join("e"),
+            &[format!("init.enhancer={}", wrong.display())],
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            e.contains(&format!("enhancer.{key}")) && e.contains("shape"),
+            "{e}"
+        );
+        // Unknown keys of [init] are refused.
+        let e = trainer(&tmp.path().join("f"), &["init.tokenizer=x".to_string()])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("tokenizer"), "{e}");
+    }
+}
