@@ -24,6 +24,7 @@
 
 pub mod config;
 pub mod error;
+pub mod ops;
 pub mod params;
 pub mod pixels;
 pub mod registry;

@@ -180,10 +180,7 @@ impl Generator for Beit {
     }
 
     fn mim_loss(&self, logits: &Tensor, golden: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::loss::cross_entropy(
-            &logits.to_dtype(DType::F32)?,
-            golden,
-        )?)
+        cim_api::ops::cross_entropy(&logits.to_dtype(DType::F32)?, golden)
     }
 }
 

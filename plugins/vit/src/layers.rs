@@ -1,10 +1,11 @@
 //! Transformer building blocks shared by the ViT enhancers and the BEiT generator.
 //!
 //! Parameter names follow timm's `VisionTransformer` (`patch_embed.proj`, `blocks.N.attn.qkv`,
-//! `blocks.N.mlp.fc1`, `norm`, …) so export to timm is a key-for-key copy. Every operation is
-//! composed from candle ops that have a backward pass (candle's fused softmax / LayerNorm have none).
+//! `blocks.N.mlp.fc1`, `norm`, …) so export to timm is a key-for-key copy. Every operation has a
+//! backward pass: LayerNorm and the attention softmax are [`cim_api::ops`]' fused kernels (candle's
+//! own fused softmax / LayerNorm have no backward), the rest candle's differentiable ops.
 
-use candle_core::{Module, Tensor, D};
+use candle_core::{Module, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 
 use cim_api::{Error, Result};
@@ -24,7 +25,8 @@ pub fn linear(d_in: usize, d_out: usize, std: f64, vb: VarBuilder) -> Result<Lin
     Ok(Linear::new(w, Some(b)))
 }
 
-/// LayerNorm over the last dimension, composed from differentiable ops.
+/// LayerNorm over the last dimension ([`cim_api::ops::layer_norm`]: fused forward and backward on
+/// CPU f32, composed from differentiable ops elsewhere).
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -44,11 +46,8 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        cim_api::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 }
 
@@ -150,7 +149,8 @@ impl Module for Attention {
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
         let attn = q.matmul(&k.t()?)?;
-        let attn = candle_nn::ops::softmax(&attn, D::Minus1)?;
+        let attn = cim_api::ops::softmax_last_dim(&attn)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         self.proj.forward(&out)
     }

@@ -1,0 +1,507 @@
+//! Fused operations with a backward pass: LayerNorm and softmax over the last dimension, and
+//! softmax cross-entropy over a vocabulary (the MIM loss).
+//!
+//! candle's own fused `layer_norm` / `softmax_last_dim` have no backward, so models built from
+//! them cannot train; composed from elementary ops, a LayerNorm is ~6 kernels forward and ~12
+//! backward, each a full pass over the activations. These are one pass each way, as candle
+//! `CustomOp`s: [`layer_norm`] is one forward kernel, and its backward one kernel giving `dx`, `dw`
+//! and `db` together; [`softmax_last_dim`] likewise.
+//!
+//! The fused kernels run for contiguous f32 tensors on the CPU; every other case (other dtypes,
+//! CUDA) takes the composed path, which computes the same function (the tests check both against
+//! each other, values and gradients).
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use crate::Result;
+
+/// Rows per parallel work item.
+const CHUNK_ROWS: usize = 64;
+
+fn is_fusable(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// LayerNorm of `x` over its last dimension `D` with affine `weight`, `bias` of shape `(D,)`.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if is_fusable(&[x, weight, bias]) {
+        let x = x.contiguous()?;
+        Ok(x.apply_op3(
+            &weight.contiguous()?,
+            &bias.contiguous()?,
+            LayerNormOp { eps: eps as f32 },
+        )?)
+    } else {
+        layer_norm_composed(x, weight, bias, eps)
+    }
+}
+
+/// The same function from elementary (differentiable) candle ops.
+pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(xn.broadcast_mul(weight)?.broadcast_add(bias)?)
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if is_fusable(&[x]) {
+        Ok(x.contiguous()?.apply_op1(SoftmaxOp)?)
+    } else {
+        softmax_composed(x)
+    }
+}
+
+/// The same function from elementary (differentiable) candle ops.
+pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Mean cross-entropy of `logits` `(M, V)` against class ids `targets` `(M,)` (u32): the fused
+/// form of `candle_nn::loss::cross_entropy` (one pass forward, one pass backward giving
+/// `softmax − one-hot`).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if is_fusable(&[logits]) && targets.dtype() == DType::U32 && targets.device().is_cpu() {
+        let per_row = logits
+            .contiguous()?
+            .apply_op2(&targets.contiguous()?.detach(), CrossEntropyOp)?;
+        Ok(per_row.mean_all()?)
+    } else {
+        Ok(candle_nn::loss::cross_entropy(logits, targets)?)
+    }
+}
+
+fn ids<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
+    let data = s.as_slice::<u32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("cross_entropy: targets must be contiguous"),
+    }
+}
+
+/// Per-row `logsumexp(x) − x[t]`.
+struct CrossEntropyOp;
+
+impl CustomOp2 for CrossEntropyOp {
+    fn name(&self) -> &'static str {
+        "cim-cross-entropy"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, t) = (slice(s1, l1, "logits")?, ids(s2, l2)?);
+        let v = last_dim(l1)?;
+        let rows = x.len() / v;
+        if t.len() != rows {
+            candle_core::bail!("cross_entropy: {} targets for {rows} rows", t.len());
+        }
+        if let Some(&bad) = t.iter().find(|&&c| c as usize >= v) {
+            candle_core::bail!("cross_entropy: target {bad} ≥ vocabulary {v}");
+        }
+        let loss: Vec<f32> = x
+            .par_chunks(v)
+            .zip(t.par_iter())
+            .map(|(r, &c)| {
+                let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = r.iter().map(|a| (a - max).exp()).sum();
+                max + sum.ln() - r[c as usize]
+            })
+            .collect();
+        Ok((CpuStorage::F32(loss), Shape::from(rows)))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x.apply_op3_no_bwd(t, &g.contiguous()?, &CrossEntropyBwdOp)?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// `(softmax(x) − onehot(t)) · g_row`.
+struct CrossEntropyBwdOp;
+
+impl CustomOp3 for CrossEntropyBwdOp {
+    fn name(&self) -> &'static str {
+        "cim-cross-entropy-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, t, g) = (
+            slice(s1, l1, "logits")?,
+            ids(s2, l2)?,
+            slice(s3, l3, "grad")?,
+        );
+        let v = last_dim(l1)?;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(v)
+            .zip(x.par_chunks(v))
+            .zip(t.par_iter().zip(g.par_iter()))
+            .for_each(|((dr, r), (&c, &gr))| {
+                let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for j in 0..v {
+                    dr[j] = (r[j] - max).exp();
+                    sum += dr[j];
+                }
+                let k = gr / sum;
+                dr.iter_mut().for_each(|d| *d *= k);
+                dr[c as usize] -= gr;
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: fused op needs a contiguous tensor"),
+    }
+}
+
+fn last_dim(l: &Layout) -> candle_core::Result<usize> {
+    l.shape()
+        .dims()
+        .last()
+        .copied()
+        .ok_or_else(|| candle_core::Error::Msg("fused op needs at least one dimension".into()))
+}
+
+/// `(mean, 1/sqrt(var + eps))` of one row.
+fn moments(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / n;
+    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+struct LayerNormOp {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "cim-layer-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (
+            slice(s1, l1, "x")?,
+            slice(s2, l2, "weight")?,
+            slice(s3, l3, "bias")?,
+        );
+        let d = last_dim(l1)?;
+        if w.len() != d || b.len() != d {
+            candle_core::bail!(
+                "layer_norm: weight/bias of {} / {} for rows of {d}",
+                w.len(),
+                b.len()
+            );
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d * CHUNK_ROWS)
+            .zip(x.par_chunks(d * CHUNK_ROWS))
+            .for_each(|(yc, xc)| {
+                for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                    let (mean, rstd) = moments(xr, self.eps);
+                    for j in 0..d {
+                        yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = w.dim(0)?;
+        let rows = x.elem_count() / d;
+        // One kernel: rows of dx, then the dw row, then the db row.
+        let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &LayerNormBwdOp { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, rows, 1)?.reshape(d)?;
+        let db = packed.narrow(0, rows + 1, 1)?.reshape(d)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+struct LayerNormBwdOp {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormBwdOp {
+    fn name(&self) -> &'static str {
+        "cim-layer-norm-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, dy) = (
+            slice(s1, l1, "x")?,
+            slice(s2, l2, "weight")?,
+            slice(s3, l3, "grad")?,
+        );
+        let d = last_dim(l1)?;
+        let rows = x.len() / d;
+        let mut out = vec![0f32; (rows + 2) * d];
+        let (dx, tail) = out.split_at_mut(rows * d);
+        // dx row by row; dw, db as per-chunk partial sums, added up at the end.
+        let (dw, db) = dx
+            .par_chunks_mut(d * CHUNK_ROWS)
+            .zip(
+                x.par_chunks(d * CHUNK_ROWS)
+                    .zip(dy.par_chunks(d * CHUNK_ROWS)),
+            )
+            .map(|(dxc, (xc, gc))| {
+                let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+                for ((dxr, xr), gr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
+                    let (mean, rstd) = moments(xr, self.eps);
+                    // dx = rstd · (g − mean(g) − x̂ · mean(g · x̂)),  g = dy · w.
+                    let (mut mg, mut mgx) = (0f32, 0f32);
+                    for j in 0..d {
+                        let xh = (xr[j] - mean) * rstd;
+                        let g = gr[j] * w[j];
+                        mg += g;
+                        mgx += g * xh;
+                        dw[j] += gr[j] * xh;
+                        db[j] += gr[j];
+                    }
+                    mg /= d as f32;
+                    mgx /= d as f32;
+                    for j in 0..d {
+                        let xh = (xr[j] - mean) * rstd;
+                        dxr[j] = rstd * (gr[j] * w[j] - mg - xh * mgx);
+                    }
+                }
+                (dw, db)
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            // Summed in chunk order (fixed chunk boundaries), so the result does not depend on
+            // how the thread pool split the work: runs stay bit-reproducible.
+            .fold(
+                (vec![0f32; d], vec![0f32; d]),
+                |(mut aw, mut ab), (bw, bb)| {
+                    for j in 0..d {
+                        aw[j] += bw[j];
+                        ab[j] += bb[j];
+                    }
+                    (aw, ab)
+                },
+            );
+        tail[..d].copy_from_slice(&dw);
+        tail[d..].copy_from_slice(&db);
+        Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
+    }
+}
+
+struct SoftmaxOp;
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "cim-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "x")?;
+        let d = last_dim(l)?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d * CHUNK_ROWS)
+            .zip(x.par_chunks(d * CHUNK_ROWS))
+            .for_each(|(yc, xc)| {
+                for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                    let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for j in 0..d {
+                        yr[j] = (xr[j] - max).exp();
+                        sum += yr[j];
+                    }
+                    let inv = 1.0 / sum;
+                    yr.iter_mut().for_each(|v| *v *= inv);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxBwdOp)?))
+    }
+}
+
+struct SoftmaxBwdOp;
+
+impl CustomOp2 for SoftmaxBwdOp {
+    fn name(&self) -> &'static str {
+        "cim-softmax-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (y, g) = (slice(s1, l1, "y")?, slice(s2, l2, "grad")?);
+        let d = last_dim(l1)?;
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(d * CHUNK_ROWS)
+            .zip(
+                y.par_chunks(d * CHUNK_ROWS)
+                    .zip(g.par_chunks(d * CHUNK_ROWS)),
+            )
+            .for_each(|(dc, (yc, gc))| {
+                for ((dr, yr), gr) in dc.chunks_mut(d).zip(yc.chunks(d)).zip(gc.chunks(d)) {
+                    // dx = y · (dy − Σ dy·y)
+                    let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                    for j in 0..d {
+                        dr[j] = yr[j] * (gr[j] - dot);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_layer_norm_matches_composed_values_and_gradients() -> Result<()> {
+        // Non-contiguous input (a transpose), 130 rows: more than two parallel chunks.
+        let x = Var::from_tensor(&randn(&[24, 13, 10], 1).transpose(0, 1)?)?;
+        let w = Var::from_tensor(&randn(&[24], 2))?;
+        let b = Var::from_tensor(&randn(&[24], 3))?;
+        let xt = x.as_tensor().transpose(1, 2)?; // (13, 10, 24): normalise over the 24
+        let up = randn(&[13, 10, 24], 4);
+        let fused = layer_norm(&xt, &w, &b, 1e-6)?;
+        let composed = layer_norm_composed(&xt, &w, &b, 1e-6)?;
+        assert!(max_diff(&fused, &composed) < 1e-5);
+        let gf = (&fused * &up)?.sum_all()?.backward()?;
+        let gc = (&composed * &up)?.sum_all()?.backward()?;
+        for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
+            let (a, c) = (gf.get(v).unwrap(), gc.get(v).unwrap());
+            let d = max_diff(a, c);
+            assert!(d < 2e-4, "{name}: {d}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_softmax_matches_composed_values_and_gradients() -> Result<()> {
+        let x = Var::from_tensor(&(randn(&[3, 70, 33], 5) * 4.0)?)?;
+        let up = randn(&[3, 70, 33], 6);
+        let f = softmax_last_dim(&x)?;
+        let c = softmax_composed(&x)?;
+        assert!(max_diff(&f, &c) < 1e-6);
+        let rows = f.sum(D::Minus1)?;
+        assert!(max_diff(&rows, &Tensor::ones_like(&rows)?) < 1e-5);
+        let gf = (&f * &up)?.sum_all()?.backward()?;
+        let gc = (&c * &up)?.sum_all()?.backward()?;
+        let d = max_diff(gf.get(&x).unwrap(), gc.get(&x).unwrap());
+        assert!(d < 1e-5, "{d}");
+        Ok(())
+    }
+
+    #[test]
+    fn fused_cross_entropy_matches_candles_values_and_gradients() -> Result<()> {
+        let x = Var::from_tensor(&(randn(&[37, 50], 8) * 3.0)?)?;
+        let t: Vec<u32> = (0..37).map(|i| (i * 7 % 50) as u32).collect();
+        let t = Tensor::new(t.as_slice(), &Device::Cpu)?;
+        let f = cross_entropy(&x, &t)?;
+        let c = candle_nn::loss::cross_entropy(&x, &t)?;
+        assert!(max_diff(&f, &c) < 1e-5, "{f} vs {c}");
+        let gf = (f * 2.5)?.backward()?;
+        let gc = (c * 2.5)?.backward()?;
+        let d = max_diff(gf.get(&x).unwrap(), gc.get(&x).unwrap());
+        assert!(d < 1e-6, "{d}");
+        let bad = Tensor::new(&[50u32], &Device::Cpu)?;
+        let e = cross_entropy(&x.narrow(0, 0, 1)?, &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("target 50"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn other_dtypes_take_the_composed_path() -> Result<()> {
+        let x = randn(&[4, 8], 7).to_dtype(DType::F64)?;
+        let y = softmax_last_dim(&x)?;
+        assert_eq!(y.dtype(), DType::F64);
+        let w = Tensor::ones(8, DType::F64, &Device::Cpu)?;
+        let z = layer_norm(&x, &w, &w.zeros_like()?, 1e-5)?;
+        let m = z.mean(D::Minus1)?.abs()?.max(0)?.to_scalar::<f64>()?;
+        assert!(m < 1e-9, "{m}");
+        assert!(
+            max_diff(
+                &z.to_dtype(DType::F32)?,
+                &layer_norm(
+                    &x.to_dtype(DType::F32)?,
+                    &w.to_dtype(DType::F32)?,
+                    &w.zeros_like()?.to_dtype(DType::F32)?,
+                    1e-5
+                )?
+            ) < 1e-5
+        );
+        Ok(())
+    }
+}
