@@ -22,7 +22,7 @@ fn every_registered_name_passes_conformance() {
 fn registry_holds_the_documented_names() {
     let names = all_names().unwrap();
     let expected: Vec<(&str, Vec<&str>)> = vec![
-        ("tokenizer", vec!["dalle_dvae", "patch_kmeans"]),
+        ("tokenizer", vec!["dalle_dvae", "patch_kmeans", "vq"]),
         ("masking", vec!["blockwise", "random"]),
         ("generator", vec!["beit"]),
         (

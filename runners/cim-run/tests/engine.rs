@@ -369,7 +369,7 @@ fn tokenize_prints_token_grids_and_writes_the_reconstruction() {
     let t = cim_run::inspect::tokenize(&args).unwrap();
     assert_eq!(t.len(), 2);
     for r in &t {
-        assert_eq!(r.tokenizer, "patch_kmeans");
+        assert_eq!(r.tokenizer, "vq");
         assert_eq!(r.grid, [8, 8]);
         assert_eq!(r.tokens.len(), 8);
         assert!(r
@@ -377,7 +377,7 @@ fn tokenize_prints_token_grids_and_writes_the_reconstruction() {
             .iter()
             .all(|row| row.len() == 8 && row.iter().all(|&i| i < 512)));
         assert!(r.distinct > 10, "{r:?}");
-        // The k-means codebook reconstructs a photo's 32-px view recognisably.
+        // The embedded VQ tokenizer reconstructs a photo's 32-px view recognisably.
         assert!(r.psnr_db > 18.0, "{r:?}");
     }
     let png = image::open(&out).unwrap().to_rgb8();
