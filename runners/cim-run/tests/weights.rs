@@ -244,3 +244,89 @@ mod init {
         assert!(e.contains("tokenizer"), "{e}");
     }
 }
+
+#[test]
+fn tokenizer_train_writes_a_tokenizer_that_presets_load() {
+    use cim_api::Tokenizer as _;
+    use cim_run::tokenizer_train::{tokenizer_train, TokenizerTrainArgs};
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("vq.safetensors");
+    let sets = |extra: &[&str]| -> Vec<String> {
+        [
+            "tokenizer.name=vq",
+            "tokenizer.vq.weights=random",
+            "tokenizer.vq.channels=[8, 16, 16]",
+            "tokenizer.vq.code_dim=8",
+            "tokenizer.vq.vocab_size=32",
+            "tokenizer_train.batch_size=4",
+            "tokenizer_train.warmup_steps=2",
+            "tokenizer_train.reset_every=5",
+            "tokenizer_train.log_every=5",
+            "tokenizer_train.lr=3e-3",
+            "data.workers=1",
+        ]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let args = TokenizerTrainArgs {
+        config: cim_run::cli::ConfigArgs {
+            preset: Some("quickstart".into()),
+            config: vec![],
+            set: sets(&[]),
+        },
+        out: out.clone(),
+        steps: Some(40),
+    };
+    let r = tokenizer_train(&args).unwrap();
+    assert_eq!((r.steps, r.vocab_size, r.eval_images), (40, 32, 3));
+    assert!(r.train_mse_last < 0.5 * r.train_mse_first, "{r:?}");
+    assert!(r.psnr_db.is_finite() && r.psnr_db > 10.0, "{r:?}");
+    assert!(
+        r.perplexity >= 1.0 && r.perplexity <= 32.0 && r.codes_used >= 1,
+        "{r:?}"
+    );
+    for ext in ["json", "png"] {
+        assert!(out.with_extension(ext).is_file(), "{ext} missing");
+    }
+    // The file is a tokenizer for any preset (same sizes) …
+    let res = cim_run::config::resolve(&cim_run::config::Layers {
+        preset: Some("quickstart".into()),
+        config_files: vec![],
+        set: sets(&[&format!("tokenizer.vq.weights={}", out.display())]),
+        env: false,
+    })
+    .unwrap();
+    let cim = cim_run::pipeline::Cim::build(&res).unwrap();
+    assert_eq!(cim.tokenizer.vocab_size(), 32);
+    // … and a config that disagrees with it names the key.
+    let res = cim_run::config::resolve(&cim_run::config::Layers {
+        preset: Some("quickstart".into()),
+        config_files: vec![],
+        set: sets(&[
+            &format!("tokenizer.vq.weights={}", out.display()),
+            "tokenizer.vq.code_dim=16",
+        ]),
+        env: false,
+    })
+    .unwrap();
+    let e = cim_run::pipeline::Cim::build(&res)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("tokenizer.vq.code_dim = 8"), "{e}");
+    // Training another tokenizer is refused with the fix.
+    let e = tokenizer_train(&TokenizerTrainArgs {
+        config: cim_run::cli::ConfigArgs {
+            preset: Some("quickstart".into()),
+            config: vec![],
+            set: vec!["tokenizer.name=patch_kmeans".into()],
+        },
+        out: tmp.path().join("x.safetensors"),
+        steps: Some(1),
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("--set tokenizer.name=vq"), "{e}");
+}
