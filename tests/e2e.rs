@@ -270,8 +270,10 @@ fn tiny_cifar10_losses_fall() {
     let (mim0, mim1) = (mean("loss_mim", 0..10), mean("loss_mim", 250..300));
     let (enh0, enh1) = (mean("loss_respix", 0..10), mean("loss_respix", 250..300));
     eprintln!("loss_mim {mim0:.4} → {mim1:.4}; loss_respix {enh0:.4} → {enh1:.4}");
+    // Measured with the embedded vq tokenizer (release build): loss_mim 6.225 → 5.536 (×0.889),
+    // loss_respix 1.263 → 1.166 (×0.923). vq's tokens are harder to predict than patch_kmeans's.
     assert!(
-        mim1 < 0.9 * mim0,
+        mim1 < 0.93 * mim0,
         "generator loss did not fall: {mim0} → {mim1}"
     );
     assert!(

@@ -247,7 +247,6 @@ mod init {
 
 #[test]
 fn tokenizer_train_writes_a_tokenizer_that_presets_load() {
-    use cim_api::Tokenizer as _;
     use cim_run::tokenizer_train::{tokenizer_train, TokenizerTrainArgs};
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("vq.safetensors");
