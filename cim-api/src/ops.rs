@@ -9,7 +9,11 @@
 //!
 //! The fused kernels run for contiguous f32 tensors on the CPU; every other case (other dtypes,
 //! CUDA) takes the composed path, which computes the same function (the tests check both against
-//! each other, values and gradients).
+//! each other, values and gradients). With the `cuda` feature, CUDA twins of every kernel
+//! (`kernels/ops.cu`) are built too, but used only after [`set_cuda_kernels`]`(true)` (config
+//! `run.cuda_kernels`): their GPU parity tests (`tests/ops_cuda.rs`) have not run on a GPU yet.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -19,9 +23,26 @@ use crate::Result;
 /// Rows per parallel work item.
 const CHUNK_ROWS: usize = 64;
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
+static CUDA_KERNELS: AtomicBool = AtomicBool::new(false);
+
+/// Lets f32 tensors on CUDA use the fused CUDA kernels (builds with the `cuda` feature only;
+/// elsewhere it has no effect). Off by default: see the module docs.
+pub fn set_cuda_kernels(on: bool) {
+    CUDA_KERNELS.store(on && cfg!(feature = "cuda"), Ordering::Relaxed);
+}
+
+/// Whether [`set_cuda_kernels`] switched the CUDA kernels on.
+pub fn cuda_kernels() -> bool {
+    CUDA_KERNELS.load(Ordering::Relaxed)
+}
+
 fn is_fusable(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    ts.iter().all(|t| t.dtype() == DType::F32)
+        && (ts.iter().all(|t| t.device().is_cpu())
+            || (cuda_kernels() && ts.iter().all(|t| t.device().is_cuda())))
 }
 
 /// LayerNorm of `x` over its last dimension `D` with affine `weight`, `bias` of shape `(D,)`.
@@ -67,7 +88,10 @@ pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
 /// form of `candle_nn::loss::cross_entropy` (one pass forward, one pass backward giving
 /// `softmax − one-hot`).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if is_fusable(&[logits]) && targets.dtype() == DType::U32 && targets.device().is_cpu() {
+    if is_fusable(&[logits])
+        && targets.dtype() == DType::U32
+        && targets.device().same_device(logits.device())
+    {
         let per_row = logits
             .contiguous()?
             .apply_op2(&targets.contiguous()?.detach(), CrossEntropyOp)?;
@@ -119,6 +143,16 @@ impl CustomOp2 for CrossEntropyOp {
             .collect();
         Ok((CpuStorage::F32(loss), Shape::from(rows)))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::cross_entropy_fwd(s1, l1, s2, l2)
+    }
     fn bwd(
         &self,
         x: &Tensor,
@@ -169,6 +203,18 @@ impl CustomOp3 for CrossEntropyBwdOp {
                 dr[c as usize] -= gr;
             });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::cross_entropy_bwd(s1, l1, s2, l2, s3, l3)
     }
 }
 
@@ -238,6 +284,18 @@ impl CustomOp3 for LayerNormOp {
                 }
             });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::layer_norm_fwd(s1, l1, s2, l2, s3, l3, self.eps)
     }
     fn bwd(
         &self,
@@ -332,6 +390,18 @@ impl CustomOp3 for LayerNormBwdOp {
         tail[d..].copy_from_slice(&db);
         Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::layer_norm_bwd(s1, l1, s2, l2, s3, l3, self.eps)
+    }
 }
 
 struct SoftmaxOp;
@@ -359,6 +429,14 @@ impl CustomOp1 for SoftmaxOp {
                 }
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::softmax_fwd(s, l)
     }
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(y.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxBwdOp)?))
@@ -396,6 +474,16 @@ impl CustomOp2 for SoftmaxBwdOp {
                 }
             });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::softmax_bwd(s1, l1, s2, l2)
     }
 }
 
@@ -480,6 +568,15 @@ mod tests {
             .to_string();
         assert!(e.contains("target 50"), "{e}");
         Ok(())
+    }
+
+    #[test]
+    fn cuda_kernels_stay_off_without_the_cuda_feature_or_a_switch() {
+        assert!(!cuda_kernels());
+        set_cuda_kernels(true);
+        assert_eq!(cuda_kernels(), cfg!(feature = "cuda"));
+        set_cuda_kernels(false);
+        assert!(!cuda_kernels());
     }
 
     #[test]

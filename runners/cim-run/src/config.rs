@@ -42,6 +42,9 @@ pub struct RunSection {
     pub picture_every: usize,
     /// On CUDA, let f32 matmuls use TF32 tensor cores (PyTorch's `allow_tf32`).
     pub tf32: bool,
+    /// On CUDA, use cim's fused LayerNorm/softmax/cross-entropy kernels instead of composed ops
+    /// (`cim_api::ops`; off until their GPU parity tests have run on a GPU).
+    pub cuda_kernels: bool,
 }
 
 impl Default for RunSection {
@@ -56,6 +59,7 @@ impl Default for RunSection {
             keep_checkpoints: 3,
             picture_every: 0,
             tf32: true,
+            cuda_kernels: false,
         }
     }
 }

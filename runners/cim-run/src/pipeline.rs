@@ -73,6 +73,7 @@ impl Cim {
     /// grid) → masking → enhancer (feature layout) → generator → sampler → objective.
     pub fn build(res: &Resolved) -> Result<Self> {
         let device = device(&res.cfg.run.device)?;
+        cim_api::ops::set_cuda_kernels(res.cfg.run.cuda_kernels);
         let data = res.cfg.data.clone();
         let params = ParamStore::trainable(res.cfg.run.seed);
         let frozen = ParamStore::frozen(RANDOM_TOKENIZER_SEED);

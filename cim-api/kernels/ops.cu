@@ -1,0 +1,177 @@
+// CUDA kernels of cim_api::ops (built into PTX by cim-api's build.rs with the `cuda` feature).
+// f32, contiguous row-major tensors; one thread block per row for the row-wise kernels.
+// Each kernel has a CPU twin in src/ops.rs; tests/ops_cuda.rs compares them on a GPU.
+
+#include <math.h>
+
+// Sum (or max) of `v` over the block; every thread gets the result. `sh` holds 32 floats.
+__device__ __forceinline__ float block_sum(float v, float* sh) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) sh[wid] = v;
+    __syncthreads();
+    const int nw = (blockDim.x + 31) >> 5;
+    v = (threadIdx.x < nw) ? sh[threadIdx.x] : 0.0f;
+    if (wid == 0)
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    if (threadIdx.x == 0) sh[0] = v;
+    __syncthreads();
+    return sh[0];
+}
+
+__device__ __forceinline__ float block_max(float v, float* sh) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) sh[wid] = v;
+    __syncthreads();
+    const int nw = (blockDim.x + 31) >> 5;
+    v = (threadIdx.x < nw) ? sh[threadIdx.x] : -INFINITY;
+    if (wid == 0)
+        for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    if (threadIdx.x == 0) sh[0] = v;
+    __syncthreads();
+    return sh[0];
+}
+
+// Mean and 1/sqrt(var + eps) of row `xr`.
+__device__ __forceinline__ void row_moments(const float* xr, int d, float eps, float* sh,
+                                            float* mean, float* rstd) {
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) s += xr[j];
+    const float m = block_sum(s, sh) / d;
+    float v = 0.0f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        const float t = xr[j] - m;
+        v += t * t;
+    }
+    *mean = m;
+    *rstd = 1.0f / sqrtf(block_sum(v, sh) / d + eps);
+}
+
+extern "C" __global__ void cim_layer_norm_fwd(const float* x, const float* w, const float* b,
+                                              float* y, int rows, int d, float eps) {
+    __shared__ float sh[32];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const float* xr = x + (size_t)r * d;
+    float* yr = y + (size_t)r * d;
+    float mean, rstd;
+    row_moments(xr, d, eps, sh, &mean, &rstd);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
+}
+
+// dx for every row, plus the row statistics the dw/db kernel reuses.
+extern "C" __global__ void cim_layer_norm_bwd_dx(const float* x, const float* w, const float* dy,
+                                                 float* dx, float* stats, int rows, int d,
+                                                 float eps) {
+    __shared__ float sh[32];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const float* xr = x + (size_t)r * d;
+    const float* gr = dy + (size_t)r * d;
+    float* dr = dx + (size_t)r * d;
+    float mean, rstd;
+    row_moments(xr, d, eps, sh, &mean, &rstd);
+    float sg = 0.0f, sgx = 0.0f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        const float g = gr[j] * w[j];
+        sg += g;
+        sgx += g * (xr[j] - mean) * rstd;
+    }
+    sg = block_sum(sg, sh) / d;
+    sgx = block_sum(sgx, sh) / d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        const float xh = (xr[j] - mean) * rstd;
+        dr[j] = rstd * (gr[j] * w[j] - sg - xh * sgx);
+    }
+    if (threadIdx.x == 0) {
+        stats[2 * r] = mean;
+        stats[2 * r + 1] = rstd;
+    }
+}
+
+// dw (into out[0..d]) and db (into out[d..2d]): one thread per column, rows in order.
+extern "C" __global__ void cim_layer_norm_bwd_dwdb(const float* x, const float* dy,
+                                                   const float* stats, float* out, int rows,
+                                                   int d) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    float aw = 0.0f, ab = 0.0f;
+    for (int r = 0; r < rows; ++r) {
+        const float g = dy[(size_t)r * d + j];
+        aw += g * (x[(size_t)r * d + j] - stats[2 * r]) * stats[2 * r + 1];
+        ab += g;
+    }
+    out[j] = aw;
+    out[d + j] = ab;
+}
+
+extern "C" __global__ void cim_softmax_fwd(const float* x, float* y, int rows, int d) {
+    __shared__ float sh[32];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const float* xr = x + (size_t)r * d;
+    float* yr = y + (size_t)r * d;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) m = fmaxf(m, xr[j]);
+    m = block_max(m, sh);
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        const float e = expf(xr[j] - m);
+        yr[j] = e;
+        s += e;
+    }
+    const float inv = 1.0f / block_sum(s, sh);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) yr[j] *= inv;
+}
+
+extern "C" __global__ void cim_softmax_bwd(const float* y, const float* dy, float* dx, int rows,
+                                           int d) {
+    __shared__ float sh[32];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const float* yr = y + (size_t)r * d;
+    const float* gr = dy + (size_t)r * d;
+    float* dr = dx + (size_t)r * d;
+    float dot = 0.0f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) dot += yr[j] * gr[j];
+    dot = block_sum(dot, sh);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) dr[j] = yr[j] * (gr[j] - dot);
+}
+
+// Per-row logsumexp(x) - x[t].
+extern "C" __global__ void cim_cross_entropy_fwd(const float* x, const unsigned int* t,
+                                                 float* loss, int rows, int v) {
+    __shared__ float sh[32];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const float* xr = x + (size_t)r * v;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, xr[j]);
+    m = block_max(m, sh);
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) s += expf(xr[j] - m);
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) loss[r] = m + logf(s) - xr[t[r]];
+}
+
+// (softmax(x) - onehot(t)) * g[row].
+extern "C" __global__ void cim_cross_entropy_bwd(const float* x, const unsigned int* t,
+                                                 const float* g, float* dx, int rows, int v) {
+    __shared__ float sh[32];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const float* xr = x + (size_t)r * v;
+    float* dr = dx + (size_t)r * v;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, xr[j]);
+    m = block_max(m, sh);
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) s += expf(xr[j] - m);
+    const float k = g[r] / block_sum(s, sh);
+    const unsigned int c = t[r];
+    for (int j = threadIdx.x; j < v; j += blockDim.x)
+        dr[j] = expf(xr[j] - m) * k - (j == (int)c ? g[r] : 0.0f);
+}

@@ -1,0 +1,203 @@
+//! CUDA twins of the fused CPU kernels (`kernels/ops.cu`, compiled to PTX by build.rs).
+//!
+//! Used only when [`super::set_cuda_kernels`] switched them on: no GPU machine has run their parity
+//! tests (`tests/ops_cuda.rs`, `--features cuda`) yet, so by default CUDA runs the composed ops.
+
+// Kernel launches are FFI: the only unsafe code of the workspace lives here.
+#![allow(unsafe_code)]
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CudaStorage, Layout, Result, Shape};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cim_ops.ptx"));
+const MODULE: &str = "cim_ops";
+const THREADS: u32 = 256;
+
+fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg(format!("{what}: fused op needs a contiguous tensor"))
+    })?;
+    Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+/// One block of `THREADS` per row.
+fn per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn dims(l: &Layout) -> Result<(usize, usize)> {
+    let d = super::last_dim(l)?;
+    Ok((l.shape().elem_count() / d, d))
+}
+
+pub fn layer_norm_fwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (x, w, b) = (
+        view::<f32>(s1, l1, "x")?,
+        view::<f32>(s2, l2, "weight")?,
+        view::<f32>(s3, l3, "bias")?,
+    );
+    let (rows, d) = dims(l1)?;
+    let y = dev.alloc_zeros::<f32>(rows * d)?;
+    let func = dev.get_or_load_custom_func("cim_layer_norm_fwd", MODULE, PTX)?;
+    let (r, dd) = (rows as i32, d as i32);
+    let mut a = func.builder();
+    a.arg(&x).arg(&w).arg(&b).arg(&y).arg(&r).arg(&dd).arg(&eps);
+    // SAFETY: argument types and counts match the kernel's signature; buffers hold rows·d floats.
+    unsafe { a.launch(per_row(rows)) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
+}
+
+/// `(rows + 2, d)`: dx rows, then dw, then db (the CPU op's packing).
+pub fn layer_norm_bwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (x, w, dy) = (
+        view::<f32>(s1, l1, "x")?,
+        view::<f32>(s2, l2, "weight")?,
+        view::<f32>(s3, l3, "grad")?,
+    );
+    let (rows, d) = dims(l1)?;
+    let mut out = dev.alloc_zeros::<f32>((rows + 2) * d)?;
+    let stats = dev.alloc_zeros::<f32>(2 * rows)?;
+    let (r, dd) = (rows as i32, d as i32);
+    {
+        let mut dx = out.slice_mut(0..rows * d);
+        let func = dev.get_or_load_custom_func("cim_layer_norm_bwd_dx", MODULE, PTX)?;
+        let mut a = func.builder();
+        a.arg(&x)
+            .arg(&w)
+            .arg(&dy)
+            .arg(&mut dx)
+            .arg(&stats)
+            .arg(&r)
+            .arg(&dd)
+            .arg(&eps);
+        // SAFETY: as above; `stats` holds 2·rows floats.
+        unsafe { a.launch(per_row(rows)) }.w()?;
+    }
+    {
+        let mut dwdb = out.slice_mut(rows * d..);
+        let func = dev.get_or_load_custom_func("cim_layer_norm_bwd_dwdb", MODULE, PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: (d.div_ceil(THREADS as usize) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut a = func.builder();
+        a.arg(&x)
+            .arg(&dy)
+            .arg(&stats)
+            .arg(&mut dwdb)
+            .arg(&r)
+            .arg(&dd);
+        // SAFETY: one thread per column; `dwdb` holds 2·d floats.
+        unsafe { a.launch(cfg) }.w()?;
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev),
+        Shape::from((rows + 2, d)),
+    ))
+}
+
+pub fn softmax_fwd(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device().clone();
+    let x = view::<f32>(s, l, "x")?;
+    let (rows, d) = dims(l)?;
+    let y = dev.alloc_zeros::<f32>(rows * d)?;
+    let func = dev.get_or_load_custom_func("cim_softmax_fwd", MODULE, PTX)?;
+    let (r, dd) = (rows as i32, d as i32);
+    let mut a = func.builder();
+    a.arg(&x).arg(&y).arg(&r).arg(&dd);
+    // SAFETY: argument types and counts match the kernel's signature.
+    unsafe { a.launch(per_row(rows)) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), l.shape().clone()))
+}
+
+pub fn softmax_bwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (y, g) = (view::<f32>(s1, l1, "y")?, view::<f32>(s2, l2, "grad")?);
+    let (rows, d) = dims(l1)?;
+    let dx = dev.alloc_zeros::<f32>(rows * d)?;
+    let func = dev.get_or_load_custom_func("cim_softmax_bwd", MODULE, PTX)?;
+    let (r, dd) = (rows as i32, d as i32);
+    let mut a = func.builder();
+    a.arg(&y).arg(&g).arg(&dx).arg(&r).arg(&dd);
+    // SAFETY: argument types and counts match the kernel's signature.
+    unsafe { a.launch(per_row(rows)) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
+}
+
+pub fn cross_entropy_fwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (x, t) = (
+        view::<f32>(s1, l1, "logits")?,
+        view::<u32>(s2, l2, "targets")?,
+    );
+    let (rows, v) = dims(l1)?;
+    let loss = dev.alloc_zeros::<f32>(rows)?;
+    let func = dev.get_or_load_custom_func("cim_cross_entropy_fwd", MODULE, PTX)?;
+    let (r, vv) = (rows as i32, v as i32);
+    let mut a = func.builder();
+    a.arg(&x).arg(&t).arg(&loss).arg(&r).arg(&vv);
+    // SAFETY: argument types and counts match the kernel's signature; targets < v is the
+    // caller's contract (checked on CPU; on CUDA an out-of-range id reads out of the row).
+    unsafe { a.launch(per_row(rows)) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(loss, dev), Shape::from(rows)))
+}
+
+pub fn cross_entropy_bwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (x, t, g) = (
+        view::<f32>(s1, l1, "logits")?,
+        view::<u32>(s2, l2, "targets")?,
+        view::<f32>(s3, l3, "grad")?,
+    );
+    let (rows, v) = dims(l1)?;
+    let dx = dev.alloc_zeros::<f32>(rows * v)?;
+    let func = dev.get_or_load_custom_func("cim_cross_entropy_bwd", MODULE, PTX)?;
+    let (r, vv) = (rows as i32, v as i32);
+    let mut a = func.builder();
+    a.arg(&x).arg(&t).arg(&g).arg(&dx).arg(&r).arg(&vv);
+    // SAFETY: argument types and counts match the kernel's signature.
+    unsafe { a.launch(per_row(rows)) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
+}
