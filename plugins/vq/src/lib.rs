@@ -22,7 +22,7 @@
 //! outputs and periodic re-seeding of codes no batch used ([`reset_dead_codes`]).
 //!
 //! The embedded default ([`EMBEDDED`], `weights = "embedded"`): 512 codes of width 32 on an 8×8 grid
-//! for 32-px views, channels [32, 64, 64], trained on CIFAR-10's training images by
+//! for 32-px views, channels [16, 32, 64], trained on CIFAR-10's training images by
 //! `cim-run tokenizer-train --preset vq_cifar10 --out plugins/vq/assets/cifar10_vq512.safetensors`
 //! (numbers in the book's Tokenizers chapter). Weight files carry their architecture in the
 //! safetensors metadata (`cim.vq`), so a mismatch with the config is reported by key.
