@@ -134,6 +134,18 @@ pub struct Features {
     pub cls: Option<Tensor>,
 }
 
+impl Features {
+    /// The same features in `dtype` (mixed precision: the objective sees f32).
+    pub fn to_dtype(&self, dtype: candle_core::DType) -> crate::Result<Self> {
+        Ok(Self {
+            tokens: self.tokens.to_dtype(dtype)?,
+            grid: self.grid,
+            stride: self.stride,
+            cls: self.cls.as_ref().map(|c| c.to_dtype(dtype)).transpose()?,
+        })
+    }
+}
+
 /// Everything an objective may look at besides the enhancer output.
 #[derive(Clone, Copy, Debug)]
 pub struct ObjectiveBatch<'a> {

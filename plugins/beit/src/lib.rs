@@ -15,7 +15,8 @@
 //! pre-norm blocks with BEiT's residual rescaling at init, final norm, linear `lm_head`.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
+use cim_plugin_vit::layers::Linear;
 use serde::{Deserialize, Serialize};
 
 use cim_api::{BuildCtx, Error, Generator, Mask, Result, TokenGrid};
@@ -154,10 +155,11 @@ impl Beit {
         let (b, n, d) = x.dims3()?;
         // Eq. (1): replace(x, m, [MASK]) as a blend, so the mask token gets its gradient.
         let w = mask.to_tensor(x.dtype(), x.device())?.reshape((b, n, 1))?;
-        let mask_tok = self.mask_token.broadcast_as((b, n, d))?;
+        let dt = x.dtype();
+        let mask_tok = self.mask_token.to_dtype(dt)?.broadcast_as((b, n, d))?;
         let x = (x.broadcast_mul(&(1.0 - &w)?)? + mask_tok.broadcast_mul(&w)?)?;
-        let cls = self.cls_token.broadcast_as((b, 1, d))?;
-        let mut x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos_embed)?;
+        let cls = self.cls_token.to_dtype(dt)?.broadcast_as((b, 1, d))?;
+        let mut x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos_embed.to_dtype(dt)?)?;
         for blk in &self.blocks {
             x = blk.forward(&x)?;
         }

@@ -5,8 +5,8 @@
 //! backward pass: LayerNorm and the attention softmax are [`cim_api::ops`]' fused kernels (candle's
 //! own fused softmax / LayerNorm have no backward), the rest candle's differentiable ops.
 
-use candle_core::{Module, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{Init, VarBuilder};
 
 use cim_api::{Error, Result};
 
@@ -22,7 +22,41 @@ pub fn linear(d_in: usize, d_out: usize, std: f64, vb: VarBuilder) -> Result<Lin
         },
     )?;
     let b = vb.get_with_hints(d_out, "bias", Init::Const(0.0))?;
-    Ok(Linear::new(w, Some(b)))
+    Ok(Linear { weight: w, bias: b })
+}
+
+/// `y = x Wᵀ + b` over the last dimension (PyTorch's names `weight` `(out, in)`, `bias`). The
+/// parameters are cast to the input's dtype at use, so f32 master weights serve a bf16 forward
+/// (mixed precision, `run.precision = "bf16"`); in f32 the cast is a no-op.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (w, b) = (
+            self.weight.to_dtype(x.dtype())?,
+            self.bias.to_dtype(x.dtype())?,
+        );
+        let out = w.dim(0)?;
+        let lead = &x.dims()[..x.rank() - 1];
+        let rows: usize = lead.iter().product();
+        // One 2-D GEMM for any number of leading dimensions.
+        let y = x
+            .reshape((rows, x.dim(candle_core::D::Minus1)?))?
+            .matmul(&w.t()?)?;
+        let mut shape = lead.to_vec();
+        shape.push(out);
+        y.broadcast_add(&b)?.reshape(shape)
+    }
 }
 
 /// LayerNorm over the last dimension ([`cim_api::ops::layer_norm`]: fused forward and backward on
@@ -45,9 +79,11 @@ impl LayerNorm {
 }
 
 impl Module for LayerNorm {
+    /// Computed in f32 whatever the input dtype (mixed precision keeps normalisation in f32).
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        cim_api::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        cim_api::ops::layer_norm(&x.to_dtype(DType::F32)?, &self.weight, &self.bias, self.eps)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+            .to_dtype(x.dtype())
     }
 }
 
@@ -104,10 +140,13 @@ impl PatchEmbed {
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((b, gh * gw, c * p * p))?;
-        let w = self.weight.reshape((self.dim, c * p * p))?;
+        let w = self
+            .weight
+            .to_dtype(x.dtype())?
+            .reshape((self.dim, c * p * p))?;
         Ok(patches
             .broadcast_matmul(&w.t()?)?
-            .broadcast_add(&self.bias)?)
+            .broadcast_add(&self.bias.to_dtype(x.dtype())?)?)
     }
 }
 
@@ -149,8 +188,10 @@ impl Module for Attention {
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
         let attn = q.matmul(&k.t()?)?;
-        let attn = cim_api::ops::softmax_last_dim(&attn)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        // Softmax in f32 (a no-op cast in f32 runs).
+        let attn = cim_api::ops::softmax_last_dim(&attn.to_dtype(DType::F32)?)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+            .to_dtype(v.dtype())?;
         let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         self.proj.forward(&out)
     }

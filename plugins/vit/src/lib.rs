@@ -171,8 +171,12 @@ impl Vit {
     pub fn forward_all_t(&self, image: &Tensor, train: bool) -> Result<Tensor> {
         let x = self.patch_embed.forward(image)?;
         let b = x.dim(0)?;
-        let cls = self.cls_token.broadcast_as((b, 1, self.info.dim))?;
-        let mut x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos_embed)?;
+        let dt = x.dtype();
+        let cls = self
+            .cls_token
+            .to_dtype(dt)?
+            .broadcast_as((b, 1, self.info.dim))?;
+        let mut x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos_embed.to_dtype(dt)?)?;
         let depth = self.blocks.len();
         for (i, blk) in self.blocks.iter().enumerate() {
             let rate = self.drop_path * i as f64 / (depth.max(2) - 1) as f64;

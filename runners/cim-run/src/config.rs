@@ -45,6 +45,10 @@ pub struct RunSection {
     /// On CUDA, use cim's fused LayerNorm/softmax/cross-entropy kernels instead of composed ops
     /// (`cim_api::ops`; off until their GPU parity tests have run on a GPU).
     pub cuda_kernels: bool,
+    /// Compute precision of the generator and enhancer: `"f32"`, or `"bf16"` (mixed precision:
+    /// f32 master weights, optimizer state, LayerNorm, softmax and losses; bf16 matmuls and
+    /// activations). bf16 needs a ViT enhancer.
+    pub precision: String,
 }
 
 impl Default for RunSection {
@@ -60,6 +64,7 @@ impl Default for RunSection {
             picture_every: 0,
             tf32: true,
             cuda_kernels: false,
+            precision: "f32".into(),
         }
     }
 }
@@ -592,6 +597,28 @@ pub fn resolve(layers: &Layers) -> Result<Resolved> {
 
 fn validate(cfg: &RunConfig) -> Result<()> {
     let bad = |k: &str, why: String| Err(Error::config(format!("`{k}` {why}")));
+    match cfg.run.precision.as_str() {
+        "f32" => {}
+        "bf16" => {
+            let enh = cfg
+                .enhancer
+                .get("name")
+                .and_then(|v| v.as_str())
+                .unwrap_or("");
+            if !enh.starts_with("vit") {
+                return bad(
+                    "run.precision",
+                    format!("= \"bf16\" needs a ViT enhancer (vit_*); `{enh}` runs in f32 only"),
+                );
+            }
+        }
+        p => {
+            return bad(
+                "run.precision",
+                format!("must be \"f32\" or \"bf16\", got \"{p}\""),
+            )
+        }
+    }
     if cfg.train.batch_size == 0 {
         return bad("train.batch_size", "must be ≥ 1".into());
     }

@@ -39,6 +39,8 @@ pub struct Cim {
     pub names: BTreeMap<&'static str, String>,
     pub data: DataConfig,
     pub device: Device,
+    /// Compute dtype of the generator and enhancer (`run.precision`); parameters stay f32.
+    pub compute: DType,
 }
 
 fn build<K: Kind + ?Sized>(res: &Resolved, ctx: &BuildCtx) -> Result<Box<K>>
@@ -129,6 +131,11 @@ impl Cim {
             names,
             data,
             device,
+            compute: if res.cfg.run.precision == "bf16" {
+                DType::BF16
+            } else {
+                DType::F32
+            },
         })
     }
 }
@@ -350,8 +357,13 @@ impl Cim {
     pub fn mim(&self, batch: &Batch, golden: Tensor, rngs: &mut StepRngs) -> Result<MimOut> {
         let b = golden.dim(0)?;
         let mask = self.masking.sample(b, self.grid, &mut rngs.mask)?;
-        let image_n = normalize(&batch.image, self.data.mean, self.data.std)?;
-        let logits = self.generator.forward(&image_n, &mask)?; // (M, V)
+        let image_n =
+            normalize(&batch.image, self.data.mean, self.data.std)?.to_dtype(self.compute)?;
+        // (M, V), f32 for the loss and the sampler whatever the compute precision.
+        let logits = self
+            .generator
+            .forward(&image_n, &mask)?
+            .to_dtype(DType::F32)?;
         let at_mask = mask.indices_tensor(&self.device)?;
         let golden_m = golden.flatten_all()?.index_select(&at_mask, 0)?;
         let loss = self.generator.mim_loss(&logits, &golden_m)?;
@@ -403,10 +415,14 @@ impl Cim {
         mim: &MimOut,
         corruption: &Corruption,
     ) -> Result<cim_api::ObjectiveOutput> {
-        let features = self.enhancer.forward_t(
-            &normalize(&corruption.image, self.data.mean, self.data.std)?,
-            true,
-        )?;
+        let features = self
+            .enhancer
+            .forward_t(
+                &normalize(&corruption.image, self.data.mean, self.data.std)?
+                    .to_dtype(self.compute)?,
+                true,
+            )?
+            .to_dtype(DType::F32)?;
         self.objective.forward(
             &features,
             &ObjectiveBatch {

@@ -265,6 +265,11 @@ impl Trainer {
         &self.resolved
     }
 
+    /// The optimizer (its state is what checkpoints store).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
+
     pub fn run_dir(&self) -> &Path {
         &self.run_dir
     }

@@ -412,3 +412,64 @@ fn cmyk_and_grayscale_jpegs_decode_to_rgb() {
     let p = rgb.get_pixel(5, 3).0;
     assert!(p[0] == p[1] && p[1] == p[2] && p[0] > 100, "{p:?}");
 }
+
+#[test]
+fn bf16_mixed_precision_trains_with_f32_masters_close_to_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, precision: &str| -> (Vec<f64>, Trainer) {
+        let dir = tmp.path().join(name);
+        let mut t = trainer(&dir, small(&[&format!("run.precision={precision}")]));
+        t.run(None).unwrap();
+        (losses(&dir), t)
+    };
+    let (f32_losses, _) = run("f32", "f32");
+    let (bf16_losses, t) = run("bf16", "bf16");
+    assert_eq!(t.cim.compute, candle_core::DType::BF16);
+    // Same seed, same batches and masks: bf16 rounding (8-bit mantissa) moves the losses a little.
+    for (a, b) in f32_losses.iter().zip(&bf16_losses) {
+        assert!(
+            b.is_finite() && (a - b).abs() < 0.03 * a,
+            "f32 {a} vs bf16 {b}"
+        );
+    }
+    assert_ne!(
+        f32_losses, bf16_losses,
+        "bf16 must actually compute in bf16"
+    );
+    // Master weights and optimizer state stay f32, and every parameter moved.
+    let fresh = trainer(&tmp.path().join("fresh"), small(&["run.precision=bf16"]));
+    for ((name, v), (_, v0)) in t
+        .cim
+        .params
+        .vars()
+        .iter()
+        .zip(fresh.cim.params.vars().iter())
+    {
+        assert_eq!(v.dtype(), candle_core::DType::F32, "{name}");
+        let d = (v.as_tensor() - v0.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d > 0.0, "{name} did not change");
+    }
+    assert!(t
+        .optimizer()
+        .state()
+        .values()
+        .all(|s| s.dtype() == candle_core::DType::F32));
+    // ResNet enhancers stay f32: refused by name.
+    let e = resolve(&Layers {
+        preset: Some("tiny_resnet_respix".into()),
+        config_files: vec![],
+        set: vec!["run.precision=bf16".into()],
+        env: false,
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("run.precision") && e.contains("resnet50"), "{e}");
+}
