@@ -84,6 +84,18 @@ pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
+/// Index of the nearest codebook row for every row of `rows` (`argmin ‖x − c‖²`): the quantiser of
+/// the vector-quantising tokenizers (`patch_kmeans`, `vq`). `‖x‖²` is the same for every row of the
+/// codebook, so this is `argmin(‖c‖² − 2 x·c)`: one matmul.
+pub fn nearest(rows: &Tensor, codebook: &Tensor) -> Result<Tensor> {
+    let c2 = codebook.sqr()?.sum(1)?; // (V,)
+    let score = rows
+        .matmul(&codebook.t()?)?
+        .affine(-2.0, 0.0)?
+        .broadcast_add(&c2)?;
+    Ok(score.argmin(D::Minus1)?)
+}
+
 /// Mean cross-entropy of `logits` `(M, V)` against class ids `targets` `(M,)` (u32): the fused
 /// form of `candle_nn::loss::cross_entropy` (one pass forward, one pass backward giving
 /// `softmax − one-hot`).

@@ -18,7 +18,7 @@
 //! - weights: a safetensors file with one tensor `codebook` of shape `(vocab_size, 3·p·p)`, each
 //!   row laid out channel-major (`c, y, x`) like a patch-embedding kernel.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -74,16 +74,8 @@ pub fn unpatchify(
         .reshape((b, c, gh * p, gw * p))?)
 }
 
-/// Index of the nearest codebook row for every row of `x` (`argmin ‖x − c‖²`).
-pub fn nearest(x: &Tensor, codebook: &Tensor) -> Result<Tensor> {
-    let c2 = codebook.sqr()?.sum(1)?; // (V,)
-                                      // ‖x‖² is the same for every centroid, so argmin(‖c‖² − 2 x·c).
-    let score = x
-        .matmul(&codebook.t()?)?
-        .affine(-2.0, 0.0)?
-        .broadcast_add(&c2)?;
-    Ok(score.argmin(D::Minus1)?)
-}
+/// Index of the nearest codebook row for every row (shared with the other quantising tokenizer).
+pub use cim_api::ops::nearest;
 
 #[derive(Clone, Debug)]
 pub struct PatchKmeans {

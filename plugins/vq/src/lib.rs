@@ -29,7 +29,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -221,15 +221,8 @@ fn from_rows(rows: &Tensor, b: usize, h: usize, w: usize) -> Result<Tensor> {
         .contiguous()?)
 }
 
-/// Index of the nearest codebook row for every row of `rows` (`argmin ‖x − e‖²`).
-pub fn nearest(rows: &Tensor, codebook: &Tensor) -> Result<Tensor> {
-    let e2 = codebook.sqr()?.sum(1)?;
-    let score = rows
-        .matmul(&codebook.t()?)?
-        .affine(-2.0, 0.0)?
-        .broadcast_add(&e2)?;
-    Ok(score.argmin(D::Minus1)?)
-}
+/// Index of the nearest codebook row for every row (shared with the other quantising tokenizer).
+pub use cim_api::ops::nearest;
 
 /// The network and codebook; [`Vq`] is the frozen tokenizer around it.
 #[derive(Clone, Debug)]
