@@ -1,5 +1,6 @@
 //! Fused operations with a backward pass: LayerNorm and softmax over the last dimension, and
-//! softmax cross-entropy over a vocabulary (the MIM loss).
+//! softmax cross-entropy over a vocabulary (the MIM loss), the RESPIX target and loss
+//! ([`respix_sliding_target`], [`respix_loss`]).
 //!
 //! candle's own fused `layer_norm` / `softmax_last_dim` have no backward, so models built from
 //! them cannot train; composed from elementary ops, a LayerNorm is ~6 kernels forward and ~12
@@ -25,6 +26,9 @@ const CHUNK_ROWS: usize = 64;
 
 #[cfg(feature = "cuda")]
 mod cuda;
+mod respix;
+
+pub use respix::{respix_loss, respix_sliding_target};
 
 static CUDA_KERNELS: AtomicBool = AtomicBool::new(false);
 

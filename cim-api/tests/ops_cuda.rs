@@ -98,5 +98,45 @@ fn cuda_kernels_match_the_cpu_kernels() {
         max_diff(gc.get(&xc).unwrap(), gg.get(&xg).unwrap()) < 1e-6,
         "cross-entropy grad"
     );
+    respix_parity(&gpu);
     ops::set_cuda_kernels(false);
+}
+
+/// RESPIX target (224 px, k = 8) and loss (ViT-B/16 layout) on GPU against CPU.
+fn respix_parity(gpu: &Device) {
+    let cpu = Device::Cpu;
+    let img = randn(&[2, 3, 224, 224], 8, &cpu).affine(0.2, 0.5).unwrap();
+    let tc = ops::respix_sliding_target(&img, 8, 1e-6).unwrap().unwrap();
+    let tg = ops::respix_sliding_target(&img.to_device(gpu).unwrap(), 8, 1e-6)
+        .unwrap()
+        .expect("CUDA kernels are on");
+    assert!(max_diff(&tc, &tg) < 1e-3, "respix target");
+    let pred = randn(&[2, 196, 768], 9, &cpu);
+    let up = Tensor::new(1.5f32, &cpu).unwrap();
+    let f = |t: &[Tensor]| {
+        let target = t[1].detach();
+        ops::respix_loss(&t[0], &target, 16).unwrap().unwrap()
+    };
+    let (lc, gc) = run_first(&cpu, &f, &[pred.clone(), tc.clone()], &up);
+    let (lg, gg) = run_first(gpu, &f, &[pred, tc], &up);
+    assert!(max_diff(&lc, &lg) < 1e-3, "respix loss value");
+    assert!(max_diff(&gc, &gg) < 1e-7, "respix loss grad");
+}
+
+/// Like [`run`], for a scalar output and the gradient of the first input only.
+fn run_first(
+    dev: &Device,
+    f: &dyn Fn(&[Tensor]) -> Tensor,
+    inputs: &[Tensor],
+    up: &Tensor,
+) -> (Tensor, Tensor) {
+    let v = Var::from_tensor(&inputs[0].to_device(dev).unwrap()).unwrap();
+    let mut ts = vec![v.as_tensor().clone()];
+    ts.extend(inputs[1..].iter().map(|t| t.to_device(dev).unwrap()));
+    let y = f(&ts);
+    let g = (&y * up.to_device(dev).unwrap())
+        .unwrap()
+        .backward()
+        .unwrap();
+    (y, g.get(&v).unwrap().clone())
 }

@@ -201,3 +201,109 @@ pub fn cross_entropy_bwd(
     unsafe { a.launch(per_row(rows)) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
 }
+
+/// One thread per element.
+fn per_element(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(THREADS as usize) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+pub fn respix_target(
+    s: &CudaStorage,
+    l: &Layout,
+    k: usize,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device().clone();
+    let x = view::<f32>(s, l, "x")?;
+    let (b, c, h, w) = l.shape().dims4()?;
+    let n = b * c * h * w;
+    let y = dev.alloc_zeros::<f32>(n)?;
+    let func = dev.get_or_load_custom_func("cim_respix_target", MODULE, PTX)?;
+    let (planes, hh, ww, kk) = ((b * c) as i32, h as i32, w as i32, k as i32);
+    let mut a = func.builder();
+    a.arg(&x)
+        .arg(&y)
+        .arg(&planes)
+        .arg(&hh)
+        .arg(&ww)
+        .arg(&kk)
+        .arg(&eps);
+    // SAFETY: argument types and counts match the kernel's signature; n threads read x, write y.
+    unsafe { a.launch(per_element(n)) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), l.shape().clone()))
+}
+
+fn patch_args(m: super::respix::PatchMap) -> [i32; 4] {
+    [m.p as i32, m.c as i32, m.h as i32, m.w as i32]
+}
+
+pub fn respix_loss_fwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    m: super::respix::PatchMap,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (pred, target) = (
+        view::<f32>(s1, l1, "prediction")?,
+        view::<f32>(s2, l2, "target")?,
+    );
+    let (rows, _) = dims(l1)?;
+    let out = dev.alloc_zeros::<f32>(rows)?;
+    let func = dev.get_or_load_custom_func("cim_respix_loss_fwd", MODULE, PTX)?;
+    let r = rows as i32;
+    let [p, c, h, w] = patch_args(m);
+    let mut a = func.builder();
+    a.arg(&pred)
+        .arg(&target)
+        .arg(&out)
+        .arg(&r)
+        .arg(&p)
+        .arg(&c)
+        .arg(&h)
+        .arg(&w);
+    // SAFETY: argument types and counts match the kernel's signature; the caller checked that
+    // the prediction tiles the target.
+    unsafe { a.launch(per_row(rows)) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(rows)))
+}
+
+pub fn respix_loss_bwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+    m: super::respix::PatchMap,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (pred, target, g) = (
+        view::<f32>(s1, l1, "prediction")?,
+        view::<f32>(s2, l2, "target")?,
+        view::<f32>(s3, l3, "grad")?,
+    );
+    let n = l1.shape().elem_count();
+    let dp = dev.alloc_zeros::<f32>(n)?;
+    let func = dev.get_or_load_custom_func("cim_respix_loss_bwd", MODULE, PTX)?;
+    let nn = n as i64;
+    let [p, c, h, w] = patch_args(m);
+    let mut a = func.builder();
+    a.arg(&pred)
+        .arg(&target)
+        .arg(&g)
+        .arg(&dp)
+        .arg(&nn)
+        .arg(&p)
+        .arg(&c)
+        .arg(&h)
+        .arg(&w);
+    // SAFETY: argument types and counts match the kernel's signature.
+    unsafe { a.launch(per_element(n)) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(dp, dev), l1.shape().clone()))
+}

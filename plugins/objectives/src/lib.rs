@@ -91,20 +91,10 @@ pub fn respix_target(x: &Tensor, kind: RespixTarget, k: usize, eps: f64) -> Resu
     match kind {
         RespixTarget::None => Ok(x),
         RespixTarget::Sliding => {
-            let before = k / 2;
-            let sum = |t: &Tensor| -> Result<Tensor> {
-                box_sum(&box_sum(t, 2, k, before)?, 3, k, before)
-            };
-            let ch = Tensor::from_vec(window_counts(h, k, before), (h, 1), &Device::Cpu)?;
-            let cw = Tensor::from_vec(window_counts(w, k, before), (1, w), &Device::Cpu)?;
-            let count = ch
-                .broadcast_mul(&cw)?
-                .reshape((1, 1, h, w))?
-                .to_device(x.device())?;
-            let mean = sum(&x)?.broadcast_div(&count)?;
-            let mean_sq = sum(&x.sqr()?)?.broadcast_div(&count)?;
-            let var = (mean_sq - mean.sqr()?)?.relu()?;
-            Ok(x.sub(&mean)?.div(&(var + eps)?.sqrt()?)?)
+            if let Some(t) = cim_api::ops::respix_sliding_target(&x, k, eps)? {
+                return Ok(t);
+            }
+            respix_sliding_composed(&x, k, eps)
         }
         RespixTarget::Patch => {
             if h % k != 0 || w % k != 0 {
@@ -121,6 +111,23 @@ pub fn respix_target(x: &Tensor, kind: RespixTarget, k: usize, eps: f64) -> Resu
                 .reshape((b, c, h, w))?)
         }
     }
+}
+
+/// The sliding-window target from elementary candle ops (the fused kernel's reference).
+pub fn respix_sliding_composed(x: &Tensor, k: usize, eps: f64) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let before = k / 2;
+    let sum = |t: &Tensor| -> Result<Tensor> { box_sum(&box_sum(t, 2, k, before)?, 3, k, before) };
+    let ch = Tensor::from_vec(window_counts(h, k, before), (h, 1), &Device::Cpu)?;
+    let cw = Tensor::from_vec(window_counts(w, k, before), (1, w), &Device::Cpu)?;
+    let count = ch
+        .broadcast_mul(&cw)?
+        .reshape((1, 1, h, w))?
+        .to_device(x.device())?;
+    let mean = sum(&x)?.broadcast_div(&count)?;
+    let mean_sq = sum(&x.sqr()?)?.broadcast_div(&count)?;
+    let var = (mean_sq - mean.sqr()?)?.relu()?;
+    Ok(x.sub(&mean)?.div(&(var + eps)?.sqrt()?)?)
 }
 
 /// `(B, gh·gw, p·p·C)` → `(B, C, gh·p, gw·p)`, the per-position layout being `(p, p, C)` (MAE's).
@@ -176,21 +183,36 @@ impl Objective for Respix {
                 self.info.stride
             )));
         }
-        let pred = unpatchify(&self.head.forward(&f.tokens)?, f.grid.h, f.grid.w, p, 3)?;
+        let tokens = self.head.forward(&f.tokens)?.to_dtype(DType::F32)?; // (B, L, p·p·3)
         let target = respix_target(
             batch.original,
             self.cfg.target,
             self.cfg.window,
             self.cfg.eps,
         )?;
-        if pred.dims() != target.dims() {
+        let (b, _, h, w) = target.dims4()?;
+        if tokens.dim(1)? != f.grid.h * f.grid.w || (h, w) != (f.grid.h * p, f.grid.w * p) {
             return Err(Error::msg(format!(
-                "respix: prediction {:?} and original image {:?} differ in size",
-                pred.dims(),
+                "respix: prediction {:?} (grid {}×{}, stride {p}) and original image {:?} differ in size",
+                tokens.dims(),
+                f.grid.h,
+                f.grid.w,
                 target.dims()
             )));
         }
-        let diff = (pred.to_dtype(DType::F32)? - &target)?;
+        // Fused: the loss reads the head's token layout directly (no unpatchify copy in the
+        // backward); the prediction image is then only for pictures, so it is detached.
+        if let Some(loss) = cim_api::ops::respix_loss(&tokens, &target, p)? {
+            let pred = unpatchify(&tokens.detach(), f.grid.h, f.grid.w, p, 3)?;
+            return Ok(ObjectiveOutput {
+                loss,
+                prediction: Some(pred),
+                target: Some(target),
+            });
+        }
+        let pred = unpatchify(&tokens, f.grid.h, f.grid.w, p, 3)?;
+        debug_assert_eq!(pred.dims(), [b, 3, h, w]);
+        let diff = (&pred - &target)?;
         let loss = (diff.abs()?.mean_all()? + diff.sqr()?.mean_all()?)?;
         Ok(ObjectiveOutput {
             loss,
@@ -370,6 +392,42 @@ mod tests {
             .sum::<f64>()
             / 5.0;
         assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        Ok(())
+    }
+
+    /// The fused target and loss kernels against the composed candle ops: values and the
+    /// gradient reaching the head's token-layout output.
+    #[test]
+    fn fused_respix_matches_composed_target_loss_and_gradient() -> Result<()> {
+        use candle_core::Var;
+        let (b, p, gh, gw) = (2, 4, 3, 5);
+        let x = cim_api::testing::uniform((b, 3, gh * p, gw * p), 11)?;
+        let fused = cim_api::ops::respix_sliding_target(&x, 8, 1e-6)?.expect("f32 on CPU fuses");
+        let composed = respix_sliding_composed(&x, 8, 1e-6)?;
+        let d = (&fused - &composed)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-4, "target differs by {d}");
+        // A 3-wide window (odd k, before = 1) as well.
+        let f3 = cim_api::ops::respix_sliding_target(&x, 3, 1e-6)?.unwrap();
+        let d3 = (&f3 - respix_sliding_composed(&x, 3, 1e-6)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(d3 < 1e-4, "k = 3: {d3}");
+
+        let tokens = Var::from_tensor(&cim_api::testing::uniform((b, gh * gw, p * p * 3), 12)?)?;
+        let fl = cim_api::ops::respix_loss(&tokens, &composed, p)?.unwrap();
+        let diff = (unpatchify(&tokens, gh, gw, p, 3)? - &composed)?;
+        let cl = (diff.abs()?.mean_all()? + diff.sqr()?.mean_all()?)?;
+        let (a, c) = (fl.to_scalar::<f32>()?, cl.to_scalar::<f32>()?);
+        assert!((a - c).abs() < 1e-5 * c.abs().max(1.0), "{a} vs {c}");
+        let gf = (fl * 3.0)?.backward()?;
+        let gc = (cl * 3.0)?.backward()?;
+        let (gf, gc) = (gf.get(&tokens).unwrap(), gc.get(&tokens).unwrap());
+        let dg = (gf - gc)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(dg < 1e-7, "gradient differs by {dg}");
+        assert!(gf.abs()?.max_all()?.to_scalar::<f32>()? > 1e-5);
+        let bad = cim_api::ops::respix_loss(&tokens, &composed.narrow(3, 0, 16)?, p).unwrap_err();
+        assert!(bad.to_string().contains("does not tile"), "{bad}");
         Ok(())
     }
 
