@@ -242,3 +242,24 @@ extern "C" __global__ void cim_respix_loss_bwd(const float* pred, const float* t
     const float sign = d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : 0.0f);
     dp[i] = g[r] * (sign + 2.0f * d);
 }
+
+// ---- AdamW (src/ops/adamw.rs) ----
+
+// mv = [m; v] (2n floats): m = b1·m + (1−b1)·k·g, v = b2·v + (1−b2)·(k·g)².
+extern "C" __global__ void cim_adamw_moments(float* mv, const float* g, long long n, float b1,
+                                             float b2, float k) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float gi = g[i] * k;
+    mv[i] = b1 * mv[i] + (1.0f - b1) * gi;
+    mv[n + i] = b2 * mv[n + i] + (1.0f - b2) * gi * gi;
+}
+
+// p = p·decay − lr · (m/bc1) / (sqrt(v/bc2) + eps).
+extern "C" __global__ void cim_adamw_apply(float* p, const float* mv, long long n, float lr,
+                                           float decay, float bc1, float bc2, float eps) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float update = (mv[i] / bc1) / (sqrtf(mv[n + i] / bc2) + eps);
+    p[i] = p[i] * decay - lr * update;
+}

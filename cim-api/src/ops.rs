@@ -1,6 +1,6 @@
 //! Fused operations with a backward pass: LayerNorm and softmax over the last dimension, and
 //! softmax cross-entropy over a vocabulary (the MIM loss), the RESPIX target and loss
-//! ([`respix_sliding_target`], [`respix_loss`]).
+//! ([`respix_sliding_target`], [`respix_loss`]), and the AdamW update ([`adamw_update`]).
 //!
 //! candle's own fused `layer_norm` / `softmax_last_dim` have no backward, so models built from
 //! them cannot train; composed from elementary ops, a LayerNorm is ~6 kernels forward and ~12
@@ -24,10 +24,12 @@ use crate::Result;
 /// Rows per parallel work item.
 const CHUNK_ROWS: usize = 64;
 
+mod adamw;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod respix;
 
+pub use adamw::{adamw_composed, adamw_update, AdamStep};
 pub use respix::{respix_loss, respix_sliding_target};
 
 static CUDA_KERNELS: AtomicBool = AtomicBool::new(false);
@@ -508,7 +510,7 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
+    pub(super) fn randn(shape: &[usize], seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let n: usize = shape.iter().product();

@@ -6,7 +6,9 @@
 use candle_core::{DType, Tensor};
 use rand::RngCore;
 
-use crate::types::{EnhancerInfo, Features, Mask, ObjectiveBatch, ObjectiveOutput, TokenGrid};
+use crate::types::{
+    EnhancerInfo, Features, Mask, ObjectiveBatch, ObjectiveOutput, PrecisionReport, TokenGrid,
+};
 use crate::Result;
 
 /// A frozen discrete image tokenizer (DALL-E's dVAE in the paper, §2.1).
@@ -21,6 +23,11 @@ pub trait Tokenizer: Send + Sync {
     fn encode(&self, pixels: &Tensor) -> Result<Tensor>;
     /// `(B, gh, gw)` u32 token ids → `(B, 3, h, w)` pixels in `[0, 1]`. No gradient.
     fn decode(&self, ids: &Tensor) -> Result<Tensor>;
+    /// The precision the tokenizer settled on and its token agreement with f32, for tokenizers
+    /// that run in reduced precision (`None`: f32 only, nothing to report, or not chosen yet).
+    fn precision(&self) -> Option<PrecisionReport> {
+        None
+    }
 }
 
 /// Chooses which patches the generator masks (paper Eq. 1: k of n positions).

@@ -189,3 +189,15 @@ impl Losses {
             .map(|(k, v)| (k.as_str(), *v))
     }
 }
+
+/// Which precision a frozen tokenizer runs in, and how often its tokens equal the f32 ones
+/// (measured on the batch where it chose; 1 for f32).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PrecisionReport {
+    /// `"f32"`, `"bf16"` or `"f16"`.
+    pub dtype: String,
+    /// Fraction of token ids equal to the f32 encoder's.
+    pub agreement: f64,
+    /// Number of tokens the agreement was measured on (0 when nothing was compared).
+    pub tokens: usize,
+}

@@ -99,6 +99,7 @@ fn cuda_kernels_match_the_cpu_kernels() {
         "cross-entropy grad"
     );
     respix_parity(&gpu);
+    adamw_parity(&gpu);
     ops::set_cuda_kernels(false);
 }
 
@@ -139,4 +140,30 @@ fn run_first(
         .backward()
         .unwrap();
     (y, g.get(&v).unwrap().clone())
+}
+
+/// Three fused AdamW steps on a ViT-B-sized matrix, GPU against CPU.
+fn adamw_parity(gpu: &Device) {
+    let cpu = Device::Cpu;
+    let p0 = randn(&[768, 3072], 10, &cpu);
+    let n = p0.elem_count();
+    let (pc, pg) = (p0.copy().unwrap(), p0.to_device(gpu).unwrap());
+    let mvc = Tensor::zeros((2, n), candle_core::DType::F32, &cpu).unwrap();
+    let mvg = mvc.to_device(gpu).unwrap();
+    for t in 1..=3u64 {
+        let g = randn(&[768, 3072], 20 + t, &cpu);
+        let s = ops::AdamStep {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-8,
+            weight_decay: 0.05,
+            t,
+            grad_scale: 0.5,
+        };
+        assert!(ops::adamw_update(&pc, &mvc, &g, &s).unwrap());
+        assert!(ops::adamw_update(&pg, &mvg, &g.to_device(gpu).unwrap(), &s).unwrap());
+    }
+    assert!(max_diff(&pc, &pg) < 1e-6, "adamw parameter");
+    assert!(max_diff(&mvc, &mvg) < 1e-5, "adamw moments");
 }

@@ -307,3 +307,65 @@ pub fn respix_loss_bwd(
     unsafe { a.launch(per_element(n)) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(dp, dev), l1.shape().clone()))
 }
+
+fn offsets(l: &Layout, what: &str) -> Result<(usize, usize)> {
+    l.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg(format!("{what}: fused op needs a contiguous tensor"))
+    })
+}
+
+pub fn adamw_moments(
+    s1: &mut CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    b1: f32,
+    b2: f32,
+    k: f32,
+) -> Result<()> {
+    let dev = s1.device().clone();
+    let g = view::<f32>(s2, l2, "gradient")?;
+    let n = l2.shape().elem_count();
+    let (a, b) = offsets(l1, "moments")?;
+    let mut mv = s1.as_cuda_slice_mut::<f32>()?.slice_mut(a..b);
+    let func = dev.get_or_load_custom_func("cim_adamw_moments", MODULE, PTX)?;
+    let nn = n as i64;
+    let mut args = func.builder();
+    args.arg(&mut mv).arg(&g).arg(&nn).arg(&b1).arg(&b2).arg(&k);
+    // SAFETY: argument types and counts match the kernel's signature; mv holds 2n floats.
+    unsafe { args.launch(per_element(n)) }.w()?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_apply(
+    s1: &mut CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    lr: f32,
+    decay: f32,
+    bc1: f32,
+    bc2: f32,
+    eps: f32,
+) -> Result<()> {
+    let dev = s1.device().clone();
+    let mv = view::<f32>(s2, l2, "moments")?;
+    let n = l1.shape().elem_count();
+    let (a, b) = offsets(l1, "parameter")?;
+    let mut p = s1.as_cuda_slice_mut::<f32>()?.slice_mut(a..b);
+    let func = dev.get_or_load_custom_func("cim_adamw_apply", MODULE, PTX)?;
+    let nn = n as i64;
+    let mut args = func.builder();
+    args.arg(&mut p)
+        .arg(&mv)
+        .arg(&nn)
+        .arg(&lr)
+        .arg(&decay)
+        .arg(&bc1)
+        .arg(&bc2)
+        .arg(&eps);
+    // SAFETY: argument types and counts match the kernel's signature; p holds n floats, mv 2n.
+    unsafe { args.launch(per_element(n)) }.w()?;
+    Ok(())
+}

@@ -48,6 +48,23 @@ pub struct DvaeConfig {
     /// shape-checked by name. A local path or `hub:OWNER/REPO[@REVISION]/FILE`
     /// ([`cim_api::weights`]). Unset: random initialisation (seeded), useless as a tokenizer.
     pub weights: Option<String>,
+    /// `"f32"`, `"bf16"`, `"f16"`, or `"auto"`: on CUDA the first of f16, bf16 whose tokens on
+    /// the first batch agree with the f32 encoder's at least `min_agreement` of the time, else
+    /// f32; on the CPU (where reduced precision is slower) f32. Any precision other than f32
+    /// measures its agreement on the first batch and reports it (logs, `cim-run bench`).
+    pub precision: Precision,
+    /// Lowest token agreement with f32 that `precision = "auto"` accepts (0–1).
+    pub min_agreement: f64,
+}
+
+/// The dVAE's compute precision (see [`DvaeConfig::precision`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    Bf16,
+    F16,
+    Auto,
 }
 
 impl Default for DvaeConfig {
@@ -62,6 +79,8 @@ impl Default for DvaeConfig {
             n_blk_per_group: 2,
             eps: LOGIT_LAPLACE_EPS,
             weights: None,
+            precision: Precision::Auto,
+            min_agreement: 0.99,
         }
     }
 }
@@ -78,6 +97,8 @@ impl DvaeConfig {
             n_blk_per_group: 1,
             eps: LOGIT_LAPLACE_EPS,
             weights: None,
+            precision: Precision::Auto,
+            min_agreement: 0.99,
         }
     }
     /// Spatial downsampling factor of the encoder.
@@ -123,6 +144,14 @@ impl Conv {
             c.b = b;
         }
         Ok(c)
+    }
+
+    fn to_dtype(&self, dt: DType) -> Result<Self> {
+        Ok(Self {
+            w: self.w.to_dtype(dt)?,
+            b: self.b.to_dtype(dt)?,
+            pad: self.pad,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -183,6 +212,17 @@ impl ResBlock {
         }
         Ok((id + (h * self.post_gain)?)?)
     }
+    fn to_dtype(&self, dt: DType) -> Result<Self> {
+        Ok(Self {
+            id_path: self.id_path.as_ref().map(|c| c.to_dtype(dt)).transpose()?,
+            res_path: self
+                .res_path
+                .iter()
+                .map(|c| c.to_dtype(dt))
+                .collect::<Result<_>>()?,
+            post_gain: self.post_gain,
+        })
+    }
 }
 
 /// `group_count` groups of blocks; `resample` runs between groups.
@@ -220,6 +260,14 @@ impl Groups {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { groups })
     }
+    fn to_dtype(&self, dt: DType) -> Result<Self> {
+        let groups = self
+            .groups
+            .iter()
+            .map(|g| g.iter().map(|b| b.to_dtype(dt)).collect::<Result<_>>())
+            .collect::<Result<_>>()?;
+        Ok(Self { groups })
+    }
     fn forward(&self, x: &Tensor, resample: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let mut x = x.clone();
         let last = self.groups.len() - 1;
@@ -246,6 +294,8 @@ pub struct DalleDvae {
     dec_bias: Tensor,
     dec_groups: Groups,
     dec_output: Conv,
+    /// Compute dtype of every layer (weights are stored in it).
+    dtype: DType,
 }
 
 impl DalleDvae {
@@ -292,15 +342,36 @@ impl DalleDvae {
             dec_groups: Groups::new(&dec_widths, &cfg, [1, 3, 3, 3], dec.clone())?,
             dec_output: Conv::new(cfg.dec_n_hid, 6, 1, dec.pp("output").pp("conv"))?,
             cfg,
+            dtype: DType::F32,
         })
+    }
+
+    /// The same network computing in `dtype` (weights converted; inputs cast on entry, logits and
+    /// decoder statistics returned in f32).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            enc_input: self.enc_input.to_dtype(dtype)?,
+            enc_groups: self.enc_groups.to_dtype(dtype)?,
+            enc_output: self.enc_output.to_dtype(dtype)?,
+            dec_table: self.dec_table.to_dtype(dtype)?,
+            dec_bias: self.dec_bias.to_dtype(dtype)?,
+            dec_groups: self.dec_groups.to_dtype(dtype)?,
+            dec_output: self.dec_output.to_dtype(dtype)?,
+            dtype,
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Encoder logits `(B, V, s/d, s/d)` for pixels in `[0, 1]`.
     pub fn encoder_logits(&self, pixels: &Tensor) -> Result<Tensor> {
-        let x = map_pixels(pixels, self.cfg.eps)?;
+        let x = map_pixels(pixels, self.cfg.eps)?.to_dtype(self.dtype)?;
         let x = self.enc_input.forward(&x)?;
         let x = self.enc_groups.forward(&x, |t| Ok(t.max_pool2d(2)?))?;
-        self.enc_output.forward(&x.relu()?)
+        Ok(self.enc_output.forward(&x.relu()?)?.to_dtype(DType::F32)?)
     }
 
     /// Decoder statistics `(B, 6, h, w)` before the sigmoid.
@@ -318,7 +389,7 @@ impl DalleDvae {
             let (_, _, h, w) = t.dims4()?;
             Ok(t.upsample_nearest2d(2 * h, 2 * w)?)
         })?;
-        self.dec_output.forward(&x.relu()?)
+        Ok(self.dec_output.forward(&x.relu()?)?.to_dtype(DType::F32)?)
     }
 }
 
@@ -366,12 +437,178 @@ pub fn agreement(a: &Tensor, b: &Tensor) -> Result<f64> {
     Ok(eq as f64)
 }
 
-fn build(cfg: DvaeConfig, ctx: &BuildCtx) -> Result<DalleDvae> {
-    match cfg.weights.clone() {
-        None => DalleDvae::new(cfg, ctx.vb.clone()),
+fn build(cfg: DvaeConfig, ctx: &BuildCtx) -> Result<DvaeTokenizer> {
+    let net = match cfg.weights.clone() {
+        None => DalleDvae::new(cfg, ctx.vb.clone())?,
         Some(spec) => {
             let path = cim_api::weights::resolve(&spec, "tokenizer.dalle_dvae.weights")?;
-            DalleDvae::from_file(cfg, &path, &ctx.device)
+            DalleDvae::from_file(cfg, &path, &ctx.device)?
+        }
+    };
+    DvaeTokenizer::new(net, ctx.device.is_cuda())
+}
+
+fn dtype_name(dt: DType) -> &'static str {
+    match dt {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    }
+}
+
+/// The registered `dalle_dvae` tokenizer: the f32 network and, for `precision` other than f32,
+/// the reduced-precision candidates, settled on the first batch it encodes (see
+/// [`DvaeConfig::precision`]).
+pub struct DvaeTokenizer {
+    min_agreement: f64,
+    state: std::sync::RwLock<PrecisionState>,
+}
+
+enum PrecisionState {
+    /// Not settled yet: the f32 network and the candidates, in order of preference.
+    Pending(DalleDvae, Vec<DalleDvae>),
+    Settled(DalleDvae, cim_api::PrecisionReport),
+}
+
+impl DvaeTokenizer {
+    /// `on_cuda` decides what `precision = "auto"` tries (nothing on the CPU).
+    pub fn new(net: DalleDvae, on_cuda: bool) -> Result<Self> {
+        let cfg = net.cfg.clone();
+        if !(0.0..=1.0).contains(&cfg.min_agreement) {
+            return Err(Error::config(format!(
+                "tokenizer.dalle_dvae.min_agreement must be in [0, 1], got {}",
+                cfg.min_agreement
+            )));
+        }
+        let wanted: Vec<DType> = match cfg.precision {
+            Precision::F32 => vec![],
+            Precision::Bf16 => vec![DType::BF16],
+            Precision::F16 => vec![DType::F16],
+            Precision::Auto if on_cuda => vec![DType::F16, DType::BF16],
+            Precision::Auto => vec![],
+        };
+        // An explicitly requested precision is used whatever its agreement (and reported).
+        let min = if cfg.precision == Precision::Auto {
+            cfg.min_agreement
+        } else {
+            0.0
+        };
+        Self::with_candidates(net, &wanted, min)
+    }
+
+    /// Tries `wanted` in order on the first batch, keeping the first whose token agreement with
+    /// `net` (f32) reaches `min_agreement`; f32 when none does or `wanted` is empty.
+    pub fn with_candidates(net: DalleDvae, wanted: &[DType], min_agreement: f64) -> Result<Self> {
+        let state = if wanted.is_empty() {
+            let report = cim_api::PrecisionReport {
+                dtype: "f32".into(),
+                agreement: 1.0,
+                tokens: 0,
+            };
+            PrecisionState::Settled(net, report)
+        } else {
+            let candidates = wanted
+                .iter()
+                .map(|&dt| net.to_dtype(dt))
+                .collect::<Result<_>>()?;
+            PrecisionState::Pending(net, candidates)
+        };
+        Ok(Self {
+            min_agreement,
+            state: std::sync::RwLock::new(state),
+        })
+    }
+
+    fn net(&self) -> std::sync::RwLockReadGuard<'_, PrecisionState> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Encodes the first batch with f32 and every candidate; keeps the first candidate whose
+    /// agreement reaches `min_agreement`, else f32. Returns the kept network's ids.
+    fn settle(&self, pixels: &Tensor) -> Result<Tensor> {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let (f32_net, candidates) = match &*state {
+            PrecisionState::Settled(net, _) => return encode_ids(net, pixels),
+            PrecisionState::Pending(a, b) => (a.clone(), b.clone()),
+        };
+        let golden = encode_ids(&f32_net, pixels)?;
+        let tokens = golden.elem_count();
+        let mut kept = (f32_net, golden.clone(), 1.0);
+        for c in candidates {
+            let ids = encode_ids(&c, pixels)?;
+            let a = agreement(&ids, &golden)?;
+            tracing::info!(
+                dtype = dtype_name(c.dtype()),
+                agreement = a,
+                tokens,
+                "dalle_dvae precision check"
+            );
+            if a >= self.min_agreement {
+                kept = (c, ids, a);
+                break;
+            }
+        }
+        let (net, ids, agreement) = kept;
+        let report = cim_api::PrecisionReport {
+            dtype: dtype_name(net.dtype()).into(),
+            agreement,
+            tokens,
+        };
+        tracing::info!(
+            dtype = %report.dtype,
+            agreement = report.agreement,
+            "dalle_dvae runs in {}",
+            report.dtype
+        );
+        *state = PrecisionState::Settled(net, report);
+        Ok(ids)
+    }
+}
+
+fn encode_ids(net: &DalleDvae, pixels: &Tensor) -> Result<Tensor> {
+    Ok(net.encoder_logits(&pixels.detach())?.argmax(1)?)
+}
+
+impl Tokenizer for DvaeTokenizer {
+    fn vocab_size(&self) -> usize {
+        match &*self.net() {
+            PrecisionState::Pending(n, _) | PrecisionState::Settled(n, _) => n.vocab_size(),
+        }
+    }
+    fn grid(&self, size: (usize, usize)) -> Result<TokenGrid> {
+        match &*self.net() {
+            PrecisionState::Pending(n, _) | PrecisionState::Settled(n, _) => n.grid(size),
+        }
+    }
+    fn encode(&self, pixels: &Tensor) -> Result<Tensor> {
+        if let PrecisionState::Settled(net, _) = &*self.net() {
+            return net.encode(pixels);
+        }
+        match &*self.net() {
+            PrecisionState::Pending(net, _) => {
+                // Shape checks before the comparison.
+                let (_, c, h, w) = pixels.dims4()?;
+                net.grid((h, w))?;
+                if c != 3 {
+                    return Err(Error::msg(format!(
+                        "dalle_dvae: expected 3 channels, got {c}"
+                    )));
+                }
+            }
+            PrecisionState::Settled(..) => {}
+        }
+        self.settle(pixels)
+    }
+    fn decode(&self, ids: &Tensor) -> Result<Tensor> {
+        match &*self.net() {
+            // Decoding before any encode (a decode-only tool) uses the f32 network.
+            PrecisionState::Pending(n, _) | PrecisionState::Settled(n, _) => n.decode(ids),
+        }
+    }
+    fn precision(&self) -> Option<cim_api::PrecisionReport> {
+        match &*self.net() {
+            PrecisionState::Settled(_, r) => Some(r.clone()),
+            PrecisionState::Pending(..) => None,
         }
     }
 }
@@ -456,6 +693,8 @@ mod tests {
             n_blk_per_group: 2,
             eps: LOGIT_LAPLACE_EPS,
             weights: Some(dir.join("dvae_small.safetensors").display().to_string()),
+            precision: Precision::F32,
+            min_agreement: 0.99,
         };
         let dvae = DalleDvae::from_file(cfg.clone(), cfg.weights.as_ref().unwrap().as_ref(), &dev)?;
         let want = candle_core::safetensors::load(dir.join("expected.safetensors"), &dev)?;
@@ -498,6 +737,80 @@ mod tests {
     use candle_core::Device;
     use cim_api::ParamStore;
 
+    /// The fixture dVAE (PyTorch-made weights) and a batch made from the fixture's input.
+    fn fixture_net(precision: Precision, min: f64) -> Result<(DalleDvae, Tensor)> {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/dalle");
+        let dev = Device::Cpu;
+        let cfg = DvaeConfig {
+            vocab_size: 64,
+            n_hid: 16,
+            dec_n_hid: 16,
+            dec_n_init: 8,
+            group_count: 3,
+            n_blk_per_group: 2,
+            eps: LOGIT_LAPLACE_EPS,
+            weights: None,
+            precision,
+            min_agreement: min,
+        };
+        let net = DalleDvae::from_file(cfg, &dir.join("dvae_small.safetensors"), &dev)?;
+        let want = candle_core::safetensors::load(dir.join("expected.safetensors"), &dev)?;
+        // The fixture image and flipped / inverted copies.
+        let x = &want["input"];
+        let x = Tensor::cat(&[x.clone(), x.flip(&[3])?, x.flip(&[2])?, (1.0 - x)?], 0)?;
+        Ok((net, x))
+    }
+
+    fn ids(t: &Tensor) -> Vec<u32> {
+        t.flatten_all().unwrap().to_vec1::<u32>().unwrap()
+    }
+
+    // (candle's CPU matmul has no bf16, so the CPU tests use f16; on CUDA both run.)
+    #[test]
+    fn reduced_precision_is_measured_against_f32_and_reported() -> Result<()> {
+        // Explicit f16: used whatever its agreement, agreement measured on the first batch.
+        let (net, x) = fixture_net(Precision::F16, 0.99)?;
+        let tok = DvaeTokenizer::new(net.clone(), false)?;
+        assert!(
+            tok.precision().is_none(),
+            "not settled before the first batch"
+        );
+        let got = tok.encode(&x)?;
+        let r = tok.precision().unwrap();
+        let golden = net.encode(&x)?;
+        let half = net.to_dtype(DType::F16)?.encode(&x)?;
+        let a = agreement(&half, &golden)?;
+        assert_eq!((r.dtype.as_str(), r.tokens), ("f16", golden.elem_count()));
+        assert_eq!(ids(&got), ids(&half));
+        assert!((r.agreement - a).abs() < 1e-12, "{} vs {a}", r.agreement);
+        assert!(a > 0.5, "f16 agreement {a}");
+        assert_eq!(tok.decode(&got)?.dtype(), DType::F32);
+        // Later batches run in f16 without re-checking.
+        assert_eq!(ids(&tok.encode(&x)?), ids(&half));
+
+        // auto on the CPU: f32 straight away, nothing compared.
+        let (net, x) = fixture_net(Precision::Auto, 0.99)?;
+        let tok = DvaeTokenizer::new(net.clone(), false)?;
+        assert_eq!(tok.precision().unwrap().dtype, "f32");
+        assert_eq!(ids(&tok.encode(&x)?), ids(&golden));
+
+        // The choice: a candidate reaching the bar is kept, one below it falls back to f32.
+        let tok = DvaeTokenizer::with_candidates(net.clone(), &[DType::F16], a)?;
+        assert_eq!(ids(&tok.encode(&x)?), ids(&half));
+        assert_eq!(tok.precision().unwrap().dtype, "f16");
+        if a < 1.0 {
+            let tok = DvaeTokenizer::with_candidates(net.clone(), &[DType::F16], (a + 1.0) / 2.0)?;
+            assert_eq!(ids(&tok.encode(&x)?), ids(&golden));
+            let r = tok.precision().unwrap();
+            assert_eq!((r.dtype.as_str(), r.agreement), ("f32", 1.0));
+        }
+        let (net, _) = fixture_net(Precision::Auto, 1.5)?;
+        let e = DvaeTokenizer::new(net, true).err().unwrap().to_string();
+        assert!(e.contains("min_agreement") && e.contains("1.5"), "{e}");
+        Ok(())
+    }
+
     #[test]
     fn conformance() -> Result<()> {
         cim_api::testing::check_tokenizer("dalle_dvae")
@@ -517,6 +830,8 @@ mod tests {
             n_blk_per_group: 1,
             eps: 0.1,
             weights: None,
+            precision: Precision::F32,
+            min_agreement: 0.99,
         };
         let _ = DalleDvae::new(cfg, store.var_builder(DType::F32, &Device::Cpu))?;
         let names = store.names_under("");

@@ -52,7 +52,12 @@ pub struct BenchReport {
     pub img: usize,
     pub tok_res: usize,
     pub tokens: usize,
-    pub dtype: &'static str,
+    pub dtype: String,
+    /// Whether the fused CUDA kernels were on (`run.cuda_kernels`; CPU runs always fuse).
+    pub cuda_kernels: bool,
+    /// The tokenizer's precision and its token agreement with f32 (first batch), where it
+    /// reports one (`dalle_dvae`).
+    pub tok_precision: Option<cim_api::PrecisionReport>,
     pub device: String,
     pub params_m: f64,
     pub steps: usize,
@@ -194,11 +199,13 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         img: cfg.data.image_size,
         tok_res: cfg.data.tokenizer_size,
         tokens: cim.grid.len(),
-        dtype: if dev.is_cuda() && cfg.run.tf32 {
-            "fp32 (tf32 matmul)"
-        } else {
-            "fp32"
+        dtype: match (cfg.run.precision.as_str(), dev.is_cuda() && cfg.run.tf32) {
+            ("bf16", _) => "bf16 (f32 master weights)".into(),
+            (_, true) => "fp32 (tf32 matmul)".into(),
+            _ => "fp32".into(),
         },
+        cuda_kernels: cim_api::ops::cuda_kernels(),
+        tok_precision: cim.tokenizer.precision(),
         device: format!("{dev:?}"),
         params_m: cim.params.num_params() as f64 / 1e6,
         steps: n as usize,

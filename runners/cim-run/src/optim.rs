@@ -21,8 +21,8 @@ struct Slot {
     decay: bool,
     /// Multiplier of the learning rate (layer-wise decay); 1 by default.
     lr_scale: f64,
-    m: Tensor,
-    v: Tensor,
+    /// `[m; v]`, `(2, numel)` f32: the layout of the fused update ([`cim_api::ops::adamw_update`]).
+    moments: Tensor,
 }
 
 /// AdamW over a fixed list of variables; moments are f32 like the master weights.
@@ -56,8 +56,7 @@ impl AdamW {
                 Ok(Slot {
                     decay: decays(&name, var.rank()),
                     lr_scale: 1.0,
-                    m: var.zeros_like()?,
-                    v: var.zeros_like()?,
+                    moments: Tensor::zeros((2, var.elem_count()), DType::F32, var.device())?,
                     name,
                     var,
                 })
@@ -101,17 +100,16 @@ impl AdamW {
         self.t
     }
 
-    /// The moments as `m.<param>` / `v.<param>` tensors (for checkpoints).
-    pub fn state(&self) -> std::collections::HashMap<String, Tensor> {
-        self.slots
-            .iter()
-            .flat_map(|s| {
-                [
-                    (format!("m.{}", s.name), s.m.clone()),
-                    (format!("v.{}", s.name), s.v.clone()),
-                ]
-            })
-            .collect()
+    /// The moments as `m.<param>` / `v.<param>` tensors with the parameter's shape (for
+    /// checkpoints).
+    pub fn state(&self) -> Result<std::collections::HashMap<String, Tensor>> {
+        let mut out = std::collections::HashMap::new();
+        for s in &self.slots {
+            let shape = s.var.shape();
+            out.insert(format!("m.{}", s.name), s.moments.get(0)?.reshape(shape)?);
+            out.insert(format!("v.{}", s.name), s.moments.get(1)?.reshape(shape)?);
+        }
+        Ok(out)
     }
 
     /// Restores [`AdamW::state`] and the step counter; every moment must be present with its
@@ -130,20 +128,22 @@ impl AdamW {
             )));
         }
         for s in &mut self.slots {
-            for (key, dst) in [("m", &mut s.m), ("v", &mut s.v)] {
+            let mut mv = Vec::with_capacity(2);
+            for key in ["m", "v"] {
                 let k = format!("{key}.{}", s.name);
                 let src = state
                     .get(&k)
                     .ok_or_else(|| Error::msg(format!("optimizer state lacks `{k}`")))?;
-                if src.shape() != dst.shape() {
+                if src.shape() != s.var.shape() {
                     return Err(Error::msg(format!(
                         "optimizer state `{k}` has shape {:?}, the parameter has {:?}",
                         src.dims(),
-                        dst.dims()
+                        s.var.dims()
                     )));
                 }
-                *dst = src.to_dtype(DType::F32)?.to_device(s.var.device())?;
+                mv.push(src.to_dtype(DType::F32)?.flatten_all()?);
             }
+            s.moments = Tensor::stack(&mv, 0)?.to_device(s.var.device())?;
         }
         self.t = t;
         Ok(())
@@ -201,26 +201,24 @@ impl AdamW {
             1.0
         };
         self.t += 1;
-        let (b1, b2) = (self.beta1, self.beta2);
-        let bc1 = 1.0 - b1.powi(self.t as i32);
-        let bc2 = 1.0 - b2.powi(self.t as i32);
         for s in &mut self.slots {
-            let g = (grads
-                .get(s.var.as_tensor())
-                .expect("checked in grad_norm")
-                .to_dtype(DType::F32)?
-                * scale)?;
-            s.m = ((&s.m * b1)? + (&g * (1.0 - b1))?)?;
-            s.v = ((&s.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let update = ((&s.m / bc1)? / ((&s.v / bc2)?.sqrt()? + self.eps)?)?;
-            let lr = lr * s.lr_scale;
-            let p = s.var.as_tensor();
-            let p = if s.decay && self.weight_decay > 0.0 {
-                (p * (1.0 - lr * self.weight_decay))?
-            } else {
-                p.clone()
+            let g = grads.get(s.var.as_tensor()).expect("checked in grad_norm");
+            let step = cim_api::ops::AdamStep {
+                lr: lr * s.lr_scale,
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: self.eps,
+                weight_decay: if s.decay { self.weight_decay } else { 0.0 },
+                t: self.t,
+                grad_scale: scale,
             };
-            s.var.set(&(p - (update * lr)?)?)?;
+            // Two in-place kernels; other dtypes/devices compose the same update.
+            if !cim_api::ops::adamw_update(s.var.as_tensor(), &s.moments, g, &step)? {
+                let (p, mv) =
+                    cim_api::ops::adamw_composed(s.var.as_tensor(), &s.moments, g, &step)?;
+                s.var.set(&p)?;
+                s.moments = mv;
+            }
         }
         Ok(StepInfo {
             grad_norm: norm,

@@ -406,7 +406,7 @@ impl Trainer {
             &self.run_dir,
             &self.state(),
             &self.weights(),
-            &self.opt.state(),
+            &self.opt.state()?,
             &self.resolved.to_toml()?,
             self.resolved.cfg.run.keep_checkpoints,
         )?;
