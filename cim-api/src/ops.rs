@@ -1,6 +1,7 @@
 //! Fused operations with a backward pass: LayerNorm and softmax over the last dimension, and
 //! softmax cross-entropy over a vocabulary (the MIM loss), the RESPIX target and loss
-//! ([`respix_sliding_target`], [`respix_loss`]), and the AdamW update ([`adamw_update`]).
+//! ([`respix_sliding_target`], [`respix_loss`]), self-attention from the packed qkv projection
+//! ([`attention_qkv`]), and the AdamW update ([`adamw_update`]).
 //!
 //! candle's own fused `layer_norm` / `softmax_last_dim` have no backward, so models built from
 //! them cannot train; composed from elementary ops, a LayerNorm is ~6 kernels forward and ~12
@@ -25,11 +26,13 @@ use crate::Result;
 const CHUNK_ROWS: usize = 64;
 
 mod adamw;
+mod attention;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod respix;
 
 pub use adamw::{adamw_composed, adamw_update, AdamStep};
+pub use attention::{attention_composed, attention_qkv};
 pub use respix::{respix_loss, respix_sliding_target};
 
 static CUDA_KERNELS: AtomicBool = AtomicBool::new(false);
@@ -43,6 +46,12 @@ pub fn set_cuda_kernels(on: bool) {
 /// Whether [`set_cuda_kernels`] switched the CUDA kernels on.
 pub fn cuda_kernels() -> bool {
     CUDA_KERNELS.load(Ordering::Relaxed)
+}
+
+/// Widest attention head the CUDA attention kernel takes (one warp per query row, four values
+/// per lane); wider heads take the composed path.
+fn cuda_max_head_dim() -> usize {
+    128
 }
 
 fn is_fusable(ts: &[&Tensor]) -> bool {

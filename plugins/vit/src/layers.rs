@@ -177,22 +177,10 @@ impl Attention {
 
 impl Module for Attention {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        let hd = c / self.heads;
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, n, 3, self.heads, hd))?
-            .permute((2, 0, 3, 1, 4))?; // (3, B, H, N, hd)
-        let q = (qkv.get(0)?.contiguous()? * self.scale)?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let attn = q.matmul(&k.t()?)?;
-        // Softmax in f32 (a no-op cast in f32 runs).
-        let attn = cim_api::ops::softmax_last_dim(&attn.to_dtype(DType::F32)?)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
-            .to_dtype(v.dtype())?;
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        // Fused (no N×N tensors, no q/k/v copies) for f32; bf16 and kernels-off CUDA compose
+        // matmuls around an f32 softmax (cim_api::ops::attention_composed).
+        let out = cim_api::ops::attention_qkv(&self.qkv.forward(x)?, self.heads, self.scale)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         self.proj.forward(&out)
     }
 }

@@ -1,0 +1,175 @@
+//! Fused vs composed ops, forward + backward, on the CPU (or CUDA with `--features cuda`, kernels
+//! switched on): `cargo bench -p cim-api --bench fused_ops`. Prints one line per op and shape:
+//! milliseconds per forward+backward, composed / fused, and the speed-up.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use cim_api::ops;
+
+fn time(reps: usize, mut f: impl FnMut()) -> f64 {
+    f(); // warm-up
+    let t = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    t.elapsed().as_secs_f64() * 1e3 / reps as f64
+}
+
+fn report(name: &str, reps: usize, composed: impl FnMut(), fused: impl FnMut()) {
+    let c = time(reps, composed);
+    let f = time(reps, fused);
+    println!(
+        "{name:<44} composed {c:8.2} ms  fused {f:8.2} ms  ×{:.2}",
+        c / f
+    );
+}
+
+fn main() -> cim_api::Result<()> {
+    let dev = if cfg!(feature = "cuda") {
+        ops::set_cuda_kernels(true);
+        Device::new_cuda(0)?
+    } else {
+        Device::Cpu
+    };
+    let sync = |t: &Tensor| {
+        let _ = t
+            .sum_all()
+            .and_then(|s| s.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>());
+    };
+    // (batch, tokens, heads, head width): the tiny CPU preset, ViT-S/16 and ViT-B/16 at 224 px.
+    for (b, n, h, d, reps) in [(32, 65, 2, 32, 10), (8, 197, 6, 64, 5), (4, 197, 12, 64, 5)] {
+        let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, n, 3 * h * d), &dev)?)?;
+        let up = Tensor::randn(0f32, 1.0, (b, n, h * d), &dev)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let run = |fused: bool| {
+            let o = if fused {
+                ops::attention_qkv(&qkv, h, scale)
+            } else {
+                ops::attention_composed(&qkv, h, scale)
+            }
+            .unwrap();
+            let g = (o * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            sync(g.get(&qkv).unwrap());
+        };
+        report(
+            &format!("attention B{b} N{n} H{h} D{d}"),
+            reps,
+            || run(false),
+            || run(true),
+        );
+    }
+    // RESPIX target + loss at 224 px, ViT-B/16 head layout.
+    let b = 8;
+    let img = Tensor::rand(0f32, 1.0, (b, 3, 224, 224), &dev)?;
+    let tokens = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, 196, 768), &dev)?)?;
+    let loss = |fused: bool| {
+        let (target, pred) = if fused {
+            (
+                ops::respix_sliding_target(&img, 8, 1e-6).unwrap().unwrap(),
+                None,
+            )
+        } else {
+            (
+                composed_target(&img).unwrap(),
+                Some(unpatchify(&tokens).unwrap()),
+            )
+        };
+        let l = match pred {
+            None => ops::respix_loss(&tokens, &target, 16).unwrap().unwrap(),
+            Some(p) => {
+                let d = (p - &target).unwrap();
+                (d.abs().unwrap().mean_all().unwrap() + d.sqr().unwrap().mean_all().unwrap())
+                    .unwrap()
+            }
+        };
+        sync(l.backward().unwrap().get(&tokens).unwrap());
+    };
+    report(
+        &format!("respix target+loss B{b} 224px"),
+        5,
+        || loss(false),
+        || loss(true),
+    );
+    // AdamW over ViT-B-sized parameters (86 M in 150 tensors of 768×768·k).
+    let params: Vec<Tensor> = (0..50)
+        .map(|i| Tensor::randn(0f32, 1.0, (768, 768 * (1 + i % 4)), &dev))
+        .collect::<candle_core::Result<_>>()?;
+    let grads: Vec<Tensor> = params
+        .iter()
+        .map(|p| p.ones_like())
+        .collect::<candle_core::Result<_>>()?;
+    let mut moments: Vec<Tensor> = params
+        .iter()
+        .map(|p| Tensor::zeros((2, p.elem_count()), candle_core::DType::F32, &dev))
+        .collect::<candle_core::Result<_>>()?;
+    let step = ops::AdamStep {
+        lr: 1e-4,
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-8,
+        weight_decay: 0.05,
+        t: 1,
+        grad_scale: 1.0,
+    };
+    let mut composed_params = params.clone();
+    let mut composed_moments = moments.clone();
+    report(
+        &format!(
+            "adamw {} M params",
+            params.iter().map(|p| p.elem_count()).sum::<usize>() / 1_000_000
+        ),
+        3,
+        || {
+            for i in 0..params.len() {
+                let (p, m) = ops::adamw_composed(
+                    &composed_params[i],
+                    &composed_moments[i],
+                    &grads[i],
+                    &step,
+                )
+                .unwrap();
+                composed_params[i] = p;
+                composed_moments[i] = m;
+            }
+            sync(&composed_params[0]);
+        },
+        || {
+            for i in 0..params.len() {
+                assert!(ops::adamw_update(&params[i], &moments[i], &grads[i], &step).unwrap());
+            }
+            sync(&params[0]);
+        },
+    );
+    moments.clear();
+    Ok(())
+}
+
+/// The composed sliding-window target (the objectives plugin's reference, restated here so the
+/// bench depends on cim-api only): box sums by shifted slices.
+fn composed_target(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (k, before) = (8usize, 4usize);
+    let box_sum = |t: &Tensor, dim: usize| -> candle_core::Result<Tensor> {
+        let n = t.dim(dim)?;
+        let padded = t.pad_with_zeros(dim, before, k - 1 - before)?;
+        let mut acc = padded.narrow(dim, 0, n)?;
+        for s in 1..k {
+            acc = (acc + padded.narrow(dim, s, n)?)?;
+        }
+        Ok(acc)
+    };
+    let ones = x.ones_like()?;
+    let count = box_sum(&box_sum(&ones, 2)?, 3)?;
+    let mean = (box_sum(&box_sum(x, 2)?, 3)? / &count)?;
+    let mean_sq = (box_sum(&box_sum(&x.sqr()?, 2)?, 3)? / &count)?;
+    let var = (mean_sq - mean.sqr()?)?.relu()?;
+    x.sub(&mean)?.div(&(var + 1e-6)?.sqrt()?)
+}
+
+fn unpatchify(t: &Tensor) -> candle_core::Result<Tensor> {
+    let b = t.dim(0)?;
+    t.reshape((b, 14, 14, 16, 16, 3))?
+        .permute((0, 5, 1, 3, 2, 4))?
+        .contiguous()?
+        .reshape((b, 3, 224, 224))
+}

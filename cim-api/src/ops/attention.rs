@@ -1,0 +1,297 @@
+//! Multi-head self-attention from the packed qkv projection, fused (flash-style).
+//!
+//! Composed, attention is: split and permute q, k, v out of the qkv projection (three copies),
+//! `q·kᵀ` (an `N×N` score tensor per head, kept for the backward), softmax (another `N×N`, kept),
+//! `·v`, and a transpose back (a copy). [`attention_qkv`] reads q, k, v where the projection wrote
+//! them, streams over keys with the running-max softmax, and writes the output in the layout the
+//! output projection reads. Nothing `N×N` is ever stored: the backward recomputes the
+//! probabilities row by row (the flash-attention recipe) and writes `dqkv` in the packed layout.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{is_fusable, slice};
+use crate::Result;
+
+/// Attention of `qkv` `(B, N, 3·H·Dh)` (the qkv projection's output, per token `[q | k | v]`, each
+/// `H` heads of `Dh`), `softmax(scale · q·kᵀ)·v` per head, as `(B, N, H·Dh)` (heads concatenated).
+pub fn attention_qkv(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let (b, n, c3) = qkv.dims3()?;
+    if heads == 0 || c3 % (3 * heads) != 0 {
+        return Err(crate::Error::msg(format!(
+            "attention: qkv width {c3} is not 3 × {heads} heads × head width"
+        )));
+    }
+    let hd = c3 / (3 * heads);
+    let cuda_ok = !qkv.device().is_cuda() || hd <= super::cuda_max_head_dim();
+    if is_fusable(&[qkv]) && cuda_ok {
+        let op = AttentionOp(Geometry {
+            b,
+            n,
+            h: heads,
+            d: hd,
+            scale: scale as f32,
+        });
+        return Ok(qkv.contiguous()?.apply_op1(op)?);
+    }
+    attention_composed(qkv, heads, scale)
+}
+
+/// The same function from candle ops (matmuls and the fused softmax; softmax in f32).
+pub fn attention_composed(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let (b, n, c3) = qkv.dims3()?;
+    let hd = c3 / (3 * heads);
+    let qkv = qkv
+        .reshape((b, n, 3, heads, hd))?
+        .permute((2, 0, 3, 1, 4))?; // (3, B, H, N, hd)
+    let q = (qkv.get(0)?.contiguous()? * scale)?;
+    let k = qkv.get(1)?.contiguous()?;
+    let v = qkv.get(2)?.contiguous()?;
+    let attn = q.matmul(&k.t()?)?;
+    let attn =
+        super::softmax_last_dim(&attn.to_dtype(candle_core::DType::F32)?)?.to_dtype(v.dtype())?;
+    Ok(attn
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b, n, heads * hd))?)
+}
+
+/// Shapes of one fused attention call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Geometry {
+    pub b: usize,
+    pub n: usize,
+    pub h: usize,
+    pub d: usize,
+    pub scale: f32,
+}
+
+impl Geometry {
+    /// Offset of q (`part` 0), k (1) or v (2) of token `t`, head `head` inside one batch item.
+    #[inline]
+    fn qkv(&self, t: usize, part: usize, head: usize) -> usize {
+        ((t * 3 + part) * self.h + head) * self.d
+    }
+    /// Offset of the output of token `t`, head `head` inside one batch item.
+    #[inline]
+    fn out(&self, t: usize, head: usize) -> usize {
+        (t * self.h + head) * self.d
+    }
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent sums so the loop vectorises (f32 addition is not associative).
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+#[inline]
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+/// Copies k and v of head `head` into contiguous `(N, Dh)` blocks.
+fn gather_kv(g: &Geometry, item: &[f32], head: usize, k: &mut [f32], v: &mut [f32]) {
+    let d = g.d;
+    for t in 0..g.n {
+        k[t * d..(t + 1) * d].copy_from_slice(&item[g.qkv(t, 1, head)..][..d]);
+        v[t * d..(t + 1) * d].copy_from_slice(&item[g.qkv(t, 2, head)..][..d]);
+    }
+}
+
+/// Probabilities of one query row over all keys (into `p`).
+fn probs(g: &Geometry, q: &[f32], k: &[f32], p: &mut [f32]) {
+    let d = g.d;
+    let mut max = f32::NEG_INFINITY;
+    for (j, pj) in p.iter_mut().enumerate() {
+        *pj = g.scale * dot(q, &k[j * d..(j + 1) * d]);
+        max = max.max(*pj);
+    }
+    let mut sum = 0f32;
+    for pj in p.iter_mut() {
+        *pj = (*pj - max).exp();
+        sum += *pj;
+    }
+    let inv = 1.0 / sum;
+    p.iter_mut().for_each(|pj| *pj *= inv);
+}
+
+struct AttentionOp(Geometry);
+
+impl CustomOp1 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "cim-attention"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let qkv = slice(s, l, "qkv")?;
+        let (n, d, h) = (g.n, g.d, g.h);
+        let mut out = vec![0f32; g.b * n * h * d];
+        out.par_chunks_mut(n * h * d)
+            .zip(qkv.par_chunks(n * 3 * h * d))
+            .for_each(|(o, item)| {
+                let (mut k, mut v) = (vec![0f32; n * d], vec![0f32; n * d]);
+                let mut p = vec![0f32; n];
+                for head in 0..h {
+                    gather_kv(&g, item, head, &mut k, &mut v);
+                    for i in 0..n {
+                        probs(&g, &item[g.qkv(i, 0, head)..][..d], &k, &mut p);
+                        let oi = &mut o[g.out(i, head)..][..d];
+                        for (j, &pj) in p.iter().enumerate() {
+                            axpy(oi, pj, &v[j * d..(j + 1) * d]);
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((g.b, n, h * d))))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::attention_fwd(s, l, self.0)
+    }
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        _out: &Tensor,
+        dout: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(qkv.apply_op2_no_bwd(
+            &dout.contiguous()?,
+            &AttentionBwdOp(self.0),
+        )?))
+    }
+}
+
+/// `d qkv` from `qkv` and `d out`, recomputing the probabilities.
+struct AttentionBwdOp(Geometry);
+
+impl CustomOp2 for AttentionBwdOp {
+    fn name(&self) -> &'static str {
+        "cim-attention-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let (qkv, dout) = (slice(s1, l1, "qkv")?, slice(s2, l2, "grad")?);
+        let (n, d, h) = (g.n, g.d, g.h);
+        let mut dqkv = vec![0f32; qkv.len()];
+        dqkv.par_chunks_mut(n * 3 * h * d)
+            .zip(
+                qkv.par_chunks(n * 3 * h * d)
+                    .zip(dout.par_chunks(n * h * d)),
+            )
+            .for_each(|(dx, (item, dy))| {
+                let (mut k, mut v) = (vec![0f32; n * d], vec![0f32; n * d]);
+                let (mut dk, mut dv) = (vec![0f32; n * d], vec![0f32; n * d]);
+                let (mut p, mut dp) = (vec![0f32; n], vec![0f32; n]);
+                for head in 0..h {
+                    gather_kv(&g, item, head, &mut k, &mut v);
+                    dk.iter_mut().for_each(|x| *x = 0.0);
+                    dv.iter_mut().for_each(|x| *x = 0.0);
+                    for i in 0..n {
+                        let q = &item[g.qkv(i, 0, head)..][..d];
+                        let doi = &dy[g.out(i, head)..][..d];
+                        probs(&g, q, &k, &mut p);
+                        // dP_j = dO_i · v_j;  D = Σ_j p_j dP_j;  dS_j = p_j (dP_j − D).
+                        let mut big_d = 0f32;
+                        for j in 0..n {
+                            dp[j] = dot(doi, &v[j * d..(j + 1) * d]);
+                            big_d += p[j] * dp[j];
+                        }
+                        let dq = &mut dx[g.qkv(i, 0, head)..][..d];
+                        for j in 0..n {
+                            let ds = p[j] * (dp[j] - big_d) * g.scale;
+                            axpy(dq, ds, &k[j * d..(j + 1) * d]);
+                            axpy(&mut dk[j * d..(j + 1) * d], ds, q);
+                            axpy(&mut dv[j * d..(j + 1) * d], p[j], doi);
+                        }
+                    }
+                    for t in 0..n {
+                        dx[g.qkv(t, 1, head)..][..d].copy_from_slice(&dk[t * d..(t + 1) * d]);
+                        dx[g.qkv(t, 2, head)..][..d].copy_from_slice(&dv[t * d..(t + 1) * d]);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::attention_bwd(s1, l1, s2, l2, self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::tests::randn;
+    use candle_core::{Var, D};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_attention_matches_composed_values_and_gradients() -> Result<()> {
+        // Odd sizes: 3 items, 13 tokens, 2 heads of 12 (not a multiple of the 8-wide dot).
+        let (b, n, h, d) = (3, 13, 2, 12);
+        let qkv = Var::from_tensor(&randn(&[b, n, 3 * h * d], 1))?;
+        let up = randn(&[b, n, h * d], 2);
+        let scale = 1.0 / (d as f64).sqrt();
+        let f = attention_qkv(&qkv, h, scale)?;
+        let c = attention_composed(&qkv, h, scale)?;
+        assert_eq!(f.dims(), [b, n, h * d]);
+        assert!(max_diff(&f, &c) < 1e-5, "{}", max_diff(&f, &c));
+        let gf = (&f * &up)?.sum_all()?.backward()?;
+        let gc = (&c * &up)?.sum_all()?.backward()?;
+        let (gf, gc) = (gf.get(&qkv).unwrap(), gc.get(&qkv).unwrap());
+        let dg = max_diff(gf, gc);
+        assert!(dg < 1e-4, "gradient differs by {dg}");
+        // q, k and v parts all receive gradient.
+        for part in 0..3 {
+            let s = gf
+                .narrow(D::Minus1, part * h * d, h * d)?
+                .abs()?
+                .max_all()?;
+            assert!(s.to_scalar::<f32>()? > 1e-3, "part {part}");
+        }
+        let e = attention_qkv(&qkv, 5, scale).unwrap_err().to_string();
+        assert!(e.contains("qkv width 72"), "{e}");
+        Ok(())
+    }
+}
