@@ -100,6 +100,7 @@ fn cuda_kernels_match_the_cpu_kernels() {
     );
     respix_parity(&gpu);
     adamw_parity(&gpu);
+    attention_parity(&gpu);
     ops::set_cuda_kernels(false);
 }
 
@@ -166,4 +167,25 @@ fn adamw_parity(gpu: &Device) {
     }
     assert!(max_diff(&pc, &pg) < 1e-6, "adamw parameter");
     assert!(max_diff(&mvc, &mvg) < 1e-5, "adamw moments");
+}
+
+/// Fused attention at ViT-B/16 shape (197 tokens, 12 heads of 64) and an odd small one.
+fn attention_parity(gpu: &Device) {
+    let cpu = Device::Cpu;
+    for (b, n, h, d) in [(2, 197, 12, 64), (3, 13, 2, 40)] {
+        let qkv = (randn(&[b, n, 3 * h * d], 30, &cpu) * 0.5).unwrap();
+        let up = randn(&[b, n, h * d], 31, &cpu);
+        let scale = 1.0 / (d as f64).sqrt();
+        let f = |t: &[Tensor]| ops::attention_qkv(&t[0], h, scale).unwrap();
+        let (yc, gc) = run(&cpu, &f, &[qkv.clone()], &up);
+        let (yg, gg) = run(gpu, &f, &[qkv], &up);
+        assert!(
+            max_diff(&yc, &yg) < 1e-4,
+            "attention value ({b}, {n}, {h}, {d})"
+        );
+        assert!(
+            max_diff(&gc[0], &gg[0]) < 1e-3,
+            "attention grad ({b}, {n}, {h}, {d})"
+        );
+    }
 }

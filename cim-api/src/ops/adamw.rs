@@ -96,7 +96,7 @@ pub fn adamw_composed(
     Ok((p, Tensor::stack(&[m, v], 0)?))
 }
 
-fn contiguous<'a>(l: &Layout, what: &str) -> candle_core::Result<(usize, usize)> {
+fn contiguous(l: &Layout, what: &str) -> candle_core::Result<(usize, usize)> {
     l.contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg(format!("adamw: {what} must be contiguous")).bt())
 }

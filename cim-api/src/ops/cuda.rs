@@ -369,3 +369,69 @@ pub fn adamw_apply(
     unsafe { args.launch(per_element(n)) }.w()?;
     Ok(())
 }
+
+/// Four warps (query rows) per block; grid `(⌈N/4⌉, B·H)`.
+fn per_query_row(g: &super::attention::Geometry) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (g.n.div_ceil(4) as u32, (g.b * g.h) as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn geometry_args(g: &super::attention::Geometry) -> [i32; 4] {
+    [g.b as i32, g.n as i32, g.h as i32, g.d as i32]
+}
+
+pub fn attention_fwd(
+    s: &CudaStorage,
+    l: &Layout,
+    g: super::attention::Geometry,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device().clone();
+    let qkv = view::<f32>(s, l, "qkv")?;
+    let out = dev.alloc_zeros::<f32>(g.b * g.n * g.h * g.d)?;
+    let func = dev.get_or_load_custom_func("cim_attention_fwd", MODULE, PTX)?;
+    let [b, n, h, d] = geometry_args(&g);
+    let mut a = func.builder();
+    a.arg(&qkv)
+        .arg(&out)
+        .arg(&b)
+        .arg(&n)
+        .arg(&h)
+        .arg(&d)
+        .arg(&g.scale);
+    // SAFETY: argument types and counts match the kernel's signature; D ≤ 128 was checked by
+    // the caller (cuda_max_head_dim).
+    unsafe { a.launch(per_query_row(&g)) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev),
+        Shape::from((g.b, g.n, g.h * g.d)),
+    ))
+}
+
+pub fn attention_bwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    g: super::attention::Geometry,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (qkv, dout) = (view::<f32>(s1, l1, "qkv")?, view::<f32>(s2, l2, "grad")?);
+    let dqkv = dev.alloc_zeros::<f32>(l1.shape().elem_count())?;
+    let func = dev.get_or_load_custom_func("cim_attention_bwd", MODULE, PTX)?;
+    let [b, n, h, d] = geometry_args(&g);
+    let mut a = func.builder();
+    a.arg(&qkv)
+        .arg(&dout)
+        .arg(&dqkv)
+        .arg(&b)
+        .arg(&n)
+        .arg(&h)
+        .arg(&d)
+        .arg(&g.scale);
+    // SAFETY: as above; dqkv is zeroed (the kernel accumulates dk, dv atomically).
+    unsafe { a.launch(per_query_row(&g)) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(dqkv, dev), l1.shape().clone()))
+}

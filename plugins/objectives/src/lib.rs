@@ -124,7 +124,7 @@ pub fn respix_sliding_composed(x: &Tensor, k: usize, eps: f64) -> Result<Tensor>
         .broadcast_mul(&cw)?
         .reshape((1, 1, h, w))?
         .to_device(x.device())?;
-    let mean = sum(&x)?.broadcast_div(&count)?;
+    let mean = sum(x)?.broadcast_div(&count)?;
     let mean_sq = sum(&x.sqr()?)?.broadcast_div(&count)?;
     let var = (mean_sq - mean.sqr()?)?.relu()?;
     Ok(x.sub(&mean)?.div(&(var + eps)?.sqrt()?)?)
