@@ -493,13 +493,18 @@ impl DvaeTokenizer {
         } else {
             0.0
         };
-        Self::with_candidates(net, &wanted, min)
+        let candidates = wanted
+            .iter()
+            .map(|&dt| net.to_dtype(dt))
+            .collect::<Result<_>>()?;
+        Ok(Self::with_candidates(net, candidates, min))
     }
 
-    /// Tries `wanted` in order on the first batch, keeping the first whose token agreement with
-    /// `net` (f32) reaches `min_agreement`; f32 when none does or `wanted` is empty.
-    pub fn with_candidates(net: DalleDvae, wanted: &[DType], min_agreement: f64) -> Result<Self> {
-        let state = if wanted.is_empty() {
+    /// Tries `candidates` (the same network in other precisions) in order on the first batch,
+    /// keeping the first whose token agreement with `net` (f32) reaches `min_agreement`; `net`
+    /// when none does or there are none.
+    pub fn with_candidates(net: DalleDvae, candidates: Vec<DalleDvae>, min_agreement: f64) -> Self {
+        let state = if candidates.is_empty() {
             let report = cim_api::PrecisionReport {
                 dtype: "f32".into(),
                 agreement: 1.0,
@@ -507,16 +512,12 @@ impl DvaeTokenizer {
             };
             PrecisionState::Settled(net, report)
         } else {
-            let candidates = wanted
-                .iter()
-                .map(|&dt| net.to_dtype(dt))
-                .collect::<Result<_>>()?;
             PrecisionState::Pending(net, candidates)
         };
-        Ok(Self {
+        Self {
             min_agreement,
             state: std::sync::RwLock::new(state),
-        })
+        }
     }
 
     fn net(&self) -> std::sync::RwLockReadGuard<'_, PrecisionState> {
@@ -784,6 +785,10 @@ mod tests {
         assert_eq!((r.dtype.as_str(), r.tokens), ("f16", golden.elem_count()));
         assert_eq!(ids(&got), ids(&half));
         assert!((r.agreement - a).abs() < 1e-12, "{} vs {a}", r.agreement);
+        eprintln!(
+            "f16 token agreement with f32 on the fixture batch: {a} of {}",
+            r.tokens
+        );
         assert!(a > 0.5, "f16 agreement {a}");
         assert_eq!(tok.decode(&got)?.dtype(), DType::F32);
         // Later batches run in f16 without re-checking.
@@ -795,16 +800,38 @@ mod tests {
         assert_eq!(tok.precision().unwrap().dtype, "f32");
         assert_eq!(ids(&tok.encode(&x)?), ids(&golden));
 
-        // The choice: a candidate reaching the bar is kept, one below it falls back to f32.
-        let tok = DvaeTokenizer::with_candidates(net.clone(), &[DType::F16], a)?;
+        // The choice: a candidate reaching the bar is kept; one below it falls back to f32. The
+        // low-agreement candidate is a differently initialised network of the same sizes.
+        let f16 = net.to_dtype(DType::F16)?;
+        let tok = DvaeTokenizer::with_candidates(net.clone(), vec![f16.clone()], a);
         assert_eq!(ids(&tok.encode(&x)?), ids(&half));
         assert_eq!(tok.precision().unwrap().dtype, "f16");
-        if a < 1.0 {
-            let tok = DvaeTokenizer::with_candidates(net.clone(), &[DType::F16], (a + 1.0) / 2.0)?;
-            assert_eq!(ids(&tok.encode(&x)?), ids(&golden));
-            let r = tok.precision().unwrap();
-            assert_eq!((r.dtype.as_str(), r.agreement), ("f32", 1.0));
-        }
+        let other = DalleDvae::new(
+            net.cfg.clone(),
+            ParamStore::frozen(7).var_builder(DType::F32, &Device::Cpu),
+        )?;
+        let poor = agreement(&other.encode(&x)?, &golden)?;
+        assert!(poor < 0.5, "an unrelated network agrees on {poor}");
+        let tok = DvaeTokenizer::with_candidates(net.clone(), vec![other, f16], 0.9);
+        assert_eq!(
+            ids(&tok.encode(&x)?),
+            ids(&half),
+            "the first candidate over the bar"
+        );
+        let r = tok.precision().unwrap();
+        assert_eq!((r.dtype.as_str(), r.agreement), ("f16", a));
+        let other = DalleDvae::new(
+            net.cfg.clone(),
+            ParamStore::frozen(7).var_builder(DType::F32, &Device::Cpu),
+        )?;
+        let tok = DvaeTokenizer::with_candidates(net.clone(), vec![other], 0.9);
+        assert_eq!(
+            ids(&tok.encode(&x)?),
+            ids(&golden),
+            "none over the bar: f32"
+        );
+        let r = tok.precision().unwrap();
+        assert_eq!((r.dtype.as_str(), r.agreement), ("f32", 1.0));
         let (net, _) = fixture_net(Precision::Auto, 1.5)?;
         let e = DvaeTokenizer::new(net, true).err().unwrap().to_string();
         assert!(e.contains("min_agreement") && e.contains("1.5"), "{e}");
