@@ -1,6 +1,6 @@
 // CUDA kernels of cim_api::ops (built into PTX by cim-api's build.rs with the `cuda` feature).
 // f32, contiguous row-major tensors; one thread block per row for the row-wise kernels.
-// Each kernel has a CPU twin in src/ops.rs; tests/ops_cuda.rs compares them on a GPU.
+// Each kernel has a CPU twin in src/ops.rs or src/ops/*.rs; tests/ops_cuda.rs compares them on a GPU.
 
 #include <math.h>
 
@@ -93,19 +93,45 @@ extern "C" __global__ void cim_layer_norm_bwd_dx(const float* x, const float* w,
 }
 
 // dw (into out[0..d]) and db (into out[d..2d]): one thread per column, rows in order.
-extern "C" __global__ void cim_layer_norm_bwd_dwdb(const float* x, const float* dy,
-                                                   const float* stats, float* out, int rows,
-                                                   int d) {
-    const int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= d) return;
+// dw, db in two stages (deterministic: fixed chunks, fixed order). Stage 1: block (32, 8) covers
+// 32 columns of one chunk of LN_CHUNK rows; writes partial[chunk] = (dw[0..d], db[0..d]).
+#define LN_CHUNK 256
+extern "C" __global__ void cim_layer_norm_bwd_dwdb_partial(const float* x, const float* dy,
+                                                           const float* stats, float* partial,
+                                                           int rows, int d) {
+    __shared__ float sw[8][33], sb[8][33];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int j = blockIdx.x * 32 + tx;
+    const int r0 = blockIdx.y * LN_CHUNK, r1 = min(r0 + LN_CHUNK, rows);
     float aw = 0.0f, ab = 0.0f;
-    for (int r = 0; r < rows; ++r) {
-        const float g = dy[(size_t)r * d + j];
-        aw += g * (x[(size_t)r * d + j] - stats[2 * r]) * stats[2 * r + 1];
-        ab += g;
+    if (j < d)
+        for (int r = r0 + ty; r < r1; r += 8) {
+            const float g = dy[(size_t)r * d + j];
+            aw += g * (x[(size_t)r * d + j] - stats[2 * r]) * stats[2 * r + 1];
+            ab += g;
+        }
+    sw[ty][tx] = aw;
+    sb[ty][tx] = ab;
+    __syncthreads();
+    if (ty == 0 && j < d) {
+        for (int k = 1; k < 8; ++k) {
+            aw += sw[k][tx];
+            ab += sb[k][tx];
+        }
+        float* p = partial + (size_t)blockIdx.y * 2 * d;
+        p[j] = aw;
+        p[d + j] = ab;
     }
-    out[j] = aw;
-    out[d + j] = ab;
+}
+
+// Stage 2: out[i] = Σ_chunks partial[chunk][i] for the 2·d outputs, chunks in order.
+extern "C" __global__ void cim_layer_norm_bwd_dwdb_sum(const float* partial, float* out,
+                                                       int chunks, int d) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= 2 * d) return;
+    float s = 0.0f;
+    for (int c = 0; c < chunks; ++c) s += partial[(size_t)c * 2 * d + i];
+    out[i] = s;
 }
 
 extern "C" __global__ void cim_softmax_fwd(const float* x, float* y, int rows, int d) {

@@ -23,7 +23,9 @@ pub fn attention_qkv(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
         )));
     }
     let hd = c3 / (3 * heads);
-    let cuda_ok = !qkv.device().is_cuda() || hd <= super::cuda_max_head_dim();
+    // The CUDA kernel: a warp per query row holds ≤ 128 head dims; items × heads is grid.y.
+    let cuda_ok =
+        !qkv.device().is_cuda() || (hd <= super::cuda_max_head_dim() && b * heads <= 65_535);
     if is_fusable(&[qkv]) && cuda_ok {
         let op = AttentionOp(Geometry {
             b,

@@ -98,22 +98,33 @@ pub fn layer_norm_bwd(
         unsafe { a.launch(per_row(rows)) }.w()?;
     }
     {
-        let mut dwdb = out.slice_mut(rows * d..);
-        let func = dev.get_or_load_custom_func("cim_layer_norm_bwd_dwdb", MODULE, PTX)?;
+        // dw, db: per-chunk partial sums, then their sum in chunk order (kernels/ops.cu).
+        const LN_CHUNK: usize = 256;
+        let chunks = rows.div_ceil(LN_CHUNK).max(1);
+        let partial = dev.alloc_zeros::<f32>(chunks * 2 * d)?;
+        let func = dev.get_or_load_custom_func("cim_layer_norm_bwd_dwdb_partial", MODULE, PTX)?;
         let cfg = LaunchConfig {
-            grid_dim: (d.div_ceil(THREADS as usize) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
+            grid_dim: (d.div_ceil(32) as u32, chunks as u32, 1),
+            block_dim: (32, 8, 1),
             shared_mem_bytes: 0,
         };
         let mut a = func.builder();
         a.arg(&x)
             .arg(&dy)
             .arg(&stats)
-            .arg(&mut dwdb)
+            .arg(&partial)
             .arg(&r)
             .arg(&dd);
-        // SAFETY: one thread per column; `dwdb` holds 2·d floats.
+        // SAFETY: argument types and counts match the kernel's signature; `partial` holds
+        // chunks·2·d floats.
         unsafe { a.launch(cfg) }.w()?;
+        let mut dwdb = out.slice_mut(rows * d..);
+        let func = dev.get_or_load_custom_func("cim_layer_norm_bwd_dwdb_sum", MODULE, PTX)?;
+        let n_chunks = chunks as i32;
+        let mut a = func.builder();
+        a.arg(&partial).arg(&mut dwdb).arg(&n_chunks).arg(&dd);
+        // SAFETY: one thread per output; `dwdb` holds 2·d floats.
+        unsafe { a.launch(per_element(2 * d)) }.w()?;
     }
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev),

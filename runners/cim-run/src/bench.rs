@@ -294,6 +294,38 @@ mod tests {
         for key in ["images_per_s", "step_ms", "phase_ms", "peak_mem_gib"] {
             assert!(line.contains(key), "{line}");
         }
+        assert_eq!(
+            r.tok_precision, None,
+            "the vq tokenizer has no precision choice"
+        );
+        assert_eq!((r.dtype.as_str(), r.cuda_kernels), ("fp32", false));
+        Ok(())
+    }
+
+    /// The dVAE's precision choice and agreement reach the bench line.
+    #[test]
+    fn bench_reports_the_tokenizer_precision_and_agreement() -> Result<()> {
+        let args = BenchArgs {
+            config: ConfigArgs {
+                preset: Some("tiny_vit_respix".into()),
+                set: vec![
+                    r#"tokenizer.name="dalle_dvae""#.into(),
+                    r#"tokenizer.dalle_dvae.precision="f16""#.into(),
+                ],
+                ..Default::default()
+            },
+            batch: Some(2),
+            steps: 1,
+            warmup: 1,
+            device: Some("cpu".into()),
+        };
+        let r = bench(&args)?;
+        let p = r.tok_precision.clone().expect("dalle_dvae reports its precision");
+        assert_eq!(p.dtype, "f16");
+        assert_eq!(p.tokens, 2 * r.tokens, "measured on the first batch");
+        assert!((0.0..=1.0).contains(&p.agreement), "{p:?}");
+        let line = serde_json::to_string(&r).unwrap();
+        assert!(line.contains(r#""tok_precision":{"dtype":"f16""#), "{line}");
         Ok(())
     }
 }
