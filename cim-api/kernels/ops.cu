@@ -346,6 +346,23 @@ extern "C" __global__ void cim_attention_fwd(const float* qkv, float* out, int B
     }
 }
 
+// s = scale · q·k_j and dp = dO·v_j over the warp (every lane gets both).
+__device__ __forceinline__ void score_and_dp(const float* qr, const float* dyr, const float* kj,
+                                             const float* vj, int lane, int D, float scale,
+                                             float* s, float* dp) {
+    float a = 0.0f, b = 0.0f;
+#pragma unroll
+    for (int r = 0; r < ATT_R; ++r) {
+        const int c = lane + 32 * r;
+        if (c < D) {
+            a += qr[r] * kj[c];
+            b += dyr[r] * vj[c];
+        }
+    }
+    *s = warp_sum(a) * scale;
+    *dp = warp_sum(b);
+}
+
 // d qkv (zero-initialised) from qkv and d out. Pass 1: max, normaliser and D = Σ p·dP online;
 // pass 2: dS = p (dP − D); dq in registers, dk and dv by atomicAdd (summation order varies).
 extern "C" __global__ void cim_attention_bwd(const float* qkv, const float* dout, float* dqkv,
@@ -370,17 +387,8 @@ extern "C" __global__ void cim_attention_bwd(const float* qkv, const float* dout
     for (int j = 0; j < N; ++j) {
         const float* kj = qkv + (tok + j) * c3 + H * D + h * D;
         const float* vj = kj + H * D;
-        float s = 0.0f, dp = 0.0f;
-#pragma unroll
-        for (int r = 0; r < ATT_R; ++r) {
-            const int c = lane + 32 * r;
-            if (c < D) {
-                s += qr[r] * kj[c];
-                dp += dyr[r] * vj[c];
-            }
-        }
-        s = warp_sum(s) * scale;
-        dp = warp_sum(dp);
+        float s, dp;
+        score_and_dp(qr, dyr, kj, vj, lane, D, scale, &s, &dp);
         const float mn = fmaxf(m, s);
         const float corr = expf(m - mn), p = expf(s - mn);
         l = l * corr + p;
@@ -393,17 +401,8 @@ extern "C" __global__ void cim_attention_bwd(const float* qkv, const float* dout
         const float* vj = kj + H * D;
         float* dkj = dqkv + (tok + j) * c3 + H * D + h * D;
         float* dvj = dkj + H * D;
-        float s = 0.0f, dp = 0.0f;
-#pragma unroll
-        for (int r = 0; r < ATT_R; ++r) {
-            const int c = lane + 32 * r;
-            if (c < D) {
-                s += qr[r] * kj[c];
-                dp += dyr[r] * vj[c];
-            }
-        }
-        s = warp_sum(s) * scale;
-        dp = warp_sum(dp);
+        float s, dp;
+        score_and_dp(qr, dyr, kj, vj, lane, D, scale, &s, &dp);
         const float p = expf(s - m) / l;
         const float ds = p * (dp - big_d) * scale;
 #pragma unroll

@@ -802,14 +802,17 @@ mod tests {
 
         // The choice: a candidate reaching the bar is kept; one below it falls back to f32. The
         // low-agreement candidate is a differently initialised network of the same sizes.
+        let unrelated = || {
+            DalleDvae::new(
+                net.cfg.clone(),
+                ParamStore::frozen(7).var_builder(DType::F32, &Device::Cpu),
+            )
+        };
         let f16 = net.to_dtype(DType::F16)?;
         let tok = DvaeTokenizer::with_candidates(net.clone(), vec![f16.clone()], a);
         assert_eq!(ids(&tok.encode(&x)?), ids(&half));
         assert_eq!(tok.precision().unwrap().dtype, "f16");
-        let other = DalleDvae::new(
-            net.cfg.clone(),
-            ParamStore::frozen(7).var_builder(DType::F32, &Device::Cpu),
-        )?;
+        let other = unrelated()?;
         let poor = agreement(&other.encode(&x)?, &golden)?;
         assert!(poor < 0.5, "an unrelated network agrees on {poor}");
         let tok = DvaeTokenizer::with_candidates(net.clone(), vec![other, f16], 0.9);
@@ -820,10 +823,7 @@ mod tests {
         );
         let r = tok.precision().unwrap();
         assert_eq!((r.dtype.as_str(), r.agreement), ("f16", a));
-        let other = DalleDvae::new(
-            net.cfg.clone(),
-            ParamStore::frozen(7).var_builder(DType::F32, &Device::Cpu),
-        )?;
+        let other = unrelated()?;
         let tok = DvaeTokenizer::with_candidates(net.clone(), vec![other], 0.9);
         assert_eq!(
             ids(&tok.encode(&x)?),

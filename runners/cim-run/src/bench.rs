@@ -320,7 +320,10 @@ mod tests {
             device: Some("cpu".into()),
         };
         let r = bench(&args)?;
-        let p = r.tok_precision.clone().expect("dalle_dvae reports its precision");
+        let p = r
+            .tok_precision
+            .clone()
+            .expect("dalle_dvae reports its precision");
         assert_eq!(p.dtype, "f16");
         assert_eq!(p.tokens, 2 * r.tokens, "measured on the first batch");
         assert!((0.0..=1.0).contains(&p.agreement), "{p:?}");
