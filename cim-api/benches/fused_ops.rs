@@ -59,6 +59,24 @@ fn main() -> cim_api::Result<()> {
             || run(true),
         );
     }
+    // Training BatchNorm at a ResNet-50 layer1 shape.
+    let (b, c, hw) = (8, 256, 56);
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, hw, hw), &dev)?)?;
+    let gamma = Var::from_tensor(&Tensor::ones(c, candle_core::DType::F32, &dev)?)?;
+    let beta = Var::from_tensor(&Tensor::zeros(c, candle_core::DType::F32, &dev)?)?;
+    let up = Tensor::randn(0f32, 1.0, (b, c, hw, hw), &dev)?;
+    let bn = |fused: bool| {
+        let y = if fused {
+            let stats = ops::channel_moments(&x).unwrap().unwrap();
+            ops::batch_norm_train(&x, &stats, &gamma, &beta, 1e-5)
+        } else {
+            ops::batch_norm_train_composed(&x, &gamma, &beta, 1e-5)
+        }
+        .unwrap();
+        let g = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        sync(g.get(&x).unwrap());
+    };
+    report(&format!("batch norm B{b} C{c} {hw}x{hw}"), 3, || bn(false), || bn(true));
     // RESPIX target + loss at 224 px, ViT-B/16 head layout.
     let b = 8;
     let img = Tensor::rand(0f32, 1.0, (b, 3, 224, 224), &dev)?;

@@ -422,3 +422,67 @@ extern "C" __global__ void cim_attention_bwd(const float* qkv, const float* dout
         if (c < D) dqi[c] = dq[r];
     }
 }
+
+// ---- BatchNorm, training mode (src/ops/batch_norm.rs). x (B, C, HW). ----
+
+// [mean; biased var] (2, C): one block per channel, two passes (mean, then squared deviations).
+extern "C" __global__ void cim_channel_moments(const float* x, float* out, int B, int C, int HW) {
+    __shared__ float sh[32];
+    const int ch = blockIdx.x;
+    if (ch >= C) return;
+    const long long n = (long long)B * HW;
+    float s = 0.0f;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x)
+        s += x[((i / HW) * C + ch) * HW + i % HW];
+    const float mean = block_sum(s, sh) / (float)n;
+    float v = 0.0f;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
+        const float d = x[((i / HW) * C + ch) * HW + i % HW] - mean;
+        v += d * d;
+    }
+    v = block_sum(v, sh) / (float)n;
+    if (threadIdx.x == 0) {
+        out[ch] = mean;
+        out[C + ch] = v;
+    }
+}
+
+// y = (x − mean)·rstd·γ + β; stats (2, C), affine [γ; β] (2, C). One thread per element.
+extern "C" __global__ void cim_batch_norm_fwd(const float* x, const float* stats,
+                                              const float* affine, float* y, long long n, int C,
+                                              int HW, float eps) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int ch = (int)((i / HW) % C);
+    const float rstd = 1.0f / sqrtf(stats[C + ch] + eps);
+    y[i] = (x[i] - stats[ch]) * rstd * affine[ch] + affine[C + ch];
+}
+
+// out = [dx (n); dγ (C); dβ (C)]; p = [γ; β; mean; var] (4, C). One block per channel: the two
+// sums, then dx = γ·rstd·(dy − mean(dy) − x̂·mean(dy·x̂)).
+extern "C" __global__ void cim_batch_norm_bwd(const float* x, const float* dy, const float* p,
+                                              float* out, int B, int C, int HW, float eps) {
+    __shared__ float sh[32];
+    const int ch = blockIdx.x;
+    if (ch >= C) return;
+    const long long n = (long long)B * HW;
+    const float mean = p[2 * C + ch], rstd = 1.0f / sqrtf(p[3 * C + ch] + eps);
+    float sd = 0.0f, sdx = 0.0f;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
+        const long long at = ((i / HW) * C + ch) * HW + i % HW;
+        sd += dy[at];
+        sdx += dy[at] * (x[at] - mean) * rstd;
+    }
+    sd = block_sum(sd, sh);
+    sdx = block_sum(sdx, sh);
+    const float md = sd / (float)n, mdx = sdx / (float)n, k = p[ch] * rstd;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
+        const long long at = ((i / HW) * C + ch) * HW + i % HW;
+        out[at] = k * (dy[at] - md - (x[at] - mean) * rstd * mdx);
+    }
+    if (threadIdx.x == 0) {
+        const long long total = (long long)B * C * HW;
+        out[total + ch] = sdx;
+        out[total + C + ch] = sd;
+    }
+}

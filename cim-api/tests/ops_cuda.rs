@@ -101,6 +101,7 @@ fn cuda_kernels_match_the_cpu_kernels() {
     respix_parity(&gpu);
     adamw_parity(&gpu);
     attention_parity(&gpu);
+    batch_norm_parity(&gpu);
     ops::set_cuda_kernels(false);
 }
 
@@ -186,6 +187,32 @@ fn attention_parity(gpu: &Device) {
         assert!(
             max_diff(&gc[0], &gg[0]) < 1e-3,
             "attention grad ({b}, {n}, {h}, {d})"
+        );
+    }
+}
+
+/// Training BatchNorm at a ResNet-50 layer1 shape: statistics, values, dx, dγ, dβ.
+fn batch_norm_parity(gpu: &Device) {
+    let cpu = Device::Cpu;
+    let (b, c, h, w) = (4, 64, 56, 56);
+    let x = randn(&[b, c, h, w], 40, &cpu).affine(2.0, 0.5).unwrap();
+    let gamma = randn(&[c], 41, &cpu);
+    let beta = randn(&[c], 42, &cpu);
+    let up = randn(&[b, c, h, w], 43, &cpu);
+    let f = |t: &[Tensor]| {
+        let stats = ops::channel_moments(&t[0]).unwrap().expect("fused");
+        ops::batch_norm_train(&t[0], &stats, &t[1], &t[2], 1e-5).unwrap()
+    };
+    let (yc, gc) = run(&cpu, &f, &[x.clone(), gamma.clone(), beta.clone()], &up);
+    let (yg, gg) = run(gpu, &f, &[x, gamma, beta], &up);
+    assert!(max_diff(&yc, &yg) < 1e-3, "batch norm value");
+    for (i, (a, b)) in gc.iter().zip(&gg).enumerate() {
+        // dγ, dβ sum 12 544 values per channel.
+        let tol = if i == 0 { 1e-3 } else { 0.1 };
+        assert!(
+            max_diff(a, b) < tol,
+            "batch norm grad {i}: {}",
+            max_diff(a, b)
         );
     }
 }

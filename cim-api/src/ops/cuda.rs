@@ -446,3 +446,96 @@ pub fn attention_bwd(
     unsafe { a.launch(per_query_row(&g)) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(dqkv, dev), l1.shape().clone()))
 }
+
+fn bchw(l: &Layout) -> Result<[i32; 3]> {
+    let (b, c, h, w) = l.shape().dims4()?;
+    Ok([b as i32, c as i32, (h * w) as i32])
+}
+
+/// One block per channel.
+fn per_channel(c: i32) -> LaunchConfig {
+    per_row(c as usize)
+}
+
+pub fn channel_moments(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device().clone();
+    let x = view::<f32>(s, l, "x")?;
+    let [b, c, hw] = bchw(l)?;
+    let out = dev.alloc_zeros::<f32>(2 * c as usize)?;
+    let func = dev.get_or_load_custom_func("cim_channel_moments", MODULE, PTX)?;
+    let mut a = func.builder();
+    a.arg(&x).arg(&out).arg(&b).arg(&c).arg(&hw);
+    // SAFETY: argument types and counts match the kernel's signature; out holds 2·C floats.
+    unsafe { a.launch(per_channel(c)) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev),
+        Shape::from((2, c as usize)),
+    ))
+}
+
+pub fn batch_norm_fwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (x, stats, affine) = (
+        view::<f32>(s1, l1, "x")?,
+        view::<f32>(s2, l2, "stats")?,
+        view::<f32>(s3, l3, "affine")?,
+    );
+    let [_, c, hw] = bchw(l1)?;
+    let n = l1.shape().elem_count();
+    let y = dev.alloc_zeros::<f32>(n)?;
+    let func = dev.get_or_load_custom_func("cim_batch_norm_fwd", MODULE, PTX)?;
+    let nn = n as i64;
+    let mut a = func.builder();
+    a.arg(&x)
+        .arg(&stats)
+        .arg(&affine)
+        .arg(&y)
+        .arg(&nn)
+        .arg(&c)
+        .arg(&hw)
+        .arg(&eps);
+    // SAFETY: argument types and counts match the kernel's signature.
+    unsafe { a.launch(per_element(n)) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
+}
+
+pub fn batch_norm_bwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (x, dy, p) = (
+        view::<f32>(s1, l1, "x")?,
+        view::<f32>(s2, l2, "grad")?,
+        view::<f32>(s3, l3, "params")?,
+    );
+    let [b, c, hw] = bchw(l1)?;
+    let total = l1.shape().elem_count() + 2 * c as usize;
+    let out = dev.alloc_zeros::<f32>(total)?;
+    let func = dev.get_or_load_custom_func("cim_batch_norm_bwd", MODULE, PTX)?;
+    let mut a = func.builder();
+    a.arg(&x)
+        .arg(&dy)
+        .arg(&p)
+        .arg(&out)
+        .arg(&b)
+        .arg(&c)
+        .arg(&hw)
+        .arg(&eps);
+    // SAFETY: argument types and counts match the kernel's signature; out holds n + 2·C floats.
+    unsafe { a.launch(per_channel(c)) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(total)))
+}

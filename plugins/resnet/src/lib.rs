@@ -116,9 +116,35 @@ impl BatchNorm {
         })
     }
 
+    /// `running ← (1 − momentum)·running + momentum·batch` (variance unbiased, as PyTorch).
+    fn update_running(&self, mean: &Tensor, var: &Tensor) -> Result<()> {
+        let m = self.momentum;
+        self.running_mean
+            .set(&((self.running_mean.as_tensor() * (1.0 - m))? + (mean.detach() * m)?)?)?;
+        self.running_var
+            .set(&((self.running_var.as_tensor() * (1.0 - m))? + (var.detach() * m)?)?)?;
+        Ok(())
+    }
+
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let c = self.weight.dim(0)?;
         let shape = (1, c, 1, 1);
+        if train {
+            // Fused: one statistics kernel, one normalisation kernel keeping only its input, one
+            // backward kernel (cim_api::ops::batch_norm_train).
+            if let Some(stats) = cim_api::ops::channel_moments(x)? {
+                let (b, _, h, w) = x.dims4()?;
+                let n = (b * h * w) as f64;
+                self.update_running(&stats.get(0)?, &(stats.get(1)? * (n / (n - 1.0).max(1.0)))?)?;
+                return cim_api::ops::batch_norm_train(
+                    x,
+                    &stats,
+                    &self.weight,
+                    &self.bias,
+                    self.eps,
+                );
+            }
+        }
         let (mean, var) = if train {
             let (b, _, h, w) = x.dims4()?;
             let n = (b * h * w) as f64;
@@ -129,13 +155,9 @@ impl BatchNorm {
                 .mean_keepdim(0)?
                 .mean_keepdim(2)?
                 .mean_keepdim(3)?;
-            let m = self.momentum;
             let bm = mean.detach().flatten_all()?;
             let bv = (var.detach().flatten_all()? * (n / (n - 1.0).max(1.0)))?;
-            self.running_mean
-                .set(&((self.running_mean.as_tensor() * (1.0 - m))? + (bm * m)?)?)?;
-            self.running_var
-                .set(&((self.running_var.as_tensor() * (1.0 - m))? + (bv * m)?)?)?;
+            self.update_running(&bm, &bv)?;
             (mean, var)
         } else {
             (

@@ -1,0 +1,329 @@
+//! BatchNorm in training mode (batch statistics), fused.
+//!
+//! Composed, a training BatchNorm is ~10 kernels forward — three reductions for the mean, a
+//! subtraction, a square, three more reductions, the normalisation and the affine — and autograd
+//! keeps about six activation-sized intermediates per layer for the backward. ResNet-50 has 53 of
+//! them, which is where its memory goes. Here the statistics are one reduction kernel
+//! ([`channel_moments`], no gradient), the normalisation one kernel ([`batch_norm_train`]) that
+//! keeps nothing but its input, and the backward one kernel giving `dx`, `dγ` and `dβ`, with the
+//! gradient through the batch statistics folded in:
+//! `dx = γ·rstd·(dy − mean(dy) − x̂·mean(dy·x̂))` per channel.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{is_fusable, slice};
+use crate::Result;
+
+/// Per-channel `[mean; biased variance]` `(2, C)` of `x` `(B, C, H, W)`. No gradient. `None` when
+/// the fused kernels do not apply.
+pub fn channel_moments(x: &Tensor) -> Result<Option<Tensor>> {
+    if !is_fusable(&[x]) || x.rank() != 4 {
+        return Ok(None);
+    }
+    Ok(Some(x.detach().contiguous()?.apply_op1_no_bwd(&MomentsOp)?))
+}
+
+/// `(x − mean) / sqrt(var + eps) · weight + bias` per channel, with `stats` = [`channel_moments`]
+/// of this same `x` (the backward differentiates through them). `x` `(B, C, H, W)`; `weight`,
+/// `bias` `(C,)`. Falls back to the composed ops where the fused kernels do not apply.
+pub fn batch_norm_train(
+    x: &Tensor,
+    stats: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    if is_fusable(&[x, stats, weight, bias]) && x.rank() == 4 {
+        let affine = Tensor::stack(&[weight, bias], 0)?; // (2, C): one input for both
+        return Ok(x.contiguous()?.apply_op3(
+            &stats.detach().contiguous()?,
+            &affine,
+            ApplyOp { eps: eps as f32 },
+        )?);
+    }
+    batch_norm_train_composed(x, weight, bias, eps)
+}
+
+/// The same function from candle ops (statistics computed from `x`, differentiably).
+pub fn batch_norm_train_composed(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let shape = (1, weight.dim(0)?, 1, 1);
+    let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc
+        .sqr()?
+        .mean_keepdim(0)?
+        .mean_keepdim(2)?
+        .mean_keepdim(3)?;
+    Ok(xc
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(&weight.reshape(shape)?)?
+        .broadcast_add(&bias.reshape(shape)?)?)
+}
+
+/// `(batch, channels, plane size)` of a `(B, C, H, W)` layout.
+fn bchw(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+    let (b, c, h, w) = l.shape().dims4()?;
+    Ok((b, c, h * w))
+}
+
+/// Per channel: sums of `f(x)` over every plane of that channel, in plane order.
+fn channel_sum(
+    x: &[f32],
+    b: usize,
+    c: usize,
+    hw: usize,
+    f: impl Fn(usize, f32) -> f64 + Sync,
+) -> Vec<f64> {
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mut s = 0f64;
+            for item in 0..b {
+                let plane = &x[(item * c + ch) * hw..][..hw];
+                s += plane.iter().map(|&v| f(ch, v)).sum::<f64>();
+            }
+            s
+        })
+        .collect()
+}
+
+fn moments(x: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
+    let n = (b * hw) as f64;
+    let mean = channel_sum(x, b, c, hw, |_, v| v as f64);
+    let mean: Vec<f64> = mean.into_iter().map(|s| s / n).collect();
+    let var = channel_sum(x, b, c, hw, |ch, v| {
+        let d = v as f64 - mean[ch];
+        d * d
+    });
+    (
+        mean.iter().map(|&m| m as f32).collect(),
+        var.into_iter().map(|s| (s / n) as f32).collect(),
+    )
+}
+
+struct MomentsOp;
+
+impl CustomOp1 for MomentsOp {
+    fn name(&self) -> &'static str {
+        "cim-channel-moments"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "x")?;
+        let (b, c, hw) = bchw(l)?;
+        let (mut mean, var) = moments(x, b, c, hw);
+        mean.extend(var);
+        Ok((CpuStorage::F32(mean), Shape::from((2, c))))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::channel_moments(s, l)
+    }
+}
+
+struct ApplyOp {
+    eps: f32,
+}
+
+impl CustomOp3 for ApplyOp {
+    fn name(&self) -> &'static str {
+        "cim-batch-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, stats, affine) = (
+            slice(s1, l1, "x")?,
+            slice(s2, l2, "stats")?,
+            slice(s3, l3, "affine")?,
+        );
+        let (_, c, hw) = bchw(l1)?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(hw)
+            .zip(x.par_chunks(hw))
+            .enumerate()
+            .for_each(|(plane, (yp, xp))| {
+                let ch = plane % c;
+                let rstd = 1.0 / (stats[c + ch] + self.eps).sqrt();
+                let (scale, mean, shift) = (affine[ch] * rstd, stats[ch], affine[c + ch]);
+                for (yi, &xi) in yp.iter_mut().zip(xp) {
+                    *yi = (xi - mean) * scale + shift;
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::batch_norm_fwd(s1, l1, s2, l2, s3, l3, self.eps)
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        stats: &Tensor,
+        affine: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let n = x.elem_count();
+        let c = affine.dim(1)?;
+        // Packed [γ; β; mean; var] so the backward kernel has three inputs: x, dy, and this.
+        let params = Tensor::cat(&[affine, stats], 0)?.contiguous()?;
+        let packed = x.apply_op3_no_bwd(&dy.contiguous()?, &params, &BwdOp { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let daffine = packed.narrow(0, n, 2 * c)?.reshape((2, c))?;
+        Ok((Some(dx), None, Some(daffine)))
+    }
+}
+
+/// Flat `[dx (B·C·H·W); dγ (C); dβ (C)]`.
+struct BwdOp {
+    eps: f32,
+}
+
+impl CustomOp3 for BwdOp {
+    fn name(&self) -> &'static str {
+        "cim-batch-norm-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, dy, p) = (
+            slice(s1, l1, "x")?,
+            slice(s2, l2, "grad")?,
+            slice(s3, l3, "params")?,
+        );
+        let (b, c, hw) = bchw(l1)?;
+        let (gamma, mean, var) = (&p[..c], &p[2 * c..3 * c], &p[3 * c..]);
+        let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        // Σ dy and Σ dy·x̂ per channel: dβ and dγ.
+        let sums: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mut sd, mut sdx) = (0f64, 0f64);
+                for item in 0..b {
+                    let at = (item * c + ch) * hw;
+                    for (&g, &xi) in dy[at..at + hw].iter().zip(&x[at..at + hw]) {
+                        sd += g as f64;
+                        sdx += (g * (xi - mean[ch]) * rstd[ch]) as f64;
+                    }
+                }
+                (sd, sdx)
+            })
+            .collect();
+        let n = (b * hw) as f32;
+        let mut out = vec![0f32; x.len() + 2 * c];
+        let (dx, tail) = out.split_at_mut(x.len());
+        dx.par_chunks_mut(hw)
+            .zip(x.par_chunks(hw).zip(dy.par_chunks(hw)))
+            .enumerate()
+            .for_each(|(plane, (dp, (xp, gp)))| {
+                let ch = plane % c;
+                let (md, mdx) = (sums[ch].0 as f32 / n, sums[ch].1 as f32 / n);
+                let k = gamma[ch] * rstd[ch];
+                for ((d, &xi), &g) in dp.iter_mut().zip(xp).zip(gp) {
+                    let xh = (xi - mean[ch]) * rstd[ch];
+                    *d = k * (g - md - xh * mdx);
+                }
+            });
+        for ch in 0..c {
+            tail[ch] = sums[ch].1 as f32;
+            tail[c + ch] = sums[ch].0 as f32;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::batch_norm_bwd(s1, l1, s2, l2, s3, l3, self.eps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::tests::randn;
+    use candle_core::Var;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_batch_norm_matches_composed_values_and_gradients() -> Result<()> {
+        let (b, c, h, w) = (3, 5, 7, 6);
+        // Shifted and scaled per channel, so mean and variance matter.
+        let x = Var::from_tensor(&((randn(&[b, c, h, w], 1) * 3.0)? + 1.5)?)?;
+        let gamma = Var::from_tensor(&randn(&[c], 2))?;
+        let beta = Var::from_tensor(&randn(&[c], 3))?;
+        let up = randn(&[b, c, h, w], 4);
+        let stats = channel_moments(&x)?.expect("f32 on the CPU fuses");
+        let mean = x
+            .mean_keepdim(0)?
+            .mean_keepdim(2)?
+            .mean_keepdim(3)?
+            .flatten_all()?;
+        assert!(max_diff(&stats.get(0)?, &mean) < 1e-5);
+        let f = batch_norm_train(&x, &stats, &gamma, &beta, 1e-5)?;
+        let cmp = batch_norm_train_composed(&x, &gamma, &beta, 1e-5)?;
+        assert!(max_diff(&f, &cmp) < 1e-4, "{}", max_diff(&f, &cmp));
+        let gf = (&f * &up)?.sum_all()?.backward()?;
+        let gc = (&cmp * &up)?.sum_all()?.backward()?;
+        for (name, v) in [("x", &x), ("weight", &gamma), ("bias", &beta)] {
+            let d = max_diff(gf.get(v).unwrap(), gc.get(v).unwrap());
+            assert!(d < 1e-3, "{name}: {d}");
+        }
+        // The gradient through the statistics is there: dx sums to ~0 per channel.
+        let s = gf
+            .get(&x)
+            .unwrap()
+            .sum((0, 2, 3))?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(s < 1e-3, "{s}");
+        Ok(())
+    }
+}
