@@ -76,7 +76,12 @@ fn main() -> cim_api::Result<()> {
         let g = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
         sync(g.get(&x).unwrap());
     };
-    report(&format!("batch norm B{b} C{c} {hw}x{hw}"), 3, || bn(false), || bn(true));
+    report(
+        &format!("batch norm B{b} C{c} {hw}x{hw}"),
+        3,
+        || bn(false),
+        || bn(true),
+    );
     // RESPIX target + loss at 224 px, ViT-B/16 head layout.
     let b = 8;
     let img = Tensor::rand(0f32, 1.0, (b, 3, 224, 224), &dev)?;
@@ -190,4 +195,34 @@ fn unpatchify(t: &Tensor) -> candle_core::Result<Tensor> {
         .permute((0, 5, 1, 3, 2, 4))?
         .contiguous()?
         .reshape((b, 3, 224, 224))
+}
+
+/// The 9-view composition of the stem pool (the ResNet plugin's reference, restated here).
+fn composed_pool(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
+    let xp = x
+        .pad_with_zeros(2, 1, 2 * ho + 1 - h)?
+        .pad_with_zeros(3, 1, 2 * wo + 1 - w)?;
+    let strided = |t: &Tensor, dim: usize, start: usize, n: usize| -> candle_core::Result<Tensor> {
+        let mut shape = t.dims().to_vec();
+        shape[dim] = n;
+        shape.insert(dim + 1, 2);
+        t.narrow(dim, start, 2 * n)?
+            .reshape(shape)?
+            .narrow(dim + 1, 0, 1)?
+            .squeeze(dim + 1)
+    };
+    let mut out: Option<Tensor> = None;
+    for dy in 0..3 {
+        let rows = strided(&xp, 2, dy, ho)?;
+        for dx in 0..3 {
+            let v = strided(&rows, 3, dx, wo)?;
+            out = Some(match out {
+                None => v,
+                Some(o) => o.maximum(&v)?,
+            });
+        }
+    }
+    Ok(out.expect("9 views"))
 }

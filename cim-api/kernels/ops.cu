@@ -486,3 +486,44 @@ extern "C" __global__ void cim_batch_norm_bwd(const float* x, const float* dy, c
         out[total + C + ch] = sd;
     }
 }
+
+// ---- MaxPool2d(3, stride 2, padding 1) (src/ops/max_pool.rs). x (P planes, h, w). ----
+
+// Row-major index of the first maximum of output (oy, ox)'s window in `plane`.
+__device__ __forceinline__ int pool_argmax(const float* plane, int h, int w, int oy, int ox) {
+    const int y0 = max(2 * oy - 1, 0), x0 = max(2 * ox - 1, 0);
+    const int y1 = min(2 * oy + 2, h), x1 = min(2 * ox + 2, w);
+    int best = y0 * w + x0;
+    for (int iy = y0; iy < y1; ++iy)
+        for (int ix = x0; ix < x1; ++ix)
+            if (plane[iy * w + ix] > plane[best]) best = iy * w + ix;
+    return best;
+}
+
+extern "C" __global__ void cim_max_pool_fwd(const float* x, float* y, long long planes, int h,
+                                            int w, int ho, int wo) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= planes * ho * wo) return;
+    const int ox = (int)(i % wo), oy = (int)((i / wo) % ho);
+    const float* plane = x + (i / ((long long)ho * wo)) * h * w;
+    y[i] = plane[pool_argmax(plane, h, w, oy, ox)];
+}
+
+// One thread per input pixel, gathering from the ≤ 4 windows that cover it (deterministic).
+extern "C" __global__ void cim_max_pool_bwd(const float* x, const float* dy, float* dx,
+                                            long long planes, int h, int w, int ho, int wo) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= planes * h * w) return;
+    const int ix = (int)(i % w), iy = (int)((i / w) % h);
+    const long long p = i / ((long long)h * w);
+    const float* plane = x + p * h * w;
+    const float* g = dy + p * ho * wo;
+    const int me = iy * w + ix;
+    float s = 0.0f;
+    for (int oy = max(iy / 2, 0); oy <= min((iy + 1) / 2, ho - 1); ++oy)
+        for (int ox = max(ix / 2, 0); ox <= min((ix + 1) / 2, wo - 1); ++ox)
+            if (2 * oy - 1 <= iy && iy <= 2 * oy + 1 && 2 * ox - 1 <= ix && ix <= 2 * ox + 1 &&
+                pool_argmax(plane, h, w, oy, ox) == me)
+                s += g[oy * wo + ox];
+    dx[i] = s;
+}

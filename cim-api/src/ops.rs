@@ -1,8 +1,8 @@
 //! Fused operations with a backward pass: LayerNorm and softmax over the last dimension, and
 //! softmax cross-entropy over a vocabulary (the MIM loss), the RESPIX target and loss
 //! ([`respix_sliding_target`], [`respix_loss`]), self-attention from the packed qkv projection
-//! ([`attention_qkv`]), training-mode BatchNorm ([`batch_norm_train`]), and the AdamW update
-//! ([`adamw_update`]).
+//! ([`attention_qkv`]), training-mode BatchNorm ([`batch_norm_train`]), the ResNet stem max-pool
+//! ([`max_pool_3x3_s2`]), and the AdamW update ([`adamw_update`]).
 //!
 //! candle's own fused `layer_norm` / `softmax_last_dim` have no backward, so models built from
 //! them cannot train; composed from elementary ops, a LayerNorm is ~6 kernels forward and ~12
@@ -31,11 +31,13 @@ mod attention;
 mod batch_norm;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod max_pool;
 mod respix;
 
 pub use adamw::{adamw_composed, adamw_update, AdamStep};
 pub use attention::{attention_composed, attention_qkv};
 pub use batch_norm::{batch_norm_train, batch_norm_train_composed, channel_moments};
+pub use max_pool::max_pool_3x3_s2;
 pub use respix::{respix_loss, respix_sliding_target};
 
 static CUDA_KERNELS: AtomicBool = AtomicBool::new(false);

@@ -102,6 +102,7 @@ fn cuda_kernels_match_the_cpu_kernels() {
     adamw_parity(&gpu);
     attention_parity(&gpu);
     batch_norm_parity(&gpu);
+    max_pool_parity(&gpu);
     ops::set_cuda_kernels(false);
 }
 
@@ -214,5 +215,19 @@ fn batch_norm_parity(gpu: &Device) {
             "batch norm grad {i}: {}",
             max_diff(a, b)
         );
+    }
+}
+
+/// The ResNet stem pool at its ImageNet shape (112×112 → 56×56) and an odd size.
+fn max_pool_parity(gpu: &Device) {
+    let cpu = Device::Cpu;
+    for (b, c, h, w) in [(2, 64, 112, 112), (1, 3, 9, 8)] {
+        let x = randn(&[b, c, h, w], 50, &cpu);
+        let up = randn(&[b, c, (h - 1) / 2 + 1, (w - 1) / 2 + 1], 51, &cpu);
+        let f = |t: &[Tensor]| ops::max_pool_3x3_s2(&t[0]).unwrap().expect("fused");
+        let (yc, gc) = run(&cpu, &f, &[x.clone()], &up);
+        let (yg, gg) = run(gpu, &f, &[x], &up);
+        assert!(max_diff(&yc, &yg) == 0.0, "max pool value");
+        assert!(max_diff(&gc[0], &gg[0]) < 1e-5, "max pool grad");
     }
 }

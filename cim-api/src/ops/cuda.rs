@@ -539,3 +539,59 @@ pub fn batch_norm_bwd(
     unsafe { a.launch(per_channel(c)) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(total)))
 }
+
+fn pool_dims(l: &Layout) -> Result<(i64, i32, i32, i32, i32)> {
+    let (b, c, h, w) = l.shape().dims4()?;
+    let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
+    Ok(((b * c) as i64, h as i32, w as i32, ho as i32, wo as i32))
+}
+
+pub fn max_pool_fwd(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device().clone();
+    let x = view::<f32>(s, l, "x")?;
+    let (planes, h, w, ho, wo) = pool_dims(l)?;
+    let n = planes as usize * (ho * wo) as usize;
+    let y = dev.alloc_zeros::<f32>(n)?;
+    let func = dev.get_or_load_custom_func("cim_max_pool_fwd", MODULE, PTX)?;
+    let mut a = func.builder();
+    a.arg(&x)
+        .arg(&y)
+        .arg(&planes)
+        .arg(&h)
+        .arg(&w)
+        .arg(&ho)
+        .arg(&wo);
+    // SAFETY: argument types and counts match the kernel's signature; one thread per output.
+    unsafe { a.launch(per_element(n)) }.w()?;
+    let (b, c, _, _) = l.shape().dims4()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(y, dev),
+        Shape::from((b, c, ho as usize, wo as usize)),
+    ))
+}
+
+pub fn max_pool_bwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (x, dy) = (view::<f32>(s1, l1, "x")?, view::<f32>(s2, l2, "grad")?);
+    let (planes, h, w, ho, wo) = pool_dims(l1)?;
+    let n = l1.shape().elem_count();
+    let dx = dev.alloc_zeros::<f32>(n)?;
+    let func = dev.get_or_load_custom_func("cim_max_pool_bwd", MODULE, PTX)?;
+    let mut a = func.builder();
+    a.arg(&x)
+        .arg(&dy)
+        .arg(&dx)
+        .arg(&planes)
+        .arg(&h)
+        .arg(&w)
+        .arg(&ho)
+        .arg(&wo);
+    // SAFETY: argument types and counts match the kernel's signature; one thread per input.
+    unsafe { a.launch(per_element(n)) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
+}

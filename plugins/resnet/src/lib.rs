@@ -306,10 +306,18 @@ fn strided(x: &Tensor, dim: usize, start: usize, n: usize, step: usize) -> Resul
     Ok(t.reshape(shape)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)?)
 }
 
-/// torchvision's stem pool, `MaxPool2d(3, stride=2, padding=1)`, as the maximum of 9 strided views
-/// (candle's own max-pool has no backward for overlapping windows). Its input follows a ReLU, so
-/// zero padding equals PyTorch's −∞ padding.
+/// torchvision's stem pool, `MaxPool2d(3, stride=2, padding=1)`: the fused kernel
+/// ([`cim_api::ops::max_pool_3x3_s2`]) where it applies, else [`max_pool_3x3_s2_composed`].
 pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
+    match cim_api::ops::max_pool_3x3_s2(x)? {
+        Some(y) => Ok(y),
+        None => max_pool_3x3_s2_composed(x),
+    }
+}
+
+/// The stem pool as the maximum of 9 strided views (candle's own max-pool has no backward for
+/// overlapping windows). Its input follows a ReLU, so zero padding equals PyTorch's −∞ padding.
+pub fn max_pool_3x3_s2_composed(x: &Tensor) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
     // Pad 1 before and enough after that every strided view has ho (wo) entries.
@@ -419,6 +427,30 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The fused pool against the 9-view composition: values and the gradient (each output's
+    /// gradient lands on its window's maximum; overlapping windows add up).
+    #[test]
+    fn fused_stem_pool_matches_composed_values_and_gradient() -> Result<()> {
+        let x = candle_core::Var::from_tensor(&cim_api::testing::uniform((2, 3, 9, 8), 6)?)?;
+        let up = cim_api::testing::uniform((2, 3, 5, 4), 7)?;
+        let f = cim_api::ops::max_pool_3x3_s2(&x)?.expect("f32 on the CPU fuses");
+        let c = max_pool_3x3_s2_composed(&x)?;
+        let d = (&f - &c)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(d, 0.0);
+        let gf = (&f * &up)?.sum_all()?.backward()?;
+        let gc = (&c * &up)?.sum_all()?.backward()?;
+        let (gf, gc) = (gf.get(&x).unwrap(), gc.get(&x).unwrap());
+        let dg = (gf - gc)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(dg < 1e-6, "{dg}");
+        // Every output's gradient is routed somewhere: the sums agree.
+        let (sf, su) = (
+            gf.sum_all()?.to_scalar::<f32>()?,
+            up.sum_all()?.to_scalar::<f32>()?,
+        );
+        assert!((sf - su).abs() < 1e-4, "{sf} vs {su}");
         Ok(())
     }
 
