@@ -82,6 +82,24 @@ fn main() -> cim_api::Result<()> {
         || bn(false),
         || bn(true),
     );
+    // The ResNet stem pool (112 → 56) against the composed 9-view maximum.
+    let x = Var::from_tensor(&Tensor::rand(0f32, 1.0, (b, 64, 112, 112), &dev)?)?;
+    let up = Tensor::randn(0f32, 1.0, (b, 64, 56, 56), &dev)?;
+    let pool = |fused: bool| {
+        let y = if fused {
+            ops::max_pool_3x3_s2(&x).unwrap().unwrap()
+        } else {
+            composed_pool(&x).unwrap()
+        };
+        let g = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        sync(g.get(&x).unwrap());
+    };
+    report(
+        &format!("max pool 3x3/2 B{b} C64 112x112"),
+        3,
+        || pool(false),
+        || pool(true),
+    );
     // RESPIX target + loss at 224 px, ViT-B/16 head layout.
     let b = 8;
     let img = Tensor::rand(0f32, 1.0, (b, 3, 224, 224), &dev)?;
