@@ -254,19 +254,8 @@ impl CustomOp2 for AttentionBwdOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::tests::randn;
+    use crate::ops::tests::{max_diff, randn};
     use candle_core::{Var, D};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     #[test]
     fn fused_attention_matches_composed_values_and_gradients() -> Result<()> {

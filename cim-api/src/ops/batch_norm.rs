@@ -277,19 +277,8 @@ impl CustomOp3 for BwdOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::tests::randn;
+    use crate::ops::tests::{max_diff, randn};
     use candle_core::Var;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     #[test]
     fn fused_batch_norm_matches_composed_values_and_gradients() -> Result<()> {
