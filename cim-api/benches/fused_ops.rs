@@ -100,6 +100,49 @@ fn main() -> cim_api::Result<()> {
         || pool(false),
         || pool(true),
     );
+    // Convolution: im2col + GEMM against candle's conv2d (CPU only: CUDA keeps candle's/cuDNN's).
+    // ResNet-50's stem and a layer1 3×3 with both gradients; the real dVAE encoder's first-group
+    // 3×3 forward only (it is frozen).
+    if dev.is_cpu() {
+        for (name, (b, c, hw, c_out, k, stride), grads, reps) in [
+            (
+                "conv 7x7/2 3->64 B8 224x224 fwd+bwd",
+                (8, 3, 224, 64, 7, 2),
+                true,
+                3,
+            ),
+            (
+                "conv 3x3 64->64 B8 56x56 fwd+bwd",
+                (8, 64, 56, 64, 3, 1),
+                true,
+                3,
+            ),
+            (
+                "conv 3x3 64->64 B8 112x112 fwd (dVAE)",
+                (8, 64, 112, 64, 3, 1),
+                false,
+                3,
+            ),
+        ] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, hw, hw), &dev)?)?;
+            let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (c_out, c, k, k), &dev)?)?;
+            let conv = |fused: bool| {
+                let y = if fused {
+                    ops::conv2d(&x, &w, k / 2, stride).unwrap()
+                } else {
+                    x.conv2d(&w, k / 2, stride, 1, 1).unwrap()
+                };
+                if grads {
+                    let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                    sync(g.get(&x).unwrap());
+                    sync(g.get(&w).unwrap());
+                } else {
+                    sync(&y);
+                }
+            };
+            report(name, reps, || conv(false), || conv(true));
+        }
+    }
     // RESPIX target + loss at 224 px, ViT-B/16 head layout.
     let b = 8;
     let img = Tensor::rand(0f32, 1.0, (b, 3, 224, 224), &dev)?;

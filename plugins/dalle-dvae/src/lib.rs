@@ -156,7 +156,7 @@ impl Conv {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let n = self.b.dim(0)?;
-        Ok(x.conv2d(&self.w, self.pad, 1, 1, 1)?
+        Ok(cim_api::ops::conv2d(x, &self.w, self.pad, 1)?
             .broadcast_add(&self.b.reshape((1, n, 1, 1))?)?)
     }
 }

@@ -117,10 +117,10 @@ impl VqConfig {
     }
 }
 
-/// A stride-1 `k×k` convolution with bias (PyTorch's `Conv2d` names: `weight`, `bias`), written as
-/// shifted views + one matmul. candle's CPU convolution backward goes through a direct
-/// transposed-convolution loop that made training ~10× slower; this form's backward is matmuls
-/// and copies on every device.
+/// A stride-1 "same" `k×k` convolution with bias (PyTorch's `Conv2d` names: `weight`, `bias`)
+/// through [`cim_api::ops::conv2d`]: im2col + GEMM on the CPU, whose backward is a matmul's and one
+/// col2im pass (candle's own CPU convolution backward, a direct transposed-convolution loop, made
+/// training ~10× slower).
 #[derive(Clone, Debug)]
 struct Conv {
     w: Tensor,
@@ -148,25 +148,9 @@ impl Conv {
         Ok(Self { w, b, k })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let (cout, k) = (self.w.dim(0)?, self.k);
-        let cols = if k == 1 {
-            x.reshape((b, c, h * w))?
-        } else {
-            // "same" padding; columns ordered (c, ky, kx) like the weight.
-            let p = k / 2;
-            let xp = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
-            let mut views = Vec::with_capacity(k * k);
-            for dy in 0..k {
-                for dx in 0..k {
-                    views.push(xp.narrow(2, dy, h)?.narrow(3, dx, w)?);
-                }
-            }
-            Tensor::stack(&views, 2)?.reshape((b, c * k * k, h * w))?
-        };
-        let y = self.w.reshape((cout, c * k * k))?.broadcast_matmul(&cols)?;
-        Ok(y.broadcast_add(&self.b.reshape((1, cout, 1))?)?
-            .reshape((b, cout, h, w))?)
+        let cout = self.w.dim(0)?;
+        Ok(cim_api::ops::conv2d(x, &self.w, self.k / 2, 1)?
+            .broadcast_add(&self.b.reshape((1, cout, 1, 1))?)?)
     }
 }
 

@@ -1,0 +1,278 @@
+//! 2-D convolution on the CPU as im2col + one GEMM per image, with a backward.
+//!
+//! candle 0.11's CPU `conv2d` converts the input to NHWC on one thread, scatters each 512-pixel
+//! tile's patches column by column and runs one small GEMM per tile; its backward runs a
+//! `conv_transpose2d` (dx) and a second convolution over transposed copies (dw). Here the patch
+//! matrix of each image, `(C·k·k, Ho·Wo)` in the weight's `(c, ky, kx)` order, is written row by row
+//! (each row a shifted copy of one input plane, in parallel over planes), and the convolution is one
+//! batched GEMM against the `(C_out, C·k·k)` weight that lands directly in NCHW. The backward is
+//! the GEMM's (candle's matmul backward) plus one col2im pass that folds the patch gradients back
+//! onto the input planes. Batches whose patch matrix would exceed [`COL_BUDGET`] bytes are split
+//! into chunks of images, so the real dVAE at 112 px (C·k·k = 2304, 12 544 pixels per image) does
+//! not hold a batch-sized patch matrix.
+//!
+//! Only f32 CPU tensors take this path; CUDA keeps candle's `conv2d` (cuDNN with the `cudnn`
+//! feature), other dtypes too.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::slice;
+use crate::Result;
+
+/// Largest patch matrix one chunk of images may hold, in bytes.
+pub const COL_BUDGET: usize = 256 << 20;
+
+/// `conv2d(x, w)` with square kernels, no dilation, one group: `x` `(B, C, H, W)`, `w`
+/// `(C_out, C, k, k)` → `(B, C_out, Ho, Wo)`, `Ho = (H + 2·padding − k) / stride + 1`. No bias.
+/// f32 CPU tensors run im2col + GEMM; everything else candle's `conv2d`.
+pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    conv2d_with_budget(x, w, padding, stride, COL_BUDGET)
+}
+
+/// [`conv2d`] with an explicit patch-matrix budget (bytes per chunk of images).
+pub fn conv2d_with_budget(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    budget: usize,
+) -> Result<Tensor> {
+    let on_cpu_f32 = [x, w]
+        .iter()
+        .all(|t| t.dtype() == DType::F32 && t.device().is_cpu());
+    let (_, _, kh, kw) = w.dims4()?;
+    if !on_cpu_f32 || kh != kw || stride == 0 {
+        return Ok(x.conv2d(w, padding, stride, 1, 1)?);
+    }
+    let (b, c, h, wd) = x.dims4()?;
+    let (c_out, c_w, k, _) = w.dims4()?;
+    if c_w != c {
+        return Err(crate::Error::msg(format!(
+            "conv2d: input has {c} channels, weight expects {c_w}"
+        )));
+    }
+    if h + 2 * padding < k || wd + 2 * padding < k {
+        return Err(crate::Error::msg(format!(
+            "conv2d: {h}×{wd} input with padding {padding} is smaller than the {k}×{k} kernel"
+        )));
+    }
+    let (ho, wo) = (
+        (h + 2 * padding - k) / stride + 1,
+        (wd + 2 * padding - k) / stride + 1,
+    );
+    let w2 = w.reshape((c_out, c * k * k))?;
+    let per_image = c * k * k * ho * wo * 4;
+    let chunk = (budget / per_image.max(1)).clamp(1, b);
+    let x = x.contiguous()?;
+    let op = Im2Col { k, stride, padding };
+    let mut outs = Vec::with_capacity(b.div_ceil(chunk));
+    for start in (0..b).step_by(chunk) {
+        let n = chunk.min(b - start);
+        let xc = if n == b {
+            x.clone()
+        } else {
+            x.narrow(0, start, n)?
+        };
+        let cols = if k == 1 && stride == 1 && padding == 0 {
+            xc.reshape((n, c, h * wd))?
+        } else {
+            xc.apply_op1(op)?
+        };
+        outs.push(w2.broadcast_matmul(&cols)?);
+    }
+    let y = if outs.len() == 1 {
+        outs.pop().expect("one chunk")
+    } else {
+        Tensor::cat(&outs, 0)?
+    };
+    Ok(y.reshape((b, c_out, ho, wo))?)
+}
+
+#[derive(Clone, Copy)]
+struct Im2Col {
+    k: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl Im2Col {
+    fn out(&self, n: usize) -> usize {
+        (n + 2 * self.padding - self.k) / self.stride + 1
+    }
+
+    /// The input column `ix` read by output column `ox` at kernel column `kx`, if inside.
+    #[inline]
+    fn src(&self, o: usize, kk: usize, n: usize) -> Option<usize> {
+        (o * self.stride + kk)
+            .checked_sub(self.padding)
+            .filter(|&i| i < n)
+    }
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "cim-im2col"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "x")?;
+        let (b, c, h, w) = l.shape().dims4()?;
+        let (k, ho, wo) = (self.k, self.out(h), self.out(w));
+        let mut cols = vec![0f32; b * c * k * k * ho * wo];
+        cols.par_chunks_mut(k * k * ho * wo)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(dst, plane)| {
+                for (kk, rows) in dst.chunks_mut(ho * wo).enumerate() {
+                    let (ky, kx) = (kk / k, kk % k);
+                    for (oy, row) in rows.chunks_mut(wo).enumerate() {
+                        let Some(iy) = self.src(oy, ky, h) else {
+                            continue; // padding rows stay zero
+                        };
+                        let src = &plane[iy * w..(iy + 1) * w];
+                        for (ox, v) in row.iter_mut().enumerate() {
+                            if let Some(ix) = self.src(ox, kx, w) {
+                                *v = src[ix];
+                            }
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(cols), Shape::from((b, c * k * k, ho * wo))))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _cols: &Tensor,
+        dcols: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (_, _, h, w) = x.dims4()?;
+        let op = Col2Im { op: *self, h, w };
+        Ok(Some(dcols.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}
+
+/// The im2col backward: each input pixel's gradient is the sum over the patch entries that read
+/// it. Parallel over input planes, so no two workers write the same pixel.
+struct Col2Im {
+    op: Im2Col,
+    h: usize,
+    w: usize,
+}
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "cim-col2im"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = slice(s, l, "grad")?;
+        let (b, ckk, _) = l.shape().dims3()?;
+        let (op, h, w) = (self.op, self.h, self.w);
+        let (k, ho, wo) = (op.k, op.out(h), op.out(w));
+        let c = ckk / (k * k);
+        let mut dx = vec![0f32; b * c * h * w];
+        dx.par_chunks_mut(h * w)
+            .zip(g.par_chunks(k * k * ho * wo))
+            .for_each(|(plane, src)| {
+                for (kk, rows) in src.chunks(ho * wo).enumerate() {
+                    let (ky, kx) = (kk / k, kk % k);
+                    for (oy, row) in rows.chunks(wo).enumerate() {
+                        let Some(iy) = op.src(oy, ky, h) else {
+                            continue;
+                        };
+                        let dst = &mut plane[iy * w..(iy + 1) * w];
+                        for (ox, v) in row.iter().enumerate() {
+                            if let Some(ix) = op.src(ox, kx, w) {
+                                dst[ix] += v;
+                            }
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dx), Shape::from((b, c, h, w))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::tests::{max_diff, randn};
+    use candle_core::Var;
+
+    /// Values and both gradients against candle's `conv2d`, for the kernel/stride/padding
+    /// combinations the plugins use (dVAE 7×7/3×3/1×1, ResNet stem 7×7 s2, strided 3×3 and 1×1,
+    /// ViT patch embedding k = stride) and an uneven input.
+    #[test]
+    fn matches_candle_conv2d_values_and_gradients() -> Result<()> {
+        for (i, &(b, c, h, w, c_out, k, stride, pad)) in [
+            (2, 3, 12, 12, 5, 7, 1, 3),
+            (2, 4, 9, 7, 6, 3, 1, 1),
+            (3, 4, 8, 8, 5, 1, 1, 0),
+            (2, 3, 15, 13, 4, 7, 2, 3),
+            (2, 4, 9, 9, 3, 3, 2, 1),
+            (2, 6, 8, 8, 4, 1, 2, 0),
+            (2, 3, 16, 16, 8, 4, 4, 0),
+            (1, 2, 5, 6, 3, 3, 1, 0),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let x = Var::from_tensor(&randn(&[b, c, h, w], 10 + i as u64))?;
+            let wt = Var::from_tensor(&randn(&[c_out, c, k, k], 20 + i as u64))?;
+            let g = randn(
+                &[
+                    b,
+                    c_out,
+                    (h + 2 * pad - k) / stride + 1,
+                    (w + 2 * pad - k) / stride + 1,
+                ],
+                30 + i as u64,
+            );
+            let fused = conv2d(&x, &wt, pad, stride)?;
+            let want = x.conv2d(&wt, pad, stride, 1, 1)?;
+            assert_eq!(fused.dims(), want.dims(), "case {i}");
+            let d = max_diff(&fused, &want);
+            assert!(d < 1e-4, "case {i}: forward differs by {d}");
+            let gf = (fused * &g)?.sum_all()?.backward()?;
+            let gw = (want * &g)?.sum_all()?.backward()?;
+            for (what, v) in [("dx", &x), ("dw", &wt)] {
+                let (a, e) = (gf.get(v).unwrap(), gw.get(v).unwrap());
+                let d = max_diff(a, e);
+                let scale = e.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+                assert!(d < 1e-4 * scale, "case {i}: {what} differs by {d}");
+            }
+        }
+        Ok(())
+    }
+
+    /// A budget smaller than one image's patch matrix splits the batch image by image and gives
+    /// the same values and gradients as one chunk.
+    #[test]
+    fn chunked_batches_match_one_chunk() -> Result<()> {
+        let x = Var::from_tensor(&randn(&[5, 3, 10, 10], 1))?;
+        let wt = Var::from_tensor(&randn(&[4, 3, 3, 3], 2))?;
+        let one = conv2d_with_budget(&x, &wt, 1, 1, usize::MAX)?;
+        let many = conv2d_with_budget(&x, &wt, 1, 1, 1)?;
+        assert!(max_diff(&one, &many) < 1e-6);
+        let g1 = one.sqr()?.sum_all()?.backward()?;
+        let g2 = many.sqr()?.sum_all()?.backward()?;
+        for v in [&x, &wt] {
+            let (a, e) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+            let scale = e.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                max_diff(a, e) < 1e-5 * scale,
+                "{} vs {scale}",
+                max_diff(a, e)
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_mismatched_channels_and_small_inputs() {
+        let x = randn(&[1, 3, 4, 4], 1);
+        let e = conv2d(&x, &randn(&[2, 4, 3, 3], 2), 1, 1).unwrap_err();
+        assert!(e.to_string().contains("3 channels"), "{e}");
+        let e = conv2d(&x, &randn(&[2, 3, 7, 7], 2), 1, 1).unwrap_err();
+        assert!(e.to_string().contains("smaller than the 7×7"), "{e}");
+    }
+}
