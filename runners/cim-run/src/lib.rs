@@ -5,6 +5,7 @@
 //! registry, [`train::Trainer`] runs the steps. A custom binary that links extra plugin crates
 //! calls [`cli::main`] and gets the same CLI with its plugins registered.
 
+mod alloc;
 pub mod augment;
 pub mod bench;
 pub mod checkpoint;
@@ -37,3 +38,5 @@ use cim_plugin_vq as _;
 // each time (page faults on every step). mimalloc keeps them: ~20% faster CPU steps here.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+pub use alloc::{keep_freed_memory, purge_delay_ms};
