@@ -59,6 +59,29 @@ fn main() -> cim_api::Result<()> {
             || run(true),
         );
     }
+    // The MLP's bias + GELU: the tiny CPU preset's enhancer and ViT-B/16 (8 images).
+    for (rows, d, reps) in [(32 * 65, 256, 10), (8 * 197, 3072, 3)] {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, d), &dev)?)?;
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 1.0, d, &dev)?)?;
+        let up = Tensor::randn(0f32, 1.0, (rows, d), &dev)?;
+        let run = |fused: bool| {
+            let y = if fused {
+                ops::bias_gelu(&x, &bias)
+            } else {
+                ops::bias_gelu_composed(&x, &bias)
+            }
+            .unwrap();
+            let g = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            sync(g.get(&x).unwrap());
+            sync(g.get(&bias).unwrap());
+        };
+        report(
+            &format!("bias + gelu {rows}x{d}"),
+            reps,
+            || run(false),
+            || run(true),
+        );
+    }
     // Training BatchNorm at a ResNet-50 layer1 shape.
     let (b, c, hw) = (8, 256, 56);
     let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, hw, hw), &dev)?)?;

@@ -527,3 +527,62 @@ extern "C" __global__ void cim_max_pool_bwd(const float* x, const float* dy, flo
                 s += g[oy * wo + ox];
     dx[i] = s;
 }
+
+// x + b and gelu(x + b) (exact, erf GELU); b broadcast over rows of d. One thread per element.
+__device__ __forceinline__ float gelu_erf(float z) {
+    return 0.5f * z * (1.0f + erff(z * 0.70710678f));
+}
+
+__device__ __forceinline__ float gelu_erf_grad(float z) {
+    return 0.5f * (1.0f + erff(z * 0.70710678f)) + z * 0.39894228f * expf(-0.5f * z * z);
+}
+
+extern "C" __global__ void cim_bias_gelu_fwd(const float* x, const float* b, float* y,
+                                             long long n, int d) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    y[i] = gelu_erf(x[i] + b[i % d]);
+}
+
+extern "C" __global__ void cim_bias_add_fwd(const float* x, const float* b, float* y, long long n,
+                                            int d) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    y[i] = x[i] + b[i % d];
+}
+
+extern "C" __global__ void cim_bias_gelu_bwd_dx(const float* x, const float* b, const float* dy,
+                                                float* dx, long long n, int d) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    dx[i] = dy[i] * gelu_erf_grad(x[i] + b[i % d]);
+}
+
+// Column sums of a (rows, d) matrix in two deterministic stages. Stage 1: block (32, 8) covers 32
+// columns of one chunk of COL_CHUNK rows; partial[chunk][j] = Σ rows of the chunk.
+#define COL_CHUNK 256
+extern "C" __global__ void cim_col_sum_partial(const float* a, float* partial, int rows, int d) {
+    __shared__ float sh[8][33];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int j = blockIdx.x * 32 + tx;
+    const int r0 = blockIdx.y * COL_CHUNK, r1 = min(r0 + COL_CHUNK, rows);
+    float s = 0.0f;
+    if (j < d)
+        for (int r = r0 + ty; r < r1; r += 8) s += a[(size_t)r * d + j];
+    sh[ty][tx] = s;
+    __syncthreads();
+    if (ty == 0 && j < d) {
+        for (int k = 1; k < 8; ++k) s += sh[k][tx];
+        partial[(size_t)blockIdx.y * d + j] = s;
+    }
+}
+
+// Stage 2: out[j] = Σ_chunks partial[chunk][j], chunks in order.
+extern "C" __global__ void cim_col_sum_chunks(const float* partial, float* out, int chunks,
+                                              int d) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    float s = 0.0f;
+    for (int c = 0; c < chunks; ++c) s += partial[(size_t)c * d + j];
+    out[j] = s;
+}

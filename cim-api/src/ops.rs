@@ -2,7 +2,7 @@
 //! softmax cross-entropy over a vocabulary (the MIM loss), the RESPIX target and loss
 //! ([`respix_sliding_target`], [`respix_loss`]), self-attention from the packed qkv projection
 //! ([`attention_qkv`]), training-mode BatchNorm ([`batch_norm_train`]), the ResNet stem max-pool
-//! ([`max_pool_3x3_s2`]), the AdamW update ([`adamw_update`]), and the CPU convolution as
+//! ([`max_pool_3x3_s2`]), the MLP's bias + GELU ([`bias_gelu`]), the AdamW update ([`adamw_update`]), and the CPU convolution as
 //! im2col + GEMM ([`conv2d`]).
 //!
 //! candle's own fused `layer_norm` / `softmax_last_dim` have no backward, so models built from
@@ -30,6 +30,7 @@ const CHUNK_ROWS: usize = 64;
 mod adamw;
 mod attention;
 mod batch_norm;
+mod bias;
 mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -39,6 +40,7 @@ mod respix;
 pub use adamw::{adamw_composed, adamw_update, AdamStep};
 pub use attention::{attention_composed, attention_qkv};
 pub use batch_norm::{batch_norm_train, batch_norm_train_composed, channel_moments};
+pub use bias::{bias_add, bias_gelu, bias_gelu_composed};
 pub use conv::{conv2d, conv2d_with_budget, COL_BUDGET};
 pub use max_pool::max_pool_3x3_s2;
 pub use respix::{respix_loss, respix_sliding_target};

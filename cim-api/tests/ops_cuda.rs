@@ -103,6 +103,7 @@ fn cuda_kernels_match_the_cpu_kernels() {
     attention_parity(&gpu);
     batch_norm_parity(&gpu);
     max_pool_parity(&gpu);
+    bias_gelu_parity(&gpu);
     ops::set_cuda_kernels(false);
 }
 
@@ -229,5 +230,30 @@ fn max_pool_parity(gpu: &Device) {
         let (yg, gg) = run(gpu, &f, &[x], &up);
         assert!(max_diff(&yc, &yg) == 0.0, "max pool value");
         assert!(max_diff(&gc[0], &gg[0]) < 1e-5, "max pool grad");
+    }
+}
+
+/// The bias add and the MLP's bias + GELU at ViT-B's hidden width over 3·197 rows, and a narrow
+/// odd width.
+fn bias_gelu_parity(gpu: &Device) {
+    let cpu = Device::Cpu;
+    for (rows, d) in [(3 * 197, 3072), (37, 33)] {
+        let x = randn(&[rows, d], 60, &cpu);
+        let b = randn(&[d], 61, &cpu);
+        let up = randn(&[rows, d], 62, &cpu);
+        // db sums over rows: its rounding grows with the row count.
+        let tol = 1e-4 * rows as f32;
+        let f = |t: &[Tensor]| ops::bias_gelu(&t[0], &t[1]).unwrap();
+        let (yc, gc) = run(&cpu, &f, &[x.clone(), b.clone()], &up);
+        let (yg, gg) = run(gpu, &f, &[x.clone(), b.clone()], &up);
+        assert!(max_diff(&yc, &yg) < 1e-5, "bias_gelu value ({rows}×{d})");
+        assert!(max_diff(&gc[0], &gg[0]) < 1e-4, "bias_gelu dx ({rows}×{d})");
+        assert!(max_diff(&gc[1], &gg[1]) < tol, "bias_gelu db ({rows}×{d})");
+        let f = |t: &[Tensor]| ops::bias_add(&t[0], &t[1]).unwrap();
+        let (yc, gc) = run(&cpu, &f, &[x.clone(), b.clone()], &up);
+        let (yg, gg) = run(gpu, &f, &[x, b], &up);
+        assert!(max_diff(&yc, &yg) < 1e-6, "bias_add value ({rows}×{d})");
+        assert!(max_diff(&gc[0], &gg[0]) == 0.0, "bias_add dx ({rows}×{d})");
+        assert!(max_diff(&gc[1], &gg[1]) < tol, "bias_add db ({rows}×{d})");
     }
 }

@@ -101,12 +101,29 @@ impl Im2Col {
         (n + 2 * self.padding - self.k) / self.stride + 1
     }
 
-    /// The input column `ix` read by output column `ox` at kernel column `kx`, if inside.
+    /// The input index read by output index `o` at kernel offset `kk` (rows or columns), if
+    /// inside an input of `n`.
     #[inline]
     fn src(&self, o: usize, kk: usize, n: usize) -> Option<usize> {
         (o * self.stride + kk)
             .checked_sub(self.padding)
             .filter(|&i| i < n)
+    }
+
+    /// The outputs `o0..o1` of a row of `n_out` whose input `o·stride + kk − padding` lies inside
+    /// `0..n`, and the input index of `o0`.
+    #[inline]
+    fn span(&self, kk: usize, n: usize, n_out: usize) -> (usize, usize, usize) {
+        let s = self.stride;
+        let o0 = self.padding.saturating_sub(kk).div_ceil(s);
+        // Last valid o: o·s + kk − padding ≤ n − 1.
+        let o1 = if n + self.padding > kk {
+            ((n - 1 + self.padding - kk) / s + 1).min(n_out)
+        } else {
+            0
+        };
+        let o0 = o0.min(o1);
+        (o0, o1, (o0 * s + kk).saturating_sub(self.padding))
     }
 }
 
@@ -124,14 +141,18 @@ impl CustomOp1 for Im2Col {
             .for_each(|(dst, plane)| {
                 for (kk, rows) in dst.chunks_mut(ho * wo).enumerate() {
                     let (ky, kx) = (kk / k, kk % k);
+                    let (ox0, ox1, ix0) = self.span(kx, w, wo);
                     for (oy, row) in rows.chunks_mut(wo).enumerate() {
                         let Some(iy) = self.src(oy, ky, h) else {
                             continue; // padding rows stay zero
                         };
-                        let src = &plane[iy * w..(iy + 1) * w];
-                        for (ox, v) in row.iter_mut().enumerate() {
-                            if let Some(ix) = self.src(ox, kx, w) {
-                                *v = src[ix];
+                        let src = &plane[iy * w + ix0..(iy + 1) * w];
+                        let row = &mut row[ox0..ox1];
+                        if self.stride == 1 {
+                            row.copy_from_slice(&src[..row.len()]);
+                        } else {
+                            for (v, x) in row.iter_mut().zip(src.iter().step_by(self.stride)) {
+                                *v = *x;
                             }
                         }
                     }
@@ -175,15 +196,14 @@ impl CustomOp1 for Col2Im {
             .for_each(|(plane, src)| {
                 for (kk, rows) in src.chunks(ho * wo).enumerate() {
                     let (ky, kx) = (kk / k, kk % k);
+                    let (ox0, ox1, ix0) = op.span(kx, w, wo);
                     for (oy, row) in rows.chunks(wo).enumerate() {
                         let Some(iy) = op.src(oy, ky, h) else {
                             continue;
                         };
-                        let dst = &mut plane[iy * w..(iy + 1) * w];
-                        for (ox, v) in row.iter().enumerate() {
-                            if let Some(ix) = op.src(ox, kx, w) {
-                                dst[ix] += v;
-                            }
+                        let dst = &mut plane[iy * w + ix0..(iy + 1) * w];
+                        for (d, v) in dst.iter_mut().step_by(op.stride).zip(&row[ox0..ox1]) {
+                            *d += v;
                         }
                     }
                 }
@@ -212,6 +232,9 @@ mod tests {
             (2, 6, 8, 8, 4, 1, 2, 0),
             (2, 3, 16, 16, 8, 4, 4, 0),
             (1, 2, 5, 6, 3, 3, 1, 0),
+            // Stride 3 dividing the padded extent: when it does not, candle's own conv2d
+            // backward returns a dx of the wrong shape (its transposed convolution drops a row).
+            (2, 2, 12, 12, 3, 5, 3, 2),
         ]
         .iter()
         .enumerate()
@@ -240,6 +263,37 @@ mod tests {
                 let scale = e.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
                 assert!(d < 1e-4 * scale, "case {i}: {what} differs by {d}");
             }
+        }
+        Ok(())
+    }
+
+    /// Where the stride does not divide the padded extent (candle's own backward fails there), the
+    /// values and gradients equal a stride-1 convolution sampled every `stride` pixels.
+    #[test]
+    fn uneven_stride_matches_subsampled_stride_one() -> Result<()> {
+        let (stride, pad, k) = (3, 2, 5);
+        let x = Var::from_tensor(&randn(&[2, 2, 11, 10], 7))?;
+        let wt = Var::from_tensor(&randn(&[3, 2, k, k], 8))?;
+        let ours = conv2d(&x, &wt, pad, stride)?;
+        let full = x.conv2d(&wt, pad, 1, 1, 1)?;
+        let pick = |n: usize| -> Result<Tensor> {
+            let idx: Vec<u32> = (0..n).step_by(stride).map(|i| i as u32).collect();
+            Ok(Tensor::new(idx.as_slice(), &candle_core::Device::Cpu)?)
+        };
+        let (ho, wo) = (full.dim(2)?, full.dim(3)?);
+        let want = full
+            .index_select(&pick(ho)?, 2)?
+            .index_select(&pick(wo)?, 3)?;
+        assert_eq!(ours.dims(), want.dims());
+        assert!(max_diff(&ours, &want) < 1e-4);
+        let g = randn(ours.dims(), 9);
+        let go = (ours * &g)?.sum_all()?.backward()?;
+        let gw = (want * &g)?.sum_all()?.backward()?;
+        for v in [&x, &wt] {
+            let (a, e) = (go.get(v).unwrap(), gw.get(v).unwrap());
+            assert_eq!(a.dims(), e.dims());
+            let scale = e.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+            assert!(max_diff(a, e) < 1e-4 * scale);
         }
         Ok(())
     }

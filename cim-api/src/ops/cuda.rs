@@ -595,3 +595,119 @@ pub fn max_pool_bwd(
     unsafe { a.launch(per_element(n)) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
 }
+
+fn bias_fwd(
+    kernel: &str,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (x, b) = (view::<f32>(s1, l1, "x")?, view::<f32>(s2, l2, "bias")?);
+    let (rows, d) = dims(l1)?;
+    let n = rows * d;
+    let y = dev.alloc_zeros::<f32>(n)?;
+    let func = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
+    let (nn, dd) = (n as i64, d as i32);
+    let mut a = func.builder();
+    a.arg(&x).arg(&b).arg(&y).arg(&nn).arg(&dd);
+    // SAFETY: argument types and counts match the kernel's signature; one thread per element.
+    unsafe { a.launch(per_element(n)) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
+}
+
+pub fn bias_add_fwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    bias_fwd("cim_bias_add_fwd", s1, l1, s2, l2)
+}
+
+pub fn bias_gelu_fwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    bias_fwd("cim_bias_gelu_fwd", s1, l1, s2, l2)
+}
+
+/// Column sums of `a` `(rows, d)` into `out` (d floats): per-chunk partials, then their sum in
+/// chunk order (kernels/ops.cu).
+fn col_sum_into(
+    dev: &candle_core::CudaDevice,
+    a: &CudaView<f32>,
+    rows: usize,
+    d: usize,
+    out: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<f32>,
+) -> Result<()> {
+    const COL_CHUNK: usize = 256;
+    let chunks = rows.div_ceil(COL_CHUNK).max(1);
+    let partial = dev.alloc_zeros::<f32>(chunks * d)?;
+    let (r, dd, c) = (rows as i32, d as i32, chunks as i32);
+    let func = dev.get_or_load_custom_func("cim_col_sum_partial", MODULE, PTX)?;
+    let cfg = LaunchConfig {
+        grid_dim: (d.div_ceil(32) as u32, chunks as u32, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut a1 = func.builder();
+    a1.arg(a).arg(&partial).arg(&r).arg(&dd);
+    // SAFETY: argument types and counts match the kernel's signature; `partial` holds chunks·d
+    // floats.
+    unsafe { a1.launch(cfg) }.w()?;
+    let func = dev.get_or_load_custom_func("cim_col_sum_chunks", MODULE, PTX)?;
+    let mut a2 = func.builder();
+    a2.arg(&partial).arg(out).arg(&c).arg(&dd);
+    // SAFETY: one thread per column; `out` holds d floats.
+    unsafe { a2.launch(per_element(d)) }.w()?;
+    Ok(())
+}
+
+/// `(d,)`: column sums of a contiguous `(…, d)` tensor.
+pub fn col_sum(s: &CudaStorage, l: &Layout, d: usize) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device().clone();
+    let a = view::<f32>(s, l, "grad")?;
+    let rows = l.shape().elem_count() / d;
+    let mut out = dev.alloc_zeros::<f32>(d)?;
+    col_sum_into(&dev, &a, rows, d, &mut out.slice_mut(..))?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(d)))
+}
+
+/// `(rows + 1, d)`: dx rows, then db (the CPU op's packing).
+pub fn bias_gelu_bwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (x, b, dy) = (
+        view::<f32>(s1, l1, "x")?,
+        view::<f32>(s2, l2, "bias")?,
+        view::<f32>(s3, l3, "grad")?,
+    );
+    let (rows, d) = dims(l1)?;
+    let n = rows * d;
+    let mut out = dev.alloc_zeros::<f32>(n + d)?;
+    let (nn, dd) = (n as i64, d as i32);
+    {
+        let mut dx = out.slice_mut(0..n);
+        let func = dev.get_or_load_custom_func("cim_bias_gelu_bwd_dx", MODULE, PTX)?;
+        let mut a = func.builder();
+        a.arg(&x).arg(&b).arg(&dy).arg(&mut dx).arg(&nn).arg(&dd);
+        // SAFETY: argument types and counts match the kernel's signature; one thread per element.
+        unsafe { a.launch(per_element(n)) }.w()?;
+    }
+    let (dx, mut db) = out.split_at_mut(n);
+    col_sum_into(&dev, &dx.as_view(), rows, d, &mut db)?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev),
+        Shape::from((rows + 1, d)),
+    ))
+}

@@ -40,13 +40,11 @@ impl Linear {
     }
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (w, b) = (
-            self.weight.to_dtype(x.dtype())?,
-            self.bias.to_dtype(x.dtype())?,
-        );
-        let out = w.dim(0)?;
+impl Linear {
+    /// `x · Wᵀ` without the bias, shaped `(…, out)`: for ops that fuse the bias into what follows
+    /// ([`Mlp`]'s bias + GELU).
+    pub fn forward_no_bias(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.weight.to_dtype(x.dtype())?;
         let lead = &x.dims()[..x.rank() - 1];
         let rows: usize = lead.iter().product();
         // One 2-D GEMM for any number of leading dimensions.
@@ -54,8 +52,17 @@ impl Module for Linear {
             .reshape((rows, x.dim(candle_core::D::Minus1)?))?
             .matmul(&w.t()?)?;
         let mut shape = lead.to_vec();
-        shape.push(out);
-        y.broadcast_add(&b)?.reshape(shape)
+        shape.push(w.dim(0)?);
+        y.reshape(shape)
+    }
+}
+
+impl Module for Linear {
+    /// The bias add is [`cim_api::ops::bias_add`]: its backward sums the bias gradient in parallel
+    /// chunks (candle's strided column sum is single-threaded).
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        cim_api::ops::bias_add(&self.forward_no_bias(x)?, &self.bias)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 }
 
@@ -185,7 +192,8 @@ impl Module for Attention {
     }
 }
 
-/// The MLP of a transformer block: fc1 → GELU (erf) → fc2.
+/// The MLP of a transformer block: fc1 → GELU (erf) → fc2, fc1's bias and the GELU fused
+/// ([`cim_api::ops::bias_gelu`]: one pass each way for f32, composed for bf16).
 #[derive(Clone, Debug)]
 pub struct Mlp {
     fc1: Linear,
@@ -203,7 +211,9 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
+        let h = cim_api::ops::bias_gelu(&self.fc1.forward_no_bias(x)?, &self.fc1.bias)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        self.fc2.forward(&h)
     }
 }
 
