@@ -106,23 +106,36 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-/// Copies k and v of head `head` into contiguous `(N, Dh)` blocks.
-fn gather_kv(g: &Geometry, item: &[f32], head: usize, k: &mut [f32], v: &mut [f32]) {
-    let d = g.d;
-    for t in 0..g.n {
-        k[t * d..(t + 1) * d].copy_from_slice(&item[g.qkv(t, 1, head)..][..d]);
+/// Copies k (transposed, `(Dh, N)`) and v (`(N, Dh)`) of head `head` into contiguous blocks.
+fn gather_kv(g: &Geometry, item: &[f32], head: usize, kt: &mut [f32], v: &mut [f32]) {
+    let (d, n) = (g.d, g.n);
+    for t in 0..n {
+        let k = &item[g.qkv(t, 1, head)..][..d];
+        for (c, &kc) in k.iter().enumerate() {
+            kt[c * n + t] = kc;
+        }
         v[t * d..(t + 1) * d].copy_from_slice(&item[g.qkv(t, 2, head)..][..d]);
     }
 }
 
-/// Probabilities of one query row over all keys (into `p`).
-fn probs(g: &Geometry, q: &[f32], k: &[f32], p: &mut [f32]) {
-    let d = g.d;
-    let mut max = f32::NEG_INFINITY;
-    for (j, pj) in p.iter_mut().enumerate() {
-        *pj = g.scale * dot(q, &k[j * d..(j + 1) * d]);
-        max = max.max(*pj);
+/// Transposes `(N, Dh)` rows into `(Dh, N)`.
+fn transpose(rows: &[f32], n: usize, d: usize, out: &mut [f32]) {
+    for t in 0..n {
+        for c in 0..d {
+            out[c * n + t] = rows[t * d + c];
+        }
     }
+}
+
+/// Probabilities of one query row over all keys (into `p`): the scores as `Dh` axpys over the
+/// transposed keys (contiguous over keys, so they vectorise), then the softmax.
+fn probs(g: &Geometry, q: &[f32], kt: &[f32], p: &mut [f32]) {
+    let n = g.n;
+    p.iter_mut().for_each(|x| *x = 0.0);
+    for (c, &qc) in q.iter().enumerate() {
+        axpy(p, g.scale * qc, &kt[c * n..(c + 1) * n]);
+    }
+    let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
     for pj in p.iter_mut() {
         *pj = (*pj - max).exp();
@@ -146,12 +159,12 @@ impl CustomOp1 for AttentionOp {
         out.par_chunks_mut(n * h * d)
             .zip(qkv.par_chunks(n * 3 * h * d))
             .for_each(|(o, item)| {
-                let (mut k, mut v) = (vec![0f32; n * d], vec![0f32; n * d]);
+                let (mut kt, mut v) = (vec![0f32; n * d], vec![0f32; n * d]);
                 let mut p = vec![0f32; n];
                 for head in 0..h {
-                    gather_kv(&g, item, head, &mut k, &mut v);
+                    gather_kv(&g, item, head, &mut kt, &mut v);
                     for i in 0..n {
-                        probs(&g, &item[g.qkv(i, 0, head)..][..d], &k, &mut p);
+                        probs(&g, &item[g.qkv(i, 0, head)..][..d], &kt, &mut p);
                         let oi = &mut o[g.out(i, head)..][..d];
                         for (j, &pj) in p.iter().enumerate() {
                             axpy(oi, pj, &v[j * d..(j + 1) * d]);
@@ -206,34 +219,45 @@ impl CustomOp2 for AttentionBwdOp {
                     .zip(dout.par_chunks(n * h * d)),
             )
             .for_each(|(dx, (item, dy))| {
-                let (mut k, mut v) = (vec![0f32; n * d], vec![0f32; n * d]);
-                let (mut dk, mut dv) = (vec![0f32; n * d], vec![0f32; n * d]);
-                let (mut p, mut dp) = (vec![0f32; n], vec![0f32; n]);
+                let (mut kt, mut v, mut vt) =
+                    (vec![0f32; n * d], vec![0f32; n * d], vec![0f32; n * d]);
+                // dk, dv accumulated transposed, `(Dh, N)`: per query, Dh axpys over the keys.
+                let (mut dkt, mut dvt) = (vec![0f32; n * d], vec![0f32; n * d]);
+                let (mut p, mut ds) = (vec![0f32; n], vec![0f32; n]);
                 for head in 0..h {
-                    gather_kv(&g, item, head, &mut k, &mut v);
-                    dk.iter_mut().for_each(|x| *x = 0.0);
-                    dv.iter_mut().for_each(|x| *x = 0.0);
+                    gather_kv(&g, item, head, &mut kt, &mut v);
+                    transpose(&v, n, d, &mut vt);
+                    dkt.iter_mut().for_each(|x| *x = 0.0);
+                    dvt.iter_mut().for_each(|x| *x = 0.0);
                     for i in 0..n {
                         let q = &item[g.qkv(i, 0, head)..][..d];
                         let doi = &dy[g.out(i, head)..][..d];
-                        probs(&g, q, &k, &mut p);
+                        probs(&g, q, &kt, &mut p);
                         // dP_j = dO_i · v_j;  D = Σ_j p_j dP_j;  dS_j = p_j (dP_j − D).
-                        let mut big_d = 0f32;
-                        for j in 0..n {
-                            dp[j] = dot(doi, &v[j * d..(j + 1) * d]);
-                            big_d += p[j] * dp[j];
+                        ds.iter_mut().for_each(|x| *x = 0.0);
+                        for (c, &gc) in doi.iter().enumerate() {
+                            axpy(&mut ds, gc, &vt[c * n..(c + 1) * n]);
+                        }
+                        let big_d = dot(&p, &ds);
+                        for (dsj, &pj) in ds.iter_mut().zip(&p) {
+                            *dsj = pj * (*dsj - big_d) * g.scale;
                         }
                         let dq = &mut dx[g.qkv(i, 0, head)..][..d];
-                        for j in 0..n {
-                            let ds = p[j] * (dp[j] - big_d) * g.scale;
-                            axpy(dq, ds, &k[j * d..(j + 1) * d]);
-                            axpy(&mut dk[j * d..(j + 1) * d], ds, q);
-                            axpy(&mut dv[j * d..(j + 1) * d], p[j], doi);
+                        for c in 0..d {
+                            dq[c] = dot(&ds, &kt[c * n..(c + 1) * n]);
+                            axpy(&mut dkt[c * n..(c + 1) * n], q[c], &ds);
+                            axpy(&mut dvt[c * n..(c + 1) * n], doi[c], &p);
                         }
                     }
                     for t in 0..n {
-                        dx[g.qkv(t, 1, head)..][..d].copy_from_slice(&dk[t * d..(t + 1) * d]);
-                        dx[g.qkv(t, 2, head)..][..d].copy_from_slice(&dv[t * d..(t + 1) * d]);
+                        let dk = &mut dx[g.qkv(t, 1, head)..][..d];
+                        for c in 0..d {
+                            dk[c] = dkt[c * n + t];
+                        }
+                        let dv = &mut dx[g.qkv(t, 2, head)..][..d];
+                        for c in 0..d {
+                            dv[c] = dvt[c * n + t];
+                        }
                     }
                 }
             });
