@@ -138,7 +138,7 @@ fn probs(g: &Geometry, q: &[f32], kt: &[f32], p: &mut [f32]) {
     let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
     for pj in p.iter_mut() {
-        *pj = (*pj - max).exp();
+        *pj = super::fast_exp(*pj - max);
         sum += *pj;
     }
     let inv = 1.0 / sum;

@@ -139,7 +139,7 @@ pub fn bias_gelu_composed(x: &Tensor, b: &Tensor) -> Result<Tensor> {
 #[inline]
 fn erf_and_gauss(z: f32) -> (f32, f32) {
     let a = z.abs() * FRAC_1_SQRT_2;
-    let e = (-a * a).exp();
+    let e = super::fast_exp(-a * a);
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = ((((1.061_405_4 * t - 1.453_152) * t + 1.421_413_8) * t - 0.284_496_74) * t
         + 0.254_829_6)
