@@ -42,6 +42,29 @@ fn add_col_sums(a: &[f32], d: usize, db: &mut [f32]) {
     }
 }
 
+/// `f(x + b)` elementwise, `b` broadcast over the rows: the forward of both bias ops.
+fn map_with_bias(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    f: impl Fn(f32) -> f32 + Sync,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (x, b) = (slice(s1, l1, "x")?, slice(s2, l2, "bias")?);
+    let d = check_bias(l1, l2)?;
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(d * CHUNK_ROWS)
+        .zip(x.par_chunks(d * CHUNK_ROWS))
+        .for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                for ((y, &x), &b) in yr.iter_mut().zip(xr).zip(b) {
+                    *y = f(x + b);
+                }
+            }
+        });
+    Ok((CpuStorage::F32(y), l1.shape().clone()))
+}
+
 struct BiasAddOp;
 
 impl CustomOp2 for BiasAddOp {
@@ -55,19 +78,7 @@ impl CustomOp2 for BiasAddOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, b) = (slice(s1, l1, "x")?, slice(s2, l2, "bias")?);
-        let d = check_bias(l1, l2)?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d * CHUNK_ROWS)
-            .zip(x.par_chunks(d * CHUNK_ROWS))
-            .for_each(|(yc, xc)| {
-                for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-                    for ((y, &x), &b) in yr.iter_mut().zip(xr).zip(b) {
-                        *y = x + b;
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        map_with_bias(s1, l1, s2, l2, |z| z)
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -180,19 +191,7 @@ impl CustomOp2 for BiasGeluOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, b) = (slice(s1, l1, "x")?, slice(s2, l2, "bias")?);
-        let d = check_bias(l1, l2)?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d * CHUNK_ROWS)
-            .zip(x.par_chunks(d * CHUNK_ROWS))
-            .for_each(|(yc, xc)| {
-                for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-                    for ((y, &x), &b) in yr.iter_mut().zip(xr).zip(b) {
-                        *y = gelu(x + b);
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        map_with_bias(s1, l1, s2, l2, gelu)
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
