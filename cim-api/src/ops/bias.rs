@@ -17,11 +17,26 @@ use crate::Result;
 
 /// `x + b`: `x` `(…, D)`, `b` `(D,)`.
 pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if is_fusable(&[x, b]) && b.rank() == 1 && x.rank() >= 1 {
+    check_shapes("bias_add", x, b)?;
+    if is_fusable(&[x, b]) {
         Ok(x.contiguous()?.apply_op2(&b.contiguous()?, BiasAddOp)?)
     } else {
         Ok(x.broadcast_add(&b.to_dtype(x.dtype())?)?)
     }
+}
+
+/// `b` must be `(D,)` for `x` `(…, D)`.
+fn check_shapes(op: &str, x: &Tensor, b: &Tensor) -> Result<()> {
+    let d = x.dims().last().copied();
+    if x.rank() == 0 || b.dims() != [d.unwrap_or(0)] {
+        return Err(crate::Error::msg(format!(
+            "{op}: bias of shape {:?} does not match x of shape {:?} (wants ({},))",
+            b.dims(),
+            x.dims(),
+            d.unwrap_or(0)
+        )));
+    }
+    Ok(())
 }
 
 /// Adds the column sums of the rows of `a` (`d` wide) to `db`: per-chunk partials in parallel,
@@ -132,7 +147,8 @@ const INV_SQRT_2PI: f32 = 0.398_942_3;
 
 /// `gelu_erf(x + b)`: `x` `(…, D)`, `b` `(D,)`.
 pub fn bias_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if is_fusable(&[x, b]) && b.rank() == 1 && x.rank() >= 1 {
+    check_shapes("bias_gelu", x, b)?;
+    if is_fusable(&[x, b]) {
         Ok(x.contiguous()?.apply_op2(&b.contiguous()?, BiasGeluOp)?)
     } else {
         bias_gelu_composed(x, b)
@@ -173,7 +189,10 @@ fn gelu_grad(z: f32) -> f32 {
 fn check_bias(lx: &Layout, lb: &Layout) -> candle_core::Result<usize> {
     let d = last_dim(lx)?;
     if lb.shape().dims() != [d] {
-        candle_core::bail!("bias_gelu: bias {:?} for rows of {d}", lb.shape().dims());
+        candle_core::bail!(
+            "bias op: bias {:?} does not match rows of {d}",
+            lb.shape().dims()
+        );
     }
     Ok(d)
 }
@@ -335,6 +354,18 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    #[test]
+    fn mismatched_bias_is_a_named_error() {
+        let x = randn(&[4, 6], 1);
+        for (name, e) in [
+            ("bias_add", bias_add(&x, &randn(&[5], 2)).unwrap_err()),
+            ("bias_gelu", bias_gelu(&x, &randn(&[6, 1], 2)).unwrap_err()),
+        ] {
+            let m = e.to_string();
+            assert!(m.contains(name) && m.contains("wants (6,)"), "{m}");
+        }
     }
 
     /// Known values: gelu(0) = 0, gelu(1) = 0.841345, gelu(−1) = −0.158655, gelu'(0) = 0.5; the
