@@ -124,15 +124,7 @@ extern "C" __global__ void cim_layer_norm_bwd_dwdb_partial(const float* x, const
     }
 }
 
-// Stage 2: out[i] = Σ_chunks partial[chunk][i] for the 2·d outputs, chunks in order.
-extern "C" __global__ void cim_layer_norm_bwd_dwdb_sum(const float* partial, float* out,
-                                                       int chunks, int d) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= 2 * d) return;
-    float s = 0.0f;
-    for (int c = 0; c < chunks; ++c) s += partial[(size_t)c * 2 * d + i];
-    out[i] = s;
-}
+// Stage 2 is cim_col_sum_chunks over the 2·d columns (dw then db) of the partials.
 
 extern "C" __global__ void cim_softmax_fwd(const float* x, float* y, int rows, int d) {
     __shared__ float sh[32];

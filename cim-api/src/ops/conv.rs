@@ -57,23 +57,17 @@ pub fn conv2d_with_budget(
             "conv2d: {h}×{wd} input with padding {padding} is smaller than the {k}×{k} kernel"
         )));
     }
-    let (ho, wo) = (
-        (h + 2 * padding - k) / stride + 1,
-        (wd + 2 * padding - k) / stride + 1,
-    );
+    let op = Im2Col { k, stride, padding };
+    let (ho, wo) = (op.out(h), op.out(wd));
     let w2 = w.reshape((c_out, c * k * k))?;
     let per_image = c * k * k * ho * wo * 4;
     let chunk = (budget / per_image.max(1)).clamp(1, b);
     let x = x.contiguous()?;
-    let op = Im2Col { k, stride, padding };
     let mut outs = Vec::with_capacity(b.div_ceil(chunk));
+    // One chunk: candle's narrow and cat of the whole batch return it as is.
     for start in (0..b).step_by(chunk) {
         let n = chunk.min(b - start);
-        let xc = if n == b {
-            x.clone()
-        } else {
-            x.narrow(0, start, n)?
-        };
+        let xc = x.narrow(0, start, n)?;
         let cols = if k == 1 && stride == 1 && padding == 0 {
             xc.reshape((n, c, h * wd))?
         } else {
@@ -81,12 +75,7 @@ pub fn conv2d_with_budget(
         };
         outs.push(w2.broadcast_matmul(&cols)?);
     }
-    let y = if outs.len() == 1 {
-        outs.pop().expect("one chunk")
-    } else {
-        Tensor::cat(&outs, 0)?
-    };
-    Ok(y.reshape((b, c_out, ho, wo))?)
+    Ok(Tensor::cat(&outs, 0)?.reshape((b, c_out, ho, wo))?)
 }
 
 #[derive(Clone, Copy)]

@@ -119,10 +119,11 @@ pub fn layer_norm_bwd(
         // chunks·2·d floats.
         unsafe { a.launch(cfg) }.w()?;
         let mut dwdb = out.slice_mut(rows * d..);
-        let func = dev.get_or_load_custom_func("cim_layer_norm_bwd_dwdb_sum", MODULE, PTX)?;
-        let n_chunks = chunks as i32;
+        // The partials are chunks rows of 2·d columns (dw then db): the shared chunk sum.
+        let func = dev.get_or_load_custom_func("cim_col_sum_chunks", MODULE, PTX)?;
+        let (n_chunks, width) = (chunks as i32, 2 * d as i32);
         let mut a = func.builder();
-        a.arg(&partial).arg(&mut dwdb).arg(&n_chunks).arg(&dd);
+        a.arg(&partial).arg(&mut dwdb).arg(&n_chunks).arg(&width);
         // SAFETY: one thread per output; `dwdb` holds 2·d floats.
         unsafe { a.launch(per_element(2 * d)) }.w()?;
     }
