@@ -578,3 +578,55 @@ extern "C" __global__ void cim_col_sum_chunks(const float* partial, float* out, 
     for (int c = 0; c < chunks; ++c) s += partial[(size_t)c * d + j];
     out[j] = s;
 }
+
+// ---- im2col / col2im (src/ops/conv.rs). x (P = B·C planes, h, w); cols (B, C·k·k, ho·wo) with
+// rows in (c, ky, kx) order, i.e. plane p's k·k rows start at row p·k·k. One thread per output.
+extern "C" __global__ void cim_im2col(const float* x, float* cols, long long n, int h, int w, int k,
+                                      int stride, int pad, int ho, int wo) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int ox = (int)(i % wo), oy = (int)((i / wo) % ho);
+    const long long r = i / ((long long)ho * wo);
+    const int kk = (int)(r % (k * k));
+    const long long p = r / (k * k);
+    const int iy = oy * stride + kk / k - pad, ix = ox * stride + kk % k - pad;
+    cols[i] = (iy >= 0 && iy < h && ix >= 0 && ix < w) ? x[(p * h + iy) * w + ix] : 0.0f;
+}
+
+// The im2col backward: each input pixel gathers the patch entries that read it (deterministic).
+extern "C" __global__ void cim_col2im(const float* cols, float* x, long long n, int h, int w, int k,
+                                      int stride, int pad, int ho, int wo) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int ix = (int)(i % w), iy = (int)((i / w) % h);
+    const float* g = cols + (i / ((long long)h * w)) * k * k * ho * wo;
+    float s = 0.0f;
+    for (int ky = 0; ky < k; ++ky) {
+        const int ty = iy + pad - ky;
+        if (ty < 0 || ty % stride != 0 || ty / stride >= ho) continue;
+        for (int kx = 0; kx < k; ++kx) {
+            const int tx = ix + pad - kx;
+            if (tx < 0 || tx % stride != 0 || tx / stride >= wo) continue;
+            s += g[((long long)(ky * k + kx) * ho + ty / stride) * wo + tx / stride];
+        }
+    }
+    x[i] = s;
+}
+
+// ---- channel bias (src/ops/channel.rs): y = [r +] g·(x + b[c]), then max(·, 0) if relu; x, r, y
+// (B, C, hw) with hw % 4 == 0, four elements per thread.
+extern "C" __global__ void cim_channel_bias(const float* x, const float* b, const float* r, float* y,
+                                            long long n4, int c, int hw4, float g, int has_r,
+                                            int relu) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n4) return;
+    const float bc = b[(int)((i / hw4) % c)];
+    float4 v = reinterpret_cast<const float4*>(x)[i];
+    v.x = g * (v.x + bc), v.y = g * (v.y + bc), v.z = g * (v.z + bc), v.w = g * (v.w + bc);
+    if (has_r) {
+        const float4 a = reinterpret_cast<const float4*>(r)[i];
+        v.x += a.x, v.y += a.y, v.z += a.z, v.w += a.w;
+    }
+    if (relu) v.x = fmaxf(v.x, 0.0f), v.y = fmaxf(v.y, 0.0f), v.z = fmaxf(v.z, 0.0f), v.w = fmaxf(v.w, 0.0f);
+    reinterpret_cast<float4*>(y)[i] = v;
+}

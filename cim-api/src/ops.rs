@@ -31,6 +31,7 @@ mod adamw;
 mod attention;
 mod batch_norm;
 mod bias;
+mod channel;
 mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -41,6 +42,7 @@ pub use adamw::{adamw_composed, adamw_update, AdamStep};
 pub use attention::{attention_composed, attention_qkv};
 pub use batch_norm::{batch_norm_train, batch_norm_train_composed, channel_moments};
 pub use bias::{bias_add, bias_gelu, bias_gelu_composed};
+pub use channel::{channel_bias, channel_bias_composed};
 pub use conv::{conv2d, conv2d_with_budget, COL_BUDGET};
 pub use max_pool::max_pool_3x3_s2;
 pub use respix::{respix_loss, respix_sliding_target};

@@ -104,6 +104,8 @@ fn cuda_kernels_match_the_cpu_kernels() {
     batch_norm_parity(&gpu);
     max_pool_parity(&gpu);
     bias_gelu_parity(&gpu);
+    conv_parity(&gpu);
+    channel_bias_parity(&gpu);
     ops::set_cuda_kernels(false);
 }
 
@@ -255,5 +257,80 @@ fn bias_gelu_parity(gpu: &Device) {
         assert!(max_diff(&yc, &yg) < 1e-6, "bias_add value ({rows}×{d})");
         assert!(max_diff(&gc[0], &gg[0]) == 0.0, "bias_add dx ({rows}×{d})");
         assert!(max_diff(&gc[1], &gg[1]) < tol, "bias_add db ({rows}×{d})");
+    }
+}
+
+/// Convolution on CUDA (cuDNN forward, im2col/col2im kernels in the backward) against the CPU's
+/// im2col + GEMM: ResNet's 7×7/2 stem, 3×3 and strided 1×1 and 3×3, the dVAE's 3×3 at 112 px.
+/// cuDNN may run f32 convolutions on TF32 tensor cores: tolerances are relative to the largest
+/// value.
+fn conv_parity(gpu: &Device) {
+    let cpu = Device::Cpu;
+    for (i, &(b, c, h, w, c_out, k, stride, pad)) in [
+        (2, 3, 32, 32, 8, 7, 2, 3),
+        (2, 16, 28, 28, 32, 3, 1, 1),
+        (2, 16, 14, 14, 32, 1, 2, 0),
+        (2, 8, 9, 9, 4, 3, 2, 1),
+        (1, 64, 112, 112, 16, 3, 1, 1),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let x = randn(&[b, c, h, w], 70 + i as u64, &cpu);
+        let wt = (randn(&[c_out, c, k, k], 80 + i as u64, &cpu) * 0.1).unwrap();
+        let (ho, wo) = (
+            (h + 2 * pad - k) / stride + 1,
+            (w + 2 * pad - k) / stride + 1,
+        );
+        let up = randn(&[b, c_out, ho, wo], 90 + i as u64, &cpu);
+        let f = |t: &[Tensor]| ops::conv2d(&t[0], &t[1], pad, stride).unwrap();
+        let (yc, gc) = run(&cpu, &f, &[x.clone(), wt.clone()], &up);
+        let (yg, gg) = run(gpu, &f, &[x, wt], &up);
+        let rel = |a: &Tensor, e: &Tensor| {
+            let scale: f32 = e.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            max_diff(a, e) / scale.max(1e-6)
+        };
+        assert!(rel(&yg, &yc) < 3e-3, "conv {i} value: {}", rel(&yg, &yc));
+        assert!(
+            rel(&gg[0], &gc[0]) < 3e-3,
+            "conv {i} dx: {}",
+            rel(&gg[0], &gc[0])
+        );
+        assert!(
+            rel(&gg[1], &gc[1]) < 3e-3,
+            "conv {i} dw: {}",
+            rel(&gg[1], &gc[1])
+        );
+    }
+}
+
+/// The conv epilogue `act(r + g·(x + b[c]))` in its four forms, at a dVAE map size and a small one.
+fn channel_bias_parity(gpu: &Device) {
+    let cpu = Device::Cpu;
+    for (b, c, h, w) in [(2, 64, 56, 56), (3, 5, 2, 6)] {
+        let x = randn(&[b, c, h, w], 100, &cpu);
+        let bias = randn(&[c], 101, &cpu);
+        let r = randn(&[b, c, h, w], 102, &cpu);
+        let up = randn(&[b, c, h, w], 103, &cpu);
+        for (res, relu, gain) in [
+            (false, true, 1.0),
+            (true, false, 1.0 / 64.0),
+            (true, true, 0.5),
+        ] {
+            let f = |t: &[Tensor]| ops::channel_bias(&t[0], &t[1], t.get(2), gain, relu).unwrap();
+            let mut ins = vec![x.clone(), bias.clone()];
+            if res {
+                ins.push(r.clone());
+            }
+            let (yc, gc) = run(&cpu, &f, &ins, &up);
+            let (yg, gg) = run(gpu, &f, &ins, &up);
+            let what = format!("channel_bias {b}x{c}x{h}x{w} res={res} relu={relu}");
+            assert!(max_diff(&yc, &yg) < 1e-5, "{what} value");
+            assert!(max_diff(&gc[0], &gg[0]) < 1e-5, "{what} dx");
+            assert!(
+                max_diff(&gc[1], &gg[1]) < 1e-4 * (b * h * w) as f32,
+                "{what} db"
+            );
+        }
     }
 }

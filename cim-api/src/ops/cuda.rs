@@ -712,3 +712,92 @@ pub fn bias_gelu_bwd(
         Shape::from((rows + 1, d)),
     ))
 }
+
+/// Geometry shared by im2col and col2im: `(h, w, k, stride, pad, ho, wo)`.
+pub type ConvGeometry = [i32; 7];
+
+/// `x` `(B, C, h, w)` → patch matrix `(B, C·k·k, ho·wo)`.
+pub fn im2col(s: &CudaStorage, l: &Layout, g: ConvGeometry) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device().clone();
+    let x = view::<f32>(s, l, "x")?;
+    let (b, c, _, _) = l.shape().dims4()?;
+    let [h, w, k, stride, pad, ho, wo] = g;
+    let (kk, hw) = ((k * k) as usize, (ho * wo) as usize);
+    let n = b * c * kk * hw;
+    let cols = dev.alloc_zeros::<f32>(n)?;
+    let func = dev.get_or_load_custom_func("cim_im2col", MODULE, PTX)?;
+    let nn = n as i64;
+    let mut a = func.builder();
+    a.arg(&x).arg(&cols).arg(&nn);
+    for v in [&h, &w, &k, &stride, &pad, &ho, &wo] {
+        a.arg(v);
+    }
+    // SAFETY: argument types and counts match the kernel's signature; one thread per patch entry.
+    unsafe { a.launch(per_element(n)) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(cols, dev),
+        Shape::from((b, c * kk, hw)),
+    ))
+}
+
+/// Patch-matrix gradient `(B, C·k·k, ho·wo)` → input gradient `(B, C, h, w)`.
+pub fn col2im(s: &CudaStorage, l: &Layout, g: ConvGeometry) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device().clone();
+    let cols = view::<f32>(s, l, "grad")?;
+    let (b, ckk, _) = l.shape().dims3()?;
+    let [h, w, k, stride, pad, ho, wo] = g;
+    let c = ckk / (k * k) as usize;
+    let n = b * c * (h * w) as usize;
+    let dx = dev.alloc_zeros::<f32>(n)?;
+    let func = dev.get_or_load_custom_func("cim_col2im", MODULE, PTX)?;
+    let nn = n as i64;
+    let mut a = func.builder();
+    a.arg(&cols).arg(&dx).arg(&nn);
+    for v in [&h, &w, &k, &stride, &pad, &ho, &wo] {
+        a.arg(v);
+    }
+    // SAFETY: argument types and counts match the kernel's signature; one thread per input pixel.
+    unsafe { a.launch(per_element(n)) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(dx, dev),
+        Shape::from((b, c, h as usize, w as usize)),
+    ))
+}
+
+/// `[r +] g·(x + b[c])`, optionally ReLU'd; `x` (and `r`) `(B, C, H, W)` with `H·W % 4 == 0`.
+pub fn channel_bias(
+    x: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+    r: Option<(&CudaStorage, &Layout)>,
+    g: f32,
+    relu: bool,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = x.0.device().clone();
+    let xv = view::<f32>(x.0, x.1, "x")?;
+    let bv = view::<f32>(b.0, b.1, "bias")?;
+    let rv = match r {
+        Some((s, l)) => view::<f32>(s, l, "residual")?,
+        None => view::<f32>(x.0, x.1, "x")?,
+    };
+    let (_, c, h, w) = x.1.shape().dims4()?;
+    let n = x.1.shape().elem_count();
+    let y = dev.alloc_zeros::<f32>(n)?;
+    let func = dev.get_or_load_custom_func("cim_channel_bias", MODULE, PTX)?;
+    let (n4, c, hw4) = ((n / 4) as i64, c as i32, (h * w / 4) as i32);
+    let (has_r, relu) = (r.is_some() as i32, relu as i32);
+    let mut a = func.builder();
+    a.arg(&xv)
+        .arg(&bv)
+        .arg(&rv)
+        .arg(&y)
+        .arg(&n4)
+        .arg(&c)
+        .arg(&hw4)
+        .arg(&g)
+        .arg(&has_r)
+        .arg(&relu);
+    // SAFETY: argument types and counts match the kernel's signature; four elements per thread,
+    // n % 4 == 0 and every view 16-byte aligned (checked by the caller).
+    unsafe { a.launch(per_element(n / 4)) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), x.1.shape().clone()))
+}

@@ -154,10 +154,14 @@ impl Conv {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let n = self.b.dim(0)?;
-        Ok(cim_api::ops::conv2d(x, &self.w, self.pad, 1)?
-            .broadcast_add(&self.b.reshape((1, n, 1, 1))?)?)
+    /// The convolution without its bias.
+    fn conv(&self, x: &Tensor) -> Result<Tensor> {
+        cim_api::ops::conv2d(x, &self.w, self.pad, 1)
+    }
+
+    /// `conv(x) + b`, then ReLU when `relu` (one fused pass: [`cim_api::ops::channel_bias`]).
+    fn forward(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        cim_api::ops::channel_bias(&self.conv(x)?, &self.b, None, 1.0, relu)
     }
 }
 
@@ -201,16 +205,27 @@ impl ResBlock {
             post_gain: 1.0 / (n_layers * n_layers) as f64,
         })
     }
+    /// `id_path(x) + post_gain · res_path(x)`. Each res-path conv's bias is fused with the ReLU
+    /// the next conv applies to it, and the last one's with the gain and the residual add; an
+    /// id-path conv's bias folds into that same pass as `b_id / post_gain`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let id = match &self.id_path {
-            Some(c) => c.forward(x)?,
-            None => x.clone(),
-        };
-        let mut h = x.clone();
-        for c in &self.res_path {
-            h = c.forward(&h.relu()?)?;
+        let (last, first) = self
+            .res_path
+            .split_last()
+            .expect("a residual block has four convolutions");
+        let mut h = x.relu()?;
+        for c in first {
+            h = c.forward(&h, true)?;
         }
-        Ok((id + (h * self.post_gain)?)?)
+        let h = last.conv(&h)?;
+        let g = self.post_gain;
+        match &self.id_path {
+            Some(id) => {
+                let bias = (&last.b + (&id.b / g)?)?;
+                cim_api::ops::channel_bias(&h, &bias, Some(&id.conv(x)?), g, false)
+            }
+            None => cim_api::ops::channel_bias(&h, &last.b, Some(x), g, false),
+        }
     }
     fn to_dtype(&self, dt: DType) -> Result<Self> {
         Ok(Self {
@@ -369,9 +384,12 @@ impl DalleDvae {
     /// Encoder logits `(B, V, s/d, s/d)` for pixels in `[0, 1]`.
     pub fn encoder_logits(&self, pixels: &Tensor) -> Result<Tensor> {
         let x = map_pixels(pixels, self.cfg.eps)?.to_dtype(self.dtype)?;
-        let x = self.enc_input.forward(&x)?;
+        let x = self.enc_input.forward(&x, false)?;
         let x = self.enc_groups.forward(&x, |t| Ok(t.max_pool2d(2)?))?;
-        Ok(self.enc_output.forward(&x.relu()?)?.to_dtype(DType::F32)?)
+        Ok(self
+            .enc_output
+            .forward(&x.relu()?, false)?
+            .to_dtype(DType::F32)?)
     }
 
     /// Decoder statistics `(B, 6, h, w)` before the sigmoid.
@@ -389,7 +407,10 @@ impl DalleDvae {
             let (_, _, h, w) = t.dims4()?;
             Ok(t.upsample_nearest2d(2 * h, 2 * w)?)
         })?;
-        Ok(self.dec_output.forward(&x.relu()?)?.to_dtype(DType::F32)?)
+        Ok(self
+            .dec_output
+            .forward(&x.relu()?, false)?
+            .to_dtype(DType::F32)?)
     }
 }
 
@@ -940,7 +961,7 @@ mod tests {
             let (_, _, h, w) = t.dims4()?;
             Ok(t.upsample_nearest2d(2 * h, 2 * w)?)
         })?;
-        let reference = tok.dec_output.forward(&x.relu()?)?;
+        let reference = tok.dec_output.forward(&x.relu()?, false)?;
         let diff = (ours - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
         Ok(())
