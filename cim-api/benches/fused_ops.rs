@@ -58,6 +58,20 @@ fn main() -> cim_api::Result<()> {
             || run(false),
             || run(true),
         );
+        if dev.is_cuda() {
+            // The CUDA attention kernel, against the same composed ops.
+            let kernel = || {
+                let o = ops::attention_qkv_kernel(&qkv, h, scale).unwrap().unwrap();
+                let g = (o * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                sync(g.get(&qkv).unwrap());
+            };
+            report(
+                &format!("attention kernel B{b} N{n} H{h} D{d}"),
+                reps,
+                || run(false),
+                kernel,
+            );
+        }
     }
     // The MLP's bias + GELU: the tiny CPU preset's enhancer and ViT-B/16 (8 images).
     for (rows, d, reps) in [(32 * 65, 256, 10), (8 * 197, 3072, 3)] {

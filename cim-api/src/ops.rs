@@ -35,15 +35,17 @@ mod channel;
 mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod graft;
 mod max_pool;
 mod respix;
 
 pub use adamw::{adamw_composed, adamw_update, AdamStep};
-pub use attention::{attention_composed, attention_qkv};
+pub use attention::{attention_composed, attention_gemm, attention_qkv, attention_qkv_kernel};
 pub use batch_norm::{batch_norm_train, batch_norm_train_composed, channel_moments};
 pub use bias::{bias_add, bias_gelu, bias_gelu_composed};
 pub use channel::{channel_bias, channel_bias_composed};
 pub use conv::{conv2d, conv2d_with_budget, COL_BUDGET};
+pub use graft::{with_backward, BackwardFn};
 pub use max_pool::max_pool_3x3_s2;
 pub use respix::{respix_loss, respix_sliding_target};
 
@@ -64,6 +66,11 @@ pub fn cuda_kernels() -> bool {
 /// per lane); wider heads take the composed path.
 fn cuda_max_head_dim() -> usize {
     128
+}
+
+/// Whether the fused f32 kernels run on `t`'s device (always on the CPU; on CUDA when switched on).
+fn fusable_device(t: &Tensor) -> bool {
+    t.device().is_cpu() || (cuda_kernels() && t.device().is_cuda())
 }
 
 fn is_fusable(ts: &[&Tensor]) -> bool {
@@ -111,6 +118,39 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     }
 }
 
+/// LayerNorm of a reduced-precision `x` (bf16, f16) with f32 `weight`/`bias`: normalised in f32
+/// by the fused kernels, returned in `x`'s dtype, as ONE graph node ([`with_backward`]) instead of
+/// cast → LayerNorm → cast, whose two casts each cost a node (a zero-fill and an add in candle's
+/// backward) over an f32 activation. f32 `x` is [`layer_norm`]; where the fused kernels do not
+/// apply, the three recorded ops.
+pub fn layer_norm_mixed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dt = x.dtype();
+    if dt == DType::F32 || !fusable_device(x) {
+        return Ok(layer_norm(&x.to_dtype(DType::F32)?, weight, bias, eps)?.to_dtype(dt)?);
+    }
+    let x32 = x.detach().to_dtype(DType::F32)?.contiguous()?;
+    let w = weight.detach().to_dtype(DType::F32)?.contiguous()?;
+    let b = bias.detach().to_dtype(DType::F32)?.contiguous()?;
+    let eps = eps as f32;
+    let y = x32
+        .apply_op3_no_bwd(&w, &b, &LayerNormOp { eps })?
+        .to_dtype(dt)?;
+    let (wdt, bdt) = (weight.dtype(), bias.dtype());
+    with_backward(&[x, weight, bias], y, move |dy| {
+        let d = w.dim(0)?;
+        let rows = x32.elem_count() / d;
+        let dy = dy.to_dtype(DType::F32)?.contiguous()?;
+        let packed = x32.apply_op3_no_bwd(&w, &dy, &LayerNormBwdOp { eps })?;
+        let dx = packed
+            .narrow(0, 0, rows)?
+            .reshape(x32.shape())?
+            .to_dtype(dt)?;
+        let dw = packed.narrow(0, rows, 1)?.reshape(d)?.to_dtype(wdt)?;
+        let db = packed.narrow(0, rows + 1, 1)?.reshape(d)?.to_dtype(bdt)?;
+        Ok(vec![Some(dx), Some(dw), Some(db)])
+    })
+}
+
 /// The same function from elementary (differentiable) candle ops.
 pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
@@ -118,6 +158,20 @@ pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64)
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
     Ok(xn.broadcast_mul(weight)?.broadcast_add(bias)?)
+}
+
+/// A copy of a freshly computed tensor's storage: the forward of the custom ops that hand a
+/// precomputed result to the graph so that they can own its backward (conv2d on CUDA, GEMM
+/// attention).
+fn copy_fresh<S: candle_core::backend::BackendStorage>(
+    s: &S,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<(S, Shape)> {
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("{what}: expected a freshly computed contiguous tensor");
+    }
+    Ok((s.try_clone(l)?, l.shape().clone()))
 }
 
 /// Softmax over the last dimension.
@@ -609,6 +663,45 @@ mod tests {
             let d = max_diff(a, c);
             assert!(d < 2e-4, "{name}: {d}");
         }
+        Ok(())
+    }
+
+    /// bf16 `x`, f32 parameters: the one-node mixed LayerNorm against the recorded
+    /// cast → LayerNorm → cast, values and the gradients of x, weight and bias.
+    #[test]
+    fn mixed_layer_norm_matches_the_cast_sandwich() -> Result<()> {
+        let x = Var::from_tensor(&randn(&[3, 7, 24], 1).to_dtype(DType::BF16)?)?;
+        let w = Var::from_tensor(&randn(&[24], 2).affine(0.3, 1.0)?)?;
+        let b = Var::from_tensor(&randn(&[24], 3))?;
+        let up = randn(&[3, 7, 24], 4).to_dtype(DType::BF16)?;
+        let mixed = layer_norm_mixed(&x, &w, &b, 1e-6)?;
+        let cast = layer_norm(&x.to_dtype(DType::F32)?, &w, &b, 1e-6)?.to_dtype(DType::BF16)?;
+        assert_eq!(mixed.dtype(), DType::BF16);
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        assert!(
+            max_diff(&f(&mixed), &f(&cast)) == 0.0,
+            "same kernels, same rounding"
+        );
+        let gm = (&mixed * &up)?.sum_all()?.backward()?;
+        let gc = (&cast * &up)?.sum_all()?.backward()?;
+        for (what, v, tol) in [("dx", &x, 0.02), ("dw", &w, 0.05), ("db", &b, 0.05)] {
+            let (a, e) = (f(gm.get(v).unwrap()), f(gc.get(v).unwrap()));
+            let scale = e.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(scale > 0.1, "{what} is not trivially zero");
+            assert!(
+                max_diff(&a, &e) <= tol * scale,
+                "{what}: {}",
+                max_diff(&a, &e)
+            );
+        }
+        // f32 input is plain layer_norm.
+        let x32 = randn(&[2, 24], 5);
+        assert!(
+            max_diff(
+                &layer_norm_mixed(&x32, &w, &b, 1e-6)?,
+                &layer_norm(&x32, &w, &b, 1e-6)?
+            ) == 0.0
+        );
         Ok(())
     }
 

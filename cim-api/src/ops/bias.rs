@@ -9,7 +9,7 @@
 //! pass over the MLP's widest activation and a fresh allocation; fused, the forward is one pass and
 //! the backward one pass giving `dx` and the partial sums of `db`.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{is_fusable, last_dim, slice, CHUNK_ROWS};
@@ -150,9 +150,33 @@ pub fn bias_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     check_shapes("bias_gelu", x, b)?;
     if is_fusable(&[x, b]) {
         Ok(x.contiguous()?.apply_op2(&b.contiguous()?, BiasGeluOp)?)
+    } else if x.dtype() != DType::F32 && super::fusable_device(x) {
+        bias_gelu_mixed(x, b)
     } else {
         bias_gelu_composed(x, b)
     }
+}
+
+/// Reduced-precision `x`: the f32 kernels between casts, as one graph node ([`super::with_backward`];
+/// candle's `gelu_erf` backward in bf16 is ~11 kernels plus a zero-fill and an add per op). The
+/// forward keeps its f32 copy of `x` for the backward.
+fn bias_gelu_mixed(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (dt, bdt) = (x.dtype(), b.dtype());
+    let x32 = x.detach().to_dtype(DType::F32)?.contiguous()?;
+    let b32 = b.detach().to_dtype(DType::F32)?.contiguous()?;
+    let y = x32.apply_op2_no_bwd(&b32, &BiasGeluOp)?.to_dtype(dt)?;
+    super::with_backward(&[x, b], y, move |dy| {
+        let dy = dy.to_dtype(DType::F32)?.contiguous()?;
+        let packed = x32.apply_op3_no_bwd(&b32, &dy, &BiasGeluBwdOp)?;
+        let d = b32.dim(0)?;
+        let rows = x32.elem_count() / d;
+        let dx = packed
+            .narrow(0, 0, rows)?
+            .reshape(x32.shape())?
+            .to_dtype(dt)?;
+        let db = packed.narrow(0, rows, 1)?.reshape(d)?.to_dtype(bdt)?;
+        Ok(vec![Some(dx), Some(db)])
+    })
 }
 
 /// The same function from candle's differentiable ops.
@@ -287,6 +311,32 @@ mod tests {
     use super::*;
     use crate::ops::tests::{max_diff, randn};
     use candle_core::Var;
+
+    /// bf16 `x` with an f32 bias: the one-node mixed path against candle's bf16 ops.
+    #[test]
+    fn mixed_bias_gelu_matches_composed_bf16() -> Result<()> {
+        let x = Var::from_tensor(&randn(&[5, 9, 16], 1).to_dtype(DType::BF16)?)?;
+        let b = Var::from_tensor(&randn(&[16], 2))?;
+        let up = randn(&[5, 9, 16], 3).to_dtype(DType::BF16)?;
+        let mixed = bias_gelu(&x, &b)?;
+        let composed = bias_gelu_composed(&x, &b)?;
+        assert_eq!(mixed.dtype(), DType::BF16);
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        assert!(max_diff(&f(&mixed), &f(&composed)) < 0.05);
+        let gm = (&mixed * &up)?.sum_all()?.backward()?;
+        let gc = (&composed * &up)?.sum_all()?.backward()?;
+        for (what, v, tol) in [("dx", &x, 0.02), ("db", &b, 0.03)] {
+            let (a, e) = (f(gm.get(v).unwrap()), f(gc.get(v).unwrap()));
+            assert_eq!(gm.get(v).unwrap().dtype(), v.dtype(), "{what} dtype");
+            let scale = e.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                max_diff(&a, &e) <= tol * scale,
+                "{what}: {} of {scale}",
+                max_diff(&a, &e)
+            );
+        }
+        Ok(())
+    }
 
     /// Values, `dx` and `db` against the composed ops, for a 3-D input whose row count is not a
     /// multiple of the chunk size and for a 2-D one.

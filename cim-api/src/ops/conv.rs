@@ -13,7 +13,7 @@
 //!
 //! f32 CPU tensors take this path. On CUDA with the fused kernels switched on, the forward stays
 //! candle's (cuDNN with the `cudnn` feature) and only the backward is im2col + GEMM + col2im
-//! ([`ConvGrad`], CUDA im2col/col2im kernels); other dtypes run candle's `conv2d` both ways.
+//! ([`conv_backward`], CUDA im2col/col2im kernels); other dtypes run candle's `conv2d` both ways.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -83,105 +83,62 @@ pub fn conv2d_with_budget(
 }
 
 /// candle's convolution forward (cuDNN on CUDA), with a backward through im2col + GEMM and col2im
-/// ([`ConvGrad`]): candle's own backward runs its direct `conv2d_f32` / `conv_transpose2d_f32`
+/// ([`conv_backward`], grafted with [`super::with_backward`]): candle's own backward runs its direct `conv2d_f32` / `conv_transpose2d_f32`
 /// kernels on CUDA, which took 4.4 of ResNet-50's 4.6 s per step at batch 128 (measured on an
 /// H200). Untracked inputs (the frozen dVAE) take the plain forward.
 fn im2col_backward(x: &Tensor, w: &Tensor, op: Im2Col, budget: usize) -> Result<Tensor> {
     let y = x
         .detach()
         .conv2d(&w.detach(), op.padding, op.stride, 1, 1)?;
-    if !x.track_op() && !w.track_op() {
-        return Ok(y);
-    }
-    Ok(x.contiguous()?
-        .apply_op3(&w.contiguous()?, &y, ConvGrad { op, budget })?)
+    let (xd, wd) = (x.detach(), w.detach());
+    super::with_backward(&[x, w], y, move |dy| {
+        let (dx, dw) = conv_backward(&xd, &wd, op, budget, dy)?;
+        Ok(vec![Some(dx), Some(dw)])
+    })
 }
 
-/// Passes a precomputed convolution `y` through (a copy) and owns its backward: per chunk of
-/// images, `dW += dY · colsᵀ` (one batched GEMM, summed over the chunk) and
-/// `dX = col2im(Wᵀ · dY)`. The patch matrix is recomputed in the backward, not kept.
-struct ConvGrad {
+/// Per chunk of images, `dW += dY · colsᵀ` (one batched GEMM, summed over the chunk) and
+/// `dX = col2im(Wᵀ · dY)`; the patch matrix is recomputed here, not kept by the forward.
+fn conv_backward(
+    x: &Tensor,
+    w: &Tensor,
     op: Im2Col,
     budget: usize,
-}
-
-impl candle_core::CustomOp3 for ConvGrad {
-    fn name(&self) -> &'static str {
-        "cim-conv2d-grad"
+    dy: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (b, c, h, wd) = x.dims4()?;
+    let (c_out, _, k, _) = w.dims4()?;
+    let (ho, wo) = (op.out(h), op.out(wd));
+    let w2 = w.reshape((c_out, c * k * k))?;
+    let chunk = (budget / (c * k * k * ho * wo * 4).max(1)).clamp(1, b);
+    let pointwise = k == 1 && op.stride == 1 && op.padding == 0;
+    let dy = dy.contiguous()?;
+    let (mut dxs, mut dw) = (Vec::with_capacity(b.div_ceil(chunk)), None);
+    for start in (0..b).step_by(chunk) {
+        let n = chunk.min(b - start);
+        let xc = x.narrow(0, start, n)?;
+        let g = dy.narrow(0, start, n)?.reshape((n, c_out, ho * wo))?;
+        let cols = if pointwise {
+            xc.reshape((n, c, h * wd))?
+        } else {
+            xc.contiguous()?.apply_op1_no_bwd(&op)?
+        };
+        let part = g.matmul(&cols.t()?)?.sum(0)?;
+        dw = Some(match dw {
+            None => part,
+            Some(acc) => (acc + part)?,
+        });
+        let dcols = w2.t()?.broadcast_left(n)?.matmul(&g)?;
+        dxs.push(if pointwise {
+            dcols.reshape((n, c, h, wd))?
+        } else {
+            dcols.apply_op1_no_bwd(&Col2Im { op, h, w: wd })?
+        });
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((
-            CpuStorage::F32(slice(s3, l3, "y")?.to_vec()),
-            l3.shape().clone(),
-        ))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        if !l3.is_contiguous() || l3.start_offset() != 0 {
-            candle_core::bail!("cim-conv2d-grad: the convolution output must be a fresh tensor");
-        }
-        Ok((s3.try_clone(l3)?, l3.shape().clone()))
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        _out: &Tensor,
-        dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let op = self.op;
-        let (b, c, h, wd) = x.dims4()?;
-        let (c_out, _, k, _) = w.dims4()?;
-        let (ho, wo) = (op.out(h), op.out(wd));
-        let w2 = w.reshape((c_out, c * k * k))?;
-        let chunk = (self.budget / (c * k * k * ho * wo * 4).max(1)).clamp(1, b);
-        let pointwise = k == 1 && op.stride == 1 && op.padding == 0;
-        let dy = dy.contiguous()?;
-        let (mut dxs, mut dw) = (Vec::with_capacity(b.div_ceil(chunk)), None);
-        for start in (0..b).step_by(chunk) {
-            let n = chunk.min(b - start);
-            let xc = x.narrow(0, start, n)?;
-            let g = dy.narrow(0, start, n)?.reshape((n, c_out, ho * wo))?;
-            let cols = if pointwise {
-                xc.reshape((n, c, h * wd))?
-            } else {
-                xc.contiguous()?.apply_op1_no_bwd(&op)?
-            };
-            let part = g.matmul(&cols.t()?)?.sum(0)?;
-            dw = Some(match dw {
-                None => part,
-                Some(acc) => (acc + part)?,
-            });
-            let dcols = w2.t()?.broadcast_left(n)?.matmul(&g)?;
-            dxs.push(if pointwise {
-                dcols.reshape((n, c, h, wd))?
-            } else {
-                dcols.apply_op1_no_bwd(&Col2Im { op, h, w: wd })?
-            });
-        }
-        let dw = dw
-            .expect("a batch has at least one image")
-            .reshape(w.shape())?;
-        Ok((Some(Tensor::cat(&dxs, 0)?), Some(dw), None))
-    }
+    let dw = dw
+        .expect("a batch has at least one image")
+        .reshape(w.shape())?;
+    Ok((Tensor::cat(&dxs, 0)?, dw))
 }
 
 #[derive(Clone, Copy)]

@@ -5,7 +5,7 @@
 //! backward pass: LayerNorm and the attention softmax are [`cim_api::ops`]' fused kernels (candle's
 //! own fused softmax / LayerNorm have no backward), the rest candle's differentiable ops.
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use cim_api::{Error, Result};
@@ -86,11 +86,11 @@ impl LayerNorm {
 }
 
 impl Module for LayerNorm {
-    /// Computed in f32 whatever the input dtype (mixed precision keeps normalisation in f32).
+    /// Computed in f32 whatever the input dtype (mixed precision keeps normalisation in f32;
+    /// [`cim_api::ops::layer_norm_mixed`] makes the casts part of one graph node).
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        cim_api::ops::layer_norm(&x.to_dtype(DType::F32)?, &self.weight, &self.bias, self.eps)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
-            .to_dtype(x.dtype())
+        cim_api::ops::layer_norm_mixed(x, &self.weight, &self.bias, self.eps)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 }
 
@@ -184,8 +184,8 @@ impl Attention {
 
 impl Module for Attention {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        // Fused (no N×N tensors, no q/k/v copies) for f32; bf16 and kernels-off CUDA compose
-        // matmuls around an f32 softmax (cim_api::ops::attention_composed).
+        // CPU f32: the fused kernel (no N×N tensors, no q/k/v copies); CUDA and bf16: matmuls
+        // around an f32 softmax as one graph node (cim_api::ops::attention_gemm).
         let out = cim_api::ops::attention_qkv(&self.qkv.forward(x)?, self.heads, self.scale)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         self.proj.forward(&out)
@@ -193,7 +193,7 @@ impl Module for Attention {
 }
 
 /// The MLP of a transformer block: fc1 → GELU (erf) → fc2, fc1's bias and the GELU fused
-/// ([`cim_api::ops::bias_gelu`]: one pass each way for f32, composed for bf16).
+/// ([`cim_api::ops::bias_gelu`]: one pass each way; bf16 through the f32 kernels as one graph node).
 #[derive(Clone, Debug)]
 pub struct Mlp {
     fc1: Linear,

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Packs what benches/gpu-suite.sh needs into .gpu/ (git-ignored): the `cudnn` cim-run and the `cuda`
+# ops_cuda test / fused_ops bench binaries from $CARGO_TARGET_DIR (build them first, see
+# ../shared/cuda/README.md), the CUPTI profiler, and the two files from ../shared.
+#   CUPTI_ROOT=<site-packages>/nvidia/cu13 CARGO_TARGET_DIR=... bash benches/package-gpu.sh
+set -euo pipefail
+T=${CARGO_TARGET_DIR:-target}/release
+mkdir -p .gpu
+grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+newest() { ls -t $1 2>/dev/null | grep -v '\.d$' | head -n 1; }
+xz -T2 -6 -c "$T/cim-run" > .gpu/cim-run.xz
+xz -T2 -6 -c "$(newest "$T/deps/ops_cuda-*")" > .gpu/ops_cuda.xz
+xz -T2 -6 -c "$(newest "$T/deps/fused_ops-*")" > .gpu/fused_ops.xz
+C=${CUDA_CRT_INCLUDE:-$HOME/.cache/cim-cuda/venv/lib/python3.11/site-packages/nvidia/cu13/include}
+gcc -shared -fPIC -O2 -Wall -I"$CUPTI_ROOT/include" -I"$C" benches/cupti/kernel_times.c \
+  -L"$CUPTI_ROOT/lib" -l:libcupti.so.13 -o .gpu/libkernel_times.so
+cp ../shared/cuda/run-on-gpu.sh ../shared/bench/torch_cim_ref.py .gpu/
+ls -la .gpu
