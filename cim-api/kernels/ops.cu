@@ -1,7 +1,8 @@
 // CUDA kernels of cim_api::ops (built into PTX by cim-api's build.rs with the `cuda` feature).
-// f32, contiguous row-major tensors; one thread block per row for the row-wise kernels.
+// f32 (softmax also bf16), contiguous row-major tensors; one thread block per row for the row-wise kernels.
 // Each kernel has a CPU twin in src/ops.rs or src/ops/*.rs; tests/ops_cuda.rs compares them on a GPU.
 
+#include <cuda_bf16.h>
 #include <math.h>
 
 // Sum (or max) of `v` over the block; every thread gets the result. `sh` holds 32 floats.
@@ -35,56 +36,76 @@ __device__ __forceinline__ float block_max(float v, float* sh) {
     return sh[0];
 }
 
-// Mean and 1/sqrt(var + eps) of row `xr`.
-__device__ __forceinline__ void row_moments(const float* xr, int d, float eps, float* sh,
-                                            float* mean, float* rstd) {
+// Loads and stores of f32 or bf16 storage; the arithmetic is f32 either way.
+__device__ __forceinline__ float ld(const float* p, size_t i) { return p[i]; }
+__device__ __forceinline__ float ld(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void st(float* p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
+
+// Mean and 1/sqrt(var + eps) of row `xr` (f32 or bf16 storage).
+template <typename T>
+__device__ __forceinline__ void row_moments(const T* xr, int d, float eps, float* sh, float* mean,
+                                            float* rstd) {
     float s = 0.0f;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) s += xr[j];
+    for (int j = threadIdx.x; j < d; j += blockDim.x) s += ld(xr, j);
     const float m = block_sum(s, sh) / d;
     float v = 0.0f;
     for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        const float t = xr[j] - m;
+        const float t = ld(xr, j) - m;
         v += t * t;
     }
     *mean = m;
     *rstd = 1.0f / sqrtf(block_sum(v, sh) / d + eps);
 }
 
-extern "C" __global__ void cim_layer_norm_fwd(const float* x, const float* w, const float* b,
-                                              float* y, int rows, int d, float eps) {
+// LayerNorm rows: x and y f32 or bf16, weight and bias f32.
+template <typename T>
+__device__ void layer_norm_fwd(const T* x, const float* w, const float* b, T* y, int rows, int d,
+                               float eps) {
     __shared__ float sh[32];
     const int r = blockIdx.x;
     if (r >= rows) return;
-    const float* xr = x + (size_t)r * d;
-    float* yr = y + (size_t)r * d;
+    const T* xr = x + (size_t)r * d;
+    T* yr = y + (size_t)r * d;
     float mean, rstd;
     row_moments(xr, d, eps, sh, &mean, &rstd);
-    for (int j = threadIdx.x; j < d; j += blockDim.x) yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
+    for (int j = threadIdx.x; j < d; j += blockDim.x)
+        st(yr, j, (ld(xr, j) - mean) * rstd * w[j] + b[j]);
 }
 
-// dx for every row, plus the row statistics the dw/db kernel reuses.
-extern "C" __global__ void cim_layer_norm_bwd_dx(const float* x, const float* w, const float* dy,
-                                                 float* dx, float* stats, int rows, int d,
-                                                 float eps) {
+extern "C" __global__ void cim_layer_norm_fwd(const float* x, const float* w, const float* b,
+                                              float* y, int rows, int d, float eps) {
+    layer_norm_fwd(x, w, b, y, rows, d, eps);
+}
+extern "C" __global__ void cim_layer_norm_fwd_bf16(const __nv_bfloat16* x, const float* w,
+                                                   const float* b, __nv_bfloat16* y, int rows,
+                                                   int d, float eps) {
+    layer_norm_fwd(x, w, b, y, rows, d, eps);
+}
+
+// dx (f32) for every row, plus the row statistics the dw/db kernel reuses; x, dy f32 or bf16.
+template <typename T>
+__device__ void layer_norm_bwd_dx(const T* x, const float* w, const T* dy, float* dx, float* stats,
+                                  int rows, int d, float eps) {
     __shared__ float sh[32];
     const int r = blockIdx.x;
     if (r >= rows) return;
-    const float* xr = x + (size_t)r * d;
-    const float* gr = dy + (size_t)r * d;
+    const T* xr = x + (size_t)r * d;
+    const T* gr = dy + (size_t)r * d;
     float* dr = dx + (size_t)r * d;
     float mean, rstd;
     row_moments(xr, d, eps, sh, &mean, &rstd);
     float sg = 0.0f, sgx = 0.0f;
     for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        const float g = gr[j] * w[j];
+        const float g = ld(gr, j) * w[j];
         sg += g;
-        sgx += g * (xr[j] - mean) * rstd;
+        sgx += g * (ld(xr, j) - mean) * rstd;
     }
     sg = block_sum(sg, sh) / d;
     sgx = block_sum(sgx, sh) / d;
     for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        const float xh = (xr[j] - mean) * rstd;
-        dr[j] = rstd * (gr[j] * w[j] - sg - xh * sgx);
+        const float xh = (ld(xr, j) - mean) * rstd;
+        dr[j] = rstd * (ld(gr, j) * w[j] - sg - xh * sgx);
     }
     if (threadIdx.x == 0) {
         stats[2 * r] = mean;
@@ -92,13 +113,24 @@ extern "C" __global__ void cim_layer_norm_bwd_dx(const float* x, const float* w,
     }
 }
 
+extern "C" __global__ void cim_layer_norm_bwd_dx(const float* x, const float* w, const float* dy,
+                                                 float* dx, float* stats, int rows, int d,
+                                                 float eps) {
+    layer_norm_bwd_dx(x, w, dy, dx, stats, rows, d, eps);
+}
+extern "C" __global__ void cim_layer_norm_bwd_dx_bf16(const __nv_bfloat16* x, const float* w,
+                                                      const __nv_bfloat16* dy, float* dx,
+                                                      float* stats, int rows, int d, float eps) {
+    layer_norm_bwd_dx(x, w, dy, dx, stats, rows, d, eps);
+}
+
 // dw (into out[0..d]) and db (into out[d..2d]): one thread per column, rows in order.
 // dw, db in two stages (deterministic: fixed chunks, fixed order). Stage 1: block (32, 8) covers
 // 32 columns of one chunk of LN_CHUNK rows; writes partial[chunk] = (dw[0..d], db[0..d]).
 #define LN_CHUNK 256
-extern "C" __global__ void cim_layer_norm_bwd_dwdb_partial(const float* x, const float* dy,
-                                                           const float* stats, float* partial,
-                                                           int rows, int d) {
+template <typename T>
+__device__ void layer_norm_bwd_dwdb_partial(const T* x, const T* dy, const float* stats,
+                                            float* partial, int rows, int d) {
     __shared__ float sw[8][33], sb[8][33];
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int j = blockIdx.x * 32 + tx;
@@ -106,8 +138,8 @@ extern "C" __global__ void cim_layer_norm_bwd_dwdb_partial(const float* x, const
     float aw = 0.0f, ab = 0.0f;
     if (j < d)
         for (int r = r0 + ty; r < r1; r += 8) {
-            const float g = dy[(size_t)r * d + j];
-            aw += g * (x[(size_t)r * d + j] - stats[2 * r]) * stats[2 * r + 1];
+            const float g = ld(dy, (size_t)r * d + j);
+            aw += g * (ld(x, (size_t)r * d + j) - stats[2 * r]) * stats[2 * r + 1];
             ab += g;
         }
     sw[ty][tx] = aw;
@@ -124,39 +156,64 @@ extern "C" __global__ void cim_layer_norm_bwd_dwdb_partial(const float* x, const
     }
 }
 
-// Stage 2 is cim_col_sum_chunks over the 2·d columns (dw then db) of the partials.
-
-extern "C" __global__ void cim_softmax_fwd(const float* x, float* y, int rows, int d) {
-    __shared__ float sh[32];
-    const int r = blockIdx.x;
-    if (r >= rows) return;
-    const float* xr = x + (size_t)r * d;
-    float* yr = y + (size_t)r * d;
-    float m = -INFINITY;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) m = fmaxf(m, xr[j]);
-    m = block_max(m, sh);
-    float s = 0.0f;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        const float e = expf(xr[j] - m);
-        yr[j] = e;
-        s += e;
-    }
-    const float inv = 1.0f / block_sum(s, sh);
-    for (int j = threadIdx.x; j < d; j += blockDim.x) yr[j] *= inv;
+extern "C" __global__ void cim_layer_norm_bwd_dwdb_partial(const float* x, const float* dy,
+                                                           const float* stats, float* partial,
+                                                           int rows, int d) {
+    layer_norm_bwd_dwdb_partial(x, dy, stats, partial, rows, d);
+}
+extern "C" __global__ void cim_layer_norm_bwd_dwdb_partial_bf16(const __nv_bfloat16* x,
+                                                                const __nv_bfloat16* dy,
+                                                                const float* stats, float* partial,
+                                                                int rows, int d) {
+    layer_norm_bwd_dwdb_partial(x, dy, stats, partial, rows, d);
 }
 
-extern "C" __global__ void cim_softmax_bwd(const float* y, const float* dy, float* dx, int rows,
-                                           int d) {
+// Stage 2 is cim_col_sum_chunks over the 2·d columns (dw then db) of the partials.
+
+// Softmax rows in f32 or bf16 storage.
+
+template <typename T>
+__device__ void softmax_fwd(const T* x, T* y, int rows, int d) {
     __shared__ float sh[32];
     const int r = blockIdx.x;
     if (r >= rows) return;
-    const float* yr = y + (size_t)r * d;
-    const float* gr = dy + (size_t)r * d;
-    float* dr = dx + (size_t)r * d;
+    const size_t o = (size_t)r * d;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) m = fmaxf(m, ld(x, o + j));
+    m = block_max(m, sh);
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) s += expf(ld(x, o + j) - m);
+    const float inv = 1.0f / block_sum(s, sh);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) st(y, o + j, expf(ld(x, o + j) - m) * inv);
+}
+
+template <typename T>
+__device__ void softmax_bwd(const T* y, const T* dy, T* dx, int rows, int d) {
+    __shared__ float sh[32];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const size_t o = (size_t)r * d;
     float dot = 0.0f;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) dot += yr[j] * gr[j];
+    for (int j = threadIdx.x; j < d; j += blockDim.x) dot += ld(y, o + j) * ld(dy, o + j);
     dot = block_sum(dot, sh);
-    for (int j = threadIdx.x; j < d; j += blockDim.x) dr[j] = yr[j] * (gr[j] - dot);
+    for (int j = threadIdx.x; j < d; j += blockDim.x)
+        st(dx, o + j, ld(y, o + j) * (ld(dy, o + j) - dot));
+}
+
+extern "C" __global__ void cim_softmax_fwd(const float* x, float* y, int rows, int d) {
+    softmax_fwd(x, y, rows, d);
+}
+extern "C" __global__ void cim_softmax_fwd_bf16(const __nv_bfloat16* x, __nv_bfloat16* y, int rows,
+                                                int d) {
+    softmax_fwd(x, y, rows, d);
+}
+extern "C" __global__ void cim_softmax_bwd(const float* y, const float* dy, float* dx, int rows,
+                                           int d) {
+    softmax_bwd(y, dy, dx, rows, d);
+}
+extern "C" __global__ void cim_softmax_bwd_bf16(const __nv_bfloat16* y, const __nv_bfloat16* dy,
+                                                __nv_bfloat16* dx, int rows, int d) {
+    softmax_bwd(y, dy, dx, rows, d);
 }
 
 // Per-row logsumexp(x) - x[t].
@@ -529,11 +586,20 @@ __device__ __forceinline__ float gelu_erf_grad(float z) {
     return 0.5f * (1.0f + erff(z * 0.70710678f)) + z * 0.39894228f * expf(-0.5f * z * z);
 }
 
-extern "C" __global__ void cim_bias_gelu_fwd(const float* x, const float* b, float* y,
-                                             long long n, int d) {
+template <typename T>
+__device__ void bias_gelu_fwd(const T* x, const float* b, T* y, long long n, int d) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    y[i] = gelu_erf(x[i] + b[i % d]);
+    st(y, i, gelu_erf(ld(x, i) + b[i % d]));
+}
+
+extern "C" __global__ void cim_bias_gelu_fwd(const float* x, const float* b, float* y,
+                                             long long n, int d) {
+    bias_gelu_fwd(x, b, y, n, d);
+}
+extern "C" __global__ void cim_bias_gelu_fwd_bf16(const __nv_bfloat16* x, const float* b,
+                                                  __nv_bfloat16* y, long long n, int d) {
+    bias_gelu_fwd(x, b, y, n, d);
 }
 
 extern "C" __global__ void cim_bias_add_fwd(const float* x, const float* b, float* y, long long n,
@@ -543,11 +609,23 @@ extern "C" __global__ void cim_bias_add_fwd(const float* x, const float* b, floa
     y[i] = x[i] + b[i % d];
 }
 
-extern "C" __global__ void cim_bias_gelu_bwd_dx(const float* x, const float* b, const float* dy,
-                                                float* dx, long long n, int d) {
+// dx in f32 whatever x and dy are stored in.
+template <typename T>
+__device__ void bias_gelu_bwd_dx(const T* x, const float* b, const T* dy, float* dx, long long n,
+                                 int d) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    dx[i] = dy[i] * gelu_erf_grad(x[i] + b[i % d]);
+    dx[i] = ld(dy, i) * gelu_erf_grad(ld(x, i) + b[i % d]);
+}
+
+extern "C" __global__ void cim_bias_gelu_bwd_dx(const float* x, const float* b, const float* dy,
+                                                float* dx, long long n, int d) {
+    bias_gelu_bwd_dx(x, b, dy, dx, n, d);
+}
+extern "C" __global__ void cim_bias_gelu_bwd_dx_bf16(const __nv_bfloat16* x, const float* b,
+                                                     const __nv_bfloat16* dy, float* dx,
+                                                     long long n, int d) {
+    bias_gelu_bwd_dx(x, b, dy, dx, n, d);
 }
 
 // Column sums of a (rows, d) matrix in two deterministic stages. Stage 1: block (32, 8) covers 32

@@ -118,32 +118,36 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     }
 }
 
-/// LayerNorm of a reduced-precision `x` (bf16, f16) with f32 `weight`/`bias`: normalised in f32
-/// by the fused kernels, returned in `x`'s dtype, as ONE graph node ([`with_backward`]) instead of
-/// cast → LayerNorm → cast, whose two casts each cost a node (a zero-fill and an add in candle's
-/// backward) over an f32 activation. f32 `x` is [`layer_norm`]; where the fused kernels do not
-/// apply, the three recorded ops.
+/// LayerNorm of a reduced-precision `x` (bf16, f16) with f32 `weight`/`bias`, normalised in f32
+/// and returned in `x`'s dtype, as ONE graph node ([`with_backward`]) instead of cast → LayerNorm →
+/// cast, whose two casts each cost a node (a zero-fill and an add in candle's backward) over an f32
+/// activation. With bf16 the fused kernels read and write bf16 directly (the backward's packed
+/// `dx, dw, db` is f32; `dx` is rounded to bf16); f16 goes through f32 copies. f32 `x` is
+/// [`layer_norm`]; where the fused kernels do not apply, the three recorded ops.
 pub fn layer_norm_mixed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let dt = x.dtype();
     if dt == DType::F32 || !fusable_device(x) {
         return Ok(layer_norm(&x.to_dtype(DType::F32)?, weight, bias, eps)?.to_dtype(dt)?);
     }
-    let x32 = x.detach().to_dtype(DType::F32)?.contiguous()?;
+    let xk = match dt {
+        DType::BF16 => x.detach().contiguous()?,
+        _ => x.detach().to_dtype(DType::F32)?.contiguous()?,
+    };
     let w = weight.detach().to_dtype(DType::F32)?.contiguous()?;
     let b = bias.detach().to_dtype(DType::F32)?.contiguous()?;
     let eps = eps as f32;
-    let y = x32
+    let y = xk
         .apply_op3_no_bwd(&w, &b, &LayerNormOp { eps })?
         .to_dtype(dt)?;
     let (wdt, bdt) = (weight.dtype(), bias.dtype());
     with_backward(&[x, weight, bias], y, move |dy| {
         let d = w.dim(0)?;
-        let rows = x32.elem_count() / d;
-        let dy = dy.to_dtype(DType::F32)?.contiguous()?;
-        let packed = x32.apply_op3_no_bwd(&w, &dy, &LayerNormBwdOp { eps })?;
+        let rows = xk.elem_count() / d;
+        let dy = dy.to_dtype(xk.dtype())?.contiguous()?;
+        let packed = xk.apply_op3_no_bwd(&w, &dy, &LayerNormBwdOp { eps })?;
         let dx = packed
             .narrow(0, 0, rows)?
-            .reshape(x32.shape())?
+            .reshape(xk.shape())?
             .to_dtype(dt)?;
         let dw = packed.narrow(0, rows, 1)?.reshape(d)?.to_dtype(wdt)?;
         let db = packed.narrow(0, rows + 1, 1)?.reshape(d)?.to_dtype(bdt)?;
@@ -377,6 +381,10 @@ impl CustomOp3 for LayerNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if let Some((s1, l1)) = widened(s1, l1)? {
+            let (y, shape) = self.cpu_fwd(&s1, &l1, s2, l2, s3, l3)?;
+            return Ok((narrowed(y), shape));
+        }
         let (x, w, b) = (
             slice(s1, l1, "x")?,
             slice(s2, l2, "weight")?,
@@ -451,6 +459,10 @@ impl CustomOp3 for LayerNormBwdOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        // bf16 x and dy: the f32 kernel on their widened copies; the packed result stays f32.
+        if let (Some((s1, l1)), Some((s3, l3))) = (widened(s1, l1)?, widened(s3, l3)?) {
+            return self.cpu_fwd(&s1, &l1, s2, l2, &s3, &l3);
+        }
         let (x, w, dy) = (
             slice(s1, l1, "x")?,
             slice(s2, l2, "weight")?,
@@ -522,6 +534,33 @@ impl CustomOp3 for LayerNormBwdOp {
     }
 }
 
+/// The CPU twin of a bf16 kernel reads the input widened to f32 (`None` for f32 input) …
+pub(crate) fn widened(
+    s: &CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<Option<(CpuStorage, Layout)>> {
+    match s {
+        CpuStorage::BF16(v) => {
+            let (a, b) = l.contiguous_offsets().ok_or_else(|| {
+                candle_core::Error::Msg("fused op needs a contiguous tensor".into())
+            })?;
+            let wide = v[a..b].iter().map(|h| h.to_f32()).collect();
+            Ok(Some((CpuStorage::F32(wide), Layout::contiguous(l.shape()))))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// … and rounds the f32 kernel's result back to bf16, as the CUDA kernel stores it.
+pub(crate) fn narrowed(s: CpuStorage) -> CpuStorage {
+    match s {
+        CpuStorage::F32(v) => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
+        other => other,
+    }
+}
+
+/// Softmax over the last dimension: f32, or bf16 storage with f32 arithmetic (the attention
+/// probabilities in mixed precision).
 struct SoftmaxOp;
 
 impl CustomOp1 for SoftmaxOp {
@@ -529,6 +568,10 @@ impl CustomOp1 for SoftmaxOp {
         "cim-softmax"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        if let Some((s, l)) = widened(s, l)? {
+            let (y, shape) = self.cpu_fwd(&s, &l)?;
+            return Ok((narrowed(y), shape));
+        }
         let x = slice(s, l, "x")?;
         let d = last_dim(l)?;
         let mut y = vec![0f32; x.len()];
@@ -574,6 +617,10 @@ impl CustomOp2 for SoftmaxBwdOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if let (Some((s1, l1)), Some((s2, l2))) = (widened(s1, l1)?, widened(s2, l2)?) {
+            let (dx, shape) = self.cpu_fwd(&s1, &l1, &s2, &l2)?;
+            return Ok((narrowed(dx), shape));
+        }
         let (y, g) = (slice(s1, l1, "y")?, slice(s2, l2, "grad")?);
         let d = last_dim(l1)?;
         let mut dx = vec![0f32; y.len()];

@@ -106,6 +106,7 @@ fn cuda_kernels_match_the_cpu_kernels() {
     bias_gelu_parity(&gpu);
     conv_parity(&gpu);
     channel_bias_parity(&gpu);
+    bf16_parity(&gpu);
     ops::set_cuda_kernels(false);
 }
 
@@ -360,5 +361,64 @@ fn channel_bias_parity(gpu: &Device) {
                 "{what} db"
             );
         }
+    }
+}
+
+/// The bf16 kernels (bf16 storage, f32 arithmetic) on the GPU against their CPU twins (the f32
+/// kernels on widened copies): LayerNorm and bias + GELU through their mixed-precision graph nodes
+/// at ViT-B widths. Both sides round to bf16, so values may differ by one bf16 step.
+fn bf16_parity(gpu: &Device) {
+    use candle_core::DType;
+    let cpu = Device::Cpu;
+    let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+    let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let rel = |a: &Tensor, e: &Tensor| {
+        let scale: f32 = f32s(e)
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        max_diff(&f32s(a), &f32s(e)) / scale.max(1e-6)
+    };
+    let (rows, d) = (3 * 197, 768);
+    let x = randn(&[rows, d], 110, &cpu);
+    let w = (randn(&[d], 111, &cpu) * 0.2).unwrap();
+    let b = randn(&[d], 112, &cpu);
+    let up = randn(&[rows, d], 113, &cpu);
+    let ln = |t: &[Tensor]| f32s(&ops::layer_norm_mixed(&bf(&t[0]), &t[1], &t[2], 1e-6).unwrap());
+    let (yc, gc) = run(&cpu, &ln, &[x.clone(), w.clone(), b.clone()], &up);
+    let (yg, gg) = run(gpu, &ln, &[x.clone(), w, b.clone()], &up);
+    assert!(
+        rel(&yg, &yc) < 0.01,
+        "bf16 layer_norm value: {}",
+        rel(&yg, &yc)
+    );
+    for (i, what) in ["dx", "dw", "db"].iter().enumerate() {
+        assert!(
+            rel(&gg[i], &gc[i]) < 0.01,
+            "bf16 layer_norm {what}: {}",
+            rel(&gg[i], &gc[i])
+        );
+    }
+    let (rows, d) = (3 * 197, 3072);
+    let x = randn(&[rows, d], 114, &cpu);
+    let b = randn(&[d], 115, &cpu);
+    let up = randn(&[rows, d], 116, &cpu);
+    let gelu = |t: &[Tensor]| f32s(&ops::bias_gelu(&bf(&t[0]), &t[1]).unwrap());
+    let (yc, gc) = run(&cpu, &gelu, &[x.clone(), b.clone()], &up);
+    let (yg, gg) = run(gpu, &gelu, &[x, b], &up);
+    assert!(
+        rel(&yg, &yc) < 0.01,
+        "bf16 bias_gelu value: {}",
+        rel(&yg, &yc)
+    );
+    for (i, what) in ["dx", "db"].iter().enumerate() {
+        assert!(
+            rel(&gg[i], &gc[i]) < 0.01,
+            "bf16 bias_gelu {what}: {}",
+            rel(&gg[i], &gc[i])
+        );
     }
 }

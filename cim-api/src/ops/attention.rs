@@ -70,7 +70,8 @@ pub fn attention_qkv_kernel(qkv: &Tensor, heads: usize, scale: f64) -> Result<Op
 /// q, k, v and the probabilities; one custom op hands the output to the graph, and its backward
 /// is the textbook one (q, k, v and P kept by the forward): `dV = Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − Σ dP ⊙ P)`,
 /// `dQ = scale · dS·K`, `dK = dSᵀ·(scale · Q)`, packed into `dqkv`'s layout in one copy. The softmax
-/// and its backward run in f32 (fused kernels where they apply) whatever the dtype. The node is
+/// and its backward compute in f32 whatever the dtype; with bf16 the fused kernels read and write
+/// bf16 (no f32 copies of the `N×N` tensors). The node is
 /// [`super::with_backward`]'s.
 pub fn attention_gemm(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     let (b, n, _) = qkv.dims3()?;
@@ -82,8 +83,7 @@ pub fn attention_gemm(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> 
         .contiguous()?; // (3, B, H, N, hd)
     let q = (parts.get(0)? * scale)?;
     let (k, v) = (parts.get(1)?, parts.get(2)?);
-    let p =
-        super::softmax_last_dim(&q.matmul(&k.t()?)?.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+    let p = softmax_native(&q.matmul(&k.t()?)?)?;
     let out = p.matmul(&v)?.transpose(1, 2)?.reshape((b, n, heads * hd))?;
     let qkv_dims = qkv.dims().to_vec();
     super::with_backward(&[qkv], out, move |dout| {
@@ -103,8 +103,23 @@ pub fn attention_gemm(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> 
     })
 }
 
-/// `P ⊙ (dP − Σ dP ⊙ P)` over the last dimension, in f32, returned in `p`'s dtype.
+/// Softmax of the scores in their own dtype where a kernel takes it (bf16 storage, f32 arithmetic:
+/// no f32 copy of the `N×N` scores), else through f32.
+fn softmax_native(s: &Tensor) -> Result<Tensor> {
+    if s.dtype() == DType::BF16 && super::fusable_device(s) {
+        return Ok(s.contiguous()?.apply_op1_no_bwd(&super::SoftmaxOp)?);
+    }
+    Ok(super::softmax_last_dim(&s.to_dtype(DType::F32)?)?.to_dtype(s.dtype())?)
+}
+
+/// `P ⊙ (dP − Σ dP ⊙ P)` over the last dimension, in f32 arithmetic, returned in `p`'s dtype
+/// (bf16 read and written by the kernel directly).
 fn softmax_backward(p: &Tensor, dp: &Tensor) -> candle_core::Result<Tensor> {
+    if p.dtype() == DType::BF16 && dp.dtype() == DType::BF16 && super::fusable_device(p) {
+        return p
+            .contiguous()?
+            .apply_op2_no_bwd(&dp.contiguous()?, &super::SoftmaxBwdOp);
+    }
     let (p32, g32) = (
         p.to_dtype(DType::F32)?.contiguous()?,
         dp.to_dtype(DType::F32)?.contiguous()?,

@@ -157,22 +157,26 @@ pub fn bias_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Reduced-precision `x`: the f32 kernels between casts, as one graph node ([`super::with_backward`];
-/// candle's `gelu_erf` backward in bf16 is ~11 kernels plus a zero-fill and an add per op). The
-/// forward keeps its f32 copy of `x` for the backward.
+/// bf16 `x` with an f32 bias: the kernels read and write bf16 (f32 arithmetic), as one graph node
+/// ([`super::with_backward`]; candle's `gelu_erf` backward in bf16 is ~11 kernels plus a zero-fill
+/// and an add per op). The backward's packed `dx, db` comes back in f32 and `dx` is rounded to
+/// bf16. Other reduced dtypes go through f32 copies.
 fn bias_gelu_mixed(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (dt, bdt) = (x.dtype(), b.dtype());
-    let x32 = x.detach().to_dtype(DType::F32)?.contiguous()?;
+    let xk = match dt {
+        DType::BF16 => x.detach().contiguous()?,
+        _ => x.detach().to_dtype(DType::F32)?.contiguous()?,
+    };
     let b32 = b.detach().to_dtype(DType::F32)?.contiguous()?;
-    let y = x32.apply_op2_no_bwd(&b32, &BiasGeluOp)?.to_dtype(dt)?;
+    let y = xk.apply_op2_no_bwd(&b32, &BiasGeluOp)?.to_dtype(dt)?;
     super::with_backward(&[x, b], y, move |dy| {
-        let dy = dy.to_dtype(DType::F32)?.contiguous()?;
-        let packed = x32.apply_op3_no_bwd(&b32, &dy, &BiasGeluBwdOp)?;
+        let dy = dy.to_dtype(xk.dtype())?.contiguous()?;
+        let packed = xk.apply_op3_no_bwd(&b32, &dy, &BiasGeluBwdOp)?;
         let d = b32.dim(0)?;
-        let rows = x32.elem_count() / d;
+        let rows = xk.elem_count() / d;
         let dx = packed
             .narrow(0, 0, rows)?
-            .reshape(x32.shape())?
+            .reshape(xk.shape())?
             .to_dtype(dt)?;
         let db = packed.narrow(0, rows, 1)?.reshape(d)?.to_dtype(bdt)?;
         Ok(vec![Some(dx), Some(db)])
@@ -223,6 +227,10 @@ impl CustomOp2 for BiasGeluOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if let Some((s1, l1)) = super::widened(s1, l1)? {
+            let (y, shape) = self.cpu_fwd(&s1, &l1, s2, l2)?;
+            return Ok((super::narrowed(y), shape));
+        }
         map_with_bias(s1, l1, s2, l2, gelu)
     }
     #[cfg(feature = "cuda")]
@@ -268,6 +276,11 @@ impl CustomOp3 for BiasGeluBwdOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        // bf16 x and dy: the f32 kernel on their widened copies; the packed result stays f32.
+        if let (Some((s1, l1)), Some((s3, l3))) = (super::widened(s1, l1)?, super::widened(s3, l3)?)
+        {
+            return self.cpu_fwd(&s1, &l1, s2, l2, &s3, &l3);
+        }
         let (x, b, g) = (
             slice(s1, l1, "x")?,
             slice(s2, l2, "bias")?,

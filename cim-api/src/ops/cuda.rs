@@ -11,6 +11,26 @@ use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKern
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, Layout, Result, Shape};
 
+/// Storage types the kernels read and write (arithmetic is f32 either way).
+pub trait KernelFloat:
+    CudaDType
+    + candle_core::cuda_backend::cudarc::driver::DeviceRepr
+    + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits
+{
+}
+impl KernelFloat for f32 {}
+impl KernelFloat for half::bf16 {}
+
+/// Runs `$f::<T>(args)` with `T` the storage type of `$s` (f32 or bf16).
+macro_rules! by_dtype {
+    ($s:expr, $f:ident($($arg:expr),*)) => {
+        match $s.dtype() {
+            candle_core::DType::BF16 => $f::<half::bf16>($($arg),*),
+            _ => $f::<f32>($($arg),*),
+        }
+    };
+}
+
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cim_ops.ptx"));
 const MODULE: &str = "cim_ops";
 const THREADS: u32 = 256;
@@ -36,7 +56,20 @@ fn dims(l: &Layout) -> Result<(usize, usize)> {
     Ok((l.shape().elem_count() / d, d))
 }
 
+/// LayerNorm rows: `x` (and the output) f32 or bf16, weight and bias f32.
 pub fn layer_norm_fwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(s1, layer_norm_fwd_t(s1, l1, s2, l2, s3, l3, eps))
+}
+
+fn layer_norm_fwd_t<T: KernelFloat>(
     s1: &CudaStorage,
     l1: &Layout,
     s2: &CudaStorage,
@@ -47,23 +80,47 @@ pub fn layer_norm_fwd(
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
     let (x, w, b) = (
-        view::<f32>(s1, l1, "x")?,
+        view::<T>(s1, l1, "x")?,
         view::<f32>(s2, l2, "weight")?,
         view::<f32>(s3, l3, "bias")?,
     );
     let (rows, d) = dims(l1)?;
-    let y = dev.alloc_zeros::<f32>(rows * d)?;
-    let func = dev.get_or_load_custom_func("cim_layer_norm_fwd", MODULE, PTX)?;
+    let y = dev.alloc_zeros::<T>(rows * d)?;
+    let func = dev.get_or_load_custom_func(
+        &dtype_kernel("cim_layer_norm_fwd", s1.dtype())?,
+        MODULE,
+        PTX,
+    )?;
     let (r, dd) = (rows as i32, d as i32);
     let mut a = func.builder();
     a.arg(&x).arg(&w).arg(&b).arg(&y).arg(&r).arg(&dd).arg(&eps);
-    // SAFETY: argument types and counts match the kernel's signature; buffers hold rows·d floats.
+    // SAFETY: argument types and counts match the kernel's signature; buffers hold rows·d values.
     unsafe { a.launch(per_row(rows)) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
 }
 
-/// `(rows + 2, d)`: dx rows, then dw, then db (the CPU op's packing).
+/// `(rows + 2, d)` f32: dx rows, then dw, then db (the CPU op's packing); `x` and `dy` f32 or
+/// bf16 (one dtype).
 pub fn layer_norm_bwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    if s1.dtype() != s3.dtype() {
+        candle_core::bail!(
+            "layer_norm backward: x is {:?}, dy {:?}",
+            s1.dtype(),
+            s3.dtype()
+        );
+    }
+    by_dtype!(s1, layer_norm_bwd_t(s1, l1, s2, l2, s3, l3, eps))
+}
+
+fn layer_norm_bwd_t<T: KernelFloat>(
     s1: &CudaStorage,
     l1: &Layout,
     s2: &CudaStorage,
@@ -74,9 +131,9 @@ pub fn layer_norm_bwd(
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
     let (x, w, dy) = (
-        view::<f32>(s1, l1, "x")?,
+        view::<T>(s1, l1, "x")?,
         view::<f32>(s2, l2, "weight")?,
-        view::<f32>(s3, l3, "grad")?,
+        view::<T>(s3, l3, "grad")?,
     );
     let (rows, d) = dims(l1)?;
     let mut out = dev.alloc_zeros::<f32>((rows + 2) * d)?;
@@ -84,7 +141,11 @@ pub fn layer_norm_bwd(
     let (r, dd) = (rows as i32, d as i32);
     {
         let mut dx = out.slice_mut(0..rows * d);
-        let func = dev.get_or_load_custom_func("cim_layer_norm_bwd_dx", MODULE, PTX)?;
+        let func = dev.get_or_load_custom_func(
+            &dtype_kernel("cim_layer_norm_bwd_dx", s1.dtype())?,
+            MODULE,
+            PTX,
+        )?;
         let mut a = func.builder();
         a.arg(&x)
             .arg(&w)
@@ -102,7 +163,11 @@ pub fn layer_norm_bwd(
         const LN_CHUNK: usize = 256;
         let chunks = rows.div_ceil(LN_CHUNK).max(1);
         let partial = dev.alloc_zeros::<f32>(chunks * 2 * d)?;
-        let func = dev.get_or_load_custom_func("cim_layer_norm_bwd_dwdb_partial", MODULE, PTX)?;
+        let func = dev.get_or_load_custom_func(
+            &dtype_kernel("cim_layer_norm_bwd_dwdb_partial", s1.dtype())?,
+            MODULE,
+            PTX,
+        )?;
         let cfg = LaunchConfig {
             grid_dim: (d.div_ceil(32) as u32, chunks as u32, 1),
             block_dim: (32, 8, 1),
@@ -133,12 +198,32 @@ pub fn layer_norm_bwd(
     ))
 }
 
+/// The kernel for `dtype`: `base` for f32, `base_bf16` for bf16.
+fn dtype_kernel(base: &str, dtype: candle_core::DType) -> Result<String> {
+    match dtype {
+        candle_core::DType::F32 => Ok(base.to_string()),
+        candle_core::DType::BF16 => Ok(format!("{base}_bf16")),
+        other => candle_core::bail!("{base}: no kernel for {other:?}"),
+    }
+}
+
+/// Softmax over the last dimension, f32 or bf16 (f32 arithmetic).
 pub fn softmax_fwd(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(s, softmax_fwd_t(s, l))
+}
+
+fn softmax_fwd_t<T>(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)>
+where
+    T: CudaDType
+        + candle_core::cuda_backend::cudarc::driver::DeviceRepr
+        + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits,
+{
     let dev = s.device().clone();
-    let x = view::<f32>(s, l, "x")?;
+    let x = view::<T>(s, l, "x")?;
     let (rows, d) = dims(l)?;
-    let y = dev.alloc_zeros::<f32>(rows * d)?;
-    let func = dev.get_or_load_custom_func("cim_softmax_fwd", MODULE, PTX)?;
+    let y = dev.alloc_zeros::<T>(rows * d)?;
+    let func =
+        dev.get_or_load_custom_func(&dtype_kernel("cim_softmax_fwd", s.dtype())?, MODULE, PTX)?;
     let (r, dd) = (rows as i32, d as i32);
     let mut a = func.builder();
     a.arg(&x).arg(&y).arg(&r).arg(&dd);
@@ -147,17 +232,40 @@ pub fn softmax_fwd(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> 
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l.shape().clone()))
 }
 
+/// `y · (dy − Σ dy·y)` per row, f32 or bf16 (both inputs of one dtype).
 pub fn softmax_bwd(
     s1: &CudaStorage,
     l1: &Layout,
     s2: &CudaStorage,
     l2: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
+    if s1.dtype() != s2.dtype() {
+        candle_core::bail!(
+            "softmax backward: y is {:?}, dy {:?}",
+            s1.dtype(),
+            s2.dtype()
+        );
+    }
+    by_dtype!(s1, softmax_bwd_t(s1, l1, s2, l2))
+}
+
+fn softmax_bwd_t<T>(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)>
+where
+    T: CudaDType
+        + candle_core::cuda_backend::cudarc::driver::DeviceRepr
+        + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits,
+{
     let dev = s1.device().clone();
-    let (y, g) = (view::<f32>(s1, l1, "y")?, view::<f32>(s2, l2, "grad")?);
+    let (y, g) = (view::<T>(s1, l1, "y")?, view::<T>(s2, l2, "grad")?);
     let (rows, d) = dims(l1)?;
-    let dx = dev.alloc_zeros::<f32>(rows * d)?;
-    let func = dev.get_or_load_custom_func("cim_softmax_bwd", MODULE, PTX)?;
+    let dx = dev.alloc_zeros::<T>(rows * d)?;
+    let func =
+        dev.get_or_load_custom_func(&dtype_kernel("cim_softmax_bwd", s1.dtype())?, MODULE, PTX)?;
     let (r, dd) = (rows as i32, d as i32);
     let mut a = func.builder();
     a.arg(&y).arg(&g).arg(&dx).arg(&r).arg(&dd);
@@ -597,6 +705,7 @@ pub fn max_pool_bwd(
     Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
 }
 
+/// `x` (and the output) f32 or bf16, the bias f32.
 fn bias_fwd(
     kernel: &str,
     s1: &CudaStorage,
@@ -604,12 +713,22 @@ fn bias_fwd(
     s2: &CudaStorage,
     l2: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(s1, bias_fwd_t(kernel, s1, l1, s2, l2))
+}
+
+fn bias_fwd_t<T: KernelFloat>(
+    kernel: &str,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
-    let (x, b) = (view::<f32>(s1, l1, "x")?, view::<f32>(s2, l2, "bias")?);
+    let (x, b) = (view::<T>(s1, l1, "x")?, view::<f32>(s2, l2, "bias")?);
     let (rows, d) = dims(l1)?;
     let n = rows * d;
-    let y = dev.alloc_zeros::<f32>(n)?;
-    let func = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
+    let y = dev.alloc_zeros::<T>(n)?;
+    let func = dev.get_or_load_custom_func(&dtype_kernel(kernel, s1.dtype())?, MODULE, PTX)?;
     let (nn, dd) = (n as i64, d as i32);
     let mut a = func.builder();
     a.arg(&x).arg(&b).arg(&y).arg(&nn).arg(&dd);
@@ -678,8 +797,26 @@ pub fn col_sum(s: &CudaStorage, l: &Layout, d: usize) -> Result<(CudaStorage, Sh
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(d)))
 }
 
-/// `(rows + 1, d)`: dx rows, then db (the CPU op's packing).
+/// `(rows + 1, d)` f32: dx rows, then db (the CPU op's packing); `x` and `dy` f32 or bf16.
 pub fn bias_gelu_bwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    if s1.dtype() != s3.dtype() {
+        candle_core::bail!(
+            "bias_gelu backward: x is {:?}, dy {:?}",
+            s1.dtype(),
+            s3.dtype()
+        );
+    }
+    by_dtype!(s1, bias_gelu_bwd_t(s1, l1, s2, l2, s3, l3))
+}
+
+fn bias_gelu_bwd_t<T: KernelFloat>(
     s1: &CudaStorage,
     l1: &Layout,
     s2: &CudaStorage,
@@ -689,9 +826,9 @@ pub fn bias_gelu_bwd(
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
     let (x, b, dy) = (
-        view::<f32>(s1, l1, "x")?,
+        view::<T>(s1, l1, "x")?,
         view::<f32>(s2, l2, "bias")?,
-        view::<f32>(s3, l3, "grad")?,
+        view::<T>(s3, l3, "grad")?,
     );
     let (rows, d) = dims(l1)?;
     let n = rows * d;
@@ -699,7 +836,11 @@ pub fn bias_gelu_bwd(
     let (nn, dd) = (n as i64, d as i32);
     {
         let mut dx = out.slice_mut(0..n);
-        let func = dev.get_or_load_custom_func("cim_bias_gelu_bwd_dx", MODULE, PTX)?;
+        let func = dev.get_or_load_custom_func(
+            &dtype_kernel("cim_bias_gelu_bwd_dx", s1.dtype())?,
+            MODULE,
+            PTX,
+        )?;
         let mut a = func.builder();
         a.arg(&x).arg(&b).arg(&dy).arg(&mut dx).arg(&nn).arg(&dd);
         // SAFETY: argument types and counts match the kernel's signature; one thread per element.

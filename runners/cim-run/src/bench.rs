@@ -298,7 +298,7 @@ mod tests {
             r.tok_precision, None,
             "the vq tokenizer has no precision choice"
         );
-        assert_eq!((r.dtype.as_str(), r.cuda_kernels), ("fp32", false));
+        assert_eq!((r.dtype.as_str(), r.cuda_kernels), ("fp32", true));
         Ok(())
     }
 

@@ -42,8 +42,9 @@ pub struct RunSection {
     pub picture_every: usize,
     /// On CUDA, let f32 matmuls use TF32 tensor cores (PyTorch's `allow_tf32`).
     pub tf32: bool,
-    /// On CUDA, use cim's fused LayerNorm/softmax/cross-entropy kernels instead of composed ops
-    /// (`cim_api::ops`; off until their GPU parity tests have run on a GPU).
+    /// On CUDA, use cim's fused kernels (`cim_api::ops`: LayerNorm, softmax, cross-entropy,
+    /// attention softmax, RESPIX, AdamW, BatchNorm, conv backward, …) instead of composed candle
+    /// ops. On by default since their GPU parity test passed on an H200 (2026-11-27).
     pub cuda_kernels: bool,
     /// Compute precision of the generator and enhancer: `"f32"`, or `"bf16"` (mixed precision:
     /// f32 master weights, optimizer state, LayerNorm, softmax and losses; bf16 matmuls and
@@ -63,7 +64,7 @@ impl Default for RunSection {
             keep_checkpoints: 3,
             picture_every: 0,
             tf32: true,
-            cuda_kernels: false,
+            cuda_kernels: true,
             precision: "f32".into(),
         }
     }
