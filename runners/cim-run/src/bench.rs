@@ -53,7 +53,8 @@ pub struct BenchReport {
     pub tok_res: usize,
     pub tokens: usize,
     pub dtype: String,
-    /// Whether the fused CUDA kernels were on (`run.cuda_kernels`; CPU runs always fuse).
+    /// Whether the fused CUDA kernels ran (a CUDA device and `run.cuda_kernels`); false on the CPU,
+    /// whose runs always use the CPU kernels.
     pub cuda_kernels: bool,
     /// The tokenizer's precision and its token agreement with f32 (first batch), where it
     /// reports one (`dalle_dvae`).
@@ -204,7 +205,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
             (_, true) => "fp32 (tf32 matmul)".into(),
             _ => "fp32".into(),
         },
-        cuda_kernels: cim_api::ops::cuda_kernels(),
+        cuda_kernels: dev.is_cuda() && cim_api::ops::cuda_kernels(),
         tok_precision: cim.tokenizer.precision(),
         device: format!("{dev:?}"),
         params_m: cim.params.num_params() as f64 / 1e6,
@@ -298,7 +299,7 @@ mod tests {
             r.tok_precision, None,
             "the vq tokenizer has no precision choice"
         );
-        assert_eq!((r.dtype.as_str(), r.cuda_kernels), ("fp32", true));
+        assert_eq!((r.dtype.as_str(), r.cuda_kernels), ("fp32", false));
         Ok(())
     }
 
