@@ -47,7 +47,7 @@ pub fn with_backward(
         return Ok(out);
     }
     let op = Graft {
-        out,
+        out: std::sync::Mutex::new(Some(out)),
         backward: Box::new(backward),
         inputs: inputs.len(),
     };
@@ -60,14 +60,24 @@ pub fn with_backward(
 }
 
 struct Graft {
-    out: Tensor,
+    /// The precomputed output until the node's forward copies it; then dropped, so the graph keeps
+    /// only the node's own output, not a second copy.
+    out: std::sync::Mutex<Option<Tensor>>,
     backward: Box<BackwardFn>,
     inputs: usize,
 }
 
 impl Graft {
+    fn take_out(&self) -> candle_core::Result<Tensor> {
+        self.out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("grafted output lock poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("grafted output already consumed".into()))
+    }
     fn cpu(&self) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (s, l) = self.out.storage_and_layout();
+        let out = self.take_out()?;
+        let (s, l) = out.storage_and_layout();
         match &*s {
             Storage::Cpu(s) => super::copy_fresh(s, l, "grafted output"),
             _ => candle_core::bail!("grafted output is not on the CPU"),
@@ -75,7 +85,8 @@ impl Graft {
     }
     #[cfg(feature = "cuda")]
     fn cuda(&self) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (s, l) = self.out.storage_and_layout();
+        let out = self.take_out()?;
+        let (s, l) = out.storage_and_layout();
         match &*s {
             Storage::Cuda(s) => super::copy_fresh(s, l, "grafted output"),
             _ => candle_core::bail!("grafted output is not on a CUDA device"),
