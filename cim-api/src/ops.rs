@@ -129,29 +129,55 @@ pub fn layer_norm_mixed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) ->
     if dt == DType::F32 || !fusable_device(x) {
         return Ok(layer_norm(&x.to_dtype(DType::F32)?, weight, bias, eps)?.to_dtype(dt)?);
     }
+    let eps = eps as f32;
+    mixed_rowwise(
+        x,
+        &[weight, bias],
+        move |x, p| x.apply_op3_no_bwd(&p[0], &p[1], &LayerNormOp { eps }),
+        move |x, p, dy| x.apply_op3_no_bwd(&p[0], dy, &LayerNormBwdOp { eps }),
+    )
+}
+
+/// The one graph node of a row-wise op over the last dimension `D` of a reduced-precision `x`
+/// with `(D,)` parameters (LayerNorm, bias + GELU): `fwd(x, params)` runs the forward kernel,
+/// `bwd(x, params, dy)` the backward one, which returns the packed f32 gradient — `dx` rows, then
+/// one row per parameter. bf16 goes to the kernels as it is, other dtypes as f32 copies;
+/// parameters always as f32. Gradients come back in each input's dtype.
+fn mixed_rowwise(
+    x: &Tensor,
+    params: &[&Tensor],
+    fwd: impl Fn(&Tensor, &[Tensor]) -> candle_core::Result<Tensor>,
+    bwd: impl Fn(&Tensor, &[Tensor], &Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let dt = x.dtype();
     let xk = match dt {
         DType::BF16 => x.detach().contiguous()?,
         _ => x.detach().to_dtype(DType::F32)?.contiguous()?,
     };
-    let w = weight.detach().to_dtype(DType::F32)?.contiguous()?;
-    let b = bias.detach().to_dtype(DType::F32)?.contiguous()?;
-    let eps = eps as f32;
-    let y = xk
-        .apply_op3_no_bwd(&w, &b, &LayerNormOp { eps })?
-        .to_dtype(dt)?;
-    let (wdt, bdt) = (weight.dtype(), bias.dtype());
-    with_backward(&[x, weight, bias], y, move |dy| {
-        let d = w.dim(0)?;
+    let p32 = params
+        .iter()
+        .map(|p| p.detach().to_dtype(DType::F32)?.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let pdt: Vec<DType> = params.iter().map(|p| p.dtype()).collect();
+    let y = fwd(&xk, &p32)?.to_dtype(dt)?;
+    let mut inputs = vec![x];
+    inputs.extend_from_slice(params);
+    with_backward(&inputs, y, move |dy| {
+        let d = xk.dim(D::Minus1)?;
         let rows = xk.elem_count() / d;
-        let dy = dy.to_dtype(xk.dtype())?.contiguous()?;
-        let packed = xk.apply_op3_no_bwd(&w, &dy, &LayerNormBwdOp { eps })?;
-        let dx = packed
-            .narrow(0, 0, rows)?
-            .reshape(xk.shape())?
-            .to_dtype(dt)?;
-        let dw = packed.narrow(0, rows, 1)?.reshape(d)?.to_dtype(wdt)?;
-        let db = packed.narrow(0, rows + 1, 1)?.reshape(d)?.to_dtype(bdt)?;
-        Ok(vec![Some(dx), Some(dw), Some(db)])
+        let packed = bwd(&xk, &p32, &dy.to_dtype(xk.dtype())?.contiguous()?)?;
+        let mut grads = vec![Some(
+            packed
+                .narrow(0, 0, rows)?
+                .reshape(xk.shape())?
+                .to_dtype(dt)?,
+        )];
+        for (i, &pdt) in pdt.iter().enumerate() {
+            grads.push(Some(
+                packed.narrow(0, rows + i, 1)?.reshape(d)?.to_dtype(pdt)?,
+            ));
+        }
+        Ok(grads)
     })
 }
 
@@ -162,20 +188,6 @@ pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64)
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
     Ok(xn.broadcast_mul(weight)?.broadcast_add(bias)?)
-}
-
-/// A copy of a freshly computed tensor's storage: the forward of the custom ops that hand a
-/// precomputed result to the graph so that they can own its backward (conv2d on CUDA, GEMM
-/// attention).
-fn copy_fresh<S: candle_core::backend::BackendStorage>(
-    s: &S,
-    l: &Layout,
-    what: &str,
-) -> candle_core::Result<(S, Shape)> {
-    if !l.is_contiguous() || l.start_offset() != 0 {
-        candle_core::bail!("{what}: expected a freshly computed contiguous tensor");
-    }
-    Ok((s.try_clone(l)?, l.shape().clone()))
 }
 
 /// Softmax over the last dimension.

@@ -158,29 +158,16 @@ pub fn bias_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// bf16 `x` with an f32 bias: the kernels read and write bf16 (f32 arithmetic), as one graph node
-/// ([`super::with_backward`]; candle's `gelu_erf` backward in bf16 is ~11 kernels plus a zero-fill
+/// ([`super::mixed_rowwise`]; candle's `gelu_erf` backward in bf16 is ~11 kernels plus a zero-fill
 /// and an add per op). The backward's packed `dx, db` comes back in f32 and `dx` is rounded to
 /// bf16. Other reduced dtypes go through f32 copies.
 fn bias_gelu_mixed(x: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (dt, bdt) = (x.dtype(), b.dtype());
-    let xk = match dt {
-        DType::BF16 => x.detach().contiguous()?,
-        _ => x.detach().to_dtype(DType::F32)?.contiguous()?,
-    };
-    let b32 = b.detach().to_dtype(DType::F32)?.contiguous()?;
-    let y = xk.apply_op2_no_bwd(&b32, &BiasGeluOp)?.to_dtype(dt)?;
-    super::with_backward(&[x, b], y, move |dy| {
-        let dy = dy.to_dtype(xk.dtype())?.contiguous()?;
-        let packed = xk.apply_op3_no_bwd(&b32, &dy, &BiasGeluBwdOp)?;
-        let d = b32.dim(0)?;
-        let rows = xk.elem_count() / d;
-        let dx = packed
-            .narrow(0, 0, rows)?
-            .reshape(xk.shape())?
-            .to_dtype(dt)?;
-        let db = packed.narrow(0, rows, 1)?.reshape(d)?.to_dtype(bdt)?;
-        Ok(vec![Some(dx), Some(db)])
-    })
+    super::mixed_rowwise(
+        x,
+        &[b],
+        |x, p| x.apply_op2_no_bwd(&p[0], &BiasGeluOp),
+        |x, p, dy| x.apply_op3_no_bwd(&p[0], dy, &BiasGeluBwdOp),
+    )
 }
 
 /// The same function from candle's differentiable ops.

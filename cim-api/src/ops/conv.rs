@@ -64,28 +64,22 @@ pub fn conv2d_with_budget(
     }
     let (ho, wo) = (op.out(h), op.out(wd));
     let w2 = w.reshape((c_out, c * k * k))?;
-    let per_image = c * k * k * ho * wo * 4;
-    let chunk = (budget / per_image.max(1)).clamp(1, b);
+    let chunk = op.chunk(x.dims(), budget);
     let x = x.contiguous()?;
     let mut outs = Vec::with_capacity(b.div_ceil(chunk));
     // One chunk: candle's narrow and cat of the whole batch return it as is.
     for start in (0..b).step_by(chunk) {
-        let n = chunk.min(b - start);
-        let xc = x.narrow(0, start, n)?;
-        let cols = if k == 1 && stride == 1 && padding == 0 {
-            xc.reshape((n, c, h * wd))?
-        } else {
-            xc.apply_op1(op)?
-        };
-        outs.push(w2.broadcast_matmul(&cols)?);
+        let xc = x.narrow(0, start, chunk.min(b - start))?;
+        outs.push(w2.broadcast_matmul(&op.patches(&xc, true)?)?);
     }
     Ok(Tensor::cat(&outs, 0)?.reshape((b, c_out, ho, wo))?)
 }
 
 /// candle's convolution forward (cuDNN on CUDA), with a backward through im2col + GEMM and col2im
-/// ([`conv_backward`], grafted with [`super::with_backward`]): candle's own backward runs its direct `conv2d_f32` / `conv_transpose2d_f32`
-/// kernels on CUDA, which took 4.4 of ResNet-50's 4.6 s per step at batch 128 (measured on an
-/// H200). Untracked inputs (the frozen dVAE) take the plain forward.
+/// ([`conv_backward`], grafted with [`super::with_backward`]): candle's own backward runs its
+/// direct `conv2d_f32` / `conv_transpose2d_f32` kernels on CUDA, which took 4.4 s of the ResNet-50
+/// enhancer's 4.6 s per step at batch 128 (measured on an H200). Untracked inputs (the frozen dVAE)
+/// take the plain forward.
 fn im2col_backward(x: &Tensor, w: &Tensor, op: Im2Col, budget: usize) -> Result<Tensor> {
     let y = x
         .detach()
@@ -110,26 +104,22 @@ fn conv_backward(
     let (c_out, _, k, _) = w.dims4()?;
     let (ho, wo) = (op.out(h), op.out(wd));
     let w2 = w.reshape((c_out, c * k * k))?;
-    let chunk = (budget / (c * k * k * ho * wo * 4).max(1)).clamp(1, b);
-    let pointwise = k == 1 && op.stride == 1 && op.padding == 0;
+    let chunk = op.chunk(x.dims(), budget);
     let dy = dy.contiguous()?;
     let (mut dxs, mut dw) = (Vec::with_capacity(b.div_ceil(chunk)), None);
     for start in (0..b).step_by(chunk) {
         let n = chunk.min(b - start);
-        let xc = x.narrow(0, start, n)?;
         let g = dy.narrow(0, start, n)?.reshape((n, c_out, ho * wo))?;
-        let cols = if pointwise {
-            xc.reshape((n, c, h * wd))?
-        } else {
-            xc.contiguous()?.apply_op1_no_bwd(&op)?
-        };
+        let cols = op
+            .patches(&x.narrow(0, start, n)?, false)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let part = g.matmul(&cols.t()?)?.sum(0)?;
         dw = Some(match dw {
             None => part,
             Some(acc) => (acc + part)?,
         });
         let dcols = w2.t()?.broadcast_left(n)?.matmul(&g)?;
-        dxs.push(if pointwise {
+        dxs.push(if op.pointwise() {
             dcols.reshape((n, c, h, wd))?
         } else {
             dcols.apply_op1_no_bwd(&Col2Im { op, h, w: wd })?
@@ -151,6 +141,31 @@ struct Im2Col {
 impl Im2Col {
     fn out(&self, n: usize) -> usize {
         (n + 2 * self.padding - self.k) / self.stride + 1
+    }
+
+    /// A 1×1 stride-1 unpadded convolution: the patch matrix is the input itself.
+    fn pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// Images per chunk so that one chunk's patch matrix stays within `budget` bytes (≥ 1).
+    fn chunk(&self, x_dims: &[usize], budget: usize) -> usize {
+        let (b, c, h, w) = (x_dims[0], x_dims[1], x_dims[2], x_dims[3]);
+        let per_image = c * self.k * self.k * self.out(h) * self.out(w) * 4;
+        (budget / per_image.max(1)).clamp(1, b)
+    }
+
+    /// The patch matrix `(n, C·k·k, Ho·Wo)` of a chunk `xc` `(n, C, H, W)`, recorded for the
+    /// backward (`record`) or not.
+    fn patches(&self, xc: &Tensor, record: bool) -> Result<Tensor> {
+        let (n, c, h, w) = xc.dims4()?;
+        Ok(if self.pointwise() {
+            xc.reshape((n, c, h * w))?
+        } else if record {
+            xc.contiguous()?.apply_op1(*self)?
+        } else {
+            xc.contiguous()?.apply_op1_no_bwd(self)?
+        })
     }
 
     #[cfg(feature = "cuda")]

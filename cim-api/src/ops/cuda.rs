@@ -859,50 +859,45 @@ pub type ConvGeometry = [i32; 7];
 
 /// `x` `(B, C, h, w)` → patch matrix `(B, C·k·k, ho·wo)`.
 pub fn im2col(s: &CudaStorage, l: &Layout, g: ConvGeometry) -> Result<(CudaStorage, Shape)> {
-    let dev = s.device().clone();
-    let x = view::<f32>(s, l, "x")?;
     let (b, c, _, _) = l.shape().dims4()?;
-    let [h, w, k, stride, pad, ho, wo] = g;
-    let (kk, hw) = ((k * k) as usize, (ho * wo) as usize);
-    let n = b * c * kk * hw;
-    let cols = dev.alloc_zeros::<f32>(n)?;
-    let func = dev.get_or_load_custom_func("cim_im2col", MODULE, PTX)?;
-    let nn = n as i64;
-    let mut a = func.builder();
-    a.arg(&x).arg(&cols).arg(&nn);
-    for v in [&h, &w, &k, &stride, &pad, &ho, &wo] {
-        a.arg(v);
-    }
-    // SAFETY: argument types and counts match the kernel's signature; one thread per patch entry.
-    unsafe { a.launch(per_element(n)) }.w()?;
-    Ok((
-        CudaStorage::wrap_cuda_slice(cols, dev),
-        Shape::from((b, c * kk, hw)),
-    ))
+    let [_, _, k, _, _, ho, wo] = g;
+    let shape = Shape::from((b, c * (k * k) as usize, (ho * wo) as usize));
+    conv_geometry_kernel("cim_im2col", s, l, "x", shape, g)
 }
 
 /// Patch-matrix gradient `(B, C·k·k, ho·wo)` → input gradient `(B, C, h, w)`.
 pub fn col2im(s: &CudaStorage, l: &Layout, g: ConvGeometry) -> Result<(CudaStorage, Shape)> {
-    let dev = s.device().clone();
-    let cols = view::<f32>(s, l, "grad")?;
     let (b, ckk, _) = l.shape().dims3()?;
-    let [h, w, k, stride, pad, ho, wo] = g;
-    let c = ckk / (k * k) as usize;
-    let n = b * c * (h * w) as usize;
-    let dx = dev.alloc_zeros::<f32>(n)?;
-    let func = dev.get_or_load_custom_func("cim_col2im", MODULE, PTX)?;
+    let [h, w, k, ..] = g;
+    let shape = Shape::from((b, ckk / (k * k) as usize, h as usize, w as usize));
+    conv_geometry_kernel("cim_col2im", s, l, "grad", shape, g)
+}
+
+/// Launches im2col or col2im (same arguments: input, output, element count, geometry) with one
+/// thread per element of the `out` shape.
+fn conv_geometry_kernel(
+    kernel: &str,
+    s: &CudaStorage,
+    l: &Layout,
+    what: &str,
+    out: Shape,
+    g: ConvGeometry,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device().clone();
+    let input = view::<f32>(s, l, what)?;
+    let n = out.elem_count();
+    let y = dev.alloc_zeros::<f32>(n)?;
+    let func = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
     let nn = n as i64;
     let mut a = func.builder();
-    a.arg(&cols).arg(&dx).arg(&nn);
-    for v in [&h, &w, &k, &stride, &pad, &ho, &wo] {
+    a.arg(&input).arg(&y).arg(&nn);
+    for v in &g {
         a.arg(v);
     }
-    // SAFETY: argument types and counts match the kernel's signature; one thread per input pixel.
+    // SAFETY: argument types and counts match both kernels' signatures (input, output, n, then
+    // h, w, k, stride, pad, ho, wo); one thread per output element.
     unsafe { a.launch(per_element(n)) }.w()?;
-    Ok((
-        CudaStorage::wrap_cuda_slice(dx, dev),
-        Shape::from((b, c, h as usize, w as usize)),
-    ))
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), out))
 }
 
 /// `[r +] g·(x + b[c])`, optionally ReLU'd; `x` (and `r`) `(B, C, H, W)` with `H·W % 4 == 0`.

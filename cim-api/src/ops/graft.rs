@@ -79,7 +79,7 @@ impl Graft {
         let out = self.take_out()?;
         let (s, l) = out.storage_and_layout();
         match &*s {
-            Storage::Cpu(s) => super::copy_fresh(s, l, "grafted output"),
+            Storage::Cpu(s) => copy_fresh(s, l, "grafted output"),
             _ => candle_core::bail!("grafted output is not on the CPU"),
         }
     }
@@ -88,7 +88,7 @@ impl Graft {
         let out = self.take_out()?;
         let (s, l) = out.storage_and_layout();
         match &*s {
-            Storage::Cuda(s) => super::copy_fresh(s, l, "grafted output"),
+            Storage::Cuda(s) => copy_fresh(s, l, "grafted output"),
             _ => candle_core::bail!("grafted output is not on a CUDA device"),
         }
     }
@@ -104,6 +104,19 @@ impl Graft {
         g.resize(3, None);
         Ok(g)
     }
+}
+
+/// A copy of the precomputed output's storage: the node's forward. The output must be fresh (its
+/// own contiguous storage from offset 0), which every computation's result is.
+fn copy_fresh<S: candle_core::backend::BackendStorage>(
+    s: &S,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<(S, Shape)> {
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("{what}: expected a freshly computed contiguous tensor");
+    }
+    Ok((s.try_clone(l)?, l.shape().clone()))
 }
 
 impl CustomOp1 for Graft {
