@@ -67,12 +67,11 @@ pub fn attention_qkv_kernel(qkv: &Tensor, heads: usize, scale: f64) -> Result<Op
 /// back to full size with zeros, and the dtype casts around the f32 softmax each add two passes over
 /// the `N×N` probabilities. An H200 profile of ViT-B/16 RESPIX in bf16 spent 28% of the step in
 /// bf16 additions alone. Here the forward runs on detached tensors (nothing recorded) and keeps
-/// q, k, v and the probabilities; one custom op hands the output to the graph, and its backward
-/// is the textbook one (q, k, v and P kept by the forward): `dV = Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − Σ dP ⊙ P)`,
-/// `dQ = scale · dS·K`, `dK = dSᵀ·(scale · Q)`, packed into `dqkv`'s layout in one copy. The softmax
-/// and its backward compute in f32 whatever the dtype; with bf16 the fused kernels read and write
-/// bf16 (no f32 copies of the `N×N` tensors). The node is
-/// [`super::with_backward`]'s.
+/// q, k, v and the probabilities; one [`super::with_backward`] node hands the output to the graph,
+/// and its backward is the textbook one: `dV = Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − Σ dP ⊙ P)`,
+/// `dQ = scale · dS·K`, `dK = dSᵀ·(scale · Q)`, packed into `dqkv`'s layout in one copy. The
+/// softmax and its backward compute in f32 whatever the dtype; with bf16 the fused kernels read
+/// and write bf16 (no f32 copies of the `N×N` tensors).
 pub fn attention_gemm(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     let (b, n, _) = qkv.dims3()?;
     let hd = head_dim(qkv, heads)?;
@@ -84,12 +83,11 @@ pub fn attention_gemm(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> 
     let q = (parts.get(0)? * scale)?;
     let (k, v) = (parts.get(1)?, parts.get(2)?);
     let p = softmax_native(&q.matmul(&k.t()?)?)?;
-    let out = p.matmul(&v)?.transpose(1, 2)?.reshape((b, n, heads * hd))?;
-    let qkv_dims = qkv.dims().to_vec();
+    let d = heads * hd;
+    let out = p.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
     super::with_backward(&[qkv], out, move |dout| {
-        let (b, n, d) = (qkv_dims[0], qkv_dims[1], qkv_dims[2] / 3);
         let g = dout
-            .reshape((b, n, heads, d / heads))?
+            .reshape((b, n, heads, hd))?
             .transpose(1, 2)?
             .contiguous()?;
         let dv = p.t()?.matmul(&g)?;

@@ -49,14 +49,14 @@ pub fn channel_bias(
     all.extend(residual);
     let on_cuda = x.device().is_cuda();
     if !is_fusable(&all) || (on_cuda && (h * w) % 4 != 0) {
-        return composed(x, b, residual, gain, relu);
+        return channel_bias_composed(x, b, residual, gain, relu);
     }
     let (x, b) = (x.contiguous()?, b.contiguous()?);
     let r = residual.map(|r| r.contiguous()).transpose()?;
     // The CUDA kernel reads float4s: every view must start on a 16-byte boundary.
     let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(4);
     if on_cuda && !(aligned(&x) && r.as_ref().is_none_or(aligned)) {
-        return composed(&x, &b, r.as_ref(), gain, relu);
+        return channel_bias_composed(&x, &b, r.as_ref(), gain, relu);
     }
     let op = ChannelBias {
         gain: gain as f32,
@@ -70,16 +70,6 @@ pub fn channel_bias(
 
 /// [`channel_bias`] from candle ops (the reference of the fused kernels).
 pub fn channel_bias_composed(
-    x: &Tensor,
-    b: &Tensor,
-    residual: Option<&Tensor>,
-    gain: f64,
-    relu: bool,
-) -> Result<Tensor> {
-    composed(x, b, residual, gain, relu)
-}
-
-fn composed(
     x: &Tensor,
     b: &Tensor,
     residual: Option<&Tensor>,
