@@ -11,11 +11,13 @@
 //! `CustomOp`s: [`layer_norm`] is one forward kernel, and its backward one kernel giving `dx`, `dw`
 //! and `db` together; [`softmax_last_dim`] likewise.
 //!
-//! The fused kernels run for contiguous f32 tensors on the CPU; every other case (other dtypes,
-//! CUDA) takes the composed path, which computes the same function (the tests check both against
-//! each other, values and gradients). With the `cuda` feature, CUDA twins of every kernel
-//! (`kernels/ops.cu`) are built too, but used only after [`set_cuda_kernels`]`(true)` (config
-//! `run.cuda_kernels`): their GPU parity tests (`tests/ops_cuda.rs`) have not run on a GPU yet.
+//! The fused kernels run for f32 tensors on the CPU (bf16 ones for LayerNorm, softmax and bias +
+//! GELU, through f32 arithmetic); other cases take the composed path, which computes the same
+//! function (the tests check both against each other, values and gradients). With the `cuda`
+//! feature, CUDA twins of every kernel (`kernels/ops.cu`) are built too, used after
+//! [`set_cuda_kernels`]`(true)` (config `run.cuda_kernels`, the default; their parity tests,
+//! `tests/ops_cuda.rs`, passed on an H200). [`with_backward`] grafts any detached computation onto
+//! the graph as one node; [`pre_norm_block`] does so for a whole transformer block.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -31,6 +33,7 @@ mod adamw;
 mod attention;
 mod batch_norm;
 mod bias;
+mod block;
 mod channel;
 mod conv;
 #[cfg(feature = "cuda")]
@@ -43,6 +46,7 @@ pub use adamw::{adamw_composed, adamw_update, AdamStep};
 pub use attention::{attention_composed, attention_gemm, attention_qkv, attention_qkv_kernel};
 pub use batch_norm::{batch_norm_train, batch_norm_train_composed, channel_moments};
 pub use bias::{bias_add, bias_gelu, bias_gelu_composed};
+pub use block::{pre_norm_block, BlockParams};
 pub use channel::{channel_bias, channel_bias_composed};
 pub use conv::{conv2d, conv2d_with_budget, COL_BUDGET};
 pub use graft::{with_backward, BackwardFn};
@@ -51,8 +55,8 @@ pub use respix::{respix_loss, respix_sliding_target};
 
 static CUDA_KERNELS: AtomicBool = AtomicBool::new(false);
 
-/// Lets f32 tensors on CUDA use the fused CUDA kernels (builds with the `cuda` feature only;
-/// elsewhere it has no effect). Off by default: see the module docs.
+/// Lets tensors on CUDA use the fused CUDA kernels (builds with the `cuda` feature only; elsewhere
+/// it has no effect). Off until called; `cim-run` calls it with `run.cuda_kernels` (default true).
 pub fn set_cuda_kernels(on: bool) {
     CUDA_KERNELS.store(on && cfg!(feature = "cuda"), Ordering::Relaxed);
 }
@@ -60,6 +64,19 @@ pub fn set_cuda_kernels(on: bool) {
 /// Whether [`set_cuda_kernels`] switched the CUDA kernels on.
 pub fn cuda_kernels() -> bool {
     CUDA_KERNELS.load(Ordering::Relaxed)
+}
+
+static FUSED_BLOCKS: AtomicBool = AtomicBool::new(true);
+
+/// Lets models run each transformer block as one graph node ([`pre_norm_block`]) where the fused
+/// kernels apply (config `run.fused_blocks`; on by default). Off, blocks are recorded op by op.
+pub fn set_fused_blocks(on: bool) {
+    FUSED_BLOCKS.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`set_fused_blocks`] left whole-block nodes on.
+pub fn fused_blocks() -> bool {
+    FUSED_BLOCKS.load(Ordering::Relaxed)
 }
 
 /// Widest attention head the CUDA attention kernel takes (one warp per query row, four values

@@ -107,6 +107,7 @@ fn cuda_kernels_match_the_cpu_kernels() {
     conv_parity(&gpu);
     channel_bias_parity(&gpu);
     bf16_parity(&gpu);
+    block_parity(&gpu);
     ops::set_cuda_kernels(false);
 }
 
@@ -420,5 +421,69 @@ fn bf16_parity(gpu: &Device) {
             "bf16 bias_gelu {what}: {}",
             rel(&gg[i], &gc[i])
         );
+    }
+}
+
+/// A whole pre-norm block as one node (ViT-S/16 sizes) on the GPU against the CPU, in f32 and in
+/// bf16 with f32 parameters: values and the gradients of the input and all twelve parameters.
+fn block_parity(gpu: &Device) {
+    use candle_core::DType;
+    let cpu = Device::Cpu;
+    let (b, n, d, hidden, heads) = (2, 197, 384, 1536, 6);
+    let shapes: [&[usize]; 12] = [
+        &[d],
+        &[d],
+        &[3 * d, d],
+        &[3 * d],
+        &[d, d],
+        &[d],
+        &[d],
+        &[d],
+        &[hidden, d],
+        &[hidden],
+        &[d, hidden],
+        &[d],
+    ];
+    let mut inputs = vec![randn(&[b, n, d], 120, &cpu)];
+    for (i, s) in shapes.iter().enumerate() {
+        let scale = if s.len() == 2 { 0.02 } else { 0.1 };
+        let t = (randn(s, 121 + i as u64, &cpu) * scale).unwrap();
+        let t = if i == 0 || i == 6 {
+            (t + 1.0).unwrap()
+        } else {
+            t
+        };
+        inputs.push(t);
+    }
+    let up = randn(&[b, n, d], 140, &cpu);
+    for dt in [DType::F32, DType::BF16] {
+        let f = |t: &[Tensor]| {
+            let p = ops::BlockParams {
+                norm1: (&t[1], &t[2]),
+                qkv: (&t[3], &t[4]),
+                proj: (&t[5], &t[6]),
+                norm2: (&t[7], &t[8]),
+                fc1: (&t[9], &t[10]),
+                fc2: (&t[11], &t[12]),
+            };
+            let x = t[0].to_dtype(dt).unwrap();
+            ops::pre_norm_block(&x, &p, heads, 1e-6)
+                .unwrap()
+                .expect("the block node runs with the kernels on")
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let (yc, gc) = run(&cpu, &f, &inputs, &up);
+        let (yg, gg) = run(gpu, &f, &inputs, &up);
+        let tol = if dt == DType::F32 { 1e-3 } else { 2e-2 };
+        let rel = |a: &Tensor, e: &Tensor| {
+            let s: f32 = e.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            max_diff(a, e) / s.max(1e-6)
+        };
+        assert!(rel(&yg, &yc) < tol, "block {dt:?} value: {}", rel(&yg, &yc));
+        for (i, (a, e)) in gc.iter().zip(&gg).enumerate() {
+            let r = rel(e, a);
+            assert!(r < tol, "block {dt:?} gradient of input {i}: relative {r}");
+        }
     }
 }

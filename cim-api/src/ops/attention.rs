@@ -73,10 +73,48 @@ pub fn attention_qkv_kernel(qkv: &Tensor, heads: usize, scale: f64) -> Result<Op
 /// softmax and its backward compute in f32 whatever the dtype; with bf16 the fused kernels read
 /// and write bf16 (no f32 copies of the `N×N` tensors).
 pub fn attention_gemm(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let (out, backward) = gemm_detached(&qkv.detach(), heads, scale)?;
+    super::with_backward(&[qkv], out, move |dout| Ok(vec![Some(backward(dout)?)]))
+}
+
+/// The backward of a detached attention forward: `d qkv` from `d out`.
+pub(crate) type AttentionBackward =
+    Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+
+/// Attention of a detached `qkv` and its backward, for callers that graft a larger sub-graph
+/// (a whole transformer block, [`super::pre_norm_block`]): the fused kernel on the CPU in f32
+/// (nothing `N×N` kept; the backward recomputes the probabilities), [`attention_gemm`]'s matmuls
+/// elsewhere.
+pub(crate) fn attention_detached(
+    qkv: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<(Tensor, AttentionBackward)> {
+    let (b, n, _) = qkv.dims3()?;
+    let d = head_dim(qkv, heads)?;
+    if qkv.device().is_cpu() && is_fusable(&[qkv]) {
+        let geo = Geometry {
+            b,
+            n,
+            h: heads,
+            d,
+            scale: scale as f32,
+        };
+        let qkv = qkv.contiguous()?;
+        let out = qkv.apply_op1_no_bwd(&AttentionOp(geo))?;
+        let backward =
+            move |dout: &Tensor| qkv.apply_op2_no_bwd(&dout.contiguous()?, &AttentionBwdOp(geo));
+        return Ok((out, Box::new(backward)));
+    }
+    gemm_detached(qkv, heads, scale)
+}
+
+/// [`attention_gemm`]'s forward on a detached `qkv`, keeping q, k, v and the probabilities for
+/// its backward.
+fn gemm_detached(qkv: &Tensor, heads: usize, scale: f64) -> Result<(Tensor, AttentionBackward)> {
     let (b, n, _) = qkv.dims3()?;
     let hd = head_dim(qkv, heads)?;
     let parts = qkv
-        .detach()
         .reshape((b, n, 3, heads, hd))?
         .permute((2, 0, 3, 1, 4))?
         .contiguous()?; // (3, B, H, N, hd)
@@ -85,7 +123,7 @@ pub fn attention_gemm(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> 
     let p = softmax_native(&q.matmul(&k.t()?)?)?;
     let d = heads * hd;
     let out = p.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
-    super::with_backward(&[qkv], out, move |dout| {
+    let backward = move |dout: &Tensor| {
         let g = dout
             .reshape((b, n, heads, hd))?
             .transpose(1, 2)?
@@ -94,11 +132,11 @@ pub fn attention_gemm(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> 
         let ds = softmax_backward(&p, &g.matmul(&v.t()?)?)?;
         let dq = (ds.matmul(&k)? * scale)?;
         let dk = ds.t()?.matmul(&q)?;
-        let dqkv = Tensor::stack(&[dq, dk, dv], 0)?
+        Tensor::stack(&[dq, dk, dv], 0)?
             .permute((1, 3, 0, 2, 4))?
-            .reshape((b, n, 3 * d))?;
-        Ok(vec![Some(dqkv)])
-    })
+            .reshape((b, n, 3 * d))
+    };
+    Ok((out, Box::new(backward)))
 }
 
 /// Softmax of the scores in their own dtype where a kernel takes it (bf16 storage, f32 arithmetic:

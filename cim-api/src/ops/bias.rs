@@ -81,7 +81,7 @@ fn map_with_bias(
     Ok((CpuStorage::F32(y), l1.shape().clone()))
 }
 
-struct BiasAddOp;
+pub(super) struct BiasAddOp;
 
 impl CustomOp2 for BiasAddOp {
     fn name(&self) -> &'static str {
@@ -119,7 +119,7 @@ impl CustomOp2 for BiasAddOp {
 }
 
 /// `(d,)`: the column sums of a contiguous tensor's rows of `d`.
-struct ColSumOp(usize);
+pub(super) struct ColSumOp(pub(super) usize);
 
 impl CustomOp1 for ColSumOp {
     fn name(&self) -> &'static str {
@@ -201,7 +201,7 @@ fn gelu_grad(z: f32) -> f32 {
     0.5 * (1.0 + erf) + z * INV_SQRT_2PI * gauss
 }
 
-struct BiasGeluOp;
+pub(super) struct BiasGeluOp;
 
 impl CustomOp2 for BiasGeluOp {
     fn name(&self) -> &'static str {
@@ -248,7 +248,7 @@ impl CustomOp2 for BiasGeluOp {
 }
 
 /// `(rows + 1, d)`: `dx` rows, then `db`.
-struct BiasGeluBwdOp;
+pub(super) struct BiasGeluBwdOp;
 
 impl CustomOp3 for BiasGeluBwdOp {
     fn name(&self) -> &'static str {

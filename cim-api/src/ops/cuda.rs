@@ -1,7 +1,7 @@
 //! CUDA twins of the fused CPU kernels (`kernels/ops.cu`, compiled to PTX by build.rs).
 //!
-//! Used only when [`super::set_cuda_kernels`] switched them on: no GPU machine has run their parity
-//! tests (`tests/ops_cuda.rs`, `--features cuda`) yet, so by default CUDA runs the composed ops.
+//! Used when [`super::set_cuda_kernels`] switched them on (config `run.cuda_kernels`, on by default
+//! since their parity tests, `tests/ops_cuda.rs` with `--features cuda`, passed on an H200).
 
 // Kernel launches are FFI: the only unsafe code of the workspace lives here.
 #![allow(unsafe_code)]

@@ -263,9 +263,45 @@ impl Module for Block {
 }
 
 impl Block {
-    /// The block with stochastic depth: each residual branch is multiplied by its per-sample
-    /// `(B, 1, 1)` keep factor (0 or `1/keep_prob`) when one is given.
+    /// The block with stochastic depth (see [`Self::forward_recorded`]); without it, one graph
+    /// node ([`Self::forward_fused`]) where the fused kernels run and `run.fused_blocks` is on.
     pub fn forward_drop(
+        &self,
+        x: &Tensor,
+        keep_attn: Option<&Tensor>,
+        keep_mlp: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        if keep_attn.is_none() && keep_mlp.is_none() && cim_api::ops::fused_blocks() {
+            if let Some(y) = self.forward_fused(x)? {
+                return Ok(y);
+            }
+        }
+        self.forward_recorded(x, keep_attn, keep_mlp)
+    }
+
+    /// The block as one graph node with a hand-written backward ([`cim_api::ops::pre_norm_block`]);
+    /// `None` where its kernels do not run (then [`Self::forward_recorded`] is the same function).
+    pub fn forward_fused(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        fn pair(l: &Linear) -> (&Tensor, &Tensor) {
+            (&l.weight, &l.bias)
+        }
+        let p = cim_api::ops::BlockParams {
+            norm1: (&self.norm1.weight, &self.norm1.bias),
+            qkv: pair(&self.attn.qkv),
+            proj: pair(&self.attn.proj),
+            norm2: (&self.norm2.weight, &self.norm2.bias),
+            fc1: pair(&self.mlp.fc1),
+            fc2: pair(&self.mlp.fc2),
+        };
+        // Both norms take the block spec's eps; the attention scale is 1/√(head width) as here.
+        cim_api::ops::pre_norm_block(x, &p, self.attn.heads, self.norm1.eps)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+
+    /// The block recorded op by op (candle's autograd through each op), with stochastic depth:
+    /// each residual branch is multiplied by its per-sample `(B, 1, 1)` keep factor (0 or
+    /// `1/keep_prob`) when one is given.
+    pub fn forward_recorded(
         &self,
         x: &Tensor,
         keep_attn: Option<&Tensor>,
@@ -316,6 +352,59 @@ mod tests {
             .transpose(1, 2)?;
         let diff = (ours - conv)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "max diff {diff}");
+        Ok(())
+    }
+
+    /// The block as one node against the same block recorded op by op: values and the gradients
+    /// of the input and all twelve parameters (what the ViT and BEiT trunks train through), and
+    /// stochastic depth falls back to the recorded block.
+    #[test]
+    fn fused_block_matches_the_recorded_block() -> Result<()> {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let store = ParamStore::trainable(7);
+        let spec = BlockSpec {
+            dim: 24,
+            heads: 3,
+            mlp_ratio: 2.0,
+            eps: 1e-6,
+            init_std: 0.3,
+            rescale_residual: true,
+        };
+        let block = Block::new(&spec, 1, store.var_builder(DType::F32, &dev))?;
+        let x = Var::from_tensor(&cim_api::testing::uniform((2, 9, 24), 5)?)?;
+        let up = cim_api::testing::uniform((2, 9, 24), 6)?;
+        let fused = block
+            .forward_fused(&x)?
+            .expect("the CPU runs the block node");
+        let recorded = block.forward_recorded(&x, None, None)?;
+        let d = (&fused - &recorded)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-5, "values differ by {d}");
+        let gf = (&fused * &up)?.sum_all()?.backward()?;
+        let gr = (&recorded * &up)?.sum_all()?.backward()?;
+        let mut vars = store.vars();
+        assert_eq!(vars.len(), 12, "a block has twelve parameters");
+        vars.push(("x".into(), x.clone()));
+        for (name, v) in &vars {
+            let (a, b) = (gf.get(v).expect(name), gr.get(v).expect(name));
+            let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let s = b.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                d <= 1e-4 * s.max(1e-3),
+                "{name}: gradient differs by {d} (max {s})"
+            );
+        }
+        // With keep factors the block is recorded (the node has no drop path).
+        let keep = Tensor::new(&[[[0f32]], [[2.0]]], &dev)?;
+        let dropped = block.forward_drop(&x, Some(&keep), Some(&keep))?;
+        let first = dropped.get(0)?;
+        assert!(
+            (first - x.as_tensor().get(0)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?
+                == 0.0
+        );
         Ok(())
     }
 

@@ -56,6 +56,9 @@ pub struct BenchReport {
     /// Whether the fused CUDA kernels ran (a CUDA device and `run.cuda_kernels`); false on the CPU,
     /// whose runs always use the CPU kernels.
     pub cuda_kernels: bool,
+    /// Whether transformer blocks ran as one graph node each (`run.fused_blocks`, where the
+    /// fused kernels run: always on the CPU, on CUDA with `cuda_kernels`).
+    pub fused_blocks: bool,
     /// The tokenizer's precision and its token agreement with f32 (first batch), where it
     /// reports one (`dalle_dvae`).
     pub tok_precision: Option<cim_api::PrecisionReport>,
@@ -206,6 +209,8 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
             _ => "fp32".into(),
         },
         cuda_kernels: dev.is_cuda() && cim_api::ops::cuda_kernels(),
+        fused_blocks: cim_api::ops::fused_blocks()
+            && (!dev.is_cuda() || cim_api::ops::cuda_kernels()),
         tok_precision: cim.tokenizer.precision(),
         device: format!("{dev:?}"),
         params_m: cim.params.num_params() as f64 / 1e6,
@@ -299,7 +304,10 @@ mod tests {
             r.tok_precision, None,
             "the vq tokenizer has no precision choice"
         );
-        assert_eq!((r.dtype.as_str(), r.cuda_kernels), ("fp32", false));
+        assert_eq!(
+            (r.dtype.as_str(), r.cuda_kernels, r.fused_blocks),
+            ("fp32", false, true)
+        );
         Ok(())
     }
 

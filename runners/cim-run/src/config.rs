@@ -46,6 +46,10 @@ pub struct RunSection {
     /// attention softmax, RESPIX, AdamW, BatchNorm, conv backward, …) instead of composed candle
     /// ops. On by default since their GPU parity test passed on an H200 (2026-11-27).
     pub cuda_kernels: bool,
+    /// Run each transformer block (generator and ViT enhancer) as one graph node with a
+    /// hand-written backward (`cim_api::ops::pre_norm_block`) wherever the fused kernels run;
+    /// `false` records every op of the block. Blocks with stochastic depth are always recorded.
+    pub fused_blocks: bool,
     /// Compute precision of the generator and enhancer: `"f32"`, or `"bf16"` (mixed precision:
     /// f32 master weights, optimizer state, LayerNorm, softmax and losses; bf16 matmuls and
     /// activations). bf16 needs a ViT enhancer.
@@ -65,6 +69,7 @@ impl Default for RunSection {
             picture_every: 0,
             tf32: true,
             cuda_kernels: true,
+            fused_blocks: true,
             precision: "f32".into(),
         }
     }

@@ -76,6 +76,7 @@ impl Cim {
     pub fn build(res: &Resolved) -> Result<Self> {
         let device = device(&res.cfg.run.device)?;
         cim_api::ops::set_cuda_kernels(res.cfg.run.cuda_kernels);
+        cim_api::ops::set_fused_blocks(res.cfg.run.fused_blocks);
         let data = res.cfg.data.clone();
         let params = ParamStore::trainable(res.cfg.run.seed);
         let frozen = ParamStore::frozen(RANDOM_TOKENIZER_SEED);

@@ -1,0 +1,461 @@
+//! A whole pre-norm transformer block as ONE graph node with a hand-written backward.
+//!
+//! Recorded op by op, a ViT block is ~40 candle ops, and candle's backward pays for each: every
+//! input gradient starts as a zero tensor the op's gradient is added to, reshapes and transposes
+//! are nodes, the bf16 casts of the weights are nodes, and the residual stream's gradient is
+//! accumulated by an add per use. [`pre_norm_block`] runs the forward on detached tensors with the
+//! fused kernels (LayerNorm, attention, bias + GELU), keeps what the backward needs, and grafts the
+//! result onto the graph ([`super::with_backward`]) with the block's backward written out: six
+//! GEMM pairs, two LayerNorm backward kernels, the attention backward, one bias + GELU backward
+//! kernel, and four bias-gradient column sums. The parameters enter the node as one packed f32
+//! vector, so their gradients leave it as one.
+
+use candle_core::{DType, Tensor, D};
+
+use super::LayerNormOp;
+use super::{attention::attention_detached, bias, fusable_device, is_fusable, LayerNormBwdOp};
+use crate::Result;
+
+/// The twelve parameters of a pre-norm block, each a `(weight, bias)` pair with PyTorch's shapes
+/// (`Linear.weight` is `(out, in)`): `x + proj(attn(qkv(norm1(x))))`, then
+/// `x + fc2(gelu(fc1(norm2(x))))`.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockParams<'a> {
+    pub norm1: (&'a Tensor, &'a Tensor),
+    pub qkv: (&'a Tensor, &'a Tensor),
+    pub proj: (&'a Tensor, &'a Tensor),
+    pub norm2: (&'a Tensor, &'a Tensor),
+    pub fc1: (&'a Tensor, &'a Tensor),
+    pub fc2: (&'a Tensor, &'a Tensor),
+}
+
+impl<'a> BlockParams<'a> {
+    fn list(&self) -> [&'a Tensor; 12] {
+        [
+            self.norm1.0,
+            self.norm1.1,
+            self.qkv.0,
+            self.qkv.1,
+            self.proj.0,
+            self.proj.1,
+            self.norm2.0,
+            self.norm2.1,
+            self.fc1.0,
+            self.fc1.1,
+            self.fc2.0,
+            self.fc2.1,
+        ]
+    }
+}
+
+/// The shape of one block call, checked once.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    batch: usize,
+    tokens: usize,
+    dim: usize,
+    hidden: usize,
+    heads: usize,
+}
+
+/// The block `(B, N, D) → (B, N, D)` in `x`'s dtype (f32, or bf16 with f32 parameters: matmuls in
+/// bf16, LayerNorm, softmax and GELU computed in f32 by the kernels), as one graph node; `None`
+/// where the fused kernels do not run (CUDA without `run.cuda_kernels`, other dtypes): the caller
+/// then records the block op by op ([`super::layer_norm_mixed`], [`super::attention_qkv`], …),
+/// which computes the same function (the tests compare values and every gradient).
+pub fn pre_norm_block(
+    x: &Tensor,
+    p: &BlockParams,
+    heads: usize,
+    eps: f64,
+) -> Result<Option<Tensor>> {
+    let dt = x.dtype();
+    if !matches!(dt, DType::F32 | DType::BF16) || !fusable_device(x) {
+        return Ok(None);
+    }
+    let (b, n, dim) = x.dims3()?;
+    let hidden = p.fc1.0.dim(0)?;
+    let shapes: [(&str, &Tensor, &[usize]); 12] = [
+        ("norm1.weight", p.norm1.0, &[dim]),
+        ("norm1.bias", p.norm1.1, &[dim]),
+        ("qkv.weight", p.qkv.0, &[3 * dim, dim]),
+        ("qkv.bias", p.qkv.1, &[3 * dim]),
+        ("proj.weight", p.proj.0, &[dim, dim]),
+        ("proj.bias", p.proj.1, &[dim]),
+        ("norm2.weight", p.norm2.0, &[dim]),
+        ("norm2.bias", p.norm2.1, &[dim]),
+        ("fc1.weight", p.fc1.0, &[hidden, dim]),
+        ("fc1.bias", p.fc1.1, &[hidden]),
+        ("fc2.weight", p.fc2.0, &[dim, hidden]),
+        ("fc2.bias", p.fc2.1, &[dim]),
+    ];
+    let pdt = p.norm1.0.dtype();
+    for (name, t, want) in shapes {
+        if t.dims() != want || t.dtype() != pdt || !t.device().same_device(x.device()) {
+            return Err(crate::Error::msg(format!(
+                "pre_norm_block: {name} is {:?} {:?} on {:?}; expected {want:?} {pdt:?} on {:?}",
+                t.dims(),
+                t.dtype(),
+                t.device().location(),
+                x.device().location()
+            )));
+        }
+    }
+    if heads == 0 || dim % heads != 0 {
+        return Err(crate::Error::msg(format!(
+            "pre_norm_block: width {dim} is not divisible by {heads} heads"
+        )));
+    }
+    let dims = Dims {
+        batch: b,
+        tokens: n,
+        dim,
+        hidden,
+        heads,
+    };
+    let list = p.list();
+    let packed = Tensor::cat(
+        &list
+            .iter()
+            .map(|t| t.flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?,
+        0,
+    )?;
+    let (y, saved) = Forward::run(&x.detach(), &list, dims, eps)?;
+    let y = y.reshape((b, n, dim))?;
+    let y = super::with_backward(&[x, &packed], y, move |dy| {
+        let (dx, grads) = saved.backward(&dy.reshape((b * n, dim))?)?;
+        let flat = grads
+            .iter()
+            .map(|g| g.to_dtype(pdt)?.flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(vec![
+            Some(dx.reshape((b, n, dim))?),
+            Some(Tensor::cat(&flat, 0)?),
+        ])
+    })?;
+    Ok(Some(y))
+}
+
+/// What the backward needs, all detached: the block input and the activations in the compute
+/// dtype, the weights cast to it, the LayerNorm / GELU parameters in f32.
+struct Forward {
+    dims: Dims,
+    eps: f32,
+    /// `norm1.weight, norm1.bias, qkv.bias, proj.bias, norm2.weight, norm2.bias, fc1.bias,
+    /// fc2.bias` in f32.
+    vec32: [Tensor; 8],
+    /// `qkv, proj, fc1, fc2` weights in the compute dtype.
+    w: [Tensor; 4],
+    x: Tensor,
+    xn1: Tensor,
+    attn: Tensor,
+    attn_bwd: super::attention::AttentionBackward,
+    x1: Tensor,
+    xn2: Tensor,
+    h: Tensor,
+    g: Tensor,
+}
+
+impl Forward {
+    /// The block's output `(rows, D)` and what its backward keeps.
+    fn run(x: &Tensor, p: &[&Tensor; 12], dims: Dims, eps: f64) -> Result<(Tensor, Self)> {
+        let dt = x.dtype();
+        let f32v = |t: &Tensor| t.detach().to_dtype(DType::F32)?.contiguous();
+        let vec32 = [
+            f32v(p[0])?,
+            f32v(p[1])?,
+            f32v(p[3])?,
+            f32v(p[5])?,
+            f32v(p[6])?,
+            f32v(p[7])?,
+            f32v(p[9])?,
+            f32v(p[11])?,
+        ];
+        let cast = |t: &Tensor| t.detach().to_dtype(dt);
+        let w = [cast(p[2])?, cast(p[4])?, cast(p[8])?, cast(p[10])?];
+        let eps = eps as f32;
+        let Dims {
+            batch,
+            tokens,
+            dim,
+            heads,
+            ..
+        } = dims;
+        let x = x.reshape((batch * tokens, dim))?.contiguous()?;
+        let xn1 = x.apply_op3_no_bwd(&vec32[0], &vec32[1], &LayerNormOp { eps })?;
+        let qkv = add_bias(&xn1.matmul(&w[0].t()?)?, &vec32[2])?;
+        let scale = 1.0 / ((dim / heads) as f64).sqrt();
+        let (attn, attn_bwd) =
+            attention_detached(&qkv.reshape((batch, tokens, 3 * dim))?, heads, scale)?;
+        let attn = attn.reshape((batch * tokens, dim))?;
+        let x1 = (&x + add_bias(&attn.matmul(&w[1].t()?)?, &vec32[3])?)?;
+        let xn2 = x1.apply_op3_no_bwd(&vec32[4], &vec32[5], &LayerNormOp { eps })?;
+        let h = xn2.matmul(&w[2].t()?)?;
+        let g = h.apply_op2_no_bwd(&vec32[6], &bias::BiasGeluOp)?;
+        let y = (&x1 + add_bias(&g.matmul(&w[3].t()?)?, &vec32[7])?)?;
+        let saved = Self {
+            dims,
+            eps,
+            vec32,
+            w,
+            x,
+            xn1,
+            attn,
+            attn_bwd,
+            x1,
+            xn2,
+            h,
+            g,
+        };
+        Ok((y, saved))
+    }
+
+    /// `dx` and the twelve parameter gradients (f32, in [`BlockParams`] order) from `dy`
+    /// `(rows, D)`.
+    fn backward(&self, dy: &Tensor) -> candle_core::Result<(Tensor, [Tensor; 12])> {
+        let dt = self.x.dtype();
+        let Dims {
+            batch,
+            tokens,
+            dim,
+            hidden,
+            ..
+        } = self.dims;
+        let rows = batch * tokens;
+        let eps = self.eps;
+        let dy = dy.to_dtype(dt)?.contiguous()?;
+        // y = x1 + fc2(g) + b.
+        let d_fc2_w = dy.t()?.matmul(&self.g)?;
+        let d_fc2_b = col_sum(&dy)?;
+        let dg = dy.matmul(&self.w[3])?;
+        // g = gelu(h + b): dh rows, then the bias row.
+        let packed = self
+            .h
+            .apply_op3_no_bwd(&self.vec32[6], &dg, &bias::BiasGeluBwdOp)?;
+        let dh = packed.narrow(0, 0, rows)?.to_dtype(dt)?;
+        let d_fc1_b = packed.narrow(0, rows, 1)?.reshape(hidden)?;
+        let d_fc1_w = dh.t()?.matmul(&self.xn2)?;
+        let dxn2 = dh.matmul(&self.w[2])?;
+        // xn2 = norm2(x1): dx1 rows, dw, db.
+        let packed = self
+            .x1
+            .apply_op3_no_bwd(&self.vec32[4], &dxn2, &LayerNormBwdOp { eps })?;
+        let dx1 = (&dy + packed.narrow(0, 0, rows)?.to_dtype(dt)?)?;
+        let d_norm2_w = packed.narrow(0, rows, 1)?.reshape(dim)?;
+        let d_norm2_b = packed.narrow(0, rows + 1, 1)?.reshape(dim)?;
+        // x1 = x + proj(attn) + b.
+        let d_proj_w = dx1.t()?.matmul(&self.attn)?;
+        let d_proj_b = col_sum(&dx1)?;
+        let dattn = dx1.matmul(&self.w[1])?.reshape((batch, tokens, dim))?;
+        let dqkv = (self.attn_bwd)(&dattn)?
+            .reshape((rows, 3 * dim))?
+            .contiguous()?;
+        let d_qkv_w = dqkv.t()?.matmul(&self.xn1)?;
+        let d_qkv_b = col_sum(&dqkv)?;
+        let dxn1 = dqkv.matmul(&self.w[0])?;
+        let packed = self
+            .x
+            .apply_op3_no_bwd(&self.vec32[0], &dxn1, &LayerNormBwdOp { eps })?;
+        let dx = (&dx1 + packed.narrow(0, 0, rows)?.to_dtype(dt)?)?;
+        let d_norm1_w = packed.narrow(0, rows, 1)?.reshape(dim)?;
+        let d_norm1_b = packed.narrow(0, rows + 1, 1)?.reshape(dim)?;
+        Ok((
+            dx,
+            [
+                d_norm1_w, d_norm1_b, d_qkv_w, d_qkv_b, d_proj_w, d_proj_b, d_norm2_w, d_norm2_b,
+                d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b,
+            ],
+        ))
+    }
+}
+
+/// `x + b` over rows (bias in f32): the fused kernel for f32, a broadcast add in `x`'s dtype else.
+fn add_bias(x: &Tensor, b32: &Tensor) -> candle_core::Result<Tensor> {
+    if is_fusable(&[x]) {
+        x.apply_op2_no_bwd(b32, &bias::BiasAddOp)
+    } else {
+        x.broadcast_add(&b32.to_dtype(x.dtype())?)
+    }
+}
+
+/// Column sums of `(rows, d)` gradients in f32: the parallel kernel for f32 input.
+fn col_sum(g: &Tensor) -> candle_core::Result<Tensor> {
+    let d = g.dim(D::Minus1)?;
+    let g32 = g.to_dtype(DType::F32)?.contiguous()?;
+    if is_fusable(&[&g32]) {
+        g32.apply_op1_no_bwd(&bias::ColSumOp(d))
+    } else {
+        g32.sum(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::tests::{max_diff, randn};
+    use candle_core::Var;
+
+    const NAMES: [&str; 12] = [
+        "norm1.weight",
+        "norm1.bias",
+        "qkv.weight",
+        "qkv.bias",
+        "proj.weight",
+        "proj.bias",
+        "norm2.weight",
+        "norm2.bias",
+        "fc1.weight",
+        "fc1.bias",
+        "fc2.weight",
+        "fc2.bias",
+    ];
+
+    /// Random parameters of a block of width `d`, MLP `hidden` (LayerNorm weights near 1).
+    fn params(d: usize, hidden: usize) -> Vec<Var> {
+        let shapes: [&[usize]; 12] = [
+            &[d],
+            &[d],
+            &[3 * d, d],
+            &[3 * d],
+            &[d, d],
+            &[d],
+            &[d],
+            &[d],
+            &[hidden, d],
+            &[hidden],
+            &[d, hidden],
+            &[d],
+        ];
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let t = randn(s, 10 + i as u64);
+                let t = if s.len() == 2 {
+                    t.affine(0.25, 0.0).unwrap()
+                } else if i == 0 || i == 6 {
+                    t.affine(0.2, 1.0).unwrap()
+                } else {
+                    t.affine(0.1, 0.0).unwrap()
+                };
+                Var::from_tensor(&t).unwrap()
+            })
+            .collect()
+    }
+
+    fn block_params(v: &[Var]) -> BlockParams<'_> {
+        BlockParams {
+            norm1: (v[0].as_tensor(), v[1].as_tensor()),
+            qkv: (v[2].as_tensor(), v[3].as_tensor()),
+            proj: (v[4].as_tensor(), v[5].as_tensor()),
+            norm2: (v[6].as_tensor(), v[7].as_tensor()),
+            fc1: (v[8].as_tensor(), v[9].as_tensor()),
+            fc2: (v[10].as_tensor(), v[11].as_tensor()),
+        }
+    }
+
+    /// The block from candle's elementary differentiable ops only (no fused kernel), in `x`'s
+    /// dtype with the parameters cast to it.
+    fn reference(x: &Tensor, p: &BlockParams, heads: usize, eps: f64) -> Result<Tensor> {
+        let dt = x.dtype();
+        let c = |t: &Tensor| t.to_dtype(dt);
+        let lin = |x: &Tensor, (w, b): (&Tensor, &Tensor)| -> Result<Tensor> {
+            Ok(x.broadcast_matmul(&c(w)?.t()?)?.broadcast_add(&c(b)?)?)
+        };
+        let ln = |x: &Tensor, (w, b): (&Tensor, &Tensor)| -> Result<Tensor> {
+            super::super::layer_norm_composed(x, &c(w)?, &c(b)?, eps)
+        };
+        let d = x.dim(D::Minus1)?;
+        let scale = 1.0 / ((d / heads) as f64).sqrt();
+        let qkv = lin(&ln(x, p.norm1)?, p.qkv)?;
+        let a = super::super::attention_composed(&qkv, heads, scale)?;
+        let x1 = (x + lin(&a, p.proj)?)?;
+        let h = lin(&ln(&x1, p.norm2)?, p.fc1)?.gelu_erf()?;
+        Ok((&x1 + lin(&h, p.fc2)?)?)
+    }
+
+    /// Values and all thirteen gradients of the one-node block against the recorded reference,
+    /// at a size where every kernel splits its rows into several parallel chunks.
+    #[test]
+    fn block_node_matches_the_recorded_block_in_f32() -> Result<()> {
+        let (b, n, d, hidden, heads) = (3, 50, 16, 40, 4);
+        let vars = params(d, hidden);
+        let p = block_params(&vars);
+        let x = Var::from_tensor(&randn(&[b, n, d], 1))?;
+        let up = randn(&[b, n, d], 2);
+        let fused = pre_norm_block(&x, &p, heads, 1e-6)?.expect("CPU f32 takes the node");
+        let want = reference(&x, &p, heads, 1e-6)?;
+        assert_eq!(fused.dims(), [b, n, d]);
+        let dv = max_diff(&fused, &want);
+        assert!(dv < 2e-5, "values: {dv}");
+        let gf = (&fused * &up)?.sum_all()?.backward()?;
+        let gw = (&want * &up)?.sum_all()?.backward()?;
+        let mut checked = 0;
+        for (name, v) in std::iter::once(("x", &x)).chain(NAMES.iter().copied().zip(&vars)) {
+            let (a, w) = (gf.get(v).expect(name), gw.get(v).expect(name));
+            let scale = w.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3);
+            let rel = max_diff(a, w) / scale;
+            assert!(rel < 1e-4, "{name}: relative gradient difference {rel}");
+            checked += 1;
+        }
+        assert_eq!(checked, 13);
+        Ok(())
+    }
+
+    /// bf16 activations with f32 parameters: values and gradients within bf16 rounding of the
+    /// f32 reference; the parameter gradients come back in f32 for f32 master weights.
+    #[test]
+    fn bf16_block_node_is_within_bf16_rounding_of_f32() -> Result<()> {
+        let (b, n, d, hidden, heads) = (2, 17, 16, 32, 2);
+        let vars = params(d, hidden);
+        let p = block_params(&vars);
+        let x32 = randn(&[b, n, d], 3);
+        let x = Var::from_tensor(&x32.to_dtype(DType::BF16)?)?;
+        let xr = Var::from_tensor(&x32)?;
+        let up = randn(&[b, n, d], 4);
+        let fused = pre_norm_block(&x, &p, heads, 1e-6)?.expect("CPU bf16 takes the node");
+        assert_eq!(fused.dtype(), DType::BF16);
+        let want = reference(&xr, &p, heads, 1e-6)?;
+        let f = fused.to_dtype(DType::F32)?;
+        let dv = max_diff(&f, &want) / want.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(dv < 2e-2, "values: relative {dv}");
+        let gf = (f * &up)?.sum_all()?.backward()?;
+        let gw = (&want * &up)?.sum_all()?.backward()?;
+        let dx = gf.get(&x).unwrap();
+        assert_eq!(dx.dtype(), DType::BF16);
+        let pairs = std::iter::once(("x", dx.to_dtype(DType::F32)?, gw.get(&xr).unwrap().clone()));
+        let params = NAMES.iter().zip(&vars).map(|(name, v)| {
+            let g = gf.get(v).unwrap();
+            assert_eq!(g.dtype(), DType::F32, "{name}");
+            (*name, g.clone(), gw.get(v).unwrap().clone())
+        });
+        for (name, a, w) in pairs.chain(params) {
+            let scale = w.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3);
+            let rel = max_diff(&a, &w) / scale;
+            assert!(rel < 5e-2, "{name}: relative gradient difference {rel}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bad_shapes_are_named_and_other_dtypes_decline() -> Result<()> {
+        let vars = params(8, 16);
+        let p = block_params(&vars);
+        let x = randn(&[2, 3, 8], 5);
+        let wrong = randn(&[8, 8], 6);
+        let bad = BlockParams {
+            qkv: (&wrong, p.qkv.1),
+            ..p
+        };
+        let e = pre_norm_block(&x, &bad, 2, 1e-6).unwrap_err().to_string();
+        assert!(
+            e.contains("qkv.weight is [8, 8]") && e.contains("[24, 8]"),
+            "{e}"
+        );
+        let e = pre_norm_block(&x, &p, 3, 1e-6).unwrap_err().to_string();
+        assert!(e.contains("width 8 is not divisible by 3 heads"), "{e}");
+        assert!(pre_norm_block(&x.to_dtype(DType::F16)?, &p, 2, 1e-6)?.is_none());
+        Ok(())
+    }
+}
