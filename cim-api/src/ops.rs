@@ -41,6 +41,7 @@ mod cuda;
 mod graft;
 mod max_pool;
 mod respix;
+mod select;
 
 pub use adamw::{adamw_composed, adamw_update, AdamStep};
 pub use attention::{attention_composed, attention_gemm, attention_qkv, attention_qkv_kernel};
@@ -52,6 +53,7 @@ pub use conv::{conv2d, conv2d_with_budget, COL_BUDGET};
 pub use graft::{with_backward, BackwardFn};
 pub use max_pool::max_pool_3x3_s2;
 pub use respix::{respix_loss, respix_sliding_target};
+pub use select::select_rows;
 
 static CUDA_KERNELS: AtomicBool = AtomicBool::new(false);
 

@@ -175,9 +175,9 @@ impl Generator for Beit {
     fn forward(&self, image: &Tensor, mask: &Mask) -> Result<Tensor> {
         let h = self.hidden(image, mask)?;
         let (b, n, d) = h.dims3()?;
-        // The head only runs where it is needed: at the masked positions.
-        let idx = mask.indices_tensor(h.device())?;
-        let at_mask = h.reshape((b * n, d))?.index_select(&idx, 0)?;
+        // The head only runs where it is needed: at the masked positions (a row gather whose
+        // backward is a gather too: candle's index_add backward is serial over the rows on CUDA).
+        let at_mask = cim_api::ops::select_rows(&h.reshape((b * n, d))?, &mask.flat_indices())?;
         Ok(self.lm_head.forward(&at_mask)?)
     }
 
