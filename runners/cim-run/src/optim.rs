@@ -157,12 +157,12 @@ impl AdamW {
             let g = grads.get(s.var.as_tensor()).ok_or_else(|| {
                 Error::msg(format!("parameter `{}` received no gradient", s.name))
             })?;
-            sums.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?);
+            sums.push(square_sums(g)?);
         }
         if sums.is_empty() {
             return Ok(0.0);
         }
-        let sq = Tensor::stack(&sums, 0)?.to_dtype(DType::F64)?.sum_all()?;
+        let sq = Tensor::cat(&sums, 0)?.to_dtype(DType::F64)?.sum_all()?;
         Ok(sq.to_scalar::<f64>()?.sqrt())
     }
 
@@ -225,6 +225,22 @@ impl AdamW {
             clipped: scale < 1.0,
         })
     }
+}
+
+/// Partial sums of squares of `g` in f32, one per row of up to 4096 elements: on CUDA a reduction
+/// of a whole tensor to one value runs on a single thread block (215 such sums were 7.5 ms of an
+/// H200 ViT-B/16 step), a reduction over rows spreads over one block per row.
+fn square_sums(g: &Tensor) -> Result<Tensor> {
+    let n = g.elem_count();
+    let (mut a, mut b) = (n.max(1), 4096);
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    let width = a; // gcd(n, 4096): rows of `width` tile the tensor exactly
+    Ok(g.to_dtype(DType::F32)?
+        .reshape((n / width, width))?
+        .sqr()?
+        .sum(1)?)
 }
 
 /// Linear warmup from 0 to `base`, then cosine decay to `min` at `total` steps (per-step, as BEiT).
@@ -318,6 +334,37 @@ mod tests {
         let info = opt.step(&loss.backward()?, 1.0, 3.0)?;
         assert!((info.grad_norm - 50.0).abs() < 1e-4);
         assert!(info.clipped);
+        Ok(())
+    }
+
+    /// The row-wise partial sums tile every shape (a prime count, a multiple of 4096, ViT widths)
+    /// and add up to the global norm computed directly in f64.
+    #[test]
+    fn grad_norm_sums_every_element_once() -> Result<()> {
+        let dev = Device::Cpu;
+        let shapes: [&[usize]; 4] = [&[7919], &[2, 4096], &[768, 3], &[197, 768]];
+        let vars: Vec<(String, Var)> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let t = Tensor::ones(*s, DType::F32, &dev).unwrap();
+                (format!("p{i}.weight"), Var::from_tensor(&t).unwrap())
+            })
+            .collect();
+        let opt = AdamW::new(vars.clone(), [0.9, 0.98], 1e-8, 0.05)?;
+        let mut loss = Tensor::new(0f32, &dev)?;
+        let mut want = 0f64;
+        for (i, (_, v)) in vars.iter().enumerate() {
+            let c = 0.5 + i as f64;
+            loss = (loss + (v.as_tensor() * c)?.sum_all()?)?;
+            want += c * c * v.elem_count() as f64;
+        }
+        let got = opt.grad_norm(&loss.backward()?)?;
+        assert!(
+            (got - want.sqrt()).abs() < 1e-6 * want.sqrt(),
+            "{got} vs {}",
+            want.sqrt()
+        );
         Ok(())
     }
 }
