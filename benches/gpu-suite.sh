@@ -2,7 +2,8 @@
 # One device call on the GPU machine (see book/src/performance.md), carry [".gpu"]:
 #   1. the GPU parity test of the CUDA kernels (CPU kernel vs CUDA kernel, values and gradients);
 #   2. `cim-run bench` for the four configurations of the performance page at batch $B: ViTs in
-#      bf16, ResNet-50 in f32 (TF32), fused CUDA kernels on;
+#      bf16, ResNet-50 in f32 (TF32), fused CUDA kernels on; ViT-B/16 RESPIX again with
+#      `run.fused_blocks = false` (blocks recorded op by op) for the block node's effect;
 #   3. the PyTorch reference (../shared/bench/torch_cim_ref.py), bf16 eager suite, then
 #      torch.compile for ViT-B/16 RESPIX;
 #   4. a kernel-level profile of ViT-B/16 RESPIX (benches/cupti) and the fused-op bench.
@@ -32,19 +33,23 @@ el "GPU parity of the CUDA kernels"
 timeout 90 $RUN .gpu/ops_cuda.xz --test-threads 1 > "$OUT/ops_cuda.txt" 2>&1
 echo "rc=$?"; grep -E "test result|panicked|assert" "$OUT/ops_cuda.txt" | head -n 8
 
+# The device tool returns at most 8 files: every cim bench line goes to $OUT/cim.jsonl, each after a
+# {"run": NAME} line.
 bench() { # NAME PRESET [--set ...]
   local name=$1 preset=$2; shift 2
   el "cim $name"
+  local j="$OUT/cim_now.json"
   RUST_LOG=info timeout 150 $RUN .gpu/cim-run.xz bench --preset "$preset" --batch "$B" \
-    --steps "$STEPS" --warmup "$WARMUP" --device cuda:0 "$@" > "$OUT/cim_$name.json" 2> "$OUT/cim.err"
-  local rc=$?; echo "rc=$rc"; summ "$OUT/cim_$name.json"; grep -o '"tok_precision":{[^}]*}' "$OUT/cim_$name.json"
+    --steps "$STEPS" --warmup "$WARMUP" --device cuda:0 "$@" > "$j" 2> "$OUT/cim.err"
+  local rc=$?; echo "rc=$rc"; summ "$j"; grep -o '"tok_precision":{[^}]*}' "$j"
   grep -v " INFO " "$OUT/cim.err" | tail -n 3 | cut -c1-300
   if [[ $rc != 0 && "$*" == *cuda_kernels=true* ]]; then # measure the kernels-off path instead
     el "cim $name, kernels off (the run above failed)"
     RUST_LOG=info timeout 150 $RUN .gpu/cim-run.xz bench --preset "$preset" --batch "$B" --steps "$STEPS" \
-      --warmup "$WARMUP" --device cuda:0 "${@/cuda_kernels=true/cuda_kernels=false}" > "$OUT/cim_$name.json" 2> "$OUT/cim.err"
-    echo "rc=$?"; summ "$OUT/cim_$name.json"; grep -v " INFO " "$OUT/cim.err" | tail -n 3 | cut -c1-300
+      --warmup "$WARMUP" --device cuda:0 "${@/cuda_kernels=true/cuda_kernels=false}" > "$j" 2> "$OUT/cim.err"
+    echo "rc=$?"; summ "$j"; grep -v " INFO " "$OUT/cim.err" | tail -n 3 | cut -c1-300
   fi
+  { echo "{\"run\": \"$name\"}"; grep '^{' "$j"; } >> "$OUT/cim.jsonl"; rm -f "$j"
 }
 FAST=(--set run.precision='"bf16"' --set run.cuda_kernels=true)
 bench vit_b16_respix vit_b16_respix "${FAST[@]}"
@@ -54,6 +59,8 @@ timeout 120 python3 .gpu/torch_cim_ref.py --suite --device cuda --dtype bf16 --b
   --steps 20 --warmup 5 --no-flops > "$OUT/torch.jsonl" 2> "$OUT/torch.err"
 echo "rc=$?"; summ "$OUT/torch.jsonl"
 
+# The same configuration with every transformer block recorded op by op (session 6's path).
+bench vit_b16_respix_recorded vit_b16_respix "${FAST[@]}" --set run.fused_blocks=false
 bench vit_s16_respix vit_s16_respix "${FAST[@]}"
 bench vit_b16_revdet vit_b16_revdet "${FAST[@]}"
 bench resnet50_revdet resnet50_revdet --set run.cuda_kernels=true

@@ -263,6 +263,64 @@ fn main() -> cim_api::Result<()> {
         },
     );
     moments.clear();
+    // A whole pre-norm transformer block, recorded op by op (the fused ops above) against one
+    // node (ops::pre_norm_block): the tiny CPU preset and ViT-B/16 (on CUDA also in bf16 with f32
+    // parameters, at 32 images).
+    let vitb_batch = if dev.is_cuda() { 32 } else { 2 };
+    let dtypes: &[candle_core::DType] = if dev.is_cuda() {
+        &[candle_core::DType::F32, candle_core::DType::BF16]
+    } else {
+        &[candle_core::DType::F32]
+    };
+    for (b, n, d, h, reps) in [(32, 65, 64, 2, 10), (vitb_batch, 197, 768, 12, 3)] {
+        let shapes: [Vec<usize>; 12] = [
+            vec![d],
+            vec![d],
+            vec![3 * d, d],
+            vec![3 * d],
+            vec![d, d],
+            vec![d],
+            vec![d],
+            vec![d],
+            vec![4 * d, d],
+            vec![4 * d],
+            vec![d, 4 * d],
+            vec![d],
+        ];
+        let params = shapes
+            .iter()
+            .map(|s| Var::from_tensor(&(Tensor::randn(0f32, 0.02, s.as_slice(), &dev)?)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        for &dt in dtypes {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, n, d), &dev)?)?;
+            let up = Tensor::randn(0f32, 1.0, (b, n, d), &dev)?.to_dtype(dt)?;
+            let p: Vec<&Tensor> = params.iter().map(|v| v.as_tensor()).collect();
+            let run = |fused: bool| {
+                let xt = x.as_tensor().to_dtype(dt).unwrap();
+                let y = if fused {
+                    let bp = ops::BlockParams {
+                        norm1: (p[0], p[1]),
+                        qkv: (p[2], p[3]),
+                        proj: (p[4], p[5]),
+                        norm2: (p[6], p[7]),
+                        fc1: (p[8], p[9]),
+                        fc2: (p[10], p[11]),
+                    };
+                    ops::pre_norm_block(&xt, &bp, h, 1e-6).unwrap().unwrap()
+                } else {
+                    recorded_block(&xt, &p, h).unwrap()
+                };
+                let g = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                sync(g.get(&x).unwrap());
+            };
+            report(
+                &format!("block B{b} N{n} D{d} H{h} {dt:?}"),
+                reps,
+                || run(false),
+                || run(true),
+            );
+        }
+    }
     Ok(())
 }
 
@@ -323,4 +381,38 @@ fn composed_pool(x: &Tensor) -> candle_core::Result<Tensor> {
         }
     }
     Ok(out.expect("9 views"))
+}
+
+/// The ViT plugin's recorded block, restated from the public ops: mixed LayerNorm, linear layers
+/// (weights cast to the activations' dtype, fused bias add), attention, bias + GELU, residuals.
+fn recorded_block(x: &Tensor, p: &[&Tensor], heads: usize) -> cim_api::Result<Tensor> {
+    let dt = x.dtype();
+    let lin = |x: &Tensor, w: &Tensor, b: Option<&Tensor>| -> cim_api::Result<Tensor> {
+        let (bn, n, d) = x.dims3()?;
+        let y = x
+            .reshape((bn * n, d))?
+            .matmul(&w.to_dtype(dt)?.t()?)?
+            .reshape((bn, n, w.dim(0)?))?;
+        match b {
+            Some(b) => ops::bias_add(&y, &b.to_dtype(dt)?),
+            None => Ok(y),
+        }
+    };
+    let d = x.dim(2)?;
+    let scale = 1.0 / ((d / heads) as f64).sqrt();
+    let a = ops::attention_qkv(
+        &lin(
+            &ops::layer_norm_mixed(x, p[0], p[1], 1e-6)?,
+            p[2],
+            Some(p[3]),
+        )?,
+        heads,
+        scale,
+    )?;
+    let x1 = (x + lin(&a, p[4], Some(p[5]))?)?;
+    let h = ops::bias_gelu(
+        &lin(&ops::layer_norm_mixed(&x1, p[6], p[7], 1e-6)?, p[8], None)?,
+        p[9],
+    )?;
+    Ok((&x1 + lin(&h, p[10], Some(p[11]))?)?)
 }

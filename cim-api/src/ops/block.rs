@@ -114,6 +114,11 @@ pub fn pre_norm_block(
         heads,
     };
     let list = p.list();
+    if !x.track_op() && !list.iter().any(|t| t.track_op()) {
+        // Nothing to differentiate (inference): no node, nothing kept.
+        let (y, _) = Forward::run(x, &list, dims, eps)?;
+        return Ok(Some(y.reshape((b, n, dim))?));
+    }
     let packed = Tensor::cat(
         &list
             .iter()
@@ -439,7 +444,7 @@ mod tests {
     }
 
     #[test]
-    fn bad_shapes_are_named_and_other_dtypes_decline() -> Result<()> {
+    fn bad_shapes_are_named_other_dtypes_decline_inference_adds_no_node() -> Result<()> {
         let vars = params(8, 16);
         let p = block_params(&vars);
         let x = randn(&[2, 3, 8], 5);
@@ -456,6 +461,21 @@ mod tests {
         let e = pre_norm_block(&x, &p, 3, 1e-6).unwrap_err().to_string();
         assert!(e.contains("width 8 is not divisible by 3 heads"), "{e}");
         assert!(pre_norm_block(&x.to_dtype(DType::F16)?, &p, 2, 1e-6)?.is_none());
+        // Detached inputs (inference): the same values, and no graph node.
+        let plain: Vec<Tensor> = vars.iter().map(|v| v.detach()).collect();
+        let q = BlockParams {
+            norm1: (&plain[0], &plain[1]),
+            qkv: (&plain[2], &plain[3]),
+            proj: (&plain[4], &plain[5]),
+            norm2: (&plain[6], &plain[7]),
+            fc1: (&plain[8], &plain[9]),
+            fc2: (&plain[10], &plain[11]),
+        };
+        let y = pre_norm_block(&x, &q, 2, 1e-6)?.unwrap();
+        assert!(!y.track_op());
+        let tracked = pre_norm_block(&x, &p, 2, 1e-6)?.unwrap();
+        assert!(tracked.track_op());
+        assert_eq!(max_diff(&y, &tracked), 0.0);
         Ok(())
     }
 }
