@@ -306,7 +306,9 @@ fn main() -> cim_api::Result<()> {
                         fc1: (p[8], p[9]),
                         fc2: (p[10], p[11]),
                     };
-                    ops::pre_norm_block(&xt, &bp, h, 1e-6).unwrap().unwrap()
+                    ops::pre_norm_block(&xt, &bp, h, 1e-6, None)
+                        .unwrap()
+                        .unwrap()
                 } else {
                     recorded_block(&xt, &p, h).unwrap()
                 };

@@ -468,7 +468,7 @@ fn block_parity(gpu: &Device) {
                 fc2: (&t[11], &t[12]),
             };
             let x = t[0].to_dtype(dt).unwrap();
-            ops::pre_norm_block(&x, &p, heads, 1e-6)
+            ops::pre_norm_block(&x, &p, heads, 1e-6, None)
                 .unwrap()
                 .expect("the block node runs with the kernels on")
                 .to_dtype(DType::F32)

@@ -62,12 +62,15 @@ struct Dims {
 /// bf16, LayerNorm, softmax and GELU computed in f32 by the kernels), as one graph node; `None`
 /// where the fused kernels do not run (CUDA without `run.cuda_kernels`, other dtypes): the caller
 /// then records the block op by op ([`super::layer_norm_mixed`], [`super::attention_qkv`], …),
-/// which computes the same function (the tests compare values and every gradient).
+/// which computes the same function (the tests compare values and every gradient). `keep`:
+/// stochastic depth's per-sample `(B, 1, 1)` factors of the attention and MLP branches (0 or
+/// `1/keep_prob`), which scale each branch before its residual add.
 pub fn pre_norm_block(
     x: &Tensor,
     p: &BlockParams,
     heads: usize,
     eps: f64,
+    keep: Option<(&Tensor, &Tensor)>,
 ) -> Result<Option<Tensor>> {
     let dt = x.dtype();
     if !matches!(dt, DType::F32 | DType::BF16) || !fusable_device(x) {
@@ -101,6 +104,23 @@ pub fn pre_norm_block(
             )));
         }
     }
+    let keep = match keep {
+        None => None,
+        Some((a, m)) => {
+            for (name, k) in [("attention", a), ("MLP", m)] {
+                if k.elem_count() != b || !k.device().same_device(x.device()) {
+                    return Err(crate::Error::msg(format!(
+                        "pre_norm_block: the {name} branch's keep factors are {:?} on {:?}; expected ({b}, 1, 1) on {:?}",
+                        k.dims(),
+                        k.device().location(),
+                        x.device().location()
+                    )));
+                }
+            }
+            let rows = |k: &Tensor| k.detach().to_dtype(dt)?.reshape((b, 1, 1));
+            Some([rows(a)?, rows(m)?])
+        }
+    };
     if heads == 0 || dim % heads != 0 {
         return Err(crate::Error::msg(format!(
             "pre_norm_block: width {dim} is not divisible by {heads} heads"
@@ -116,7 +136,7 @@ pub fn pre_norm_block(
     let list = p.list();
     if !x.track_op() && !list.iter().any(|t| t.track_op()) {
         // Nothing to differentiate (inference): no node, nothing kept.
-        let (y, _) = Forward::run(x, &list, dims, eps)?;
+        let (y, _) = Forward::run(x, &list, dims, eps, keep)?;
         return Ok(Some(y.reshape((b, n, dim))?));
     }
     let packed = Tensor::cat(
@@ -126,7 +146,7 @@ pub fn pre_norm_block(
             .collect::<candle_core::Result<Vec<_>>>()?,
         0,
     )?;
-    let (y, saved) = Forward::run(&x.detach(), &list, dims, eps)?;
+    let (y, saved) = Forward::run(&x.detach(), &list, dims, eps, keep)?;
     let y = y.reshape((b, n, dim))?;
     let y = super::with_backward(&[x, &packed], y, move |dy| {
         let (dx, grads) = saved.backward(&dy.reshape((b * n, dim))?)?;
@@ -160,11 +180,30 @@ struct Forward {
     xn2: Tensor,
     h: Tensor,
     g: Tensor,
+    /// Stochastic depth's per-sample factors of the attention and MLP branches, `(B, 1, 1)`.
+    keep: Option<[Tensor; 2]>,
+}
+
+/// `(rows, D)` rows scaled by their sample's factor `(B, 1, 1)` (stochastic depth); as is without.
+fn scale_rows(t: Tensor, keep: Option<&Tensor>, dims: Dims) -> candle_core::Result<Tensor> {
+    match keep {
+        None => Ok(t),
+        Some(k) => t
+            .reshape((dims.batch, dims.tokens, dims.dim))?
+            .broadcast_mul(k)?
+            .reshape((dims.batch * dims.tokens, dims.dim)),
+    }
 }
 
 impl Forward {
     /// The block's output `(rows, D)` and what its backward keeps.
-    fn run(x: &Tensor, p: &[&Tensor; 12], dims: Dims, eps: f64) -> Result<(Tensor, Self)> {
+    fn run(
+        x: &Tensor,
+        p: &[&Tensor; 12],
+        dims: Dims,
+        eps: f64,
+        keep: Option<[Tensor; 2]>,
+    ) -> Result<(Tensor, Self)> {
         let dt = x.dtype();
         let f32v = |t: &Tensor| t.detach().to_dtype(DType::F32)?.contiguous();
         let vec32 = [
@@ -194,11 +233,13 @@ impl Forward {
         let (attn, attn_bwd) =
             attention_detached(&qkv.reshape((batch, tokens, 3 * dim))?, heads, scale)?;
         let attn = attn.reshape((batch * tokens, dim))?;
-        let x1 = (&x + add_bias(&attn.matmul(&w[1].t()?)?, &vec32[3])?)?;
+        let ka = keep.as_ref().map(|k| &k[0]);
+        let km = keep.as_ref().map(|k| &k[1]);
+        let x1 = (&x + scale_rows(add_bias(&attn.matmul(&w[1].t()?)?, &vec32[3])?, ka, dims)?)?;
         let xn2 = x1.apply_op3_no_bwd(&vec32[4], &vec32[5], &LayerNormOp { eps })?;
         let h = xn2.matmul(&w[2].t()?)?;
         let g = h.apply_op2_no_bwd(&vec32[6], &bias::BiasGeluOp)?;
-        let y = (&x1 + add_bias(&g.matmul(&w[3].t()?)?, &vec32[7])?)?;
+        let y = (&x1 + scale_rows(add_bias(&g.matmul(&w[3].t()?)?, &vec32[7])?, km, dims)?)?;
         let saved = Self {
             dims,
             eps,
@@ -212,6 +253,7 @@ impl Forward {
             xn2,
             h,
             g,
+            keep,
         };
         Ok((y, saved))
     }
@@ -230,10 +272,12 @@ impl Forward {
         let rows = batch * tokens;
         let eps = self.eps;
         let dy = dy.to_dtype(dt)?.contiguous()?;
-        // y = x1 + fc2(g) + b.
-        let d_fc2_w = dy.t()?.matmul(&self.g)?;
-        let d_fc2_b = col_sum(&dy)?;
-        let dg = dy.matmul(&self.w[3])?;
+        let keep = |i: usize| self.keep.as_ref().map(|k| &k[i]);
+        // y = x1 + keep_mlp · (fc2(g) + b).
+        let dm = scale_rows(dy.clone(), keep(1), self.dims)?;
+        let d_fc2_w = dm.t()?.matmul(&self.g)?;
+        let d_fc2_b = col_sum(&dm)?;
+        let dg = dm.matmul(&self.w[3])?;
         // g = gelu(h + b): dh rows, then the bias row.
         let packed = self
             .h
@@ -249,10 +293,11 @@ impl Forward {
         let dx1 = (&dy + packed.narrow(0, 0, rows)?.to_dtype(dt)?)?;
         let d_norm2_w = packed.narrow(0, rows, 1)?.reshape(dim)?;
         let d_norm2_b = packed.narrow(0, rows + 1, 1)?.reshape(dim)?;
-        // x1 = x + proj(attn) + b.
-        let d_proj_w = dx1.t()?.matmul(&self.attn)?;
-        let d_proj_b = col_sum(&dx1)?;
-        let dattn = dx1.matmul(&self.w[1])?.reshape((batch, tokens, dim))?;
+        // x1 = x + keep_attn · (proj(attn) + b).
+        let da = scale_rows(dx1.clone(), keep(0), self.dims)?;
+        let d_proj_w = da.t()?.matmul(&self.attn)?;
+        let d_proj_b = col_sum(&da)?;
+        let dattn = da.matmul(&self.w[1])?.reshape((batch, tokens, dim))?;
         let dqkv = (self.attn_bwd)(&dattn)?
             .reshape((rows, 3 * dim))?
             .contiguous()?;
@@ -389,7 +434,7 @@ mod tests {
         let p = block_params(&vars);
         let x = Var::from_tensor(&randn(&[b, n, d], 1))?;
         let up = randn(&[b, n, d], 2);
-        let fused = pre_norm_block(&x, &p, heads, 1e-6)?.expect("CPU f32 takes the node");
+        let fused = pre_norm_block(&x, &p, heads, 1e-6, None)?.expect("CPU f32 takes the node");
         let want = reference(&x, &p, heads, 1e-6)?;
         assert_eq!(fused.dims(), [b, n, d]);
         let dv = max_diff(&fused, &want);
@@ -419,7 +464,7 @@ mod tests {
         let x = Var::from_tensor(&x32.to_dtype(DType::BF16)?)?;
         let xr = Var::from_tensor(&x32)?;
         let up = randn(&[b, n, d], 4);
-        let fused = pre_norm_block(&x, &p, heads, 1e-6)?.expect("CPU bf16 takes the node");
+        let fused = pre_norm_block(&x, &p, heads, 1e-6, None)?.expect("CPU bf16 takes the node");
         assert_eq!(fused.dtype(), DType::BF16);
         let want = reference(&xr, &p, heads, 1e-6)?;
         let f = fused.to_dtype(DType::F32)?;
@@ -453,14 +498,26 @@ mod tests {
             qkv: (&wrong, p.qkv.1),
             ..p
         };
-        let e = pre_norm_block(&x, &bad, 2, 1e-6).unwrap_err().to_string();
+        let e = pre_norm_block(&x, &bad, 2, 1e-6, None)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("qkv.weight is [8, 8]") && e.contains("[24, 8]"),
             "{e}"
         );
-        let e = pre_norm_block(&x, &p, 3, 1e-6).unwrap_err().to_string();
+        let e = pre_norm_block(&x, &p, 3, 1e-6, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("width 8 is not divisible by 3 heads"), "{e}");
-        assert!(pre_norm_block(&x.to_dtype(DType::F16)?, &p, 2, 1e-6)?.is_none());
+        assert!(pre_norm_block(&x.to_dtype(DType::F16)?, &p, 2, 1e-6, None)?.is_none());
+        let three = randn(&[3, 1, 1], 7);
+        let e = pre_norm_block(&x, &p, 2, 1e-6, Some((&three, &three)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("attention branch's keep factors are [3, 1, 1]"),
+            "{e}"
+        );
         // Detached inputs (inference): the same values, and no graph node.
         let plain: Vec<Tensor> = vars.iter().map(|v| v.detach()).collect();
         let q = BlockParams {
@@ -471,9 +528,9 @@ mod tests {
             fc1: (&plain[8], &plain[9]),
             fc2: (&plain[10], &plain[11]),
         };
-        let y = pre_norm_block(&x, &q, 2, 1e-6)?.unwrap();
+        let y = pre_norm_block(&x, &q, 2, 1e-6, None)?.unwrap();
         assert!(!y.track_op());
-        let tracked = pre_norm_block(&x, &p, 2, 1e-6)?.unwrap();
+        let tracked = pre_norm_block(&x, &p, 2, 1e-6, None)?.unwrap();
         assert!(tracked.track_op());
         assert_eq!(max_diff(&y, &tracked), 0.0);
         Ok(())

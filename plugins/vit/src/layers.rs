@@ -263,25 +263,40 @@ impl Module for Block {
 }
 
 impl Block {
-    /// The block with stochastic depth (see [`Self::forward_recorded`]); without it, one graph
-    /// node ([`Self::forward_fused`]) where the fused kernels run and `run.fused_blocks` is on.
+    /// The block, with stochastic depth when keep factors are given: one graph node
+    /// ([`Self::forward_fused`]) where the fused kernels run and `run.fused_blocks` is on, else
+    /// recorded op by op ([`Self::forward_recorded`]).
     pub fn forward_drop(
         &self,
         x: &Tensor,
         keep_attn: Option<&Tensor>,
         keep_mlp: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        if keep_attn.is_none() && keep_mlp.is_none() && cim_api::ops::fused_blocks() {
-            if let Some(y) = self.forward_fused(x)? {
+        if cim_api::ops::fused_blocks() {
+            let ones;
+            let keep = match (keep_attn, keep_mlp) {
+                (None, None) => None,
+                (a, m) => {
+                    ones = a.or(m).expect("one factor is given").ones_like()?;
+                    Some((a.unwrap_or(&ones), m.unwrap_or(&ones)))
+                }
+            };
+            if let Some(y) = self.forward_fused(x, keep)? {
                 return Ok(y);
             }
         }
         self.forward_recorded(x, keep_attn, keep_mlp)
     }
 
-    /// The block as one graph node with a hand-written backward ([`cim_api::ops::pre_norm_block`]);
-    /// `None` where its kernels do not run (then [`Self::forward_recorded`] is the same function).
-    pub fn forward_fused(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    /// The block as one graph node with a hand-written backward ([`cim_api::ops::pre_norm_block`]),
+    /// with stochastic depth's `(B, 1, 1)` keep factors of the attention and MLP branches when
+    /// given; `None` where its kernels do not run (then [`Self::forward_recorded`] is the same
+    /// function).
+    pub fn forward_fused(
+        &self,
+        x: &Tensor,
+        keep: Option<(&Tensor, &Tensor)>,
+    ) -> candle_core::Result<Option<Tensor>> {
         fn pair(l: &Linear) -> (&Tensor, &Tensor) {
             (&l.weight, &l.bias)
         }
@@ -294,7 +309,7 @@ impl Block {
             fc2: pair(&self.mlp.fc2),
         };
         // Both norms take the block spec's eps; the attention scale is 1/√(head width) as here.
-        cim_api::ops::pre_norm_block(x, &p, self.attn.heads, self.norm1.eps)
+        cim_api::ops::pre_norm_block(x, &p, self.attn.heads, self.norm1.eps, keep)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 
@@ -356,8 +371,8 @@ mod tests {
     }
 
     /// The block as one node against the same block recorded op by op: values and the gradients
-    /// of the input and all twelve parameters (what the ViT and BEiT trunks train through), and
-    /// stochastic depth falls back to the recorded block.
+    /// of the input and all twelve parameters (what the ViT and BEiT trunks train through),
+    /// without and with stochastic depth's keep factors.
     #[test]
     fn fused_block_matches_the_recorded_block() -> Result<()> {
         use candle_core::Var;
@@ -372,39 +387,38 @@ mod tests {
             rescale_residual: true,
         };
         let block = Block::new(&spec, 1, store.var_builder(DType::F32, &dev))?;
-        let x = Var::from_tensor(&cim_api::testing::uniform((2, 9, 24), 5)?)?;
-        let up = cim_api::testing::uniform((2, 9, 24), 6)?;
-        let fused = block
-            .forward_fused(&x)?
-            .expect("the CPU runs the block node");
-        let recorded = block.forward_recorded(&x, None, None)?;
-        let d = (&fused - &recorded)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(d < 1e-5, "values differ by {d}");
-        let gf = (&fused * &up)?.sum_all()?.backward()?;
-        let gr = (&recorded * &up)?.sum_all()?.backward()?;
-        let mut vars = store.vars();
-        assert_eq!(vars.len(), 12, "a block has twelve parameters");
-        vars.push(("x".into(), x.clone()));
-        for (name, v) in &vars {
-            let (a, b) = (gf.get(v).expect(name), gr.get(v).expect(name));
-            let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            let s = b.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(
-                d <= 1e-4 * s.max(1e-3),
-                "{name}: gradient differs by {d} (max {s})"
-            );
+        let x = Var::from_tensor(&cim_api::testing::uniform((3, 9, 24), 5)?)?;
+        let up = cim_api::testing::uniform((3, 9, 24), 6)?;
+        // Sample 0 drops its attention branch, sample 1 its MLP branch, sample 2 neither.
+        let ka = Tensor::new(&[[[0f32]], [[1.25]], [[1.25]]], &dev)?;
+        let km = Tensor::new(&[[[1.25f32]], [[0.0]], [[1.25]]], &dev)?;
+        for keep in [None, Some((&ka, &km))] {
+            let fused = block
+                .forward_fused(&x, keep)?
+                .expect("the CPU runs the block node");
+            let recorded = block.forward_recorded(&x, keep.map(|k| k.0), keep.map(|k| k.1))?;
+            let d = (&fused - &recorded)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d < 1e-5, "values differ by {d} (keep: {})", keep.is_some());
+            let gf = (&fused * &up)?.sum_all()?.backward()?;
+            let gr = (&recorded * &up)?.sum_all()?.backward()?;
+            let mut vars = store.vars();
+            assert_eq!(vars.len(), 12, "a block has twelve parameters");
+            vars.push(("x".into(), x.clone()));
+            for (name, v) in &vars {
+                let (a, b) = (gf.get(v).expect(name), gr.get(v).expect(name));
+                let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let s = b.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(
+                    d <= 1e-4 * s.max(1e-3),
+                    "{name}: gradient differs by {d} (max {s}, keep: {})",
+                    keep.is_some()
+                );
+            }
         }
-        // With keep factors the block is recorded (the node has no drop path).
-        let keep = Tensor::new(&[[[0f32]], [[2.0]]], &dev)?;
-        let dropped = block.forward_drop(&x, Some(&keep), Some(&keep))?;
-        let first = dropped.get(0)?;
-        assert!(
-            (first - x.as_tensor().get(0)?)?
-                .abs()?
-                .max_all()?
-                .to_scalar::<f32>()?
-                == 0.0
-        );
+        // Through forward_drop with one branch's factors only.
+        let one = block.forward_drop(&x, Some(&ka), None)?;
+        let want = block.forward_recorded(&x, Some(&ka), None)?;
+        assert!((one - want)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-5);
         Ok(())
     }
 

@@ -48,7 +48,7 @@ pub struct RunSection {
     pub cuda_kernels: bool,
     /// Run each transformer block (generator and ViT enhancer) as one graph node with a
     /// hand-written backward (`cim_api::ops::pre_norm_block`) wherever the fused kernels run;
-    /// `false` records every op of the block. Blocks with stochastic depth are always recorded.
+    /// `false` records every op of the block (stochastic depth included).
     pub fused_blocks: bool,
     /// Compute precision of the generator and enhancer: `"f32"`, or `"bf16"` (mixed precision:
     /// f32 master weights, optimizer state, LayerNorm, softmax and losses; bf16 matmuls and
