@@ -273,23 +273,9 @@ fn main() -> cim_api::Result<()> {
         &[candle_core::DType::F32]
     };
     for (b, n, d, h, reps) in [(32, 65, 64, 2, 10), (vitb_batch, 197, 768, 12, 3)] {
-        let shapes: [Vec<usize>; 12] = [
-            vec![d],
-            vec![d],
-            vec![3 * d, d],
-            vec![3 * d],
-            vec![d, d],
-            vec![d],
-            vec![d],
-            vec![d],
-            vec![4 * d, d],
-            vec![4 * d],
-            vec![d, 4 * d],
-            vec![d],
-        ];
-        let params = shapes
+        let params = ops::block_param_shapes(d, 4 * d)
             .iter()
-            .map(|s| Var::from_tensor(&(Tensor::randn(0f32, 0.02, s.as_slice(), &dev)?)))
+            .map(|(_, s)| Var::from_tensor(&(Tensor::randn(0f32, 0.02, s.as_slice(), &dev)?)))
             .collect::<candle_core::Result<Vec<_>>>()?;
         for &dt in dtypes {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, n, d), &dev)?)?;
@@ -298,14 +284,7 @@ fn main() -> cim_api::Result<()> {
             let run = |fused: bool| {
                 let xt = x.as_tensor().to_dtype(dt).unwrap();
                 let y = if fused {
-                    let bp = ops::BlockParams {
-                        norm1: (p[0], p[1]),
-                        qkv: (p[2], p[3]),
-                        proj: (p[4], p[5]),
-                        norm2: (p[6], p[7]),
-                        fc1: (p[8], p[9]),
-                        fc2: (p[10], p[11]),
-                    };
+                    let bp = ops::BlockParams::from_slice(&std::array::from_fn(|i| p[i]));
                     ops::pre_norm_block(&xt, &bp, h, 1e-6, None)
                         .unwrap()
                         .unwrap()

@@ -431,22 +431,8 @@ fn block_parity(gpu: &Device) {
     use candle_core::DType;
     let cpu = Device::Cpu;
     let (b, n, d, hidden, heads) = (2, 197, 384, 1536, 6);
-    let shapes: [&[usize]; 12] = [
-        &[d],
-        &[d],
-        &[3 * d, d],
-        &[3 * d],
-        &[d, d],
-        &[d],
-        &[d],
-        &[d],
-        &[hidden, d],
-        &[hidden],
-        &[d, hidden],
-        &[d],
-    ];
     let mut inputs = vec![randn(&[b, n, d], 120, &cpu)];
-    for (i, s) in shapes.iter().enumerate() {
+    for (i, (_, s)) in ops::block_param_shapes(d, hidden).iter().enumerate() {
         let scale = if s.len() == 2 { 0.02 } else { 0.1 };
         let t = (randn(s, 121 + i as u64, &cpu) * scale).unwrap();
         let t = if i == 0 || i == 6 {
@@ -459,14 +445,7 @@ fn block_parity(gpu: &Device) {
     let up = randn(&[b, n, d], 140, &cpu);
     for dt in [DType::F32, DType::BF16] {
         let f = |t: &[Tensor]| {
-            let p = ops::BlockParams {
-                norm1: (&t[1], &t[2]),
-                qkv: (&t[3], &t[4]),
-                proj: (&t[5], &t[6]),
-                norm2: (&t[7], &t[8]),
-                fc1: (&t[9], &t[10]),
-                fc2: (&t[11], &t[12]),
-            };
+            let p = ops::BlockParams::from_slice(&std::array::from_fn(|i| &t[i + 1]));
             let x = t[0].to_dtype(dt).unwrap();
             ops::pre_norm_block(&x, &p, heads, 1e-6, None)
                 .unwrap()

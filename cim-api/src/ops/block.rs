@@ -29,7 +29,38 @@ pub struct BlockParams<'a> {
     pub fc2: (&'a Tensor, &'a Tensor),
 }
 
+/// The parameters' timm names (under `blocks.N.`) and shapes for width `dim` and MLP width
+/// `hidden`, in [`BlockParams`] order (norm1, qkv, proj, norm2, fc1, fc2; weight, then bias).
+pub fn block_param_shapes(dim: usize, hidden: usize) -> [(&'static str, Vec<usize>); 12] {
+    [
+        ("norm1.weight", vec![dim]),
+        ("norm1.bias", vec![dim]),
+        ("attn.qkv.weight", vec![3 * dim, dim]),
+        ("attn.qkv.bias", vec![3 * dim]),
+        ("attn.proj.weight", vec![dim, dim]),
+        ("attn.proj.bias", vec![dim]),
+        ("norm2.weight", vec![dim]),
+        ("norm2.bias", vec![dim]),
+        ("mlp.fc1.weight", vec![hidden, dim]),
+        ("mlp.fc1.bias", vec![hidden]),
+        ("mlp.fc2.weight", vec![dim, hidden]),
+        ("mlp.fc2.bias", vec![dim]),
+    ]
+}
+
 impl<'a> BlockParams<'a> {
+    /// The twelve tensors in the order of [`block_param_shapes`].
+    pub fn from_slice(p: &[&'a Tensor; 12]) -> Self {
+        Self {
+            norm1: (p[0], p[1]),
+            qkv: (p[2], p[3]),
+            proj: (p[4], p[5]),
+            norm2: (p[6], p[7]),
+            fc1: (p[8], p[9]),
+            fc2: (p[10], p[11]),
+        }
+    }
+
     fn list(&self) -> [&'a Tensor; 12] {
         [
             self.norm1.0,
@@ -78,22 +109,8 @@ pub fn pre_norm_block(
     }
     let (b, n, dim) = x.dims3()?;
     let hidden = p.fc1.0.dim(0)?;
-    let shapes: [(&str, &Tensor, &[usize]); 12] = [
-        ("norm1.weight", p.norm1.0, &[dim]),
-        ("norm1.bias", p.norm1.1, &[dim]),
-        ("qkv.weight", p.qkv.0, &[3 * dim, dim]),
-        ("qkv.bias", p.qkv.1, &[3 * dim]),
-        ("proj.weight", p.proj.0, &[dim, dim]),
-        ("proj.bias", p.proj.1, &[dim]),
-        ("norm2.weight", p.norm2.0, &[dim]),
-        ("norm2.bias", p.norm2.1, &[dim]),
-        ("fc1.weight", p.fc1.0, &[hidden, dim]),
-        ("fc1.bias", p.fc1.1, &[hidden]),
-        ("fc2.weight", p.fc2.0, &[dim, hidden]),
-        ("fc2.bias", p.fc2.1, &[dim]),
-    ];
     let pdt = p.norm1.0.dtype();
-    for (name, t, want) in shapes {
+    for ((name, want), t) in block_param_shapes(dim, hidden).into_iter().zip(p.list()) {
         if t.dims() != want || t.dtype() != pdt || !t.device().same_device(x.device()) {
             return Err(crate::Error::msg(format!(
                 "pre_norm_block: {name} is {:?} {:?} on {:?}; expected {want:?} {pdt:?} on {:?}",
@@ -346,41 +363,12 @@ mod tests {
     use crate::ops::tests::{max_diff, randn};
     use candle_core::Var;
 
-    const NAMES: [&str; 12] = [
-        "norm1.weight",
-        "norm1.bias",
-        "qkv.weight",
-        "qkv.bias",
-        "proj.weight",
-        "proj.bias",
-        "norm2.weight",
-        "norm2.bias",
-        "fc1.weight",
-        "fc1.bias",
-        "fc2.weight",
-        "fc2.bias",
-    ];
-
     /// Random parameters of a block of width `d`, MLP `hidden` (LayerNorm weights near 1).
     fn params(d: usize, hidden: usize) -> Vec<Var> {
-        let shapes: [&[usize]; 12] = [
-            &[d],
-            &[d],
-            &[3 * d, d],
-            &[3 * d],
-            &[d, d],
-            &[d],
-            &[d],
-            &[d],
-            &[hidden, d],
-            &[hidden],
-            &[d, hidden],
-            &[d],
-        ];
-        shapes
+        block_param_shapes(d, hidden)
             .iter()
             .enumerate()
-            .map(|(i, s)| {
+            .map(|(i, (_, s))| {
                 let t = randn(s, 10 + i as u64);
                 let t = if s.len() == 2 {
                     t.affine(0.25, 0.0).unwrap()
@@ -394,15 +382,12 @@ mod tests {
             .collect()
     }
 
+    fn names() -> Vec<&'static str> {
+        block_param_shapes(1, 1).iter().map(|(n, _)| *n).collect()
+    }
+
     fn block_params(v: &[Var]) -> BlockParams<'_> {
-        BlockParams {
-            norm1: (v[0].as_tensor(), v[1].as_tensor()),
-            qkv: (v[2].as_tensor(), v[3].as_tensor()),
-            proj: (v[4].as_tensor(), v[5].as_tensor()),
-            norm2: (v[6].as_tensor(), v[7].as_tensor()),
-            fc1: (v[8].as_tensor(), v[9].as_tensor()),
-            fc2: (v[10].as_tensor(), v[11].as_tensor()),
-        }
+        BlockParams::from_slice(&std::array::from_fn(|i| v[i].as_tensor()))
     }
 
     /// The block from candle's elementary differentiable ops only (no fused kernel), in `x`'s
@@ -442,7 +427,7 @@ mod tests {
         let gf = (&fused * &up)?.sum_all()?.backward()?;
         let gw = (&want * &up)?.sum_all()?.backward()?;
         let mut checked = 0;
-        for (name, v) in std::iter::once(("x", &x)).chain(NAMES.iter().copied().zip(&vars)) {
+        for (name, v) in std::iter::once(("x", &x)).chain(names().into_iter().zip(&vars)) {
             let (a, w) = (gf.get(v).expect(name), gw.get(v).expect(name));
             let scale = w.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3);
             let rel = max_diff(a, w) / scale;
@@ -475,10 +460,10 @@ mod tests {
         let dx = gf.get(&x).unwrap();
         assert_eq!(dx.dtype(), DType::BF16);
         let pairs = std::iter::once(("x", dx.to_dtype(DType::F32)?, gw.get(&xr).unwrap().clone()));
-        let params = NAMES.iter().zip(&vars).map(|(name, v)| {
+        let params = names().into_iter().zip(&vars).map(|(name, v)| {
             let g = gf.get(v).unwrap();
             assert_eq!(g.dtype(), DType::F32, "{name}");
-            (*name, g.clone(), gw.get(v).unwrap().clone())
+            (name, g.clone(), gw.get(v).unwrap().clone())
         });
         for (name, a, w) in pairs.chain(params) {
             let scale = w.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3);
@@ -520,14 +505,7 @@ mod tests {
         );
         // Detached inputs (inference): the same values, and no graph node.
         let plain: Vec<Tensor> = vars.iter().map(|v| v.detach()).collect();
-        let q = BlockParams {
-            norm1: (&plain[0], &plain[1]),
-            qkv: (&plain[2], &plain[3]),
-            proj: (&plain[4], &plain[5]),
-            norm2: (&plain[6], &plain[7]),
-            fc1: (&plain[8], &plain[9]),
-            fc2: (&plain[10], &plain[11]),
-        };
+        let q = BlockParams::from_slice(&std::array::from_fn(|i| &plain[i]));
         let y = pre_norm_block(&x, &q, 2, 1e-6, None)?.unwrap();
         assert!(!y.track_op());
         let tracked = pre_norm_block(&x, &p, 2, 1e-6, None)?.unwrap();

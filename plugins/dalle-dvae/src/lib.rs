@@ -209,23 +209,7 @@ impl ResBlock {
     /// the next conv applies to it, and the last one's with the gain and the residual add; an
     /// id-path conv's bias folds into that same pass as `b_id / post_gain`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (last, first) = self
-            .res_path
-            .split_last()
-            .expect("a residual block has four convolutions");
-        let mut h = x.relu()?;
-        for c in first {
-            h = c.forward(&h, true)?;
-        }
-        let h = last.conv(&h)?;
-        let g = self.post_gain;
-        match &self.id_path {
-            Some(id) => {
-                let bias = (&last.b + (&id.b / g)?)?;
-                cim_api::ops::channel_bias(&h, &bias, Some(&id.conv(x)?), g, false)
-            }
-            None => cim_api::ops::channel_bias(&h, &last.b, Some(x), g, false),
-        }
+        self.forward_from(x, x.relu()?, 0, false)
     }
     /// `forward(upsample₂(x))` (nearest, 2×) without upsampling `x` itself: nearest upsampling
     /// commutes with ReLU, channel biases and 1×1 convolutions, so when the res path starts with a
@@ -233,30 +217,40 @@ impl ResBlock {
     /// (+ ReLU) at the low resolution and upsamples their outputs (`n_out` and `n_out / 4`
     /// channels instead of `n_in`): 4× fewer FLOPs in those convs and less upsampled data.
     fn forward_upsampled(&self, x: &Tensor) -> Result<Tensor> {
-        let up = |t: &Tensor| -> Result<Tensor> {
-            let (_, _, h, w) = t.dims4()?;
-            Ok(t.upsample_nearest2d(2 * h, 2 * w)?)
-        };
         if self.res_path[0].w.dim(2)? != 1 {
-            return self.forward(&up(x)?);
+            return self.forward(&upsample2(x)?);
         }
-        let (last, rest) = self
+        let h = upsample2(&self.res_path[0].forward(&x.relu()?, true)?)?;
+        self.forward_from(x, h, 1, true)
+    }
+    /// The res path from its conv `start` on (`h` is that conv's input), and the residual sum with
+    /// the id path of `x`, whose output is upsampled first when `upsample`.
+    fn forward_from(
+        &self,
+        x: &Tensor,
+        mut h: Tensor,
+        start: usize,
+        upsample: bool,
+    ) -> Result<Tensor> {
+        let (last, first) = self
             .res_path
             .split_last()
             .expect("a residual block has four convolutions");
-        let mut h = up(&rest[0].forward(&x.relu()?, true)?)?;
-        for c in &rest[1..] {
+        for c in &first[start..] {
             h = c.forward(&h, true)?;
         }
         let h = last.conv(&h)?;
         let g = self.post_gain;
-        match &self.id_path {
-            Some(id) => {
-                let bias = (&last.b + (&id.b / g)?)?;
-                cim_api::ops::channel_bias(&h, &bias, Some(&up(&id.conv(x)?)?), g, false)
-            }
-            None => cim_api::ops::channel_bias(&h, &last.b, Some(&up(x)?), g, false),
-        }
+        let (identity, bias) = match &self.id_path {
+            Some(id) => (id.conv(x)?, (&last.b + (&id.b / g)?)?),
+            None => (x.clone(), last.b.clone()),
+        };
+        let identity = if upsample {
+            upsample2(&identity)?
+        } else {
+            identity
+        };
+        cim_api::ops::channel_bias(&h, &bias, Some(&identity), g, false)
     }
     fn to_dtype(&self, dt: DType) -> Result<Self> {
         Ok(Self {
@@ -269,6 +263,12 @@ impl ResBlock {
             post_gain: self.post_gain,
         })
     }
+}
+
+/// 2× nearest upsampling of an NCHW map.
+fn upsample2(t: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = t.dims4()?;
+    Ok(t.upsample_nearest2d(2 * h, 2 * w)?)
 }
 
 /// What runs between groups: the encoder's 2× max-pool, the decoder's 2× nearest upsampling.
