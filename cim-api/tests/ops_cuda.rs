@@ -77,7 +77,7 @@ fn cuda_kernels_match_the_cpu_kernels() {
     let x = randn(&[2, 4, 197, 197], 5, &cpu);
     let up = randn(&[2, 4, 197, 197], 6, &cpu);
     let f = |t: &[Tensor]| ops::softmax_last_dim(&t[0]).unwrap();
-    let (yc, gc) = run(&cpu, &f, &[x.clone()], &up);
+    let (yc, gc) = run(&cpu, &f, std::slice::from_ref(&x), &up);
     let (yg, gg) = run(&gpu, &f, &[x], &up);
     assert!(max_diff(&yc, &yg) < 1e-5, "softmax value");
     assert!(max_diff(&gc[0], &gg[0]) < 1e-4, "softmax grad");
@@ -191,12 +191,12 @@ fn attention_parity(gpu: &Device) {
                 .unwrap()
                 .expect("kernel applies")
         };
-        let (yc, gc) = run(&cpu, &f, &[qkv.clone()], &up);
+        let (yc, gc) = run(&cpu, &f, std::slice::from_ref(&qkv), &up);
         for (what, g) in [
             ("gemm", &f as &dyn Fn(&[Tensor]) -> Tensor),
             ("kernel", &kernel),
         ] {
-            let (yg, gg) = run(gpu, g, &[qkv.clone()], &up);
+            let (yg, gg) = run(gpu, g, std::slice::from_ref(&qkv), &up);
             assert!(
                 max_diff(&yc, &yg) < 1e-4,
                 "attention {what} value ({b}, {n}, {h}, {d})"
@@ -213,7 +213,7 @@ fn attention_parity(gpu: &Device) {
                 .to_dtype(candle_core::DType::F32)
                 .unwrap()
         };
-        let (yg, gg) = run(gpu, &bf, &[qkv.clone()], &up);
+        let (yg, gg) = run(gpu, &bf, std::slice::from_ref(&qkv), &up);
         assert!(
             max_diff(&yc, &yg) < 0.05,
             "attention bf16 value ({b}, {n}, {h}, {d})"
@@ -259,7 +259,7 @@ fn max_pool_parity(gpu: &Device) {
         let x = randn(&[b, c, h, w], 50, &cpu);
         let up = randn(&[b, c, (h - 1) / 2 + 1, (w - 1) / 2 + 1], 51, &cpu);
         let f = |t: &[Tensor]| ops::max_pool_3x3_s2(&t[0]).unwrap().expect("fused");
-        let (yc, gc) = run(&cpu, &f, &[x.clone()], &up);
+        let (yc, gc) = run(&cpu, &f, std::slice::from_ref(&x), &up);
         let (yg, gg) = run(gpu, &f, &[x], &up);
         assert!(max_diff(&yc, &yg) == 0.0, "max pool value");
         assert!(max_diff(&gc[0], &gg[0]) < 1e-5, "max pool grad");
@@ -483,7 +483,7 @@ fn select_rows_parity(gpu: &Device) {
             .to_dtype(DType::F32)
             .unwrap()
     };
-    let (yc, gc) = run(&cpu, &f, &[x.clone()], &up);
+    let (yc, gc) = run(&cpu, &f, std::slice::from_ref(&x), &up);
     let (yg, gg) = run(gpu, &f, &[x], &up);
     assert!(max_diff(&yc, &yg) == 0.0, "select_rows value");
     assert!(max_diff(&gc[0], &gg[0]) == 0.0, "select_rows grad");
