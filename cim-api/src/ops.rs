@@ -87,9 +87,13 @@ fn cuda_max_head_dim() -> usize {
     128
 }
 
-/// Whether the fused f32 kernels run on `t`'s device (always on the CPU; on CUDA when switched on).
+/// Whether the fused kernels run on `device` (always on the CPU; on CUDA when switched on).
+pub fn kernels_run_on(device: &candle_core::Device) -> bool {
+    device.is_cpu() || (cuda_kernels() && device.is_cuda())
+}
+
 fn fusable_device(t: &Tensor) -> bool {
-    t.device().is_cpu() || (cuda_kernels() && t.device().is_cuda())
+    kernels_run_on(t.device())
 }
 
 fn is_fusable(ts: &[&Tensor]) -> bool {
@@ -462,15 +466,27 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = w.dim(0)?;
-        let rows = x.elem_count() / d;
-        // One kernel: rows of dx, then the dw row, then the db row.
-        let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &LayerNormBwdOp { eps: self.eps })?;
-        let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, rows, 1)?.reshape(d)?;
-        let db = packed.narrow(0, rows + 1, 1)?.reshape(d)?;
+        let (dx, dw, db) = layer_norm_grads(x, w, dy, self.eps)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
+}
+
+/// LayerNorm's backward as one kernel ([`LayerNormBwdOp`]: rows of `dx`, then the `dw` row, then
+/// the `db` row), split into `(dx, dw, db)`: f32, `dx` shaped like `x`.
+fn layer_norm_grads(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f32,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let d = w.dim(0)?;
+    let rows = x.elem_count() / d;
+    let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &LayerNormBwdOp { eps })?;
+    Ok((
+        packed.narrow(0, 0, rows)?.reshape(x.shape())?,
+        packed.narrow(0, rows, 1)?.reshape(d)?,
+        packed.narrow(0, rows + 1, 1)?.reshape(d)?,
+    ))
 }
 
 struct LayerNormBwdOp {

@@ -42,22 +42,14 @@ fn head_dim(qkv: &Tensor, heads: usize) -> Result<usize> {
 /// The fused attention kernel (CPU f32, or CUDA f32 with the kernels on and heads ≤ 128 wide);
 /// `None` where it does not apply.
 pub fn attention_qkv_kernel(qkv: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
-    let (b, n, _) = qkv.dims3()?;
-    let hd = head_dim(qkv, heads)?;
+    let geo = Geometry::of(qkv, heads, scale)?;
     // The CUDA kernel: a warp per query row holds ≤ 128 head dims; items × heads is grid.y.
     let cuda_ok =
-        !qkv.device().is_cuda() || (hd <= super::cuda_max_head_dim() && b * heads <= 65_535);
+        !qkv.device().is_cuda() || (geo.d <= super::cuda_max_head_dim() && geo.b * heads <= 65_535);
     if !(is_fusable(&[qkv]) && cuda_ok) {
         return Ok(None);
     }
-    let op = AttentionOp(Geometry {
-        b,
-        n,
-        h: heads,
-        d: hd,
-        scale: scale as f32,
-    });
-    Ok(Some(qkv.contiguous()?.apply_op1(op)?))
+    Ok(Some(qkv.contiguous()?.apply_op1(AttentionOp(geo))?))
 }
 
 /// Attention through matmuls (cuBLAS on CUDA) as ONE autograd node with a hand-written backward.
@@ -90,16 +82,8 @@ pub(crate) fn attention_detached(
     heads: usize,
     scale: f64,
 ) -> Result<(Tensor, AttentionBackward)> {
-    let (b, n, _) = qkv.dims3()?;
-    let d = head_dim(qkv, heads)?;
     if qkv.device().is_cpu() && is_fusable(&[qkv]) {
-        let geo = Geometry {
-            b,
-            n,
-            h: heads,
-            d,
-            scale: scale as f32,
-        };
+        let geo = Geometry::of(qkv, heads, scale)?;
         let qkv = qkv.contiguous()?;
         let out = qkv.apply_op1_no_bwd(&AttentionOp(geo))?;
         let backward =
@@ -199,6 +183,17 @@ pub(crate) struct Geometry {
 }
 
 impl Geometry {
+    /// The geometry of `qkv` `(B, N, 3·H·Dh)` split into `heads` heads.
+    fn of(qkv: &Tensor, heads: usize, scale: f64) -> Result<Self> {
+        let (b, n, _) = qkv.dims3()?;
+        Ok(Self {
+            b,
+            n,
+            h: heads,
+            d: head_dim(qkv, heads)?,
+            scale: scale as f32,
+        })
+    }
     /// Offset of q (`part` 0), k (1) or v (2) of token `t`, head `head` inside one batch item.
     #[inline]
     fn qkv(&self, t: usize, part: usize, head: usize) -> usize {

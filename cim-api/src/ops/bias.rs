@@ -237,14 +237,25 @@ impl CustomOp2 for BiasGeluOp {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let packed = x.apply_op3_no_bwd(b, &dy.contiguous()?, &BiasGeluBwdOp)?;
-        let d = b.dim(0)?;
-        let rows = x.elem_count() / d;
-        Ok((
-            Some(packed.narrow(0, 0, rows)?.reshape(x.shape())?),
-            Some(packed.narrow(0, rows, 1)?.reshape(d)?),
-        ))
+        let (dx, db) = bias_gelu_grads(x, b, dy)?;
+        Ok((Some(dx), Some(db)))
     }
+}
+
+/// The bias + GELU backward as one kernel ([`BiasGeluBwdOp`]: rows of `dx`, then the `db` row),
+/// split into `(dx, db)`: f32, `dx` shaped like `x`.
+pub(super) fn bias_gelu_grads(
+    x: &Tensor,
+    b: &Tensor,
+    dy: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let d = b.dim(0)?;
+    let rows = x.elem_count() / d;
+    let packed = x.apply_op3_no_bwd(b, &dy.contiguous()?, &BiasGeluBwdOp)?;
+    Ok((
+        packed.narrow(0, 0, rows)?.reshape(x.shape())?,
+        packed.narrow(0, rows, 1)?.reshape(d)?,
+    ))
 }
 
 /// `(rows + 1, d)`: `dx` rows, then `db`.

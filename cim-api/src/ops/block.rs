@@ -12,8 +12,8 @@
 
 use candle_core::{DType, Tensor, D};
 
-use super::LayerNormOp;
-use super::{attention::attention_detached, bias, fusable_device, is_fusable, LayerNormBwdOp};
+use super::{attention::attention_detached, bias, bias_add, fusable_device, is_fusable};
+use super::{layer_norm_grads, LayerNormOp};
 use crate::Result;
 
 /// The twelve parameters of a pre-norm block, each a `(weight, bias)` pair with PyTorch's shapes
@@ -85,7 +85,6 @@ struct Dims {
     batch: usize,
     tokens: usize,
     dim: usize,
-    hidden: usize,
     heads: usize,
 }
 
@@ -147,7 +146,6 @@ pub fn pre_norm_block(
         batch: b,
         tokens: n,
         dim,
-        hidden,
         heads,
     };
     let list = p.list();
@@ -245,18 +243,18 @@ impl Forward {
         } = dims;
         let x = x.reshape((batch * tokens, dim))?.contiguous()?;
         let xn1 = x.apply_op3_no_bwd(&vec32[0], &vec32[1], &LayerNormOp { eps })?;
-        let qkv = add_bias(&xn1.matmul(&w[0].t()?)?, &vec32[2])?;
+        let qkv = bias_add(&xn1.matmul(&w[0].t()?)?, &vec32[2])?;
         let scale = 1.0 / ((dim / heads) as f64).sqrt();
         let (attn, attn_bwd) =
             attention_detached(&qkv.reshape((batch, tokens, 3 * dim))?, heads, scale)?;
         let attn = attn.reshape((batch * tokens, dim))?;
         let ka = keep.as_ref().map(|k| &k[0]);
         let km = keep.as_ref().map(|k| &k[1]);
-        let x1 = (&x + scale_rows(add_bias(&attn.matmul(&w[1].t()?)?, &vec32[3])?, ka, dims)?)?;
+        let x1 = (&x + scale_rows(bias_add(&attn.matmul(&w[1].t()?)?, &vec32[3])?, ka, dims)?)?;
         let xn2 = x1.apply_op3_no_bwd(&vec32[4], &vec32[5], &LayerNormOp { eps })?;
         let h = xn2.matmul(&w[2].t()?)?;
         let g = h.apply_op2_no_bwd(&vec32[6], &bias::BiasGeluOp)?;
-        let y = (&x1 + scale_rows(add_bias(&g.matmul(&w[3].t()?)?, &vec32[7])?, km, dims)?)?;
+        let y = (&x1 + scale_rows(bias_add(&g.matmul(&w[3].t()?)?, &vec32[7])?, km, dims)?)?;
         let saved = Self {
             dims,
             eps,
@@ -280,11 +278,7 @@ impl Forward {
     fn backward(&self, dy: &Tensor) -> candle_core::Result<(Tensor, [Tensor; 12])> {
         let dt = self.x.dtype();
         let Dims {
-            batch,
-            tokens,
-            dim,
-            hidden,
-            ..
+            batch, tokens, dim, ..
         } = self.dims;
         let rows = batch * tokens;
         let eps = self.eps;
@@ -295,21 +289,15 @@ impl Forward {
         let d_fc2_w = dm.t()?.matmul(&self.g)?;
         let d_fc2_b = col_sum(&dm)?;
         let dg = dm.matmul(&self.w[3])?;
-        // g = gelu(h + b): dh rows, then the bias row.
-        let packed = self
-            .h
-            .apply_op3_no_bwd(&self.vec32[6], &dg, &bias::BiasGeluBwdOp)?;
-        let dh = packed.narrow(0, 0, rows)?.to_dtype(dt)?;
-        let d_fc1_b = packed.narrow(0, rows, 1)?.reshape(hidden)?;
+        // g = gelu(h + b).
+        let (dh, d_fc1_b) = bias::bias_gelu_grads(&self.h, &self.vec32[6], &dg)?;
+        let dh = dh.to_dtype(dt)?;
         let d_fc1_w = dh.t()?.matmul(&self.xn2)?;
         let dxn2 = dh.matmul(&self.w[2])?;
-        // xn2 = norm2(x1): dx1 rows, dw, db.
-        let packed = self
-            .x1
-            .apply_op3_no_bwd(&self.vec32[4], &dxn2, &LayerNormBwdOp { eps })?;
-        let dx1 = (&dy + packed.narrow(0, 0, rows)?.to_dtype(dt)?)?;
-        let d_norm2_w = packed.narrow(0, rows, 1)?.reshape(dim)?;
-        let d_norm2_b = packed.narrow(0, rows + 1, 1)?.reshape(dim)?;
+        // xn2 = norm2(x1).
+        let (dx1_norm, d_norm2_w, d_norm2_b) =
+            layer_norm_grads(&self.x1, &self.vec32[4], &dxn2, eps)?;
+        let dx1 = (&dy + dx1_norm.to_dtype(dt)?)?;
         // x1 = x + keep_attn · (proj(attn) + b).
         let da = scale_rows(dx1.clone(), keep(0), self.dims)?;
         let d_proj_w = da.t()?.matmul(&self.attn)?;
@@ -321,12 +309,9 @@ impl Forward {
         let d_qkv_w = dqkv.t()?.matmul(&self.xn1)?;
         let d_qkv_b = col_sum(&dqkv)?;
         let dxn1 = dqkv.matmul(&self.w[0])?;
-        let packed = self
-            .x
-            .apply_op3_no_bwd(&self.vec32[0], &dxn1, &LayerNormBwdOp { eps })?;
-        let dx = (&dx1 + packed.narrow(0, 0, rows)?.to_dtype(dt)?)?;
-        let d_norm1_w = packed.narrow(0, rows, 1)?.reshape(dim)?;
-        let d_norm1_b = packed.narrow(0, rows + 1, 1)?.reshape(dim)?;
+        let (dx_norm, d_norm1_w, d_norm1_b) =
+            layer_norm_grads(&self.x, &self.vec32[0], &dxn1, eps)?;
+        let dx = (&dx1 + dx_norm.to_dtype(dt)?)?;
         Ok((
             dx,
             [
@@ -334,15 +319,6 @@ impl Forward {
                 d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b,
             ],
         ))
-    }
-}
-
-/// `x + b` over rows (bias in f32): the fused kernel for f32, a broadcast add in `x`'s dtype else.
-fn add_bias(x: &Tensor, b32: &Tensor) -> candle_core::Result<Tensor> {
-    if is_fusable(&[x]) {
-        x.apply_op2_no_bwd(b32, &bias::BiasAddOp)
-    } else {
-        x.broadcast_add(&b32.to_dtype(x.dtype())?)
     }
 }
 

@@ -209,8 +209,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
             _ => "fp32".into(),
         },
         cuda_kernels: dev.is_cuda() && cim_api::ops::cuda_kernels(),
-        fused_blocks: cim_api::ops::fused_blocks()
-            && (!dev.is_cuda() || cim_api::ops::cuda_kernels()),
+        fused_blocks: cim_api::ops::fused_blocks() && cim_api::ops::kernels_run_on(&dev),
         tok_precision: cim.tokenizer.precision(),
         device: format!("{dev:?}"),
         params_m: cim.params.num_params() as f64 / 1e6,
