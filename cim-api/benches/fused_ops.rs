@@ -17,11 +17,16 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn report(name: &str, reps: usize, composed: impl FnMut(), fused: impl FnMut()) {
-    let c = time(reps, composed);
-    let f = time(reps, fused);
+    report_as(name, reps, ("composed", composed), ("fused", fused));
+}
+
+/// One line: `a`'s and `b`'s milliseconds and `a / b`.
+fn report_as(name: &str, reps: usize, a: (&str, impl FnMut()), b: (&str, impl FnMut())) {
+    let (ta, tb) = (time(reps, a.1), time(reps, b.1));
+    let (la, lb) = (a.0, b.0);
     println!(
-        "{name:<44} composed {c:8.2} ms  fused {f:8.2} ms  ×{:.2}",
-        c / f
+        "{name:<44} {la} {ta:8.2} ms  {lb} {tb:8.2} ms  ×{:.2}",
+        ta / tb
     );
 }
 
@@ -58,6 +63,20 @@ fn main() -> cim_api::Result<()> {
             || run(false),
             || run(true),
         );
+        if dev.is_cpu() && ops::avx2_kernels() {
+            // The fused CPU kernel's portable (SSE2) instance against its AVX2 + FMA one.
+            let portable = || {
+                ops::set_portable_kernels(true);
+                run(true);
+                ops::set_portable_kernels(false);
+            };
+            report_as(
+                &format!("attention kernel B{b} N{n} H{h} D{d}"),
+                reps,
+                ("sse2", portable),
+                ("avx2+fma", || run(true)),
+            );
+        }
         if dev.is_cuda() {
             // The CUDA attention kernel, against the same composed ops.
             let kernel = || {

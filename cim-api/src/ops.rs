@@ -42,6 +42,8 @@ mod graft;
 mod max_pool;
 mod respix;
 mod select;
+mod simd;
+mod tiles;
 
 pub use adamw::{adamw_composed, adamw_update, AdamStep};
 pub use attention::{attention_composed, attention_gemm, attention_qkv, attention_qkv_kernel};
@@ -54,6 +56,7 @@ pub use graft::{with_backward, BackwardFn};
 pub use max_pool::max_pool_3x3_s2;
 pub use respix::{respix_loss, respix_sliding_target};
 pub use select::select_rows;
+pub use simd::{avx2_kernels, set_portable_kernels};
 
 static CUDA_KERNELS: AtomicBool = AtomicBool::new(false);
 
@@ -107,7 +110,7 @@ fn is_fusable(ts: &[&Tensor]) -> bool {
 /// polynomial on `|r| ≤ ln2/2`; relative error ≤ 2.5e-7 against `f32::exp` (tested). Inputs are
 /// clamped to `[−87.3, 88.3]` (results `≈ 1.2e-38 … 2.1e38`; no infinities, no denormals); NaN
 /// stays NaN.
-#[inline]
+#[inline(always)]
 pub(crate) fn fast_exp(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5·2²³
     const LN2_HI: f32 = 0.693_359_4;
