@@ -238,7 +238,11 @@ fn head_probs<const FAST: bool>(
     gather_t(g, item, 1, head, kt);
     let q = View::rows(&item[g.qkv(0, 0, head)..], g.row());
     tiles::matmul::<FAST>((n, n, d), g.scale, q, kt, n, p, n);
-    p.chunks_exact_mut(n).for_each(tiles::softmax_row);
+    // A plain loop: iterator adaptors are not `inline(always)`, and would compile the softmax
+    // outside the AVX2 instance.
+    for row in p.chunks_exact_mut(n) {
+        tiles::softmax_row(row);
+    }
 }
 
 /// Forward of one batch item: per head, `P = softmax(scale · Q·Kᵀ)` (`N×N`, scratch only) and

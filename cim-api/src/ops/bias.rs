@@ -12,7 +12,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{is_fusable, last_dim, slice, CHUNK_ROWS};
+use super::{is_fusable, last_dim, simd, slice, CHUNK_ROWS};
 use crate::Result;
 
 /// `x + b`: `x` `(…, D)`, `b` `(D,)`.
@@ -71,14 +71,51 @@ fn map_with_bias(
     let mut y = vec![0f32; x.len()];
     y.par_chunks_mut(d * CHUNK_ROWS)
         .zip(x.par_chunks(d * CHUNK_ROWS))
-        .for_each(|(yc, xc)| {
-            for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-                for ((y, &x), &b) in yr.iter_mut().zip(xr).zip(b) {
-                    *y = f(x + b);
-                }
-            }
-        });
+        .for_each(|(y, x)| simd::run(BiasMap { y, x, b, f: &f }));
     Ok((CpuStorage::F32(y), l1.shape().clone()))
+}
+
+/// One chunk of [`map_with_bias`]: rows of `b.len()`.
+struct BiasMap<'a, F> {
+    y: &'a mut [f32],
+    x: &'a [f32],
+    b: &'a [f32],
+    f: &'a F,
+}
+
+impl<F: Fn(f32) -> f32> simd::Kernel for BiasMap<'_, F> {
+    type Output = ();
+    #[inline(always)]
+    fn call<const FAST: bool>(self) {
+        let d = self.b.len();
+        for (yr, xr) in self.y.chunks_exact_mut(d).zip(self.x.chunks_exact(d)) {
+            for ((y, &x), &b) in yr.iter_mut().zip(xr).zip(self.b) {
+                *y = (self.f)(x + b);
+            }
+        }
+    }
+}
+
+/// One chunk of the bias + GELU backward: `dx = dy · gelu'(x + b)`.
+struct GeluGrad<'a> {
+    dx: &'a mut [f32],
+    x: &'a [f32],
+    dy: &'a [f32],
+    b: &'a [f32],
+}
+
+impl simd::Kernel for GeluGrad<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn call<const FAST: bool>(self) {
+        let d = self.b.len();
+        let rows = self.dx.chunks_exact_mut(d).zip(self.x.chunks_exact(d));
+        for ((dr, xr), gr) in rows.zip(self.dy.chunks_exact(d)) {
+            for j in 0..d {
+                dr[j] = gr[j] * gelu_grad(xr[j] + self.b[j]);
+            }
+        }
+    }
 }
 
 pub(super) struct BiasAddOp;
@@ -178,7 +215,7 @@ pub fn bias_gelu_composed(x: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// `(erf(z/√2), exp(−z²/2))`: erf by Abramowitz & Stegun 7.1.26 (absolute error ≤ 1.5e-7), whose
 /// exponential is the Gaussian's, so the backward gets φ(z) from the same `exp`. libm's `erff` is
 /// ~5× slower and made the fused kernel mostly erf.
-#[inline]
+#[inline(always)]
 fn erf_and_gauss(z: f32) -> (f32, f32) {
     let a = z.abs() * FRAC_1_SQRT_2;
     let e = super::fast_exp(-a * a);
@@ -189,13 +226,13 @@ fn erf_and_gauss(z: f32) -> (f32, f32) {
     ((1.0 - poly * e).copysign(z), e)
 }
 
-#[inline]
+#[inline(always)]
 fn gelu(z: f32) -> f32 {
     0.5 * z * (1.0 + erf_and_gauss(z).0)
 }
 
 /// d gelu / dz = Φ(z) + z·φ(z).
-#[inline]
+#[inline(always)]
 fn gelu_grad(z: f32) -> f32 {
     let (erf, gauss) = erf_and_gauss(z);
     0.5 * (1.0 + erf) + z * INV_SQRT_2PI * gauss
@@ -293,13 +330,7 @@ impl CustomOp3 for BiasGeluBwdOp {
                 x.par_chunks(d * CHUNK_ROWS)
                     .zip(g.par_chunks(d * CHUNK_ROWS)),
             )
-            .for_each(|(dc, (xc, gc))| {
-                for ((dr, xr), gr) in dc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
-                    for j in 0..d {
-                        dr[j] = gr[j] * gelu_grad(xr[j] + b[j]);
-                    }
-                }
-            });
+            .for_each(|(dx, (x, dy))| simd::run(GeluGrad { dx, x, dy, b }));
         add_col_sums(dx, d, db);
         Ok((CpuStorage::F32(out), Shape::from((rows + 1, d))))
     }

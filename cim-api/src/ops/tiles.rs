@@ -1,5 +1,6 @@
 //! Register-tiled small matrix products for the CPU kernels (attention's per-head `N×Dh` and
-//! `N×N` products), written once for both [`super::simd`] instances.
+//! `N×N` products) and row reductions in eight lanes (sums, maxima, softmax), written once for
+//! both [`super::simd`] instances.
 //!
 //! A tile of `MR` output rows × `NR` columns is accumulated in registers over the inner
 //! dimension: per step one `NR`-wide load of `b`, `MR` scalar loads of `a` and `MR·NR`
@@ -155,9 +156,20 @@ pub(crate) fn dot<const FAST: bool>(a: &[f32], b: &[f32]) -> f32 {
 /// Softmax of one row in place (max-subtracted, [`super::fast_exp`]).
 #[inline(always)]
 pub(crate) fn softmax_row(row: &mut [f32]) {
+    let max = max(row);
+    for x in row.iter_mut() {
+        *x = super::fast_exp(*x - max);
+    }
+    let inv = 1.0 / sum(row);
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// `max xᵢ` (`−∞` for none) with eight partial maxima.
+#[inline(always)]
+pub(crate) fn max(xs: &[f32]) -> f32 {
     let mut mx = [f32::NEG_INFINITY; 8];
-    let chunks = row.chunks_exact(8);
-    let mut max = chunks
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks
         .remainder()
         .iter()
         .copied()
@@ -167,23 +179,30 @@ pub(crate) fn softmax_row(row: &mut [f32]) {
             mx[l] = mx[l].max(c[l]);
         }
     }
-    max = mx.iter().copied().fold(max, f32::max);
-    for x in row.iter_mut() {
-        *x = super::fast_exp(*x - max);
-    }
-    let inv = 1.0 / sum(row);
-    row.iter_mut().for_each(|x| *x *= inv);
+    mx.iter().copied().fold(rest, f32::max)
 }
 
 /// `Σ xᵢ` with eight partial sums.
 #[inline(always)]
-fn sum(xs: &[f32]) -> f32 {
+pub(crate) fn sum(xs: &[f32]) -> f32 {
+    sum_zip(xs, xs, |x, _| x)
+}
+
+/// `Σ f(aᵢ, bᵢ)` with eight partial sums (the loop vectorises; f32 addition is not associative,
+/// so a single running sum would not).
+#[inline(always)]
+pub(crate) fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     let mut acc = [0f32; 8];
-    let chunks = xs.chunks_exact(8);
-    let rest: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let rest: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(&x, &y)| f(x, y))
+        .sum();
+    for (x, y) in ca.zip(cb) {
         for l in 0..8 {
-            acc[l] += c[l];
+            acc[l] += f(x[l], y[l]);
         }
     }
     acc.iter().sum::<f32>() + rest
