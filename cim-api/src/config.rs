@@ -33,7 +33,7 @@ pub fn to_value<C: Serialize>(c: &C) -> Result<Value> {
     Value::serialize(c).map_err(|e| Error::config(format!("cannot serialise parameters: {e}")))
 }
 
-/// " (set in <provider>)" for a key, or "" when no provider set it.
+/// " (set in `<provider>`)" for a key, or "" when no provider set it.
 pub fn origin(fig: &Figment, key: &str) -> String {
     match fig.find_metadata(key) {
         Some(md) => match &md.source {

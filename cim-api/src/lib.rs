@@ -17,7 +17,7 @@
 //! ([`TokenGrid`], [`Mask`], [`Features`], [`Losses`]), the plugin [`registry`] (inventory-based, one
 //! entry kind per trait), the deterministic parameter store ([`ParamStore`]) and the pixel maps of the
 //! DALL-E tokenizer ([`pixels`]). With the `testing` feature it also exports the conformance checks
-//! every registered component must pass ([`testing`]).
+//! every registered component must pass (`cim_api::testing`).
 //!
 //! Traits are object-safe and not generic over a backend: the device comes from tensors and
 //! `VarBuilder`s.

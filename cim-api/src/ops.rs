@@ -18,6 +18,10 @@
 //! [`set_cuda_kernels`]`(true)` (config `run.cuda_kernels`, the default; their parity tests,
 //! `tests/ops_cuda.rs`, passed on an H200). [`with_backward`] grafts any detached computation onto
 //! the graph as one node; [`pre_norm_block`] does so for a whole transformer block.
+//!
+//! The hot CPU kernels (attention, LayerNorm, cross-entropy, bias + GELU) are written once and run
+//! in an AVX2 + FMA instance where the CPU has those instructions ([`avx2_kernels`]), a portable
+//! SSE2 one elsewhere ([`set_portable_kernels`] forces it); see `simd` and `tiles`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

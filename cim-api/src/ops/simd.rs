@@ -30,13 +30,13 @@ static PORTABLE: AtomicBool = AtomicBool::new(false);
 /// 0: not yet probed, 1: AVX2 + FMA present, 2: absent.
 static DETECTED: AtomicU8 = AtomicU8::new(0);
 
-/// Forces the portable instance of every [`Kernel`] (`true`) or lets [`run`] pick the CPU's best
-/// (`false`, the default).
+/// Forces the portable (SSE2) instance of cim's hot CPU kernels process-wide (`true`), or lets
+/// them pick the CPU's best (`false`, the default).
 pub fn set_portable_kernels(on: bool) {
     PORTABLE.store(on, Ordering::Relaxed);
 }
 
-/// Whether [`run`] calls the AVX2 + FMA instances on this CPU.
+/// Whether cim's hot CPU kernels run their AVX2 + FMA instances on this CPU.
 pub fn avx2_kernels() -> bool {
     !PORTABLE.load(Ordering::Relaxed) && detected()
 }
