@@ -3,7 +3,9 @@
 #   1. the GPU parity test of the CUDA kernels (CPU kernel vs CUDA kernel, values and gradients);
 #   2. `cim-run bench` for the four configurations of the performance page at batch $B: ViTs in
 #      bf16, ResNet-50 in f32 (TF32), fused CUDA kernels on; ViT-B/16 RESPIX again with
-#      `run.fused_blocks = false` (blocks recorded op by op) for the block node's effect;
+#      `run.fused_blocks = false` (blocks recorded op by op) for the block node's effect, and with
+#      the dVAE decoder in bf16 (`tokenizer.dalle_dvae.decoder_precision`; its pixel distance
+#      from the f32 decoder is in the tok_precision line);
 #   3. the PyTorch reference (../shared/bench/torch_cim_ref.py), bf16 eager suite, then
 #      torch.compile for ViT-B/16 RESPIX;
 #   4. a kernel-level profile of ViT-B/16 RESPIX (benches/cupti) and the fused-op bench.
@@ -41,7 +43,7 @@ bench() { # NAME PRESET [--set ...]
   local j="$OUT/cim_now.json"
   RUST_LOG=info timeout 150 $RUN .gpu/cim-run.xz bench --preset "$preset" --batch "$B" \
     --steps "$STEPS" --warmup "$WARMUP" --device cuda:0 "$@" > "$j" 2> "$OUT/cim.err"
-  local rc=$?; echo "rc=$rc"; summ "$j"; grep -o '"tok_precision":{[^}]*}' "$j"
+  local rc=$?; echo "rc=$rc"; summ "$j"; grep -oE '"tok_precision":\{[^{}]*(\{[^{}]*\})?[^{}]*\}' "$j"
   grep -v " INFO " "$OUT/cim.err" | tail -n 3 | cut -c1-300
   if [[ $rc != 0 && "$*" == *cuda_kernels=true* ]]; then # measure the kernels-off path instead
     el "cim $name, kernels off (the run above failed)"
@@ -61,6 +63,8 @@ echo "rc=$?"; summ "$OUT/torch.jsonl"
 
 # The same configuration with every transformer block recorded op by op (session 6's path).
 bench vit_b16_respix_recorded vit_b16_respix "${FAST[@]}" --set run.fused_blocks=false
+bench vit_b16_respix_dec_bf16 vit_b16_respix "${FAST[@]}" \
+  --set tokenizer.dalle_dvae.decoder_precision='"bf16"'
 bench vit_s16_respix vit_s16_respix "${FAST[@]}"
 bench vit_b16_revdet vit_b16_revdet "${FAST[@]}"
 bench resnet50_revdet resnet50_revdet --set run.cuda_kernels=true

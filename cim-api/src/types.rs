@@ -200,4 +200,18 @@ pub struct PrecisionReport {
     pub agreement: f64,
     /// Number of tokens the agreement was measured on (0 when nothing was compared).
     pub tokens: usize,
+    /// The decoder's precision where it differs from the encoder's (`None`: the same network).
+    pub decoder: Option<DecoderPrecisionReport>,
+}
+
+/// A frozen decoder run in its own precision, and how far its images are from the f32 decoder's
+/// (pixels in `[0, 1]`, measured on the first batch it decoded; `None` before that).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DecoderPrecisionReport {
+    /// `"f32"`, `"bf16"` or `"f16"`.
+    pub dtype: String,
+    /// Largest absolute pixel difference from the f32 decoder's output.
+    pub max_abs_diff: Option<f64>,
+    /// Mean absolute pixel difference from the f32 decoder's output.
+    pub mean_abs_diff: Option<f64>,
 }

@@ -55,6 +55,34 @@ pub struct DvaeConfig {
     pub precision: Precision,
     /// Lowest token agreement with f32 that `precision = "auto"` accepts (0–1).
     pub min_agreement: f64,
+    /// The decoder's precision: `"same"` (the encoder's, as `precision` settled it), or `"f32"`,
+    /// `"bf16"`, `"f16"`. The decoder renders pixels, not tokens, so the agreement bar does not
+    /// apply; instead a reduced decoder's distance from the f32 decoder's images (max and mean
+    /// absolute pixel difference) is measured on the first batch it decodes and reported.
+    #[serde(default)]
+    pub decoder_precision: DecoderPrecision,
+}
+
+/// The decoder's precision (see [`DvaeConfig::decoder_precision`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecoderPrecision {
+    #[default]
+    Same,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DecoderPrecision {
+    fn dtype(self) -> Option<DType> {
+        match self {
+            Self::Same => None,
+            Self::F32 => Some(DType::F32),
+            Self::Bf16 => Some(DType::BF16),
+            Self::F16 => Some(DType::F16),
+        }
+    }
 }
 
 /// The dVAE's compute precision (see [`DvaeConfig::precision`]).
@@ -81,6 +109,7 @@ impl Default for DvaeConfig {
             weights: None,
             precision: Precision::Auto,
             min_agreement: 0.99,
+            decoder_precision: DecoderPrecision::Same,
         }
     }
 }
@@ -99,6 +128,7 @@ impl DvaeConfig {
             weights: None,
             precision: Precision::Auto,
             min_agreement: 0.99,
+            decoder_precision: DecoderPrecision::Same,
         }
     }
     /// Spatial downsampling factor of the encoder.
@@ -522,6 +552,51 @@ fn dtype_name(dt: DType) -> &'static str {
 pub struct DvaeTokenizer {
     min_agreement: f64,
     state: std::sync::RwLock<PrecisionState>,
+    /// The decoder in its own precision (`decoder_precision` other than `"same"`).
+    decoder: Option<OwnDecoder>,
+}
+
+/// A decoder precision of its own: the converted network, the f32 one it is measured against on
+/// the first decoded batch, and that measurement.
+struct OwnDecoder {
+    net: DalleDvae,
+    f32_net: DalleDvae,
+    report: std::sync::OnceLock<cim_api::DecoderPrecisionReport>,
+}
+
+impl OwnDecoder {
+    fn decode(&self, ids: &Tensor) -> Result<Tensor> {
+        let out = self.net.decode(ids)?;
+        if self.report.get().is_none() {
+            let diff = (&out - self.f32_net.decode(ids)?)?.abs()?.flatten_all()?;
+            let max = diff.max(0)?.to_scalar::<f32>()? as f64;
+            let mean = diff.mean(0)?.to_scalar::<f32>()? as f64;
+            let dtype = dtype_name(self.net.dtype());
+            tracing::info!(
+                dtype,
+                max_abs_diff = max,
+                mean_abs_diff = mean,
+                "dalle_dvae decoder precision check (pixels in [0, 1])"
+            );
+            let _ = self.report.set(cim_api::DecoderPrecisionReport {
+                dtype: dtype.into(),
+                max_abs_diff: Some(max),
+                mean_abs_diff: Some(mean),
+            });
+        }
+        Ok(out)
+    }
+
+    fn report(&self) -> cim_api::DecoderPrecisionReport {
+        self.report
+            .get()
+            .cloned()
+            .unwrap_or_else(|| cim_api::DecoderPrecisionReport {
+                dtype: dtype_name(self.net.dtype()).into(),
+                max_abs_diff: None,
+                mean_abs_diff: None,
+            })
+    }
 }
 
 enum PrecisionState {
@@ -557,7 +632,18 @@ impl DvaeTokenizer {
             .iter()
             .map(|&dt| net.to_dtype(dt))
             .collect::<Result<_>>()?;
-        Ok(Self::with_candidates(net, candidates, min))
+        let decoder = match cfg.decoder_precision.dtype() {
+            Some(dt) => Some(OwnDecoder {
+                net: net.to_dtype(dt)?,
+                f32_net: net.clone(),
+                report: std::sync::OnceLock::new(),
+            }),
+            None => None,
+        };
+        Ok(Self {
+            decoder,
+            ..Self::with_candidates(net, candidates, min)
+        })
     }
 
     /// Tries `candidates` (the same network in other precisions) in order on the first batch,
@@ -569,6 +655,7 @@ impl DvaeTokenizer {
                 dtype: "f32".into(),
                 agreement: 1.0,
                 tokens: 0,
+                decoder: None,
             };
             PrecisionState::Settled(net, report)
         } else {
@@ -577,6 +664,7 @@ impl DvaeTokenizer {
         Self {
             min_agreement,
             state: std::sync::RwLock::new(state),
+            decoder: None,
         }
     }
 
@@ -614,6 +702,7 @@ impl DvaeTokenizer {
             dtype: dtype_name(net.dtype()).into(),
             agreement,
             tokens,
+            decoder: None,
         };
         tracing::info!(
             dtype = %report.dtype,
@@ -661,6 +750,9 @@ impl Tokenizer for DvaeTokenizer {
         self.settle(pixels)
     }
     fn decode(&self, ids: &Tensor) -> Result<Tensor> {
+        if let Some(d) = &self.decoder {
+            return d.decode(&ids.to_dtype(DType::U32)?);
+        }
         match &*self.net() {
             // Decoding before any encode (a decode-only tool) uses the f32 network.
             PrecisionState::Pending(n, _) | PrecisionState::Settled(n, _) => n.decode(ids),
@@ -668,7 +760,10 @@ impl Tokenizer for DvaeTokenizer {
     }
     fn precision(&self) -> Option<cim_api::PrecisionReport> {
         match &*self.net() {
-            PrecisionState::Settled(_, r) => Some(r.clone()),
+            PrecisionState::Settled(_, r) => Some(cim_api::PrecisionReport {
+                decoder: self.decoder.as_ref().map(OwnDecoder::report),
+                ..r.clone()
+            }),
             PrecisionState::Pending(..) => None,
         }
     }
@@ -756,6 +851,7 @@ mod tests {
             weights: Some(dir.join("dvae_small.safetensors").display().to_string()),
             precision: Precision::F32,
             min_agreement: 0.99,
+            decoder_precision: DecoderPrecision::Same,
         };
         let dvae = DalleDvae::from_file(cfg.clone(), cfg.weights.as_ref().unwrap().as_ref(), &dev)?;
         let want = candle_core::safetensors::load(dir.join("expected.safetensors"), &dev)?;
@@ -814,6 +910,7 @@ mod tests {
             weights: None,
             precision,
             min_agreement: min,
+            decoder_precision: DecoderPrecision::Same,
         };
         let net = DalleDvae::from_file(cfg, &dir.join("dvae_small.safetensors"), &dev)?;
         let want = candle_core::safetensors::load(dir.join("expected.safetensors"), &dev)?;
@@ -898,6 +995,41 @@ mod tests {
         Ok(())
     }
 
+    /// `decoder_precision`: the decoder alone in f16 (the CPU's reduced precision; bf16 on CUDA),
+    /// its distance from the f32 decoder's pixels measured on the first decode and reported;
+    /// `"same"` adds no decoder report.
+    #[test]
+    fn decoder_precision_of_its_own_is_measured_and_reported() -> Result<()> {
+        let (net, x) = fixture_net(Precision::F32, 0.99)?;
+        let mut cfg = net.cfg.clone();
+        cfg.decoder_precision = DecoderPrecision::F16;
+        let net = DalleDvae { cfg, ..net };
+        let tok = DvaeTokenizer::new(net.clone(), false)?;
+        let tokens = tok.encode(&x)?;
+        assert_eq!(ids(&tokens), ids(&net.encode(&x)?), "the encoder stays f32");
+        let report = tok.precision().unwrap().decoder.unwrap();
+        assert_eq!((report.dtype.as_str(), report.max_abs_diff), ("f16", None));
+        let got = tok.decode(&tokens)?;
+        let want = net.decode(&tokens)?;
+        assert_eq!((got.dims(), got.dtype()), (want.dims(), DType::F32));
+        let diff = (&got - &want)?.abs()?.flatten_all()?;
+        let max = diff.max(0)?.to_scalar::<f32>()? as f64;
+        let mean = diff.mean(0)?.to_scalar::<f32>()? as f64;
+        eprintln!("f16 decoder vs f32: max {max}, mean {mean} (pixels in [0, 1])");
+        assert!(max > 0.0 && max < 0.05, "f16 decoder differs by {max}");
+        let half = net.to_dtype(DType::F16)?.decode(&tokens)?;
+        let same = (&got - &half)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(same, 0.0, "decodes with the f16 network");
+        let report = tok.precision().unwrap().decoder.unwrap();
+        assert_eq!(report.max_abs_diff, Some(max));
+        assert!((report.mean_abs_diff.unwrap() - mean).abs() < 1e-9);
+        let (net, _) = fixture_net(Precision::F32, 0.99)?;
+        let tok = DvaeTokenizer::new(net, false)?;
+        tok.encode(&x)?;
+        assert_eq!(tok.precision().unwrap().decoder, None);
+        Ok(())
+    }
+
     #[test]
     fn conformance() -> Result<()> {
         cim_api::testing::check_tokenizer("dalle_dvae")
@@ -919,6 +1051,7 @@ mod tests {
             weights: None,
             precision: Precision::F32,
             min_agreement: 0.99,
+            decoder_precision: DecoderPrecision::Same,
         };
         let _ = DalleDvae::new(cfg, store.var_builder(DType::F32, &Device::Cpu))?;
         let names = store.names_under("");
