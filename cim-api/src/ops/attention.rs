@@ -1,11 +1,13 @@
-//! Multi-head self-attention from the packed qkv projection, fused (flash-style).
+//! Multi-head self-attention from the packed qkv projection, fused.
 //!
 //! Composed, attention is: split and permute q, k, v out of the qkv projection (three copies),
 //! `q·kᵀ` (an `N×N` score tensor per head, kept for the backward), softmax (another `N×N`, kept),
-//! `·v`, and a transpose back (a copy). [`attention_qkv`] reads q, k, v where the projection wrote
-//! them, streams over keys with the running-max softmax, and writes the output in the layout the
-//! output projection reads. Nothing `N×N` is ever stored: the backward recomputes the
-//! probabilities row by row (the flash-attention recipe) and writes `dqkv` in the packed layout.
+//! `·v`, and a transpose back (a copy). The CPU kernel of [`attention_qkv`] reads q, k, v where the
+//! projection wrote them and, per batch item and head, computes the probabilities into a scratch
+//! `N×N` and `P·V` into the layout the output projection reads, with register-tiled products
+//! (`tiles::matmul`) in an AVX2 + FMA instance where the CPU has one (`simd`). Nothing `N×N`
+//! outlives the call: the backward recomputes the probabilities per head (the flash-attention
+//! trade) and writes `dqkv` in the packed layout.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
