@@ -59,6 +59,9 @@ pub struct BenchReport {
     /// Whether transformer blocks ran as one graph node each (`run.fused_blocks`, where the
     /// fused kernels run: always on the CPU, on CUDA with `cuda_kernels`).
     pub fused_blocks: bool,
+    /// Which instance of cim's fused CPU kernels runs on this machine's CPU: `"avx2+fma"` or
+    /// `"portable"` (SSE2); on CUDA they do not run, but the field says what the host would use.
+    pub cpu_kernels: &'static str,
     /// The tokenizer's precision and its token agreement with f32 (first batch), where it
     /// reports one (`dalle_dvae`).
     pub tok_precision: Option<cim_api::PrecisionReport>,
@@ -210,6 +213,11 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         },
         cuda_kernels: dev.is_cuda() && cim_api::ops::cuda_kernels(),
         fused_blocks: cim_api::ops::fused_blocks() && cim_api::ops::kernels_run_on(&dev),
+        cpu_kernels: if cim_api::ops::avx2_kernels() {
+            "avx2+fma"
+        } else {
+            "portable"
+        },
         tok_precision: cim.tokenizer.precision(),
         device: format!("{dev:?}"),
         params_m: cim.params.num_params() as f64 / 1e6,
@@ -306,6 +314,16 @@ mod tests {
         assert_eq!(
             (r.dtype.as_str(), r.cuda_kernels, r.fused_blocks),
             ("fp32", false, true)
+        );
+        let expected = if cim_api::ops::avx2_kernels() {
+            "avx2+fma"
+        } else {
+            "portable"
+        };
+        assert_eq!(r.cpu_kernels, expected);
+        assert!(
+            line.contains(&format!("\"cpu_kernels\":\"{expected}\"")),
+            "{line}"
         );
         Ok(())
     }
