@@ -349,8 +349,7 @@ impl simd::Kernel for SoftmaxScaled<'_> {
     #[inline(always)]
     fn call<const FAST: bool>(self) {
         self.out.copy_from_slice(self.x);
-        tiles::softmax_row(self.out);
-        self.out.iter_mut().for_each(|d| *d *= self.k);
+        tiles::softmax_row(self.out, self.k);
     }
 }
 
@@ -794,16 +793,14 @@ mod tests {
         let (w, b) = (&dy[..d], &x[d..2 * d]);
         let run = |fast: bool| {
             let (mut y, mut dx, mut sm) = (vec![0f32; x.len()], vec![0f32; x.len()], vec![0f32; d]);
-            let (fwd, eps) = (
-                LayerNormRows {
-                    y: &mut y,
-                    x: &x,
-                    w,
-                    b,
-                    eps: 1e-5,
-                },
-                1e-5,
-            );
+            let eps = 1e-5;
+            let fwd = LayerNormRows {
+                y: &mut y,
+                x: &x,
+                w,
+                b,
+                eps,
+            };
             let bwd = LayerNormGradRows {
                 dx: &mut dx,
                 x: &x,

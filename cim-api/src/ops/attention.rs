@@ -243,7 +243,7 @@ fn head_probs<const FAST: bool>(
     // A plain loop: iterator adaptors are not `inline(always)`, and would compile the softmax
     // outside the AVX2 instance.
     for row in p.chunks_exact_mut(n) {
-        tiles::softmax_row(row);
+        tiles::softmax_row(row, 1.0);
     }
 }
 

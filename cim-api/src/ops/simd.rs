@@ -16,7 +16,7 @@
 // run-time check that the CPU has those features.
 #![allow(unsafe_code)]
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A kernel body with two instances: `FAST` (AVX2 + FMA code) and portable.
 pub(crate) trait Kernel {
@@ -27,8 +27,6 @@ pub(crate) trait Kernel {
 }
 
 static PORTABLE: AtomicBool = AtomicBool::new(false);
-/// 0: not yet probed, 1: AVX2 + FMA present, 2: absent.
-static DETECTED: AtomicU8 = AtomicU8::new(0);
 
 /// Forces the portable (SSE2) instance of cim's hot CPU kernels process-wide (`true`), or lets
 /// them pick the CPU's best (`false`, the default).
@@ -41,19 +39,12 @@ pub fn avx2_kernels() -> bool {
     !PORTABLE.load(Ordering::Relaxed) && detected()
 }
 
+/// AVX2 and FMA present (`is_x86_feature_detected!` caches what it probed).
 fn detected() -> bool {
-    match DETECTED.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            #[cfg(target_arch = "x86_64")]
-            let yes = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
-            #[cfg(not(target_arch = "x86_64"))]
-            let yes = false;
-            DETECTED.store(if yes { 1 } else { 2 }, Ordering::Relaxed);
-            yes
-        }
-    }
+    #[cfg(target_arch = "x86_64")]
+    return std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Runs `kernel`, its AVX2 + FMA instance where the CPU has both.

@@ -153,15 +153,15 @@ pub(crate) fn dot<const FAST: bool>(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// Softmax of one row in place (max-subtracted, [`super::fast_exp`]).
+/// `scale · softmax(row)` in place (max-subtracted, [`super::fast_exp`]).
 #[inline(always)]
-pub(crate) fn softmax_row(row: &mut [f32]) {
+pub(crate) fn softmax_row(row: &mut [f32], scale: f32) {
     let max = max(row);
     for x in row.iter_mut() {
         *x = super::fast_exp(*x - max);
     }
-    let inv = 1.0 / sum(row);
-    row.iter_mut().for_each(|x| *x *= inv);
+    let k = scale / sum(row);
+    row.iter_mut().for_each(|x| *x *= k);
 }
 
 /// `max xᵢ` (`−∞` for none) with eight partial maxima.
@@ -274,7 +274,7 @@ mod tests {
             let d_fast = dot::<true>(&row, &want);
             let d_want: f32 = row.iter().zip(&want).map(|(a, b)| a * b).sum();
             assert!((d - d_want).abs() < 1e-5 && (d_fast - d_want).abs() < 1e-5);
-            softmax_row(&mut row);
+            softmax_row(&mut row, 1.0);
             for (g, w) in row.iter().zip(&want) {
                 assert!((g - w).abs() < 1e-6, "{n}: {g} vs {w}");
             }

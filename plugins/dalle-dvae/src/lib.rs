@@ -751,7 +751,7 @@ impl Tokenizer for DvaeTokenizer {
     }
     fn decode(&self, ids: &Tensor) -> Result<Tensor> {
         if let Some(d) = &self.decoder {
-            return d.decode(&ids.to_dtype(DType::U32)?);
+            return d.decode(ids);
         }
         match &*self.net() {
             // Decoding before any encode (a decode-only tool) uses the f32 network.
