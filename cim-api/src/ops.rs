@@ -42,6 +42,7 @@ mod channel;
 mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod gemm;
 mod graft;
 mod max_pool;
 mod respix;

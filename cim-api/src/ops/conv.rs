@@ -1,24 +1,28 @@
-//! 2-D convolution on the CPU as im2col + one GEMM per image, with a backward.
+//! 2-D convolution as im2col + GEMM, with a backward.
 //!
 //! candle 0.11's CPU `conv2d` converts the input to NHWC on one thread, scatters each 512-pixel
 //! tile's patches column by column and runs one small GEMM per tile; its backward runs a
-//! `conv_transpose2d` (dx) and a second convolution over transposed copies (dw). Here the patch
-//! matrix of each image, `(C·k·k, Ho·Wo)` in the weight's `(c, ky, kx)` order, is written row by row
-//! (each row a shifted copy of one input plane, in parallel over planes), and the convolution is one
-//! batched GEMM against the `(C_out, C·k·k)` weight that lands directly in NCHW. The backward is
-//! the GEMM's (candle's matmul backward) plus one col2im pass that folds the patch gradients back
-//! onto the input planes. Batches whose patch matrix would exceed [`COL_BUDGET`] bytes are split
-//! into chunks of images, so the real dVAE at 112 px (C·k·k = 2304, 12 544 pixels per image) does
-//! not hold a batch-sized patch matrix.
+//! `conv_transpose2d` (dx) and a second convolution over transposed copies (dw). Here, on the CPU,
+//! each image's patch matrix `(C·k·k, Ho·Wo)`, in the weight's `(c, ky, kx)` order, is written row
+//! by row into a scratch buffer of the thread (each row a shifted copy of one input plane) and
+//! multiplied by the `(C_out, C·k·k)` weight in one GEMM that lands in NCHW. Images run in
+//! parallel, one per thread with a single-threaded GEMM (`super::gemm`), when there are at least
+//! as many images as threads — candle's batched matmul runs the batch's small GEMMs one after the
+//! other, so a small convolution hardly used the second core — and one at a time on all threads
+//! otherwise. Only the input is kept for the backward, which recomputes each image's patches:
+//! `dW += dYᵢ · colsᵢᵀ` and `dXᵢ = col2im(Wᵀ · dYᵢ)`, per image, in fixed groups of images.
 //!
-//! f32 CPU tensors take this path. On CUDA with the fused kernels switched on, the forward stays
-//! candle's (cuDNN with the `cudnn` feature) and only the backward is im2col + GEMM + col2im
-//! ([`conv_backward`], CUDA im2col/col2im kernels); other dtypes run candle's `conv2d` both ways.
+//! On CUDA with the fused kernels switched on, the forward stays candle's (cuDNN with the `cudnn`
+//! feature) and only the backward is im2col + GEMM + col2im ([`conv_backward`], CUDA im2col/col2im
+//! kernels), in chunks of images whose patch matrix stays within [`COL_BUDGET`] bytes; other
+//! dtypes run candle's `conv2d` both ways.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::gemm::{sgemm, Threads};
 use super::slice;
+use super::tiles::View;
 use crate::Result;
 
 /// Largest patch matrix one chunk of images may hold, in bytes.
@@ -31,7 +35,8 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
     conv2d_with_budget(x, w, padding, stride, COL_BUDGET)
 }
 
-/// [`conv2d`] with an explicit patch-matrix budget (bytes per chunk of images).
+/// [`conv2d`] with an explicit patch-matrix budget (bytes per chunk of images) for the CUDA
+/// backward; the CPU kernel keeps one image's patch matrix per thread whatever the budget.
 pub fn conv2d_with_budget(
     x: &Tensor,
     w: &Tensor,
@@ -46,8 +51,8 @@ pub fn conv2d_with_budget(
     if !(on_cpu || on_cuda) || kh != kw || stride == 0 {
         return Ok(x.conv2d(w, padding, stride, 1, 1)?);
     }
-    let (b, c, h, wd) = x.dims4()?;
-    let (c_out, c_w, k, _) = w.dims4()?;
+    let (_, c, h, wd) = x.dims4()?;
+    let (_, c_w, k, _) = w.dims4()?;
     if c_w != c {
         return Err(crate::Error::msg(format!(
             "conv2d: input has {c} channels, weight expects {c_w}"
@@ -62,17 +67,247 @@ pub fn conv2d_with_budget(
     if on_cuda {
         return im2col_backward(x, w, op, budget);
     }
+    cpu_conv2d(x, w, op)
+}
+
+/// Images per group of the CPU backward's weight gradient: each group sums its images' `dW` in
+/// order, and the groups' sums are added in group order, so the result depends on the batch size
+/// only, not on the number of threads.
+const DW_GROUP: usize = 4;
+
+/// The CPU convolution: per image, its patch matrix into a scratch buffer of the thread and one
+/// GEMM against the `(C_out, C·k·k)` weight, landing in NCHW; images in parallel (single-threaded
+/// GEMMs) when there are at least as many as threads, else one image at a time on all threads.
+/// Only the input is kept for the backward ([`cpu_conv_backward`], grafted), which recomputes
+/// each image's patches.
+fn cpu_conv2d(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Tensor> {
+    let (b, c, h, wd) = x.dims4()?;
+    let c_out = w.dim(0)?;
     let (ho, wo) = (op.out(h), op.out(wd));
-    let w2 = w.reshape((c_out, c * k * k))?;
-    let chunk = op.chunk(x.dims(), budget);
-    let x = x.contiguous()?;
-    let mut outs = Vec::with_capacity(b.div_ceil(chunk));
-    // One chunk: candle's narrow and cat of the whole batch return it as is.
-    for start in (0..b).step_by(chunk) {
-        let xc = x.narrow(0, start, chunk.min(b - start))?;
-        outs.push(w2.broadcast_matmul(&op.patches(&xc, true)?)?);
+    let (xd, wt) = (x.detach().contiguous()?, w.detach().contiguous()?);
+    let y = cpu_f32(&xd, |xs| {
+        cpu_f32(&wt, |ws| {
+            let geo = Geometry::new(op, (b, c, h, wd), c_out);
+            let mut y = vec![0f32; b * c_out * ho * wo];
+            geo.forward(xs, ws, &mut y);
+            y
+        })
+    })??;
+    let y = Tensor::from_vec(y, (b, c_out, ho, wo), x.device())?;
+    let need_dx = x.track_op();
+    super::with_backward(&[x, w], y, move |dy| {
+        let dy = dy.contiguous()?;
+        let geo = Geometry::new(op, (b, c, h, wd), c_out);
+        let (dx, dw) = cpu_f32(&xd, |xs| {
+            cpu_f32(&wt, |ws| cpu_f32(&dy, |g| geo.backward(xs, ws, g, need_dx)))
+        })
+        .and_then(|r| r)
+        .and_then(|r| r)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let dev = xd.device();
+        let dx = dx
+            .map(|dx| Tensor::from_vec(dx, (b, c, h, wd), dev))
+            .transpose()?;
+        Ok(vec![dx, Some(Tensor::from_vec(dw, wt.shape(), dev)?)])
+    })
+}
+
+/// Runs `f` on the f32 data of a contiguous CPU tensor.
+fn cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        candle_core::Storage::Cpu(s) => Ok(f(slice(s, l, "conv2d")?)),
+        _ => Err(crate::Error::msg(
+            "conv2d: the CPU kernel got a tensor off the CPU",
+        )),
     }
-    Ok(Tensor::cat(&outs, 0)?.reshape((b, c_out, ho, wo))?)
+}
+
+/// The sizes of one CPU convolution call.
+struct Geometry {
+    op: Im2Col,
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    c_out: usize,
+    /// Output pixels per image.
+    hw: usize,
+    /// `C·k·k`, the patch length.
+    ckk: usize,
+}
+
+impl Geometry {
+    fn new(op: Im2Col, (b, c, h, w): (usize, usize, usize, usize), c_out: usize) -> Self {
+        let hw = op.out(h) * op.out(w);
+        Self {
+            op,
+            b,
+            c,
+            h,
+            w,
+            c_out,
+            hw,
+            ckk: c * op.k * op.k,
+        }
+    }
+
+    /// Whether images run in parallel (one thread each) rather than one at a time on all threads.
+    fn images_in_parallel(&self, items: usize) -> bool {
+        items >= rayon::current_num_threads()
+    }
+
+    /// The patch matrix `(C·k·k, Ho·Wo)` of image `xi`: `xi` itself for a pointwise convolution,
+    /// else written into `cols`.
+    fn patches<'a>(&self, xi: &'a [f32], cols: &'a mut Vec<f32>, threads: Threads) -> &'a [f32] {
+        if self.op.pointwise() {
+            return xi;
+        }
+        cols.resize(self.ckk * self.hw, 0.0);
+        let (kk, plane) = (self.op.k * self.op.k * self.hw, self.h * self.w);
+        let (op, h, w) = (self.op, self.h, self.w);
+        if threads == Threads::All {
+            cols.par_chunks_mut(kk)
+                .zip(xi.par_chunks(plane))
+                .for_each(|(dst, p)| op.plane_patches(p, h, w, dst));
+        } else {
+            for (dst, p) in cols.chunks_mut(kk).zip(xi.chunks(plane)) {
+                op.plane_patches(p, h, w, dst);
+            }
+        }
+        cols
+    }
+
+    /// `y` `(B, C_out, Ho·Wo)` from `x` `(B, C, H, W)` and `w` `(C_out, C·k·k)`.
+    fn forward(&self, x: &[f32], w: &[f32], y: &mut [f32]) {
+        let one = |xi: &[f32], yi: &mut [f32], cols: &mut Vec<f32>, threads| {
+            let p = self.patches(xi, cols, threads);
+            let dims = (self.c_out, self.hw, self.ckk);
+            sgemm(
+                dims,
+                View::rows(w, self.ckk),
+                View::rows(p, self.hw),
+                yi,
+                self.hw,
+                false,
+                threads,
+            );
+        };
+        let (x_img, y_img) = (self.c * self.h * self.w, self.c_out * self.hw);
+        if self.images_in_parallel(self.b) {
+            y.par_chunks_mut(y_img)
+                .zip(x.par_chunks(x_img))
+                .for_each_init(Vec::new, |cols, (yi, xi)| one(xi, yi, cols, Threads::One));
+        } else {
+            let mut cols = Vec::new();
+            for (yi, xi) in y.chunks_mut(y_img).zip(x.chunks(x_img)) {
+                one(xi, yi, &mut cols, Threads::All);
+            }
+        }
+    }
+
+    /// `(dx, dw)` from `dy` `(B, C_out, Ho·Wo)`: per image `dW += dYᵢ · colsᵢᵀ` and
+    /// `dXᵢ = col2im(Wᵀ · dYᵢ)` (`dx` only when `need_dx`), in groups of [`DW_GROUP`] images.
+    fn backward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        need_dx: bool,
+    ) -> (Option<Vec<f32>>, Vec<f32>) {
+        let (x_img, y_img) = (self.c * self.h * self.w, self.c_out * self.hw);
+        let groups = self.b.div_ceil(DW_GROUP);
+        let mut dx = vec![0f32; if need_dx { self.b * x_img } else { 0 }];
+        // One group: its images' dx and the sum of their dW.
+        let group = |g: usize, dxg: &mut [f32], threads: Threads| -> Vec<f32> {
+            let (mut dw, mut cols, mut dcols) =
+                (vec![0f32; self.c_out * self.ckk], Vec::new(), Vec::new());
+            let images = g * DW_GROUP..((g + 1) * DW_GROUP).min(self.b);
+            for (j, i) in images.enumerate() {
+                let xi = &x[i * x_img..(i + 1) * x_img];
+                let gi = &dy[i * y_img..(i + 1) * y_img];
+                let p = self.patches(xi, &mut cols, threads);
+                let dims = (self.c_out, self.ckk, self.hw);
+                sgemm(
+                    dims,
+                    View::rows(gi, self.hw),
+                    View::transposed(p, self.hw),
+                    &mut dw,
+                    self.ckk,
+                    j > 0,
+                    threads,
+                );
+                if !need_dx {
+                    continue;
+                }
+                let dxi = &mut dxg[j * x_img..(j + 1) * x_img];
+                let wt = View::transposed(w, self.ckk);
+                let dims = (self.ckk, self.hw, self.c_out);
+                if self.op.pointwise() {
+                    sgemm(
+                        dims,
+                        wt,
+                        View::rows(gi, self.hw),
+                        dxi,
+                        self.hw,
+                        false,
+                        threads,
+                    );
+                    continue;
+                }
+                dcols.resize(self.ckk * self.hw, 0.0);
+                sgemm(
+                    dims,
+                    wt,
+                    View::rows(gi, self.hw),
+                    &mut dcols,
+                    self.hw,
+                    false,
+                    threads,
+                );
+                let (kk, plane) = (self.op.k * self.op.k * self.hw, self.h * self.w);
+                let (op, h, wd) = (self.op, self.h, self.w);
+                if threads == Threads::All {
+                    dxi.par_chunks_mut(plane)
+                        .zip(dcols.par_chunks(kk))
+                        .for_each(|(p, src)| op.fold_plane(src, h, wd, p));
+                } else {
+                    for (p, src) in dxi.chunks_mut(plane).zip(dcols.chunks(kk)) {
+                        op.fold_plane(src, h, wd, p);
+                    }
+                }
+            }
+            dw
+        };
+        let group_len = if need_dx { DW_GROUP * x_img } else { 0 };
+        let partials: Vec<Vec<f32>> = if self.images_in_parallel(groups) {
+            (0..groups)
+                .into_par_iter()
+                .zip(dx_groups(&mut dx, group_len, groups).into_par_iter())
+                .map(|(g, dxg)| group(g, dxg, Threads::One))
+                .collect()
+        } else {
+            dx_groups(&mut dx, group_len, groups)
+                .into_iter()
+                .enumerate()
+                .map(|(g, dxg)| group(g, dxg, Threads::All))
+                .collect()
+        };
+        let mut parts = partials.into_iter();
+        let mut dw = parts.next().expect("a batch has at least one image");
+        for p in parts {
+            dw.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+        }
+        (need_dx.then_some(dx), dw)
+    }
+}
+
+/// `dx` split into the groups' parts (`groups` empty slices when `dx` is not wanted).
+fn dx_groups(dx: &mut [f32], group_len: usize, groups: usize) -> Vec<&mut [f32]> {
+    if group_len == 0 {
+        return (0..groups).map(|_| <&mut [f32]>::default()).collect();
+    }
+    dx.chunks_mut(group_len).collect()
 }
 
 /// candle's convolution forward (cuDNN on CUDA), with a backward through im2col + GEMM and col2im
@@ -111,7 +346,7 @@ fn conv_backward(
         let n = chunk.min(b - start);
         let g = dy.narrow(0, start, n)?.reshape((n, c_out, ho * wo))?;
         let cols = op
-            .patches(&x.narrow(0, start, n)?, false)
+            .patches(&x.narrow(0, start, n)?)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let part = g.matmul(&cols.t()?)?.sum(0)?;
         dw = Some(match dw {
@@ -155,17 +390,61 @@ impl Im2Col {
         (budget / per_image.max(1)).clamp(1, b)
     }
 
-    /// The patch matrix `(n, C·k·k, Ho·Wo)` of a chunk `xc` `(n, C, H, W)`, recorded for the
-    /// backward (`record`) or not.
-    fn patches(&self, xc: &Tensor, record: bool) -> Result<Tensor> {
+    /// The patch matrix `(n, C·k·k, Ho·Wo)` of a chunk `xc` `(n, C, H, W)` (not recorded).
+    fn patches(&self, xc: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = xc.dims4()?;
         Ok(if self.pointwise() {
             xc.reshape((n, c, h * w))?
-        } else if record {
-            xc.contiguous()?.apply_op1(*self)?
         } else {
             xc.contiguous()?.apply_op1_no_bwd(self)?
         })
+    }
+
+    /// The `k·k` rows of the patch matrix that one `h × w` input plane contributes, into `dst`
+    /// (`k·k × Ho·Wo`): each row a shifted (strided) copy of the plane; every entry is written,
+    /// zeros where the kernel reads padding, so `dst` may hold anything before.
+    fn plane_patches(&self, plane: &[f32], h: usize, w: usize, dst: &mut [f32]) {
+        let (k, ho, wo) = (self.k, self.out(h), self.out(w));
+        for (kk, rows) in dst.chunks_mut(ho * wo).take(k * k).enumerate() {
+            let (ky, kx) = (kk / k, kk % k);
+            let (ox0, ox1, ix0) = self.span(kx, w, wo);
+            for (oy, row) in rows.chunks_mut(wo).enumerate() {
+                let Some(iy) = self.src(oy, ky, h) else {
+                    row.fill(0.0); // a padding row
+                    continue;
+                };
+                row[..ox0].fill(0.0);
+                row[ox1..].fill(0.0);
+                let src = &plane[iy * w + ix0..(iy + 1) * w];
+                let row = &mut row[ox0..ox1];
+                if self.stride == 1 {
+                    row.copy_from_slice(&src[..row.len()]);
+                } else {
+                    for (v, x) in row.iter_mut().zip(src.iter().step_by(self.stride)) {
+                        *v = *x;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The adjoint of [`Self::plane_patches`]: adds the patch-matrix gradient rows `src` of one
+    /// plane (`k·k × Ho·Wo`) onto the input pixels they read.
+    fn fold_plane(&self, src: &[f32], h: usize, w: usize, plane: &mut [f32]) {
+        let (k, ho, wo) = (self.k, self.out(h), self.out(w));
+        for (kk, rows) in src.chunks(ho * wo).take(k * k).enumerate() {
+            let (ky, kx) = (kk / k, kk % k);
+            let (ox0, ox1, ix0) = self.span(kx, w, wo);
+            for (oy, row) in rows.chunks(wo).enumerate() {
+                let Some(iy) = self.src(oy, ky, h) else {
+                    continue;
+                };
+                let dst = &mut plane[iy * w + ix0..(iy + 1) * w];
+                for (d, v) in dst.iter_mut().step_by(self.stride).zip(&row[ox0..ox1]) {
+                    *d += v;
+                }
+            }
+        }
     }
 
     #[cfg(feature = "cuda")]
@@ -212,26 +491,7 @@ impl CustomOp1 for Im2Col {
         let mut cols = vec![0f32; b * c * k * k * ho * wo];
         cols.par_chunks_mut(k * k * ho * wo)
             .zip(x.par_chunks(h * w))
-            .for_each(|(dst, plane)| {
-                for (kk, rows) in dst.chunks_mut(ho * wo).enumerate() {
-                    let (ky, kx) = (kk / k, kk % k);
-                    let (ox0, ox1, ix0) = self.span(kx, w, wo);
-                    for (oy, row) in rows.chunks_mut(wo).enumerate() {
-                        let Some(iy) = self.src(oy, ky, h) else {
-                            continue; // padding rows stay zero
-                        };
-                        let src = &plane[iy * w + ix0..(iy + 1) * w];
-                        let row = &mut row[ox0..ox1];
-                        if self.stride == 1 {
-                            row.copy_from_slice(&src[..row.len()]);
-                        } else {
-                            for (v, x) in row.iter_mut().zip(src.iter().step_by(self.stride)) {
-                                *v = *x;
-                            }
-                        }
-                    }
-                }
-            });
+            .for_each(|(dst, plane)| self.plane_patches(plane, h, w, dst));
         Ok((CpuStorage::F32(cols), Shape::from((b, c * k * k, ho * wo))))
     }
     #[cfg(feature = "cuda")]
@@ -242,16 +502,6 @@ impl CustomOp1 for Im2Col {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (_, _, h, w) = l.shape().dims4()?;
         super::cuda::im2col(s, l, self.geometry(h, w))
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _cols: &Tensor,
-        dcols: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let (_, _, h, w) = x.dims4()?;
-        let op = Col2Im { op: *self, h, w };
-        Ok(Some(dcols.contiguous()?.apply_op1_no_bwd(&op)?))
     }
 }
 
@@ -276,21 +526,7 @@ impl CustomOp1 for Col2Im {
         let mut dx = vec![0f32; b * c * h * w];
         dx.par_chunks_mut(h * w)
             .zip(g.par_chunks(k * k * ho * wo))
-            .for_each(|(plane, src)| {
-                for (kk, rows) in src.chunks(ho * wo).enumerate() {
-                    let (ky, kx) = (kk / k, kk % k);
-                    let (ox0, ox1, ix0) = op.span(kx, w, wo);
-                    for (oy, row) in rows.chunks(wo).enumerate() {
-                        let Some(iy) = op.src(oy, ky, h) else {
-                            continue;
-                        };
-                        let dst = &mut plane[iy * w + ix0..(iy + 1) * w];
-                        for (d, v) in dst.iter_mut().step_by(op.stride).zip(&row[ox0..ox1]) {
-                            *d += v;
-                        }
-                    }
-                }
-            });
+            .for_each(|(plane, src)| op.fold_plane(src, h, w, plane));
         Ok((CpuStorage::F32(dx), Shape::from((b, c, h, w))))
     }
     #[cfg(feature = "cuda")]
@@ -389,26 +625,68 @@ mod tests {
         Ok(())
     }
 
-    /// A budget smaller than one image's patch matrix splits the batch image by image and gives
-    /// the same values and gradients as one chunk.
+    /// The CPU kernel's two schedules — images in parallel with one-thread GEMMs, and one image at
+    /// a time on all threads — give the same values and gradients: a batch of five in a 4-thread
+    /// pool (parallel; two weight-gradient groups) against each image alone (one at a time),
+    /// and the frozen case keeps no graph.
     #[test]
-    fn chunked_batches_match_one_chunk() -> Result<()> {
-        let x = Var::from_tensor(&randn(&[5, 3, 10, 10], 1))?;
-        let wt = Var::from_tensor(&randn(&[4, 3, 3, 3], 2))?;
-        let one = conv2d_with_budget(&x, &wt, 1, 1, usize::MAX)?;
-        let many = conv2d_with_budget(&x, &wt, 1, 1, 1)?;
-        assert!(max_diff(&one, &many) < 1e-6);
-        let g1 = one.sqr()?.sum_all()?.backward()?;
-        let g2 = many.sqr()?.sum_all()?.backward()?;
-        for v in [&x, &wt] {
-            let (a, e) = (g1.get(v).unwrap(), g2.get(v).unwrap());
-            let scale = e.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(
-                max_diff(a, e) < 1e-5 * scale,
-                "{} vs {scale}",
-                max_diff(a, e)
-            );
-        }
+    fn parallel_images_match_one_image_at_a_time() -> Result<()> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(4)
+            .build()
+            .unwrap();
+        pool.install(|| -> Result<()> {
+            for (k, stride, pad) in [(3, 1, 1), (1, 1, 0), (4, 4, 0), (7, 2, 3)] {
+                let x = Var::from_tensor(&randn(&[5, 3, 12, 12], 1))?;
+                let wt = Var::from_tensor(&randn(&[4, 3, k, k], 2))?;
+                let g = randn(
+                    &[
+                        5,
+                        4,
+                        (12 + 2 * pad - k) / stride + 1,
+                        (12 + 2 * pad - k) / stride + 1,
+                    ],
+                    3,
+                );
+                let all = conv2d(&x, &wt, pad, stride)?;
+                let grads = (&all * &g)?.sum_all()?.backward()?;
+                let mut dw = Tensor::zeros_like(&wt)?;
+                for i in 0..5 {
+                    let xi = Var::from_tensor(&x.narrow(0, i, 1)?)?;
+                    let one = conv2d(&xi, &wt, pad, stride)?;
+                    assert!(
+                        max_diff(&one, &all.narrow(0, i, 1)?) < 1e-5,
+                        "k{k}: image {i}"
+                    );
+                    let gi = (&one * &g.narrow(0, i, 1)?)?.sum_all()?.backward()?;
+                    let dxi = gi.get(&xi).unwrap();
+                    assert!(max_diff(dxi, &grads.get(&x).unwrap().narrow(0, i, 1)?) < 1e-5);
+                    dw = (dw + gi.get(&wt).unwrap())?;
+                }
+                let want = grads.get(&wt).unwrap();
+                let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(max_diff(&dw, want) < 1e-5 * scale, "k{k}: dw");
+            }
+            let frozen = conv2d(&randn(&[2, 3, 8, 8], 4), &randn(&[4, 3, 3, 3], 5), 1, 1)?;
+            assert!(!frozen.track_op());
+            Ok(())
+        })
+    }
+
+    /// Only the weight tracked (a first layer): its gradient is right and no input gradient is
+    /// produced.
+    #[test]
+    fn input_gradient_only_when_tracked() -> Result<()> {
+        let x = randn(&[3, 2, 9, 9], 6);
+        let wt = Var::from_tensor(&randn(&[5, 2, 3, 3], 7))?;
+        let ours = conv2d(&x, &wt, 1, 2)?;
+        let want = x.conv2d(&wt, 1, 2, 1, 1)?;
+        let go = ours.sqr()?.sum_all()?.backward()?;
+        let gw = want.sqr()?.sum_all()?.backward()?;
+        let (a, e) = (go.get(&wt).unwrap(), gw.get(&wt).unwrap());
+        let scale = e.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(max_diff(a, e) < 1e-5 * scale);
+        assert!(go.get(&x).is_none());
         Ok(())
     }
 

@@ -62,6 +62,8 @@ pub struct BenchReport {
     /// Which instance of cim's fused CPU kernels runs on this machine's CPU: `"avx2+fma"` or
     /// `"portable"` (SSE2); on CUDA they do not run, but the field says what the host would use.
     pub cpu_kernels: &'static str,
+    /// Threads of rayon's pool, which runs cim's CPU kernels and candle's matmuls.
+    pub cpu_threads: usize,
     /// The tokenizer's precision and its token agreement with f32 (first batch), where it
     /// reports one (`dalle_dvae`).
     pub tok_precision: Option<cim_api::PrecisionReport>,
@@ -218,6 +220,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         } else {
             "portable"
         },
+        cpu_threads: rayon::current_num_threads(),
         tok_precision: cim.tokenizer.precision(),
         device: format!("{dev:?}"),
         params_m: cim.params.num_params() as f64 / 1e6,
@@ -321,6 +324,7 @@ mod tests {
             "portable"
         };
         assert_eq!(r.cpu_kernels, expected);
+        assert_eq!(r.cpu_threads, rayon::current_num_threads());
         assert!(
             line.contains(&format!("\"cpu_kernels\":\"{expected}\"")),
             "{line}"

@@ -290,6 +290,7 @@ impl std::error::Error for HelpShown {}
 
 /// Entry point of `cim-run` and of custom runners that link more plugins.
 pub fn main() -> ExitCode {
+    crate::settle_cpu_threads();
     crate::keep_freed_memory();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
