@@ -156,10 +156,15 @@ impl Beit {
         // Eq. (1): replace(x, m, [MASK]) as a blend, so the mask token gets its gradient.
         let w = mask.to_tensor(x.dtype(), x.device())?.reshape((b, n, 1))?;
         let dt = x.dtype();
-        let mask_tok = self.mask_token.to_dtype(dt)?.broadcast_as((b, n, d))?;
-        let x = (x.broadcast_mul(&(1.0 - &w)?)? + mask_tok.broadcast_mul(&w)?)?;
+        // The mask token's share `w ⊗ token` as a rank-1 product, so its gradient is one GEMM
+        // (`wᵀ · dY`) rather than a broadcast's strided sum over all positions.
+        let mask_tok = w
+            .reshape((b * n, 1))?
+            .matmul(&self.mask_token.to_dtype(dt)?.reshape((1, d))?)?
+            .reshape((b, n, d))?;
+        let x = (x.broadcast_mul(&(1.0 - &w)?)? + mask_tok)?;
         let cls = self.cls_token.to_dtype(dt)?.broadcast_as((b, 1, d))?;
-        let mut x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos_embed.to_dtype(dt)?)?;
+        let mut x = layers::add_pos_embed(&Tensor::cat(&[&cls, &x], 1)?, &self.pos_embed)?;
         for blk in &self.blocks {
             x = blk.forward(&x)?;
         }

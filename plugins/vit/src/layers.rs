@@ -142,19 +142,37 @@ impl PatchEmbed {
             )));
         }
         let (gh, gw) = (h / p, w / p);
+        // One 2-D GEMM over all images' patches and the fused bias add: a batched matmul against
+        // a broadcast weight would leave candle's backward a per-image GEMM loop and a strided
+        // sum over the batch, and a broadcast bias a strided sum over all patches.
         let patches = x
             .reshape((b, c, gh, p, gw, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
-            .reshape((b, gh * gw, c * p * p))?;
+            .reshape((b * gh * gw, c * p * p))?;
         let w = self
             .weight
             .to_dtype(x.dtype())?
             .reshape((self.dim, c * p * p))?;
-        Ok(patches
-            .broadcast_matmul(&w.t()?)?
-            .broadcast_add(&self.bias.to_dtype(x.dtype())?)?)
+        let y = cim_api::ops::bias_add(&patches.matmul(&w.t()?)?, &self.bias)?;
+        Ok(y.reshape((b, gh * gw, self.dim))?)
     }
+}
+
+/// `x + pos` for tokens `x` `(B, N, D)` and a position embedding `pos` `(1, N, D)`, as the fused
+/// bias add over each image's `N·D` values: the embedding's gradient is a parallel sum over the
+/// batch, where a broadcast add's backward is candle's strided sum on one thread.
+pub fn add_pos_embed(x: &Tensor, pos: &Tensor) -> Result<Tensor> {
+    let (b, n, d) = x.dims3()?;
+    if pos.dims() != [1, n, d] {
+        return Err(Error::msg(format!(
+            "position embedding of shape {:?} does not match tokens of shape {:?}",
+            pos.dims(),
+            x.dims()
+        )));
+    }
+    let y = cim_api::ops::bias_add(&x.reshape((b, n * d))?, &pos.reshape(n * d)?)?;
+    Ok(y.reshape((b, n, d))?)
 }
 
 /// Multi-head self-attention with a fused qkv projection.

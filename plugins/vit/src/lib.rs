@@ -176,7 +176,7 @@ impl Vit {
             .cls_token
             .to_dtype(dt)?
             .broadcast_as((b, 1, self.info.dim))?;
-        let mut x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos_embed.to_dtype(dt)?)?;
+        let mut x = layers::add_pos_embed(&Tensor::cat(&[&cls, &x], 1)?, &self.pos_embed)?;
         let depth = self.blocks.len();
         for (i, blk) in self.blocks.iter().enumerate() {
             let rate = self.drop_path * i as f64 / (depth.max(2) - 1) as f64;
