@@ -31,6 +31,8 @@ fn report_as(name: &str, reps: usize, a: (&str, impl FnMut()), b: (&str, impl Fn
 }
 
 fn main() -> cim_api::Result<()> {
+    // The thread settings of `cim-run` (no spinning element-wise pool beside rayon's).
+    cim_api::threads::settle_cpu_threads();
     let dev = if cfg!(feature = "cuda") {
         ops::set_cuda_kernels(true);
         Device::new_cuda(0)?
@@ -158,7 +160,8 @@ fn main() -> cim_api::Result<()> {
     );
     // Convolution: im2col + GEMM against candle's conv2d (CPU only: CUDA keeps candle's/cuDNN's).
     // ResNet-50's stem and a layer1 3×3 with both gradients; the real dVAE encoder's first-group
-    // 3×3 forward only (it is frozen).
+    // 3×3 forward only (it is frozen); the tiny CPU presets' sizes, where one image's GEMM is a few
+    // MFLOP (cim runs one image per thread).
     if dev.is_cpu() {
         for (name, (b, c, hw, c_out, k, stride), grads, reps) in [
             (
@@ -178,6 +181,18 @@ fn main() -> cim_api::Result<()> {
                 (8, 64, 112, 64, 3, 1),
                 false,
                 3,
+            ),
+            (
+                "conv 3x3 16->16 B32 32x32 fwd (tiny dVAE)",
+                (32, 16, 32, 16, 3, 1),
+                false,
+                20,
+            ),
+            (
+                "conv 3x3 32->32 B32 16x16 fwd+bwd (tiny)",
+                (32, 32, 16, 32, 3, 1),
+                true,
+                20,
             ),
         ] {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, hw, hw), &dev)?)?;

@@ -28,6 +28,7 @@ pub mod ops;
 pub mod params;
 pub mod pixels;
 pub mod registry;
+pub mod threads;
 pub mod traits;
 pub mod types;
 pub mod weights;

@@ -70,15 +70,16 @@ pub fn conv2d_with_budget(
     cpu_conv2d(x, w, op)
 }
 
-/// Images per group of the CPU backward's weight gradient: each group sums its images' `dW` in
-/// order, and the groups' sums are added in group order, so the result depends on the batch size
-/// only, not on the number of threads.
-const DW_GROUP: usize = 4;
+/// The most groups the CPU backward splits a batch into: each group (`⌈B / 16⌉` consecutive images)
+/// sums its images' `dW` in order into a partial of its own, and the partials are added in group
+/// order, so the result depends on the batch size only, not on the number of threads, and at most
+/// 16 weight-sized partials exist at once.
+const DW_GROUPS: usize = 16;
 
 /// The CPU convolution: per image, its patch matrix into a scratch buffer of the thread and one
 /// GEMM against the `(C_out, C·k·k)` weight, landing in NCHW; images in parallel (single-threaded
 /// GEMMs) when there are at least as many as threads, else one image at a time on all threads.
-/// Only the input is kept for the backward ([`cpu_conv_backward`], grafted), which recomputes
+/// Only the input is kept for the backward ([`Geometry::backward`], grafted), which recomputes
 /// each image's patches.
 fn cpu_conv2d(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Tensor> {
     let (b, c, h, wd) = x.dims4()?;
@@ -207,7 +208,7 @@ impl Geometry {
     }
 
     /// `(dx, dw)` from `dy` `(B, C_out, Ho·Wo)`: per image `dW += dYᵢ · colsᵢᵀ` and
-    /// `dXᵢ = col2im(Wᵀ · dYᵢ)` (`dx` only when `need_dx`), in groups of [`DW_GROUP`] images.
+    /// `dXᵢ = col2im(Wᵀ · dYᵢ)` (`dx` only when `need_dx`), in at most [`DW_GROUPS`] groups.
     fn backward(
         &self,
         x: &[f32],
@@ -216,13 +217,14 @@ impl Geometry {
         need_dx: bool,
     ) -> (Option<Vec<f32>>, Vec<f32>) {
         let (x_img, y_img) = (self.c * self.h * self.w, self.c_out * self.hw);
-        let groups = self.b.div_ceil(DW_GROUP);
+        let per_group = self.b.div_ceil(DW_GROUPS);
+        let groups = self.b.div_ceil(per_group);
         let mut dx = vec![0f32; if need_dx { self.b * x_img } else { 0 }];
         // One group: its images' dx and the sum of their dW.
         let group = |g: usize, dxg: &mut [f32], threads: Threads| -> Vec<f32> {
             let (mut dw, mut cols, mut dcols) =
                 (vec![0f32; self.c_out * self.ckk], Vec::new(), Vec::new());
-            let images = g * DW_GROUP..((g + 1) * DW_GROUP).min(self.b);
+            let images = g * per_group..((g + 1) * per_group).min(self.b);
             for (j, i) in images.enumerate() {
                 let xi = &x[i * x_img..(i + 1) * x_img];
                 let gi = &dy[i * y_img..(i + 1) * y_img];
@@ -279,7 +281,7 @@ impl Geometry {
             }
             dw
         };
-        let group_len = if need_dx { DW_GROUP * x_img } else { 0 };
+        let group_len = if need_dx { per_group * x_img } else { 0 };
         let partials: Vec<Vec<f32>> = if self.images_in_parallel(groups) {
             (0..groups)
                 .into_par_iter()
@@ -627,8 +629,8 @@ mod tests {
 
     /// The CPU kernel's two schedules — images in parallel with one-thread GEMMs, and one image at
     /// a time on all threads — give the same values and gradients: a batch of five in a 4-thread
-    /// pool (parallel; two weight-gradient groups) against each image alone (one at a time),
-    /// and the frozen case keeps no graph.
+    /// pool (parallel, five weight-gradient groups) and of 40 (parallel, groups of three) against
+    /// each image alone (one at a time), and the frozen case keeps no graph.
     #[test]
     fn parallel_images_match_one_image_at_a_time() -> Result<()> {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -636,28 +638,25 @@ mod tests {
             .build()
             .unwrap();
         pool.install(|| -> Result<()> {
-            for (k, stride, pad) in [(3, 1, 1), (1, 1, 0), (4, 4, 0), (7, 2, 3)] {
-                let x = Var::from_tensor(&randn(&[5, 3, 12, 12], 1))?;
+            for (b, k, stride, pad) in [
+                (5, 3, 1, 1),
+                (5, 1, 1, 0),
+                (5, 4, 4, 0),
+                (5, 7, 2, 3),
+                (40, 3, 2, 1),
+            ] {
+                let x = Var::from_tensor(&randn(&[b, 3, 12, 12], 1))?;
                 let wt = Var::from_tensor(&randn(&[4, 3, k, k], 2))?;
-                let g = randn(
-                    &[
-                        5,
-                        4,
-                        (12 + 2 * pad - k) / stride + 1,
-                        (12 + 2 * pad - k) / stride + 1,
-                    ],
-                    3,
-                );
+                let o = (12 + 2 * pad - k) / stride + 1;
+                let g = randn(&[b, 4, o, o], 3);
                 let all = conv2d(&x, &wt, pad, stride)?;
                 let grads = (&all * &g)?.sum_all()?.backward()?;
                 let mut dw = Tensor::zeros_like(&wt)?;
-                for i in 0..5 {
+                for i in 0..b {
                     let xi = Var::from_tensor(&x.narrow(0, i, 1)?)?;
                     let one = conv2d(&xi, &wt, pad, stride)?;
-                    assert!(
-                        max_diff(&one, &all.narrow(0, i, 1)?) < 1e-5,
-                        "k{k}: image {i}"
-                    );
+                    let d = max_diff(&one, &all.narrow(0, i, 1)?);
+                    assert!(d < 1e-5, "B{b} k{k}: image {i} differs by {d}");
                     let gi = (&one * &g.narrow(0, i, 1)?)?.sum_all()?.backward()?;
                     let dxi = gi.get(&xi).unwrap();
                     assert!(max_diff(dxi, &grads.get(&x).unwrap().narrow(0, i, 1)?) < 1e-5);
@@ -665,7 +664,7 @@ mod tests {
                 }
                 let want = grads.get(&wt).unwrap();
                 let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert!(max_diff(&dw, want) < 1e-5 * scale, "k{k}: dw");
+                assert!(max_diff(&dw, want) < 1e-5 * scale, "B{b} k{k}: dw");
             }
             let frozen = conv2d(&randn(&[2, 3, 8, 8], 4), &randn(&[4, 3, 3, 3], 5), 1, 1)?;
             assert!(!frozen.track_op());

@@ -20,7 +20,6 @@ pub mod optim;
 pub mod pictures;
 pub mod pipeline;
 pub mod probe;
-mod threads;
 pub mod tokenizer_train;
 pub mod train;
 
@@ -41,4 +40,4 @@ use cim_plugin_vq as _;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub use alloc::{keep_freed_memory, purge_delay_ms};
-pub use threads::settle_cpu_threads;
+pub use cim_api::threads::settle_cpu_threads;

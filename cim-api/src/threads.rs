@@ -1,4 +1,5 @@
-//! The CPU thread settings a run starts with, fixed before any thread pool exists.
+//! The CPU thread settings a process starts with, fixed before any thread pool exists (`cim-run`
+//! and the `fused_ops` bench call [`settle_cpu_threads`] first thing; so should a custom runner).
 //!
 //! candle keeps two thread pools on the CPU: rayon's, which runs its matmuls (the gemm crate) and
 //! every kernel of `cim_api::ops`, and a "barrier pool" of `CANDLE_NUM_THREADS − 1` more threads
