@@ -167,15 +167,9 @@ impl Geometry {
         cols.resize(self.ckk * self.hw, 0.0);
         let (kk, plane) = (self.op.k * self.op.k * self.hw, self.h * self.w);
         let (op, h, w) = (self.op, self.h, self.w);
-        if threads == Threads::All {
-            cols.par_chunks_mut(kk)
-                .zip(xi.par_chunks(plane))
-                .for_each(|(dst, p)| op.plane_patches(p, h, w, dst));
-        } else {
-            for (dst, p) in cols.chunks_mut(kk).zip(xi.chunks(plane)) {
-                op.plane_patches(p, h, w, dst);
-            }
-        }
+        per_plane(threads, (cols, kk), (xi, plane), |dst, p| {
+            op.plane_patches(p, h, w, dst)
+        });
         cols
     }
 
@@ -269,15 +263,9 @@ impl Geometry {
                 );
                 let (kk, plane) = (self.op.k * self.op.k * self.hw, self.h * self.w);
                 let (op, h, wd) = (self.op, self.h, self.w);
-                if threads == Threads::All {
-                    dxi.par_chunks_mut(plane)
-                        .zip(dcols.par_chunks(kk))
-                        .for_each(|(p, src)| op.fold_plane(src, h, wd, p));
-                } else {
-                    for (p, src) in dxi.chunks_mut(plane).zip(dcols.chunks(kk)) {
-                        op.fold_plane(src, h, wd, p);
-                    }
-                }
+                per_plane(threads, (dxi, plane), (&dcols, kk), |p, src| {
+                    op.fold_plane(src, h, wd, p)
+                });
             }
             dw
         };
@@ -301,6 +289,25 @@ impl Geometry {
             dw.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
         }
         (need_dx.then_some(dx), dw)
+    }
+}
+
+/// `f(dst chunk, src chunk)` over the paired chunks of `dst` and `src` (one per input plane), in
+/// parallel when the caller runs on all threads.
+fn per_plane(
+    threads: Threads,
+    (dst, dst_len): (&mut [f32], usize),
+    (src, src_len): (&[f32], usize),
+    f: impl Fn(&mut [f32], &[f32]) + Sync,
+) {
+    if threads == Threads::All {
+        dst.par_chunks_mut(dst_len)
+            .zip(src.par_chunks(src_len))
+            .for_each(|(d, s)| f(d, s));
+    } else {
+        for (d, s) in dst.chunks_mut(dst_len).zip(src.chunks(src_len)) {
+            f(d, s);
+        }
     }
 }
 

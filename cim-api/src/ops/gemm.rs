@@ -121,12 +121,7 @@ mod tests {
     #[test]
     fn matches_naive_products() {
         let (m, n, k) = (13, 37, 29);
-        let a: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0)
-            .collect();
-        let b: Vec<f32> = (0..k * n)
-            .map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0)
-            .collect();
+        let (a, b) = crate::ops::tiles::tests::operands(m, n, k);
         for (at, bt) in [(false, false), (true, false), (false, true), (true, true)] {
             let av = if at {
                 View::transposed(&a, m)

@@ -209,7 +209,7 @@ pub(crate) fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn naive(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
@@ -222,16 +222,18 @@ mod tests {
         c
     }
 
+    /// Deterministic `m × k` and `k × n` operands with small exact values (also the gemm tests').
+    pub(crate) fn operands(m: usize, n: usize, k: usize) -> (Vec<f32>, Vec<f32>) {
+        let a = (0..m * k).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0);
+        let b = (0..k * n).map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0);
+        (a.collect(), b.collect())
+    }
+
     #[test]
     fn tiled_products_match_the_naive_one_at_every_remainder() {
         // m crosses the 4-row tiles, n the 16/8-wide tiles and the padded tail.
         for (m, n, k) in [(1, 1, 1), (5, 7, 3), (9, 25, 13), (13, 33, 12), (4, 16, 8)] {
-            let a: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0)
-                .collect();
-            let b: Vec<f32> = (0..k * n)
-                .map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0)
-                .collect();
+            let (a, b) = operands(m, n, k);
             let want = naive(m, n, k, &a, &b);
             let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
             for fast in [false, true] {
