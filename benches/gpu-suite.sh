@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call on the GPU machine (see book/src/performance.md), carry [".gpu"]:
 #   1. the GPU parity test of the CUDA kernels (CPU kernel vs CUDA kernel, values and gradients);
-#   2. `cim-run bench` for the four configurations of the performance page at batch $B: ViTs in
-#      bf16, ResNet-50 in f32 (TF32), fused CUDA kernels on; ViT-B/16 RESPIX again with
+#   2. `cim-run bench` for the four configurations of the performance page at batch $B, all in
+#      bf16 (ResNet-50 since session 9; also once more in f32/TF32, session 6's setting), fused
+#      CUDA kernels on; ViT-B/16 RESPIX again with
 #      `run.fused_blocks = false` (blocks recorded op by op) for the block node's effect, and with
 #      the dVAE decoder in bf16 (`tokenizer.dalle_dvae.decoder_precision`; its pixel distance
 #      from the f32 decoder is in the tok_precision line);
@@ -67,7 +68,8 @@ bench vit_b16_respix_dec_bf16 vit_b16_respix "${FAST[@]}" \
   --set tokenizer.dalle_dvae.decoder_precision='"bf16"'
 bench vit_s16_respix vit_s16_respix "${FAST[@]}"
 bench vit_b16_revdet vit_b16_revdet "${FAST[@]}"
-bench resnet50_revdet resnet50_revdet --set run.cuda_kernels=true
+bench resnet50_revdet resnet50_revdet "${FAST[@]}"
+bench resnet50_revdet_f32 resnet50_revdet --set run.cuda_kernels=true
 
 el "torch bf16 torch.compile ViT-B/16 RESPIX"
 timeout 150 python3 .gpu/torch_cim_ref.py --device cuda --dtype bf16 --compile --enhancer vit_b16 \

@@ -105,6 +105,7 @@ fn cuda_kernels_match_the_cpu_kernels() {
     max_pool_parity(&gpu);
     bias_gelu_parity(&gpu);
     conv_parity(&gpu);
+    mixed_conv_parity(&gpu);
     channel_bias_parity(&gpu);
     bf16_parity(&gpu);
     block_parity(&gpu);
@@ -332,6 +333,54 @@ fn conv_parity(gpu: &Device) {
             "conv {i} dw: {}",
             rel(&gg[1], &gc[1])
         );
+    }
+}
+
+/// Mixed precision (`run.precision = "bf16"`, ResNet-50): bf16 activations with an f32 master
+/// weight — cuDNN's bf16 forward and the f32 im2col backward on CUDA against the CPU's f32 kernel on
+/// widened copies; `dx` comes back bf16, `dw` f32. Both sides round to bf16, so the tolerance is
+/// bf16's.
+fn mixed_conv_parity(gpu: &Device) {
+    use candle_core::DType;
+    let cpu = Device::Cpu;
+    for (i, &(b, c, h, c_out, k, stride, pad)) in [
+        (2, 3, 32, 8, 7, 2, 3),
+        (2, 16, 28, 32, 3, 1, 1),
+        (2, 16, 14, 32, 1, 2, 0),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let x = randn(&[b, c, h, h], 170 + i as u64, &cpu)
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let wt = (randn(&[c_out, c, k, k], 180 + i as u64, &cpu) * 0.1).unwrap();
+        let o = (h + 2 * pad - k) / stride + 1;
+        let up = randn(&[b, c_out, o, o], 190 + i as u64, &cpu);
+        let f = |t: &[Tensor]| {
+            let y = ops::conv2d(&t[0], &t[1], pad, stride).unwrap();
+            assert_eq!(y.dtype(), DType::BF16);
+            y.to_dtype(DType::F32).unwrap()
+        };
+        let (yc, gc) = run(&cpu, &f, &[x.clone(), wt.clone()], &up);
+        let (yg, gg) = run(gpu, &f, &[x, wt], &up);
+        assert_eq!((gg[0].dtype(), gg[1].dtype()), (DType::BF16, DType::F32));
+        let rel = |a: &Tensor, e: &Tensor| {
+            let (a, e) = (
+                a.to_dtype(DType::F32).unwrap(),
+                e.to_dtype(DType::F32).unwrap(),
+            );
+            let scale: f32 = e.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            max_diff(&a, &e) / scale.max(1e-6)
+        };
+        for (what, a, e) in [
+            ("value", &yg, &yc),
+            ("dx", &gg[0], &gc[0]),
+            ("dw", &gg[1], &gc[1]),
+        ] {
+            let r = rel(a, e);
+            assert!(r < 2e-2, "mixed conv {i} {what}: {r}");
+        }
     }
 }
 

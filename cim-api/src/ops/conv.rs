@@ -44,12 +44,15 @@ pub fn conv2d_with_budget(
     stride: usize,
     budget: usize,
 ) -> Result<Tensor> {
-    let f32s = [x, w].iter().all(|t| t.dtype() == DType::F32);
-    let on_cpu = f32s && [x, w].iter().all(|t| t.device().is_cpu());
-    let on_cuda = f32s && super::cuda_kernels() && [x, w].iter().all(|t| t.device().is_cuda());
+    // bf16 activations with an f32 (master) weight: mixed precision (`run.precision = "bf16"`).
+    let mixed = x.dtype() == DType::BF16 && w.dtype() == DType::F32;
+    let ours = mixed || [x, w].iter().all(|t| t.dtype() == DType::F32);
+    let on_cpu = ours && [x, w].iter().all(|t| t.device().is_cpu());
+    let on_cuda = ours && super::cuda_kernels() && [x, w].iter().all(|t| t.device().is_cuda());
     let (_, _, kh, kw) = w.dims4()?;
     if !(on_cpu || on_cuda) || kh != kw || stride == 0 {
-        return Ok(x.conv2d(w, padding, stride, 1, 1)?);
+        // candle's convolution, the weight cast to the input's dtype (a no-op when they agree).
+        return Ok(x.conv2d(&w.to_dtype(x.dtype())?, padding, stride, 1, 1)?);
     }
     let (_, c, h, wd) = x.dims4()?;
     let (_, c_w, k, _) = w.dims4()?;
@@ -64,10 +67,42 @@ pub fn conv2d_with_budget(
         )));
     }
     let op = Im2Col { k, stride, padding };
+    if mixed {
+        return mixed_conv2d(x, w, op, budget);
+    }
     if on_cuda {
         return im2col_backward(x, w, op, budget);
     }
     cpu_conv2d(x, w, op)
+}
+
+/// bf16 `x` with an f32 master weight `w`. Forward in bf16: on CUDA candle's convolution (cuDNN
+/// with `--features cudnn`) against the weight rounded to bf16; on the CPU (no bf16 GEMM there)
+/// the f32 kernel on a widened copy of `x`, its output rounded to bf16. Backward in f32, as the
+/// f32 path's (CUDA im2col + GEMM + col2im, or the CPU kernel), from widened copies of `x` and the
+/// output gradient: `dx` rounded to bf16 for the bf16 graph, `dw` in f32 for the master weight.
+/// Keeps only the bf16 input.
+fn mixed_conv2d(x: &Tensor, w: &Tensor, op: Im2Col, budget: usize) -> Result<Tensor> {
+    let (xd, wd) = (x.detach(), w.detach());
+    let y = if x.device().is_cuda() {
+        xd.conv2d(&wd.to_dtype(DType::BF16)?, op.padding, op.stride, 1, 1)?
+    } else {
+        cpu_conv2d(&xd.to_dtype(DType::F32)?, &wd, op)?.to_dtype(DType::BF16)?
+    };
+    let need_dx = x.track_op();
+    super::with_backward(&[x, w], y, move |dy| {
+        let (x32, dy32) = (xd.to_dtype(DType::F32)?, dy.to_dtype(DType::F32)?);
+        let (dx, dw) = if xd.device().is_cuda() {
+            let (dx, dw) = conv_backward(&x32, &wd, op, budget, &dy32)?;
+            (Some(dx), dw)
+        } else {
+            cpu_conv_grads(&x32, &wd, op, &dy32, need_dx)?
+        };
+        Ok(vec![
+            dx.map(|d| d.to_dtype(DType::BF16)).transpose()?,
+            Some(dw),
+        ])
+    })
 }
 
 /// The most groups the CPU backward splits a batch into: each group (`⌈B / 16⌉` consecutive images)
@@ -97,20 +132,33 @@ fn cpu_conv2d(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Tensor> {
     let y = Tensor::from_vec(y, (b, c_out, ho, wo), x.device())?;
     let need_dx = x.track_op();
     super::with_backward(&[x, w], y, move |dy| {
-        let dy = dy.contiguous()?;
-        let geo = Geometry::new(op, (b, c, h, wd), c_out);
-        let (dx, dw) = cpu_f32(&xd, |xs| {
-            cpu_f32(&wt, |ws| cpu_f32(&dy, |g| geo.backward(xs, ws, g, need_dx)))
-        })
-        .and_then(|r| r)
-        .and_then(|r| r)
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let dev = xd.device();
-        let dx = dx
-            .map(|dx| Tensor::from_vec(dx, (b, c, h, wd), dev))
-            .transpose()?;
-        Ok(vec![dx, Some(Tensor::from_vec(dw, wt.shape(), dev)?)])
+        let (dx, dw) = cpu_conv_grads(&xd, &wt, op, dy, need_dx)?;
+        Ok(vec![dx, Some(dw)])
     })
+}
+
+/// The CPU kernel's `(dx, dw)` for f32 `x`, `w` and output gradient `dy` (`dx` when `need_dx`).
+fn cpu_conv_grads(
+    x: &Tensor,
+    w: &Tensor,
+    op: Im2Col,
+    dy: &Tensor,
+    need_dx: bool,
+) -> candle_core::Result<(Option<Tensor>, Tensor)> {
+    let (b, c, h, wd) = x.dims4()?;
+    let geo = Geometry::new(op, (b, c, h, wd), w.dim(0)?);
+    let (x, w, dy) = (x.contiguous()?, w.contiguous()?, dy.contiguous()?);
+    let (dx, dw) = cpu_f32(&x, |xs| {
+        cpu_f32(&w, |ws| cpu_f32(&dy, |g| geo.backward(xs, ws, g, need_dx)))
+    })
+    .and_then(|r| r)
+    .and_then(|r| r)
+    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let dev = x.device();
+    let dx = dx
+        .map(|dx| Tensor::from_vec(dx, (b, c, h, wd), dev))
+        .transpose()?;
+    Ok((dx, Tensor::from_vec(dw, w.shape(), dev)?))
 }
 
 /// Runs `f` on the f32 data of a contiguous CPU tensor.
@@ -677,6 +725,42 @@ mod tests {
             assert!(!frozen.track_op());
             Ok(())
         })
+    }
+
+    /// bf16 activations with an f32 master weight: the output is bf16 and within bf16 rounding of
+    /// the f32 convolution of the same (rounded) input; `dx` is bf16, `dw` f32, both close to the
+    /// f32 path's gradients; a frozen bf16 input gets no `dx`.
+    #[test]
+    fn bf16_input_with_f32_weight_matches_f32_within_rounding() -> Result<()> {
+        for (k, stride, pad) in [(3, 1, 1), (1, 2, 0), (7, 2, 3)] {
+            let x16 = Var::from_tensor(&randn(&[3, 4, 10, 10], 11).to_dtype(DType::BF16)?)?;
+            let wt = Var::from_tensor(&randn(&[5, 4, k, k], 12))?;
+            let o = (10 + 2 * pad - k) / stride + 1;
+            let g = randn(&[3, 5, o, o], 13);
+            let y = conv2d(&x16, &wt, pad, stride)?;
+            assert_eq!(y.dtype(), DType::BF16);
+            let x32 = Var::from_tensor(&x16.to_dtype(DType::F32)?)?;
+            let want = conv2d(&x32, &wt, pad, stride)?;
+            let rel = |a: &Tensor, e: &Tensor| -> Result<f32> {
+                let scale = e.abs()?.max_all()?.to_scalar::<f32>()?;
+                Ok(max_diff(&a.to_dtype(DType::F32)?, e) / scale)
+            };
+            assert!(rel(&y, &want)? < 1e-2, "k{k}: forward");
+            let gm = (y.to_dtype(DType::F32)? * &g)?.sum_all()?.backward()?;
+            let gf = (want * &g)?.sum_all()?.backward()?;
+            let (dx, dw) = (gm.get(&x16).unwrap(), gm.get(&wt).unwrap());
+            assert_eq!((dx.dtype(), dw.dtype()), (DType::BF16, DType::F32));
+            assert!(rel(dx, gf.get(&x32).unwrap())? < 1e-2, "k{k}: dx");
+            assert!(rel(dw, gf.get(&wt).unwrap())? < 1e-2, "k{k}: dw");
+        }
+        let frozen = randn(&[2, 4, 6, 6], 14).to_dtype(DType::BF16)?;
+        let wt = Var::from_tensor(&randn(&[3, 4, 3, 3], 15))?;
+        let grads = conv2d(&frozen, &wt, 1, 1)?
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .backward()?;
+        assert!(grads.get(&frozen).is_none() && grads.get(&wt).is_some());
+        Ok(())
     }
 
     /// Only the weight tracked (a first layer): its gradient is right and no input gradient is

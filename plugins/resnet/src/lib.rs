@@ -126,7 +126,13 @@ impl BatchNorm {
         Ok(())
     }
 
+    /// In training, batch statistics (and the running ones updated); else the running ones.
+    /// bf16 input (mixed precision) is normalised in f32 and handed back in bf16, as LayerNorm is.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if x.dtype() == DType::BF16 {
+            let y = self.forward_t(&x.to_dtype(DType::F32)?, train)?;
+            return Ok(y.to_dtype(DType::BF16)?);
+        }
         let c = self.weight.dim(0)?;
         let shape = (1, c, 1, 1);
         if train {
@@ -308,7 +314,13 @@ fn strided(x: &Tensor, dim: usize, start: usize, n: usize, step: usize) -> Resul
 
 /// torchvision's stem pool, `MaxPool2d(3, stride=2, padding=1)`: the fused kernel
 /// ([`cim_api::ops::max_pool_3x3_s2`]) where it applies, else [`max_pool_3x3_s2_composed`].
+///
+/// bf16 input runs the f32 kernel on a widened copy: the maximum of rounded values is the rounded
+/// maximum, so the result is exact.
 pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() == DType::BF16 {
+        return Ok(max_pool_3x3_s2(&x.to_dtype(DType::F32)?)?.to_dtype(DType::BF16)?);
+    }
     match cim_api::ops::max_pool_3x3_s2(x)? {
         Some(y) => Ok(y),
         None => max_pool_3x3_s2_composed(x),

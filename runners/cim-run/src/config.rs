@@ -52,7 +52,7 @@ pub struct RunSection {
     pub fused_blocks: bool,
     /// Compute precision of the generator and enhancer: `"f32"`, or `"bf16"` (mixed precision:
     /// f32 master weights, optimizer state, LayerNorm, softmax and losses; bf16 matmuls and
-    /// activations). bf16 needs a ViT enhancer.
+    /// activations; ResNet-50's BatchNorm in f32). bf16 needs a ViT or the ResNet-50 enhancer.
     pub precision: String,
 }
 
@@ -601,30 +601,28 @@ pub fn resolve(layers: &Layers) -> Result<Resolved> {
     })
 }
 
+/// `run.precision` for enhancer `enhancer`: `"f32"` always; `"bf16"` for the enhancers with a
+/// mixed-precision path (`vit_*`, `resnet50`).
+pub fn validate_precision(precision: &str, enhancer: &str) -> Result<()> {
+    let bad = |why: String| Err(Error::config(format!("`run.precision` {why}")));
+    match precision {
+        "f32" => Ok(()),
+        "bf16" if enhancer.starts_with("vit") || enhancer == "resnet50" => Ok(()),
+        "bf16" => bad(format!(
+            "= \"bf16\" needs an enhancer with a mixed-precision path (vit_*, resnet50); `{enhancer}` runs in f32 only"
+        )),
+        p => bad(format!("must be \"f32\" or \"bf16\", got \"{p}\"")),
+    }
+}
+
 fn validate(cfg: &RunConfig) -> Result<()> {
     let bad = |k: &str, why: String| Err(Error::config(format!("`{k}` {why}")));
-    match cfg.run.precision.as_str() {
-        "f32" => {}
-        "bf16" => {
-            let enh = cfg
-                .enhancer
-                .get("name")
-                .and_then(|v| v.as_str())
-                .unwrap_or("");
-            if !enh.starts_with("vit") {
-                return bad(
-                    "run.precision",
-                    format!("= \"bf16\" needs a ViT enhancer (vit_*); `{enh}` runs in f32 only"),
-                );
-            }
-        }
-        p => {
-            return bad(
-                "run.precision",
-                format!("must be \"f32\" or \"bf16\", got \"{p}\""),
-            )
-        }
-    }
+    let enh = cfg
+        .enhancer
+        .get("name")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    validate_precision(&cfg.run.precision, enh)?;
     if cfg.train.batch_size == 0 {
         return bad("train.batch_size", "must be ≥ 1".into());
     }
