@@ -26,8 +26,13 @@ done
 import json, sys, statistics
 out, rounds, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 load = lambda name: json.load(open(f"{out}/{name}.json"))
-ref = [load(f"ref-{r}")["images_per_s"] for r in range(1, rounds + 1)]
-print(f"reference img/s {[round(x, 1) for x in ref]} median {statistics.median(ref):.1f}")
+def phases(runs):
+    keys = ["tok_encode", "gen_fwd_bwd", "sample_decode", "enh_fwd_bwd", "optim"]
+    return " ".join(f"{k} {statistics.median(d['phase_ms'][k] for d in runs):.1f}" for k in keys)
+refs = [load(f"ref-{r}") for r in range(1, rounds + 1)]
+ref = [d["images_per_s"] for d in refs]
+print(f"reference img/s {[round(x, 1) for x in ref]} median {statistics.median(ref):.1f}; "
+      f"median ms: {phases(refs)}")
 for i in range(1, n + 1):
     runs = [load(f"cim{i}-{r}") for r in range(1, rounds + 1)]
     ips = [d["images_per_s"] for d in runs]
@@ -35,5 +40,6 @@ for i in range(1, n + 1):
     print(f"cim #{i} img/s {[round(x, 1) for x in ips]} median {statistics.median(ips):.1f}; "
           f"ratios {[round(x, 2) for x in ratios]} median {statistics.median(ratios):.2f}; "
           f"loss_last {runs[0]['loss_last']}")
+    print(f"  median ms: {phases(runs)}")
 print(f"JSON lines in {out}")
 PY
