@@ -214,6 +214,27 @@ fn main() -> cim_api::Result<()> {
             report(name, reps, || conv(false), || conv(true));
         }
     }
+    // The tokenizer's argmax over the paper's dVAE vocabulary (8192) at its 14×14 grid.
+    if dev.is_cpu() {
+        let logits = Tensor::randn(0f32, 1.0, (32, 8192, 14, 14), &dev)?;
+        report(
+            "argmax channels B32 C8192 14x14",
+            5,
+            || {
+                sync(
+                    &logits
+                        .argmax(1)
+                        .unwrap()
+                        .to_dtype(candle_core::DType::F32)
+                        .unwrap(),
+                )
+            },
+            || {
+                let ids = ops::argmax_channels(&logits).unwrap();
+                sync(&ids.to_dtype(candle_core::DType::F32).unwrap())
+            },
+        );
+    }
     // RESPIX target + loss at 224 px, ViT-B/16 head layout.
     let b = 8;
     let img = Tensor::rand(0f32, 1.0, (b, 3, 224, 224), &dev)?;

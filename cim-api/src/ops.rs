@@ -34,6 +34,7 @@ use crate::Result;
 const CHUNK_ROWS: usize = 64;
 
 mod adamw;
+mod argmax;
 mod attention;
 mod batch_norm;
 mod bias;
@@ -51,6 +52,7 @@ mod simd;
 mod tiles;
 
 pub use adamw::{adamw_composed, adamw_update, AdamStep};
+pub use argmax::argmax_channels;
 pub use attention::{attention_composed, attention_gemm, attention_qkv, attention_qkv_kernel};
 pub use batch_norm::{batch_norm_train, batch_norm_train_composed, channel_moments};
 pub use bias::{bias_add, bias_gelu, bias_gelu_composed};

@@ -507,7 +507,7 @@ impl Tokenizer for DalleDvae {
                 "dalle_dvae: expected 3 channels, got {c}"
             )));
         }
-        Ok(self.encoder_logits(&pixels.detach())?.argmax(1)?)
+        cim_api::ops::argmax_channels(&self.encoder_logits(&pixels.detach())?)
     }
 
     fn decode(&self, ids: &Tensor) -> Result<Tensor> {
@@ -716,7 +716,7 @@ impl DvaeTokenizer {
 }
 
 fn encode_ids(net: &DalleDvae, pixels: &Tensor) -> Result<Tensor> {
-    Ok(net.encoder_logits(&pixels.detach())?.argmax(1)?)
+    cim_api::ops::argmax_channels(&net.encoder_logits(&pixels.detach())?)
 }
 
 impl Tokenizer for DvaeTokenizer {

@@ -131,7 +131,13 @@ impl Gumbel {
 impl Sampler for Gumbel {
     fn sample(&self, logits: &Tensor, rng: &mut dyn RngCore) -> Result<Tensor> {
         let logits = logits.detach().to_dtype(DType::F32)?;
-        let probs = candle_nn::ops::softmax_last_dim(&(logits / self.temperature)?)?;
+        // τ = 1 (the paper's) divides by one: skip the pass.
+        let logits = if self.temperature == 1.0 {
+            logits
+        } else {
+            (logits / self.temperature)?
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
         let u = uniforms(probs.dim(0)?, rng);
         inverse_cdf(&probs, &u)
     }
