@@ -50,7 +50,8 @@ pub fn conv2d_with_budget(
     let on_cpu = ours && [x, w].iter().all(|t| t.device().is_cpu());
     let on_cuda = ours && super::cuda_kernels() && [x, w].iter().all(|t| t.device().is_cuda());
     let (_, _, kh, kw) = w.dims4()?;
-    if !(on_cpu || on_cuda) || kh != kw || stride == 0 {
+    let empty = x.elem_count() == 0 || w.elem_count() == 0;
+    if !(on_cpu || on_cuda) || kh != kw || stride == 0 || empty {
         // candle's convolution, the weight cast to the input's dtype (a no-op when they agree).
         return Ok(x.conv2d(&w.to_dtype(x.dtype())?, padding, stride, 1, 1)?);
     }
@@ -829,6 +830,19 @@ mod tests {
             COL_BUDGET,
         )?;
         assert!(!y.track_op());
+        Ok(())
+    }
+
+    /// An empty batch (nothing to split into images) takes candle's convolution.
+    #[test]
+    fn empty_batches_take_candles_path() -> Result<()> {
+        let y = conv2d(
+            &randn(&[2, 3, 8, 8], 1).narrow(0, 0, 0)?,
+            &randn(&[4, 3, 3, 3], 2),
+            1,
+            1,
+        )?;
+        assert_eq!(y.dims(), [0, 4, 8, 8]);
         Ok(())
     }
 
