@@ -297,8 +297,7 @@ impl ResBlock {
 
 /// 2× nearest upsampling of an NCHW map.
 fn upsample2(t: &Tensor) -> Result<Tensor> {
-    let (_, _, h, w) = t.dims4()?;
-    Ok(t.upsample_nearest2d(2 * h, 2 * w)?)
+    cim_api::ops::upsample_nearest_2x(t)
 }
 
 /// What runs between groups: the encoder's 2× max-pool, the decoder's 2× nearest upsampling.
@@ -363,7 +362,7 @@ impl Groups {
                 };
             }
             if g < last && resample == Resample::MaxPool {
-                x = x.max_pool2d(2)?;
+                x = cim_api::ops::max_pool_2x2(&x)?;
             }
         }
         Ok(x)

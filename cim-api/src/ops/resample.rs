@@ -1,0 +1,135 @@
+//! 2× resampling of NCHW maps for the frozen dVAE on the CPU: 2×2 max-pooling (the encoder's
+//! group boundaries) and nearest-neighbour upsampling (the decoder's). candle's CPU versions run on
+//! one thread; these run plane by plane in parallel. Both are forward-only: an input that tracks
+//! gradients, another dtype or device takes candle's op, which has the backward.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::slice;
+use crate::Result;
+
+fn kernel_applies(x: &Tensor) -> Result<bool> {
+    x.dims4()?;
+    Ok(x.dtype() == DType::F32 && x.device().is_cpu() && !x.track_op() && x.elem_count() > 0)
+}
+
+/// `max_pool2d(2)` of `x` `(B, C, H, W)` → `(B, C, H/2, W/2)` (odd sides rounded down), equal to
+/// candle's, NaN handling included.
+pub fn max_pool_2x2(x: &Tensor) -> Result<Tensor> {
+    if !kernel_applies(x)? || x.dim(2)? < 2 || x.dim(3)? < 2 {
+        return Ok(x.max_pool2d(2)?);
+    }
+    Ok(x.contiguous()?.apply_op1_no_bwd(&Resample::MaxPool)?)
+}
+
+/// `upsample_nearest2d(2H, 2W)` of `x` `(B, C, H, W)`, equal to candle's.
+pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
+    if !kernel_applies(x)? {
+        let (_, _, h, w) = x.dims4()?;
+        return Ok(x.upsample_nearest2d(2 * h, 2 * w)?);
+    }
+    Ok(x.contiguous()?.apply_op1_no_bwd(&Resample::Upsample)?)
+}
+
+enum Resample {
+    MaxPool,
+    Upsample,
+}
+
+impl CustomOp1 for Resample {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::MaxPool => "cim-max-pool-2x2",
+            Self::Upsample => "cim-upsample-nearest-2x",
+        }
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let (b, c, h, w) = l.shape().dims4()?;
+        let (ho, wo) = match self {
+            Self::MaxPool => (h / 2, w / 2),
+            Self::Upsample => (2 * h, 2 * w),
+        };
+        let mut y = vec![0f32; b * c * ho * wo];
+        y.par_chunks_mut(ho * wo)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(dst, src)| match self {
+                Self::MaxPool => {
+                    for (oy, row) in dst.chunks_mut(wo).enumerate() {
+                        let (r0, r1) = (&src[2 * oy * w..], &src[(2 * oy + 1) * w..]);
+                        for (ox, v) in row.iter_mut().enumerate() {
+                            // candle's order: the window's first value, replaced by larger ones.
+                            let mut m = r0[2 * ox];
+                            for s in [r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]] {
+                                if s > m {
+                                    m = s;
+                                }
+                            }
+                            *v = m;
+                        }
+                    }
+                }
+                Self::Upsample => {
+                    for (iy, row) in src.chunks(w).enumerate() {
+                        let out = &mut dst[2 * iy * wo..(2 * iy + 1) * wo];
+                        for (pair, &v) in out.chunks_mut(2).zip(row) {
+                            pair.fill(v);
+                        }
+                        let (done, next) = dst[2 * iy * wo..(2 * iy + 2) * wo].split_at_mut(wo);
+                        next.copy_from_slice(done);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), Shape::from((b, c, ho, wo))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::tests::randn;
+    use candle_core::Var;
+
+    /// Equal to candle's ops, odd sides and a NaN included; tracked inputs keep candle's backward.
+    #[test]
+    fn match_candle_and_leave_tracked_inputs_to_it() -> Result<()> {
+        for dims in [[2, 3, 8, 6], [1, 2, 7, 5], [1, 1, 1, 3]] {
+            let x = randn(&dims, 1);
+            let want = x.upsample_nearest2d(2 * dims[2], 2 * dims[3])?;
+            assert_eq!(
+                upsample_nearest_2x(&x)?.flatten_all()?.to_vec1::<f32>()?,
+                want.flatten_all()?.to_vec1::<f32>()?
+            );
+            if dims[2] >= 2 && dims[3] >= 2 {
+                let want = x.max_pool2d(2)?;
+                let got = max_pool_2x2(&x)?;
+                assert_eq!(got.dims(), want.dims());
+                assert_eq!(
+                    got.flatten_all()?.to_vec1::<f32>()?,
+                    want.flatten_all()?.to_vec1::<f32>()?
+                );
+            }
+        }
+        let mut v: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        v[0] = f32::NAN; // first in its window
+        v[7] = f32::NAN; // last in its window
+        let x = Tensor::from_vec(v, (1, 1, 4, 4), &candle_core::Device::Cpu)?;
+        let (a, b) = (max_pool_2x2(&x)?, x.max_pool2d(2)?);
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|f| f.to_bits())
+                .collect())
+        };
+        assert_eq!(bits(&a)?, bits(&b)?);
+        let xv = Var::from_tensor(&randn(&[1, 2, 4, 4], 2))?;
+        let g = max_pool_2x2(&xv)?.sum_all()?.backward()?;
+        assert!(
+            g.get(&xv).is_some(),
+            "a tracked input keeps candle's backward"
+        );
+        Ok(())
+    }
+}
