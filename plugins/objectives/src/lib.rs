@@ -17,8 +17,8 @@
 //! variant with the same `k`, estimator and `eps` (it equals the sliding one evaluated with the
 //! window snapped to the k-aligned grid); `target = "none"` regresses raw `[0, 1]` pixels.
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use cim_api::{
@@ -34,6 +34,28 @@ pub enum RespixTarget {
     Patch,
     /// Raw pixels in `[0, 1]`.
     None,
+}
+
+/// A linear head on every token, `(B, L, D) → (B, L, out)`: one 2-D GEMM over all rows and the
+/// fused bias add. (candle_nn's `Linear` runs a batched matmul against a broadcast weight, whose
+/// backward is a GEMM per image in series, and a broadcast bias, whose gradient is candle's strided
+/// sum over all rows on one thread.)
+#[derive(Clone, Debug)]
+struct Head {
+    /// `(out, D)`, PyTorch's `Linear.weight`.
+    w: Tensor,
+    /// `(out,)`.
+    b: Tensor,
+}
+
+impl Head {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (bsz, l, d) = x.dims3()?;
+        let w = self.w.to_dtype(x.dtype())?;
+        let y = x.reshape((bsz * l, d))?.matmul(&w.t()?)?;
+        let y = cim_api::ops::bias_add(&y, &self.b)?;
+        Ok(y.reshape((bsz, l, self.w.dim(0)?))?)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -142,7 +164,7 @@ pub fn unpatchify(x: &Tensor, gh: usize, gw: usize, p: usize, c: usize) -> Resul
 #[derive(Clone, Debug)]
 pub struct Respix {
     cfg: RespixConfig,
-    head: Linear,
+    head: Head,
     info: EnhancerInfo,
 }
 
@@ -164,7 +186,7 @@ impl Respix {
         let b = head.get_with_hints(out, "bias", Init::Const(0.0))?;
         Ok(Self {
             cfg,
-            head: Linear::new(w, Some(b)),
+            head: Head { w, b },
             info,
         })
     }
@@ -248,7 +270,7 @@ impl Default for RevdetConfig {
 #[derive(Clone, Debug)]
 pub struct Revdet {
     cfg: RevdetConfig,
-    head: Linear,
+    head: Head,
 }
 
 /// The `(out, in)` matrix of 1-D bilinear resizing with PyTorch's `align_corners=False` rule:
@@ -290,7 +312,7 @@ impl Revdet {
         let b = head.get_with_hints(1, "bias", Init::Const(0.0))?;
         Ok(Self {
             cfg,
-            head: Linear::new(w, Some(b)),
+            head: Head { w, b },
         })
     }
 }
