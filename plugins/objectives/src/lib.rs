@@ -376,6 +376,35 @@ cim_api::register_objective! {
 mod tests {
     use super::*;
 
+    /// A ResNet enhancer's tokens are a transposed view of its feature map. candle_nn's `Linear`
+    /// (these heads before session 9) gave wrong values on that layout — its batched matmul against
+    /// the broadcast weight; 22.6 off here — so the head must equal itself on a contiguous copy.
+    #[test]
+    fn head_on_a_transposed_token_view_equals_the_contiguous_one() -> Result<()> {
+        let dev = Device::Cpu;
+        let map = Tensor::randn(0f32, 1.0, (4, 32, 2, 2), &dev)?; // (B, D, h, w)
+        let tokens = map.flatten_from(2)?.transpose(1, 2)?; // (B, L, D), not contiguous
+        assert!(!tokens.is_contiguous());
+        let head = Head {
+            w: Tensor::randn(0f32, 1.0, (12, 32), &dev)?,
+            b: Tensor::randn(0f32, 1.0, 12, &dev)?,
+        };
+        let (a, c) = (head.forward(&tokens)?, head.forward(&tokens.contiguous()?)?);
+        assert_eq!(a.dims(), [4, 4, 12]);
+        let d = (a - &c)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(d, 0.0);
+        // Against the definition: token (b, l) is the map's column (b, :, l).
+        let want = map
+            .flatten_from(2)?
+            .get(1)?
+            .t()?
+            .matmul(&head.w.t()?)?
+            .broadcast_add(&head.b)?;
+        let d = (c.get(1)? - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-5, "{d}");
+        Ok(())
+    }
+
     #[test]
     fn conformance() -> Result<()> {
         cim_api::testing::check_objective("respix")?;
