@@ -56,7 +56,7 @@ pub use adamw::{adamw_composed, adamw_update, AdamStep};
 pub use argmax::argmax_channels;
 pub use attention::{attention_composed, attention_gemm, attention_qkv, attention_qkv_kernel};
 pub use batch_norm::{batch_norm_train, batch_norm_train_composed, channel_moments};
-pub use bias::{bias_add, bias_gelu, bias_gelu_composed};
+pub use bias::{bias_add, bias_gelu, bias_gelu_composed, linear};
 pub use block::{block_param_shapes, pre_norm_block, BlockParams};
 pub use channel::{channel_bias, channel_bias_composed};
 pub use conv::{conv2d, conv2d_with_budget, COL_BUDGET};

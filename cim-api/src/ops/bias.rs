@@ -25,6 +25,27 @@ pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// A linear layer `x · wᵀ (+ b)`: `x` `(…, in)`, `w` `(out, in)` (PyTorch's `Linear.weight`, cast
+/// to `x`'s dtype at use, so an f32 master weight serves bf16 activations), `b` `(out,)` →
+/// `(…, out)`. One 2-D GEMM over all leading dimensions — candle_nn's `Linear` runs a batched
+/// matmul against a broadcast weight, whose backward is a GEMM per batch item in series and which
+/// returns wrong values on a transposed view such as a ResNet's token layout — and the fused
+/// [`bias_add`].
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let lead = &x.dims()[..x.rank().saturating_sub(1)];
+    let rows: usize = lead.iter().product();
+    let y = x
+        .reshape((rows, x.dim(candle_core::D::Minus1)?))?
+        .matmul(&w.to_dtype(x.dtype())?.t()?)?;
+    let y = match b {
+        Some(b) => bias_add(&y, b)?,
+        None => y,
+    };
+    let mut shape = lead.to_vec();
+    shape.push(w.dim(0)?);
+    Ok(y.reshape(shape)?)
+}
+
 /// `b` must be `(D,)` for `x` `(…, D)`: the one shape check of both ops (their kernels take `D`
 /// from `x`'s layout).
 fn check_shapes(op: &str, x: &Tensor, b: &Tensor) -> Result<()> {

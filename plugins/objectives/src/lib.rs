@@ -36,10 +36,9 @@ pub enum RespixTarget {
     None,
 }
 
-/// A linear head on every token, `(B, L, D) → (B, L, out)`: one 2-D GEMM over all rows and the
-/// fused bias add. (candle_nn's `Linear` runs a batched matmul against a broadcast weight, whose
-/// backward is a GEMM per image in series, and a broadcast bias, whose gradient is candle's strided
-/// sum over all rows on one thread.)
+/// A linear head on every token, `(B, L, D) → (B, L, out)` ([`cim_api::ops::linear`]: one 2-D
+/// GEMM over all rows and the fused bias add; candle_nn's `Linear` returned wrong values on a
+/// ResNet's transposed token view).
 #[derive(Clone, Debug)]
 struct Head {
     /// `(out, D)`, PyTorch's `Linear.weight`.
@@ -50,11 +49,7 @@ struct Head {
 
 impl Head {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (bsz, l, d) = x.dims3()?;
-        let w = self.w.to_dtype(x.dtype())?;
-        let y = x.reshape((bsz * l, d))?.matmul(&w.t()?)?;
-        let y = cim_api::ops::bias_add(&y, &self.b)?;
-        Ok(y.reshape((bsz, l, self.w.dim(0)?))?)
+        cim_api::ops::linear(x, &self.w, Some(&self.b))
     }
 }
 

@@ -44,24 +44,16 @@ impl Linear {
     /// `x · Wᵀ` without the bias, shaped `(…, out)`: for ops that fuse the bias into what follows
     /// ([`Mlp`]'s bias + GELU).
     pub fn forward_no_bias(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let w = self.weight.to_dtype(x.dtype())?;
-        let lead = &x.dims()[..x.rank() - 1];
-        let rows: usize = lead.iter().product();
-        // One 2-D GEMM for any number of leading dimensions.
-        let y = x
-            .reshape((rows, x.dim(candle_core::D::Minus1)?))?
-            .matmul(&w.t()?)?;
-        let mut shape = lead.to_vec();
-        shape.push(w.dim(0)?);
-        y.reshape(shape)
+        cim_api::ops::linear(x, &self.weight, None)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 }
 
 impl Module for Linear {
-    /// The bias add is [`cim_api::ops::bias_add`]: its backward sums the bias gradient in parallel
-    /// chunks (candle's strided column sum is single-threaded).
+    /// [`cim_api::ops::linear`]: one 2-D GEMM and the fused bias add, whose backward sums the bias
+    /// gradient in parallel chunks (candle's strided column sum is single-threaded).
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        cim_api::ops::bias_add(&self.forward_no_bias(x)?, &self.bias)
+        cim_api::ops::linear(x, &self.weight, Some(&self.bias))
             .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 }
@@ -142,20 +134,16 @@ impl PatchEmbed {
             )));
         }
         let (gh, gw) = (h / p, w / p);
-        // One 2-D GEMM over all images' patches and the fused bias add: a batched matmul against
-        // a broadcast weight would leave candle's backward a per-image GEMM loop and a strided
-        // sum over the batch, and a broadcast bias a strided sum over all patches.
+        // One 2-D GEMM over all images' patches and the fused bias add (`ops::linear`): a batched
+        // matmul against a broadcast weight would leave candle's backward a per-image GEMM loop
+        // and a strided sum over the batch, and a broadcast bias a strided sum over all patches.
         let patches = x
             .reshape((b, c, gh, p, gw, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
-            .reshape((b * gh * gw, c * p * p))?;
-        let w = self
-            .weight
-            .to_dtype(x.dtype())?
-            .reshape((self.dim, c * p * p))?;
-        let y = cim_api::ops::bias_add(&patches.matmul(&w.t()?)?, &self.bias)?;
-        Ok(y.reshape((b, gh * gw, self.dim))?)
+            .reshape((b, gh * gw, c * p * p))?;
+        let w = self.weight.reshape((self.dim, c * p * p))?;
+        cim_api::ops::linear(&patches, &w, Some(&self.bias))
     }
 }
 
