@@ -52,7 +52,10 @@ mod select;
 mod simd;
 mod tiles;
 
-pub use adamw::{adamw_composed, adamw_update, AdamStep};
+pub use adamw::{
+    adamw_composed, adamw_update, adamw_update_all, square_sums_composed, sum_of_squares, AdamItem,
+    AdamStep,
+};
 pub use argmax::argmax_channels;
 pub use attention::{attention_composed, attention_gemm, attention_qkv, attention_qkv_kernel};
 pub use batch_norm::{batch_norm_train, batch_norm_train_composed, channel_moments};
@@ -60,6 +63,8 @@ pub use bias::{bias_add, bias_gelu, bias_gelu_composed, linear};
 pub use block::{block_param_shapes, pre_norm_block, BlockParams};
 pub use channel::{channel_bias, channel_bias_composed};
 pub use conv::{conv2d, conv2d_with_budget, COL_BUDGET};
+#[cfg(feature = "cuda")]
+pub use cuda::adamw_multi_launches;
 pub use graft::{with_backward, BackwardFn};
 pub use max_pool::max_pool_3x3_s2;
 pub use resample::{max_pool_2x2, upsample_nearest_2x};

@@ -100,6 +100,7 @@ fn cuda_kernels_match_the_cpu_kernels() {
     );
     respix_parity(&gpu);
     adamw_parity(&gpu);
+    adamw_multi_parity(&gpu);
     attention_parity(&gpu);
     batch_norm_parity(&gpu);
     max_pool_parity(&gpu);
@@ -176,6 +177,80 @@ fn adamw_parity(gpu: &Device) {
     }
     assert!(max_diff(&pc, &pg) < 1e-6, "adamw parameter");
     assert!(max_diff(&mvc, &mvg) < 1e-5, "adamw moments");
+}
+
+/// The multi-tensor AdamW (70 parameters: two launches per step, sizes around the 4096-element
+/// chunk, views starting inside their storage, per-parameter learning rates and decays) and the
+/// one-launch sum of squares, GPU against the CPU's per-parameter kernels.
+fn adamw_multi_parity(gpu: &Device) {
+    use candle_core::DType;
+    let cpu = Device::Cpu;
+    let sizes: Vec<usize> = (0..70)
+        .map(|i| [1, 4095, 4096, 4097, 768 * 3 + i, 9000][i % 6])
+        .collect();
+    // Parameter i is a contiguous view starting at element i of a longer tensor.
+    let make = |dev: &Device, seed: u64| -> Vec<Tensor> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                randn(&[n + i], seed + i as u64, &cpu)
+                    .to_device(dev)
+                    .unwrap()
+                    .narrow(0, i, n)
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (pc, pg) = (make(&cpu, 1000), make(gpu, 1000));
+    let zeros = |dev: &Device| -> Vec<Tensor> {
+        sizes
+            .iter()
+            .map(|&n| Tensor::zeros((2, n), DType::F32, dev).unwrap())
+            .collect()
+    };
+    let (mc, mg) = (zeros(&cpu), zeros(gpu));
+    let launches = ops::adamw_multi_launches();
+    for t in 1..=3u64 {
+        let gc = make(&cpu, 5000 * t);
+        let gg: Vec<Tensor> = gc.iter().map(|g| g.to_device(gpu).unwrap()).collect();
+        let (refs_c, refs_g): (Vec<&Tensor>, Vec<&Tensor>) =
+            (gc.iter().collect(), gg.iter().collect());
+        let (sc, sg) = (
+            ops::sum_of_squares(&refs_c).unwrap(),
+            ops::sum_of_squares(&refs_g).unwrap(),
+        );
+        assert!((sc - sg).abs() < 1e-5 * sc, "sum of squares {sc} vs {sg}");
+        let step = |i: usize| ops::AdamStep {
+            lr: 1e-3 * (1 + i % 3) as f64,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-8,
+            weight_decay: [0.0, 0.05][i % 2],
+            t,
+            grad_scale: 0.5,
+        };
+        for (p, m, g) in [(&pc, &mc, &gc), (&pg, &mg, &gg)] {
+            let items: Vec<ops::AdamItem> = (0..sizes.len())
+                .map(|i| ops::AdamItem {
+                    param: &p[i],
+                    moments: &m[i],
+                    grad: &g[i],
+                    step: step(i),
+                })
+                .collect();
+            assert!(ops::adamw_update_all(&items).unwrap());
+        }
+    }
+    assert_eq!(
+        ops::adamw_multi_launches() - launches,
+        3 * 2,
+        "multi-tensor launches"
+    );
+    for i in 0..sizes.len() {
+        assert!(max_diff(&pc[i], &pg[i]) < 1e-6, "adamw multi parameter {i}");
+        assert!(max_diff(&mc[i], &mg[i]) < 1e-5, "adamw multi moments {i}");
+    }
 }
 
 /// Fused attention at ViT-B/16 shape (197 tokens, 12 heads of 64) and an odd small one.

@@ -77,19 +77,24 @@ pub fn conv2d_with_budget(
     cpu_conv2d(x, w, op)
 }
 
-/// bf16 `x` with an f32 master weight `w`. Forward in bf16: on CUDA candle's convolution (cuDNN
-/// with `--features cudnn`) against the weight rounded to bf16; on the CPU (no bf16 GEMM there)
-/// the f32 kernel on a widened copy of `x`, its output rounded to bf16. Backward in f32, as the
-/// f32 path's (CUDA im2col + GEMM + col2im, or the CPU kernel), from widened copies of `x` and the
-/// output gradient: `dx` rounded to bf16 for the bf16 graph, `dw` in f32 for the master weight.
-/// Keeps only the bf16 input.
+/// bf16 `x` with an f32 master weight `w`: bf16 storage, f32 arithmetic. Forward on a widened
+/// copy of `x` against the f32 weight, its output rounded to bf16 — on CUDA candle's f32
+/// convolution (cuDNN with `--features cudnn`, on TF32 tensor cores when `run.tf32`), on the CPU
+/// (no bf16 GEMM there) the f32 kernel. Not candle's bf16 convolution: cuDNN's bf16 NCHW kernels
+/// measured 8.1 ms against 0.96 ms in f32 for a 3×3 256→256 at 56², batch 64, on an H200
+/// (`../shared/cuda/README.md`), so the widening (one elementwise pass each way) is the cheap
+/// side. Backward in f32, as the f32 path's (CUDA im2col + GEMM + col2im, or the CPU kernel),
+/// from widened copies of `x` and the output gradient: `dx` rounded to bf16 for the bf16 graph,
+/// `dw` in f32 for the master weight. Keeps only the bf16 input.
 fn mixed_conv2d(x: &Tensor, w: &Tensor, op: Im2Col, budget: usize) -> Result<Tensor> {
     let (xd, wd) = (x.detach(), w.detach());
+    let x32 = xd.to_dtype(DType::F32)?;
     let y = if x.device().is_cuda() {
-        xd.conv2d(&wd.to_dtype(DType::BF16)?, op.padding, op.stride, 1, 1)?
+        x32.conv2d(&wd, op.padding, op.stride, 1, 1)?
     } else {
-        cpu_conv2d(&xd.to_dtype(DType::F32)?, &wd, op)?.to_dtype(DType::BF16)?
-    };
+        cpu_conv2d(&x32, &wd, op)?
+    }
+    .to_dtype(DType::BF16)?;
     let need_dx = x.track_op();
     super::with_backward(&[x, w], y, move |dy| {
         let (x32, dy32) = (xd.to_dtype(DType::F32)?, dy.to_dtype(DType::F32)?);

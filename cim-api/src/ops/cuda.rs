@@ -7,7 +7,9 @@
 #![allow(unsafe_code)]
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, Layout, Result, Shape};
 
@@ -936,4 +938,230 @@ pub fn channel_bias(
     // n % 4 == 0 and every view 16-byte aligned (checked by the caller).
     unsafe { a.launch(per_element(n / 4)) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), x.1.shape().clone()))
+}
+
+// ---- Multi-tensor AdamW and sum of squares (`kernels/ops.cu`, `super::adamw`) ----
+
+/// Elements per thread block of the multi-tensor kernels (`MT_CHUNK` in `ops.cu`).
+pub const MT_CHUNK: usize = 4096;
+
+/// Words per tensor in the AdamW table (`MT_WORDS` in `ops.cu`).
+const MT_WORDS: usize = 5;
+
+/// One word per chunk of [`MT_CHUNK`] elements: `tensor << 40 | first element`.
+fn chunk_words(lens: impl Iterator<Item = usize>) -> Result<Vec<u64>> {
+    let mut words = vec![];
+    for (i, n) in lens.enumerate() {
+        if n >= 1 << 40 || i >= 1 << 23 {
+            candle_core::bail!("multi-tensor kernel: tensor {i} with {n} elements is too large");
+        }
+        words.extend(
+            (0..n)
+                .step_by(MT_CHUNK)
+                .map(|s| (i as u64) << 40 | s as u64),
+        );
+    }
+    if words.len() > i32::MAX as usize {
+        candle_core::bail!("multi-tensor kernel: {} chunks", words.len());
+    }
+    Ok(words)
+}
+
+/// One block of [`THREADS`] per chunk.
+fn per_chunk(chunks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (chunks as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn cuda_storage<'a>(s: &'a candle_core::Storage, what: &str) -> Result<&'a CudaStorage> {
+    match s {
+        candle_core::Storage::Cuda(s) => Ok(s),
+        _ => candle_core::bail!("{what}: tensor is not on a CUDA device"),
+    }
+}
+
+/// `Σ x²` of every tensor (f32, contiguous, one CUDA device) in one launch: partial sums per
+/// chunk of [`MT_CHUNK`] elements (f32 within a chunk, as the CPU twin), returned in order.
+pub fn sum_squares_multi(ts: &[&candle_core::Tensor]) -> Result<Vec<f64>> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let Some((first, _)) = guards.first() else {
+        return Ok(vec![]);
+    };
+    let dev = cuda_storage(first, "sum of squares")?.device().clone();
+    let stream = dev.cuda_stream();
+    let mut table = Vec::with_capacity(2 * ts.len());
+    let mut reads = Vec::with_capacity(ts.len());
+    for (g, l) in &guards {
+        let (a, b) = offsets(l, "sum of squares")?;
+        let slice = cuda_storage(g, "sum of squares")?.as_cuda_slice::<f32>()?;
+        let (ptr, sync) = slice.device_ptr(&stream);
+        reads.push(sync);
+        table.extend([ptr + (a * 4) as u64, (b - a) as u64]);
+    }
+    let chunks = chunk_words(guards.iter().map(|(_, l)| l.shape().elem_count()))?;
+    if chunks.is_empty() {
+        return Ok(vec![]);
+    }
+    table.extend(&chunks);
+    let table = dev.clone_htod(&table)?;
+    let mut partials = dev.alloc_zeros::<f64>(chunks.len())?;
+    let func = dev.get_or_load_custom_func("cim_sum_squares_multi", MODULE, PTX)?;
+    let tensors = ts.len() as i32;
+    let mut a = func.builder();
+    a.arg(&table).arg(&tensors).arg(&mut partials);
+    // SAFETY: argument types and counts match the kernel's signature; the table holds, per
+    // tensor, the address of its first element and its length (read guards held until after the
+    // launch), then one chunk word per launched block.
+    unsafe { a.launch(per_chunk(chunks.len())) }.w()?;
+    drop(reads);
+    dev.clone_dtoh(&partials)
+}
+
+/// One parameter of [`adamw_multi`]: f32 contiguous tensors on one CUDA device, storages all
+/// distinct (the caller checks).
+pub struct AdamTensors<'a> {
+    pub param: &'a candle_core::Tensor,
+    /// `(2, n)`: `[m; v]`.
+    pub moments: &'a candle_core::Tensor,
+    pub grad: &'a candle_core::Tensor,
+    pub lr: f32,
+    /// `1 − lr · weight_decay`.
+    pub decay: f32,
+}
+
+/// The shared scalars of [`adamw_multi`]: `(β₁, β₂, gradient scale, bias corrections 1 and 2, ε)`.
+pub type AdamShared = (f32, f32, f32, f32, f32, f32);
+
+/// Tensors whose storages one multi-tensor AdamW launch holds write locks on (parameter and
+/// moments each): bounds the lock nesting below to 128 levels.
+const ADAM_GROUP: usize = 64;
+
+/// AdamW over every parameter in `⌈len / 64⌉` launches: per element the arithmetic of the two
+/// per-parameter kernels (`cim_adamw_moments` then `cim_adamw_apply`), in registers.
+pub fn adamw_multi(items: &[AdamTensors], shared: AdamShared) -> Result<()> {
+    for group in items.chunks(ADAM_GROUP) {
+        adamw_group(group, shared)?;
+        ADAM_LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+static ADAM_LAUNCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Multi-tensor AdamW launches so far in this process (the GPU parity test checks that the
+/// kernel, not the per-parameter fallback, ran).
+pub fn adamw_multi_launches() -> usize {
+    ADAM_LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn adamw_group(items: &[AdamTensors], (b1, b2, k, bc1, bc2, eps): AdamShared) -> Result<()> {
+    if items.is_empty() {
+        return Ok(());
+    }
+    // Gradients are read: read guards, held until after the launch.
+    let guards: Vec<_> = items.iter().map(|i| i.grad.storage_and_layout()).collect();
+    let dev = cuda_storage(&guards[0].0, "adamw")?.device().clone();
+    let stream = dev.cuda_stream();
+    let mut grads = Vec::with_capacity(items.len());
+    let mut reads = Vec::with_capacity(items.len());
+    for (g, l) in &guards {
+        let (a, _) = offsets(l, "adamw gradient")?;
+        let (ptr, sync) = cuda_storage(g, "adamw")?
+            .as_cuda_slice::<f32>()?
+            .device_ptr(&stream);
+        reads.push(sync);
+        grads.push(ptr + (a * 4) as u64);
+    }
+    let lens: Vec<usize> = items.iter().map(|i| i.param.elem_count()).collect();
+    let chunks = chunk_words(lens.iter().copied())?;
+    // Parameters and moments are written: candle hands out a storage's write access only inside
+    // an in-place op, so the launch runs innermost in a nest of them, one per written tensor.
+    let written: Vec<&candle_core::Tensor> =
+        items.iter().flat_map(|i| [i.param, i.moments]).collect();
+    let mut launch = |ptrs: &[u64]| -> Result<()> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let mut table = Vec::with_capacity(MT_WORDS * items.len() + chunks.len());
+        for (i, it) in items.iter().enumerate() {
+            let scalars = u64::from(it.lr.to_bits()) | u64::from(it.decay.to_bits()) << 32;
+            table.extend([
+                ptrs[2 * i],
+                ptrs[2 * i + 1],
+                grads[i],
+                lens[i] as u64,
+                scalars,
+            ]);
+        }
+        table.extend(&chunks);
+        let table = dev.clone_htod(&table)?;
+        let func = dev.get_or_load_custom_func("cim_adamw_multi", MODULE, PTX)?;
+        let tensors = items.len() as i32;
+        let mut a = func.builder();
+        a.arg(&table)
+            .arg(&tensors)
+            .arg(&b1)
+            .arg(&b2)
+            .arg(&k)
+            .arg(&bc1)
+            .arg(&bc2)
+            .arg(&eps);
+        // SAFETY: argument types and counts match the kernel's signature; per tensor the table
+        // holds the first-element addresses of the parameter (n floats) and moments (2n floats),
+        // both under write locks held by the enclosing in-place ops until after this launch, and
+        // of the gradient (n floats, read guard held); one chunk word per launched block.
+        unsafe { a.launch(per_chunk(chunks.len())) }.w()?;
+        Ok(())
+    };
+    let ptrs = std::cell::RefCell::new(Vec::with_capacity(written.len()));
+    let f: Innermost = std::cell::RefCell::new(&mut launch);
+    nest_writes(&written, &ptrs, &f)?;
+    drop(reads);
+    Ok(())
+}
+
+/// What runs innermost in [`nest_writes`], given every written tensor's address.
+type Innermost<'f> = std::cell::RefCell<&'f mut dyn FnMut(&[u64]) -> Result<()>>;
+
+/// Write access to the storage of every tensor in `ts` at once: an in-place op on the first whose
+/// CUDA body records its address (under candle's write lock) and recurses into the rest; `f` runs
+/// innermost with all addresses, in order.
+fn nest_writes(
+    ts: &[&candle_core::Tensor],
+    ptrs: &std::cell::RefCell<Vec<u64>>,
+    f: &Innermost,
+) -> Result<()> {
+    match ts.split_first() {
+        Some((t, rest)) => t.inplace_op1(&Nest { rest, ptrs, f }),
+        None => {
+            let ptrs = ptrs.borrow();
+            (f.borrow_mut())(&ptrs)
+        }
+    }
+}
+
+struct Nest<'a, 'f> {
+    rest: &'a [&'a candle_core::Tensor],
+    ptrs: &'a std::cell::RefCell<Vec<u64>>,
+    f: &'a Innermost<'f>,
+}
+
+impl candle_core::InplaceOp1 for Nest<'_, '_> {
+    fn name(&self) -> &'static str {
+        "cim-multi-tensor-write"
+    }
+    fn cpu_fwd(&self, _: &mut candle_core::CpuStorage, _: &Layout) -> Result<()> {
+        candle_core::bail!("multi-tensor kernels run on CUDA tensors only")
+    }
+    fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> Result<()> {
+        let (a, _) = offsets(l, "multi-tensor update")?;
+        let stream = s.device().cuda_stream();
+        let (ptr, _write) = s.as_cuda_slice_mut::<f32>()?.device_ptr_mut(&stream);
+        self.ptrs.borrow_mut().push(ptr + (a * 4) as u64);
+        // `_write` (cudarc's event bookkeeping for this write) drops after the launch inside.
+        nest_writes(self.rest, self.ptrs, self.f)
+    }
 }

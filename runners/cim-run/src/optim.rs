@@ -149,21 +149,22 @@ impl AdamW {
         Ok(())
     }
 
-    /// Global L2 norm of all gradients (one host read); a parameter without a gradient is an
-    /// error naming it.
+    /// Global L2 norm of all gradients (one host read; on CUDA one launch,
+    /// [`cim_api::ops::sum_of_squares`]); a parameter without a gradient is an error naming it.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let mut sums = Vec::with_capacity(self.slots.len());
-        for s in &self.slots {
-            let g = grads.get(s.var.as_tensor()).ok_or_else(|| {
-                Error::msg(format!("parameter `{}` received no gradient", s.name))
-            })?;
-            sums.push(square_sums(g)?);
-        }
-        if sums.is_empty() {
-            return Ok(0.0);
-        }
-        let sq = Tensor::cat(&sums, 0)?.to_dtype(DType::F64)?.sum_all()?;
-        Ok(sq.to_scalar::<f64>()?.sqrt())
+        Ok(cim_api::ops::sum_of_squares(&self.grads(grads)?)?.sqrt())
+    }
+
+    /// Every parameter's gradient, in slot order; a missing one is an error naming it.
+    fn grads<'g>(&self, grads: &'g GradStore) -> Result<Vec<&'g Tensor>> {
+        self.slots
+            .iter()
+            .map(|s| {
+                grads.get(s.var.as_tensor()).ok_or_else(|| {
+                    Error::msg(format!("parameter `{}` received no gradient", s.name))
+                })
+            })
+            .collect()
     }
 
     /// One update at learning rate `lr`, clipping the global gradient norm to `clip` (0 = off).
@@ -201,9 +202,11 @@ impl AdamW {
             1.0
         };
         self.t += 1;
-        for s in &mut self.slots {
-            let g = grads.get(s.var.as_tensor()).expect("checked in grad_norm");
-            let step = cim_api::ops::AdamStep {
+        let grads = self.grads(grads)?;
+        let steps: Vec<_> = self
+            .slots
+            .iter()
+            .map(|s| cim_api::ops::AdamStep {
                 lr: lr * s.lr_scale,
                 beta1: self.beta1,
                 beta2: self.beta2,
@@ -211,11 +214,25 @@ impl AdamW {
                 weight_decay: if s.decay { self.weight_decay } else { 0.0 },
                 t: self.t,
                 grad_scale: scale,
-            };
-            // Two in-place kernels; other dtypes/devices compose the same update.
-            if !cim_api::ops::adamw_update(s.var.as_tensor(), &s.moments, g, &step)? {
-                let (p, mv) =
-                    cim_api::ops::adamw_composed(s.var.as_tensor(), &s.moments, g, &step)?;
+            })
+            .collect();
+        let items: Vec<_> = self
+            .slots
+            .iter()
+            .zip(&grads)
+            .zip(&steps)
+            .map(|((s, g), step)| cim_api::ops::AdamItem {
+                param: s.var.as_tensor(),
+                moments: &s.moments,
+                grad: g,
+                step: *step,
+            })
+            .collect();
+        // In-place kernels (on CUDA one launch per 64 parameters); other dtypes/devices compose
+        // the same update per parameter.
+        if !cim_api::ops::adamw_update_all(&items)? {
+            for ((s, g), step) in self.slots.iter_mut().zip(&grads).zip(&steps) {
+                let (p, mv) = cim_api::ops::adamw_composed(s.var.as_tensor(), &s.moments, g, step)?;
                 s.var.set(&p)?;
                 s.moments = mv;
             }
@@ -225,22 +242,6 @@ impl AdamW {
             clipped: scale < 1.0,
         })
     }
-}
-
-/// Partial sums of squares of `g` in f32, one per row of up to 4096 elements: on CUDA a reduction
-/// of a whole tensor to one value runs on a single thread block (215 such sums were 7.5 ms of an
-/// H200 ViT-B/16 step), a reduction over rows spreads over one block per row.
-fn square_sums(g: &Tensor) -> Result<Tensor> {
-    let n = g.elem_count();
-    let (mut a, mut b) = (n.max(1), 4096);
-    while b != 0 {
-        (a, b) = (b, a % b);
-    }
-    let width = a; // gcd(n, 4096): rows of `width` tile the tensor exactly
-    Ok(g.to_dtype(DType::F32)?
-        .reshape((n / width, width))?
-        .sqr()?
-        .sum(1)?)
 }
 
 /// Linear warmup from 0 to `base`, then cosine decay to `min` at `total` steps (per-step, as BEiT).
