@@ -5,13 +5,14 @@
 #      bf16 (ResNet-50 since session 9; also once more in f32/TF32, session 6's setting), fused
 #      CUDA kernels on; ViT-B/16 RESPIX again with
 #      `run.fused_blocks = false` (blocks recorded op by op) for the block node's effect, and with
-#      the dVAE decoder in bf16 (`tokenizer.dalle_dvae.decoder_precision`; its pixel distance
-#      from the f32 decoder is in the tok_precision line);
+#      cim's cuDNN convolution (`run.cudnn_conv`), alone and with the dVAE decoder in bf16
+#      (`tokenizer.dalle_dvae.decoder_precision`; its pixel distance from the f32 decoder is in
+#      the tok_precision line); ResNet-50 bf16 with `run.cudnn_conv` too;
 #   3. the PyTorch reference (../shared/bench/torch_cim_ref.py), bf16 eager suite, then
 #      torch.compile for ViT-B/16 RESPIX;
 #   4. a kernel-level profile of ViT-B/16 RESPIX (benches/cupti) and the fused-op bench.
-# Expects in .gpu/: cim-run.xz (`--features cudnn`), ops_cuda.xz and fused_ops.xz (`--features
-# cuda` test/bench binaries of cim-api), libkernel_times.so (benches/cupti/README.md),
+# Expects in .gpu/: cim-run.xz (`--features cudnn`), ops_cuda.xz (`--features cudnn` test binary
+# of cim-api) and fused_ops.xz (`--features cuda` bench binary), libkernel_times.so (benches/cupti/README.md),
 # run-on-gpu.sh and torch_cim_ref.py from ../shared. Prints a summary; files go under $OUT.
 set -u
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
@@ -64,11 +65,15 @@ echo "rc=$?"; summ "$OUT/torch.jsonl"
 
 # The same configuration with every transformer block recorded op by op (session 6's path).
 bench vit_b16_respix_recorded vit_b16_respix "${FAST[@]}" --set run.fused_blocks=false
-bench vit_b16_respix_dec_bf16 vit_b16_respix "${FAST[@]}" \
+# cim's cuDNN forward convolution (session 10; tensor-core bf16): with the f32 dVAE, and with its
+# decoder in bf16 (its pixel distance from the f32 decoder is in the tok_precision line).
+bench vit_b16_respix_cudnn vit_b16_respix "${FAST[@]}" --set run.cudnn_conv=true
+bench vit_b16_respix_cudnn_dec_bf16 vit_b16_respix "${FAST[@]}" --set run.cudnn_conv=true \
   --set tokenizer.dalle_dvae.decoder_precision='"bf16"'
 bench vit_s16_respix vit_s16_respix "${FAST[@]}"
 bench vit_b16_revdet vit_b16_revdet "${FAST[@]}"
 bench resnet50_revdet resnet50_revdet "${FAST[@]}"
+bench resnet50_revdet_cudnn resnet50_revdet "${FAST[@]}" --set run.cudnn_conv=true
 bench resnet50_revdet_f32 resnet50_revdet --set run.cuda_kernels=true
 
 el "torch bf16 torch.compile ViT-B/16 RESPIX"

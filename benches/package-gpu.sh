@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Packs what benches/gpu-suite.sh needs into .gpu/ (git-ignored): the `cudnn` cim-run and the `cuda`
-# ops_cuda test / fused_ops bench binaries from $CARGO_TARGET_DIR (build them first, see
+# Packs what benches/gpu-suite.sh needs into .gpu/ (git-ignored): the `cudnn` cim-run and ops_cuda
+# test and the `cuda` fused_ops bench binaries from $CARGO_TARGET_DIR (build them first, see
 # ../shared/cuda/README.md), the CUPTI profiler, and the two files from ../shared.
 #   CUPTI_ROOT=<site-packages>/nvidia/cu13 CARGO_TARGET_DIR=... bash benches/package-gpu.sh
 set -euo pipefail

@@ -43,6 +43,8 @@ mod channel;
 mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cudnn")]
+mod cudnn;
 mod gemm;
 mod graft;
 mod max_pool;
@@ -62,7 +64,7 @@ pub use batch_norm::{batch_norm_train, batch_norm_train_composed, channel_moment
 pub use bias::{bias_add, bias_gelu, bias_gelu_composed, linear};
 pub use block::{block_param_shapes, pre_norm_block, BlockParams};
 pub use channel::{channel_bias, channel_bias_composed};
-pub use conv::{conv2d, conv2d_with_budget, COL_BUDGET};
+pub use conv::{conv2d, conv2d_with_budget, cudnn_conv, set_cudnn_conv, COL_BUDGET};
 #[cfg(feature = "cuda")]
 pub use cuda::adamw_multi_launches;
 pub use graft::{with_backward, BackwardFn};

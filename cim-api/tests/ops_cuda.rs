@@ -107,6 +107,8 @@ fn cuda_kernels_match_the_cpu_kernels() {
     bias_gelu_parity(&gpu);
     conv_parity(&gpu);
     mixed_conv_parity(&gpu);
+    #[cfg(feature = "cudnn")]
+    cudnn_conv_parity(&gpu);
     channel_bias_parity(&gpu);
     bf16_parity(&gpu);
     block_parity(&gpu);
@@ -455,6 +457,81 @@ fn mixed_conv_parity(gpu: &Device) {
         ] {
             let r = rel(a, e);
             assert!(r < 2e-2, "mixed conv {i} {what}: {r}");
+        }
+    }
+}
+
+/// cim's cuDNN forward convolution (`ops::set_cudnn_conv`, tensor-core bf16/f16) against
+/// candle's, for a frozen convolution in f32, bf16 and f16 (dVAE-like shapes, a stride-2 7×7 and a
+/// 1×1), and the trainable f32 and mixed bf16 paths (values and gradients) against the CPU.
+#[cfg(feature = "cudnn")]
+fn cudnn_conv_parity(gpu: &Device) {
+    use candle_core::DType;
+    let cpu = Device::Cpu;
+    let cases = [
+        (2, 64, 28, 128, 3, 1, 1),
+        (2, 3, 32, 16, 7, 2, 3),
+        (2, 48, 14, 96, 1, 1, 0),
+    ];
+    for (i, &(b, c, h, c_out, k, stride, pad)) in cases.iter().enumerate() {
+        let x = randn(&[b, c, h, h], 200 + i as u64, &cpu);
+        let w = (randn(&[c_out, c, k, k], 210 + i as u64, &cpu) * 0.05).unwrap();
+        let want = x.conv2d(&w, pad, stride, 1, 1).unwrap();
+        let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        for (dt, tol) in [(DType::F32, 2e-3), (DType::BF16, 2e-2), (DType::F16, 5e-3)] {
+            let (xg, wg) = (
+                x.to_dtype(dt).unwrap().to_device(gpu).unwrap(),
+                w.to_dtype(dt).unwrap().to_device(gpu).unwrap(),
+            );
+            ops::set_cudnn_conv(true);
+            let ours = ops::conv2d(&xg, &wg, pad, stride).unwrap();
+            assert!(
+                ops::cudnn_conv(),
+                "cuDNN call failed and switched itself off ({i}, {dt:?})"
+            );
+            ops::set_cudnn_conv(false);
+            let theirs = xg.conv2d(&wg, pad, stride, 1, 1).unwrap();
+            let (ours, theirs) = (
+                ours.to_dtype(DType::F32).unwrap(),
+                theirs.to_dtype(DType::F32).unwrap(),
+            );
+            let d = max_diff(&ours, &want) / scale;
+            assert!(d < tol, "cudnn conv {i} {dt:?} vs f32 CPU: {d}");
+            let d = max_diff(&ours, &theirs) / scale;
+            assert!(d < tol, "cudnn conv {i} {dt:?} vs candle's: {d}");
+        }
+        // Trainable: f32 (cuDNN forward, cim's backward) and mixed bf16, against the CPU.
+        let o = (h + 2 * pad - k) / stride + 1;
+        let up = randn(&[b, c_out, o, o], 220 + i as u64, &cpu);
+        for (dt, tol) in [(DType::F32, 2e-3), (DType::BF16, 2e-2)] {
+            let xin = x.to_dtype(dt).unwrap();
+            let f = |t: &[Tensor]| {
+                ops::conv2d(&t[0], &t[1], pad, stride)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+            };
+            let (yc, gc) = run(&cpu, &f, &[xin.clone(), w.clone()], &up);
+            ops::set_cudnn_conv(true);
+            let (yg, gg) = run(gpu, &f, &[xin, w.clone()], &up);
+            assert!(
+                ops::cudnn_conv(),
+                "cuDNN call failed in training ({i}, {dt:?})"
+            );
+            ops::set_cudnn_conv(false);
+            for (what, a, e) in [
+                ("value", &yg, &yc),
+                ("dx", &gg[0], &gc[0]),
+                ("dw", &gg[1], &gc[1]),
+            ] {
+                let (a, e) = (
+                    a.to_dtype(DType::F32).unwrap(),
+                    e.to_dtype(DType::F32).unwrap(),
+                );
+                let s: f32 = e.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                let d = max_diff(&a, &e) / s.max(1e-6);
+                assert!(d < tol, "cudnn trainable conv {i} {dt:?} {what}: {d}");
+            }
         }
     }
 }

@@ -17,6 +17,8 @@
 //! kernels), in chunks of images whose patch matrix stays within [`COL_BUDGET`] bytes; other
 //! dtypes run candle's `conv2d` both ways.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -52,8 +54,20 @@ pub fn conv2d_with_budget(
     let (_, _, kh, kw) = w.dims4()?;
     let empty = x.elem_count() == 0 || w.elem_count() == 0;
     if !(on_cpu || on_cuda) || kh != kw || stride == 0 || empty {
-        // candle's convolution, the weight cast to the input's dtype (a no-op when they agree).
-        return Ok(x.conv2d(&w.to_dtype(x.dtype())?, padding, stride, 1, 1)?);
+        // candle's convolution, the weight cast to the input's dtype (a no-op when they agree);
+        // untracked (a frozen network, e.g. the dVAE in bf16/f16) cim's cuDNN call where it runs.
+        let w = w.to_dtype(x.dtype())?;
+        if kh == kw && stride > 0 && !empty && !x.track_op() && !w.track_op() {
+            let op = Im2Col {
+                k: kh,
+                stride,
+                padding,
+            };
+            if let Some(y) = cudnn_forward(x, &w, op)? {
+                return Ok(y);
+            }
+        }
+        return Ok(x.conv2d(&w, padding, stride, 1, 1)?);
     }
     let (_, c, h, wd) = x.dims4()?;
     let (_, c_w, k, _) = w.dims4()?;
@@ -88,13 +102,24 @@ pub fn conv2d_with_budget(
 /// `dw` in f32 for the master weight. Keeps only the bf16 input.
 fn mixed_conv2d(x: &Tensor, w: &Tensor, op: Im2Col, budget: usize) -> Result<Tensor> {
     let (xd, wd) = (x.detach(), w.detach());
-    let x32 = xd.to_dtype(DType::F32)?;
-    let y = if x.device().is_cuda() {
-        x32.conv2d(&wd, op.padding, op.stride, 1, 1)?
-    } else {
-        cpu_conv2d(&x32, &wd, op)?
-    }
-    .to_dtype(DType::BF16)?;
+    // With cim's cuDNN call (tensor-core bf16, `run.cudnn_conv`): in bf16 against the weight
+    // rounded to bf16, accumulating in f32.
+    let bf16 = match x.device().is_cuda() {
+        true => cudnn_forward(&xd, &wd.to_dtype(DType::BF16)?, op)?,
+        false => None,
+    };
+    let y = match bf16 {
+        Some(y) => y,
+        None => {
+            let x32 = xd.to_dtype(DType::F32)?;
+            if x.device().is_cuda() {
+                x32.conv2d(&wd, op.padding, op.stride, 1, 1)?
+            } else {
+                cpu_conv2d(&x32, &wd, op)?
+            }
+            .to_dtype(DType::BF16)?
+        }
+    };
     let need_dx = x.track_op();
     super::with_backward(&[x, w], y, move |dy| {
         let (x32, dy32) = (xd.to_dtype(DType::F32)?, dy.to_dtype(DType::F32)?);
@@ -109,6 +134,47 @@ fn mixed_conv2d(x: &Tensor, w: &Tensor, op: Im2Col, budget: usize) -> Result<Ten
             Some(dw),
         ])
     })
+}
+
+static CUDNN_CONV: AtomicBool = AtomicBool::new(false);
+
+/// Runs CUDA convolutions' forward through cim's cuDNN call (tensor-core bf16/f16, an algorithm
+/// and workspace kept per shape; `ops::cudnn`) instead of candle's (config `run.cudnn_conv`;
+/// builds with the `cudnn` feature only, elsewhere no effect). Off until called. A cuDNN error
+/// switches it off again, with a warning, and the convolution runs through candle.
+pub fn set_cudnn_conv(on: bool) {
+    CUDNN_CONV.store(on && cfg!(feature = "cudnn"), Ordering::Relaxed);
+}
+
+/// Whether [`set_cudnn_conv`] switched cim's cuDNN convolution on.
+pub fn cudnn_conv() -> bool {
+    CUDNN_CONV.load(Ordering::Relaxed)
+}
+
+/// The forward `conv2d(x, w)` through cim's cuDNN call (no backward), where it runs: switched
+/// on, a CUDA device, `x` and `w` of one dtype among f32, bf16, f16. `None` elsewhere.
+#[cfg(feature = "cudnn")]
+fn cudnn_forward(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Option<Tensor>> {
+    let supported = matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16);
+    if !cudnn_conv() || !x.device().is_cuda() || x.dtype() != w.dtype() || !supported {
+        return Ok(None);
+    }
+    let (x, w) = (x.detach().contiguous()?, w.detach().contiguous()?);
+    match x.apply_op2_no_bwd(&w, &super::cudnn::CudnnConv { op }) {
+        Ok(y) => Ok(Some(y)),
+        Err(e) => {
+            tracing::warn!(
+                "cim's cuDNN convolution failed ({e}); candle's convolution from here on"
+            );
+            set_cudnn_conv(false);
+            Ok(None)
+        }
+    }
+}
+
+#[cfg(not(feature = "cudnn"))]
+fn cudnn_forward(_: &Tensor, _: &Tensor, _: Im2Col) -> Result<Option<Tensor>> {
+    Ok(None)
 }
 
 /// The most groups the CPU backward splits a batch into: each group (`⌈B / 16⌉` consecutive images)
@@ -379,10 +445,11 @@ fn dx_groups(dx: &mut [f32], group_len: usize, groups: usize) -> Vec<&mut [f32]>
 /// enhancer's 4.6 s per step at batch 128 (measured on an H200). Untracked inputs (the frozen dVAE)
 /// take the plain forward.
 fn im2col_backward(x: &Tensor, w: &Tensor, op: Im2Col, budget: usize) -> Result<Tensor> {
-    let y = x
-        .detach()
-        .conv2d(&w.detach(), op.padding, op.stride, 1, 1)?;
     let (xd, wd) = (x.detach(), w.detach());
+    let y = match cudnn_forward(&xd, &wd, op)? {
+        Some(y) => y,
+        None => xd.conv2d(&wd, op.padding, op.stride, 1, 1)?,
+    };
     super::with_backward(&[x, w], y, move |dy| {
         let (dx, dw) = conv_backward(&xd, &wd, op, budget, dy)?;
         Ok(vec![Some(dx), Some(dw)])
@@ -429,15 +496,15 @@ fn conv_backward(
     Ok((Tensor::cat(&dxs, 0)?, dw))
 }
 
-#[derive(Clone, Copy)]
-struct Im2Col {
-    k: usize,
-    stride: usize,
-    padding: usize,
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Im2Col {
+    pub k: usize,
+    pub stride: usize,
+    pub padding: usize,
 }
 
 impl Im2Col {
-    fn out(&self, n: usize) -> usize {
+    pub fn out(&self, n: usize) -> usize {
         (n + 2 * self.padding - self.k) / self.stride + 1
     }
 

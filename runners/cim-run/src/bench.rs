@@ -59,6 +59,9 @@ pub struct BenchReport {
     /// Whether transformer blocks ran as one graph node each (`run.fused_blocks`, where the
     /// fused kernels run: always on the CPU, on CUDA with `cuda_kernels`).
     pub fused_blocks: bool,
+    /// Whether CUDA convolutions ran their forward through cim's cuDNN call (`run.cudnn_conv` in a
+    /// `cudnn` build, still on after the run: a cuDNN error switches it off).
+    pub cudnn_conv: bool,
     /// Which instance of cim's fused CPU kernels runs on this machine's CPU: `"avx2+fma"` or
     /// `"portable"` (SSE2); on CUDA they do not run, but the field says what the host would use.
     pub cpu_kernels: &'static str,
@@ -215,6 +218,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         },
         cuda_kernels: dev.is_cuda() && cim_api::ops::cuda_kernels(),
         fused_blocks: cim_api::ops::fused_blocks() && cim_api::ops::kernels_run_on(&dev),
+        cudnn_conv: dev.is_cuda() && cim_api::ops::cudnn_conv(),
         cpu_kernels: if cim_api::ops::avx2_kernels() {
             "avx2+fma"
         } else {

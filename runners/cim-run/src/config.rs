@@ -50,6 +50,11 @@ pub struct RunSection {
     /// hand-written backward (`cim_api::ops::pre_norm_block`) wherever the fused kernels run;
     /// `false` records every op of the block (stochastic depth included).
     pub fused_blocks: bool,
+    /// On CUDA (`--features cudnn` builds), run convolutions' forward through cim's own cuDNN call
+    /// (`cim_api::ops::set_cudnn_conv`: tensor-core math for bf16/f16, algorithm and workspace kept
+    /// per shape) instead of candle's. Off by default until its GPU parity test has run; a cuDNN
+    /// error switches it off with a warning.
+    pub cudnn_conv: bool,
     /// Compute precision of the generator and enhancer: `"f32"`, or `"bf16"` (mixed precision:
     /// f32 master weights, optimizer state, LayerNorm, softmax and losses; bf16 matmuls and
     /// activations; ResNet-50's BatchNorm in f32). bf16 needs a ViT or the ResNet-50 enhancer.
@@ -70,6 +75,7 @@ impl Default for RunSection {
             tf32: true,
             cuda_kernels: true,
             fused_blocks: true,
+            cudnn_conv: false,
             precision: "f32".into(),
         }
     }

@@ -77,6 +77,7 @@ impl Cim {
         let device = device(&res.cfg.run.device)?;
         cim_api::ops::set_cuda_kernels(res.cfg.run.cuda_kernels);
         cim_api::ops::set_fused_blocks(res.cfg.run.fused_blocks);
+        cim_api::ops::set_cudnn_conv(res.cfg.run.cudnn_conv);
         let data = res.cfg.data.clone();
         let params = ParamStore::trainable(res.cfg.run.seed);
         let frozen = ParamStore::frozen(RANDOM_TOKENIZER_SEED);
