@@ -1,9 +1,10 @@
 //! The forward convolution through cuDNN, called by cim (`--features cudnn`, `run.cudnn_conv`).
 //!
-//! candle 0.11's cuDNN convolution leaves the descriptor at `CUDNN_DEFAULT_MATH`, which lets cuDNN
-//! use tensor cores for f32 (as TF32) but not for bf16/f16 data: a 3×3 256→256 convolution at 56²,
-//! batch 64, took 8.1 ms in bf16 against 0.96 ms in f32 on an H200 (`../shared/cuda/README.md`),
-//! ~29 TFLOP/s. It also asks cuDNN's heuristics for an algorithm and allocates (and zero-fills) a
+//! candle 0.11's cuDNN convolution took 8.1 ms in bf16 against 0.96 ms in f32 for a 3×3 256→256
+//! at 56², batch 64, on an H200 (`../shared/cuda/README.md`): ~29 TFLOP/s, a speed without tensor
+//! cores. It leaves the descriptor at `CUDNN_DEFAULT_MATH`, documented as permitting TF32 tensor
+//! cores on A100 and newer; PyTorch asks for `CUDNN_TENSOR_OP_MATH` for half-precision data (that
+//! this is the cause is for the GPU parity test and benches to confirm). candle also asks cuDNN's heuristics for an algorithm and allocates (and zero-fills) a
 //! workspace on every call. Here bf16/f16 convolutions run with `CUDNN_TENSOR_OP_MATH` (f32
 //! accumulation), f32 ones with the default math when TF32 is allowed (candle's
 //! `gemm_reduced_precision_f32`, `run.tf32`) and `CUDNN_FMA_MATH` otherwise; the algorithm and
