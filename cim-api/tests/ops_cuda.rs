@@ -461,9 +461,10 @@ fn mixed_conv_parity(gpu: &Device) {
     }
 }
 
-/// cim's cuDNN forward convolution (`ops::set_cudnn_conv`, tensor-core bf16/f16) against
-/// candle's, for a frozen convolution in f32, bf16 and f16 (dVAE-like shapes, a stride-2 7×7 and a
-/// 1×1), and the trainable f32 and mixed bf16 paths (values and gradients) against the CPU.
+/// cim's cuDNN convolution (`ops::set_cudnn_conv`, tensor-core bf16/f16): the forward of a frozen
+/// convolution in f32, bf16 and f16 against candle's and the CPU's (dVAE-like shapes, a stride-2
+/// 7×7 and a 1×1), and the trainable f32 and mixed bf16 paths — cuDNN forward, backward data and
+/// backward filter — against the CPU (values and both gradients).
 #[cfg(feature = "cudnn")]
 fn cudnn_conv_parity(gpu: &Device) {
     use candle_core::DType;
@@ -478,7 +479,7 @@ fn cudnn_conv_parity(gpu: &Device) {
         let w = (randn(&[c_out, c, k, k], 210 + i as u64, &cpu) * 0.05).unwrap();
         let want = x.conv2d(&w, pad, stride, 1, 1).unwrap();
         let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-        for (dt, tol) in [(DType::F32, 2e-3), (DType::BF16, 2e-2), (DType::F16, 5e-3)] {
+        for (dt, tol) in [(DType::F32, 3e-3), (DType::BF16, 2e-2), (DType::F16, 5e-3)] {
             let (xg, wg) = (
                 x.to_dtype(dt).unwrap().to_device(gpu).unwrap(),
                 w.to_dtype(dt).unwrap().to_device(gpu).unwrap(),
@@ -503,7 +504,7 @@ fn cudnn_conv_parity(gpu: &Device) {
         // Trainable: f32 (cuDNN forward, cim's backward) and mixed bf16, against the CPU.
         let o = (h + 2 * pad - k) / stride + 1;
         let up = randn(&[b, c_out, o, o], 220 + i as u64, &cpu);
-        for (dt, tol) in [(DType::F32, 2e-3), (DType::BF16, 2e-2)] {
+        for (dt, tol) in [(DType::F32, 3e-3), (DType::BF16, 2e-2)] {
             let xin = x.to_dtype(dt).unwrap();
             let f = |t: &[Tensor]| {
                 ops::conv2d(&t[0], &t[1], pad, stride)

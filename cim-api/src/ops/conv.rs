@@ -15,7 +15,8 @@
 //! On CUDA with the fused kernels switched on, the forward stays candle's (cuDNN with the `cudnn`
 //! feature) and only the backward is im2col + GEMM + col2im ([`conv_backward`], CUDA im2col/col2im
 //! kernels), in chunks of images whose patch matrix stays within [`COL_BUDGET`] bytes; other
-//! dtypes run candle's `conv2d` both ways.
+//! dtypes run candle's `conv2d` both ways. With [`set_cudnn_conv`] (`cudnn` builds), the forward
+//! and both backward passes run through cim's own cuDNN calls instead (`super::cudnn`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -122,6 +123,16 @@ fn mixed_conv2d(x: &Tensor, w: &Tensor, op: Im2Col, budget: usize) -> Result<Ten
     };
     let need_dx = x.track_op();
     super::with_backward(&[x, w], y, move |dy| {
+        // With cim's cuDNN call: both gradients in bf16 on tensor cores (f32 accumulation), `dw`
+        // widened for the master weight.
+        if xd.device().is_cuda() {
+            let w16 = wd.to_dtype(DType::BF16)?;
+            if let Some((dx, dw)) =
+                cudnn_backward(&xd, &w16, op, &dy.to_dtype(DType::BF16)?, need_dx)?
+            {
+                return Ok(vec![dx, Some(dw.to_dtype(DType::F32)?)]);
+            }
+        }
         let (x32, dy32) = (xd.to_dtype(DType::F32)?, dy.to_dtype(DType::F32)?);
         let (dx, dw) = if xd.device().is_cuda() {
             let (dx, dw) = conv_backward(&x32, &wd, op, budget, &dy32)?;
@@ -138,10 +149,11 @@ fn mixed_conv2d(x: &Tensor, w: &Tensor, op: Im2Col, budget: usize) -> Result<Ten
 
 static CUDNN_CONV: AtomicBool = AtomicBool::new(false);
 
-/// Runs CUDA convolutions' forward through cim's cuDNN call (tensor-core bf16/f16, an algorithm
-/// and workspace kept per shape; `ops::cudnn`) instead of candle's (config `run.cudnn_conv`;
+/// Runs CUDA convolutions through cim's cuDNN calls (tensor-core bf16/f16, an algorithm and
+/// workspace kept per shape and pass; `ops::cudnn`): the forward instead of candle's, the backward
+/// of trainable ones instead of the im2col + GEMM + col2im kernels (config `run.cudnn_conv`;
 /// builds with the `cudnn` feature only, elsewhere no effect). Off until called. A cuDNN error
-/// switches it off again, with a warning, and the convolution runs through candle.
+/// switches it off again, with a warning, and convolutions run as without it.
 pub fn set_cudnn_conv(on: bool) {
     CUDNN_CONV.store(on && cfg!(feature = "cudnn"), Ordering::Relaxed);
 }
@@ -160,11 +172,75 @@ fn cudnn_forward(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     let (x, w) = (x.detach().contiguous()?, w.detach().contiguous()?);
-    match x.apply_op2_no_bwd(&w, &super::cudnn::CudnnConv { op }) {
-        Ok(y) => Ok(Some(y)),
+    let (x_dims, c_out) = (cudnn_dims(&x)?, w.dim(0)?);
+    let conv = super::cudnn::CudnnConv {
+        op,
+        pass: super::cudnn::Pass::Forward,
+        x_dims,
+        c_out,
+    };
+    cudnn_fallible(x.apply_op2_no_bwd(&w, &conv))
+}
+
+/// `(dx, dw)` of `conv2d(x, w)` for the output gradient `dy` through cim's cuDNN call (`dx` when
+/// `need_dx`), all of `x`'s dtype, where [`cudnn_forward`] runs; `None` elsewhere.
+#[cfg(feature = "cudnn")]
+fn cudnn_backward(
+    x: &Tensor,
+    w: &Tensor,
+    op: Im2Col,
+    dy: &Tensor,
+    need_dx: bool,
+) -> candle_core::Result<Option<(Option<Tensor>, Tensor)>> {
+    use super::cudnn::{CudnnConv, Pass};
+    let dtype = x.dtype();
+    let supported = matches!(dtype, DType::F32 | DType::BF16 | DType::F16);
+    let same = w.dtype() == dtype && dy.dtype() == dtype;
+    if !cudnn_conv() || !x.device().is_cuda() || !same || !supported {
+        return Ok(None);
+    }
+    let (x, w, dy) = (x.contiguous()?, w.contiguous()?, dy.contiguous()?);
+    let (x_dims, c_out) = (cudnn_dims(&x).map_err(to_candle)?, w.dim(0)?);
+    let conv = |pass| CudnnConv {
+        op,
+        pass,
+        x_dims,
+        c_out,
+    };
+    let dw = x.apply_op2_no_bwd(&dy, &conv(Pass::BackwardFilter));
+    let Some(dw) = cudnn_fallible(dw).map_err(to_candle)? else {
+        return Ok(None);
+    };
+    if !need_dx {
+        return Ok(Some((None, dw)));
+    }
+    let dx = w.apply_op2_no_bwd(&dy, &conv(Pass::BackwardData));
+    Ok(cudnn_fallible(dx)
+        .map_err(to_candle)?
+        .map(|dx| (Some(dx), dw)))
+}
+
+#[cfg(feature = "cudnn")]
+fn to_candle(e: crate::Error) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+#[cfg(feature = "cudnn")]
+fn cudnn_dims(x: &Tensor) -> Result<[usize; 4]> {
+    let (b, c, h, w) = x.dims4()?;
+    Ok([b, c, h, w])
+}
+
+/// A cuDNN pass's result; an error switches cim's cuDNN call off (with a warning) and gives
+/// `None`, so that the caller runs the convolution another way.
+#[cfg(feature = "cudnn")]
+fn cudnn_fallible(r: candle_core::Result<Tensor>) -> Result<Option<Tensor>> {
+    match r {
+        Ok(t) => Ok(Some(t)),
         Err(e) => {
             tracing::warn!(
-                "cim's cuDNN convolution failed ({e}); candle's convolution from here on"
+                "cim's cuDNN convolution failed ({e}); candle's convolution and cim's im2col \
+                 backward from here on"
             );
             set_cudnn_conv(false);
             Ok(None)
@@ -174,6 +250,17 @@ fn cudnn_forward(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Option<Tensor>> {
 
 #[cfg(not(feature = "cudnn"))]
 fn cudnn_forward(_: &Tensor, _: &Tensor, _: Im2Col) -> Result<Option<Tensor>> {
+    Ok(None)
+}
+
+#[cfg(not(feature = "cudnn"))]
+fn cudnn_backward(
+    _: &Tensor,
+    _: &Tensor,
+    _: Im2Col,
+    _: &Tensor,
+    _: bool,
+) -> candle_core::Result<Option<(Option<Tensor>, Tensor)>> {
     Ok(None)
 }
 
@@ -450,7 +537,11 @@ fn im2col_backward(x: &Tensor, w: &Tensor, op: Im2Col, budget: usize) -> Result<
         Some(y) => y,
         None => xd.conv2d(&wd, op.padding, op.stride, 1, 1)?,
     };
+    let need_dx = x.track_op();
     super::with_backward(&[x, w], y, move |dy| {
+        if let Some((dx, dw)) = cudnn_backward(&xd, &wd, op, dy, need_dx)? {
+            return Ok(vec![dx, Some(dw)]);
+        }
         let (dx, dw) = conv_backward(&xd, &wd, op, budget, dy)?;
         Ok(vec![Some(dx), Some(dw)])
     })

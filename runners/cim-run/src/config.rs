@@ -50,9 +50,10 @@ pub struct RunSection {
     /// hand-written backward (`cim_api::ops::pre_norm_block`) wherever the fused kernels run;
     /// `false` records every op of the block (stochastic depth included).
     pub fused_blocks: bool,
-    /// On CUDA (`--features cudnn` builds), run convolutions' forward through cim's own cuDNN call
-    /// (`cim_api::ops::set_cudnn_conv`: tensor-core math for bf16/f16, algorithm and workspace kept
-    /// per shape) instead of candle's. Off by default until its GPU parity test has run; a cuDNN
+    /// On CUDA (`--features cudnn` builds), run convolutions (forward; backward of trainable ones)
+    /// through cim's own cuDNN calls (`cim_api::ops::set_cudnn_conv`: tensor-core math for
+    /// bf16/f16, algorithm and workspace kept per shape) instead of candle's forward and cim's
+    /// im2col backward. Off by default until its GPU parity test has run; a cuDNN
     /// error switches it off with a warning.
     pub cudnn_conv: bool,
     /// Compute precision of the generator and enhancer: `"f32"`, or `"bf16"` (mixed precision:
