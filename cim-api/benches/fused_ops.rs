@@ -318,6 +318,68 @@ fn main() -> cim_api::Result<()> {
         },
     );
     moments.clear();
+    // The optimizer step as the runner runs it — the clipping norm over every gradient, then AdamW
+    // — over ViT-B/16's 12 blocks (144 tensors, 85 M values, biases and norms included): per
+    // parameter (candle ops for the norm, two kernels per parameter) against
+    // `sum_of_squares` + `adamw_update_all` (on CUDA one launch for the norm, one per 64 tensors).
+    let shapes: Vec<Vec<usize>> = (0..12)
+        .flat_map(|_| {
+            [
+                vec![2304, 768],
+                vec![2304],
+                vec![768, 768],
+                vec![768],
+                vec![3072, 768],
+                vec![3072],
+                vec![768, 3072],
+                vec![768],
+                vec![768],
+                vec![768],
+                vec![768],
+                vec![768],
+            ]
+        })
+        .collect();
+    let params: Vec<Tensor> = shapes
+        .iter()
+        .map(|s| Tensor::randn(0f32, 1.0, s.as_slice(), &dev))
+        .collect::<candle_core::Result<_>>()?;
+    let grads: Vec<Tensor> = params.iter().map(|p| (p * 0.01).unwrap()).collect();
+    let moments: Vec<Tensor> = params
+        .iter()
+        .map(|p| Tensor::zeros((2, p.elem_count()), candle_core::DType::F32, &dev))
+        .collect::<candle_core::Result<_>>()?;
+    let grad_refs: Vec<&Tensor> = grads.iter().collect();
+    let items: Vec<ops::AdamItem> = (0..params.len())
+        .map(|i| ops::AdamItem {
+            param: &params[i],
+            moments: &moments[i],
+            grad: &grads[i],
+            step,
+        })
+        .collect();
+    report_as(
+        &format!("optimizer step, {} tensors", params.len()),
+        5,
+        ("per param", || {
+            let sums: Vec<Tensor> = grads
+                .iter()
+                .map(|g| ops::square_sums_composed(g).unwrap())
+                .collect();
+            let norm = Tensor::cat(&sums, 0).unwrap().sum_all().unwrap();
+            let _ = norm.to_scalar::<f32>().unwrap();
+            for it in &items {
+                assert!(ops::adamw_update(it.param, it.moments, it.grad, &it.step).unwrap());
+            }
+            sync(&params[0]);
+        }),
+        ("all at once", || {
+            let _ = ops::sum_of_squares(&grad_refs).unwrap();
+            assert!(ops::adamw_update_all(&items).unwrap());
+            sync(&params[0]);
+        }),
+    );
+    drop(items);
     // A whole pre-norm transformer block, recorded op by op (the fused ops above) against one
     // node (ops::pre_norm_block): the tiny CPU preset and ViT-B/16 (on CUDA also in bf16 with f32
     // parameters, at 32 images).
