@@ -44,6 +44,19 @@ fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
 }
 
+/// An output buffer of `n` elements that the kernel about to be launched writes in full: not
+/// zero-filled (`alloc_zeros` is a memset pass over it; the outputs here are activation-sized,
+/// up to 1.6 GB for the dVAE's maps at batch 128).
+fn alloc_written<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+    dev: &candle_core::cuda_backend::CudaDevice,
+    n: usize,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<T>> {
+    // SAFETY: every caller launches, right after, a kernel that writes all `n` elements (one
+    // thread per element or one block per row covering every element of its row) before
+    // anything reads them; `tests/ops_cuda.rs` checks every kernel's output against the CPU.
+    unsafe { dev.alloc::<T>(n) }
+}
+
 /// One block of `THREADS` per row.
 fn per_row(rows: usize) -> LaunchConfig {
     LaunchConfig {
@@ -87,7 +100,7 @@ fn layer_norm_fwd_t<T: KernelFloat>(
         view::<f32>(s3, l3, "bias")?,
     );
     let (rows, d) = dims(l1)?;
-    let y = dev.alloc_zeros::<T>(rows * d)?;
+    let y = alloc_written::<T>(&dev, rows * d)?;
     let func = dev.get_or_load_custom_func(
         &dtype_kernel("cim_layer_norm_fwd", s1.dtype())?,
         MODULE,
@@ -223,7 +236,7 @@ where
     let dev = s.device().clone();
     let x = view::<T>(s, l, "x")?;
     let (rows, d) = dims(l)?;
-    let y = dev.alloc_zeros::<T>(rows * d)?;
+    let y = alloc_written::<T>(&dev, rows * d)?;
     let func =
         dev.get_or_load_custom_func(&dtype_kernel("cim_softmax_fwd", s.dtype())?, MODULE, PTX)?;
     let (r, dd) = (rows as i32, d as i32);
@@ -265,7 +278,7 @@ where
     let dev = s1.device().clone();
     let (y, g) = (view::<T>(s1, l1, "y")?, view::<T>(s2, l2, "grad")?);
     let (rows, d) = dims(l1)?;
-    let dx = dev.alloc_zeros::<T>(rows * d)?;
+    let dx = alloc_written::<T>(&dev, rows * d)?;
     let func =
         dev.get_or_load_custom_func(&dtype_kernel("cim_softmax_bwd", s1.dtype())?, MODULE, PTX)?;
     let (r, dd) = (rows as i32, d as i32);
@@ -288,7 +301,7 @@ pub fn cross_entropy_fwd(
         view::<u32>(s2, l2, "targets")?,
     );
     let (rows, v) = dims(l1)?;
-    let loss = dev.alloc_zeros::<f32>(rows)?;
+    let loss = alloc_written::<f32>(&dev, rows)?;
     let func = dev.get_or_load_custom_func("cim_cross_entropy_fwd", MODULE, PTX)?;
     let (r, vv) = (rows as i32, v as i32);
     let mut a = func.builder();
@@ -314,7 +327,7 @@ pub fn cross_entropy_bwd(
         view::<f32>(s3, l3, "grad")?,
     );
     let (rows, v) = dims(l1)?;
-    let dx = dev.alloc_zeros::<f32>(rows * v)?;
+    let dx = alloc_written::<f32>(&dev, rows * v)?;
     let func = dev.get_or_load_custom_func("cim_cross_entropy_bwd", MODULE, PTX)?;
     let (r, vv) = (rows as i32, v as i32);
     let mut a = func.builder();
@@ -343,7 +356,7 @@ pub fn respix_target(
     let x = view::<f32>(s, l, "x")?;
     let (b, c, h, w) = l.shape().dims4()?;
     let n = b * c * h * w;
-    let y = dev.alloc_zeros::<f32>(n)?;
+    let y = alloc_written::<f32>(&dev, n)?;
     let func = dev.get_or_load_custom_func("cim_respix_target", MODULE, PTX)?;
     let (planes, hh, ww, kk) = ((b * c) as i32, h as i32, w as i32, k as i32);
     let mut a = func.builder();
@@ -376,7 +389,7 @@ pub fn respix_loss_fwd(
         view::<f32>(s2, l2, "target")?,
     );
     let (rows, _) = dims(l1)?;
-    let out = dev.alloc_zeros::<f32>(rows)?;
+    let out = alloc_written::<f32>(&dev, rows)?;
     let func = dev.get_or_load_custom_func("cim_respix_loss_fwd", MODULE, PTX)?;
     let r = rows as i32;
     let [p, c, h, w] = patch_args(m);
@@ -411,7 +424,7 @@ pub fn respix_loss_bwd(
         view::<f32>(s3, l3, "grad")?,
     );
     let n = l1.shape().elem_count();
-    let dp = dev.alloc_zeros::<f32>(n)?;
+    let dp = alloc_written::<f32>(&dev, n)?;
     let func = dev.get_or_load_custom_func("cim_respix_loss_bwd", MODULE, PTX)?;
     let nn = n as i64;
     let [p, c, h, w] = patch_args(m);
@@ -512,7 +525,7 @@ pub fn attention_fwd(
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s.device().clone();
     let qkv = view::<f32>(s, l, "qkv")?;
-    let out = dev.alloc_zeros::<f32>(g.b * g.n * g.h * g.d)?;
+    let out = alloc_written::<f32>(&dev, g.b * g.n * g.h * g.d)?;
     let func = dev.get_or_load_custom_func("cim_attention_fwd", MODULE, PTX)?;
     let [b, n, h, d] = geometry_args(&g);
     let mut a = func.builder();
@@ -572,7 +585,7 @@ pub fn channel_moments(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shap
     let dev = s.device().clone();
     let x = view::<f32>(s, l, "x")?;
     let [b, c, hw] = bchw(l)?;
-    let out = dev.alloc_zeros::<f32>(2 * c as usize)?;
+    let out = alloc_written::<f32>(&dev, 2 * c as usize)?;
     let func = dev.get_or_load_custom_func("cim_channel_moments", MODULE, PTX)?;
     let mut a = func.builder();
     a.arg(&x).arg(&out).arg(&b).arg(&c).arg(&hw);
@@ -601,7 +614,7 @@ pub fn batch_norm_fwd(
     );
     let [_, c, hw] = bchw(l1)?;
     let n = l1.shape().elem_count();
-    let y = dev.alloc_zeros::<f32>(n)?;
+    let y = alloc_written::<f32>(&dev, n)?;
     let func = dev.get_or_load_custom_func("cim_batch_norm_fwd", MODULE, PTX)?;
     let nn = n as i64;
     let mut a = func.builder();
@@ -635,7 +648,7 @@ pub fn batch_norm_bwd(
     );
     let [b, c, hw] = bchw(l1)?;
     let total = l1.shape().elem_count() + 2 * c as usize;
-    let out = dev.alloc_zeros::<f32>(total)?;
+    let out = alloc_written::<f32>(&dev, total)?;
     let func = dev.get_or_load_custom_func("cim_batch_norm_bwd", MODULE, PTX)?;
     let mut a = func.builder();
     a.arg(&x)
@@ -662,7 +675,7 @@ pub fn max_pool_fwd(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)>
     let x = view::<f32>(s, l, "x")?;
     let (planes, h, w, ho, wo) = pool_dims(l)?;
     let n = planes as usize * (ho * wo) as usize;
-    let y = dev.alloc_zeros::<f32>(n)?;
+    let y = alloc_written::<f32>(&dev, n)?;
     let func = dev.get_or_load_custom_func("cim_max_pool_fwd", MODULE, PTX)?;
     let mut a = func.builder();
     a.arg(&x)
@@ -691,7 +704,7 @@ pub fn max_pool_bwd(
     let (x, dy) = (view::<f32>(s1, l1, "x")?, view::<f32>(s2, l2, "grad")?);
     let (planes, h, w, ho, wo) = pool_dims(l1)?;
     let n = l1.shape().elem_count();
-    let dx = dev.alloc_zeros::<f32>(n)?;
+    let dx = alloc_written::<f32>(&dev, n)?;
     let func = dev.get_or_load_custom_func("cim_max_pool_bwd", MODULE, PTX)?;
     let mut a = func.builder();
     a.arg(&x)
@@ -729,7 +742,7 @@ fn bias_fwd_t<T: KernelFloat>(
     let (x, b) = (view::<T>(s1, l1, "x")?, view::<f32>(s2, l2, "bias")?);
     let (rows, d) = dims(l1)?;
     let n = rows * d;
-    let y = dev.alloc_zeros::<T>(n)?;
+    let y = alloc_written::<T>(&dev, n)?;
     let func = dev.get_or_load_custom_func(&dtype_kernel(kernel, s1.dtype())?, MODULE, PTX)?;
     let (nn, dd) = (n as i64, d as i32);
     let mut a = func.builder();
@@ -888,7 +901,7 @@ fn conv_geometry_kernel(
     let dev = s.device().clone();
     let input = view::<f32>(s, l, what)?;
     let n = out.elem_count();
-    let y = dev.alloc_zeros::<f32>(n)?;
+    let y = alloc_written::<f32>(&dev, n)?;
     let func = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
     let nn = n as i64;
     let mut a = func.builder();
@@ -919,7 +932,7 @@ pub fn channel_bias(
     };
     let (_, c, h, w) = x.1.shape().dims4()?;
     let n = x.1.shape().elem_count();
-    let y = dev.alloc_zeros::<f32>(n)?;
+    let y = alloc_written::<f32>(&dev, n)?;
     let func = dev.get_or_load_custom_func("cim_channel_bias", MODULE, PTX)?;
     let (n4, c, hw4) = ((n / 4) as i64, c as i32, (h * w / 4) as i32);
     let (has_r, relu) = (r.is_some() as i32, relu as i32);
