@@ -692,10 +692,11 @@ extern "C" __global__ void cim_col2im(const float* cols, float* x, long long n, 
 }
 
 // ---- channel bias (src/ops/channel.rs): y = [r +] g·(x + b[c]), then max(·, 0) if relu; x, r, y
-// (B, C, hw) with hw % 4 == 0, four elements per thread.
+// (B, C, hw) with hw % 4 == 0, four elements per thread. With `pair`, y holds 2·(4·n4) floats:
+// the value, then its ReLU.
 extern "C" __global__ void cim_channel_bias(const float* x, const float* b, const float* r, float* y,
                                             long long n4, int c, int hw4, float g, int has_r,
-                                            int relu) {
+                                            int relu, int pair) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n4) return;
     const float bc = b[(int)((i / hw4) % c)];
@@ -707,6 +708,10 @@ extern "C" __global__ void cim_channel_bias(const float* x, const float* b, cons
     }
     if (relu) v.x = fmaxf(v.x, 0.0f), v.y = fmaxf(v.y, 0.0f), v.z = fmaxf(v.z, 0.0f), v.w = fmaxf(v.w, 0.0f);
     reinterpret_cast<float4*>(y)[i] = v;
+    if (pair) {
+        v.x = fmaxf(v.x, 0.0f), v.y = fmaxf(v.y, 0.0f), v.z = fmaxf(v.z, 0.0f), v.w = fmaxf(v.w, 0.0f);
+        reinterpret_cast<float4*>(y)[n4 + i] = v;
+    }
 }
 
 // ---- Multi-tensor AdamW and sum of squares (src/ops/adamw.rs) ----

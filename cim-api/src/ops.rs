@@ -63,7 +63,7 @@ pub use attention::{attention_composed, attention_gemm, attention_qkv, attention
 pub use batch_norm::{batch_norm_train, batch_norm_train_composed, channel_moments};
 pub use bias::{bias_add, bias_gelu, bias_gelu_composed, linear};
 pub use block::{block_param_shapes, pre_norm_block, BlockParams};
-pub use channel::{channel_bias, channel_bias_composed};
+pub use channel::{channel_bias, channel_bias_and_relu, channel_bias_composed};
 pub use conv::{conv2d, conv2d_with_budget, cudnn_conv, set_cudnn_conv, COL_BUDGET};
 #[cfg(feature = "cuda")]
 pub use cuda::adamw_multi_launches;

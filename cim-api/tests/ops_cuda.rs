@@ -565,6 +565,20 @@ fn channel_bias_parity(gpu: &Device) {
                 "{what} db"
             );
         }
+        // The value and its ReLU from one pass (frozen dVAE blocks), with and without residual.
+        for res in [false, true] {
+            let rr = res.then_some(&r);
+            let (yc, rc) = ops::channel_bias_and_relu(&x, &bias, rr, 0.5).unwrap();
+            let (xg, bg, rg) = (
+                x.to_device(gpu).unwrap(),
+                bias.to_device(gpu).unwrap(),
+                r.to_device(gpu).unwrap(),
+            );
+            let (yg, rgl) = ops::channel_bias_and_relu(&xg, &bg, res.then_some(&rg), 0.5).unwrap();
+            let what = format!("channel_bias_and_relu {b}x{c}x{h}x{w} res={res}");
+            assert!(max_diff(&yc, &yg) < 1e-5, "{what} value");
+            assert!(max_diff(&rc, &rgl) < 1e-5, "{what} relu");
+        }
     }
 }
 

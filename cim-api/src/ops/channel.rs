@@ -23,6 +23,59 @@ pub fn channel_bias(
     gain: f64,
     relu: bool,
 ) -> Result<Tensor> {
+    let op = ChannelBias {
+        gain: gain as f32,
+        relu,
+        pair: false,
+    };
+    let Some((x, b, r)) = fused_inputs(x, b, residual)? else {
+        return channel_bias_composed(x, b, residual, gain, relu);
+    };
+    Ok(match &r {
+        Some(r) => x.apply_op3(&b, r, op)?,
+        None => x.apply_op2(&b, op)?,
+    })
+}
+
+/// `y = r + gain·(x + b[c])` and `relu(y)` from one pass (shapes as [`channel_bias`]): the output
+/// of a frozen residual block and the input of the next block's residual path, which starts with
+/// a ReLU — one pass instead of a second one reading `y` back. Forward only: where an input tracks
+/// gradients (or the fused kernels do not apply) it is `channel_bias` followed by `relu`.
+pub fn channel_bias_and_relu(
+    x: &Tensor,
+    b: &Tensor,
+    residual: Option<&Tensor>,
+    gain: f64,
+) -> Result<(Tensor, Tensor)> {
+    let tracked = x.track_op() || b.track_op() || residual.is_some_and(|r| r.track_op());
+    let fused = match tracked {
+        true => None,
+        false => fused_inputs(x, b, residual)?,
+    };
+    let Some((x, b, r)) = fused else {
+        let y = channel_bias(x, b, residual, gain, false)?;
+        let yr = y.relu()?;
+        return Ok((y, yr));
+    };
+    let op = ChannelBias {
+        gain: gain as f32,
+        relu: false,
+        pair: true,
+    };
+    let both = match &r {
+        Some(r) => x.apply_op3_no_bwd(&b, r, &op)?,
+        None => x.apply_op2_no_bwd(&b, &op)?,
+    };
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+/// Checks the shapes; the contiguous inputs when the fused kernel applies, `None` when the
+/// composed ops must run.
+fn fused_inputs(
+    x: &Tensor,
+    b: &Tensor,
+    residual: Option<&Tensor>,
+) -> Result<Option<(Tensor, Tensor, Option<Tensor>)>> {
     let (_, c, h, w) = x.dims4().map_err(|_| {
         Error::msg(format!(
             "channel_bias: x must be (B, C, H, W), got {:?}",
@@ -49,23 +102,16 @@ pub fn channel_bias(
     all.extend(residual);
     let on_cuda = x.device().is_cuda();
     if !is_fusable(&all) || (on_cuda && (h * w) % 4 != 0) {
-        return channel_bias_composed(x, b, residual, gain, relu);
+        return Ok(None);
     }
     let (x, b) = (x.contiguous()?, b.contiguous()?);
     let r = residual.map(|r| r.contiguous()).transpose()?;
     // The CUDA kernel reads float4s: every view must start on a 16-byte boundary.
     let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(4);
     if on_cuda && !(aligned(&x) && r.as_ref().is_none_or(aligned)) {
-        return channel_bias_composed(&x, &b, r.as_ref(), gain, relu);
+        return Ok(None);
     }
-    let op = ChannelBias {
-        gain: gain as f32,
-        relu,
-    };
-    Ok(match &r {
-        Some(r) => x.apply_op3(&b, r, op)?,
-        None => x.apply_op2(&b, op)?,
-    })
+    Ok(Some((x, b, r)))
 }
 
 /// [`channel_bias`] from candle ops (the reference of the fused kernels).
@@ -91,6 +137,8 @@ pub fn channel_bias_composed(
 struct ChannelBias {
     gain: f32,
     relu: bool,
+    /// Output `(2, B, C, H, W)`: `y`, then `relu(y)` ([`channel_bias_and_relu`]; forward only).
+    pair: bool,
 }
 
 impl ChannelBias {
@@ -106,26 +154,42 @@ impl ChannelBias {
         let (_, c, h, w) = x.1.shape().dims4()?;
         let hw = h * w;
         let (g, relu) = (self.gain, self.relu);
-        let mut y = vec![0f32; xs.len()];
-        y.par_chunks_mut(hw)
-            .zip(xs.par_chunks(hw))
-            .enumerate()
-            .for_each(|(p, (yp, xp))| {
-                let bc = bs[p % c];
-                let rp = rs.map(|r| &r[p * hw..(p + 1) * hw]);
-                for (i, (o, &v)) in yp.iter_mut().zip(xp).enumerate() {
-                    let mut z = g * (v + bc);
-                    if let Some(rp) = rp {
-                        z += rp[i];
-                    }
-                    *o = if relu { z.max(0.0) } else { z };
+        let n = xs.len();
+        let mut y = vec![0f32; if self.pair { 2 * n } else { n }];
+        let (first, second) = y.split_at_mut(n);
+        let planes = first.par_chunks_mut(hw).zip(xs.par_chunks(hw)).enumerate();
+        let epilogue = |p: usize, yp: &mut [f32], xp: &[f32]| {
+            let bc = bs[p % c];
+            let rp = rs.map(|r| &r[p * hw..(p + 1) * hw]);
+            for (i, (o, &v)) in yp.iter_mut().zip(xp).enumerate() {
+                let mut z = g * (v + bc);
+                if let Some(rp) = rp {
+                    z += rp[i];
                 }
-            });
+                *o = if relu { z.max(0.0) } else { z };
+            }
+        };
+        if self.pair {
+            planes
+                .zip(second.par_chunks_mut(hw))
+                .for_each(|((p, (yp, xp)), rp)| {
+                    epilogue(p, yp, xp);
+                    for (o, &v) in rp.iter_mut().zip(yp.iter()) {
+                        *o = v.max(0.0);
+                    }
+                });
+            let (b, c, h, w) = x.1.shape().dims4()?;
+            return Ok((CpuStorage::F32(y), Shape::from((2, b, c, h, w))));
+        }
+        planes.for_each(|(p, (yp, xp))| epilogue(p, yp, xp));
         Ok((CpuStorage::F32(y), x.1.shape().clone()))
     }
 
     /// `(dx, db, dr)` from the output and its gradient.
     fn grads(&self, y: &Tensor, dy: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        if self.pair {
+            candle_core::bail!("channel_bias_and_relu has no backward (frozen networks only)");
+        }
         let dz = if self.relu {
             (dy * y.gt(0.0)?.to_dtype(DType::F32)?)?
         } else {
@@ -158,7 +222,7 @@ impl CustomOp2 for ChannelBias {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::channel_bias((s1, l1), (s2, l2), None, self.gain, self.relu)
+        super::cuda::channel_bias((s1, l1), (s2, l2), None, self.gain, self.relu, self.pair)
     }
     fn bwd(
         &self,
@@ -197,7 +261,14 @@ impl CustomOp3 for ChannelBias {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::channel_bias((s1, l1), (s2, l2), Some((s3, l3)), self.gain, self.relu)
+        super::cuda::channel_bias(
+            (s1, l1),
+            (s2, l2),
+            Some((s3, l3)),
+            self.gain,
+            self.relu,
+            self.pair,
+        )
     }
     fn bwd(
         &self,
@@ -250,6 +321,36 @@ mod tests {
                 assert!(d < 1e-5, "case {i}: {what} differs by {d}");
             }
         }
+        Ok(())
+    }
+
+    /// The pair is `(channel_bias(…, relu = false), its ReLU)` exactly, with and without a
+    /// residual; a tracked input takes the composed path and keeps its gradient.
+    #[test]
+    fn pair_is_the_value_and_its_relu() -> Result<()> {
+        for (i, res) in [false, true].into_iter().enumerate() {
+            let x = randn(&[2, 3, 5, 7], 41 + i as u64);
+            let b = randn(&[3], 51 + i as u64);
+            let r = randn(&[2, 3, 5, 7], 61 + i as u64);
+            let rr = res.then_some(&r);
+            let (y, yr) = channel_bias_and_relu(&x, &b, rr, 0.25)?;
+            let want = channel_bias(&x, &b, rr, 0.25, false)?;
+            let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                Ok(t.flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect())
+            };
+            assert_eq!((y.dims(), yr.dims()), (x.dims(), x.dims()));
+            assert_eq!(bits(&y)?, bits(&want)?, "case {i} value");
+            assert_eq!(bits(&yr)?, bits(&want.relu()?)?, "case {i} relu");
+            assert!(y.is_contiguous() && yr.is_contiguous());
+        }
+        let xv = Var::from_tensor(&randn(&[1, 2, 2, 2], 3))?;
+        let (y, yr) = channel_bias_and_relu(&xv, &randn(&[2], 4), None, 1.0)?;
+        let g = (y + yr)?.sum_all()?.backward()?;
+        assert!(g.get(&xv).is_some(), "tracked input keeps its gradient");
         Ok(())
     }
 

@@ -922,6 +922,7 @@ pub fn channel_bias(
     r: Option<(&CudaStorage, &Layout)>,
     g: f32,
     relu: bool,
+    pair: bool,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = x.0.device().clone();
     let xv = view::<f32>(x.0, x.1, "x")?;
@@ -930,12 +931,12 @@ pub fn channel_bias(
         Some((s, l)) => view::<f32>(s, l, "residual")?,
         None => view::<f32>(x.0, x.1, "x")?,
     };
-    let (_, c, h, w) = x.1.shape().dims4()?;
+    let (b_, c, h, w) = x.1.shape().dims4()?;
     let n = x.1.shape().elem_count();
-    let y = alloc_written::<f32>(&dev, n)?;
+    let y = alloc_written::<f32>(&dev, if pair { 2 * n } else { n })?;
     let func = dev.get_or_load_custom_func("cim_channel_bias", MODULE, PTX)?;
     let (n4, c, hw4) = ((n / 4) as i64, c as i32, (h * w / 4) as i32);
-    let (has_r, relu) = (r.is_some() as i32, relu as i32);
+    let (has_r, relu, pair_i) = (r.is_some() as i32, relu as i32, pair as i32);
     let mut a = func.builder();
     a.arg(&xv)
         .arg(&bv)
@@ -946,11 +947,17 @@ pub fn channel_bias(
         .arg(&hw4)
         .arg(&g)
         .arg(&has_r)
-        .arg(&relu);
+        .arg(&relu)
+        .arg(&pair_i);
     // SAFETY: argument types and counts match the kernel's signature; four elements per thread,
-    // n % 4 == 0 and every view 16-byte aligned (checked by the caller).
+    // n % 4 == 0 and every view 16-byte aligned (checked by the caller); with `pair` the output
+    // holds 2n floats, the kernel writes both halves.
     unsafe { a.launch(per_element(n / 4)) }.w()?;
-    Ok((CudaStorage::wrap_cuda_slice(y, dev), x.1.shape().clone()))
+    let shape = match pair {
+        true => Shape::from((2, b_, c as usize, h, w)),
+        false => x.1.shape().clone(),
+    };
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), shape))
 }
 
 // ---- Multi-tensor AdamW and sum of squares (`kernels/ops.cu`, `super::adamw`) ----
