@@ -768,3 +768,49 @@ extern "C" __global__ void cim_sum_squares_multi(const unsigned long long* table
         if (lane == 0) partials[blockIdx.x] = (double)acc;
     }
 }
+
+// ---- 2× resampling of the frozen dVAE's maps (src/ops/resample.rs); f32 or bf16 storage ----
+
+// 2×2 max-pool, one thread per output element: the window's first value, replaced by larger ones
+// (candle's order, so NaNs behave as in candle's op).
+template <typename T>
+__device__ void max_pool_2x2(const T* x, T* y, long long n, int h, int w, int ho, int wo) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int ox = (int)(i % wo), oy = (int)((i / wo) % ho);
+    const long long p = i / ((long long)ho * wo);
+    const size_t r0 = ((size_t)p * h + 2 * oy) * w + 2 * ox, r1 = r0 + w;
+    float m = ld(x, r0);
+    const float s[3] = {ld(x, r0 + 1), ld(x, r1), ld(x, r1 + 1)};
+#pragma unroll
+    for (int k = 0; k < 3; ++k)
+        if (s[k] > m) m = s[k];
+    st(y, i, m);
+}
+
+// Nearest 2× upsampling, one thread per output element.
+template <typename T>
+__device__ void upsample_2x(const T* x, T* y, long long n, int h, int w) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int ox = (int)(i % (2 * w)), oy = (int)((i / (2 * w)) % (2 * h));
+    const long long p = i / (4ll * h * w);
+    y[i] = x[((size_t)p * h + oy / 2) * w + ox / 2];
+}
+
+extern "C" __global__ void cim_max_pool_2x2(const float* x, float* y, long long n, int h, int w,
+                                            int ho, int wo) {
+    max_pool_2x2(x, y, n, h, w, ho, wo);
+}
+extern "C" __global__ void cim_max_pool_2x2_bf16(const __nv_bfloat16* x, __nv_bfloat16* y,
+                                                 long long n, int h, int w, int ho, int wo) {
+    max_pool_2x2(x, y, n, h, w, ho, wo);
+}
+extern "C" __global__ void cim_upsample_2x(const float* x, float* y, long long n, int h, int w,
+                                           int ho, int wo) {
+    upsample_2x(x, y, n, h, w);
+}
+extern "C" __global__ void cim_upsample_2x_bf16(const __nv_bfloat16* x, __nv_bfloat16* y,
+                                                long long n, int h, int w, int ho, int wo) {
+    upsample_2x(x, y, n, h, w);
+}

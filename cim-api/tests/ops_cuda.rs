@@ -565,6 +565,27 @@ fn channel_bias_parity(gpu: &Device) {
                 "{what} db"
             );
         }
+        // The dVAE's 2× resampling, f32 and bf16: equal values (the CPU kernel on the widened
+        // bf16 input: pooling and copying commute with the rounding).
+        for dt in [candle_core::DType::F32, candle_core::DType::BF16] {
+            let f32s = |t: Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+            let xd = x.to_dtype(dt).unwrap();
+            let (xc, xg) = (f32s(xd.clone()), xd.to_device(gpu).unwrap());
+            let pool = (
+                ops::max_pool_2x2(&xc).unwrap(),
+                ops::max_pool_2x2(&xg).unwrap(),
+            );
+            let up = (
+                ops::upsample_nearest_2x(&xc).unwrap(),
+                ops::upsample_nearest_2x(&xg).unwrap(),
+            );
+            for (what, (want, got)) in [("max_pool_2x2", pool), ("upsample_nearest_2x", up)] {
+                let got = f32s(got);
+                assert_eq!(want.dims(), got.dims(), "{what} {dt:?} shape");
+                let d = max_diff(&want, &got);
+                assert_eq!(d, 0.0, "{what} {dt:?} on {b}x{c}x{h}x{w}");
+            }
+        }
         // The value and its ReLU from one pass (frozen dVAE blocks), with and without residual.
         for res in [false, true] {
             let rr = res.then_some(&r);

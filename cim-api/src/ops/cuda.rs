@@ -1185,3 +1185,48 @@ impl candle_core::InplaceOp1 for Nest<'_, '_> {
         nest_writes(self.rest, self.ptrs, self.f)
     }
 }
+
+// ---- 2× resampling (`kernels/ops.cu`, `super::resample`) ----
+
+/// `max_pool2d(2)` (`pool`) or nearest 2× upsampling of contiguous NCHW `x`, f32 or bf16.
+pub fn resample_2x(s: &CudaStorage, l: &Layout, pool: bool) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(s, resample_2x_t(s, l, pool))
+}
+
+fn resample_2x_t<T: KernelFloat>(
+    s: &CudaStorage,
+    l: &Layout,
+    pool: bool,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device().clone();
+    let x = view::<T>(s, l, "resample input")?;
+    let (b, c, h, w) = l.shape().dims4()?;
+    let (ho, wo) = match pool {
+        true => (h / 2, w / 2),
+        false => (2 * h, 2 * w),
+    };
+    let n = b * c * ho * wo;
+    let y = alloc_written::<T>(&dev, n)?;
+    let base = if pool {
+        "cim_max_pool_2x2"
+    } else {
+        "cim_upsample_2x"
+    };
+    let func = dev.get_or_load_custom_func(&dtype_kernel(base, s.dtype())?, MODULE, PTX)?;
+    let (nn, hh, ww, hho, wwo) = (n as i64, h as i32, w as i32, ho as i32, wo as i32);
+    let mut a = func.builder();
+    a.arg(&x)
+        .arg(&y)
+        .arg(&nn)
+        .arg(&hh)
+        .arg(&ww)
+        .arg(&hho)
+        .arg(&wwo);
+    // SAFETY: argument types and counts match both kernels' signatures; one thread per output
+    // element, each reading inside its input plane.
+    unsafe { a.launch(per_element(n)) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(y, dev),
+        Shape::from((b, c, ho, wo)),
+    ))
+}
