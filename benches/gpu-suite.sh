@@ -10,7 +10,8 @@
 #      the tok_precision line); ResNet-50 bf16 with `run.cudnn_conv` too;
 #   3. the PyTorch reference (../shared/bench/torch_cim_ref.py), bf16 eager suite, then
 #      torch.compile for ViT-B/16 RESPIX;
-#   4. a kernel-level profile of ViT-B/16 RESPIX (benches/cupti) and the fused-op bench.
+#   4. kernel-level profiles of ViT-B/16 RESPIX (benches/cupti): as in 2, and with cim's cuDNN
+#      calls and the whole dVAE in bf16; the fused-op bench.
 # Expects in .gpu/: cim-run.xz (`--features cudnn`), ops_cuda.xz (`--features cudnn` test binary
 # of cim-api) and fused_ops.xz (`--features cuda` bench binary), libkernel_times.so (benches/cupti/README.md),
 # run-on-gpu.sh and torch_cim_ref.py from ../shared. Prints a summary; files go under $OUT.
@@ -89,6 +90,12 @@ rm -f "$OUT/torch_compile.jsonl" "$OUT/torch.err" "$OUT/cim.err"
 el "kernel profile, ViT-B/16 RESPIX bf16"
 TOP=45 timeout 120 bash benches/cupti/profile.sh vit_b16_respix 1 3 --batch "$B" --warmup 1 "${FAST[@]}" \
   > "$OUT/profile.txt" 2>&1; echo "rc=$?"; head -n 32 "$OUT/profile.txt"
+rm -f "$OUT"/prof_* "$OUT"/prof.err
+
+el "kernel profile, ViT-B/16 RESPIX bf16 with cim's cuDNN calls and the dVAE in bf16"
+TOP=45 timeout 120 bash benches/cupti/profile.sh vit_b16_respix 1 3 --batch "$B" --warmup 1 "${FAST[@]}" \
+  --set run.cudnn_conv=true --set tokenizer.dalle_dvae.precision='"bf16"' \
+  > "$OUT/profile_cudnn_dvae_bf16.txt" 2>&1; echo "rc=$?"; head -n 32 "$OUT/profile_cudnn_dvae_bf16.txt"
 rm -f "$OUT"/prof_* "$OUT"/prof.err
 
 el "fused vs composed ops on CUDA"
