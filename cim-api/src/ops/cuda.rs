@@ -962,30 +962,10 @@ pub fn channel_bias(
 
 // ---- Multi-tensor AdamW and sum of squares (`kernels/ops.cu`, `super::adamw`) ----
 
-/// Elements per thread block of the multi-tensor kernels (`MT_CHUNK` in `ops.cu`).
-pub const MT_CHUNK: usize = 4096;
-
 /// Words per tensor in the AdamW table (`MT_WORDS` in `ops.cu`).
 const MT_WORDS: usize = 5;
 
-/// One word per chunk of [`MT_CHUNK`] elements: `tensor << 40 | first element`.
-fn chunk_words(lens: impl Iterator<Item = usize>) -> Result<Vec<u64>> {
-    let mut words = vec![];
-    for (i, n) in lens.enumerate() {
-        if n >= 1 << 40 || i >= 1 << 23 {
-            candle_core::bail!("multi-tensor kernel: tensor {i} with {n} elements is too large");
-        }
-        words.extend(
-            (0..n)
-                .step_by(MT_CHUNK)
-                .map(|s| (i as u64) << 40 | s as u64),
-        );
-    }
-    if words.len() > i32::MAX as usize {
-        candle_core::bail!("multi-tensor kernel: {} chunks", words.len());
-    }
-    Ok(words)
-}
+use super::adamw::chunk_words;
 
 /// One block of [`THREADS`] per chunk.
 fn per_chunk(chunks: usize) -> LaunchConfig {
@@ -1004,7 +984,7 @@ fn cuda_storage<'a>(s: &'a candle_core::Storage, what: &str) -> Result<&'a CudaS
 }
 
 /// `Σ x²` of every tensor (f32, contiguous, one CUDA device) in one launch: partial sums per
-/// chunk of [`MT_CHUNK`] elements (f32 within a chunk, as the CPU twin), returned in order.
+/// chunk of 4096 elements (f32 within a chunk, as the CPU twin), returned in order.
 pub fn sum_squares_multi(ts: &[&candle_core::Tensor]) -> Result<Vec<f64>> {
     let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
     let Some((first, _)) = guards.first() else {
