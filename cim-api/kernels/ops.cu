@@ -714,6 +714,26 @@ extern "C" __global__ void cim_channel_bias(const float* x, const float* b, cons
     }
 }
 
+// The same in bf16 storage (x, b, r, y all bf16; f32 arithmetic, one rounding at the store):
+// the frozen dVAE in bf16. Four elements per thread, scalar loads.
+extern "C" __global__ void cim_channel_bias_bf16(const __nv_bfloat16* x, const __nv_bfloat16* b,
+                                                 const __nv_bfloat16* r, __nv_bfloat16* y,
+                                                 long long n4, int c, int hw4, float g, int has_r,
+                                                 int relu, int pair) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n4) return;
+    const float bc = ld(b, (size_t)((i / hw4) % c));
+    const size_t o = 4 * (size_t)i, n = 4 * (size_t)n4;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        float v = g * (ld(x, o + k) + bc);
+        if (has_r) v += ld(r, o + k);
+        if (relu) v = fmaxf(v, 0.0f);
+        st(y, o + k, v);
+        if (pair) st(y, n + o + k, fmaxf(v, 0.0f));
+    }
+}
+
 // ---- Multi-tensor AdamW and sum of squares (src/ops/adamw.rs) ----
 // One launch for every parameter. `table` holds, per tensor i, MT_WORDS words at MT_WORDS·i:
 // parameter, moments and gradient addresses, the element count, and the f32 bits of lr (low)

@@ -586,6 +586,39 @@ fn channel_bias_parity(gpu: &Device) {
                 assert_eq!(d, 0.0, "{what} {dt:?} on {b}x{c}x{h}x{w}");
             }
         }
+        // bf16 maps (the dVAE in bf16): the CUDA kernel against the CPU's f32 kernel on the
+        // widened inputs, both rounded to bf16 (one bf16 step apart at most).
+        {
+            use candle_core::DType;
+            let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+            let (xb, bb, rb) = (bf(&x), bf(&bias), bf(&r));
+            let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            for res in [false, true] {
+                let want = ops::channel_bias(
+                    &wide(&xb),
+                    &wide(&bb),
+                    res.then(|| wide(&rb)).as_ref(),
+                    0.5,
+                    true,
+                )
+                .unwrap();
+                let (xg, bg, rg) = (
+                    xb.to_device(gpu).unwrap(),
+                    bb.to_device(gpu).unwrap(),
+                    rb.to_device(gpu).unwrap(),
+                );
+                let got = ops::channel_bias(&xg, &bg, res.then_some(&rg), 0.5, true).unwrap();
+                assert_eq!(got.dtype(), DType::BF16);
+                let (want, got) = (wide(&bf(&want)), wide(&got));
+                let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                let d = max_diff(&want, &got) / scale.max(1e-6);
+                assert!(d < 1e-2, "channel_bias bf16 {b}x{c}x{h}x{w} res={res}: {d}");
+                let (y, yr) =
+                    ops::channel_bias_and_relu(&xg, &bg, res.then_some(&rg), 0.5).unwrap();
+                let yr_want = wide(&y).relu().unwrap();
+                assert_eq!(max_diff(&wide(&yr), &yr_want), 0.0, "bf16 pair relu");
+            }
+        }
         // The value and its ReLU from one pass (frozen dVAE blocks), with and without residual.
         for res in [false, true] {
             let rr = res.then_some(&r);

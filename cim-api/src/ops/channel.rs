@@ -5,7 +5,9 @@
 //! (which indexes every element through its strides), and a residual block's last conv
 //! `id + g·(conv + b)` three. On an H200 those passes over the frozen dVAE's f32 maps (up to
 //! 1.6 GB each at batch 128) cost more than its convolutions. Fused: one pass, four elements per
-//! CUDA thread. The backward (for trainable uses) is composed from the output's ReLU mask.
+//! CUDA thread. The backward (for trainable uses) is composed from the output's ReLU mask. On
+//! CUDA the kernel also takes bf16 maps (all inputs bf16, untracked: the dVAE in bf16), computing
+//! in f32 and rounding once.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -101,7 +103,13 @@ fn fused_inputs(
     let mut all = vec![x, b];
     all.extend(residual);
     let on_cuda = x.device().is_cuda();
-    if !is_fusable(&all) || (on_cuda && (h * w) % 4 != 0) {
+    // bf16 (the frozen dVAE in bf16): the CUDA kernel, for inputs that track no gradient.
+    let bf16 = on_cuda
+        && super::cuda_kernels()
+        && all
+            .iter()
+            .all(|t| t.dtype() == DType::BF16 && t.device().is_cuda() && !t.track_op());
+    if !(is_fusable(&all) || bf16) || (on_cuda && (h * w) % 4 != 0) {
         return Ok(None);
     }
     let (x, b) = (x.contiguous()?, b.contiguous()?);

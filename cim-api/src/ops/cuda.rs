@@ -915,7 +915,8 @@ fn conv_geometry_kernel(
     Ok((CudaStorage::wrap_cuda_slice(y, dev), out))
 }
 
-/// `[r +] g·(x + b[c])`, optionally ReLU'd; `x` (and `r`) `(B, C, H, W)` with `H·W % 4 == 0`.
+/// `[r +] g·(x + b[c])`, optionally ReLU'd; `x` (and `r`) `(B, C, H, W)` with `H·W % 4 == 0`;
+/// all f32 (16-byte aligned views) or all bf16.
 pub fn channel_bias(
     x: (&CudaStorage, &Layout),
     b: (&CudaStorage, &Layout),
@@ -924,17 +925,33 @@ pub fn channel_bias(
     relu: bool,
     pair: bool,
 ) -> Result<(CudaStorage, Shape)> {
+    let dtypes = [Some(x.0.dtype()), Some(b.0.dtype()), r.map(|r| r.0.dtype())];
+    if dtypes.iter().flatten().any(|&d| d != x.0.dtype()) {
+        candle_core::bail!("channel_bias: x, bias and residual must share a dtype: {dtypes:?}");
+    }
+    by_dtype!(x.0, channel_bias_t(x, b, r, g, relu, pair))
+}
+
+fn channel_bias_t<T: KernelFloat>(
+    x: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+    r: Option<(&CudaStorage, &Layout)>,
+    g: f32,
+    relu: bool,
+    pair: bool,
+) -> Result<(CudaStorage, Shape)> {
     let dev = x.0.device().clone();
-    let xv = view::<f32>(x.0, x.1, "x")?;
-    let bv = view::<f32>(b.0, b.1, "bias")?;
+    let xv = view::<T>(x.0, x.1, "x")?;
+    let bv = view::<T>(b.0, b.1, "bias")?;
     let rv = match r {
-        Some((s, l)) => view::<f32>(s, l, "residual")?,
-        None => view::<f32>(x.0, x.1, "x")?,
+        Some((s, l)) => view::<T>(s, l, "residual")?,
+        None => view::<T>(x.0, x.1, "x")?,
     };
     let (b_, c, h, w) = x.1.shape().dims4()?;
     let n = x.1.shape().elem_count();
-    let y = alloc_written::<f32>(&dev, if pair { 2 * n } else { n })?;
-    let func = dev.get_or_load_custom_func("cim_channel_bias", MODULE, PTX)?;
+    let y = alloc_written::<T>(&dev, if pair { 2 * n } else { n })?;
+    let kernel = dtype_kernel("cim_channel_bias", x.0.dtype())?;
+    let func = dev.get_or_load_custom_func(&kernel, MODULE, PTX)?;
     let (n4, c, hw4) = ((n / 4) as i64, c as i32, (h * w / 4) as i32);
     let (has_r, relu, pair_i) = (r.is_some() as i32, relu as i32, pair as i32);
     let mut a = func.builder();
@@ -949,9 +966,9 @@ pub fn channel_bias(
         .arg(&has_r)
         .arg(&relu)
         .arg(&pair_i);
-    // SAFETY: argument types and counts match the kernel's signature; four elements per thread,
-    // n % 4 == 0 and every view 16-byte aligned (checked by the caller); with `pair` the output
-    // holds 2n floats, the kernel writes both halves.
+    // SAFETY: argument types and counts match both kernels' signatures; four elements per
+    // thread, n % 4 == 0 and, for f32's float4 loads, every view 16-byte aligned (checked by the
+    // caller); with `pair` the output holds 2n values, the kernel writes both halves.
     unsafe { a.launch(per_element(n / 4)) }.w()?;
     let shape = match pair {
         true => Shape::from((2, b_, c as usize, h, w)),
