@@ -29,7 +29,9 @@ for line in open(sys.argv[1]):
     d = json.loads(line)
     if "images_per_s" in d:
         ph = {k: round(v, 1) for k, v in d["phase_ms"].items()}
-        print(f'  {d.get("enhancer")} {d.get("objective")} {d.get("dtype")} compile={d.get("compile", "-")}: '
+        tok = (d.get("tok_precision") or {}).get("dtype", "-")
+        print(f'  {d.get("enhancer")} {d.get("objective")} {d.get("dtype")} compile={d.get("compile", "-")} '
+              f'cudnn_conv={d.get("cudnn_conv", "-")} dvae={tok}: '
               f'{d["images_per_s"]:.1f} img/s, step {d["step_ms"]:.1f} ms, peak {d.get("peak_mem_gib", 0):.1f} GiB {ph}')
 PY
 }
