@@ -834,3 +834,55 @@ extern "C" __global__ void cim_upsample_2x_bf16(const __nv_bfloat16* x, __nv_bfl
                                                 long long n, int h, int w, int ho, int wo) {
     upsample_2x(x, y, n, h, w);
 }
+
+// ---- Head layouts of GEMM attention (src/ops/heads.rs): plain copies, f32 or bf16 ----
+// All take (a, b, c, out, total, B, N, H, hd); one thread per output element.
+
+// out (parts, B, H, N, hd) from a (B, N, parts, H, hd): the packed qkv (3 parts) or a token-major
+// gradient (1 part).
+template <typename T>
+__device__ void split_qkv(const T* a, T* out, long long total, int B, int N, int H, int hd,
+                          int parts) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    const int d = (int)(i % hd);
+    long long r = i / hd;
+    const int t = (int)(r % N);
+    r /= N;
+    const int h = (int)(r % H);
+    r /= H;
+    const int b = (int)(r % B), s = (int)(r / B);
+    out[i] = a[((((long long)b * N + t) * parts + s) * H + h) * hd + d];
+}
+
+// out (B, N, parts, H, hd) from `parts` per-head tensors (B, H, N, hd): a, then b, then c.
+template <typename T>
+__device__ void merge_heads(const T* a, const T* b, const T* c, T* out, long long total, int N,
+                            int H, int hd, int parts) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    const int d = (int)(i % hd);
+    long long r = i / hd;
+    const int h = (int)(r % H);
+    r /= H;
+    const int s = (int)(r % parts);
+    r /= parts;
+    const int t = (int)(r % N);
+    const long long bb = r / N;
+    const T* src = s == 0 ? a : (s == 1 ? b : c);
+    out[i] = src[((bb * H + h) * N + t) * hd + d];
+}
+
+#define HEAD_COPY(name, T, body)                                                                 \
+    extern "C" __global__ void name(const T* a, const T* b, const T* c, T* out, long long total, \
+                                    int B, int N, int H, int hd) {                               \
+        body;                                                                                    \
+    }
+HEAD_COPY(cim_split_qkv, float, split_qkv(a, out, total, B, N, H, hd, 3))
+HEAD_COPY(cim_split_qkv_bf16, __nv_bfloat16, split_qkv(a, out, total, B, N, H, hd, 3))
+HEAD_COPY(cim_split_heads, float, split_qkv(a, out, total, B, N, H, hd, 1))
+HEAD_COPY(cim_split_heads_bf16, __nv_bfloat16, split_qkv(a, out, total, B, N, H, hd, 1))
+HEAD_COPY(cim_merge_heads, float, merge_heads(a, b, c, out, total, N, H, hd, 1))
+HEAD_COPY(cim_merge_heads_bf16, __nv_bfloat16, merge_heads(a, b, c, out, total, N, H, hd, 1))
+HEAD_COPY(cim_merge_qkv, float, merge_heads(a, b, c, out, total, N, H, hd, 3))
+HEAD_COPY(cim_merge_qkv_bf16, __nv_bfloat16, merge_heads(a, b, c, out, total, N, H, hd, 3))

@@ -47,6 +47,7 @@ mod cuda;
 mod cudnn;
 mod gemm;
 mod graft;
+mod heads;
 mod max_pool;
 mod resample;
 mod respix;
@@ -68,6 +69,7 @@ pub use conv::{conv2d, conv2d_with_budget, cudnn_conv, set_cudnn_conv, COL_BUDGE
 #[cfg(feature = "cuda")]
 pub use cuda::adamw_multi_launches;
 pub use graft::{with_backward, BackwardFn};
+pub use heads::{merge_heads, merge_qkv, split_heads, split_qkv};
 pub use max_pool::max_pool_3x3_s2;
 pub use resample::{max_pool_2x2, upsample_nearest_2x};
 pub use respix::{respix_loss, respix_sliding_target};

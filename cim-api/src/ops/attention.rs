@@ -99,29 +99,21 @@ pub(crate) fn attention_detached(
 /// [`attention_gemm`]'s forward on a detached `qkv`, keeping q, k, v and the probabilities for
 /// its backward.
 fn gemm_detached(qkv: &Tensor, heads: usize, scale: f64) -> Result<(Tensor, AttentionBackward)> {
-    let (b, n, _) = qkv.dims3()?;
-    let hd = head_dim(qkv, heads)?;
-    let parts = qkv
-        .reshape((b, n, 3, heads, hd))?
-        .permute((2, 0, 3, 1, 4))?
-        .contiguous()?; // (3, B, H, N, hd)
+    head_dim(qkv, heads)?; // checks the width
+                           // The head layout changes are one copy each (`super::heads`).
+    let parts = super::split_qkv(qkv, heads)?; // (3, B, H, N, hd)
     let q = (parts.get(0)? * scale)?;
     let (k, v) = (parts.get(1)?, parts.get(2)?);
     let p = softmax_native(&q.matmul(&k.t()?)?)?;
-    let d = heads * hd;
-    let out = p.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+    let out = super::merge_heads(&p.matmul(&v)?)?;
     let backward = move |dout: &Tensor| {
-        let g = dout
-            .reshape((b, n, heads, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let to_candle = |e: crate::Error| candle_core::Error::Msg(e.to_string());
+        let g = super::split_heads(dout, heads).map_err(to_candle)?;
         let dv = p.t()?.matmul(&g)?;
         let ds = softmax_backward(&p, &g.matmul(&v.t()?)?)?;
         let dq = (ds.matmul(&k)? * scale)?;
         let dk = ds.t()?.matmul(&q)?;
-        Tensor::stack(&[dq, dk, dv], 0)?
-            .permute((1, 3, 0, 2, 4))?
-            .reshape((b, n, 3 * d))
+        super::merge_qkv(&dq, &dk, &dv).map_err(to_candle)
     };
     Ok((out, Box::new(backward)))
 }

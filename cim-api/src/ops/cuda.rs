@@ -1227,3 +1227,51 @@ fn resample_2x_t<T: KernelFloat>(
         Shape::from((b, c, ho, wo)),
     ))
 }
+
+// ---- Head layouts of GEMM attention (`kernels/ops.cu`, `super::heads`) ----
+
+/// One of the head-layout copies (`cim_split_qkv`, `cim_merge_heads`, `cim_merge_qkv`): up to
+/// three contiguous inputs of one dtype (f32 or bf16), output `shape`; `(B, N, H, hd)` as the
+/// kernels take them.
+pub fn head_copy(
+    kernel: &str,
+    srcs: &[(&CudaStorage, &Layout)],
+    shape: Shape,
+    (b, n, h, hd): (usize, usize, usize, usize),
+) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(srcs[0].0, head_copy_t(kernel, srcs, shape, (b, n, h, hd)))
+}
+
+fn head_copy_t<T: KernelFloat>(
+    kernel: &str,
+    srcs: &[(&CudaStorage, &Layout)],
+    shape: Shape,
+    (b, n, h, hd): (usize, usize, usize, usize),
+) -> Result<(CudaStorage, Shape)> {
+    let dev = srcs[0].0.device().clone();
+    let views = srcs
+        .iter()
+        .map(|(s, l)| view::<T>(s, l, "head copy input"))
+        .collect::<Result<Vec<_>>>()?;
+    let pick = |i: usize| &views[i.min(views.len() - 1)];
+    let total = shape.elem_count();
+    let out = alloc_written::<T>(&dev, total)?;
+    let func =
+        dev.get_or_load_custom_func(&dtype_kernel(kernel, srcs[0].0.dtype())?, MODULE, PTX)?;
+    let (tt, bb, nn, hh, dd) = (total as i64, b as i32, n as i32, h as i32, hd as i32);
+    let mut a = func.builder();
+    a.arg(pick(0))
+        .arg(pick(1))
+        .arg(pick(2))
+        .arg(&out)
+        .arg(&tt)
+        .arg(&bb)
+        .arg(&nn)
+        .arg(&hh)
+        .arg(&dd);
+    // SAFETY: argument types and counts match the kernels' common signature; one thread per
+    // output element, each reading inside its input (shapes checked by `super::heads`); inputs a
+    // kernel does not use alias the first.
+    unsafe { a.launch(per_element(total)) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+}
