@@ -37,8 +37,8 @@ PY
 }
 
 el "GPU parity of the CUDA kernels"
-timeout 90 $RUN .gpu/ops_cuda.xz --test-threads 1 > "$OUT/ops_cuda.txt" 2>&1
-echo "rc=$?"; grep -E "test result|panicked|assert" "$OUT/ops_cuda.txt" | head -n 8
+timeout 120 $RUN .gpu/ops_cuda.xz --test-threads 1 --nocapture > "$OUT/ops_cuda.txt" 2>&1
+echo "rc=$?"; grep -E "^(ok|FAIL) |test result|panicked" "$OUT/ops_cuda.txt" | head -n 40
 
 # The device tool returns at most 8 files: every cim bench line goes to $OUT/cim.jsonl, each after a
 # {"run": NAME} line.

@@ -51,11 +51,54 @@ fn run(
     (y, vars.iter().map(|v| g.get(v).unwrap().clone()).collect())
 }
 
+/// One GPU-against-CPU parity check.
+type Check = fn(&Device);
+
+/// Every parity check below, each run even when an earlier one failed (a GPU session is short:
+/// one run should name every kernel that disagrees); prints `ok`/`FAIL` per check.
 #[test]
 fn cuda_kernels_match_the_cpu_kernels() {
     let gpu = Device::new_cuda(0).expect("this test needs a CUDA GPU");
-    let cpu = Device::Cpu;
     ops::set_cuda_kernels(true);
+    let checks: Vec<(&str, Check)> = vec![
+        ("layer_norm, softmax, cross_entropy", row_kernels_parity),
+        ("respix", respix_parity),
+        ("adamw", adamw_parity),
+        ("adamw_multi + sum_of_squares", adamw_multi_parity),
+        ("attention", attention_parity),
+        ("batch_norm", batch_norm_parity),
+        ("max_pool", max_pool_parity),
+        ("bias_gelu", bias_gelu_parity),
+        ("conv", conv_parity),
+        ("mixed_conv", mixed_conv_parity),
+        ("channel_bias + resampling", channel_bias_parity),
+        ("bf16", bf16_parity),
+        ("block", block_parity),
+        ("select_rows", select_rows_parity),
+    ];
+    #[cfg(feature = "cudnn")]
+    let checks = [checks, vec![("cudnn_conv", cudnn_conv_parity as Check)]].concat();
+    let mut failed = vec![];
+    for (name, check) in checks {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&gpu)));
+        // A failed check may leave a switch on.
+        ops::set_cuda_kernels(true);
+        ops::set_cudnn_conv(false);
+        match result {
+            Ok(()) => println!("ok   {name}"),
+            Err(_) => {
+                println!("FAIL {name} (its panic message is above)");
+                failed.push(name);
+            }
+        }
+    }
+    ops::set_cuda_kernels(false);
+    assert!(failed.is_empty(), "GPU parity failed for: {failed:?}");
+}
+
+/// LayerNorm, softmax and cross-entropy (the row kernels) on GPU against CPU.
+fn row_kernels_parity(gpu: &Device) {
+    let cpu = Device::Cpu;
     // LayerNorm at ViT-B width over 3·197 rows, and a narrow odd width.
     for (rows, d) in [(3 * 197, 768), (37, 33)] {
         let x = randn(&[rows, d], 1, &cpu);
@@ -64,7 +107,7 @@ fn cuda_kernels_match_the_cpu_kernels() {
         let up = randn(&[rows, d], 4, &cpu);
         let f = |t: &[Tensor]| ops::layer_norm(&t[0], &t[1], &t[2], 1e-6).unwrap();
         let (yc, gc) = run(&cpu, &f, &[x.clone(), w.clone(), b.clone()], &up);
-        let (yg, gg) = run(&gpu, &f, &[x, w, b], &up);
+        let (yg, gg) = run(gpu, &f, &[x, w, b], &up);
         assert!(max_diff(&yc, &yg) < 1e-4, "layer_norm value ({rows}×{d})");
         for (i, (a, b)) in gc.iter().zip(&gg).enumerate() {
             // dw, db sum over rows: their rounding grows with the row count.
@@ -78,7 +121,7 @@ fn cuda_kernels_match_the_cpu_kernels() {
     let up = randn(&[2, 4, 197, 197], 6, &cpu);
     let f = |t: &[Tensor]| ops::softmax_last_dim(&t[0]).unwrap();
     let (yc, gc) = run(&cpu, &f, std::slice::from_ref(&x), &up);
-    let (yg, gg) = run(&gpu, &f, &[x], &up);
+    let (yg, gg) = run(gpu, &f, &[x], &up);
     assert!(max_diff(&yc, &yg) < 1e-5, "softmax value");
     assert!(max_diff(&gc[0], &gg[0]) < 1e-4, "softmax grad");
     // Cross-entropy over an 8192-token vocabulary.
@@ -86,10 +129,10 @@ fn cuda_kernels_match_the_cpu_kernels() {
     let t: Vec<u32> = (0..230).map(|i| (i * 131 % 8192) as u32).collect();
     let (tc, tg) = (
         Tensor::new(t.as_slice(), &cpu).unwrap(),
-        Tensor::new(t.as_slice(), &gpu).unwrap(),
+        Tensor::new(t.as_slice(), gpu).unwrap(),
     );
     let xc = Var::from_tensor(&x).unwrap();
-    let xg = Var::from_tensor(&x.to_device(&gpu).unwrap()).unwrap();
+    let xg = Var::from_tensor(&x.to_device(gpu).unwrap()).unwrap();
     let lc = ops::cross_entropy(&xc, &tc).unwrap();
     let lg = ops::cross_entropy(&xg, &tg).unwrap();
     assert!(max_diff(&lc, &lg) < 1e-4, "cross-entropy value");
@@ -98,22 +141,6 @@ fn cuda_kernels_match_the_cpu_kernels() {
         max_diff(gc.get(&xc).unwrap(), gg.get(&xg).unwrap()) < 1e-6,
         "cross-entropy grad"
     );
-    respix_parity(&gpu);
-    adamw_parity(&gpu);
-    adamw_multi_parity(&gpu);
-    attention_parity(&gpu);
-    batch_norm_parity(&gpu);
-    max_pool_parity(&gpu);
-    bias_gelu_parity(&gpu);
-    conv_parity(&gpu);
-    mixed_conv_parity(&gpu);
-    #[cfg(feature = "cudnn")]
-    cudnn_conv_parity(&gpu);
-    channel_bias_parity(&gpu);
-    bf16_parity(&gpu);
-    block_parity(&gpu);
-    select_rows_parity(&gpu);
-    ops::set_cuda_kernels(false);
 }
 
 /// RESPIX target (224 px, k = 8) and loss (ViT-B/16 layout) on GPU against CPU.
