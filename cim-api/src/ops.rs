@@ -784,6 +784,17 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// The f32 bit patterns of `t`'s values (widened from bf16), for exact comparisons.
+    pub(super) fn bits(t: &Tensor) -> Vec<u32> {
+        t.to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
     pub(super) fn randn(shape: &[usize], seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);

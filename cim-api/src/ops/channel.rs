@@ -294,7 +294,7 @@ impl CustomOp3 for ChannelBias {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::tests::{max_diff, randn};
+    use crate::ops::tests::{bits, max_diff, randn};
     use candle_core::Var;
 
     /// Every combination of residual / ReLU / gain: values and all gradients against the composed
@@ -343,16 +343,9 @@ mod tests {
             let rr = res.then_some(&r);
             let (y, yr) = channel_bias_and_relu(&x, &b, rr, 0.25)?;
             let want = channel_bias(&x, &b, rr, 0.25, false)?;
-            let bits = |t: &Tensor| -> Result<Vec<u32>> {
-                Ok(t.flatten_all()?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect())
-            };
             assert_eq!((y.dims(), yr.dims()), (x.dims(), x.dims()));
-            assert_eq!(bits(&y)?, bits(&want)?, "case {i} value");
-            assert_eq!(bits(&yr)?, bits(&want.relu()?)?, "case {i} relu");
+            assert_eq!(bits(&y), bits(&want), "case {i} value");
+            assert_eq!(bits(&yr), bits(&want.relu()?), "case {i} relu");
             assert!(y.is_contiguous() && yr.is_contiguous());
         }
         let xv = Var::from_tensor(&randn(&[1, 2, 2, 2], 3))?;

@@ -256,19 +256,7 @@ impl CustomOp3 for Heads {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::tests::randn;
-
-    fn bits(t: &Tensor) -> Vec<u32> {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
-    }
+    use crate::ops::tests::{bits, randn};
 
     /// Each copy equals candle's permute/stack composition exactly (f32 and bf16, odd sizes),
     /// and split then merge gives the packed tensor back.
