@@ -92,22 +92,27 @@ pub fn conv2d_with_budget(
     cpu_conv2d(x, w, op)
 }
 
-/// bf16 `x` with an f32 master weight `w`: bf16 storage, f32 arithmetic. Forward on a widened
-/// copy of `x` against the f32 weight, its output rounded to bf16 — on CUDA candle's f32
-/// convolution (cuDNN with `--features cudnn`, on TF32 tensor cores when `run.tf32`), on the CPU
-/// (no bf16 GEMM there) the f32 kernel. Not candle's bf16 convolution: cuDNN's bf16 NCHW kernels
-/// measured 8.1 ms against 0.96 ms in f32 for a 3×3 256→256 at 56², batch 64, on an H200
-/// (`../shared/cuda/README.md`), so the widening (one elementwise pass each way) is the cheap
-/// side. Backward in f32, as the f32 path's (CUDA im2col + GEMM + col2im, or the CPU kernel),
-/// from widened copies of `x` and the output gradient: `dx` rounded to bf16 for the bf16 graph,
-/// `dw` in f32 for the master weight. Keeps only the bf16 input.
+/// bf16 `x` with an f32 master weight `w`. Without cim's cuDNN calls: bf16 storage, f32
+/// arithmetic — the forward on a widened copy of `x` against the f32 weight, its output rounded to
+/// bf16 (on CUDA candle's f32 convolution, cuDNN with `--features cudnn`, on TF32 tensor cores when
+/// `run.tf32`; on the CPU, which has no bf16 GEMM, the f32 kernel), not candle's bf16 convolution:
+/// cuDNN's bf16 NCHW kernels as candle calls them measured 8.1 ms against 0.96 ms in f32 for a 3×3
+/// 256→256 at 56², batch 64, on an H200 (`../shared/cuda/README.md`), so the widening (one
+/// elementwise pass each way) is the cheap side. The backward likewise in f32 (on CUDA im2col,
+/// GEMM and col2im, or the CPU kernel), from widened copies of `x` and the output gradient: `dx`
+/// rounded to bf16 for the bf16 graph, `dw` in f32 for the master weight. With cim's cuDNN calls
+/// ([`set_cudnn_conv`], CUDA): all three passes in bf16 on tensor cores (f32 accumulation) against
+/// the weight rounded to bf16 once, `dw` widened for the master weight. Keeps only the bf16 input
+/// (and, with cuDNN, the bf16 weight).
 fn mixed_conv2d(x: &Tensor, w: &Tensor, op: Im2Col, budget: usize) -> Result<Tensor> {
     let (xd, wd) = (x.detach(), w.detach());
-    // With cim's cuDNN call (tensor-core bf16, `run.cudnn_conv`): in bf16 against the weight
-    // rounded to bf16, accumulating in f32.
-    let bf16 = match x.device().is_cuda() {
-        true => cudnn_forward(&xd, &wd.to_dtype(DType::BF16)?, op)?,
+    let w16 = match x.device().is_cuda() && cudnn_conv() {
+        true => Some(wd.to_dtype(DType::BF16)?),
         false => None,
+    };
+    let bf16 = match &w16 {
+        Some(w16) => cudnn_forward(&xd, w16, op)?,
+        None => None,
     };
     let y = match bf16 {
         Some(y) => y,
@@ -123,12 +128,9 @@ fn mixed_conv2d(x: &Tensor, w: &Tensor, op: Im2Col, budget: usize) -> Result<Ten
     };
     let need_dx = x.track_op();
     super::with_backward(&[x, w], y, move |dy| {
-        // With cim's cuDNN call: both gradients in bf16 on tensor cores (f32 accumulation), `dw`
-        // widened for the master weight.
-        if xd.device().is_cuda() {
-            let w16 = wd.to_dtype(DType::BF16)?;
+        if let Some(w16) = &w16 {
             if let Some((dx, dw)) =
-                cudnn_backward(&xd, &w16, op, &dy.to_dtype(DType::BF16)?, need_dx)?
+                cudnn_backward(&xd, w16, op, &dy.to_dtype(DType::BF16)?, need_dx)?
             {
                 return Ok(vec![dx, Some(dw.to_dtype(DType::F32)?)]);
             }
@@ -163,27 +165,48 @@ pub fn cudnn_conv() -> bool {
     CUDNN_CONV.load(Ordering::Relaxed)
 }
 
-/// The forward `conv2d(x, w)` through cim's cuDNN call (no backward), where it runs: switched
-/// on, a CUDA device, `x` and `w` of one dtype among f32, bf16, f16. `None` elsewhere.
+/// Whether cim's cuDNN calls take `ts` (switched on, a CUDA device, one dtype among f32, bf16,
+/// f16).
+#[cfg(feature = "cudnn")]
+fn cudnn_takes(ts: &[&Tensor]) -> bool {
+    let dtype = ts[0].dtype();
+    cudnn_conv()
+        && ts[0].device().is_cuda()
+        && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+        && ts.iter().all(|t| t.dtype() == dtype)
+}
+
+/// One cuDNN pass of `conv2d(x, ·)`, `x` `(B, C, H, W)`, `c_out` output channels.
+#[cfg(feature = "cudnn")]
+fn cudnn_pass(
+    x: &Tensor,
+    c_out: usize,
+    op: Im2Col,
+    pass: super::cudnn::Pass,
+) -> candle_core::Result<super::cudnn::CudnnConv> {
+    let (b, c, h, w) = x.dims4()?;
+    Ok(super::cudnn::CudnnConv {
+        op,
+        pass,
+        x_dims: [b, c, h, w],
+        c_out,
+    })
+}
+
+/// The forward `conv2d(x, w)` through cim's cuDNN call (no backward), where [`cudnn_takes`] them;
+/// `None` elsewhere.
 #[cfg(feature = "cudnn")]
 fn cudnn_forward(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Option<Tensor>> {
-    let supported = matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16);
-    if !cudnn_conv() || !x.device().is_cuda() || x.dtype() != w.dtype() || !supported {
+    if !cudnn_takes(&[x, w]) {
         return Ok(None);
     }
     let (x, w) = (x.detach().contiguous()?, w.detach().contiguous()?);
-    let (x_dims, c_out) = (cudnn_dims(&x)?, w.dim(0)?);
-    let conv = super::cudnn::CudnnConv {
-        op,
-        pass: super::cudnn::Pass::Forward,
-        x_dims,
-        c_out,
-    };
-    cudnn_fallible(x.apply_op2_no_bwd(&w, &conv))
+    let conv = cudnn_pass(&x, w.dim(0)?, op, super::cudnn::Pass::Forward)?;
+    Ok(cudnn_fallible(x.apply_op2_no_bwd(&w, &conv)))
 }
 
 /// `(dx, dw)` of `conv2d(x, w)` for the output gradient `dy` through cim's cuDNN call (`dx` when
-/// `need_dx`), all of `x`'s dtype, where [`cudnn_forward`] runs; `None` elsewhere.
+/// `need_dx`), all of `x`'s dtype, where [`cudnn_takes`] them; `None` elsewhere.
 #[cfg(feature = "cudnn")]
 fn cudnn_backward(
     x: &Tensor,
@@ -192,58 +215,36 @@ fn cudnn_backward(
     dy: &Tensor,
     need_dx: bool,
 ) -> candle_core::Result<Option<(Option<Tensor>, Tensor)>> {
-    use super::cudnn::{CudnnConv, Pass};
-    let dtype = x.dtype();
-    let supported = matches!(dtype, DType::F32 | DType::BF16 | DType::F16);
-    let same = w.dtype() == dtype && dy.dtype() == dtype;
-    if !cudnn_conv() || !x.device().is_cuda() || !same || !supported {
+    use super::cudnn::Pass;
+    if !cudnn_takes(&[x, w, dy]) {
         return Ok(None);
     }
     let (x, w, dy) = (x.contiguous()?, w.contiguous()?, dy.contiguous()?);
-    let (x_dims, c_out) = (cudnn_dims(&x).map_err(to_candle)?, w.dim(0)?);
-    let conv = |pass| CudnnConv {
-        op,
-        pass,
-        x_dims,
-        c_out,
-    };
-    let dw = x.apply_op2_no_bwd(&dy, &conv(Pass::BackwardFilter));
-    let Some(dw) = cudnn_fallible(dw).map_err(to_candle)? else {
+    let c_out = w.dim(0)?;
+    let conv = cudnn_pass(&x, c_out, op, Pass::BackwardFilter)?;
+    let Some(dw) = cudnn_fallible(x.apply_op2_no_bwd(&dy, &conv)) else {
         return Ok(None);
     };
     if !need_dx {
         return Ok(Some((None, dw)));
     }
-    let dx = w.apply_op2_no_bwd(&dy, &conv(Pass::BackwardData));
-    Ok(cudnn_fallible(dx)
-        .map_err(to_candle)?
-        .map(|dx| (Some(dx), dw)))
-}
-
-#[cfg(feature = "cudnn")]
-fn to_candle(e: crate::Error) -> candle_core::Error {
-    candle_core::Error::Msg(e.to_string())
-}
-
-#[cfg(feature = "cudnn")]
-fn cudnn_dims(x: &Tensor) -> Result<[usize; 4]> {
-    let (b, c, h, w) = x.dims4()?;
-    Ok([b, c, h, w])
+    let conv = cudnn_pass(&x, c_out, op, Pass::BackwardData)?;
+    Ok(cudnn_fallible(w.apply_op2_no_bwd(&dy, &conv)).map(|dx| (Some(dx), dw)))
 }
 
 /// A cuDNN pass's result; an error switches cim's cuDNN call off (with a warning) and gives
 /// `None`, so that the caller runs the convolution another way.
 #[cfg(feature = "cudnn")]
-fn cudnn_fallible(r: candle_core::Result<Tensor>) -> Result<Option<Tensor>> {
+fn cudnn_fallible(r: candle_core::Result<Tensor>) -> Option<Tensor> {
     match r {
-        Ok(t) => Ok(Some(t)),
+        Ok(t) => Some(t),
         Err(e) => {
             tracing::warn!(
                 "cim's cuDNN convolution failed ({e}); candle's convolution and cim's im2col \
                  backward from here on"
             );
             set_cudnn_conv(false);
-            Ok(None)
+            None
         }
     }
 }

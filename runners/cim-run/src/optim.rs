@@ -170,20 +170,15 @@ impl AdamW {
     /// One update at learning rate `lr`, clipping the global gradient norm to `clip` (0 = off).
     /// A non-finite gradient norm is an error and leaves every parameter untouched.
     pub fn step(&mut self, grads: &GradStore, lr: f64, clip: f64) -> Result<StepInfo> {
-        let norm = self.grad_norm(grads)?;
+        let grads = self.grads(grads)?;
+        let norm = cim_api::ops::sum_of_squares(&grads)?.sqrt();
         if !norm.is_finite() {
-            // Name the component: the first parameters whose gradient is not finite.
+            // Name the component: the first parameters whose gradient is not finite (summed as
+            // the norm is, so exactly those that made it non-finite).
             let mut bad = vec![];
-            for s in &self.slots {
-                if let Some(g) = grads.get(s.var.as_tensor()) {
-                    let sq = g
-                        .to_dtype(DType::F32)?
-                        .sqr()?
-                        .sum_all()?
-                        .to_scalar::<f32>()?;
-                    if !sq.is_finite() {
-                        bad.push(s.name.as_str());
-                    }
+            for (s, g) in self.slots.iter().zip(&grads) {
+                if !cim_api::ops::sum_of_squares(&[g])?.is_finite() {
+                    bad.push(s.name.as_str());
                 }
             }
             let more = if bad.len() > 3 {
@@ -202,7 +197,6 @@ impl AdamW {
             1.0
         };
         self.t += 1;
-        let grads = self.grads(grads)?;
         let steps: Vec<_> = self
             .slots
             .iter()
