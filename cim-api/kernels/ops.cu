@@ -1,8 +1,9 @@
 // CUDA kernels of cim_api::ops (built into PTX by cim-api's build.rs with the `cuda` feature).
-// f32 (softmax also bf16), contiguous row-major tensors; one thread block per row for the row-wise kernels.
+// f32, most also bf16 (the dVAE's map kernels also f16), contiguous row-major tensors; one thread block per row for the row-wise kernels.
 // Each kernel has a CPU twin in src/ops.rs or src/ops/*.rs; tests/ops_cuda.rs compares them on a GPU.
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <math.h>
 
 // Sum (or max) of `v` over the block; every thread gets the result. `sh` holds 32 floats.
@@ -36,11 +37,14 @@ __device__ __forceinline__ float block_max(float v, float* sh) {
     return sh[0];
 }
 
-// Loads and stores of f32 or bf16 storage; the arithmetic is f32 either way.
+// Loads and stores of f32, bf16 or f16 storage; the arithmetic is f32 either way.
 __device__ __forceinline__ float ld(const float* p, size_t i) { return p[i]; }
 __device__ __forceinline__ float ld(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
 __device__ __forceinline__ void st(float* p, size_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
+// f16 storage: the frozen dVAE's maps (cim's cuDNN convolution accumulates them in f32).
+__device__ __forceinline__ float ld(const __half* p, size_t i) { return __half2float(p[i]); }
+__device__ __forceinline__ void st(__half* p, size_t i, float v) { p[i] = __float2half(v); }
 
 // Mean and 1/sqrt(var + eps) of row `xr` (f32 or bf16 storage).
 template <typename T>
@@ -602,11 +606,21 @@ extern "C" __global__ void cim_bias_gelu_fwd_bf16(const __nv_bfloat16* x, const 
     bias_gelu_fwd(x, b, y, n, d);
 }
 
-extern "C" __global__ void cim_bias_add_fwd(const float* x, const float* b, float* y, long long n,
-                                            int d) {
+template <typename T>
+__device__ void bias_add_fwd(const T* x, const float* b, T* y, long long n, int d) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    y[i] = x[i] + b[i % d];
+    st(y, i, ld(x, i) + b[i % d]);
+}
+
+extern "C" __global__ void cim_bias_add_fwd(const float* x, const float* b, float* y, long long n,
+                                            int d) {
+    bias_add_fwd(x, b, y, n, d);
+}
+// A bf16 activation plus its f32 bias (the Linear layers of bf16 training): one rounding.
+extern "C" __global__ void cim_bias_add_fwd_bf16(const __nv_bfloat16* x, const float* b,
+                                                 __nv_bfloat16* y, long long n, int d) {
+    bias_add_fwd(x, b, y, n, d);
 }
 
 // dx in f32 whatever x and dy are stored in.
@@ -631,20 +645,30 @@ extern "C" __global__ void cim_bias_gelu_bwd_dx_bf16(const __nv_bfloat16* x, con
 // Column sums of a (rows, d) matrix in two deterministic stages. Stage 1: block (32, 8) covers 32
 // columns of one chunk of COL_CHUNK rows; partial[chunk][j] = Σ rows of the chunk.
 #define COL_CHUNK 256
-extern "C" __global__ void cim_col_sum_partial(const float* a, float* partial, int rows, int d) {
+template <typename T>
+__device__ void col_sum_partial(const T* a, float* partial, int rows, int d) {
     __shared__ float sh[8][33];
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int j = blockIdx.x * 32 + tx;
     const int r0 = blockIdx.y * COL_CHUNK, r1 = min(r0 + COL_CHUNK, rows);
     float s = 0.0f;
     if (j < d)
-        for (int r = r0 + ty; r < r1; r += 8) s += a[(size_t)r * d + j];
+        for (int r = r0 + ty; r < r1; r += 8) s += ld(a, (size_t)r * d + j);
     sh[ty][tx] = s;
     __syncthreads();
     if (ty == 0 && j < d) {
         for (int k = 1; k < 8; ++k) s += sh[k][tx];
         partial[(size_t)blockIdx.y * d + j] = s;
     }
+}
+
+extern "C" __global__ void cim_col_sum_partial(const float* a, float* partial, int rows, int d) {
+    col_sum_partial(a, partial, rows, d);
+}
+// bf16 gradients (a bf16 Linear's bias): f32 sums of the stored values.
+extern "C" __global__ void cim_col_sum_partial_bf16(const __nv_bfloat16* a, float* partial,
+                                                    int rows, int d) {
+    col_sum_partial(a, partial, rows, d);
 }
 
 // Stage 2: out[j] = Σ_chunks partial[chunk][j], chunks in order.
@@ -714,12 +738,11 @@ extern "C" __global__ void cim_channel_bias(const float* x, const float* b, cons
     }
 }
 
-// The same in bf16 storage (x, b, r, y all bf16; f32 arithmetic, one rounding at the store):
-// the frozen dVAE in bf16. Four elements per thread, scalar loads.
-extern "C" __global__ void cim_channel_bias_bf16(const __nv_bfloat16* x, const __nv_bfloat16* b,
-                                                 const __nv_bfloat16* r, __nv_bfloat16* y,
-                                                 long long n4, int c, int hw4, float g, int has_r,
-                                                 int relu, int pair) {
+// The same in bf16 or f16 storage (x, b, r, y all of one type; f32 arithmetic, one rounding at
+// the store): the frozen dVAE in reduced precision. Four elements per thread, scalar loads.
+template <typename T>
+__device__ void channel_bias_half(const T* x, const T* b, const T* r, T* y, long long n4, int c,
+                                  int hw4, float g, int has_r, int relu, int pair) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n4) return;
     const float bc = ld(b, (size_t)((i / hw4) % c));
@@ -732,6 +755,18 @@ extern "C" __global__ void cim_channel_bias_bf16(const __nv_bfloat16* x, const _
         st(y, o + k, v);
         if (pair) st(y, n + o + k, fmaxf(v, 0.0f));
     }
+}
+
+extern "C" __global__ void cim_channel_bias_bf16(const __nv_bfloat16* x, const __nv_bfloat16* b,
+                                                 const __nv_bfloat16* r, __nv_bfloat16* y,
+                                                 long long n4, int c, int hw4, float g, int has_r,
+                                                 int relu, int pair) {
+    channel_bias_half(x, b, r, y, n4, c, hw4, g, has_r, relu, pair);
+}
+extern "C" __global__ void cim_channel_bias_f16(const __half* x, const __half* b, const __half* r,
+                                                __half* y, long long n4, int c, int hw4, float g,
+                                                int has_r, int relu, int pair) {
+    channel_bias_half(x, b, r, y, n4, c, hw4, g, has_r, relu, pair);
 }
 
 // ---- Multi-tensor AdamW and sum of squares (src/ops/adamw.rs) ----
@@ -789,7 +824,7 @@ extern "C" __global__ void cim_sum_squares_multi(const unsigned long long* table
     }
 }
 
-// ---- 2× resampling of the frozen dVAE's maps (src/ops/resample.rs); f32 or bf16 storage ----
+// ---- 2× resampling of the frozen dVAE's maps (src/ops/resample.rs); f32, bf16 or f16 storage ----
 
 // 2×2 max-pool, one thread per output element: the window's first value, replaced by larger ones
 // (candle's order, so NaNs behave as in candle's op).
@@ -826,12 +861,21 @@ extern "C" __global__ void cim_max_pool_2x2_bf16(const __nv_bfloat16* x, __nv_bf
                                                  long long n, int h, int w, int ho, int wo) {
     max_pool_2x2(x, y, n, h, w, ho, wo);
 }
+extern "C" __global__ void cim_max_pool_2x2_f16(const __half* x, __half* y, long long n, int h,
+                                                int w, int ho, int wo) {
+    max_pool_2x2(x, y, n, h, w, ho, wo);
+}
 extern "C" __global__ void cim_upsample_2x(const float* x, float* y, long long n, int h, int w,
                                            int ho, int wo) {
     upsample_2x(x, y, n, h, w);
 }
 extern "C" __global__ void cim_upsample_2x_bf16(const __nv_bfloat16* x, __nv_bfloat16* y,
                                                 long long n, int h, int w, int ho, int wo) {
+    upsample_2x(x, y, n, h, w);
+}
+
+extern "C" __global__ void cim_upsample_2x_f16(const __half* x, __half* y, long long n, int h,
+                                               int w, int ho, int wo) {
     upsample_2x(x, y, n, h, w);
 }
 

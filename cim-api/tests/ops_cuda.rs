@@ -525,8 +525,13 @@ fn cudnn_conv_parity(gpu: &Device) {
             );
             let d = max_diff(&ours, &want) / scale;
             assert!(d < tol, "cudnn conv {i} {dt:?} vs f32 CPU: {d}");
-            let d = max_diff(&ours, &theirs) / scale;
-            assert!(d < tol, "cudnn conv {i} {dt:?} vs candle's: {d}");
+            // candle's f16 convolution accumulates in f16 (its cuDNN descriptor's compute type
+            // is the data type): 1.4% of the largest value off in session 11's H200 run, where
+            // cim's (f32 accumulation) met the f32 bound above. Compared for f32 and bf16 only.
+            if dt != DType::F16 {
+                let d = max_diff(&ours, &theirs) / scale;
+                assert!(d < tol, "cudnn conv {i} {dt:?} vs candle's: {d}");
+            }
         }
         // Trainable: f32 (cuDNN forward, cim's backward) and mixed bf16, against the CPU.
         let o = (h + 2 * pad - k) / stride + 1;
@@ -592,9 +597,13 @@ fn channel_bias_parity(gpu: &Device) {
                 "{what} db"
             );
         }
-        // The dVAE's 2× resampling, f32 and bf16: equal values (the CPU kernel on the widened
-        // bf16 input: pooling and copying commute with the rounding).
-        for dt in [candle_core::DType::F32, candle_core::DType::BF16] {
+        // The dVAE's 2× resampling, f32, bf16 and f16: equal values (the CPU kernel on the
+        // widened input: pooling and copying commute with the rounding).
+        for dt in [
+            candle_core::DType::F32,
+            candle_core::DType::BF16,
+            candle_core::DType::F16,
+        ] {
             let f32s = |t: Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
             let xd = x.to_dtype(dt).unwrap();
             let (xc, xg) = (f32s(xd.clone()), xd.to_device(gpu).unwrap());
@@ -613,11 +622,11 @@ fn channel_bias_parity(gpu: &Device) {
                 assert_eq!(d, 0.0, "{what} {dt:?} on {b}x{c}x{h}x{w}");
             }
         }
-        // bf16 maps (the dVAE in bf16): the CUDA kernel against the CPU's f32 kernel on the
-        // widened inputs, both rounded to bf16 (one bf16 step apart at most).
-        {
+        // bf16 and f16 maps (the dVAE in reduced precision): the CUDA kernel against the CPU's
+        // f32 kernel on the widened inputs, both rounded to the dtype (one step apart at most).
+        for half in [candle_core::DType::BF16, candle_core::DType::F16] {
             use candle_core::DType;
-            let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+            let bf = |t: &Tensor| t.to_dtype(half).unwrap();
             let (xb, bb, rb) = (bf(&x), bf(&bias), bf(&r));
             let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
             for res in [false, true] {
@@ -635,15 +644,18 @@ fn channel_bias_parity(gpu: &Device) {
                     rb.to_device(gpu).unwrap(),
                 );
                 let got = ops::channel_bias(&xg, &bg, res.then_some(&rg), 0.5, true).unwrap();
-                assert_eq!(got.dtype(), DType::BF16);
+                assert_eq!(got.dtype(), half);
                 let (want, got) = (wide(&bf(&want)), wide(&got));
                 let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
                 let d = max_diff(&want, &got) / scale.max(1e-6);
-                assert!(d < 1e-2, "channel_bias bf16 {b}x{c}x{h}x{w} res={res}: {d}");
+                assert!(
+                    d < 1e-2,
+                    "channel_bias {half:?} {b}x{c}x{h}x{w} res={res}: {d}"
+                );
                 let (y, yr) =
                     ops::channel_bias_and_relu(&xg, &bg, res.then_some(&rg), 0.5).unwrap();
                 let yr_want = wide(&y).relu().unwrap();
-                assert_eq!(max_diff(&wide(&yr), &yr_want), 0.0, "bf16 pair relu");
+                assert_eq!(max_diff(&wide(&yr), &yr_want), 0.0, "{half:?} pair relu");
             }
         }
         // The value and its ReLU from one pass (frozen dVAE blocks), with and without residual.
@@ -707,7 +719,7 @@ fn bf16_parity(gpu: &Device) {
     let up = randn(&[rows, d], 116, &cpu);
     let gelu = |t: &[Tensor]| f32s(&ops::bias_gelu(&bf(&t[0]), &t[1]).unwrap());
     let (yc, gc) = run(&cpu, &gelu, &[x.clone(), b.clone()], &up);
-    let (yg, gg) = run(gpu, &gelu, &[x, b], &up);
+    let (yg, gg) = run(gpu, &gelu, &[x, b.clone()], &up);
     assert!(
         rel(&yg, &yc) < 0.01,
         "bf16 bias_gelu value: {}",
@@ -717,6 +729,25 @@ fn bf16_parity(gpu: &Device) {
         assert!(
             rel(&gg[i], &gc[i]) < 0.01,
             "bf16 bias_gelu {what}: {}",
+            rel(&gg[i], &gc[i])
+        );
+    }
+    // A bf16 Linear's bias add (f32 bias; bf16 gradient summed in f32 for db) against the f32
+    // op on the widened input.
+    let x = randn(&[rows, d], 117, &cpu);
+    let want = |t: &[Tensor]| ops::bias_add(&f32s(&bf(&t[0])), &t[1]).unwrap();
+    let got = |t: &[Tensor]| f32s(&ops::bias_add(&bf(&t[0]), &t[1]).unwrap());
+    let (yc, gc) = run(&cpu, &want, &[x.clone(), b.clone()], &up);
+    let (yg, gg) = run(gpu, &got, &[x, b], &up);
+    assert!(
+        rel(&yg, &yc) < 0.01,
+        "bf16 bias_add value: {}",
+        rel(&yg, &yc)
+    );
+    for (i, what) in ["dx", "db"].iter().enumerate() {
+        assert!(
+            rel(&gg[i], &gc[i]) < 0.01,
+            "bf16 bias_add {what}: {}",
             rel(&gg[i], &gc[i])
         );
     }

@@ -325,6 +325,10 @@ impl Forward {
 /// Column sums of `(rows, d)` gradients in f32: the parallel kernel for f32 input.
 fn col_sum(g: &Tensor) -> candle_core::Result<Tensor> {
     let d = g.dim(D::Minus1)?;
+    // A bf16 gradient on CUDA: the kernel sums the stored values in f32 (no f32 copy).
+    if g.dtype() == DType::BF16 && g.device().is_cuda() && fusable_device(g) {
+        return g.contiguous()?.apply_op1_no_bwd(&bias::ColSumOp(d));
+    }
     let g32 = g.to_dtype(DType::F32)?.contiguous()?;
     if is_fusable(&[&g32]) {
         g32.apply_op1_no_bwd(&bias::ColSumOp(d))

@@ -6,8 +6,8 @@
 //! `id + g·(conv + b)` three. On an H200 those passes over the frozen dVAE's f32 maps (up to
 //! 1.6 GB each at batch 128) cost more than its convolutions. Fused: one pass, four elements per
 //! CUDA thread. The backward (for trainable uses) is composed from the output's ReLU mask. On
-//! CUDA the kernel also takes bf16 maps (all inputs bf16, untracked: the dVAE in bf16), computing
-//! in f32 and rounding once.
+//! CUDA the kernel also takes bf16 or f16 maps (all inputs of one dtype, untracked: the dVAE in
+//! reduced precision), computing in f32 and rounding once.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -103,13 +103,15 @@ fn fused_inputs(
     let mut all = vec![x, b];
     all.extend(residual);
     let on_cuda = x.device().is_cuda();
-    // bf16 (the frozen dVAE in bf16): the CUDA kernel, for inputs that track no gradient.
-    let bf16 = on_cuda
+    // bf16 or f16 (the frozen dVAE in reduced precision): the CUDA kernel, for inputs of one
+    // dtype that track no gradient.
+    let half = on_cuda
         && super::cuda_kernels()
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
         && all
             .iter()
-            .all(|t| t.dtype() == DType::BF16 && t.device().is_cuda() && !t.track_op());
-    if !(is_fusable(&all) || bf16) || (on_cuda && (h * w) % 4 != 0) {
+            .all(|t| t.dtype() == x.dtype() && t.device().is_cuda() && !t.track_op());
+    if !(is_fusable(&all) || half) || (on_cuda && (h * w) % 4 != 0) {
         return Ok(None);
     }
     let (x, b) = (x.contiguous()?, b.contiguous()?);

@@ -16,18 +16,22 @@ use candle_core::{CudaStorage, Layout, Result, Shape};
 /// Storage types the kernels read and write (arithmetic is f32 either way).
 pub trait KernelFloat:
     CudaDType
+    + candle_core::WithDType
     + candle_core::cuda_backend::cudarc::driver::DeviceRepr
     + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits
 {
 }
 impl KernelFloat for f32 {}
 impl KernelFloat for half::bf16 {}
+impl KernelFloat for half::f16 {}
 
-/// Runs `$f::<T>(args)` with `T` the storage type of `$s` (f32 or bf16).
+/// Runs `$f::<T>(args)` with `T` the storage type of `$s` (f32, bf16 or f16; which kernels
+/// exist for a type is [`dtype_kernel`]'s to check).
 macro_rules! by_dtype {
     ($s:expr, $f:ident($($arg:expr),*)) => {
         match $s.dtype() {
             candle_core::DType::BF16 => $f::<half::bf16>($($arg),*),
+            candle_core::DType::F16 => $f::<half::f16>($($arg),*),
             _ => $f::<f32>($($arg),*),
         }
     };
@@ -213,11 +217,14 @@ fn layer_norm_bwd_t<T: KernelFloat>(
     ))
 }
 
-/// The kernel for `dtype`: `base` for f32, `base_bf16` for bf16.
+/// The kernel for `dtype`: `base` for f32, `base_bf16` for bf16, `base_f16` for f16 (the
+/// dVAE's map kernels: [`channel_bias`], [`resample_2x`]).
 fn dtype_kernel(base: &str, dtype: candle_core::DType) -> Result<String> {
+    const WITH_F16: [&str; 3] = ["cim_channel_bias", "cim_max_pool_2x2", "cim_upsample_2x"];
     match dtype {
         candle_core::DType::F32 => Ok(base.to_string()),
         candle_core::DType::BF16 => Ok(format!("{base}_bf16")),
+        candle_core::DType::F16 if WITH_F16.contains(&base) => Ok(format!("{base}_f16")),
         other => candle_core::bail!("{base}: no kernel for {other:?}"),
     }
 }
@@ -770,11 +777,11 @@ pub fn bias_gelu_fwd(
     bias_fwd("cim_bias_gelu_fwd", s1, l1, s2, l2)
 }
 
-/// Column sums of `a` `(rows, d)` into `out` (d floats): per-chunk partials, then their sum in
-/// chunk order (kernels/ops.cu).
-fn col_sum_into(
+/// Column sums of `a` `(rows, d)` (f32 or bf16) into `out` (d floats): per-chunk partials, then
+/// their sum in chunk order (kernels/ops.cu).
+fn col_sum_into<T: KernelFloat>(
     dev: &candle_core::CudaDevice,
-    a: &CudaView<f32>,
+    a: &CudaView<T>,
     rows: usize,
     d: usize,
     out: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<f32>,
@@ -783,7 +790,8 @@ fn col_sum_into(
     let chunks = rows.div_ceil(COL_CHUNK).max(1);
     let partial = dev.alloc_zeros::<f32>(chunks * d)?;
     let (r, dd, c) = (rows as i32, d as i32, chunks as i32);
-    let func = dev.get_or_load_custom_func("cim_col_sum_partial", MODULE, PTX)?;
+    let kernel = dtype_kernel("cim_col_sum_partial", T::DTYPE)?;
+    let func = dev.get_or_load_custom_func(&kernel, MODULE, PTX)?;
     let cfg = LaunchConfig {
         grid_dim: (d.div_ceil(32) as u32, chunks as u32, 1),
         block_dim: (32, 8, 1),
@@ -804,8 +812,16 @@ fn col_sum_into(
 
 /// `(d,)`: column sums of a contiguous `(…, d)` tensor.
 pub fn col_sum(s: &CudaStorage, l: &Layout, d: usize) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(s, col_sum_t(s, l, d))
+}
+
+fn col_sum_t<T: KernelFloat>(
+    s: &CudaStorage,
+    l: &Layout,
+    d: usize,
+) -> Result<(CudaStorage, Shape)> {
     let dev = s.device().clone();
-    let a = view::<f32>(s, l, "grad")?;
+    let a = view::<T>(s, l, "grad")?;
     let rows = l.shape().elem_count() / d;
     let mut out = dev.alloc_zeros::<f32>(d)?;
     col_sum_into(&dev, &a, rows, d, &mut out.slice_mut(..))?;
@@ -916,7 +932,7 @@ fn conv_geometry_kernel(
 }
 
 /// `[r +] g·(x + b[c])`, optionally ReLU'd; `x` (and `r`) `(B, C, H, W)` with `H·W % 4 == 0`;
-/// all f32 (16-byte aligned views) or all bf16.
+/// all f32 (16-byte aligned views), all bf16 or all f16.
 pub fn channel_bias(
     x: (&CudaStorage, &Layout),
     b: (&CudaStorage, &Layout),

@@ -1,6 +1,6 @@
 //! 2× resampling of NCHW maps for the frozen dVAE: 2×2 max-pooling (the encoder's group
 //! boundaries) and nearest-neighbour upsampling (the decoder's). candle's CPU versions run on one
-//! thread; these run plane by plane in parallel (f32). On CUDA (kernels on; f32 or bf16) one
+//! thread; these run plane by plane in parallel (f32). On CUDA (kernels on; f32, bf16 or f16) one
 //! thread per output element: candle's CUDA max-pool took 4.9 ms for the dVAE's three pools in
 //! session 6's H200 profile, ~4× the bandwidth bound. Both are forward-only: an input that tracks
 //! gradients, another dtype or device takes candle's op, which has the backward.
@@ -15,7 +15,9 @@ fn kernel_applies(x: &Tensor) -> Result<bool> {
     x.dims4()?;
     let here = match x.device() {
         d if d.is_cpu() => x.dtype() == DType::F32,
-        d if d.is_cuda() => super::cuda_kernels() && matches!(x.dtype(), DType::F32 | DType::BF16),
+        d if d.is_cuda() => {
+            super::cuda_kernels() && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        }
         _ => false,
     };
     Ok(here && !x.track_op() && x.elem_count() > 0)
