@@ -116,7 +116,8 @@ fn fused_inputs(
     }
     let (x, b) = (x.contiguous()?, b.contiguous()?);
     let r = residual.map(|r| r.contiguous()).transpose()?;
-    // The CUDA kernel reads float4s: every view must start on a 16-byte boundary.
+    // The CUDA kernels move four elements as one word (a float4; 8 bytes in bf16/f16): every view
+    // must start on a 4-element boundary.
     let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(4);
     if on_cuda && !(aligned(&x) && r.as_ref().is_none_or(aligned)) {
         return Ok(None);

@@ -154,7 +154,8 @@ static CUDNN_CONV: AtomicBool = AtomicBool::new(false);
 /// Runs CUDA convolutions through cim's cuDNN calls (tensor-core bf16/f16, an algorithm and
 /// workspace kept per shape and pass; `ops::cudnn`): the forward instead of candle's, the backward
 /// of trainable ones instead of the im2col + GEMM + col2im kernels (config `run.cudnn_conv`;
-/// builds with the `cudnn` feature only, elsewhere no effect). Off until called. A cuDNN error
+/// builds with the `cudnn` feature only, elsewhere no effect). Off until called (`cim-run` calls
+/// it with `run.cudnn_conv`, on by default). A cuDNN error
 /// switches it off again, with a warning, and convolutions run as without it.
 pub fn set_cudnn_conv(on: bool) {
     CUDNN_CONV.store(on && cfg!(feature = "cudnn"), Ordering::Relaxed);

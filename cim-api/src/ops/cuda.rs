@@ -982,9 +982,10 @@ fn channel_bias_t<T: KernelFloat>(
         .arg(&has_r)
         .arg(&relu)
         .arg(&pair_i);
-    // SAFETY: argument types and counts match both kernels' signatures; four elements per
-    // thread, n % 4 == 0 and, for f32's float4 loads, every view 16-byte aligned (checked by the
-    // caller); with `pair` the output holds 2n values, the kernel writes both halves.
+    // SAFETY: argument types and counts match the kernels' signatures; four elements per thread,
+    // n % 4 == 0 and, for the kernels' 4-element word loads, every view starting on a 4-element
+    // boundary (checked by the caller); with `pair` the output holds 2n values, the kernel writes
+    // both halves.
     unsafe { a.launch(per_element(n / 4)) }.w()?;
     let shape = match pair {
         true => Shape::from((2, b_, c as usize, h, w)),
