@@ -174,21 +174,23 @@ extern "C" __global__ void cim_layer_norm_bwd_dwdb_partial_bf16(const __nv_bfloa
 
 // Stage 2 is cim_col_sum_chunks over the 2·d columns (dw then db) of the partials.
 
-// Softmax rows in f32 or bf16 storage.
+// Softmax rows in f32 or bf16 storage over the first `valid` of d columns; the others get 0
+// (attention scores padded to an aligned width).
 
 template <typename T>
-__device__ void softmax_fwd(const T* x, T* y, int rows, int d) {
+__device__ void softmax_fwd(const T* x, T* y, int rows, int d, int valid) {
     __shared__ float sh[32];
     const int r = blockIdx.x;
     if (r >= rows) return;
     const size_t o = (size_t)r * d;
     float m = -INFINITY;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) m = fmaxf(m, ld(x, o + j));
+    for (int j = threadIdx.x; j < valid; j += blockDim.x) m = fmaxf(m, ld(x, o + j));
     m = block_max(m, sh);
     float s = 0.0f;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) s += expf(ld(x, o + j) - m);
+    for (int j = threadIdx.x; j < valid; j += blockDim.x) s += expf(ld(x, o + j) - m);
     const float inv = 1.0f / block_sum(s, sh);
-    for (int j = threadIdx.x; j < d; j += blockDim.x) st(y, o + j, expf(ld(x, o + j) - m) * inv);
+    for (int j = threadIdx.x; j < d; j += blockDim.x)
+        st(y, o + j, j < valid ? expf(ld(x, o + j) - m) * inv : 0.0f);
 }
 
 template <typename T>
@@ -204,12 +206,12 @@ __device__ void softmax_bwd(const T* y, const T* dy, T* dx, int rows, int d) {
         st(dx, o + j, ld(y, o + j) * (ld(dy, o + j) - dot));
 }
 
-extern "C" __global__ void cim_softmax_fwd(const float* x, float* y, int rows, int d) {
-    softmax_fwd(x, y, rows, d);
+extern "C" __global__ void cim_softmax_fwd(const float* x, float* y, int rows, int d, int valid) {
+    softmax_fwd(x, y, rows, d, valid);
 }
 extern "C" __global__ void cim_softmax_fwd_bf16(const __nv_bfloat16* x, __nv_bfloat16* y, int rows,
-                                                int d) {
-    softmax_fwd(x, y, rows, d);
+                                                int d, int valid) {
+    softmax_fwd(x, y, rows, d, valid);
 }
 extern "C" __global__ void cim_softmax_bwd(const float* y, const float* dy, float* dx, int rows,
                                            int d) {
@@ -889,30 +891,37 @@ extern "C" __global__ void cim_upsample_2x_f16(const __half* x, __half* y, long 
     upsample_2x(x, y, n, h, w);
 }
 
-// ---- Head layouts of GEMM attention (src/ops/heads.rs): plain copies, f32 or bf16 ----
-// All take (a, b, c, out, total, B, N, H, hd); one thread per output element.
+// ---- Head layouts of GEMM attention (src/ops/heads.rs): copies, f32 or bf16 ----
+// All take (a, b, c, out, total, B, N, H, hd, R, scale); one thread per output element. The
+// per-head side has R >= N rows per head (rows N..R zero: an aligned width for the attention
+// GEMMs); part 0 (q, or dq) is multiplied by `scale` (f32 arithmetic, one rounding; 1 copies).
 
-// out (parts, B, H, N, hd) from a (B, N, parts, H, hd): the packed qkv (3 parts) or a token-major
-// gradient (1 part).
+// out (parts, B, H, R, hd) from a (B, N, parts, H, hd): the packed qkv (3 parts) or a token-major
+// gradient (1 part); rows t >= N are zero.
 template <typename T>
 __device__ void split_qkv(const T* a, T* out, long long total, int B, int N, int H, int hd,
-                          int parts) {
+                          int parts, int R, float scale) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= total) return;
     const int d = (int)(i % hd);
     long long r = i / hd;
-    const int t = (int)(r % N);
-    r /= N;
+    const int t = (int)(r % R);
+    r /= R;
     const int h = (int)(r % H);
     r /= H;
     const int b = (int)(r % B), s = (int)(r / B);
-    out[i] = a[((((long long)b * N + t) * parts + s) * H + h) * hd + d];
+    if (t >= N) {
+        st(out, i, 0.0f);
+        return;
+    }
+    const float v = ld(a, ((((long long)b * N + t) * parts + s) * H + h) * hd + d);
+    st(out, i, s == 0 ? v * scale : v);
 }
 
-// out (B, N, parts, H, hd) from `parts` per-head tensors (B, H, N, hd): a, then b, then c.
+// out (B, N, parts, H, hd) from `parts` per-head tensors (B, H, R, hd): a, then b, then c.
 template <typename T>
 __device__ void merge_heads(const T* a, const T* b, const T* c, T* out, long long total, int N,
-                            int H, int hd, int parts) {
+                            int H, int hd, int parts, int R, float scale) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= total) return;
     const int d = (int)(i % hd);
@@ -924,19 +933,80 @@ __device__ void merge_heads(const T* a, const T* b, const T* c, T* out, long lon
     const int t = (int)(r % N);
     const long long bb = r / N;
     const T* src = s == 0 ? a : (s == 1 ? b : c);
-    out[i] = src[((bb * H + h) * N + t) * hd + d];
+    const float v = ld(src, ((bb * H + h) * R + t) * hd + d);
+    st(out, i, s == 0 ? v * scale : v);
 }
 
 #define HEAD_COPY(name, T, body)                                                                 \
     extern "C" __global__ void name(const T* a, const T* b, const T* c, T* out, long long total, \
-                                    int B, int N, int H, int hd) {                               \
+                                    int B, int N, int H, int hd, int R, float scale) {           \
         body;                                                                                    \
     }
-HEAD_COPY(cim_split_qkv, float, split_qkv(a, out, total, B, N, H, hd, 3))
-HEAD_COPY(cim_split_qkv_bf16, __nv_bfloat16, split_qkv(a, out, total, B, N, H, hd, 3))
-HEAD_COPY(cim_split_heads, float, split_qkv(a, out, total, B, N, H, hd, 1))
-HEAD_COPY(cim_split_heads_bf16, __nv_bfloat16, split_qkv(a, out, total, B, N, H, hd, 1))
-HEAD_COPY(cim_merge_heads, float, merge_heads(a, b, c, out, total, N, H, hd, 1))
-HEAD_COPY(cim_merge_heads_bf16, __nv_bfloat16, merge_heads(a, b, c, out, total, N, H, hd, 1))
-HEAD_COPY(cim_merge_qkv, float, merge_heads(a, b, c, out, total, N, H, hd, 3))
-HEAD_COPY(cim_merge_qkv_bf16, __nv_bfloat16, merge_heads(a, b, c, out, total, N, H, hd, 3))
+HEAD_COPY(cim_split_qkv, float, split_qkv(a, out, total, B, N, H, hd, 3, R, scale))
+HEAD_COPY(cim_split_qkv_bf16, __nv_bfloat16, split_qkv(a, out, total, B, N, H, hd, 3, R, scale))
+HEAD_COPY(cim_split_heads, float, split_qkv(a, out, total, B, N, H, hd, 1, R, scale))
+HEAD_COPY(cim_split_heads_bf16, __nv_bfloat16, split_qkv(a, out, total, B, N, H, hd, 1, R, scale))
+HEAD_COPY(cim_merge_heads, float, merge_heads(a, b, c, out, total, N, H, hd, 1, R, scale))
+HEAD_COPY(cim_merge_heads_bf16, __nv_bfloat16,
+          merge_heads(a, b, c, out, total, N, H, hd, 1, R, scale))
+HEAD_COPY(cim_merge_qkv, float, merge_heads(a, b, c, out, total, N, H, hd, 3, R, scale))
+HEAD_COPY(cim_merge_qkv_bf16, __nv_bfloat16,
+          merge_heads(a, b, c, out, total, N, H, hd, 3, R, scale))
+
+// ---- Residual adds of the block node (src/ops/residual.rs): y = a + (b [+ bias[j]]) ----
+// Four elements per thread, moved as one word each way (float4; 8 bytes for bf16). a and y share
+// a type; b is of a's type or f32; bias f32; rows of d (d % 4 == 0, every view 4-element aligned).
+__device__ __forceinline__ void load4(const float* p, long long i, float v[4]) {
+    const float4 w = reinterpret_cast<const float4*>(p)[i];
+    v[0] = w.x, v[1] = w.y, v[2] = w.z, v[3] = w.w;
+}
+__device__ __forceinline__ void load4(const __nv_bfloat16* p, long long i, float v[4]) {
+    const uint2 w = reinterpret_cast<const uint2*>(p)[i];
+    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&w);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = __bfloat162float(h[k]);
+}
+__device__ __forceinline__ void store4(float* p, long long i, const float v[4]) {
+    reinterpret_cast<float4*>(p)[i] = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void store4(__nv_bfloat16* p, long long i, const float v[4]) {
+    uint2 w;
+    __nv_bfloat16* h = reinterpret_cast<__nv_bfloat16*>(&w);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) h[k] = __float2bfloat16(v[k]);
+    reinterpret_cast<uint2*>(p)[i] = w;
+}
+
+template <typename T, typename U>
+__device__ void residual_add(const T* a, const U* b, const float* bias, T* y, long long n4, int d4,
+                             int has_bias) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n4) return;
+    float va[4], vb[4];
+    load4(a, i, va);
+    load4(b, i, vb);
+    if (has_bias) {
+        float c[4];
+        load4(bias, i % d4, c);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) vb[k] += c[k];
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) va[k] += vb[k];
+    store4(y, i, va);
+}
+
+extern "C" __global__ void cim_residual_add(const float* a, const float* b, const float* bias,
+                                            float* y, long long n4, int d4, int has_bias) {
+    residual_add(a, b, bias, y, n4, d4, has_bias);
+}
+extern "C" __global__ void cim_residual_add_bf16(const __nv_bfloat16* a, const __nv_bfloat16* b,
+                                                 const float* bias, __nv_bfloat16* y, long long n4,
+                                                 int d4, int has_bias) {
+    residual_add(a, b, bias, y, n4, d4, has_bias);
+}
+extern "C" __global__ void cim_residual_add_bf16_f32(const __nv_bfloat16* a, const float* b,
+                                                     const float* bias, __nv_bfloat16* y,
+                                                     long long n4, int d4, int has_bias) {
+    residual_add(a, b, bias, y, n4, d4, has_bias);
+}

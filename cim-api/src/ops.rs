@@ -50,6 +50,7 @@ mod graft;
 mod heads;
 mod max_pool;
 mod resample;
+mod residual;
 mod respix;
 mod select;
 mod simd;
@@ -69,9 +70,13 @@ pub use conv::{conv2d, conv2d_with_budget, cudnn_conv, set_cudnn_conv, COL_BUDGE
 #[cfg(feature = "cuda")]
 pub use cuda::adamw_multi_launches;
 pub use graft::{with_backward, BackwardFn};
-pub use heads::{merge_heads, merge_qkv, split_heads, split_qkv};
+pub use heads::{
+    merge_heads, merge_heads_rows, merge_qkv, merge_qkv_rows, split_heads, split_heads_padded,
+    split_qkv, split_qkv_padded,
+};
 pub use max_pool::max_pool_3x3_s2;
 pub use resample::{max_pool_2x2, upsample_nearest_2x};
+pub use residual::{residual_add, residual_add_composed};
 pub use respix::{respix_loss, respix_sliding_target};
 pub use select::select_rows;
 pub use simd::{avx2_kernels, set_portable_kernels};
@@ -237,7 +242,7 @@ pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64)
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if is_fusable(&[x]) {
-        Ok(x.contiguous()?.apply_op1(SoftmaxOp)?)
+        Ok(x.contiguous()?.apply_op1(SoftmaxOp::default())?)
     } else {
         softmax_composed(x)
     }
@@ -687,8 +692,12 @@ pub(crate) fn narrowed(s: CpuStorage) -> CpuStorage {
 }
 
 /// Softmax over the last dimension: f32, or bf16 storage with f32 arithmetic (the attention
-/// probabilities in mixed precision).
-struct SoftmaxOp;
+/// probabilities in mixed precision). With `valid`, over the first `valid` entries of each row,
+/// the others 0 (attention scores padded to an aligned width: the padding keys get no weight).
+#[derive(Clone, Copy, Default)]
+struct SoftmaxOp {
+    valid: Option<usize>,
+}
 
 impl CustomOp1 for SoftmaxOp {
     fn name(&self) -> &'static str {
@@ -701,14 +710,16 @@ impl CustomOp1 for SoftmaxOp {
         }
         let x = slice(s, l, "x")?;
         let d = last_dim(l)?;
+        let valid = self.valid.unwrap_or(d).min(d);
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(d * CHUNK_ROWS)
             .zip(x.par_chunks(d * CHUNK_ROWS))
             .for_each(|(yc, xc)| {
                 for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                    let (yr, xr) = (&mut yr[..valid], &xr[..valid]);
                     let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let mut sum = 0f32;
-                    for j in 0..d {
+                    for j in 0..valid {
                         yr[j] = fast_exp(xr[j] - max);
                         sum += yr[j];
                     }
@@ -724,7 +735,7 @@ impl CustomOp1 for SoftmaxOp {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::softmax_fwd(s, l)
+        cuda::softmax_fwd(s, l, self.valid.unwrap_or(usize::MAX))
     }
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(y.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxBwdOp)?))

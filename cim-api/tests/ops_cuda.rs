@@ -75,6 +75,8 @@ fn cuda_kernels_match_the_cpu_kernels() {
         ("bf16", bf16_parity),
         ("block", block_parity),
         ("select_rows", select_rows_parity),
+        ("residual_add", residual_add_parity),
+        ("head copies, padded", head_copies_parity),
     ];
     #[cfg(feature = "cudnn")]
     let checks = [checks, vec![("cudnn_conv", cudnn_conv_parity as Check)]].concat();
@@ -815,4 +817,100 @@ fn select_rows_parity(gpu: &Device) {
     let (yg, gg) = run(gpu, &f, &[x], &up);
     assert!(max_diff(&yc, &yg) == 0.0, "select_rows value");
     assert!(max_diff(&gc[0], &gg[0]) == 0.0, "select_rows grad");
+}
+
+/// The block node's residual adds on the GPU against the CPU's f32 op on widened inputs: `a + (b +
+/// bias)` and `a + b` for a and b f32, both bf16, and a bf16 with b f32 (the backward's LayerNorm
+/// gradient); bf16 results one rounding apart at most.
+fn residual_add_parity(gpu: &Device) {
+    use candle_core::DType;
+    let cpu = Device::Cpu;
+    let (rows, d) = (3 * 197, 768);
+    let a = randn(&[rows, d], 130, &cpu);
+    let b = randn(&[rows, d], 131, &cpu);
+    let bias = randn(&[d], 132, &cpu);
+    let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    for (da, db) in [
+        (DType::F32, DType::F32),
+        (DType::BF16, DType::BF16),
+        (DType::BF16, DType::F32),
+    ] {
+        let (ar, br) = (a.to_dtype(da).unwrap(), b.to_dtype(db).unwrap());
+        for with_bias in [false, true] {
+            let want = ops::residual_add(&f32s(&ar), &f32s(&br), with_bias.then_some(&bias))
+                .unwrap()
+                .to_dtype(da)
+                .unwrap();
+            let bg = bias.to_device(gpu).unwrap();
+            let got = ops::residual_add(
+                &ar.to_device(gpu).unwrap(),
+                &br.to_device(gpu).unwrap(),
+                with_bias.then_some(&bg),
+            )
+            .unwrap();
+            assert_eq!(got.dtype(), da, "{da:?} + {db:?}: dtype");
+            let scale: f32 = f32s(&want)
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            let diff = max_diff(&f32s(&got), &f32s(&want)) / scale;
+            let tol = if da == DType::F32 { 1e-6 } else { 1e-2 };
+            assert!(
+                diff < tol,
+                "residual_add {da:?} + {db:?} bias={with_bias}: {diff}"
+            );
+        }
+    }
+}
+
+/// GEMM attention's head-layout copies on the GPU against the CPU, equal values: padded to 200
+/// rows per head (197 tokens), q and dq scaled by 1/8, f32 and bf16.
+fn head_copies_parity(gpu: &Device) {
+    use candle_core::DType;
+    let cpu = Device::Cpu;
+    let (b, n, h, hd, rows) = (2, 197, 12, 64, 200);
+    let qkv = randn(&[b, n, 3 * h * hd], 140, &cpu);
+    let x = randn(&[b, n, h * hd], 141, &cpu);
+    let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_device(&cpu).unwrap();
+    for dt in [DType::F32, DType::BF16] {
+        let (qc, xc) = (qkv.to_dtype(dt).unwrap(), x.to_dtype(dt).unwrap());
+        let (qg, xg) = (qc.to_device(gpu).unwrap(), xc.to_device(gpu).unwrap());
+        let pc = ops::split_qkv_padded(&qc, h, rows, 0.125).unwrap();
+        let pg = ops::split_qkv_padded(&qg, h, rows, 0.125).unwrap();
+        assert_eq!(
+            max_diff(&f32s(&pc), &f32s(&pg)),
+            0.0,
+            "split_qkv_padded {dt:?}"
+        );
+        let sc = ops::split_heads_padded(&xc, h, rows).unwrap();
+        let sg = ops::split_heads_padded(&xg, h, rows).unwrap();
+        assert_eq!(
+            max_diff(&f32s(&sc), &f32s(&sg)),
+            0.0,
+            "split_heads_padded {dt:?}"
+        );
+        let mc = ops::merge_heads_rows(&sc, n).unwrap();
+        let mg = ops::merge_heads_rows(&sg, n).unwrap();
+        assert_eq!(
+            max_diff(&f32s(&mc), &f32s(&mg)),
+            0.0,
+            "merge_heads_rows {dt:?}"
+        );
+        let part = |p: &Tensor, i: usize| p.get(i).unwrap();
+        let kc = ops::merge_qkv_rows(&part(&pc, 0), &part(&pc, 1), &part(&pc, 2), n, 8.0).unwrap();
+        let kg = ops::merge_qkv_rows(&part(&pg, 0), &part(&pg, 1), &part(&pg, 2), n, 8.0).unwrap();
+        assert_eq!(
+            max_diff(&f32s(&kc), &f32s(&kg)),
+            0.0,
+            "merge_qkv_rows {dt:?}"
+        );
+        assert_eq!(
+            max_diff(&f32s(&kg), &f32s(&qc)),
+            0.0,
+            "split then merge {dt:?}"
+        );
+    }
 }

@@ -12,6 +12,7 @@
 
 use candle_core::{DType, Tensor, D};
 
+use super::residual::residual_add;
 use super::{attention::attention_detached, bias, bias_add, fusable_device, is_fusable};
 use super::{layer_norm_grads, LayerNormOp};
 use crate::Result;
@@ -199,6 +200,28 @@ struct Forward {
     keep: Option<[Tensor; 2]>,
 }
 
+/// `x + keep · (y + b)`: a branch's Linear output `y` with its bias, added to the residual stream
+/// `x`. Without stochastic depth one fused pass ([`residual_add`]); with it, the bias add, the
+/// per-sample scaling and the add.
+fn stream_add(
+    x: &Tensor,
+    y: &Tensor,
+    b: &Tensor,
+    keep: Option<&Tensor>,
+    dims: Dims,
+) -> Result<Tensor> {
+    match keep {
+        None => residual_add(x, y, Some(b)),
+        Some(_) => Ok((x + scale_rows(bias_add(y, b)?, keep, dims)?)?),
+    }
+}
+
+/// `dy + d` in `dy`'s dtype: the stream's gradient plus a LayerNorm's f32 input gradient, in one
+/// pass ([`residual_add`]; the cast and the add composed where no kernel takes them).
+fn grad_add(dy: &Tensor, d: &Tensor) -> candle_core::Result<Tensor> {
+    residual_add(dy, d, None).map_err(|e| candle_core::Error::Msg(e.to_string()))
+}
+
 /// `(rows, D)` rows scaled by their sample's factor `(B, 1, 1)` (stochastic depth); as is without.
 fn scale_rows(t: Tensor, keep: Option<&Tensor>, dims: Dims) -> candle_core::Result<Tensor> {
     match keep {
@@ -250,11 +273,11 @@ impl Forward {
         let attn = attn.reshape((batch * tokens, dim))?;
         let ka = keep.as_ref().map(|k| &k[0]);
         let km = keep.as_ref().map(|k| &k[1]);
-        let x1 = (&x + scale_rows(bias_add(&attn.matmul(&w[1].t()?)?, &vec32[3])?, ka, dims)?)?;
+        let x1 = stream_add(&x, &attn.matmul(&w[1].t()?)?, &vec32[3], ka, dims)?;
         let xn2 = x1.apply_op3_no_bwd(&vec32[4], &vec32[5], &LayerNormOp { eps })?;
         let h = xn2.matmul(&w[2].t()?)?;
         let g = h.apply_op2_no_bwd(&vec32[6], &bias::BiasGeluOp)?;
-        let y = (&x1 + scale_rows(bias_add(&g.matmul(&w[3].t()?)?, &vec32[7])?, km, dims)?)?;
+        let y = stream_add(&x1, &g.matmul(&w[3].t()?)?, &vec32[7], km, dims)?;
         let saved = Self {
             dims,
             eps,
@@ -297,7 +320,7 @@ impl Forward {
         // xn2 = norm2(x1).
         let (dx1_norm, d_norm2_w, d_norm2_b) =
             layer_norm_grads(&self.x1, &self.vec32[4], &dxn2, eps)?;
-        let dx1 = (&dy + dx1_norm.to_dtype(dt)?)?;
+        let dx1 = grad_add(&dy, &dx1_norm)?;
         // x1 = x + keep_attn · (proj(attn) + b).
         let da = scale_rows(dx1.clone(), keep(0), self.dims)?;
         let d_proj_w = da.t()?.matmul(&self.attn)?;
@@ -311,7 +334,7 @@ impl Forward {
         let dxn1 = dqkv.matmul(&self.w[0])?;
         let (dx_norm, d_norm1_w, d_norm1_b) =
             layer_norm_grads(&self.x, &self.vec32[0], &dxn1, eps)?;
-        let dx = (&dx1 + dx_norm.to_dtype(dt)?)?;
+        let dx = grad_add(&dx1, &dx_norm)?;
         Ok((
             dx,
             [

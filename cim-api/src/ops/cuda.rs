@@ -229,12 +229,13 @@ fn dtype_kernel(base: &str, dtype: candle_core::DType) -> Result<String> {
     }
 }
 
-/// Softmax over the last dimension, f32 or bf16 (f32 arithmetic).
-pub fn softmax_fwd(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-    by_dtype!(s, softmax_fwd_t(s, l))
+/// Softmax over the first `valid` entries of the last dimension (the rest 0), f32 or bf16 (f32
+/// arithmetic).
+pub fn softmax_fwd(s: &CudaStorage, l: &Layout, valid: usize) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(s, softmax_fwd_t(s, l, valid))
 }
 
-fn softmax_fwd_t<T>(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)>
+fn softmax_fwd_t<T>(s: &CudaStorage, l: &Layout, valid: usize) -> Result<(CudaStorage, Shape)>
 where
     T: CudaDType
         + candle_core::cuda_backend::cudarc::driver::DeviceRepr
@@ -246,9 +247,9 @@ where
     let y = alloc_written::<T>(&dev, rows * d)?;
     let func =
         dev.get_or_load_custom_func(&dtype_kernel("cim_softmax_fwd", s.dtype())?, MODULE, PTX)?;
-    let (r, dd) = (rows as i32, d as i32);
+    let (r, dd, vv) = (rows as i32, d as i32, valid.min(d) as i32);
     let mut a = func.builder();
-    a.arg(&x).arg(&y).arg(&r).arg(&dd);
+    a.arg(&x).arg(&y).arg(&r).arg(&dd).arg(&vv);
     // SAFETY: argument types and counts match the kernel's signature.
     unsafe { a.launch(per_row(rows)) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l.shape().clone()))
@@ -1247,23 +1248,34 @@ fn resample_2x_t<T: KernelFloat>(
 
 // ---- Head layouts of GEMM attention (`kernels/ops.cu`, `super::heads`) ----
 
+/// The token-side and head-side geometry of a head-layout copy: `(B, N, H, hd)` tokens, `rows`
+/// (≥ N) rows per head on the head side, part 0 (q or dq) multiplied by `scale`.
+#[derive(Clone, Copy)]
+pub struct HeadGeometry {
+    pub b: usize,
+    pub n: usize,
+    pub h: usize,
+    pub hd: usize,
+    pub rows: usize,
+    pub scale: f32,
+}
+
 /// One of the head-layout copies (`cim_split_qkv`, `cim_merge_heads`, `cim_merge_qkv`): up to
-/// three contiguous inputs of one dtype (f32 or bf16), output `shape`; `(B, N, H, hd)` as the
-/// kernels take them.
+/// three contiguous inputs of one dtype (f32 or bf16), output `shape`.
 pub fn head_copy(
     kernel: &str,
     srcs: &[(&CudaStorage, &Layout)],
     shape: Shape,
-    (b, n, h, hd): (usize, usize, usize, usize),
+    g: HeadGeometry,
 ) -> Result<(CudaStorage, Shape)> {
-    by_dtype!(srcs[0].0, head_copy_t(kernel, srcs, shape, (b, n, h, hd)))
+    by_dtype!(srcs[0].0, head_copy_t(kernel, srcs, shape, g))
 }
 
 fn head_copy_t<T: KernelFloat>(
     kernel: &str,
     srcs: &[(&CudaStorage, &Layout)],
     shape: Shape,
-    (b, n, h, hd): (usize, usize, usize, usize),
+    g: HeadGeometry,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = srcs[0].0.device().clone();
     let views = srcs
@@ -1275,7 +1287,14 @@ fn head_copy_t<T: KernelFloat>(
     let out = alloc_written::<T>(&dev, total)?;
     let func =
         dev.get_or_load_custom_func(&dtype_kernel(kernel, srcs[0].0.dtype())?, MODULE, PTX)?;
-    let (tt, bb, nn, hh, dd) = (total as i64, b as i32, n as i32, h as i32, hd as i32);
+    let (tt, bb, nn, hh, dd) = (
+        total as i64,
+        g.b as i32,
+        g.n as i32,
+        g.h as i32,
+        g.hd as i32,
+    );
+    let rr = g.rows as i32;
     let mut a = func.builder();
     a.arg(pick(0))
         .arg(pick(1))
@@ -1285,10 +1304,81 @@ fn head_copy_t<T: KernelFloat>(
         .arg(&bb)
         .arg(&nn)
         .arg(&hh)
-        .arg(&dd);
+        .arg(&dd)
+        .arg(&rr)
+        .arg(&g.scale);
     // SAFETY: argument types and counts match the kernels' common signature; one thread per
     // output element, each reading inside its input (shapes checked by `super::heads`); inputs a
     // kernel does not use alias the first.
     unsafe { a.launch(per_element(total)) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+}
+
+// ---- Residual adds of the block node (`kernels/ops.cu`, `super::residual`) ----
+
+/// `a + (b [+ bias])` → `a`'s dtype: `a` f32 with `b` f32, or `a` bf16 with `b` bf16 or f32;
+/// `bias` (`third`, read only with `has_bias`) f32; rows of `d % 4 == 0`, views 4-element aligned
+/// (checked by the caller).
+pub fn residual_add(
+    a: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+    third: (&CudaStorage, &Layout),
+    has_bias: bool,
+) -> Result<(CudaStorage, Shape)> {
+    use candle_core::DType;
+    match (a.0.dtype(), b.0.dtype()) {
+        (DType::F32, DType::F32) => {
+            residual_add_t::<f32, f32>("cim_residual_add", a, b, third, has_bias)
+        }
+        (DType::BF16, DType::BF16) => {
+            residual_add_t::<half::bf16, half::bf16>("cim_residual_add_bf16", a, b, third, has_bias)
+        }
+        (DType::BF16, DType::F32) => {
+            residual_add_t::<half::bf16, f32>("cim_residual_add_bf16_f32", a, b, third, has_bias)
+        }
+        (x, y) => candle_core::bail!("residual_add: no kernel for a {x:?} with b {y:?}"),
+    }
+}
+
+fn residual_add_t<T: KernelFloat, U: KernelFloat>(
+    kernel: &str,
+    a: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+    third: (&CudaStorage, &Layout),
+    has_bias: bool,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = a.0.device().clone();
+    let av = view::<T>(a.0, a.1, "a")?;
+    let bv = view::<U>(b.0, b.1, "b")?;
+    let (n, d) = (
+        a.1.shape().elem_count(),
+        *a.1.shape().dims().last().unwrap_or(&1),
+    );
+    if !n.is_multiple_of(4) || !d.is_multiple_of(4) || b.1.shape().elem_count() != n {
+        candle_core::bail!(
+            "residual_add: {:?} needs rows of a multiple of 4",
+            a.1.shape()
+        );
+    }
+    // Without a bias the kernel never reads it: any f32 view stands in (the kernel's type).
+    let bias = match has_bias {
+        true => Some(view::<f32>(third.0, third.1, "bias")?),
+        false => None,
+    };
+    let dummy = dev.alloc_zeros::<f32>(4)?;
+    let y = alloc_written::<T>(&dev, n)?;
+    let func = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
+    let (n4, d4, hb) = ((n / 4) as i64, (d / 4) as i32, has_bias as i32);
+    let mut l = func.builder();
+    l.arg(&av).arg(&bv);
+    match &bias {
+        Some(bias) => l.arg(bias),
+        None => l.arg(&dummy),
+    };
+    l.arg(&y).arg(&n4).arg(&d4).arg(&hb);
+    // SAFETY: argument types and counts match the kernel's signature; one thread per four
+    // elements of n (n and d multiples of 4, views 4-element aligned: checked by the caller and
+    // above); the bias (d floats) is read only with `has_bias`.
+    unsafe { l.launch(per_element(n / 4)) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), a.1.shape().clone()))
 }
