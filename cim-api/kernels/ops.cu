@@ -22,6 +22,22 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
     return sh[0];
 }
 
+// The same sum in f64 (the BatchNorm moments). `sh` holds 32 doubles.
+__device__ __forceinline__ double block_sum_f64(double v, double* sh) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) sh[wid] = v;
+    __syncthreads();
+    const int nw = (blockDim.x + 31) >> 5;
+    v = (threadIdx.x < nw) ? sh[threadIdx.x] : 0.0;
+    if (wid == 0)
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    if (threadIdx.x == 0) sh[0] = v;
+    __syncthreads();
+    return sh[0];
+}
+
 __device__ __forceinline__ float block_max(float v, float* sh) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
@@ -478,68 +494,152 @@ extern "C" __global__ void cim_attention_bwd(const float* qkv, const float* dout
     }
 }
 
-// ---- BatchNorm, training mode (src/ops/batch_norm.rs). x (B, C, HW). ----
+// ---- BatchNorm, training mode (src/ops/batch_norm.rs). x (B, C, HW), f32 or bf16. ----
+// The per-channel reductions run on a grid (C, chunks): block (ch, k) covers items
+// [k·ipc, (k+1)·ipc) of channel ch, its threads striding over the plane (no per-element division),
+// and writes f64 partial sums; a second kernel adds a channel's partials in chunk order
+// (deterministic). One block per channel, as before session 11, left most of the GPU idle at
+// C = 64 and walked 400 000 elements per block at batch 128.
 
-// [mean; biased var] (2, C): one block per channel, two passes (mean, then squared deviations).
-extern "C" __global__ void cim_channel_moments(const float* x, float* out, int B, int C, int HW) {
-    __shared__ float sh[32];
-    const int ch = blockIdx.x;
-    if (ch >= C) return;
-    const long long n = (long long)B * HW;
-    float s = 0.0f;
-    for (long long i = threadIdx.x; i < n; i += blockDim.x)
-        s += x[((i / HW) * C + ch) * HW + i % HW];
-    const float mean = block_sum(s, sh) / (float)n;
-    float v = 0.0f;
-    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
-        const float d = x[((i / HW) * C + ch) * HW + i % HW] - mean;
-        v += d * d;
+// partial[(k·C + ch)·2 + {0, 1}] = Σ x, Σ x² over block (ch, k)'s planes.
+template <typename T>
+__device__ void bn_moment_partials(const T* x, double* partial, int B, int C, int HW, int ipc) {
+    __shared__ double sh[32];
+    const int ch = blockIdx.x, k = blockIdx.y;
+    const int b0 = k * ipc, b1 = min(B, b0 + ipc);
+    double s = 0.0, s2 = 0.0;
+    for (int b = b0; b < b1; ++b) {
+        const size_t base = ((size_t)b * C + ch) * HW;
+        for (int p = threadIdx.x; p < HW; p += blockDim.x) {
+            const double v = ld(x, base + p);
+            s += v;
+            s2 += v * v;
+        }
     }
-    v = block_sum(v, sh) / (float)n;
+    const double ts = block_sum_f64(s, sh);
+    const double tq = block_sum_f64(s2, sh);
     if (threadIdx.x == 0) {
-        out[ch] = mean;
-        out[C + ch] = v;
+        partial[((size_t)k * C + ch) * 2] = ts;
+        partial[((size_t)k * C + ch) * 2 + 1] = tq;
     }
+}
+extern "C" __global__ void cim_bn_moment_partials(const float* x, double* partial, int B, int C,
+                                                  int HW, int ipc) {
+    bn_moment_partials(x, partial, B, C, HW, ipc);
+}
+extern "C" __global__ void cim_bn_moment_partials_bf16(const __nv_bfloat16* x, double* partial,
+                                                       int B, int C, int HW, int ipc) {
+    bn_moment_partials(x, partial, B, C, HW, ipc);
+}
+
+// out (2, C) = [mean; biased var] from the partials, chunks in order. One thread per channel.
+extern "C" __global__ void cim_bn_moments_finish(const double* partial, float* out, int C,
+                                                 int chunks, double n) {
+    const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= C) return;
+    double s = 0.0, s2 = 0.0;
+    for (int k = 0; k < chunks; ++k) {
+        s += partial[((size_t)k * C + ch) * 2];
+        s2 += partial[((size_t)k * C + ch) * 2 + 1];
+    }
+    const double mean = s / n;
+    out[ch] = (float)mean;
+    out[C + ch] = (float)fmax(s2 / n - mean * mean, 0.0);
 }
 
 // y = (x − mean)·rstd·γ + β; stats (2, C), affine [γ; β] (2, C). One thread per element.
-extern "C" __global__ void cim_batch_norm_fwd(const float* x, const float* stats,
-                                              const float* affine, float* y, long long n, int C,
-                                              int HW, float eps) {
+template <typename T>
+__device__ void batch_norm_fwd(const T* x, const float* stats, const float* affine, T* y,
+                               long long n, int C, int HW, float eps) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const int ch = (int)((i / HW) % C);
-    const float rstd = 1.0f / sqrtf(stats[C + ch] + eps);
-    y[i] = (x[i] - stats[ch]) * rstd * affine[ch] + affine[C + ch];
+    const float rstd = rsqrtf(stats[C + ch] + eps);
+    st(y, i, (ld(x, i) - stats[ch]) * rstd * affine[ch] + affine[C + ch]);
+}
+extern "C" __global__ void cim_batch_norm_fwd(const float* x, const float* stats,
+                                              const float* affine, float* y, long long n, int C,
+                                              int HW, float eps) {
+    batch_norm_fwd(x, stats, affine, y, n, C, HW, eps);
+}
+extern "C" __global__ void cim_batch_norm_fwd_bf16(const __nv_bfloat16* x, const float* stats,
+                                                   const float* affine, __nv_bfloat16* y,
+                                                   long long n, int C, int HW, float eps) {
+    batch_norm_fwd(x, stats, affine, y, n, C, HW, eps);
 }
 
-// out = [dx (n); dγ (C); dβ (C)]; p = [γ; β; mean; var] (4, C). One block per channel: the two
-// sums, then dx = γ·rstd·(dy − mean(dy) − x̂·mean(dy·x̂)).
-extern "C" __global__ void cim_batch_norm_bwd(const float* x, const float* dy, const float* p,
-                                              float* out, int B, int C, int HW, float eps) {
+// Backward sums per block: partial[(k·C + ch)·2 + {0, 1}] = Σ dy·x̂, Σ dy over block (ch, k)'s
+// planes; p = [γ; β; mean; var] (4, C).
+template <typename T>
+__device__ void bn_grad_partials(const T* x, const T* dy, const float* p, double* partial, int B,
+                                 int C, int HW, int ipc, float eps) {
     __shared__ float sh[32];
-    const int ch = blockIdx.x;
-    if (ch >= C) return;
-    const long long n = (long long)B * HW;
-    const float mean = p[2 * C + ch], rstd = 1.0f / sqrtf(p[3 * C + ch] + eps);
+    const int ch = blockIdx.x, k = blockIdx.y;
+    const int b0 = k * ipc, b1 = min(B, b0 + ipc);
+    const float mean = p[2 * C + ch], rstd = rsqrtf(p[3 * C + ch] + eps);
     float sd = 0.0f, sdx = 0.0f;
-    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
-        const long long at = ((i / HW) * C + ch) * HW + i % HW;
-        sd += dy[at];
-        sdx += dy[at] * (x[at] - mean) * rstd;
+    for (int b = b0; b < b1; ++b) {
+        const size_t base = ((size_t)b * C + ch) * HW;
+        for (int q = threadIdx.x; q < HW; q += blockDim.x) {
+            const float g = ld(dy, base + q);
+            sd += g;
+            sdx += g * (ld(x, base + q) - mean) * rstd;
+        }
     }
     sd = block_sum(sd, sh);
     sdx = block_sum(sdx, sh);
-    const float md = sd / (float)n, mdx = sdx / (float)n, k = p[ch] * rstd;
-    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
-        const long long at = ((i / HW) * C + ch) * HW + i % HW;
-        out[at] = k * (dy[at] - md - (x[at] - mean) * rstd * mdx);
-    }
     if (threadIdx.x == 0) {
-        const long long total = (long long)B * C * HW;
-        out[total + ch] = sdx;
-        out[total + C + ch] = sd;
+        partial[((size_t)k * C + ch) * 2] = sdx;
+        partial[((size_t)k * C + ch) * 2 + 1] = sd;
     }
+}
+extern "C" __global__ void cim_bn_grad_partials(const float* x, const float* dy, const float* p,
+                                                double* partial, int B, int C, int HW, int ipc,
+                                                float eps) {
+    bn_grad_partials(x, dy, p, partial, B, C, HW, ipc, eps);
+}
+extern "C" __global__ void cim_bn_grad_partials_bf16(const __nv_bfloat16* x,
+                                                     const __nv_bfloat16* dy, const float* p,
+                                                     double* partial, int B, int C, int HW,
+                                                     int ipc, float eps) {
+    bn_grad_partials(x, dy, p, partial, B, C, HW, ipc, eps);
+}
+
+// out (2, C) = [dγ; dβ] = [Σ dy·x̂; Σ dy], chunks in order. One thread per channel.
+extern "C" __global__ void cim_bn_grad_finish(const double* partial, float* out, int C,
+                                              int chunks) {
+    const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= C) return;
+    double sdx = 0.0, sd = 0.0;
+    for (int k = 0; k < chunks; ++k) {
+        sdx += partial[((size_t)k * C + ch) * 2];
+        sd += partial[((size_t)k * C + ch) * 2 + 1];
+    }
+    out[ch] = (float)sdx;
+    out[C + ch] = (float)sd;
+}
+
+// dx = γ·rstd·(dy − mean(dy) − x̂·mean(dy·x̂)); p = [γ; β; mean; var; dγ; dβ] (6, C), count = B·HW.
+// One thread per element, dx in x's type.
+template <typename T>
+__device__ void bn_dx(const T* x, const T* dy, const float* p, T* dx, long long n, int C, int HW,
+                      float count, float eps) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int ch = (int)((i / HW) % C);
+    const float mean = p[2 * C + ch], rstd = rsqrtf(p[3 * C + ch] + eps);
+    const float mdx = p[4 * C + ch] / count, md = p[5 * C + ch] / count;
+    const float xh = (ld(x, i) - mean) * rstd;
+    st(dx, i, p[ch] * rstd * (ld(dy, i) - md - xh * mdx));
+}
+extern "C" __global__ void cim_bn_dx(const float* x, const float* dy, const float* p, float* dx,
+                                     long long n, int C, int HW, float count, float eps) {
+    bn_dx(x, dy, p, dx, n, C, HW, count, eps);
+}
+extern "C" __global__ void cim_bn_dx_bf16(const __nv_bfloat16* x, const __nv_bfloat16* dy,
+                                          const float* p, __nv_bfloat16* dx, long long n, int C,
+                                          int HW, float count, float eps) {
+    bn_dx(x, dy, p, dx, n, C, HW, count, eps);
 }
 
 // ---- MaxPool2d(3, stride 2, padding 1) (src/ops/max_pool.rs). x (P planes, h, w). ----

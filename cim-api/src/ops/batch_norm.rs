@@ -3,11 +3,13 @@
 //! Composed, a training BatchNorm is ~10 kernels forward — three reductions for the mean, a
 //! subtraction, a square, three more reductions, the normalisation and the affine — and autograd
 //! keeps about six activation-sized intermediates per layer for the backward. ResNet-50 has 53 of
-//! them, which is where its memory goes. Here the statistics are one reduction kernel
-//! ([`channel_moments`], no gradient), the normalisation one kernel ([`batch_norm_train`]) that
-//! keeps nothing but its input, and the backward one kernel giving `dx`, `dγ` and `dβ`, with the
-//! gradient through the batch statistics folded in:
-//! `dx = γ·rstd·(dy − mean(dy) − x̂·mean(dy·x̂))` per channel.
+//! them, which is where its memory goes. Here the statistics are one reduction ([`channel_moments`],
+//! no gradient), the normalisation one kernel ([`batch_norm_train`]) that keeps nothing but its
+//! input, and the backward a reduction giving `dγ`, `dβ` and one elementwise kernel giving `dx`,
+//! with the gradient through the batch statistics folded in:
+//! `dx = γ·rstd·(dy − mean(dy) − x̂·mean(dy·x̂))` per channel. On CUDA the reductions run on a
+//! grid of (channel, chunk of planes) blocks with f64 partial sums added in a fixed order (since
+//! session 11; one block per channel before), and the kernels also take bf16 maps.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -16,9 +18,9 @@ use super::{is_fusable, slice};
 use crate::Result;
 
 /// Per-channel `[mean; biased variance]` `(2, C)` of `x` `(B, C, H, W)`. No gradient. `None` when
-/// the fused kernels do not apply.
+/// the fused kernels do not apply (f32 on the CPU; f32 or bf16 on CUDA with the kernels on).
 pub fn channel_moments(x: &Tensor) -> Result<Option<Tensor>> {
-    if !is_fusable(&[x]) || x.rank() != 4 {
+    if !(is_fusable(&[x]) || bf16_on_cuda(x)) || x.rank() != 4 {
         return Ok(None);
     }
     Ok(Some(x.detach().contiguous()?.apply_op1_no_bwd(&MomentsOp)?))
@@ -34,7 +36,9 @@ pub fn batch_norm_train(
     bias: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
-    if is_fusable(&[x, stats, weight, bias]) && x.rank() == 4 {
+    let fused = is_fusable(&[x, stats, weight, bias])
+        || (bf16_on_cuda(x) && is_fusable(&[stats, weight, bias]));
+    if fused && x.rank() == 4 {
         let affine = Tensor::stack(&[weight, bias], 0)?; // (2, C): one input for both
         return Ok(x.contiguous()?.apply_op3(
             &stats.detach().contiguous()?,
@@ -43,6 +47,13 @@ pub fn batch_norm_train(
         )?);
     }
     batch_norm_train_composed(x, weight, bias, eps)
+}
+
+/// A bf16 map on CUDA with the kernels on: the kernels read and write bf16 (statistics and
+/// arithmetic in f32; session 11 — before, the ResNet plugin normalised an f32 copy, two casts
+/// each way per layer).
+fn bf16_on_cuda(x: &Tensor) -> bool {
+    x.dtype() == candle_core::DType::BF16 && x.device().is_cuda() && super::cuda_kernels()
 }
 
 /// The same function from candle ops (statistics computed from `x`, differentiably).
@@ -187,25 +198,30 @@ impl CustomOp3 for ApplyOp {
         _res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let n = x.elem_count();
-        let c = affine.dim(1)?;
-        // Packed [γ; β; mean; var] so the backward kernel has three inputs: x, dy, and this.
+        // [γ; β; mean; var], then with [dγ; dβ] appended: each kernel has three inputs.
+        let eps = self.eps;
         let params = Tensor::cat(&[affine, stats], 0)?.contiguous()?;
-        let packed = x.apply_op3_no_bwd(&dy.contiguous()?, &params, &BwdOp { eps: self.eps })?;
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let daffine = packed.narrow(0, n, 2 * c)?.reshape((2, c))?;
+        let dy = dy.contiguous()?;
+        let daffine = x.apply_op3_no_bwd(&dy, &params, &GradSumsOp { eps })?;
+        let all = Tensor::cat(&[&params, &daffine], 0)?;
+        let dx = x.apply_op3_no_bwd(&dy, &all, &DxOp { eps })?;
         Ok((Some(dx), None, Some(daffine)))
     }
 }
 
-/// Flat `[dx (B·C·H·W); dγ (C); dβ (C)]`.
-struct BwdOp {
+/// `[dγ; dβ]` `(2, C)` = per channel `[Σ dy·x̂; Σ dy]`, from `x`, `dy` and `[γ; β; mean; var]`.
+struct GradSumsOp {
     eps: f32,
 }
 
-impl CustomOp3 for BwdOp {
+/// `1/sqrt(var + ε)` per channel.
+fn rstd(var: &[f32], eps: f32) -> Vec<f32> {
+    var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect()
+}
+
+impl CustomOp3 for GradSumsOp {
     fn name(&self) -> &'static str {
-        "cim-batch-norm-bwd"
+        "cim-batch-norm-grad-sums"
     }
     fn cpu_fwd(
         &self,
@@ -222,9 +238,7 @@ impl CustomOp3 for BwdOp {
             slice(s3, l3, "params")?,
         );
         let (b, c, hw) = bchw(l1)?;
-        let (gamma, mean, var) = (&p[..c], &p[2 * c..3 * c], &p[3 * c..]);
-        let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
-        // Σ dy and Σ dy·x̂ per channel: dβ and dγ.
+        let (mean, rstd) = (&p[2 * c..3 * c], rstd(&p[3 * c..4 * c], self.eps));
         let sums: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
             .map(|ch| {
@@ -239,26 +253,9 @@ impl CustomOp3 for BwdOp {
                 (sd, sdx)
             })
             .collect();
-        let n = (b * hw) as f32;
-        let mut out = vec![0f32; x.len() + 2 * c];
-        let (dx, tail) = out.split_at_mut(x.len());
-        dx.par_chunks_mut(hw)
-            .zip(x.par_chunks(hw).zip(dy.par_chunks(hw)))
-            .enumerate()
-            .for_each(|(plane, (dp, (xp, gp)))| {
-                let ch = plane % c;
-                let (md, mdx) = (sums[ch].0 as f32 / n, sums[ch].1 as f32 / n);
-                let k = gamma[ch] * rstd[ch];
-                for ((d, &xi), &g) in dp.iter_mut().zip(xp).zip(gp) {
-                    let xh = (xi - mean[ch]) * rstd[ch];
-                    *d = k * (g - md - xh * mdx);
-                }
-            });
-        for ch in 0..c {
-            tail[ch] = sums[ch].1 as f32;
-            tail[c + ch] = sums[ch].0 as f32;
-        }
-        Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
+        let mut out: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
+        out.extend(sums.iter().map(|s| s.0 as f32));
+        Ok((CpuStorage::F32(out), Shape::from((2, c))))
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -270,7 +267,65 @@ impl CustomOp3 for BwdOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::batch_norm_bwd(s1, l1, s2, l2, s3, l3, self.eps)
+        super::cuda::batch_norm_grad_sums(s1, l1, s2, l2, s3, l3, self.eps)
+    }
+}
+
+/// `dx = γ·rstd·(dy − mean(dy) − x̂·mean(dy·x̂))` in `x`'s dtype, from `x`, `dy` and
+/// `[γ; β; mean; var; dγ; dβ]` `(6, C)`.
+struct DxOp {
+    eps: f32,
+}
+
+impl CustomOp3 for DxOp {
+    fn name(&self) -> &'static str {
+        "cim-batch-norm-dx"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, dy, p) = (
+            slice(s1, l1, "x")?,
+            slice(s2, l2, "grad")?,
+            slice(s3, l3, "params")?,
+        );
+        let (b, c, hw) = bchw(l1)?;
+        let (gamma, mean) = (&p[..c], &p[2 * c..3 * c]);
+        let rstd = rstd(&p[3 * c..4 * c], self.eps);
+        let (sdx, sd) = (&p[4 * c..5 * c], &p[5 * c..]);
+        let n = (b * hw) as f32;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(hw)
+            .zip(x.par_chunks(hw).zip(dy.par_chunks(hw)))
+            .enumerate()
+            .for_each(|(plane, (dp, (xp, gp)))| {
+                let ch = plane % c;
+                let (md, mdx) = (sd[ch] / n, sdx[ch] / n);
+                let k = gamma[ch] * rstd[ch];
+                for ((d, &xi), &g) in dp.iter_mut().zip(xp).zip(gp) {
+                    let xh = (xi - mean[ch]) * rstd[ch];
+                    *d = k * (g - md - xh * mdx);
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::batch_norm_dx(s1, l1, s2, l2, s3, l3, self.eps)
     }
 }
 

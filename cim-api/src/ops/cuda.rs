@@ -584,28 +584,68 @@ fn bchw(l: &Layout) -> Result<[i32; 3]> {
     Ok([b as i32, c as i32, (h * w) as i32])
 }
 
-/// One block per channel.
-fn per_channel(c: i32) -> LaunchConfig {
-    per_row(c as usize)
+/// The BatchNorm reductions' grid: `(C, chunks)` blocks, each over `ipc` whole planes of one
+/// channel (about 16 384 elements), so that even C = 64 at batch 128 fills the GPU.
+fn bn_grid(b: i32, c: i32, hw: i32) -> (LaunchConfig, i32, i32) {
+    let ipc = (16_384 / hw.max(1)).clamp(1, b.max(1));
+    let chunks = (b + ipc - 1) / ipc;
+    let cfg = LaunchConfig {
+        grid_dim: (c as u32, chunks.max(1) as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    (cfg, ipc, chunks.max(1))
 }
 
+/// `[mean; biased var]` `(2, C)` of `x` `(B, C, H, W)`, f32 or bf16: f64 partial sums on the
+/// [`bn_grid`], added per channel in chunk order.
 pub fn channel_moments(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(s, channel_moments_t(s, l))
+}
+
+fn channel_moments_t<T: KernelFloat>(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
     let dev = s.device().clone();
-    let x = view::<f32>(s, l, "x")?;
+    let x = view::<T>(s, l, "x")?;
     let [b, c, hw] = bchw(l)?;
-    let out = alloc_written::<f32>(&dev, 2 * c as usize)?;
-    let func = dev.get_or_load_custom_func("cim_channel_moments", MODULE, PTX)?;
+    let (cfg, ipc, chunks) = bn_grid(b, c, hw);
+    let partial = alloc_written::<f64>(&dev, 2 * (chunks * c) as usize)?;
+    let func = dev.get_or_load_custom_func(
+        &dtype_kernel("cim_bn_moment_partials", s.dtype())?,
+        MODULE,
+        PTX,
+    )?;
     let mut a = func.builder();
-    a.arg(&x).arg(&out).arg(&b).arg(&c).arg(&hw);
-    // SAFETY: argument types and counts match the kernel's signature; out holds 2·C floats.
-    unsafe { a.launch(per_channel(c)) }.w()?;
+    a.arg(&x).arg(&partial).arg(&b).arg(&c).arg(&hw).arg(&ipc);
+    // SAFETY: argument types and counts match the kernel's signature; block (ch, k) writes its
+    // two partials of the 2·chunks·C.
+    unsafe { a.launch(cfg) }.w()?;
+    let out = alloc_written::<f32>(&dev, 2 * c as usize)?;
+    let func = dev.get_or_load_custom_func("cim_bn_moments_finish", MODULE, PTX)?;
+    let n = b as f64 * hw as f64;
+    let mut a = func.builder();
+    a.arg(&partial).arg(&out).arg(&c).arg(&chunks).arg(&n);
+    // SAFETY: one thread per channel; out holds 2·C floats.
+    unsafe { a.launch(per_element(c as usize)) }.w()?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev),
         Shape::from((2, c as usize)),
     ))
 }
 
+/// The normalisation, `x` (and the output) f32 or bf16, stats and affine f32.
 pub fn batch_norm_fwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(s1, batch_norm_fwd_t(s1, l1, s2, l2, s3, l3, eps))
+}
+
+fn batch_norm_fwd_t<T: KernelFloat>(
     s1: &CudaStorage,
     l1: &Layout,
     s2: &CudaStorage,
@@ -616,14 +656,18 @@ pub fn batch_norm_fwd(
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
     let (x, stats, affine) = (
-        view::<f32>(s1, l1, "x")?,
+        view::<T>(s1, l1, "x")?,
         view::<f32>(s2, l2, "stats")?,
         view::<f32>(s3, l3, "affine")?,
     );
     let [_, c, hw] = bchw(l1)?;
     let n = l1.shape().elem_count();
-    let y = alloc_written::<f32>(&dev, n)?;
-    let func = dev.get_or_load_custom_func("cim_batch_norm_fwd", MODULE, PTX)?;
+    let y = alloc_written::<T>(&dev, n)?;
+    let func = dev.get_or_load_custom_func(
+        &dtype_kernel("cim_batch_norm_fwd", s1.dtype())?,
+        MODULE,
+        PTX,
+    )?;
     let nn = n as i64;
     let mut a = func.builder();
     a.arg(&x)
@@ -639,7 +683,27 @@ pub fn batch_norm_fwd(
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
 }
 
-pub fn batch_norm_bwd(
+/// `[dγ; dβ]` `(2, C)` f32 from `x`, `dy` (f32 or bf16, one dtype) and `p = [γ; β; mean; var]`.
+pub fn batch_norm_grad_sums(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    if s1.dtype() != s2.dtype() {
+        candle_core::bail!(
+            "batch_norm backward: x is {:?}, dy {:?}",
+            s1.dtype(),
+            s2.dtype()
+        );
+    }
+    by_dtype!(s1, batch_norm_grad_sums_t(s1, l1, s2, l2, s3, l3, eps))
+}
+
+fn batch_norm_grad_sums_t<T: KernelFloat>(
     s1: &CudaStorage,
     l1: &Layout,
     s2: &CudaStorage,
@@ -650,26 +714,96 @@ pub fn batch_norm_bwd(
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
     let (x, dy, p) = (
-        view::<f32>(s1, l1, "x")?,
-        view::<f32>(s2, l2, "grad")?,
+        view::<T>(s1, l1, "x")?,
+        view::<T>(s2, l2, "grad")?,
         view::<f32>(s3, l3, "params")?,
     );
     let [b, c, hw] = bchw(l1)?;
-    let total = l1.shape().elem_count() + 2 * c as usize;
-    let out = alloc_written::<f32>(&dev, total)?;
-    let func = dev.get_or_load_custom_func("cim_batch_norm_bwd", MODULE, PTX)?;
+    let (cfg, ipc, chunks) = bn_grid(b, c, hw);
+    let partial = alloc_written::<f64>(&dev, 2 * (chunks * c) as usize)?;
+    let func = dev.get_or_load_custom_func(
+        &dtype_kernel("cim_bn_grad_partials", s1.dtype())?,
+        MODULE,
+        PTX,
+    )?;
     let mut a = func.builder();
     a.arg(&x)
         .arg(&dy)
         .arg(&p)
-        .arg(&out)
+        .arg(&partial)
         .arg(&b)
         .arg(&c)
         .arg(&hw)
+        .arg(&ipc)
         .arg(&eps);
-    // SAFETY: argument types and counts match the kernel's signature; out holds n + 2·C floats.
-    unsafe { a.launch(per_channel(c)) }.w()?;
-    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(total)))
+    // SAFETY: argument types and counts match the kernel's signature; block (ch, k) writes its
+    // two partials.
+    unsafe { a.launch(cfg) }.w()?;
+    let out = alloc_written::<f32>(&dev, 2 * c as usize)?;
+    let func = dev.get_or_load_custom_func("cim_bn_grad_finish", MODULE, PTX)?;
+    let mut a = func.builder();
+    a.arg(&partial).arg(&out).arg(&c).arg(&chunks);
+    // SAFETY: one thread per channel; out holds 2·C floats.
+    unsafe { a.launch(per_element(c as usize)) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev),
+        Shape::from((2, c as usize)),
+    ))
+}
+
+/// `dx` in `x`'s dtype from `x`, `dy` and `p = [γ; β; mean; var; dγ; dβ]` `(6, C)`.
+pub fn batch_norm_dx(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    if s1.dtype() != s2.dtype() {
+        candle_core::bail!(
+            "batch_norm backward: x is {:?}, dy {:?}",
+            s1.dtype(),
+            s2.dtype()
+        );
+    }
+    by_dtype!(s1, batch_norm_dx_t(s1, l1, s2, l2, s3, l3, eps))
+}
+
+fn batch_norm_dx_t<T: KernelFloat>(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (x, dy, p) = (
+        view::<T>(s1, l1, "x")?,
+        view::<T>(s2, l2, "grad")?,
+        view::<f32>(s3, l3, "params")?,
+    );
+    let [b, c, hw] = bchw(l1)?;
+    let n = l1.shape().elem_count();
+    let dx = alloc_written::<T>(&dev, n)?;
+    let func = dev.get_or_load_custom_func(&dtype_kernel("cim_bn_dx", s1.dtype())?, MODULE, PTX)?;
+    let (nn, count) = (n as i64, b as f32 * hw as f32);
+    let mut a = func.builder();
+    a.arg(&x)
+        .arg(&dy)
+        .arg(&p)
+        .arg(&dx)
+        .arg(&nn)
+        .arg(&c)
+        .arg(&hw)
+        .arg(&count)
+        .arg(&eps);
+    // SAFETY: argument types and counts match the kernel's signature; one thread per element.
+    unsafe { a.launch(per_element(n)) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
 }
 
 fn pool_dims(l: &Layout) -> Result<(i64, i32, i32, i32, i32)> {

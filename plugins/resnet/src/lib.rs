@@ -127,17 +127,15 @@ impl BatchNorm {
     }
 
     /// In training, batch statistics (and the running ones updated); else the running ones.
-    /// bf16 input (mixed precision) is normalised in f32 and handed back in bf16, as LayerNorm is.
+    /// bf16 input (mixed precision): in training on CUDA the fused kernels read and write bf16
+    /// (statistics and arithmetic in f32); elsewhere it is normalised in f32 and handed back in
+    /// bf16, as LayerNorm is.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if x.dtype() == DType::BF16 {
-            let y = self.forward_t(&x.to_dtype(DType::F32)?, train)?;
-            return Ok(y.to_dtype(DType::BF16)?);
-        }
         let c = self.weight.dim(0)?;
         let shape = (1, c, 1, 1);
         if train {
-            // Fused: one statistics kernel, one normalisation kernel keeping only its input, one
-            // backward kernel (cim_api::ops::batch_norm_train).
+            // Fused: one statistics kernel, one normalisation kernel keeping only its input, a
+            // backward of two kernels (cim_api::ops::batch_norm_train).
             if let Some(stats) = cim_api::ops::channel_moments(x)? {
                 let (b, _, h, w) = x.dims4()?;
                 let n = (b * h * w) as f64;
@@ -150,6 +148,10 @@ impl BatchNorm {
                     self.eps,
                 );
             }
+        }
+        if x.dtype() == DType::BF16 {
+            let y = self.forward_t(&x.to_dtype(DType::F32)?, train)?;
+            return Ok(y.to_dtype(DType::BF16)?);
         }
         let (mean, var) = if train {
             let (b, _, h, w) = x.dims4()?;
