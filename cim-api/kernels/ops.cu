@@ -725,13 +725,14 @@ extern "C" __global__ void cim_bias_add_fwd_bf16(const __nv_bfloat16* x, const f
     bias_add_fwd(x, b, y, n, d);
 }
 
-// dx in f32 whatever x and dy are stored in.
-template <typename T>
-__device__ void bias_gelu_bwd_dx(const T* x, const float* b, const T* dy, float* dx, long long n,
+// dx in f32 whatever x and dy are stored in (O = float), or in their bf16 (O = T: the block
+// node's backward, whose next GEMM reads bf16).
+template <typename T, typename O>
+__device__ void bias_gelu_bwd_dx(const T* x, const float* b, const T* dy, O* dx, long long n,
                                  int d) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    dx[i] = ld(dy, i) * gelu_erf_grad(ld(x, i) + b[i % d]);
+    st(dx, i, ld(dy, i) * gelu_erf_grad(ld(x, i) + b[i % d]));
 }
 
 extern "C" __global__ void cim_bias_gelu_bwd_dx(const float* x, const float* b, const float* dy,
@@ -741,6 +742,11 @@ extern "C" __global__ void cim_bias_gelu_bwd_dx(const float* x, const float* b, 
 extern "C" __global__ void cim_bias_gelu_bwd_dx_bf16(const __nv_bfloat16* x, const float* b,
                                                      const __nv_bfloat16* dy, float* dx,
                                                      long long n, int d) {
+    bias_gelu_bwd_dx(x, b, dy, dx, n, d);
+}
+extern "C" __global__ void cim_bias_gelu_bwd_dx_bf16_out(const __nv_bfloat16* x, const float* b,
+                                                         const __nv_bfloat16* dy,
+                                                         __nv_bfloat16* dx, long long n, int d) {
     bias_gelu_bwd_dx(x, b, dy, dx, n, d);
 }
 

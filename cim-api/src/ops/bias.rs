@@ -325,6 +325,72 @@ pub(super) fn bias_gelu_grads(
     ))
 }
 
+/// `(dx, db)` of bias + GELU with `dx` in `x`'s dtype (`db` f32). On CUDA in bf16 one kernel
+/// writes `dx` in bf16 and `db` is the column sums of that `dx` (f32 accumulation) — no f32 copy of
+/// the MLP's widest gradient and no cast pass, as under PyTorch's autocast; elsewhere
+/// [`bias_gelu_grads`] and a cast.
+pub(super) fn bias_gelu_grads_native(
+    x: &Tensor,
+    b: &Tensor,
+    dy: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let bf16 = x.dtype() == DType::BF16 && dy.dtype() == DType::BF16;
+    if bf16 && x.device().is_cuda() && super::fusable_device(x) {
+        let dx = x
+            .contiguous()?
+            .apply_op3_no_bwd(b, &dy.contiguous()?, &BiasGeluDxOp)?;
+        let db = dx.apply_op1_no_bwd(&ColSumOp(b.dim(0)?))?;
+        return Ok((dx, db));
+    }
+    let (dx, db) = bias_gelu_grads(x, b, dy)?;
+    Ok((dx.to_dtype(x.dtype())?, db))
+}
+
+/// `dx` of bias + GELU in `x`'s dtype, from `x`, the f32 bias and `dy` (of `x`'s dtype).
+struct BiasGeluDxOp;
+
+impl CustomOp3 for BiasGeluDxOp {
+    fn name(&self) -> &'static str {
+        "cim-bias-gelu-dx"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        // The packed kernel's dx rows, rounded to x's dtype.
+        let narrow = matches!(s1, CpuStorage::BF16(_));
+        let (packed, _) = BiasGeluBwdOp.cpu_fwd(s1, l1, s2, l2, s3, l3)?;
+        let n = l1.shape().elem_count();
+        let mut dx = match packed {
+            CpuStorage::F32(v) => v,
+            _ => candle_core::bail!("bias_gelu dx: the packed backward is f32"),
+        };
+        dx.truncate(n);
+        let dx = CpuStorage::F32(dx);
+        Ok((
+            if narrow { super::narrowed(dx) } else { dx },
+            l1.shape().clone(),
+        ))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::bias_gelu_bwd_bf16_dx(s1, l1, s2, l2, s3, l3)
+    }
+}
+
 /// `(rows + 1, d)`: `dx` rows, then `db`.
 pub(super) struct BiasGeluBwdOp;
 
@@ -412,6 +478,24 @@ mod tests {
 
     /// Values, `dx` and `db` against the composed ops, for a 3-D input whose row count is not a
     /// multiple of the chunk size and for a 2-D one.
+    /// The dx-only op (CUDA's bf16 path) on the CPU: the packed backward's dx rows, in f32 and
+    /// rounded to bf16 for bf16 inputs.
+    #[test]
+    fn dx_only_op_is_the_packed_backwards_dx() -> Result<()> {
+        let (x, b, dy) = (randn(&[7, 9], 1), randn(&[9], 2), randn(&[7, 9], 3));
+        let (want, _) = bias_gelu_grads(&x, &b, &dy)?;
+        let got = x.apply_op3_no_bwd(&b, &dy, &BiasGeluDxOp)?;
+        assert_eq!(got.dims(), x.dims());
+        assert!(max_diff(&got, &want) == 0.0);
+        let (xb, dyb) = (x.to_dtype(DType::BF16)?, dy.to_dtype(DType::BF16)?);
+        let got = xb.apply_op3_no_bwd(&b, &dyb, &BiasGeluDxOp)?;
+        assert_eq!(got.dtype(), DType::BF16);
+        let (want, _) = bias_gelu_grads(&xb, &b, &dyb)?;
+        let want = want.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+        assert!(max_diff(&got.to_dtype(DType::F32)?, &want) == 0.0);
+        Ok(())
+    }
+
     #[test]
     fn bias_gelu_matches_composed_values_and_gradients() -> Result<()> {
         for (i, shape) in [vec![3, 67, 40], vec![5, 8]].into_iter().enumerate() {

@@ -313,8 +313,7 @@ impl Forward {
         let d_fc2_b = col_sum(&dm)?;
         let dg = dm.matmul(&self.w[3])?;
         // g = gelu(h + b).
-        let (dh, d_fc1_b) = bias::bias_gelu_grads(&self.h, &self.vec32[6], &dg)?;
-        let dh = dh.to_dtype(dt)?;
+        let (dh, d_fc1_b) = bias::bias_gelu_grads_native(&self.h, &self.vec32[6], &dg)?;
         let d_fc1_w = dh.t()?.matmul(&self.xn2)?;
         let dxn2 = dh.matmul(&self.w[2])?;
         // xn2 = norm2(x1).

@@ -998,7 +998,8 @@ fn bias_gelu_bwd_t<T: KernelFloat>(
     );
     let (rows, d) = dims(l1)?;
     let n = rows * d;
-    let mut out = dev.alloc_zeros::<f32>(n + d)?;
+    // The dx kernel writes all n values, the column sums all d.
+    let mut out = alloc_written::<f32>(&dev, n + d)?;
     let (nn, dd) = (n as i64, d as i32);
     {
         let mut dx = out.slice_mut(0..n);
@@ -1018,6 +1019,42 @@ fn bias_gelu_bwd_t<T: KernelFloat>(
         CudaStorage::wrap_cuda_slice(out, dev),
         Shape::from((rows + 1, d)),
     ))
+}
+
+/// `dx` of bias + GELU in bf16, shaped like `x` (bf16 `x` and `dy`, f32 bias): the block node's
+/// backward, without an f32 copy of the MLP's widest gradient.
+pub fn bias_gelu_bwd_bf16_dx(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    use candle_core::DType;
+    if s1.dtype() != DType::BF16 || s3.dtype() != DType::BF16 {
+        candle_core::bail!(
+            "bias_gelu bf16 backward: x is {:?}, dy {:?}",
+            s1.dtype(),
+            s3.dtype()
+        );
+    }
+    let dev = s1.device().clone();
+    let (x, b, dy) = (
+        view::<half::bf16>(s1, l1, "x")?,
+        view::<f32>(s2, l2, "bias")?,
+        view::<half::bf16>(s3, l3, "grad")?,
+    );
+    let (rows, d) = dims(l1)?;
+    let n = rows * d;
+    let dx = alloc_written::<half::bf16>(&dev, n)?;
+    let func = dev.get_or_load_custom_func("cim_bias_gelu_bwd_dx_bf16_out", MODULE, PTX)?;
+    let (nn, dd) = (n as i64, d as i32);
+    let mut a = func.builder();
+    a.arg(&x).arg(&b).arg(&dy).arg(&dx).arg(&nn).arg(&dd);
+    // SAFETY: argument types and counts match the kernel's signature; one thread per element.
+    unsafe { a.launch(per_element(n)) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
 }
 
 /// Geometry shared by im2col and col2im: `(h, w, k, stride, pad, ho, wo)`.
