@@ -222,6 +222,65 @@ __device__ void softmax_bwd(const T* y, const T* dy, T* dx, int rows, int d) {
         st(dx, o + j, ld(y, o + j) * (ld(dy, o + j) - dot));
 }
 
+// The same with one warp per row (8 rows per block of 256; lanes stride over the row; warp
+// shuffles only): for short rows such as attention's 197-wide scores, where a block of 256 threads
+// per row left 59 idle and spent three block-wide barriers per row (session 11's H200 profile:
+// ~6× the bandwidth bound).
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+
+template <typename T>
+__device__ void softmax_fwd_warp(const T* x, T* y, int rows, int d, int valid) {
+    const int lane = threadIdx.x & 31;
+    const long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows) return;  // uniform across the warp
+    const size_t o = (size_t)r * d;
+    float m = -INFINITY;
+    for (int j = lane; j < valid; j += 32) m = fmaxf(m, ld(x, o + j));
+    m = warp_max(m);
+    float s = 0.0f;
+    for (int j = lane; j < valid; j += 32) s += expf(ld(x, o + j) - m);
+    const float inv = 1.0f / warp_sum(s);
+    for (int j = lane; j < d; j += 32)
+        st(y, o + j, j < valid ? expf(ld(x, o + j) - m) * inv : 0.0f);
+}
+
+template <typename T>
+__device__ void softmax_bwd_warp(const T* y, const T* dy, T* dx, int rows, int d) {
+    const int lane = threadIdx.x & 31;
+    const long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows) return;  // uniform across the warp
+    const size_t o = (size_t)r * d;
+    float dot = 0.0f;
+    for (int j = lane; j < d; j += 32) dot += ld(y, o + j) * ld(dy, o + j);
+    dot = warp_sum(dot);
+    for (int j = lane; j < d; j += 32) st(dx, o + j, ld(y, o + j) * (ld(dy, o + j) - dot));
+}
+
+extern "C" __global__ void cim_softmax_fwd_warp(const float* x, float* y, int rows, int d,
+                                                int valid) {
+    softmax_fwd_warp(x, y, rows, d, valid);
+}
+extern "C" __global__ void cim_softmax_fwd_warp_bf16(const __nv_bfloat16* x, __nv_bfloat16* y,
+                                                     int rows, int d, int valid) {
+    softmax_fwd_warp(x, y, rows, d, valid);
+}
+extern "C" __global__ void cim_softmax_bwd_warp(const float* y, const float* dy, float* dx,
+                                                int rows, int d) {
+    softmax_bwd_warp(y, dy, dx, rows, d);
+}
+extern "C" __global__ void cim_softmax_bwd_warp_bf16(const __nv_bfloat16* y,
+                                                     const __nv_bfloat16* dy, __nv_bfloat16* dx,
+                                                     int rows, int d) {
+    softmax_bwd_warp(y, dy, dx, rows, d);
+}
+
 extern "C" __global__ void cim_softmax_fwd(const float* x, float* y, int rows, int d, int valid) {
     softmax_fwd(x, y, rows, d, valid);
 }
@@ -366,11 +425,6 @@ extern "C" __global__ void cim_adamw_apply(float* p, const float* mv, long long 
 // dims lane, lane + 32, … (D ≤ 32·ATT_R). Keys are streamed with the running-max softmax.
 
 #define ATT_R 4
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-    return v;
-}
 
 extern "C" __global__ void cim_attention_fwd(const float* qkv, float* out, int B, int N, int H,
                                              int D, float scale) {

@@ -118,14 +118,18 @@ fn row_kernels_parity(gpu: &Device) {
             assert!(d < tol, "layer_norm grad {i} ({rows}×{d}): {d}");
         }
     }
-    // Softmax over attention rows.
-    let x = randn(&[2, 4, 197, 197], 5, &cpu);
-    let up = randn(&[2, 4, 197, 197], 6, &cpu);
-    let f = |t: &[Tensor]| ops::softmax_last_dim(&t[0]).unwrap();
-    let (yc, gc) = run(&cpu, &f, std::slice::from_ref(&x), &up);
-    let (yg, gg) = run(gpu, &f, &[x], &up);
-    assert!(max_diff(&yc, &yg) < 1e-5, "softmax value");
-    assert!(max_diff(&gc[0], &gg[0]) < 1e-4, "softmax grad");
+    // Softmax over attention rows (the warp-per-row kernels), a short odd width, and rows
+    // longer than 1024 (the block-per-row kernels).
+    for shape in [[2, 4, 197, 197], [3, 1, 5, 7], [2, 1, 3, 3000]] {
+        let x = randn(&shape, 5, &cpu);
+        let up = randn(&shape, 6, &cpu);
+        let f = |t: &[Tensor]| ops::softmax_last_dim(&t[0]).unwrap();
+        let (yc, gc) = run(&cpu, &f, std::slice::from_ref(&x), &up);
+        let (yg, gg) = run(gpu, &f, std::slice::from_ref(&x), &up);
+        assert!(max_diff(&yc, &yg) < 1e-5, "softmax value {shape:?}");
+        assert!(max_diff(&gc[0], &gg[0]) < 1e-4, "softmax grad {shape:?}");
+    }
+    // (The bf16 softmax kernels run inside GEMM attention: `attention_parity` checks them.)
     // Cross-entropy over an 8192-token vocabulary.
     let x = randn(&[230, 8192], 7, &cpu);
     let t: Vec<u32> = (0..230).map(|i| (i * 131 % 8192) as u32).collect();

@@ -245,14 +245,33 @@ where
     let x = view::<T>(s, l, "x")?;
     let (rows, d) = dims(l)?;
     let y = alloc_written::<T>(&dev, rows * d)?;
-    let func =
-        dev.get_or_load_custom_func(&dtype_kernel("cim_softmax_fwd", s.dtype())?, MODULE, PTX)?;
+    let (base, cfg) = softmax_kernel("cim_softmax_fwd", rows, d);
+    let func = dev.get_or_load_custom_func(&dtype_kernel(base, s.dtype())?, MODULE, PTX)?;
     let (r, dd, vv) = (rows as i32, d as i32, valid.min(d) as i32);
     let mut a = func.builder();
     a.arg(&x).arg(&y).arg(&r).arg(&dd).arg(&vv);
-    // SAFETY: argument types and counts match the kernel's signature.
-    unsafe { a.launch(per_row(rows)) }.w()?;
+    // SAFETY: argument types and counts match both kernels' signatures; `cfg` covers every row.
+    unsafe { a.launch(cfg) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l.shape().clone()))
+}
+
+/// The softmax kernel for rows of `d` and its launch: one warp per row (8 rows per block) up to
+/// 1024 columns, one block per row beyond.
+fn softmax_kernel(base: &'static str, rows: usize, d: usize) -> (&'static str, LaunchConfig) {
+    const ROWS_PER_BLOCK: usize = THREADS as usize / 32;
+    if d > 1024 {
+        return (base, per_row(rows));
+    }
+    let name = match base {
+        "cim_softmax_fwd" => "cim_softmax_fwd_warp",
+        _ => "cim_softmax_bwd_warp",
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    (name, cfg)
 }
 
 /// `y · (dy − Σ dy·y)` per row, f32 or bf16 (both inputs of one dtype).
@@ -287,13 +306,13 @@ where
     let (y, g) = (view::<T>(s1, l1, "y")?, view::<T>(s2, l2, "grad")?);
     let (rows, d) = dims(l1)?;
     let dx = alloc_written::<T>(&dev, rows * d)?;
-    let func =
-        dev.get_or_load_custom_func(&dtype_kernel("cim_softmax_bwd", s1.dtype())?, MODULE, PTX)?;
+    let (base, cfg) = softmax_kernel("cim_softmax_bwd", rows, d);
+    let func = dev.get_or_load_custom_func(&dtype_kernel(base, s1.dtype())?, MODULE, PTX)?;
     let (r, dd) = (rows as i32, d as i32);
     let mut a = func.builder();
     a.arg(&y).arg(&g).arg(&dx).arg(&r).arg(&dd);
-    // SAFETY: argument types and counts match the kernel's signature.
-    unsafe { a.launch(per_row(rows)) }.w()?;
+    // SAFETY: argument types and counts match both kernels' signatures; `cfg` covers every row.
+    unsafe { a.launch(cfg) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
 }
 
