@@ -911,11 +911,17 @@ fn residual_add_parity(gpu: &Device) {
 }
 
 /// GEMM attention's head-layout copies on the GPU against the CPU, equal values: padded to 200
-/// rows per head (197 tokens), q and dq scaled by 1/8, f32 and bf16.
+/// rows per head (197 tokens; the 16-byte kernels), and at a head width of 6 (the one-element
+/// kernels); q and dq scaled, f32 and bf16.
 fn head_copies_parity(gpu: &Device) {
+    for (n, h, hd, rows) in [(197, 12, 64, 200), (13, 3, 6, 16)] {
+        head_copies_case(gpu, (2, n, h, hd, rows));
+    }
+}
+
+fn head_copies_case(gpu: &Device, (b, n, h, hd, rows): (usize, usize, usize, usize, usize)) {
     use candle_core::DType;
     let cpu = Device::Cpu;
-    let (b, n, h, hd, rows) = (2, 197, 12, 64, 200);
     let qkv = randn(&[b, n, 3 * h * hd], 140, &cpu);
     let x = randn(&[b, n, h * hd], 141, &cpu);
     let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_device(&cpu).unwrap();

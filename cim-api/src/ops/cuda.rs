@@ -1475,10 +1475,18 @@ fn head_copy_t<T: KernelFloat>(
     let pick = |i: usize| &views[i.min(views.len() - 1)];
     let total = shape.elem_count();
     let out = alloc_written::<T>(&dev, total)?;
+    // 16 bytes per thread where hd and every input view allow it (the output is fresh).
+    let v = 16 / std::mem::size_of::<T>();
+    let vec =
+        g.hd.is_multiple_of(v) && srcs.iter().all(|(_, l)| l.start_offset().is_multiple_of(v));
+    let (kernel, threads) = match vec {
+        true => (format!("{kernel}_vec"), total / v),
+        false => (kernel.to_string(), total),
+    };
     let func =
-        dev.get_or_load_custom_func(&dtype_kernel(kernel, srcs[0].0.dtype())?, MODULE, PTX)?;
+        dev.get_or_load_custom_func(&dtype_kernel(&kernel, srcs[0].0.dtype())?, MODULE, PTX)?;
     let (tt, bb, nn, hh, dd) = (
-        total as i64,
+        threads as i64,
         g.b as i32,
         g.n as i32,
         g.h as i32,
@@ -1498,9 +1506,10 @@ fn head_copy_t<T: KernelFloat>(
         .arg(&rr)
         .arg(&g.scale);
     // SAFETY: argument types and counts match the kernels' common signature; one thread per
-    // output element, each reading inside its input (shapes checked by `super::heads`); inputs a
-    // kernel does not use alias the first.
-    unsafe { a.launch(per_element(total)) }.w()?;
+    // output element (or per 16-byte vector of them, hd a multiple of the vector and every view
+    // starting on one: checked above), each reading inside its input (shapes checked by
+    // `super::heads`); inputs a kernel does not use alias the first.
+    unsafe { a.launch(per_element(threads)) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
 }
 
