@@ -904,13 +904,25 @@ fn bias_fwd_t<T: KernelFloat>(
     let (rows, d) = dims(l1)?;
     let n = rows * d;
     let y = alloc_written::<T>(&dev, n)?;
-    let func = dev.get_or_load_custom_func(&dtype_kernel(kernel, s1.dtype())?, MODULE, PTX)?;
-    let (nn, dd) = (n as i64, d as i32);
+    let (kernel, per, dd) = by_fours(kernel, d, &[l1, l2]);
+    let func = dev.get_or_load_custom_func(&dtype_kernel(&kernel, s1.dtype())?, MODULE, PTX)?;
+    let nn = (n / per) as i64;
     let mut a = func.builder();
     a.arg(&x).arg(&b).arg(&y).arg(&nn).arg(&dd);
-    // SAFETY: argument types and counts match the kernel's signature; one thread per element.
-    unsafe { a.launch(per_element(n)) }.w()?;
+    // SAFETY: argument types and counts match the kernel's signature; one thread per element, or
+    // per four of them (`by_fours` checked d and every view's start).
+    unsafe { a.launch(per_element(n / per)) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
+}
+
+/// The four-per-thread `{kernel}_v4` for rows of `d % 4 == 0` whose views all start on a
+/// 4-element boundary, else `kernel`: `(name, elements per thread, d in those units)`.
+fn by_fours(kernel: &str, d: usize, layouts: &[&Layout]) -> (String, usize, i32) {
+    let fours = d.is_multiple_of(4) && layouts.iter().all(|l| l.start_offset().is_multiple_of(4));
+    match fours {
+        true => (format!("{kernel}_v4"), 4, (d / 4) as i32),
+        false => (kernel.to_string(), 1, d as i32),
+    }
 }
 
 pub fn bias_add_fwd(
@@ -1019,18 +1031,16 @@ fn bias_gelu_bwd_t<T: KernelFloat>(
     let n = rows * d;
     // The dx kernel writes all n values, the column sums all d.
     let mut out = alloc_written::<f32>(&dev, n + d)?;
-    let (nn, dd) = (n as i64, d as i32);
     {
         let mut dx = out.slice_mut(0..n);
-        let func = dev.get_or_load_custom_func(
-            &dtype_kernel("cim_bias_gelu_bwd_dx", s1.dtype())?,
-            MODULE,
-            PTX,
-        )?;
+        let (kernel, per, dd) = by_fours("cim_bias_gelu_bwd_dx", d, &[l1, l2, l3]);
+        let func = dev.get_or_load_custom_func(&dtype_kernel(&kernel, s1.dtype())?, MODULE, PTX)?;
+        let nn = (n / per) as i64;
         let mut a = func.builder();
         a.arg(&x).arg(&b).arg(&dy).arg(&mut dx).arg(&nn).arg(&dd);
-        // SAFETY: argument types and counts match the kernel's signature; one thread per element.
-        unsafe { a.launch(per_element(n)) }.w()?;
+        // SAFETY: argument types and counts match the kernel's signature; one thread per element
+        // or per four (`by_fours`); the f32 output is fresh.
+        unsafe { a.launch(per_element(n / per)) }.w()?;
     }
     let (dx, mut db) = out.split_at_mut(n);
     col_sum_into(&dev, &dx.as_view(), rows, d, &mut db)?;
@@ -1067,12 +1077,14 @@ pub fn bias_gelu_bwd_bf16_dx(
     let (rows, d) = dims(l1)?;
     let n = rows * d;
     let dx = alloc_written::<half::bf16>(&dev, n)?;
-    let func = dev.get_or_load_custom_func("cim_bias_gelu_bwd_dx_bf16_out", MODULE, PTX)?;
-    let (nn, dd) = (n as i64, d as i32);
+    let (kernel, per, dd) = by_fours("cim_bias_gelu_bwd_dx_bf16_out", d, &[l1, l2, l3]);
+    let func = dev.get_or_load_custom_func(&kernel, MODULE, PTX)?;
+    let nn = (n / per) as i64;
     let mut a = func.builder();
     a.arg(&x).arg(&b).arg(&dy).arg(&dx).arg(&nn).arg(&dd);
-    // SAFETY: argument types and counts match the kernel's signature; one thread per element.
-    unsafe { a.launch(per_element(n)) }.w()?;
+    // SAFETY: argument types and counts match the kernel's signature; one thread per element or
+    // per four (`by_fours`).
+    unsafe { a.launch(per_element(n / per)) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
 }
 
