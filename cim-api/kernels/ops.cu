@@ -1311,3 +1311,69 @@ extern "C" __global__ void cim_residual_add_bf16_f32(const __nv_bfloat16* a, con
                                                      long long n4, int d4, int has_bias) {
     residual_add(a, b, bias, y, n4, d4, has_bias);
 }
+
+// ---- Channel argmax of the dVAE's logits (src/ops/argmax.rs): x (B, C, HW) f32, bf16 or f16 ----
+// Block (32 pixels, 8 channel lanes): lane ty scans channels ty, ty + 8, … of its pixel (adjacent
+// threads read adjacent pixels of one plane: coalesced), keeping the first maximum; the 8
+// candidates are combined by value, ties to the lowest channel. The result is the sequential
+// scan's (channel 0, then each strictly larger value): NaNs never win, and a NaN in channel 0
+// keeps index 0, as in candle's argmax and the CPU op.
+template <typename T>
+__device__ void argmax_channels(const T* x, unsigned int* out, int B, int C, int HW) {
+    __shared__ float best_v[8][32];
+    __shared__ unsigned int best_i[8][32];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const long long pix = (long long)blockIdx.x * 32 + tx;
+    const bool live = pix < (long long)B * HW;
+    float best = -INFINITY;
+    unsigned int arg = 0xffffffffu;
+    if (live) {
+        const long long b = pix / HW, p = pix % HW;
+        const T* img = x + (size_t)b * C * HW + p;
+        int ch = ty;
+        if (ty == 0 && C > 0) {
+            best = ld(img, 0);
+            arg = 0;
+            ch = 8;
+        }
+        for (; ch < C; ch += 8) {
+            const float v = ld(img, (size_t)ch * HW);
+            if (v > best || (arg == 0xffffffffu && v == best)) {
+                best = v;
+                arg = (unsigned int)ch;
+            }
+        }
+    }
+    best_v[ty][tx] = best;
+    best_i[ty][tx] = arg;
+    __syncthreads();
+    if (ty == 0 && live) {
+        // Channel 0's value NaN: the sequential scan never moves.
+        if (!(best == best)) {
+            out[pix] = 0;
+            return;
+        }
+        for (int k = 1; k < 8; ++k) {
+            const float v = best_v[k][tx];
+            const unsigned int i = best_i[k][tx];
+            if (i == 0xffffffffu) continue;
+            if (v > best || (v == best && i < arg)) {
+                best = v;
+                arg = i;
+            }
+        }
+        out[pix] = arg;
+    }
+}
+extern "C" __global__ void cim_argmax_channels(const float* x, unsigned int* out, int B, int C,
+                                               int HW) {
+    argmax_channels(x, out, B, C, HW);
+}
+extern "C" __global__ void cim_argmax_channels_bf16(const __nv_bfloat16* x, unsigned int* out,
+                                                    int B, int C, int HW) {
+    argmax_channels(x, out, B, C, HW);
+}
+extern "C" __global__ void cim_argmax_channels_f16(const __half* x, unsigned int* out, int B,
+                                                   int C, int HW) {
+    argmax_channels(x, out, B, C, HW);
+}

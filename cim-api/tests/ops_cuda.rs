@@ -77,6 +77,7 @@ fn cuda_kernels_match_the_cpu_kernels() {
         ("select_rows", select_rows_parity),
         ("residual_add", residual_add_parity),
         ("head copies, padded", head_copies_parity),
+        ("argmax_channels", argmax_parity),
     ];
     #[cfg(feature = "cudnn")]
     let checks = [checks, vec![("cudnn_conv", cudnn_conv_parity as Check)]].concat();
@@ -962,5 +963,43 @@ fn head_copies_case(gpu: &Device, (b, n, h, hd, rows): (usize, usize, usize, usi
             0.0,
             "split then merge {dt:?}"
         );
+    }
+}
+
+/// The dVAE's channel argmax on the GPU (f32, bf16, f16 logits) against candle's argmax on the CPU
+/// over the same (widened) values: random logits over 700 channels (more than one lane's share),
+/// and a pixel with a tie, a NaN, and one with a NaN in channel 0.
+fn argmax_parity(gpu: &Device) {
+    use candle_core::DType;
+    let cpu = Device::Cpu;
+    let (b, c, h, w) = (3, 700, 5, 7);
+    let mut v = randn(&[b, c, h, w], 150, &cpu)
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let hw = h * w;
+    // Image 0, pixel 0: channels 9 and 17 tie at the maximum, channel 12 is NaN.
+    for (ch, val) in [(9, 9.0), (12, f32::NAN), (17, 9.0)] {
+        v[ch * hw] = val;
+    }
+    // Image 1, pixel 3: channel 0 is NaN (the scan never moves: index 0).
+    v[c * hw + 3] = f32::NAN;
+    let x = Tensor::from_vec(v, (b, c, h, w), &cpu).unwrap();
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        let xd = x.to_dtype(dt).unwrap();
+        let want = xd
+            .to_dtype(DType::F32)
+            .unwrap()
+            .argmax(1)
+            .unwrap()
+            .to_vec3::<u32>()
+            .unwrap();
+        let got = ops::argmax_channels(&xd.to_device(gpu).unwrap())
+            .unwrap()
+            .to_vec3::<u32>()
+            .unwrap();
+        assert_eq!(got, want, "argmax_channels {dt:?}");
+        assert_eq!((got[0][0][0], got[1][0][3]), (9, 0), "tie and NaN {dt:?}");
     }
 }

@@ -12,10 +12,16 @@ use super::slice;
 use crate::Result;
 
 /// `argmax` over dimension 1 of `x` `(B, C, H, W)` → `(B, H, W)` u32 indices; ties go to the lowest
-/// channel and NaNs never win, as candle's `argmax` (which other dtypes and devices run).
+/// channel and NaNs never win, as candle's `argmax` (which other dtypes and devices run). On CUDA
+/// (kernels on; f32, bf16 or f16 logits) one kernel reading the channel planes coalesced: in
+/// session 11's H200 profile candle's argmax over the dVAE's 8192 channels took 2.7 ms per step,
+/// after a cast of the f16 logits to f32.
 pub fn argmax_channels(x: &Tensor) -> Result<Tensor> {
     x.dims4()?;
-    if x.dtype() != DType::F32 || !x.device().is_cpu() {
+    let on_cuda = x.device().is_cuda()
+        && super::cuda_kernels()
+        && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16);
+    if !(on_cuda || (x.dtype() == DType::F32 && x.device().is_cpu())) {
         return Ok(x.argmax(1)?);
     }
     Ok(x.detach().contiguous()?.apply_op1_no_bwd(&ArgmaxChannels)?)
@@ -49,6 +55,14 @@ impl CustomOp1 for ArgmaxChannels {
         }
         Ok((CpuStorage::U32(idx), Shape::from((b, h, w))))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::argmax_channels(s, l)
+    }
 }
 
 #[cfg(test)]
@@ -73,6 +87,15 @@ mod tests {
         let ours = argmax_channels(&x)?.to_vec3::<u32>()?;
         assert_eq!(ours, x.argmax(1)?.to_vec3::<u32>()?);
         assert_eq!(ours[0][0][0], 2);
+        // A NaN in channel 0: the scan never moves (index 0), in candle's argmax as in ours.
+        let mut v = vec![0f32; 6];
+        v[0] = f32::NAN;
+        v[4] = 3.0; // channel 2 of both pixels
+        v[5] = 3.0;
+        let x = Tensor::from_vec(v, (1, 3, 1, 2), &candle_core::Device::Cpu)?;
+        let ours = argmax_channels(&x)?.to_vec3::<u32>()?;
+        assert_eq!(ours, x.argmax(1)?.to_vec3::<u32>()?);
+        assert_eq!(ours[0][0], [0, 2]);
         Ok(())
     }
 }

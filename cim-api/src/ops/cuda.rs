@@ -220,7 +220,12 @@ fn layer_norm_bwd_t<T: KernelFloat>(
 /// The kernel for `dtype`: `base` for f32, `base_bf16` for bf16, `base_f16` for f16 (the
 /// dVAE's map kernels: [`channel_bias`], [`resample_2x`]).
 fn dtype_kernel(base: &str, dtype: candle_core::DType) -> Result<String> {
-    const WITH_F16: [&str; 3] = ["cim_channel_bias", "cim_max_pool_2x2", "cim_upsample_2x"];
+    const WITH_F16: [&str; 4] = [
+        "cim_channel_bias",
+        "cim_max_pool_2x2",
+        "cim_upsample_2x",
+        "cim_argmax_channels",
+    ];
     match dtype {
         candle_core::DType::F32 => Ok(base.to_string()),
         candle_core::DType::BF16 => Ok(format!("{base}_bf16")),
@@ -1592,4 +1597,40 @@ fn residual_add_t<T: KernelFloat, U: KernelFloat>(
     // above); the bias (d floats) is read only with `has_bias`.
     unsafe { l.launch(per_element(n / 4)) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), a.1.shape().clone()))
+}
+
+// ---- Channel argmax (`kernels/ops.cu`, `super::argmax`) ----
+
+/// `(B, H, W)` u32: the index of the largest channel of `x` `(B, C, H, W)` (f32, bf16 or f16) at
+/// every pixel.
+pub fn argmax_channels(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(s, argmax_channels_t(s, l))
+}
+
+fn argmax_channels_t<T: KernelFloat>(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device().clone();
+    let x = view::<T>(s, l, "logits")?;
+    let (b, c, h, w) = l.shape().dims4()?;
+    let pixels = b * h * w;
+    let out = alloc_written::<u32>(&dev, pixels)?;
+    let func = dev.get_or_load_custom_func(
+        &dtype_kernel("cim_argmax_channels", s.dtype())?,
+        MODULE,
+        PTX,
+    )?;
+    let (bb, cc, hw) = (b as i32, c as i32, (h * w) as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (pixels.div_ceil(32) as u32, 1, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut a = func.builder();
+    a.arg(&x).arg(&out).arg(&bb).arg(&cc).arg(&hw);
+    // SAFETY: argument types and counts match the kernel's signature; 32 pixels per block, each
+    // written once by its lane-0 thread.
+    unsafe { a.launch(cfg) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev),
+        Shape::from((b, h, w)),
+    ))
 }
