@@ -22,6 +22,16 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
     return sh[0];
 }
 
+// Sum (max) over the 32 lanes of a warp; every lane gets the result.
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+
 // The same sum in f64 (the BatchNorm moments). `sh` holds 32 doubles.
 __device__ __forceinline__ double block_sum_f64(double v, double* sh) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
@@ -165,6 +175,88 @@ extern "C" __global__ void cim_layer_norm_bwd_dx_bf16(const __nv_bfloat16* x, co
     layer_norm_bwd_dx(x, w, dy, dx, stats, rows, d, eps);
 }
 
+// The same two kernels with one warp per row (8 rows per block of 256; warp shuffles only), for
+// rows up to 2048 wide: a 256-thread block per 768-wide row spent three block barriers per row
+// (session 11's H200 profile: 7.4 ms per ViT-B/16 step for LayerNorm, ~3× the bandwidth bound).
+template <typename T>
+__device__ __forceinline__ void row_moments_warp(const T* xr, int d, float eps, float* mean,
+                                                 float* rstd) {
+    const int lane = threadIdx.x & 31;
+    float s = 0.0f;
+    for (int j = lane; j < d; j += 32) s += ld(xr, j);
+    const float m = warp_sum(s) / d;
+    float v = 0.0f;
+    for (int j = lane; j < d; j += 32) {
+        const float t = ld(xr, j) - m;
+        v += t * t;
+    }
+    *mean = m;
+    *rstd = 1.0f / sqrtf(warp_sum(v) / d + eps);
+}
+
+template <typename T>
+__device__ void layer_norm_fwd_warp(const T* x, const float* w, const float* b, T* y, int rows,
+                                    int d, float eps) {
+    const int lane = threadIdx.x & 31;
+    const long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows) return;  // uniform across the warp
+    const T* xr = x + (size_t)r * d;
+    T* yr = y + (size_t)r * d;
+    float mean, rstd;
+    row_moments_warp(xr, d, eps, &mean, &rstd);
+    for (int j = lane; j < d; j += 32) st(yr, j, (ld(xr, j) - mean) * rstd * w[j] + b[j]);
+}
+
+template <typename T>
+__device__ void layer_norm_bwd_dx_warp(const T* x, const float* w, const T* dy, float* dx,
+                                       float* stats, int rows, int d, float eps) {
+    const int lane = threadIdx.x & 31;
+    const long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows) return;  // uniform across the warp
+    const T* xr = x + (size_t)r * d;
+    const T* gr = dy + (size_t)r * d;
+    float* dr = dx + (size_t)r * d;
+    float mean, rstd;
+    row_moments_warp(xr, d, eps, &mean, &rstd);
+    float sg = 0.0f, sgx = 0.0f;
+    for (int j = lane; j < d; j += 32) {
+        const float g = ld(gr, j) * w[j];
+        sg += g;
+        sgx += g * (ld(xr, j) - mean) * rstd;
+    }
+    sg = warp_sum(sg) / d;
+    sgx = warp_sum(sgx) / d;
+    for (int j = lane; j < d; j += 32) {
+        const float xh = (ld(xr, j) - mean) * rstd;
+        dr[j] = rstd * (ld(gr, j) * w[j] - sg - xh * sgx);
+    }
+    if (lane == 0) {
+        stats[2 * r] = mean;
+        stats[2 * r + 1] = rstd;
+    }
+}
+
+extern "C" __global__ void cim_layer_norm_fwd_warp(const float* x, const float* w, const float* b,
+                                                   float* y, int rows, int d, float eps) {
+    layer_norm_fwd_warp(x, w, b, y, rows, d, eps);
+}
+extern "C" __global__ void cim_layer_norm_fwd_warp_bf16(const __nv_bfloat16* x, const float* w,
+                                                        const float* b, __nv_bfloat16* y,
+                                                        int rows, int d, float eps) {
+    layer_norm_fwd_warp(x, w, b, y, rows, d, eps);
+}
+extern "C" __global__ void cim_layer_norm_bwd_dx_warp(const float* x, const float* w,
+                                                      const float* dy, float* dx, float* stats,
+                                                      int rows, int d, float eps) {
+    layer_norm_bwd_dx_warp(x, w, dy, dx, stats, rows, d, eps);
+}
+extern "C" __global__ void cim_layer_norm_bwd_dx_warp_bf16(const __nv_bfloat16* x, const float* w,
+                                                           const __nv_bfloat16* dy, float* dx,
+                                                           float* stats, int rows, int d,
+                                                           float eps) {
+    layer_norm_bwd_dx_warp(x, w, dy, dx, stats, rows, d, eps);
+}
+
 // dw (into out[0..d]) and db (into out[d..2d]): one thread per column, rows in order.
 // dw, db in two stages (deterministic: fixed chunks, fixed order). Stage 1: block (32, 8) covers
 // 32 columns of one chunk of LN_CHUNK rows; writes partial[chunk] = (dw[0..d], db[0..d]).
@@ -247,14 +339,6 @@ __device__ void softmax_bwd(const T* y, const T* dy, T* dx, int rows, int d) {
 // shuffles only): for short rows such as attention's 197-wide scores, where a block of 256 threads
 // per row left 59 idle and spent three block-wide barriers per row (session 11's H200 profile:
 // ~6× the bandwidth bound).
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-    return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-    return v;
-}
 
 template <typename T>
 __device__ void softmax_fwd_warp(const T* x, T* y, int rows, int d, int valid) {

@@ -102,8 +102,9 @@ fn cuda_kernels_match_the_cpu_kernels() {
 /// LayerNorm, softmax and cross-entropy (the row kernels) on GPU against CPU.
 fn row_kernels_parity(gpu: &Device) {
     let cpu = Device::Cpu;
-    // LayerNorm at ViT-B width over 3·197 rows, and a narrow odd width.
-    for (rows, d) in [(3 * 197, 768), (37, 33)] {
+    // LayerNorm at ViT-B width over 3·197 rows and a narrow odd width (the warp-per-row
+    // kernels), and rows wider than 2048 (the block-per-row kernels).
+    for (rows, d) in [(3 * 197, 768), (37, 33), (5, 3000)] {
         let x = randn(&[rows, d], 1, &cpu);
         let w = randn(&[d], 2, &cpu);
         let b = randn(&[d], 3, &cpu);

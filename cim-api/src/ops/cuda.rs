@@ -105,16 +105,14 @@ fn layer_norm_fwd_t<T: KernelFloat>(
     );
     let (rows, d) = dims(l1)?;
     let y = alloc_written::<T>(&dev, rows * d)?;
-    let func = dev.get_or_load_custom_func(
-        &dtype_kernel("cim_layer_norm_fwd", s1.dtype())?,
-        MODULE,
-        PTX,
-    )?;
+    let (base, cfg) = row_kernel("cim_layer_norm_fwd", rows, d, 2048);
+    let func = dev.get_or_load_custom_func(&dtype_kernel(&base, s1.dtype())?, MODULE, PTX)?;
     let (r, dd) = (rows as i32, d as i32);
     let mut a = func.builder();
     a.arg(&x).arg(&w).arg(&b).arg(&y).arg(&r).arg(&dd).arg(&eps);
-    // SAFETY: argument types and counts match the kernel's signature; buffers hold rows·d values.
-    unsafe { a.launch(per_row(rows)) }.w()?;
+    // SAFETY: argument types and counts match both kernels' signatures; buffers hold rows·d
+    // values; `cfg` covers every row.
+    unsafe { a.launch(cfg) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
 }
 
@@ -155,16 +153,15 @@ fn layer_norm_bwd_t<T: KernelFloat>(
         view::<T>(s3, l3, "grad")?,
     );
     let (rows, d) = dims(l1)?;
-    let mut out = dev.alloc_zeros::<f32>((rows + 2) * d)?;
-    let stats = dev.alloc_zeros::<f32>(2 * rows)?;
+    // dx rows (every row by the dx kernel) and dw, db (every column by the chunk sum) are all
+    // written; so are the row statistics and the partials.
+    let mut out = alloc_written::<f32>(&dev, (rows + 2) * d)?;
+    let stats = alloc_written::<f32>(&dev, 2 * rows)?;
     let (r, dd) = (rows as i32, d as i32);
     {
         let mut dx = out.slice_mut(0..rows * d);
-        let func = dev.get_or_load_custom_func(
-            &dtype_kernel("cim_layer_norm_bwd_dx", s1.dtype())?,
-            MODULE,
-            PTX,
-        )?;
+        let (base, cfg) = row_kernel("cim_layer_norm_bwd_dx", rows, d, 2048);
+        let func = dev.get_or_load_custom_func(&dtype_kernel(&base, s1.dtype())?, MODULE, PTX)?;
         let mut a = func.builder();
         a.arg(&x)
             .arg(&w)
@@ -175,13 +172,13 @@ fn layer_norm_bwd_t<T: KernelFloat>(
             .arg(&dd)
             .arg(&eps);
         // SAFETY: as above; `stats` holds 2·rows floats.
-        unsafe { a.launch(per_row(rows)) }.w()?;
+        unsafe { a.launch(cfg) }.w()?;
     }
     {
         // dw, db: per-chunk partial sums, then their sum in chunk order (kernels/ops.cu).
         const LN_CHUNK: usize = 256;
         let chunks = rows.div_ceil(LN_CHUNK).max(1);
-        let partial = dev.alloc_zeros::<f32>(chunks * 2 * d)?;
+        let partial = alloc_written::<f32>(&dev, chunks * 2 * d)?;
         let func = dev.get_or_load_custom_func(
             &dtype_kernel("cim_layer_norm_bwd_dwdb_partial", s1.dtype())?,
             MODULE,
@@ -250,8 +247,8 @@ where
     let x = view::<T>(s, l, "x")?;
     let (rows, d) = dims(l)?;
     let y = alloc_written::<T>(&dev, rows * d)?;
-    let (base, cfg) = softmax_kernel("cim_softmax_fwd", rows, d);
-    let func = dev.get_or_load_custom_func(&dtype_kernel(base, s.dtype())?, MODULE, PTX)?;
+    let (base, cfg) = row_kernel("cim_softmax_fwd", rows, d, 1024);
+    let func = dev.get_or_load_custom_func(&dtype_kernel(&base, s.dtype())?, MODULE, PTX)?;
     let (r, dd, vv) = (rows as i32, d as i32, valid.min(d) as i32);
     let mut a = func.builder();
     a.arg(&x).arg(&y).arg(&r).arg(&dd).arg(&vv);
@@ -260,23 +257,19 @@ where
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l.shape().clone()))
 }
 
-/// The softmax kernel for rows of `d` and its launch: one warp per row (8 rows per block) up to
-/// 1024 columns, one block per row beyond.
-fn softmax_kernel(base: &'static str, rows: usize, d: usize) -> (&'static str, LaunchConfig) {
+/// A row kernel for rows of `d` and its launch: `{base}_warp`, one warp per row (8 rows per
+/// block), up to `warp_max` columns; `base`, one block per row, beyond.
+fn row_kernel(base: &str, rows: usize, d: usize, warp_max: usize) -> (String, LaunchConfig) {
     const ROWS_PER_BLOCK: usize = THREADS as usize / 32;
-    if d > 1024 {
-        return (base, per_row(rows));
+    if d > warp_max {
+        return (base.to_string(), per_row(rows));
     }
-    let name = match base {
-        "cim_softmax_fwd" => "cim_softmax_fwd_warp",
-        _ => "cim_softmax_bwd_warp",
-    };
     let cfg = LaunchConfig {
         grid_dim: (rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    (name, cfg)
+    (format!("{base}_warp"), cfg)
 }
 
 /// `y · (dy − Σ dy·y)` per row, f32 or bf16 (both inputs of one dtype).
@@ -311,8 +304,8 @@ where
     let (y, g) = (view::<T>(s1, l1, "y")?, view::<T>(s2, l2, "grad")?);
     let (rows, d) = dims(l1)?;
     let dx = alloc_written::<T>(&dev, rows * d)?;
-    let (base, cfg) = softmax_kernel("cim_softmax_bwd", rows, d);
-    let func = dev.get_or_load_custom_func(&dtype_kernel(base, s1.dtype())?, MODULE, PTX)?;
+    let (base, cfg) = row_kernel("cim_softmax_bwd", rows, d, 1024);
+    let func = dev.get_or_load_custom_func(&dtype_kernel(&base, s1.dtype())?, MODULE, PTX)?;
     let (r, dd) = (rows as i32, d as i32);
     let mut a = func.builder();
     a.arg(&y).arg(&g).arg(&dx).arg(&r).arg(&dd);
