@@ -1428,7 +1428,8 @@ fn resample_2x_t<T: KernelFloat>(
         "cim_upsample_2x"
     };
     let func = dev.get_or_load_custom_func(&dtype_kernel(base, s.dtype())?, MODULE, PTX)?;
-    let (nn, hh, ww, hho, wwo) = (n as i64, h as i32, w as i32, ho as i32, wo as i32);
+    let threads = if pool { n } else { b * c * h * w };
+    let (nn, hh, ww, hho, wwo) = (threads as i64, h as i32, w as i32, ho as i32, wo as i32);
     let mut a = func.builder();
     a.arg(&x)
         .arg(&y)
@@ -1437,9 +1438,10 @@ fn resample_2x_t<T: KernelFloat>(
         .arg(&ww)
         .arg(&hho)
         .arg(&wwo);
-    // SAFETY: argument types and counts match both kernels' signatures; one thread per output
-    // element, each reading inside its input plane.
-    unsafe { a.launch(per_element(n)) }.w()?;
+    // SAFETY: argument types and counts match both kernels' signatures; pooling: one thread per
+    // output element, each reading inside its input plane; upsampling: one thread per input
+    // element (`nn` counts them), each writing its 2×2 outputs inside the output plane.
+    unsafe { a.launch(per_element(threads)) }.w()?;
     Ok((
         CudaStorage::wrap_cuda_slice(y, dev),
         Shape::from((b, c, ho, wo)),
