@@ -57,7 +57,8 @@ fn alloc_written<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
 ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<T>> {
     // SAFETY: every caller launches, right after, a kernel that writes all `n` elements (one
     // thread per element or one block per row covering every element of its row) before
-    // anything reads them; `tests/ops_cuda.rs` checks every kernel's output against the CPU.
+    // anything reads them, or passes the buffer as a placeholder no kernel reads;
+    // `tests/ops_cuda.rs` checks every kernel's output against the CPU.
     unsafe { dev.alloc::<T>(n) }
 }
 
@@ -952,7 +953,8 @@ fn col_sum_into<T: KernelFloat>(
 ) -> Result<()> {
     const COL_CHUNK: usize = 256;
     let chunks = rows.div_ceil(COL_CHUNK).max(1);
-    let partial = dev.alloc_zeros::<f32>(chunks * d)?;
+    // Every (chunk, column) partial is written by stage 1.
+    let partial = alloc_written::<f32>(dev, chunks * d)?;
     let (r, dd, c) = (rows as i32, d as i32, chunks as i32);
     let kernel = dtype_kernel("cim_col_sum_partial", T::DTYPE)?;
     let func = dev.get_or_load_custom_func(&kernel, MODULE, PTX)?;
@@ -987,7 +989,8 @@ fn col_sum_t<T: KernelFloat>(
     let dev = s.device().clone();
     let a = view::<T>(s, l, "grad")?;
     let rows = l.shape().elem_count() / d;
-    let mut out = dev.alloc_zeros::<f32>(d)?;
+    // Stage 2 writes every column.
+    let mut out = alloc_written::<f32>(&dev, d)?;
     col_sum_into(&dev, &a, rows, d, &mut out.slice_mut(..))?;
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(d)))
 }
@@ -1576,7 +1579,8 @@ fn residual_add_t<T: KernelFloat, U: KernelFloat>(
         true => Some(view::<f32>(third.0, third.1, "bias")?),
         false => None,
     };
-    let dummy = dev.alloc_zeros::<f32>(4)?;
+    // Never read (has_bias = 0): allocated, not filled.
+    let dummy = alloc_written::<f32>(&dev, 4)?;
     let y = alloc_written::<T>(&dev, n)?;
     let func = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
     let (n4, d4, hb) = ((n / 4) as i64, (d / 4) as i32, has_bias as i32);
