@@ -128,13 +128,7 @@ pub fn layer_norm_bwd(
     l3: &Layout,
     eps: f32,
 ) -> Result<(CudaStorage, Shape)> {
-    if s1.dtype() != s3.dtype() {
-        candle_core::bail!(
-            "layer_norm backward: x is {:?}, dy {:?}",
-            s1.dtype(),
-            s3.dtype()
-        );
-    }
+    same_dtype("layer_norm backward", ("x", s1), ("dy", s3))?;
     by_dtype!(s1, layer_norm_bwd_t(s1, l1, s2, l2, s3, l3, eps))
 }
 
@@ -215,6 +209,21 @@ fn layer_norm_bwd_t<T: KernelFloat>(
     ))
 }
 
+/// Both inputs in one dtype (the backward kernels read `x` and `dy` through one type), else an
+/// error naming the op and both dtypes.
+fn same_dtype(op: &str, a: (&str, &CudaStorage), b: (&str, &CudaStorage)) -> Result<()> {
+    if a.1.dtype() != b.1.dtype() {
+        candle_core::bail!(
+            "{op}: {} is {:?}, {} {:?}",
+            a.0,
+            a.1.dtype(),
+            b.0,
+            b.1.dtype()
+        );
+    }
+    Ok(())
+}
+
 /// The kernel for `dtype`: `base` for f32, `base_bf16` for bf16, `base_f16` for f16 (the
 /// dVAE's map kernels: [`channel_bias`], [`resample_2x`]).
 fn dtype_kernel(base: &str, dtype: candle_core::DType) -> Result<String> {
@@ -280,13 +289,7 @@ pub fn softmax_bwd(
     s2: &CudaStorage,
     l2: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    if s1.dtype() != s2.dtype() {
-        candle_core::bail!(
-            "softmax backward: y is {:?}, dy {:?}",
-            s1.dtype(),
-            s2.dtype()
-        );
-    }
+    same_dtype("softmax backward", ("y", s1), ("dy", s2))?;
     by_dtype!(s1, softmax_bwd_t(s1, l1, s2, l2))
 }
 
@@ -711,13 +714,7 @@ pub fn batch_norm_grad_sums(
     l3: &Layout,
     eps: f32,
 ) -> Result<(CudaStorage, Shape)> {
-    if s1.dtype() != s2.dtype() {
-        candle_core::bail!(
-            "batch_norm backward: x is {:?}, dy {:?}",
-            s1.dtype(),
-            s2.dtype()
-        );
-    }
+    same_dtype("batch_norm backward", ("x", s1), ("dy", s2))?;
     by_dtype!(s1, batch_norm_grad_sums_t(s1, l1, s2, l2, s3, l3, eps))
 }
 
@@ -779,13 +776,7 @@ pub fn batch_norm_dx(
     l3: &Layout,
     eps: f32,
 ) -> Result<(CudaStorage, Shape)> {
-    if s1.dtype() != s2.dtype() {
-        candle_core::bail!(
-            "batch_norm backward: x is {:?}, dy {:?}",
-            s1.dtype(),
-            s2.dtype()
-        );
-    }
+    same_dtype("batch_norm backward", ("x", s1), ("dy", s2))?;
     by_dtype!(s1, batch_norm_dx_t(s1, l1, s2, l2, s3, l3, eps))
 }
 
@@ -1004,13 +995,7 @@ pub fn bias_gelu_bwd(
     s3: &CudaStorage,
     l3: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    if s1.dtype() != s3.dtype() {
-        candle_core::bail!(
-            "bias_gelu backward: x is {:?}, dy {:?}",
-            s1.dtype(),
-            s3.dtype()
-        );
-    }
+    same_dtype("bias_gelu backward", ("x", s1), ("dy", s3))?;
     by_dtype!(s1, bias_gelu_bwd_t(s1, l1, s2, l2, s3, l3))
 }
 
