@@ -122,6 +122,17 @@ fn fusable_device(t: &Tensor) -> bool {
     kernels_run_on(t.device())
 }
 
+/// `t` is on a CUDA device and the fused CUDA kernels are switched on.
+fn kernels_on_cuda(t: &Tensor) -> bool {
+    t.device().is_cuda() && cuda_kernels()
+}
+
+/// `t`'s view starts on a multiple of `n` elements: the CUDA kernels that move several elements
+/// as one word (a float4; 8 or 16 bytes of bf16/f16) need every view aligned so.
+fn starts_aligned(t: &Tensor, n: usize) -> bool {
+    t.layout().start_offset().is_multiple_of(n)
+}
+
 fn is_fusable(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.dtype() == DType::F32)
         && (ts.iter().all(|t| t.device().is_cpu())

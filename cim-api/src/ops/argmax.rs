@@ -18,9 +18,8 @@ use crate::Result;
 /// after a cast of the f16 logits to f32.
 pub fn argmax_channels(x: &Tensor) -> Result<Tensor> {
     x.dims4()?;
-    let on_cuda = x.device().is_cuda()
-        && super::cuda_kernels()
-        && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16);
+    let on_cuda =
+        super::kernels_on_cuda(x) && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16);
     if !(on_cuda || (x.dtype() == DType::F32 && x.device().is_cpu())) {
         return Ok(x.argmax(1)?);
     }

@@ -109,9 +109,7 @@ fn gemm_detached(qkv: &Tensor, heads: usize, scale: f64) -> Result<(Tensor, Atte
 /// a bf16 ViT-B/16 step on an H200, session 11); elsewhere the token count.
 fn aligned_rows(qkv: &Tensor) -> Result<usize> {
     let n = qkv.dim(1)?;
-    let padded = qkv.device().is_cuda()
-        && super::cuda_kernels()
-        && matches!(qkv.dtype(), DType::F32 | DType::BF16);
+    let padded = super::kernels_on_cuda(qkv) && matches!(qkv.dtype(), DType::F32 | DType::BF16);
     Ok(if padded { n.next_multiple_of(8) } else { n })
 }
 

@@ -53,7 +53,7 @@ pub fn batch_norm_train(
 /// arithmetic in f32; session 11 — before, the ResNet plugin normalised an f32 copy, two casts
 /// each way per layer).
 fn bf16_on_cuda(x: &Tensor) -> bool {
-    x.dtype() == candle_core::DType::BF16 && x.device().is_cuda() && super::cuda_kernels()
+    x.dtype() == candle_core::DType::BF16 && super::kernels_on_cuda(x)
 }
 
 /// The same function from candle ops (statistics computed from `x`, differentiably).

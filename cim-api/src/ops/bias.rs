@@ -24,8 +24,7 @@ pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     check_shapes("bias_add", x, b)?;
     let mixed = x.dtype() == DType::BF16
         && b.dtype() == DType::F32
-        && x.device().is_cuda()
-        && super::fusable_device(x)
+        && super::kernels_on_cuda(x)
         && b.device().same_device(x.device());
     if is_fusable(&[x, b]) || mixed {
         Ok(x.contiguous()?.apply_op2(&b.contiguous()?, BiasAddOp)?)
@@ -335,7 +334,7 @@ pub(super) fn bias_gelu_grads_native(
     dy: &Tensor,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let bf16 = x.dtype() == DType::BF16 && dy.dtype() == DType::BF16;
-    if bf16 && x.device().is_cuda() && super::fusable_device(x) {
+    if bf16 && super::kernels_on_cuda(x) {
         let dx = x
             .contiguous()?
             .apply_op3_no_bwd(b, &dy.contiguous()?, &BiasGeluDxOp)?;

@@ -105,8 +105,7 @@ fn fused_inputs(
     let on_cuda = x.device().is_cuda();
     // bf16 or f16 (the frozen dVAE in reduced precision): the CUDA kernel, for inputs of one
     // dtype that track no gradient.
-    let half = on_cuda
-        && super::cuda_kernels()
+    let half = super::kernels_on_cuda(x)
         && matches!(x.dtype(), DType::BF16 | DType::F16)
         && all
             .iter()
@@ -116,9 +115,7 @@ fn fused_inputs(
     }
     let (x, b) = (x.contiguous()?, b.contiguous()?);
     let r = residual.map(|r| r.contiguous()).transpose()?;
-    // The CUDA kernels move four elements as one word (a float4; 8 bytes in bf16/f16): every view
-    // must start on a 4-element boundary.
-    let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(4);
+    let aligned = |t: &Tensor| super::starts_aligned(t, 4);
     if on_cuda && !(aligned(&x) && r.as_ref().is_none_or(aligned)) {
         return Ok(None);
     }

@@ -16,7 +16,7 @@ fn kernel_applies(x: &Tensor) -> Result<bool> {
     let here = match x.device() {
         d if d.is_cpu() => x.dtype() == DType::F32,
         d if d.is_cuda() => {
-            super::cuda_kernels() && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+            super::kernels_on_cuda(x) && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
         }
         _ => false,
     };

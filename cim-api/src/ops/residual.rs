@@ -69,8 +69,8 @@ fn fusable(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, d: usize) -> Result<Op
         b.device().same_device(dev) && bias.is_none_or(|t| t.device().same_device(dev));
     let bias_f32 = bias.is_none_or(|t| t.dtype() == DType::F32);
     let here = match (a.dtype(), b.dtype()) {
-        (DType::F32, DType::F32) => dev.is_cpu() || (dev.is_cuda() && super::cuda_kernels()),
-        (DType::BF16, DType::BF16 | DType::F32) => dev.is_cuda() && super::cuda_kernels(),
+        (DType::F32, DType::F32) => super::fusable_device(a),
+        (DType::BF16, DType::BF16 | DType::F32) => super::kernels_on_cuda(a),
         _ => false,
     };
     if !(here && same_device && bias_f32) || (dev.is_cuda() && !d.is_multiple_of(4)) {
@@ -78,8 +78,7 @@ fn fusable(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, d: usize) -> Result<Op
     }
     let (a, b) = (a.contiguous()?, b.contiguous()?);
     let bias = bias.map(|t| t.contiguous()).transpose()?;
-    // The CUDA kernels move four elements as one word: every view starts on a 4-element boundary.
-    let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(4);
+    let aligned = |t: &Tensor| super::starts_aligned(t, 4);
     if dev.is_cuda() && !(aligned(&a) && aligned(&b) && bias.as_ref().is_none_or(aligned)) {
         return Ok(None);
     }
