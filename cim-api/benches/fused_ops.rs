@@ -389,7 +389,7 @@ fn main() -> cim_api::Result<()> {
     } else {
         &[candle_core::DType::F32]
     };
-    for (b, n, d, h, reps) in [(32, 65, 64, 2, 10), (vitb_batch, 197, 768, 12, 3)] {
+    for (b, n, d, h, reps) in [(32, 65, 64, 2, 20), (vitb_batch, 197, 768, 12, 5)] {
         let params = ops::block_param_shapes(d, 4 * d)
             .iter()
             .map(|(_, s)| Var::from_tensor(&(Tensor::randn(0f32, 0.02, s.as_slice(), &dev)?)))
@@ -416,6 +416,33 @@ fn main() -> cim_api::Result<()> {
                 reps,
                 || run(false),
                 || run(true),
+            );
+            // The same node with its parameters packed into one graph input against sunk into a
+            // GradSink (as `cim-run` trains): the block input is an activation here, as in a model.
+            let node = |sunk: bool| {
+                let xt = x
+                    .as_tensor()
+                    .affine(1.0, 0.0)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap();
+                let sink = sunk.then(ops::GradSink::install);
+                let bp = ops::BlockParams::from_slice(&std::array::from_fn(|i| p[i]));
+                let y = ops::pre_norm_block(&xt, &bp, h, 1e-6, None)
+                    .unwrap()
+                    .unwrap();
+                let loss = (y * &up).unwrap().sum_all().unwrap();
+                let g = match &sink {
+                    Some(s) => s.backward(&loss).unwrap(),
+                    None => loss.backward().unwrap(),
+                };
+                sync(g.get(&params[11]).unwrap());
+            };
+            report_as(
+                &format!("block node B{b} N{n} D{d} H{h} {dt:?}"),
+                reps,
+                ("packed", || node(false)),
+                ("sunk", || node(true)),
             );
         }
     }

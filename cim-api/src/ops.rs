@@ -69,7 +69,7 @@ pub use channel::{channel_bias, channel_bias_and_relu, channel_bias_composed};
 pub use conv::{conv2d, conv2d_with_budget, cudnn_conv, set_cudnn_conv, COL_BUDGET};
 #[cfg(feature = "cuda")]
 pub use cuda::adamw_multi_launches;
-pub use graft::{with_backward, BackwardFn};
+pub use graft::{with_backward, BackwardFn, GradSink};
 pub use heads::{
     merge_heads, merge_heads_rows, merge_qkv, merge_qkv_rows, split_heads, split_heads_padded,
     split_qkv, split_qkv_padded,

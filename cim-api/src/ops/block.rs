@@ -7,11 +7,13 @@
 //! fused kernels (LayerNorm, attention, bias + GELU), keeps what the backward needs, and grafts the
 //! result onto the graph ([`super::with_backward`]) with the block's backward written out: six
 //! GEMM pairs, two LayerNorm backward kernels, the attention backward, one bias + GELU backward
-//! kernel, and four bias-gradient column sums. The parameters enter the node as one packed f32
-//! vector, so their gradients leave it as one.
+//! kernel, and four bias-gradient column sums. Under a [`GradSink`] (a training step) the twelve
+//! parameter gradients go to the sink as they are; otherwise the parameters enter the node as one
+//! packed f32 vector (a graft has at most three graph inputs), so their gradients leave it as one.
 
 use candle_core::{DType, Tensor, D};
 
+use super::graft::GradSink;
 use super::residual::residual_add;
 use super::{attention::attention_detached, bias, bias_add, fusable_device, is_fusable};
 use super::{layer_norm_grads, LayerNormOp};
@@ -155,6 +157,26 @@ pub fn pre_norm_block(
         let (y, _) = Forward::run(x, &list, dims, eps, keep)?;
         return Ok(Some(y.reshape((b, n, dim))?));
     }
+    let (y, saved) = Forward::run(&x.detach(), &list, dims, eps, keep)?;
+    let y = y.reshape((b, n, dim))?;
+    let to_param = move |g: &Tensor| g.to_dtype(pdt);
+    if GradSink::active()
+        && x.track_op()
+        && !x.is_variable()
+        && list.iter().all(|t| t.is_variable())
+    {
+        // The parameters' gradients go to the sink one by one: no packing.
+        let mut inputs = vec![x];
+        inputs.extend(list);
+        return Ok(Some(super::with_backward(&inputs, y, move |dy| {
+            let (dx, grads) = saved.backward(&dy.reshape((b * n, dim))?)?;
+            let mut out = vec![Some(dx.reshape((b, n, dim))?)];
+            for g in &grads {
+                out.push(Some(to_param(g)?));
+            }
+            Ok(out)
+        })?));
+    }
     let packed = Tensor::cat(
         &list
             .iter()
@@ -162,13 +184,11 @@ pub fn pre_norm_block(
             .collect::<candle_core::Result<Vec<_>>>()?,
         0,
     )?;
-    let (y, saved) = Forward::run(&x.detach(), &list, dims, eps, keep)?;
-    let y = y.reshape((b, n, dim))?;
     let y = super::with_backward(&[x, &packed], y, move |dy| {
         let (dx, grads) = saved.backward(&dy.reshape((b * n, dim))?)?;
         let flat = grads
             .iter()
-            .map(|g| g.to_dtype(pdt)?.flatten_all())
+            .map(|g| to_param(g)?.flatten_all())
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(vec![
             Some(dx.reshape((b, n, dim))?),
@@ -471,6 +491,39 @@ mod tests {
             let scale = w.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3);
             let rel = max_diff(&a, &w) / scale;
             assert!(rel < 5e-2, "{name}: relative gradient difference {rel}");
+        }
+        Ok(())
+    }
+
+    /// Under a gradient sink the block node takes its twelve parameters unpacked: the same
+    /// gradients as the packed node (bit for bit: the same kernels), the parameters now outside
+    /// the graph. A parameter also used by a recorded op gets both contributions summed.
+    #[test]
+    fn sunk_block_gradients_equal_the_packed_ones() -> Result<()> {
+        let (b, n, d, hidden, heads) = (2, 9, 8, 16, 2);
+        let vars = params(d, hidden);
+        let p = block_params(&vars);
+        let xv = Var::from_tensor(&randn(&[b, n, d], 21))?;
+        let up = randn(&[b, n, d], 22);
+        // x enters as a tracked activation (not a variable), as in a model.
+        let run = |sink: Option<&GradSink>| -> Result<candle_core::backprop::GradStore> {
+            let x = (xv.as_tensor() * 1.0)?;
+            let y = pre_norm_block(&x, &p, heads, 1e-6, None)?.expect("CPU f32 takes the node");
+            let extra = p.norm2.1.sqr()?.sum_all()?;
+            let loss = ((&y * &up)?.sum_all()? + extra)?;
+            Ok(match sink {
+                Some(s) => s.backward(&loss)?,
+                None => loss.backward()?,
+            })
+        };
+        let packed = run(None)?;
+        let sink = GradSink::install();
+        let sunk = run(Some(&sink))?;
+        drop(sink);
+        for (name, v) in std::iter::once(("x", &xv)).chain(names().into_iter().zip(&vars)) {
+            let (a, w) = (sunk.get(v).expect(name), packed.get(v).expect(name));
+            assert_eq!(a.dims(), v.dims(), "{name}");
+            assert_eq!(max_diff(a, w), 0.0, "{name}");
         }
         Ok(())
     }

@@ -7,6 +7,10 @@
 //! half of the step in candle's additions. A sub-graph with a known backward (attention, a
 //! mixed-precision LayerNorm, a conv's im2col backward) is cheaper as one node.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 
 use crate::Result;
@@ -15,9 +19,15 @@ use crate::Result;
 /// for inputs that need none).
 pub type BackwardFn = dyn Fn(&Tensor) -> candle_core::Result<Vec<Option<Tensor>>> + Send + Sync;
 
-/// `out` as a function of `inputs` (1 to 3 tensors) in the graph, with `backward` as its gradient.
-/// `out` must have been computed from detached inputs (nothing recorded) and be a fresh contiguous
-/// tensor; the node's forward copies it once. Without tracked inputs `out` comes back as is.
+/// `out` as a function of `inputs` in the graph, with `backward` as its gradient. `out` must have
+/// been computed from detached inputs (nothing recorded) and be a fresh contiguous tensor; the
+/// node's forward copies it once. Without tracked inputs `out` comes back as is.
+///
+/// The node has at most three graph inputs (candle's custom ops take one to three). While a
+/// [`GradSink`] is installed on this thread, inputs that are variables (parameters) are not graph
+/// inputs when another input carries the graph: their gradients go to the sink, which
+/// [`GradSink::backward`] merges into the gradient store — no zero tensor, no addition, no packing
+/// per parameter. So a node may then take any number of parameters beside up to three activations.
 ///
 /// ```
 /// # use candle_core::{Device, Tensor, Var};
@@ -37,26 +47,165 @@ pub fn with_backward(
     out: Tensor,
     backward: impl Fn(&Tensor) -> candle_core::Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
 ) -> Result<Tensor> {
-    if !(1..=3).contains(&inputs.len()) {
+    let sink =
+        GradSink::current().filter(|_| inputs.iter().any(|t| !t.is_variable() && t.track_op()));
+    // Which inputs are graph edges; the others (variables, with a sink) are sunk.
+    let sunk: Vec<bool> = inputs
+        .iter()
+        .map(|t| sink.is_some() && t.is_variable())
+        .collect();
+    let graph: Vec<&Tensor> = inputs
+        .iter()
+        .zip(&sunk)
+        .filter(|(_, &s)| !s)
+        .map(|(t, _)| *t)
+        .collect();
+    if !(1..=3).contains(&graph.len()) {
         return Err(crate::Error::msg(format!(
-            "with_backward takes 1 to 3 inputs, got {}",
-            inputs.len()
+            "with_backward takes 1 to 3 inputs besides sunk parameters, got {}",
+            graph.len()
         )));
     }
-    if !inputs.iter().any(|t| t.track_op()) {
+    if !graph.iter().any(|t| t.track_op()) {
         return Ok(out);
     }
+    let sink = sink.map(|s| {
+        let vars = inputs
+            .iter()
+            .zip(&sunk)
+            .map(|(t, &s)| s.then(|| (*t).clone()))
+            .collect();
+        (s, vars)
+    });
     let op = Graft {
-        out: std::sync::Mutex::new(Some(out)),
+        out: Mutex::new(Some(out)),
         backward: Box::new(backward),
         inputs: inputs.len(),
+        sink,
     };
-    Ok(match inputs {
+    Ok(match graph[..] {
         [a] => a.apply_op1(op)?,
         [a, b] => a.apply_op2(b, op)?,
         [a, b, c] => a.apply_op3(b, c, op)?,
-        _ => unreachable!("the input count was checked above"),
+        _ => unreachable!("the graph input count was checked above"),
     })
+}
+
+/// Where grafted nodes send their parameters' gradients (see [`with_backward`]), for the graphs
+/// built on this thread while it is installed. A training step installs one before the forward
+/// and takes the gradients with [`GradSink::backward`] instead of `Tensor::backward`:
+///
+/// ```
+/// # use candle_core::{Device, Tensor, Var};
+/// # fn main() -> cim_api::Result<()> {
+/// use candle_core::DType;
+/// use cim_api::ops::{layer_norm_mixed, GradSink};
+/// let x = Var::new(&[[1f32, 2., 4.]], &Device::Cpu)?;
+/// let w = Var::new(&[1f32, 1., 1.], &Device::Cpu)?;
+/// let b = Var::new(&[0f32, 0., 0.], &Device::Cpu)?;
+/// let sink = GradSink::install();
+/// // One node: the bf16 activation in the graph, w and b sunk.
+/// let y = layer_norm_mixed(&x.to_dtype(DType::BF16)?, &w, &b, 1e-5)?;
+/// let loss = (y.to_dtype(DType::F32)? * &Tensor::new(&[[1f32, 0., -1.]], &Device::Cpu)?)?;
+/// let grads = sink.backward(&loss.sum_all()?)?;
+/// assert!(grads.get(&x).is_some() && grads.get(&w).is_some() && grads.get(&b).is_some());
+/// # Ok(()) }
+/// ```
+///
+/// Why: candle gives every input of every node a zero tensor its gradient is added to. For a
+/// parameter that is a memset and an addition; for the pre-norm block's twelve parameters packed
+/// into one graph input it was also a concatenation each way and a gradient per parameter padded
+/// back to the packed length — ~75 launches per block that the sink replaces with none.
+///
+/// A graph built under a sink must be differentiated through [`GradSink::backward`] while the sink
+/// is installed: `Tensor::backward` on it, or a backward after the sink was dropped, fails with an
+/// error saying so (the parameters' gradients would otherwise be lost silently).
+#[must_use = "the sink is active only while this value lives"]
+pub struct GradSink {
+    inner: Arc<SinkInner>,
+    previous: Option<Arc<SinkInner>>,
+}
+
+#[derive(Default)]
+struct SinkInner {
+    /// Set by [`GradSink::backward`] while candle's backward runs.
+    collecting: AtomicBool,
+    grads: Mutex<Vec<(Tensor, Tensor)>>,
+}
+
+thread_local! {
+    static CURRENT_SINK: std::cell::RefCell<Option<Arc<SinkInner>>> = const { std::cell::RefCell::new(None) };
+}
+
+impl GradSink {
+    /// Installs a sink on this thread (nested sinks restore the outer one when dropped).
+    pub fn install() -> Self {
+        let inner = Arc::new(SinkInner::default());
+        let previous = CURRENT_SINK.with(|c| c.borrow_mut().replace(inner.clone()));
+        Self { inner, previous }
+    }
+
+    fn current() -> Option<Arc<SinkInner>> {
+        CURRENT_SINK.with(|c| c.borrow().clone())
+    }
+
+    /// Whether a sink is installed on this thread.
+    pub fn active() -> bool {
+        CURRENT_SINK.with(|c| c.borrow().is_some())
+    }
+
+    /// `loss.backward()`, with the sunk parameter gradients added to the store (summed with any
+    /// gradient candle's graph gave the same variable).
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        self.inner.collecting.store(true, Ordering::SeqCst);
+        let grads = loss.backward();
+        self.inner.collecting.store(false, Ordering::SeqCst);
+        let sunk = std::mem::take(&mut *self.inner.lock()?);
+        let mut grads = grads?;
+        for (var, g) in sunk {
+            let g = match grads.remove(&var) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            grads.insert(&var, g);
+        }
+        Ok(grads)
+    }
+}
+
+impl SinkInner {
+    fn lock(&self) -> candle_core::Result<std::sync::MutexGuard<'_, Vec<(Tensor, Tensor)>>> {
+        self.grads
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("gradient sink lock poisoned".into()))
+    }
+    fn push(&self, var: &Tensor, g: Tensor) -> candle_core::Result<()> {
+        if !self.collecting.load(Ordering::SeqCst) {
+            candle_core::bail!(
+                "this graph was built while a GradSink was installed: differentiate it with \
+                 GradSink::backward while the sink lives (Tensor::backward would lose the \
+                 parameters' gradients)"
+            );
+        }
+        if g.shape() != var.shape() || g.dtype() != var.dtype() {
+            candle_core::bail!(
+                "grafted backward gave a parameter {:?} {:?} a gradient {:?} {:?}",
+                var.dims(),
+                var.dtype(),
+                g.dims(),
+                g.dtype()
+            );
+        }
+        self.lock()?.push((var.clone(), g));
+        Ok(())
+    }
+}
+
+impl Drop for GradSink {
+    fn drop(&mut self) {
+        let previous = self.previous.take();
+        CURRENT_SINK.with(|c| *c.borrow_mut() = previous);
+    }
 }
 
 struct Graft {
@@ -65,6 +214,9 @@ struct Graft {
     out: std::sync::Mutex<Option<Tensor>>,
     backward: Box<BackwardFn>,
     inputs: usize,
+    /// With a sink: the sink, and per input the variable whose gradient goes there (`None` for
+    /// graph inputs).
+    sink: Option<(Arc<SinkInner>, Vec<Option<Tensor>>)>,
 }
 
 impl Graft {
@@ -100,6 +252,17 @@ impl Graft {
                 g.len(),
                 self.inputs
             );
+        }
+        if let Some((sink, vars)) = &self.sink {
+            let mut graph = Vec::with_capacity(3);
+            for (g, var) in g.into_iter().zip(vars) {
+                match (var, g) {
+                    (Some(var), Some(g)) => sink.push(var, g)?,
+                    (Some(_), None) => {}
+                    (None, g) => graph.push(g),
+                }
+            }
+            g = graph;
         }
         g.resize(3, None);
         Ok(g)
@@ -252,6 +415,63 @@ mod tests {
         assert!(e.contains("returned 0 gradients for 1 inputs"), "{e}");
         let e = with_backward(&[], randn(&[1], 8), |_| Ok(vec![])).unwrap_err();
         assert!(e.to_string().contains("1 to 3 inputs"), "{e}");
+        Ok(())
+    }
+
+    /// `y = a·x + x·b + w²`-like node with an activation and three parameters: under a sink the
+    /// parameters leave the graph and their gradients (one also used by a recorded op) come out of
+    /// `GradSink::backward` equal to the plain graph's; `Tensor::backward` on a sunk graph, and a
+    /// backward after the sink is gone, fail with errors naming the sink.
+    #[test]
+    fn sunk_parameter_gradients_match_the_graph_ones() -> Result<()> {
+        let xv = Var::from_tensor(&randn(&[4, 5], 11))?;
+        let (a, b, w) = (
+            Var::from_tensor(&randn(&[4, 5], 12))?,
+            Var::from_tensor(&randn(&[4, 5], 13))?,
+            Var::from_tensor(&randn(&[5], 14))?,
+        );
+        let up = randn(&[4, 5], 15);
+        let build = || -> Result<Tensor> {
+            let x = xv.as_tensor().sin()?; // an activation: tracked, not a variable
+            let (xd, ad, bd, wd) = (x.detach(), a.detach(), b.detach(), w.detach());
+            let out = (((&xd * &ad)? + (&xd * &bd)?)?.broadcast_add(&wd.sqr()?))?;
+            let y = with_backward(&[&x, &a, &b, &w], out, move |dy| {
+                Ok(vec![
+                    Some((dy * (&ad + &bd)?)?),
+                    Some((dy * &xd)?),
+                    None,
+                    Some((dy.sum(0)? * (&wd * 2.0)?)?),
+                ])
+            })?;
+            // `a` is also used by a recorded op.
+            Ok(((&y * &up)?.sum_all()? + a.as_tensor().sum_all()?)?)
+        };
+        // Four inputs need the sink: without one they are four graph inputs.
+        let e = build().unwrap_err().to_string();
+        assert!(
+            e.contains("1 to 3 inputs besides sunk parameters, got 4"),
+            "{e}"
+        );
+        let sink = GradSink::install();
+        assert!(GradSink::active());
+        let g = sink.backward(&build()?)?;
+        let e = build()?.backward().unwrap_err().to_string();
+        assert!(e.contains("GradSink::backward"), "{e}");
+        let late = build()?;
+        drop(sink);
+        assert!(!GradSink::active());
+        let e = late.backward().unwrap_err().to_string();
+        assert!(e.contains("GradSink::backward"), "{e}");
+        // The same function recorded op by op.
+        let x = xv.as_tensor().sin()?;
+        let want = (((&x * a.as_tensor())? + (&x * b.as_tensor())?)?
+            .broadcast_add(&w.as_tensor().sqr()?))?;
+        let gw = (((&want * &up)?.sum_all()? + a.as_tensor().sum_all()?)?).backward()?;
+        for (name, v) in [("x", &xv), ("a", &a), ("w", &w)] {
+            let d = max_diff(g.get(v).expect(name), gw.get(v).unwrap());
+            assert!(d < 1e-5, "{name}: {d}");
+        }
+        assert!(g.get(&b).is_none(), "the closure gave b no gradient");
         Ok(())
     }
 }

@@ -165,16 +165,18 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
                     peak: &mut Option<f64>|
      -> Result<candle_core::Tensor> {
         let mut lap = Lap::new(&dev, times);
+        // As in training: parameter gradients of fused nodes go straight to the store.
+        let sink = cim_api::ops::GradSink::install();
         let golden = cim.tokens(&b)?;
         lap.end("tok_encode", peak)?;
         let mim = cim.mim(&b, golden, &mut rngs)?;
-        let mut grads = mim.loss.backward()?;
+        let mut grads = sink.backward(&mim.loss)?;
         lap.end("gen_fwd_bwd", peak)?;
         let corruption = cim.corrupt(&mim, &mut rngs)?;
         lap.end("sample_decode", peak)?;
         let out = cim.enhance(&b, &mim, &corruption)?;
         let enh = (&out.loss * weight)?;
-        grads.extend(enh.backward()?)?;
+        grads.extend(sink.backward(&enh)?)?;
         lap.end("enh_fwd_bwd", peak)?;
         opt.step(&grads, cfg.train.lr, cfg.train.clip_grad)?;
         lap.end("optim", peak)?;

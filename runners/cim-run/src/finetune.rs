@@ -403,6 +403,8 @@ pub fn finetune(args: &FinetuneArgs) -> Result<FinetuneSummary> {
         );
         let x = Tensor::from_vec(px, (bs, 3, s, s), &cim.device)?;
         let t = Tensor::from_vec(targets, (bs, classes), &cim.device)?;
+        // Parameter gradients of fused nodes go straight to the store (see `ops::GradSink`).
+        let sink = cim_api::ops::GradSink::install();
         let z = head.logits(&cim, &normalize(&x, data.mean, data.std)?, true)?;
         let loss = match ft.loss {
             FinetuneLoss::Ce => (candle_nn::ops::log_softmax(&z, 1)? * &t)?
@@ -422,7 +424,8 @@ pub fn finetune(args: &FinetuneArgs) -> Result<FinetuneSummary> {
                 out.join("best.safetensors").display()
             )));
         }
-        let grads = loss.backward()?;
+        let grads = sink.backward(&loss)?;
+        drop(sink);
         let lr = schedule.lr(step);
         opt.step(&grads, lr, 0.0)?;
         loss_sum.0 += l;

@@ -304,6 +304,8 @@ impl Trainer {
             let batch = hb.to_device(s, t, &self.cim.device)?;
             *phase_ms.entry("data").or_default() += t0.elapsed().as_secs_f64() * 1e3;
             let mut rngs = StepRngs::for_step(seed, self.step as u64, j as u64);
+            // Parameter gradients of fused nodes go straight to the store (see `ops::GradSink`).
+            let sink = cim_api::ops::GradSink::install();
             let out = self.cim.forward(&batch, &mut rngs)?;
             if let Some((name, v)) = out.losses.first_non_finite() {
                 let obj = self.cim.names["objective"].clone();
@@ -332,7 +334,8 @@ impl Trainer {
             } else {
                 (&out.total / accum as f64)?
             };
-            let g = total.backward()?;
+            let g = sink.backward(&total)?;
+            drop(sink);
             match grads.as_mut() {
                 None => grads = Some(g),
                 Some(acc) => acc.extend(g)?,
