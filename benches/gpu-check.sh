@@ -7,6 +7,11 @@ set -u
 source benches/gpu-lib.sh
 parity
 bench vit_b16_respix vit_b16_respix --set run.precision='"bf16"'
+# The dVAE channels first (the layout before session 12) and the parameters packed into the block
+# nodes (no GradSink: the path before session 12), for the two changes' effects.
+bench vit_b16_respix_nchw vit_b16_respix --set run.precision='"bf16"' \
+  --set tokenizer.dalle_dvae.layout='"nchw"'
+bench vit_b16_respix_no_sink vit_b16_respix --set run.precision='"bf16"' --set run.grad_sink=false
 el "torch bf16 eager ViT-B/16 RESPIX"
 timeout 90 python3 .gpu/torch_cim_ref.py --device cuda --dtype bf16 --enhancer vit_b16 --objective respix \
   --batch "$B" --steps 10 --warmup 3 --no-flops > "$OUT/torch.jsonl" 2> "$OUT/torch.err"

@@ -7,7 +7,8 @@
 #      `run.fused_blocks = false` (blocks recorded op by op) for the block node's effect, and with
 #      cim's cuDNN convolution (`run.cudnn_conv`), alone and with the dVAE decoder in bf16
 #      (`tokenizer.dalle_dvae.decoder_precision`; its pixel distance from the f32 decoder is in
-#      the tok_precision line); every configuration with and without `run.cudnn_conv`;
+#      the tok_precision line), and with the dVAE channels first (`tokenizer.dalle_dvae.layout`);
+#      every configuration with and without `run.cudnn_conv`;
 #   3. the PyTorch reference (../shared/bench/torch_cim_ref.py), bf16 eager suite, then
 #      torch.compile for ViT-B/16 RESPIX (COMPILE=0 skips it: ~100 s of compiling);
 #   4. kernel-level profiles of ViT-B/16 RESPIX (benches/cupti): as in 2, without and with cim's
@@ -31,10 +32,15 @@ echo "rc=$?"; summ "$OUT/torch.jsonl"
 
 # The same configuration with every transformer block recorded op by op (session 6's path).
 bench vit_b16_respix_recorded vit_b16_respix "${FAST[@]}" "${OFF[@]}" --set run.fused_blocks=false
+# Plain `Tensor::backward` (the block nodes pack their parameters; the path before session 12).
+bench vit_b16_respix_no_sink vit_b16_respix "${FAST[@]}" "${OFF[@]}" --set run.grad_sink=false
 # cim's cuDNN convolution (session 10; tensor cores, f32 accumulation): with the dVAE's "auto"
 # precision (f16 where its tokens agree with f32's), and with its decoder in bf16 (its pixel
 # distance from the f32 decoder is in the tok_precision line).
 bench vit_b16_respix_cudnn vit_b16_respix "${FAST[@]}" "${ON[@]}"
+# The dVAE channels first on cuDNN (session 12 made channels last its "auto" layout there).
+bench vit_b16_respix_cudnn_nchw vit_b16_respix "${FAST[@]}" "${ON[@]}" \
+  --set tokenizer.dalle_dvae.layout='"nchw"'
 bench vit_b16_respix_cudnn_dec_bf16 vit_b16_respix "${FAST[@]}" "${ON[@]}" \
   --set tokenizer.dalle_dvae.decoder_precision='"bf16"'
 # The whole dVAE in bf16, as the reference runs it under autocast (its token agreement with f32,

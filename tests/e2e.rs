@@ -248,6 +248,33 @@ fn sunk_gradients_equal_the_graph_ones_for_every_variable() {
         .any(|(n, _)| n.contains("blocks.1.attn.qkv.weight")));
 }
 
+/// The dVAE's map layout is a configuration choice that changes nothing but speed: channels last
+/// (`tokenizer.dalle_dvae.layout = "nhwc"`, on the CPU its convolutions between transposes) gives
+/// the step the same losses as channels first.
+#[test]
+fn dvae_layouts_give_the_same_step() {
+    let loss = |layout: &str| {
+        let set = [
+            "tokenizer.name=\"dalle_dvae\"".to_string(),
+            format!("tokenizer.dalle_dvae.layout=\"{layout}\""),
+        ];
+        let set: Vec<&str> = set.iter().map(String::as_str).collect();
+        let res = resolve(&layers("quickstart", &set)).unwrap();
+        let cim = Cim::build(&res).unwrap();
+        let out = forward_first_batch(&cim, &res, 4);
+        out.total.to_scalar::<f32>().unwrap()
+    };
+    assert_eq!(loss("nhwc").to_bits(), loss("nchw").to_bits());
+    let e = resolve(&layers(
+        "quickstart",
+        &["tokenizer.dalle_dvae.layout=\"nwhc\""],
+    ))
+    .and_then(|r| Cim::build(&r).map(|_| ()))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("nwhc"), "{e}");
+}
+
 #[test]
 fn divergence_stops_the_run_naming_step_and_loss() {
     let dir = tempfile::tempdir().unwrap();

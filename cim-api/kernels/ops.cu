@@ -1052,12 +1052,19 @@ extern "C" __global__ void cim_col2im(const float* cols, float* x, long long n, 
 // the value, then its ReLU.
 extern "C" __global__ void cim_channel_bias(const float* x, const float* b, const float* r, float* y,
                                             long long n4, int c, int hw4, float g, int has_r,
-                                            int relu, int pair) {
+                                            int relu, int pair, int cl) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n4) return;
-    const float bc = b[(int)((i / hw4) % c)];
     float4 v = reinterpret_cast<const float4*>(x)[i];
-    v.x = g * (v.x + bc), v.y = g * (v.y + bc), v.z = g * (v.z + bc), v.w = g * (v.w + bc);
+    if (cl) {
+        // Channels last: element 4i + k has channel (4i + k) % c.
+        const int c0 = (int)((4 * i) % c);
+        v.x = g * (v.x + b[c0]), v.y = g * (v.y + b[(c0 + 1) % c]);
+        v.z = g * (v.z + b[(c0 + 2) % c]), v.w = g * (v.w + b[(c0 + 3) % c]);
+    } else {
+        const float bc = b[(int)((i / hw4) % c)];
+        v.x = g * (v.x + bc), v.y = g * (v.y + bc), v.z = g * (v.z + bc), v.w = g * (v.w + bc);
+    }
     if (has_r) {
         const float4 a = reinterpret_cast<const float4*>(r)[i];
         v.x += a.x, v.y += a.y, v.z += a.z, v.w += a.w;
@@ -1076,10 +1083,11 @@ extern "C" __global__ void cim_channel_bias(const float* x, const float* b, cons
 // the f16 kernel slower than the f32 one in session 11's H200 profile: 20.2 against 16.3 ms).
 template <typename T>
 __device__ void channel_bias_half(const T* x, const T* b, const T* r, T* y, long long n4, int c,
-                                  int hw4, float g, int has_r, int relu, int pair) {
+                                  int hw4, float g, int has_r, int relu, int pair, int cl) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n4) return;
-    const float bc = ld(b, (size_t)((i / hw4) % c));
+    // Channels first: one channel for the four elements; channels last: 4i + k has (4i + k) % c.
+    const int c0 = cl ? (int)((4 * i) % c) : (int)((i / hw4) % c);
     const uint2 xw = reinterpret_cast<const uint2*>(x)[i];
     uint2 rw = make_uint2(0u, 0u), yw, pw;
     if (has_r) rw = reinterpret_cast<const uint2*>(r)[i];
@@ -1089,6 +1097,7 @@ __device__ void channel_bias_half(const T* x, const T* b, const T* r, T* y, long
     T* ps = reinterpret_cast<T*>(&pw);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
+        const float bc = ld(b, (size_t)(cl ? (c0 + k) % c : c0));
         float v = g * (ld(xs, k) + bc);
         if (has_r) v += ld(rs, k);
         if (relu) v = fmaxf(v, 0.0f);
@@ -1102,13 +1111,13 @@ __device__ void channel_bias_half(const T* x, const T* b, const T* r, T* y, long
 extern "C" __global__ void cim_channel_bias_bf16(const __nv_bfloat16* x, const __nv_bfloat16* b,
                                                  const __nv_bfloat16* r, __nv_bfloat16* y,
                                                  long long n4, int c, int hw4, float g, int has_r,
-                                                 int relu, int pair) {
-    channel_bias_half(x, b, r, y, n4, c, hw4, g, has_r, relu, pair);
+                                                 int relu, int pair, int cl) {
+    channel_bias_half(x, b, r, y, n4, c, hw4, g, has_r, relu, pair, cl);
 }
 extern "C" __global__ void cim_channel_bias_f16(const __half* x, const __half* b, const __half* r,
                                                 __half* y, long long n4, int c, int hw4, float g,
-                                                int has_r, int relu, int pair) {
-    channel_bias_half(x, b, r, y, n4, c, hw4, g, has_r, relu, pair);
+                                                int has_r, int relu, int pair, int cl) {
+    channel_bias_half(x, b, r, y, n4, c, hw4, g, has_r, relu, pair, cl);
 }
 
 // ---- Multi-tensor AdamW and sum of squares (src/ops/adamw.rs) ----
@@ -1229,6 +1238,61 @@ extern "C" __global__ void cim_upsample_2x_f16(const __half* x, __half* y, long 
                                                int w, int ho, int wo) {
     upsample_2x(x, y, n, h, w);
 }
+
+// ---- 2× resampling of channels-last maps (src/ops/resample.rs, `*_nhwc`): x (B, H, W, C) ----
+
+// 2×2 max-pool, one thread per output element (adjacent threads: adjacent channels, coalesced);
+// the window's values in candle's order (top-left, top-right, bottom-left, bottom-right).
+template <typename T>
+__device__ void max_pool_2x2_nhwc(const T* x, T* y, long long n, int h, int w, int ho, int wo,
+                                  int c) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int ch = (int)(i % c);
+    const long long q = i / c;
+    const int ox = (int)(q % wo), oy = (int)((q / wo) % ho);
+    const long long b = q / ((long long)wo * ho);
+    const size_t r0 = (((size_t)b * h + 2 * oy) * w + 2 * ox) * c + ch, r1 = r0 + (size_t)w * c;
+    float m = ld(x, r0);
+    const float s[3] = {ld(x, r0 + c), ld(x, r1), ld(x, r1 + c)};
+#pragma unroll
+    for (int k = 0; k < 3; ++k)
+        if (s[k] > m) m = s[k];
+    st(y, i, m);
+}
+
+// Nearest 2× upsampling, one thread per input element writing its four copies.
+template <typename T>
+__device__ void upsample_2x_nhwc(const T* x, T* y, long long n, int h, int w, int c) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int ch = (int)(i % c);
+    const long long q = i / c;
+    const int ix = (int)(q % w);
+    const long long r = q / w;
+    const int iy = (int)(r % h);
+    const long long b = r / h;
+    const T v = x[i];
+    const size_t row = (size_t)2 * w * c;
+    T* o = y + (((size_t)b * 2 * h + 2 * iy) * 2 * w + 2 * ix) * c + ch;
+    o[0] = v;
+    o[c] = v;
+    o[row] = v;
+    o[row + c] = v;
+}
+
+#define NHWC_RESAMPLE(SUFFIX, T)                                                                  \
+    extern "C" __global__ void cim_max_pool_2x2_nhwc##SUFFIX(const T* x, T* y, long long n, int h, \
+                                                            int w, int ho, int wo, int c) {       \
+        max_pool_2x2_nhwc(x, y, n, h, w, ho, wo, c);                                              \
+    }                                                                                             \
+    extern "C" __global__ void cim_upsample_2x_nhwc##SUFFIX(const T* x, T* y, long long n, int h,  \
+                                                           int w, int ho, int wo, int c) {        \
+        upsample_2x_nhwc(x, y, n, h, w, c);                                                       \
+    }
+NHWC_RESAMPLE(, float)
+NHWC_RESAMPLE(_bf16, __nv_bfloat16)
+NHWC_RESAMPLE(_f16, __half)
 
 // ---- Head layouts of GEMM attention (src/ops/heads.rs): copies, f32 or bf16 ----
 // All take (a, b, c, out, total, B, N, H, hd, R, scale); one thread per word of W: one element
@@ -1439,4 +1503,49 @@ extern "C" __global__ void cim_argmax_channels_bf16(const __nv_bfloat16* x, unsi
 extern "C" __global__ void cim_argmax_channels_f16(const __half* x, unsigned int* out, int B,
                                                    int C, int HW) {
     argmax_channels(x, out, B, C, HW);
+}
+
+// Argmax over the last dimension of channels-last logits x (rows, C): one warp per row (8 rows per
+// block), lane l scanning channels l, l + 32, … (a warp reads 32 adjacent values: coalesced),
+// keeping its first maximum; the 32 candidates are combined by value, ties to the lowest channel.
+// The sequential scan's result, as argmax_channels: NaNs never win, a NaN in channel 0 gives 0.
+template <typename T>
+__device__ void argmax_rows(const T* x, unsigned int* out, long long rows, int C) {
+    const int lane = threadIdx.x;
+    const long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;
+    if (row >= rows) return;
+    const T* r = x + (size_t)row * C;
+    float best = -INFINITY;
+    unsigned int arg = 0xffffffffu;
+    for (int ch = lane; ch < C; ch += 32) {
+        const float v = ld(r, (size_t)ch);
+        if (v > best || (arg == 0xffffffffu && v == best)) {
+            best = v;
+            arg = (unsigned int)ch;
+        }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        const float v = __shfl_down_sync(0xffffffffu, best, off);
+        const unsigned int i = __shfl_down_sync(0xffffffffu, arg, off);
+        if (i != 0xffffffffu && (arg == 0xffffffffu || v > best || (v == best && i < arg))) {
+            best = v;
+            arg = i;
+        }
+    }
+    if (lane == 0) {
+        const float first = C > 0 ? ld(r, 0) : 0.0f;
+        out[row] = (!(first == first) || arg == 0xffffffffu) ? 0u : arg;
+    }
+}
+extern "C" __global__ void cim_argmax_rows(const float* x, unsigned int* out, long long rows, int C) {
+    argmax_rows(x, out, rows, C);
+}
+extern "C" __global__ void cim_argmax_rows_bf16(const __nv_bfloat16* x, unsigned int* out,
+                                                long long rows, int C) {
+    argmax_rows(x, out, rows, C);
+}
+extern "C" __global__ void cim_argmax_rows_f16(const __half* x, unsigned int* out, long long rows,
+                                               int C) {
+    argmax_rows(x, out, rows, C);
 }

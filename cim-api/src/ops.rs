@@ -60,13 +60,16 @@ pub use adamw::{
     adamw_composed, adamw_update, adamw_update_all, square_sums_composed, sum_of_squares, AdamItem,
     AdamStep,
 };
-pub use argmax::argmax_channels;
+pub use argmax::{argmax_channels, argmax_last};
 pub use attention::{attention_composed, attention_gemm, attention_qkv, attention_qkv_kernel};
 pub use batch_norm::{batch_norm_train, batch_norm_train_composed, channel_moments};
 pub use bias::{bias_add, bias_gelu, bias_gelu_composed, linear};
 pub use block::{block_param_shapes, pre_norm_block, BlockParams};
-pub use channel::{channel_bias, channel_bias_and_relu, channel_bias_composed};
-pub use conv::{conv2d, conv2d_with_budget, cudnn_conv, set_cudnn_conv, COL_BUDGET};
+pub use channel::{
+    channel_bias, channel_bias_and_relu, channel_bias_and_relu_nhwc, channel_bias_composed,
+    channel_bias_nhwc,
+};
+pub use conv::{conv2d, conv2d_nhwc, conv2d_with_budget, cudnn_conv, set_cudnn_conv, COL_BUDGET};
 #[cfg(feature = "cuda")]
 pub use cuda::adamw_multi_launches;
 pub use graft::{with_backward, BackwardFn, GradSink};
@@ -75,7 +78,9 @@ pub use heads::{
     split_qkv, split_qkv_padded,
 };
 pub use max_pool::max_pool_3x3_s2;
-pub use resample::{max_pool_2x2, upsample_nearest_2x};
+pub use resample::{
+    max_pool_2x2, max_pool_2x2_nhwc, upsample_nearest_2x, upsample_nearest_2x_nhwc,
+};
 pub use residual::{residual_add, residual_add_composed};
 pub use respix::{respix_loss, respix_sliding_target};
 pub use select::select_rows;

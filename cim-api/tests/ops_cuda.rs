@@ -78,9 +78,20 @@ fn cuda_kernels_match_the_cpu_kernels() {
         ("residual_add", residual_add_parity),
         ("head copies, padded", head_copies_parity),
         ("argmax_channels", argmax_parity),
+        (
+            "channels last: channel_bias, resampling, argmax",
+            channels_last_parity,
+        ),
     ];
     #[cfg(feature = "cudnn")]
-    let checks = [checks, vec![("cudnn_conv", cudnn_conv_parity as Check)]].concat();
+    let checks = [
+        checks,
+        vec![
+            ("cudnn_conv", cudnn_conv_parity as Check),
+            ("cudnn_conv channels last", cudnn_nhwc_parity as Check),
+        ],
+    ]
+    .concat();
     let mut failed = vec![];
     for (name, check) in checks {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&gpu)));
@@ -980,5 +991,171 @@ fn argmax_parity(gpu: &Device) {
             .unwrap();
         assert_eq!(got, want, "argmax_channels {dt:?}");
         assert_eq!((got[0][0][0], got[1][0][3]), (9, 0), "tie and NaN {dt:?}");
+    }
+}
+
+/// Channels-last (NHWC) maps, the dVAE's layout on cuDNN: the conv epilogue, its pair form, the 2×
+/// pool and upsampling, and the last-dimension argmax, in f32, bf16 and f16, on the GPU against
+/// the CPU kernels on widened copies — at a dVAE map size, a small one, and one whose element
+/// count is not a multiple of 4 (the composed epilogue on CUDA).
+fn channels_last_parity(gpu: &Device) {
+    use candle_core::DType;
+    let cpu = Device::Cpu;
+    let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_device(&cpu).unwrap();
+    for (i, &(b, h, w, c)) in [(2, 56, 56, 64), (3, 2, 6, 6), (1, 3, 3, 3)]
+        .iter()
+        .enumerate()
+    {
+        let x = randn(&[b, h, w, c], 300 + i as u64, &cpu);
+        let bias = randn(&[c], 310 + i as u64, &cpu);
+        let r = randn(&[b, h, w, c], 320 + i as u64, &cpu);
+        for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2), (DType::F16, 1e-2)] {
+            let (xd, bd, rd) = (
+                x.to_dtype(dt).unwrap(),
+                bias.to_dtype(dt).unwrap(),
+                r.to_dtype(dt).unwrap(),
+            );
+            let on_gpu = |t: &Tensor| t.to_device(gpu).unwrap();
+            let what = format!("{b}x{h}x{w}x{c} {dt:?}");
+            for res in [false, true] {
+                let want = ops::channel_bias_nhwc(
+                    &wide(&xd),
+                    &wide(&bd),
+                    res.then(|| wide(&rd)).as_ref(),
+                    0.5,
+                    true,
+                )
+                .unwrap();
+                let rg = on_gpu(&rd);
+                let got = ops::channel_bias_nhwc(
+                    &on_gpu(&xd),
+                    &on_gpu(&bd),
+                    res.then_some(&rg),
+                    0.5,
+                    true,
+                )
+                .unwrap();
+                assert_eq!(got.dtype(), dt);
+                let want = wide(&want.to_dtype(dt).unwrap());
+                let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                let d = max_diff(&want, &wide(&got)) / scale.max(1e-6);
+                assert!(d < tol, "channel_bias_nhwc {what} res={res}: {d}");
+                let (y, yr) = ops::channel_bias_and_relu_nhwc(
+                    &on_gpu(&xd),
+                    &on_gpu(&bd),
+                    res.then_some(&rg),
+                    0.5,
+                )
+                .unwrap();
+                let y_want = ops::channel_bias_nhwc(
+                    &wide(&xd),
+                    &wide(&bd),
+                    res.then(|| wide(&rd)).as_ref(),
+                    0.5,
+                    false,
+                )
+                .unwrap();
+                let y_want = wide(&y_want.to_dtype(dt).unwrap());
+                let d = max_diff(&y_want, &wide(&y)) / scale.max(1e-6);
+                assert!(d < tol, "channel_bias_and_relu_nhwc {what} res={res}: {d}");
+                assert_eq!(
+                    max_diff(&wide(&yr), &wide(&y).relu().unwrap()),
+                    0.0,
+                    "{what} pair relu"
+                );
+            }
+            if h >= 2 && w >= 2 {
+                let want = ops::max_pool_2x2_nhwc(&wide(&xd)).unwrap();
+                let got = ops::max_pool_2x2_nhwc(&on_gpu(&xd)).unwrap();
+                assert_eq!(want.dims(), got.dims(), "max_pool_2x2_nhwc {what} shape");
+                assert_eq!(
+                    max_diff(&want, &wide(&got)),
+                    0.0,
+                    "max_pool_2x2_nhwc {what}"
+                );
+            }
+            let want = ops::upsample_nearest_2x_nhwc(&wide(&xd)).unwrap();
+            let got = ops::upsample_nearest_2x_nhwc(&on_gpu(&xd)).unwrap();
+            assert_eq!(
+                want.dims(),
+                got.dims(),
+                "upsample_nearest_2x_nhwc {what} shape"
+            );
+            assert_eq!(
+                max_diff(&want, &wide(&got)),
+                0.0,
+                "upsample_nearest_2x_nhwc {what}"
+            );
+        }
+    }
+    // The last-dimension argmax: the dVAE's 8192 tokens over 14×14 pixels, an odd width, and
+    // planted ties and NaNs (a NaN in column 0 gives 0; elsewhere it never wins).
+    for (i, &(rows, c)) in [(2 * 196, 8192), (37, 45)].iter().enumerate() {
+        let mut v = randn(&[rows, c], 330 + i as u64, &cpu)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        v[0] = f32::NAN;
+        v[c + 3] = 9.0;
+        v[c + 7] = 9.0;
+        v[2 * c + 1] = f32::NAN;
+        v[2 * c + 2] = 8.0;
+        let x = Tensor::from_vec(v, (rows, c), &cpu).unwrap();
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let xd = x.to_dtype(dt).unwrap();
+            let want = ops::argmax_last(&wide(&xd))
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap();
+            let got = ops::argmax_last(&xd.to_device(gpu).unwrap())
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap();
+            assert_eq!(
+                (want[0], want[1], want[2]),
+                (0, 3, 2),
+                "argmax_last {dt:?} planted"
+            );
+            assert_eq!(got, want, "argmax_last {rows}x{c} {dt:?}");
+        }
+    }
+}
+
+/// cim's cuDNN convolution on channels-last maps (`ops::conv2d_nhwc`, the dVAE's layout on
+/// CUDA): f32, bf16 and f16 against the CPU's f32 NCHW convolution transposed, at dVAE-like
+/// shapes, a stride-2 7×7 and a 1×1 to 8192 channels.
+#[cfg(feature = "cudnn")]
+fn cudnn_nhwc_parity(gpu: &Device) {
+    use candle_core::DType;
+    let cpu = Device::Cpu;
+    let nhwc = |t: &Tensor| t.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+    let cases = [
+        (2, 64, 28, 128, 3, 1, 1),
+        (2, 3, 32, 16, 7, 2, 3),
+        (2, 64, 14, 8192, 1, 1, 0),
+    ];
+    for (i, &(b, c, h, c_out, k, stride, pad)) in cases.iter().enumerate() {
+        let x = randn(&[b, c, h, h], 400 + i as u64, &cpu);
+        let w = (randn(&[c_out, c, k, k], 410 + i as u64, &cpu) * 0.05).unwrap();
+        let want = nhwc(&ops::conv2d(&x, &w, pad, stride).unwrap());
+        let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        for (dt, tol) in [(DType::F32, 3e-3), (DType::BF16, 2e-2), (DType::F16, 5e-3)] {
+            let (xg, wg) = (
+                nhwc(&x).to_dtype(dt).unwrap().to_device(gpu).unwrap(),
+                nhwc(&w).to_dtype(dt).unwrap().to_device(gpu).unwrap(),
+            );
+            ops::set_cudnn_conv(true);
+            let got = ops::conv2d_nhwc(&xg, &wg, pad, stride).unwrap();
+            assert!(
+                ops::cudnn_conv(),
+                "cuDNN NHWC call failed and switched itself off ({i}, {dt:?})"
+            );
+            ops::set_cudnn_conv(false);
+            assert_eq!(got.dims(), want.dims(), "conv2d_nhwc {i} {dt:?} shape");
+            let got = got.to_dtype(DType::F32).unwrap();
+            let d = max_diff(&got, &want) / scale;
+            assert!(d < tol, "conv2d_nhwc {i} {dt:?} vs f32 CPU: {d}");
+        }
     }
 }

@@ -26,6 +26,62 @@ pub fn argmax_channels(x: &Tensor) -> Result<Tensor> {
     Ok(x.detach().contiguous()?.apply_op1_no_bwd(&ArgmaxChannels)?)
 }
 
+/// `argmax` over the last dimension of `x` `(…, C)` → `(…)` u32 indices: the channels-last
+/// form of [`argmax_channels`] (the dVAE's `(B, H, W, V)` logits on cuDNN's NHWC convolutions),
+/// ties to the lowest index and NaNs never winning, as candle's `argmax`. On CUDA (kernels on;
+/// f32, bf16 or f16) one warp per row; on the CPU (f32) rows in parallel.
+pub fn argmax_last(x: &Tensor) -> Result<Tensor> {
+    if x.rank() == 0 {
+        return Err(crate::Error::msg(
+            "argmax_last: a scalar has no last dimension",
+        ));
+    }
+    let on_cuda =
+        super::kernels_on_cuda(x) && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16);
+    let on_cpu = x.dtype() == DType::F32 && x.device().is_cpu();
+    if !(on_cuda || on_cpu) || x.elem_count() == 0 {
+        return Ok(x.argmax(candle_core::D::Minus1)?);
+    }
+    Ok(x.detach().contiguous()?.apply_op1_no_bwd(&ArgmaxRows)?)
+}
+
+struct ArgmaxRows;
+
+impl CustomOp1 for ArgmaxRows {
+    fn name(&self) -> &'static str {
+        "cim-argmax-rows"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "argmax_last")?;
+        let dims = l.dims();
+        let (lead, c) = dims.split_at(dims.len() - 1);
+        let c = c[0];
+        let idx: Vec<u32> = x
+            .par_chunks(c)
+            .map(|row| {
+                // The sequential scan: the first value, replaced by strictly larger ones.
+                let (mut m, mut i) = (row[0], 0u32);
+                for (ch, &v) in row.iter().enumerate().skip(1) {
+                    if v > m {
+                        m = v;
+                        i = ch as u32;
+                    }
+                }
+                i
+            })
+            .collect();
+        Ok((CpuStorage::U32(idx), Shape::from(lead)))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::argmax_rows(s, l)
+    }
+}
+
 struct ArgmaxChannels;
 
 impl CustomOp1 for ArgmaxChannels {
@@ -95,6 +151,27 @@ mod tests {
         let ours = argmax_channels(&x)?.to_vec3::<u32>()?;
         assert_eq!(ours, x.argmax(1)?.to_vec3::<u32>()?);
         assert_eq!(ours[0][0], [0, 2]);
+        Ok(())
+    }
+
+    /// The channels-last form: the same indices as `argmax_channels` on the transposed map and
+    /// as candle's `argmax` over the last dimension, ties and NaNs included.
+    #[test]
+    fn last_dimension_form_matches() -> Result<()> {
+        let x = randn(&[2, 29, 3, 5], 2);
+        let xl = x.permute((0, 2, 3, 1))?.contiguous()?;
+        let ours = argmax_last(&xl)?;
+        assert_eq!(ours.dims(), [2, 3, 5]);
+        assert_eq!(
+            ours.to_vec3::<u32>()?,
+            argmax_channels(&x)?.to_vec3::<u32>()?
+        );
+        let v = vec![f32::NAN, 1.0, 3.0, 3.0, 0.0, 4.0, f32::NAN, 4.0];
+        let x = Tensor::from_vec(v, (2, 4), &candle_core::Device::Cpu)?;
+        let ours = argmax_last(&x)?.to_vec1::<u32>()?;
+        assert_eq!(ours, x.argmax(1)?.to_vec1::<u32>()?);
+        assert_eq!(ours, [0, 1]);
+        assert!(argmax_last(&Tensor::new(1f32, &candle_core::Device::Cpu)?).is_err());
         Ok(())
     }
 }

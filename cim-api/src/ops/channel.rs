@@ -25,13 +25,37 @@ pub fn channel_bias(
     gain: f64,
     relu: bool,
 ) -> Result<Tensor> {
+    channel_bias_in(x, b, residual, gain, relu, false)
+}
+
+/// [`channel_bias`] on a channels-last map `x` `(B, H, W, C)` (the dVAE on cuDNN's NHWC
+/// convolutions); on CUDA the kernel needs `B·H·W·C` to be a multiple of 4.
+pub fn channel_bias_nhwc(
+    x: &Tensor,
+    b: &Tensor,
+    residual: Option<&Tensor>,
+    gain: f64,
+    relu: bool,
+) -> Result<Tensor> {
+    channel_bias_in(x, b, residual, gain, relu, true)
+}
+
+fn channel_bias_in(
+    x: &Tensor,
+    b: &Tensor,
+    residual: Option<&Tensor>,
+    gain: f64,
+    relu: bool,
+    nhwc: bool,
+) -> Result<Tensor> {
     let op = ChannelBias {
         gain: gain as f32,
         relu,
         pair: false,
+        nhwc,
     };
-    let Some((x, b, r)) = fused_inputs(x, b, residual)? else {
-        return channel_bias_composed(x, b, residual, gain, relu);
+    let Some((x, b, r)) = fused_inputs(x, b, residual, nhwc)? else {
+        return composed(x, b, residual, gain, relu, nhwc);
     };
     Ok(match &r {
         Some(r) => x.apply_op3(&b, r, op)?,
@@ -49,13 +73,33 @@ pub fn channel_bias_and_relu(
     residual: Option<&Tensor>,
     gain: f64,
 ) -> Result<(Tensor, Tensor)> {
+    channel_bias_and_relu_in(x, b, residual, gain, false)
+}
+
+/// [`channel_bias_and_relu`] on a channels-last map `x` `(B, H, W, C)`.
+pub fn channel_bias_and_relu_nhwc(
+    x: &Tensor,
+    b: &Tensor,
+    residual: Option<&Tensor>,
+    gain: f64,
+) -> Result<(Tensor, Tensor)> {
+    channel_bias_and_relu_in(x, b, residual, gain, true)
+}
+
+fn channel_bias_and_relu_in(
+    x: &Tensor,
+    b: &Tensor,
+    residual: Option<&Tensor>,
+    gain: f64,
+    nhwc: bool,
+) -> Result<(Tensor, Tensor)> {
     let tracked = x.track_op() || b.track_op() || residual.is_some_and(|r| r.track_op());
     let fused = match tracked {
         true => None,
-        false => fused_inputs(x, b, residual)?,
+        false => fused_inputs(x, b, residual, nhwc)?,
     };
     let Some((x, b, r)) = fused else {
-        let y = channel_bias(x, b, residual, gain, false)?;
+        let y = channel_bias_in(x, b, residual, gain, false, nhwc)?;
         let yr = y.relu()?;
         return Ok((y, yr));
     };
@@ -63,6 +107,7 @@ pub fn channel_bias_and_relu(
         gain: gain as f32,
         relu: false,
         pair: true,
+        nhwc,
     };
     let both = match &r {
         Some(r) => x.apply_op3_no_bwd(&b, r, &op)?,
@@ -77,13 +122,21 @@ fn fused_inputs(
     x: &Tensor,
     b: &Tensor,
     residual: Option<&Tensor>,
+    nhwc: bool,
 ) -> Result<Option<(Tensor, Tensor, Option<Tensor>)>> {
-    let (_, c, h, w) = x.dims4().map_err(|_| {
+    let (d0, d1, d2, d3) = x.dims4().map_err(|_| {
+        let want = if nhwc { "(B, H, W, C)" } else { "(B, C, H, W)" };
         Error::msg(format!(
-            "channel_bias: x must be (B, C, H, W), got {:?}",
+            "channel_bias: x must be {want}, got {:?}",
             x.dims()
         ))
     })?;
+    // Channels, and the elements the CUDA kernel's 4-element words must not straddle a channel
+    // in (channels first: a plane; channels last: each element has its own channel).
+    let (c, unit) = match nhwc {
+        true => (d3, d0 * d1 * d2 * d3),
+        false => (d1, d2 * d3),
+    };
     if b.dims() != [c] {
         return Err(Error::msg(format!(
             "channel_bias: bias {:?} does not match the {c} channels of x {:?}",
@@ -110,7 +163,7 @@ fn fused_inputs(
         && all
             .iter()
             .all(|t| t.dtype() == x.dtype() && t.device().is_cuda() && !t.track_op());
-    if !(is_fusable(&all) || half) || (on_cuda && (h * w) % 4 != 0) {
+    if !(is_fusable(&all) || half) || (on_cuda && unit % 4 != 0) {
         return Ok(None);
     }
     let (x, b) = (x.contiguous()?, b.contiguous()?);
@@ -130,8 +183,20 @@ pub fn channel_bias_composed(
     gain: f64,
     relu: bool,
 ) -> Result<Tensor> {
+    composed(x, b, residual, gain, relu, false)
+}
+
+fn composed(
+    x: &Tensor,
+    b: &Tensor,
+    residual: Option<&Tensor>,
+    gain: f64,
+    relu: bool,
+    nhwc: bool,
+) -> Result<Tensor> {
     let c = b.dim(0)?;
-    let mut y = x.broadcast_add(&b.to_dtype(x.dtype())?.reshape((1, c, 1, 1))?)?;
+    let shape = if nhwc { (1, 1, 1, c) } else { (1, c, 1, 1) };
+    let mut y = x.broadcast_add(&b.to_dtype(x.dtype())?.reshape(shape)?)?;
     if gain != 1.0 {
         y = (y * gain)?;
     }
@@ -147,6 +212,8 @@ struct ChannelBias {
     relu: bool,
     /// Output `(2, B, C, H, W)`: `y`, then `relu(y)` ([`channel_bias_and_relu`]; forward only).
     pair: bool,
+    /// Channels last: `(B, H, W, C)`.
+    nhwc: bool,
 }
 
 impl ChannelBias {
@@ -159,17 +226,24 @@ impl ChannelBias {
         let xs = slice(x.0, x.1, "x")?;
         let bs = slice(b.0, b.1, "bias")?;
         let rs = r.map(|(s, l)| slice(s, l, "residual")).transpose()?;
-        let (_, c, h, w) = x.1.shape().dims4()?;
-        let hw = h * w;
-        let (g, relu) = (self.gain, self.relu);
+        let (d0, d1, d2, d3) = x.1.shape().dims4()?;
+        // Channels first: work items are channel planes (one bias each); channels last: runs of
+        // pixels (`CL_PIXELS` rows of `c`), the bias indexed by the element.
+        const CL_PIXELS: usize = 64;
+        let (c, hw) = match self.nhwc {
+            true => (d3, d3 * CL_PIXELS),
+            false => (d1, d2 * d3),
+        };
+        let (g, relu, nhwc) = (self.gain, self.relu, self.nhwc);
         let n = xs.len();
         let mut y = vec![0f32; if self.pair { 2 * n } else { n }];
         let (first, second) = y.split_at_mut(n);
         let planes = first.par_chunks_mut(hw).zip(xs.par_chunks(hw)).enumerate();
         let epilogue = |p: usize, yp: &mut [f32], xp: &[f32]| {
-            let bc = bs[p % c];
-            let rp = rs.map(|r| &r[p * hw..(p + 1) * hw]);
+            let plane_bias = bs[p % c];
+            let rp = rs.map(|r| &r[p * hw..p * hw + yp.len()]);
             for (i, (o, &v)) in yp.iter_mut().zip(xp).enumerate() {
+                let bc = if nhwc { bs[i % c] } else { plane_bias };
                 let mut z = g * (v + bc);
                 if let Some(rp) = rp {
                     z += rp[i];
@@ -186,8 +260,7 @@ impl ChannelBias {
                         *o = v.max(0.0);
                     }
                 });
-            let (b, c, h, w) = x.1.shape().dims4()?;
-            return Ok((CpuStorage::F32(y), Shape::from((2, b, c, h, w))));
+            return Ok((CpuStorage::F32(y), Shape::from((2, d0, d1, d2, d3))));
         }
         planes.for_each(|(p, (yp, xp))| epilogue(p, yp, xp));
         Ok((CpuStorage::F32(y), x.1.shape().clone()))
@@ -204,7 +277,10 @@ impl ChannelBias {
             dy.clone()
         };
         let g = self.gain as f64;
-        let db = (dz.sum((0, 2, 3))? * g)?;
+        let db = match self.nhwc {
+            true => (dz.sum((0, 1, 2))? * g)?,
+            false => (dz.sum((0, 2, 3))? * g)?,
+        };
         Ok(((&dz * g)?, db, dz))
     }
 }
@@ -230,7 +306,8 @@ impl CustomOp2 for ChannelBias {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::channel_bias((s1, l1), (s2, l2), None, self.gain, self.relu, self.pair)
+        let flags = (self.relu, self.pair, self.nhwc);
+        super::cuda::channel_bias((s1, l1), (s2, l2), None, self.gain, flags)
     }
     fn bwd(
         &self,
@@ -274,8 +351,7 @@ impl CustomOp3 for ChannelBias {
             (s2, l2),
             Some((s3, l3)),
             self.gain,
-            self.relu,
-            self.pair,
+            (self.relu, self.pair, self.nhwc),
         )
     }
     fn bwd(
@@ -334,6 +410,48 @@ mod tests {
 
     /// The pair is `(channel_bias(…, relu = false), its ReLU)` exactly, with and without a
     /// residual; a tracked input takes the composed path and keeps its gradient.
+    /// Channels last: the values of the channels-first op on the transposed map, bit for bit
+    /// (the same arithmetic per element), more than one 64-pixel work item and a short last one;
+    /// gradients through the fused node equal the composed ones; the pair form likewise.
+    #[test]
+    fn channels_last_matches_channels_first() -> Result<()> {
+        let nhwc = |t: &Tensor| t.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+        for (i, &(res, relu, gain)) in [(false, true, 1.0), (true, false, 0.25)].iter().enumerate()
+        {
+            let x = randn(&[2, 5, 9, 11], 71 + i as u64);
+            let b = randn(&[5], 81 + i as u64);
+            let r = randn(&[2, 5, 9, 11], 91 + i as u64);
+            let rr = res.then_some(&r);
+            let want = nhwc(&channel_bias(&x, &b, rr, gain, relu)?);
+            let rl = rr.map(nhwc);
+            let got = channel_bias_nhwc(&nhwc(&x), &b, rl.as_ref(), gain, relu)?;
+            assert_eq!(got.dims(), [2, 9, 11, 5]);
+            assert_eq!(bits(&got), bits(&want), "case {i}");
+            let (y, yr) = channel_bias_and_relu_nhwc(&nhwc(&x), &b, rl.as_ref(), gain)?;
+            let plain = nhwc(&channel_bias(&x, &b, rr, gain, false)?);
+            assert_eq!(bits(&y), bits(&plain), "case {i} pair value");
+            assert_eq!(bits(&yr), bits(&plain.relu()?), "case {i} pair relu");
+            // Gradients: the fused node against the composed channels-last ops.
+            let xv = Var::from_tensor(&nhwc(&x))?;
+            let bv = Var::from_tensor(&b)?;
+            let up = nhwc(&randn(&[2, 5, 9, 11], 101 + i as u64));
+            let fused = channel_bias_nhwc(&xv, &bv, rl.as_ref(), gain, relu)?;
+            let comp = composed(&xv, &bv, rl.as_ref(), gain, relu, true)?;
+            assert!(max_diff(&fused, &comp) < 1e-6);
+            let gf = (fused * &up)?.sum_all()?.backward()?;
+            let gc = (comp * &up)?.sum_all()?.backward()?;
+            for (what, v) in [("dx", &xv), ("db", &bv)] {
+                let d = max_diff(gf.get(v).unwrap(), gc.get(v).unwrap());
+                assert!(d < 1e-5, "case {i}: {what} differs by {d}");
+            }
+        }
+        let e = channel_bias_nhwc(&randn(&[2, 3], 1), &randn(&[3], 2), None, 1.0, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("(B, H, W, C)"), "{e}");
+        Ok(())
+    }
+
     #[test]
     fn pair_is_the_value_and_its_relu() -> Result<()> {
         for (i, res) in [false, true].into_iter().enumerate() {

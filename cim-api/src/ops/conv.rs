@@ -191,7 +191,71 @@ fn cudnn_pass(
         pass,
         x_dims: [b, c, h, w],
         c_out,
+        nhwc: false,
     })
+}
+
+/// The forward of [`conv2d_nhwc`] through cim's cuDNN call, where [`cudnn_takes`] them.
+#[cfg(feature = "cudnn")]
+fn cudnn_forward_nhwc(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Option<Tensor>> {
+    if !cudnn_takes(&[x, w]) {
+        return Ok(None);
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let (b, h, wd, c) = x.dims4()?;
+    let conv = super::cudnn::CudnnConv {
+        op,
+        pass: super::cudnn::Pass::Forward,
+        x_dims: [b, c, h, wd],
+        c_out: w.dim(0)?,
+        nhwc: true,
+    };
+    Ok(cudnn_fallible(x.apply_op2_no_bwd(&w, &conv)))
+}
+
+#[cfg(not(feature = "cudnn"))]
+fn cudnn_forward_nhwc(_: &Tensor, _: &Tensor, _: Im2Col) -> Result<Option<Tensor>> {
+    Ok(None)
+}
+
+/// `conv2d` of channels-last maps, forward only (a frozen network: the dVAE on CUDA): `x`
+/// `(B, H, W, C)`, `w` `(C_out, k, k, C)` → `(B, Ho, Wo, C_out)`, the same sizes as [`conv2d`].
+/// With cim's cuDNN convolution ([`set_cudnn_conv`]) cuDNN's NHWC kernels, which is what the
+/// layout is for: on NCHW data, cuDNN's tensor-core kernels transpose every input and output
+/// (14.4 ms of a ViT-B/16 RESPIX step in session 11's H200 profile). Elsewhere [`conv2d`]
+/// between transposes: the same function, for the CPU tests and as the GPU parity reference.
+/// Inputs that track gradients are an error (there is no backward here).
+pub fn conv2d_nhwc(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    let (_, h, wd, c) = x.dims4()?;
+    let (_, kh, kw, c_w) = w.dims4()?;
+    if x.track_op() || w.track_op() {
+        return Err(crate::Error::msg(
+            "conv2d_nhwc is forward only (frozen networks): its inputs must not track gradients",
+        ));
+    }
+    if c_w != c || kh != kw || stride == 0 {
+        return Err(crate::Error::msg(format!(
+            "conv2d_nhwc: input {:?} and weight {:?} (expected (C_out, k, k, {c})), stride {stride}",
+            x.dims(),
+            w.dims()
+        )));
+    }
+    if h + 2 * padding < kh || wd + 2 * padding < kh {
+        return Err(crate::Error::msg(format!(
+            "conv2d_nhwc: {h}×{wd} input with padding {padding} is smaller than the {kh}×{kh} kernel"
+        )));
+    }
+    let op = Im2Col {
+        k: kh,
+        stride,
+        padding,
+    };
+    if let Some(y) = cudnn_forward_nhwc(x, w, op)? {
+        return Ok(y);
+    }
+    let to_nchw = |t: &Tensor| t.permute((0, 3, 1, 2))?.contiguous();
+    let y = conv2d(&to_nchw(x)?, &to_nchw(w)?, padding, stride)?;
+    Ok(y.permute((0, 2, 3, 1))?.contiguous()?)
 }
 
 /// The forward `conv2d(x, w)` through cim's cuDNN call (no backward), where [`cudnn_takes`] them;
@@ -1018,5 +1082,34 @@ mod tests {
         assert!(e.to_string().contains("3 channels"), "{e}");
         let e = conv2d(&x, &randn(&[2, 3, 7, 7], 2), 1, 1).unwrap_err();
         assert!(e.to_string().contains("smaller than the 7×7"), "{e}");
+    }
+
+    /// Channels last, on the CPU: `conv2d` between transposes, the same values; sizes and
+    /// tracked inputs are errors naming the function.
+    #[test]
+    fn nhwc_convolution_is_the_transposed_one() -> Result<()> {
+        let x = crate::ops::tests::randn(&[2, 3, 9, 7], 1);
+        let w = crate::ops::tests::randn(&[4, 3, 3, 3], 2);
+        let nhwc = |t: &Tensor| t.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+        for (pad, stride) in [(1, 1), (0, 2)] {
+            let want = nhwc(&conv2d(&x, &w, pad, stride)?);
+            let got = conv2d_nhwc(&nhwc(&x), &nhwc(&w), pad, stride)?;
+            assert_eq!(got.dims(), want.dims());
+            assert_eq!(crate::ops::tests::max_diff(&got, &want), 0.0);
+        }
+        let wrong = crate::ops::tests::randn(&[4, 3, 3, 5], 3);
+        let e = conv2d_nhwc(&nhwc(&x), &wrong, 1, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("conv2d_nhwc") && e.contains("(C_out, k, k, 3)"),
+            "{e}"
+        );
+        let tracked = candle_core::Var::from_tensor(&nhwc(&x))?;
+        let e = conv2d_nhwc(&tracked, &nhwc(&w), 1, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("forward only"), "{e}");
+        Ok(())
     }
 }

@@ -227,11 +227,14 @@ fn same_dtype(op: &str, a: (&str, &CudaStorage), b: (&str, &CudaStorage)) -> Res
 /// The kernel for `dtype`: `base` for f32, `base_bf16` for bf16, `base_f16` for f16 (the
 /// dVAE's map kernels: [`channel_bias`], [`resample_2x`]).
 fn dtype_kernel(base: &str, dtype: candle_core::DType) -> Result<String> {
-    const WITH_F16: [&str; 4] = [
+    const WITH_F16: [&str; 7] = [
         "cim_channel_bias",
         "cim_max_pool_2x2",
         "cim_upsample_2x",
         "cim_argmax_channels",
+        "cim_max_pool_2x2_nhwc",
+        "cim_upsample_2x_nhwc",
+        "cim_argmax_rows",
     ];
     match dtype {
         candle_core::DType::F32 => Ok(base.to_string()),
@@ -1120,21 +1123,21 @@ fn conv_geometry_kernel(
     Ok((CudaStorage::wrap_cuda_slice(y, dev), out))
 }
 
-/// `[r +] g·(x + b[c])`, optionally ReLU'd; `x` (and `r`) `(B, C, H, W)` with `H·W % 4 == 0`;
-/// all f32 (16-byte aligned views), all bf16 or all f16.
+/// `[r +] g·(x + b[c])`, optionally ReLU'd; `x` (and `r`) `(B, C, H, W)` with `H·W % 4 == 0`, or
+/// with `cl` channels last, `(B, H, W, C)` with `B·H·W·C % 4 == 0`; all f32 (16-byte aligned
+/// views), all bf16 or all f16.
 pub fn channel_bias(
     x: (&CudaStorage, &Layout),
     b: (&CudaStorage, &Layout),
     r: Option<(&CudaStorage, &Layout)>,
     g: f32,
-    relu: bool,
-    pair: bool,
+    (relu, pair, cl): (bool, bool, bool),
 ) -> Result<(CudaStorage, Shape)> {
     let dtypes = [Some(x.0.dtype()), Some(b.0.dtype()), r.map(|r| r.0.dtype())];
     if dtypes.iter().flatten().any(|&d| d != x.0.dtype()) {
         candle_core::bail!("channel_bias: x, bias and residual must share a dtype: {dtypes:?}");
     }
-    by_dtype!(x.0, channel_bias_t(x, b, r, g, relu, pair))
+    by_dtype!(x.0, channel_bias_t(x, b, r, g, (relu, pair, cl)))
 }
 
 fn channel_bias_t<T: KernelFloat>(
@@ -1142,8 +1145,7 @@ fn channel_bias_t<T: KernelFloat>(
     b: (&CudaStorage, &Layout),
     r: Option<(&CudaStorage, &Layout)>,
     g: f32,
-    relu: bool,
-    pair: bool,
+    (relu, pair, cl): (bool, bool, bool),
 ) -> Result<(CudaStorage, Shape)> {
     let dev = x.0.device().clone();
     let xv = view::<T>(x.0, x.1, "x")?;
@@ -1152,13 +1154,18 @@ fn channel_bias_t<T: KernelFloat>(
         Some((s, l)) => view::<T>(s, l, "residual")?,
         None => view::<T>(x.0, x.1, "x")?,
     };
-    let (b_, c, h, w) = x.1.shape().dims4()?;
+    let (d0, d1, d2, d3) = x.1.shape().dims4()?;
+    // Channels and pixels per channel plane (channels last: one pixel per "plane" row).
+    let (c, hw) = match cl {
+        true => (d3, 1),
+        false => (d1, d2 * d3),
+    };
     let n = x.1.shape().elem_count();
     let y = alloc_written::<T>(&dev, if pair { 2 * n } else { n })?;
     let kernel = dtype_kernel("cim_channel_bias", x.0.dtype())?;
     let func = dev.get_or_load_custom_func(&kernel, MODULE, PTX)?;
-    let (n4, c, hw4) = ((n / 4) as i64, c as i32, (h * w / 4) as i32);
-    let (has_r, relu, pair_i) = (r.is_some() as i32, relu as i32, pair as i32);
+    let (n4, c, hw4) = ((n / 4) as i64, c as i32, (hw / 4) as i32);
+    let (has_r, relu, pair_i, cl_i) = (r.is_some() as i32, relu as i32, pair as i32, cl as i32);
     let mut a = func.builder();
     a.arg(&xv)
         .arg(&bv)
@@ -1170,14 +1177,15 @@ fn channel_bias_t<T: KernelFloat>(
         .arg(&g)
         .arg(&has_r)
         .arg(&relu)
-        .arg(&pair_i);
+        .arg(&pair_i)
+        .arg(&cl_i);
     // SAFETY: argument types and counts match the kernels' signatures; four elements per thread,
     // n % 4 == 0 and, for the kernels' 4-element word loads, every view starting on a 4-element
     // boundary (checked by the caller); with `pair` the output holds 2n values, the kernel writes
     // both halves.
     unsafe { a.launch(per_element(n / 4)) }.w()?;
     let shape = match pair {
-        true => Shape::from((2, b_, c as usize, h, w)),
+        true => Shape::from((2, d0, d1, d2, d3)),
         false => x.1.shape().clone(),
     };
     Ok((CudaStorage::wrap_cuda_slice(y, dev), shape))
@@ -1436,6 +1444,57 @@ fn resample_2x_t<T: KernelFloat>(
     ))
 }
 
+/// `max_pool2d(2)` (`pool`) or nearest 2× upsampling of contiguous channels-last `x`
+/// `(B, H, W, C)`, f32, bf16 or f16.
+pub fn resample_2x_nhwc(s: &CudaStorage, l: &Layout, pool: bool) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(s, resample_2x_nhwc_t(s, l, pool))
+}
+
+fn resample_2x_nhwc_t<T: KernelFloat>(
+    s: &CudaStorage,
+    l: &Layout,
+    pool: bool,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device().clone();
+    let x = view::<T>(s, l, "resample input")?;
+    let (b, h, w, c) = l.shape().dims4()?;
+    let (ho, wo) = match pool {
+        true => (h / 2, w / 2),
+        false => (2 * h, 2 * w),
+    };
+    let y = alloc_written::<T>(&dev, b * ho * wo * c)?;
+    let base = match pool {
+        true => "cim_max_pool_2x2_nhwc",
+        false => "cim_upsample_2x_nhwc",
+    };
+    let func = dev.get_or_load_custom_func(&dtype_kernel(base, s.dtype())?, MODULE, PTX)?;
+    // Pooling: one thread per output element; upsampling: one per input element.
+    let threads = if pool {
+        b * ho * wo * c
+    } else {
+        l.shape().elem_count()
+    };
+    let (nn, hh, ww) = (threads as i64, h as i32, w as i32);
+    let (hho, wwo, cc) = (ho as i32, wo as i32, c as i32);
+    let mut a = func.builder();
+    a.arg(&x)
+        .arg(&y)
+        .arg(&nn)
+        .arg(&hh)
+        .arg(&ww)
+        .arg(&hho)
+        .arg(&wwo)
+        .arg(&cc);
+    // SAFETY: argument types and counts match both kernels' signatures; pooling: one thread per
+    // output element reading its 2×2 window inside the input (odd sides rounded down);
+    // upsampling: one thread per input element writing its four copies inside the output.
+    unsafe { a.launch(per_element(threads)) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(y, dev),
+        Shape::from((b, ho, wo, c)),
+    ))
+}
+
 // ---- Head layouts of GEMM attention (`kernels/ops.cu`, `super::heads`) ----
 
 /// The token-side and head-side geometry of a head-layout copy: `(B, N, H, hd)` tokens, `rows`
@@ -1617,4 +1676,33 @@ fn argmax_channels_t<T: KernelFloat>(s: &CudaStorage, l: &Layout) -> Result<(Cud
         CudaStorage::wrap_cuda_slice(out, dev),
         Shape::from((b, h, w)),
     ))
+}
+
+/// `(rows)` u32: the index of the largest value of each row of contiguous `x` `(…, C)` (f32, bf16
+/// or f16), one warp per row.
+pub fn argmax_rows(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(s, argmax_rows_t(s, l))
+}
+
+fn argmax_rows_t<T: KernelFloat>(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device().clone();
+    let x = view::<T>(s, l, "logits")?;
+    let dims = l.dims();
+    let (lead, c) = dims.split_at(dims.len() - 1);
+    let (rows, c) = (lead.iter().product::<usize>(), c[0]);
+    let out = alloc_written::<u32>(&dev, rows)?;
+    let func =
+        dev.get_or_load_custom_func(&dtype_kernel("cim_argmax_rows", s.dtype())?, MODULE, PTX)?;
+    let (rr, cc) = (rows as i64, c as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut a = func.builder();
+    a.arg(&x).arg(&out).arg(&rr).arg(&cc);
+    // SAFETY: argument types and counts match the kernel's signature; one warp per row (8 per
+    // block), each row's result written once by its lane 0; rows beyond `rows` return at once.
+    unsafe { a.launch(cfg) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(lead)))
 }

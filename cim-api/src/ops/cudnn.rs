@@ -43,19 +43,28 @@ pub(super) enum Pass {
     BackwardFilter,
 }
 
-/// One convolution pass (NCHW, one group, no dilation) on CUDA. Both inputs contiguous, of one
-/// dtype (f32, bf16 or f16); the output has that dtype. No backward of its own.
+/// One convolution pass (NCHW, or NHWC with `nhwc`; one group, no dilation) on CUDA. Both inputs
+/// contiguous, of one dtype (f32, bf16 or f16); the output has that dtype. No backward of its own.
 pub(super) struct CudnnConv {
     pub op: Im2Col,
     pub pass: Pass,
-    /// `(B, C, H, W)` of the convolution's input `x`.
+    /// `(B, C, H, W)` of the convolution's input `x` (its sizes, whatever the layout).
     pub x_dims: [usize; 4],
     /// `C_out`.
     pub c_out: usize,
+    /// Channels last: maps `(B, H, W, C)`, the filter `(C_out, k, k, C)` (cuDNN's NHWC / KRSC).
+    pub nhwc: bool,
 }
 
-/// What picks an algorithm: device, data type, math, pass, and the convolution's sizes.
-type Key = (DeviceId, DType, sys::cudnnMathType_t, Pass, [usize; 8]);
+/// What picks an algorithm: device, data type, math, pass, layout and the convolution's sizes.
+type Key = (
+    DeviceId,
+    DType,
+    sys::cudnnMathType_t,
+    Pass,
+    bool,
+    [usize; 8],
+);
 
 #[derive(Clone, Copy, Debug)]
 enum Algo {
@@ -174,7 +183,17 @@ impl CudnnConv {
         let [b, c, _, _] = self.x_dims;
         let k = self.op.k;
         let (ho, wo) = self.out_dims();
-        let (x, w, y) = (self.x_dims, [self.c_out, c, k, k], [b, self.c_out, ho, wo]);
+        let (x, w, y) = match self.nhwc {
+            false => (self.x_dims, [self.c_out, c, k, k], [b, self.c_out, ho, wo]),
+            true => {
+                let [_, _, h, wd] = self.x_dims;
+                (
+                    [b, h, wd, c],
+                    [self.c_out, k, k, c],
+                    [b, ho, wo, self.c_out],
+                )
+            }
+        };
         match self.pass {
             Pass::Forward => [y, x, w],
             Pass::BackwardData => [x, w, y],
@@ -198,7 +217,11 @@ impl CudnnConv {
         math: sys::cudnnMathType_t,
     ) -> candle_core::Result<Descriptors<T>> {
         let wrap = candle_core::Error::wrap;
-        let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        // The dims are given in NCHW order whatever the layout; the format says how they lie.
+        let format = match self.nhwc {
+            true => sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
+            false => sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+        };
         let dims = |d: [usize; 4]| -> candle_core::Result<[i32; 4]> {
             Ok([i32s(d[0])?, i32s(d[1])?, i32s(d[2])?, i32s(d[3])?])
         };
@@ -218,13 +241,13 @@ impl CudnnConv {
         conv.set_math_type(math).map_err(wrap)?;
         Ok(Descriptors {
             x: cudnn
-                .create_4d_tensor::<T>(nchw, dims([b, c, h, w])?)
+                .create_4d_tensor::<T>(format, dims([b, c, h, w])?)
                 .map_err(wrap)?,
             w: cudnn
-                .create_4d_filter::<T>(nchw, dims([self.c_out, c, k, k])?)
+                .create_4d_filter::<T>(format, dims([self.c_out, c, k, k])?)
                 .map_err(wrap)?,
             y: cudnn
-                .create_4d_tensor::<T>(nchw, dims([b, self.c_out, ho, wo])?)
+                .create_4d_tensor::<T>(format, dims([b, self.c_out, ho, wo])?)
                 .map_err(wrap)?,
             conv,
         })
@@ -264,6 +287,7 @@ impl CudnnConv {
             s1.dtype(),
             math,
             self.pass,
+            self.nhwc,
             [
                 bb,
                 c,
@@ -327,9 +351,9 @@ impl CudnnConv {
         let one_zero = (T::one(), T::zero());
         with_workspace(&dev, bytes, |ws| {
             // SAFETY (all three): the descriptors describe x (B, C, H, W), w (C_out, C, k, k)
-            // and y (B, C_out, Ho, Wo), contiguous NCHW of type T; the views and the output hold
-            // exactly those (dims checked above); the workspace holds at least the bytes cuDNN
-            // asked for this algorithm.
+            // and y (B, C_out, Ho, Wo), contiguous NCHW (or, with `nhwc`, NHWC and KRSC) of type
+            // T; the views and the output hold exactly those (dims checked above); the workspace
+            // holds at least the bytes cuDNN asked for this algorithm.
             match (algo, self.pass) {
                 (Algo::Forward(algo), Pass::Forward) => unsafe {
                     ConvForward {

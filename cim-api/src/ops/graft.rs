@@ -123,7 +123,8 @@ pub fn with_backward(
 #[must_use = "the sink is active only while this value lives"]
 pub struct GradSink {
     inner: Arc<SinkInner>,
-    previous: Option<Arc<SinkInner>>,
+    /// The sink this one replaced on the thread; `None` inside when this one was not installed.
+    previous: Option<Option<Arc<SinkInner>>>,
 }
 
 #[derive(Default)]
@@ -140,8 +141,14 @@ thread_local! {
 impl GradSink {
     /// Installs a sink on this thread (nested sinks restore the outer one when dropped).
     pub fn install() -> Self {
+        Self::install_if(true)
+    }
+
+    /// [`GradSink::install`] when `on`; otherwise a sink that is not installed, whose
+    /// [`GradSink::backward`] is plain `Tensor::backward` (a switch for measuring the difference).
+    pub fn install_if(on: bool) -> Self {
         let inner = Arc::new(SinkInner::default());
-        let previous = CURRENT_SINK.with(|c| c.borrow_mut().replace(inner.clone()));
+        let previous = on.then(|| CURRENT_SINK.with(|c| c.borrow_mut().replace(inner.clone())));
         Self { inner, previous }
     }
 
@@ -203,8 +210,9 @@ impl SinkInner {
 
 impl Drop for GradSink {
     fn drop(&mut self) {
-        let previous = self.previous.take();
-        CURRENT_SINK.with(|c| *c.borrow_mut() = previous);
+        if let Some(previous) = self.previous.take() {
+            CURRENT_SINK.with(|c| *c.borrow_mut() = previous);
+        }
     }
 }
 
@@ -462,6 +470,15 @@ mod tests {
         assert!(!GradSink::active());
         let e = late.backward().unwrap_err().to_string();
         assert!(e.contains("GradSink::backward"), "{e}");
+        // Not installed: nothing is sunk, and its backward is the plain one.
+        let off = GradSink::install_if(false);
+        assert!(!GradSink::active());
+        assert!(build().unwrap_err().to_string().contains("got 4"));
+        let plain = with_backward(&[&xv, &a], randn(&[4, 5], 16), |dy| {
+            Ok(vec![Some(dy.clone()), Some(dy.clone())])
+        })?;
+        assert!(off.backward(&plain.sum_all()?)?.get(&a).is_some());
+        drop(off);
         // The same function recorded op by op.
         let x = xv.as_tensor().sin()?;
         let want = (((&x * a.as_tensor())? + (&x * b.as_tensor())?)?

@@ -41,9 +41,95 @@ pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1_no_bwd(&Resample::Upsample)?)
 }
 
+/// [`max_pool_2x2`] of a channels-last map `x` `(B, H, W, C)` → `(B, H/2, W/2, C)`, the same
+/// values in the same layout.
+pub fn max_pool_2x2_nhwc(x: &Tensor) -> Result<Tensor> {
+    if !kernel_applies(x)? || x.dim(1)? < 2 || x.dim(2)? < 2 {
+        return through_nchw(x, max_pool_2x2);
+    }
+    Ok(x.contiguous()?.apply_op1_no_bwd(&ResampleNhwc::MaxPool)?)
+}
+
+/// [`upsample_nearest_2x`] of a channels-last map `x` `(B, H, W, C)` → `(B, 2H, 2W, C)`.
+pub fn upsample_nearest_2x_nhwc(x: &Tensor) -> Result<Tensor> {
+    if !kernel_applies(x)? {
+        return through_nchw(x, upsample_nearest_2x);
+    }
+    Ok(x.contiguous()?.apply_op1_no_bwd(&ResampleNhwc::Upsample)?)
+}
+
+/// `f` of a channels-last map, run channels first between two transposes (tracked inputs, other
+/// dtypes and devices: candle's ops and their backward).
+fn through_nchw(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let y = f(&x.permute((0, 3, 1, 2))?.contiguous()?)?;
+    Ok(y.permute((0, 2, 3, 1))?.contiguous()?)
+}
+
 enum Resample {
     MaxPool,
     Upsample,
+}
+
+/// [`Resample`] on channels-last maps.
+enum ResampleNhwc {
+    MaxPool,
+    Upsample,
+}
+
+impl CustomOp1 for ResampleNhwc {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::MaxPool => "cim-max-pool-2x2-nhwc",
+            Self::Upsample => "cim-upsample-nearest-2x-nhwc",
+        }
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let (b, h, w, c) = l.shape().dims4()?;
+        let (ho, wo) = match self {
+            Self::MaxPool => (h / 2, w / 2),
+            Self::Upsample => (2 * h, 2 * w),
+        };
+        let mut y = vec![0f32; b * ho * wo * c];
+        // One output row (`wo` pixels of `c` channels) per work item.
+        y.par_chunks_mut(wo * c).enumerate().for_each(|(row, dst)| {
+            let (bi, oy) = (row / ho, row % ho);
+            let img = &x[bi * h * w * c..(bi + 1) * h * w * c];
+            match self {
+                Self::MaxPool => {
+                    let (r0, r1) = (&img[2 * oy * w * c..], &img[(2 * oy + 1) * w * c..]);
+                    for (ox, px) in dst.chunks_mut(c).enumerate() {
+                        let (a, b) = (2 * ox * c, (2 * ox + 1) * c);
+                        for (ch, v) in px.iter_mut().enumerate() {
+                            // candle's order: the window's first value, replaced by larger ones.
+                            let mut m = r0[a + ch];
+                            for s in [r0[b + ch], r1[a + ch], r1[b + ch]] {
+                                if s > m {
+                                    m = s;
+                                }
+                            }
+                            *v = m;
+                        }
+                    }
+                }
+                Self::Upsample => {
+                    let src = &img[(oy / 2) * w * c..(oy / 2 + 1) * w * c];
+                    for (ox, px) in dst.chunks_mut(c).enumerate() {
+                        px.copy_from_slice(&src[(ox / 2) * c..(ox / 2 + 1) * c]);
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from((b, ho, wo, c))))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::resample_2x_nhwc(s, l, matches!(self, Self::MaxPool))
+    }
 }
 
 impl CustomOp1 for Resample {
@@ -134,6 +220,25 @@ mod tests {
         let x = Tensor::from_vec(v, (1, 1, 4, 4), &candle_core::Device::Cpu)?;
         let (a, b) = (max_pool_2x2(&x)?, x.max_pool2d(2)?);
         assert_eq!(bits(&a), bits(&b));
+        // Channels last: the same values in the other layout (kernel, and the transposed
+        // fallback a tracked input takes).
+        let nhwc = |t: &Tensor| t.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+        for dims in [[2, 5, 8, 6], [1, 3, 7, 5]] {
+            let x = randn(&dims, 3);
+            let xl = nhwc(&x);
+            assert_eq!(
+                bits(&max_pool_2x2_nhwc(&xl)?),
+                bits(&nhwc(&max_pool_2x2(&x)?))
+            );
+            let up = upsample_nearest_2x_nhwc(&xl)?;
+            assert_eq!(bits(&up), bits(&nhwc(&upsample_nearest_2x(&x)?)));
+            let xv = Var::from_tensor(&xl)?;
+            let tracked = max_pool_2x2_nhwc(&xv)?;
+            assert_eq!(bits(&tracked), bits(&max_pool_2x2_nhwc(&xl)?));
+            assert!(tracked.track_op());
+        }
+        let xl = nhwc(&x);
+        assert_eq!(bits(&max_pool_2x2_nhwc(&xl)?), bits(&nhwc(&b)));
         let xv = Var::from_tensor(&randn(&[1, 2, 4, 4], 2))?;
         let g = max_pool_2x2(&xv)?.sum_all()?.backward()?;
         assert!(

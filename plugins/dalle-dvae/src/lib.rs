@@ -61,6 +61,36 @@ pub struct DvaeConfig {
     /// absolute pixel difference) is measured on the first batch it decodes and reported.
     #[serde(default)]
     pub decoder_precision: DecoderPrecision,
+    /// Where the maps keep their channels: `"nchw"`, `"nhwc"` (channels last), or `"auto"`:
+    /// channels last where cim's cuDNN convolution runs (CUDA, `run.cudnn_conv` and
+    /// `run.cuda_kernels` on), whose tensor-core kernels work in NHWC — on NCHW maps cuDNN
+    /// transposes every convolution's input and output. The same network and tokens either way;
+    /// `"nhwc"` elsewhere runs each convolution between transposes (for tests).
+    #[serde(default)]
+    pub layout: MapLayout,
+}
+
+/// The dVAE's map layout (see [`DvaeConfig::layout`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MapLayout {
+    #[default]
+    Auto,
+    Nchw,
+    Nhwc,
+}
+
+impl MapLayout {
+    /// Whether maps on `device` are channels last.
+    pub fn channels_last(self, device: &candle_core::Device) -> bool {
+        match self {
+            Self::Nchw => false,
+            Self::Nhwc => true,
+            Self::Auto => {
+                device.is_cuda() && cim_api::ops::cudnn_conv() && cim_api::ops::cuda_kernels()
+            }
+        }
+    }
 }
 
 /// The decoder's precision (see [`DvaeConfig::decoder_precision`]).
@@ -110,6 +140,7 @@ impl Default for DvaeConfig {
             precision: Precision::Auto,
             min_agreement: 0.99,
             decoder_precision: DecoderPrecision::Same,
+            layout: MapLayout::Auto,
         }
     }
 }
@@ -129,6 +160,7 @@ impl DvaeConfig {
             precision: Precision::Auto,
             min_agreement: 0.99,
             decoder_precision: DecoderPrecision::Same,
+            layout: MapLayout::Auto,
         }
     }
     /// Spatial downsampling factor of the encoder.
@@ -138,11 +170,13 @@ impl DvaeConfig {
 }
 
 /// OpenAI's `Conv2d`: weight `w` `(out, in, k, k)` ~ N(0, 1/(in·k²)), bias `b` zeros, "same" padding.
+/// Channels last, `w` is held as `(out, k, k, in)`.
 #[derive(Clone, Debug)]
 struct Conv {
     w: Tensor,
     b: Tensor,
     pad: usize,
+    nhwc: bool,
 }
 
 impl Conv {
@@ -159,6 +193,7 @@ impl Conv {
             )?,
             b: vb.get_with_hints(n_out, "b", Init::Const(0.0))?,
             pad: (k - 1) / 2,
+            nhwc: false,
         })
     }
     /// Like [`Conv::new`], but a freshly initialised bias cancels the response to a uniform
@@ -180,18 +215,56 @@ impl Conv {
         Ok(Self {
             w: self.w.to_dtype(dt)?,
             b: self.b.to_dtype(dt)?,
-            pad: self.pad,
+            ..*self
         })
+    }
+
+    /// The same convolution on channels-last maps (`nhwc`) or channels-first ones.
+    fn with_layout(&self, nhwc: bool) -> Result<Self> {
+        let w = match (self.nhwc, nhwc) {
+            (false, true) => self.w.permute((0, 2, 3, 1))?.contiguous()?,
+            (true, false) => self.w.permute((0, 3, 1, 2))?.contiguous()?,
+            _ => self.w.clone(),
+        };
+        Ok(Self {
+            w,
+            b: self.b.clone(),
+            pad: self.pad,
+            nhwc,
+        })
+    }
+
+    /// The kernel size (the weight's third dimension in either layout).
+    fn k(&self) -> Result<usize> {
+        Ok(self.w.dim(2)?)
     }
 
     /// The convolution without its bias.
     fn conv(&self, x: &Tensor) -> Result<Tensor> {
-        cim_api::ops::conv2d(x, &self.w, self.pad, 1)
+        match self.nhwc {
+            true => cim_api::ops::conv2d_nhwc(x, &self.w, self.pad, 1),
+            false => cim_api::ops::conv2d(x, &self.w, self.pad, 1),
+        }
     }
 
     /// `conv(x) + b`, then ReLU when `relu` (one fused pass: [`cim_api::ops::channel_bias`]).
     fn forward(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
-        cim_api::ops::channel_bias(&self.conv(x)?, &self.b, None, 1.0, relu)
+        channel_bias(self.nhwc, &self.conv(x)?, &self.b, None, 1.0, relu)
+    }
+}
+
+/// [`cim_api::ops::channel_bias`] in either layout.
+fn channel_bias(
+    nhwc: bool,
+    x: &Tensor,
+    b: &Tensor,
+    residual: Option<&Tensor>,
+    gain: f64,
+    relu: bool,
+) -> Result<Tensor> {
+    match nhwc {
+        true => cim_api::ops::channel_bias_nhwc(x, b, residual, gain, relu),
+        false => cim_api::ops::channel_bias(x, b, residual, gain, relu),
     }
 }
 
@@ -254,10 +327,11 @@ impl ResBlock {
     /// (+ ReLU) at the low resolution and upsamples their outputs (`n_out` and `n_out / 4`
     /// channels instead of `n_in`): 4× fewer FLOPs in those convs and less upsampled data.
     fn forward_upsampled(&self, x: &mut Act, want_relu: bool) -> Result<Act> {
-        if self.res_path[0].w.dim(2)? != 1 {
-            return self.forward_act(&mut Act::new(upsample2(&x.x)?), want_relu);
+        let nhwc = self.res_path[0].nhwc;
+        if self.res_path[0].k()? != 1 {
+            return self.forward_act(&mut Act::new(upsample2(&x.x, nhwc)?), want_relu);
         }
-        let h = upsample2(&self.res_path[0].forward(&x.relu()?, true)?)?;
+        let h = upsample2(&self.res_path[0].forward(&x.relu()?, true)?, nhwc)?;
         self.forward_from(&x.x, h, 1, true, want_relu)
     }
     /// The res path from its conv `start` on (`h` is that conv's input), and the residual sum with
@@ -283,19 +357,24 @@ impl ResBlock {
             Some(id) => (id.conv(x)?, (&last.b + (&id.b / g)?)?),
             None => (x.clone(), last.b.clone()),
         };
+        let nhwc = last.nhwc;
         let identity = if upsample {
-            upsample2(&identity)?
+            upsample2(&identity, nhwc)?
         } else {
             identity
         };
         if want_relu {
-            let (y, yr) = cim_api::ops::channel_bias_and_relu(&h, &bias, Some(&identity), g)?;
+            let (y, yr) = match nhwc {
+                true => cim_api::ops::channel_bias_and_relu_nhwc(&h, &bias, Some(&identity), g)?,
+                false => cim_api::ops::channel_bias_and_relu(&h, &bias, Some(&identity), g)?,
+            };
             return Ok(Act {
                 x: y,
                 relu: Some(yr),
             });
         }
-        Ok(Act::new(cim_api::ops::channel_bias(
+        Ok(Act::new(channel_bias(
+            nhwc,
             &h,
             &bias,
             Some(&identity),
@@ -303,14 +382,11 @@ impl ResBlock {
             false,
         )?))
     }
-    fn to_dtype(&self, dt: DType) -> Result<Self> {
+    /// The block with every convolution mapped by `f` (a dtype, a layout).
+    fn map(&self, f: impl Fn(&Conv) -> Result<Conv>) -> Result<Self> {
         Ok(Self {
-            id_path: self.id_path.as_ref().map(|c| c.to_dtype(dt)).transpose()?,
-            res_path: self
-                .res_path
-                .iter()
-                .map(|c| c.to_dtype(dt))
-                .collect::<Result<_>>()?,
+            id_path: self.id_path.as_ref().map(&f).transpose()?,
+            res_path: self.res_path.iter().map(&f).collect::<Result<_>>()?,
             post_gain: self.post_gain,
         })
     }
@@ -335,9 +411,12 @@ impl Act {
     }
 }
 
-/// 2× nearest upsampling of an NCHW map.
-fn upsample2(t: &Tensor) -> Result<Tensor> {
-    cim_api::ops::upsample_nearest_2x(t)
+/// 2× nearest upsampling of an NCHW map, or with `nhwc` a channels-last one.
+fn upsample2(t: &Tensor, nhwc: bool) -> Result<Tensor> {
+    match nhwc {
+        true => cim_api::ops::upsample_nearest_2x_nhwc(t),
+        false => cim_api::ops::upsample_nearest_2x(t),
+    }
 }
 
 /// What runs between groups: the encoder's 2× max-pool, the decoder's 2× nearest upsampling.
@@ -382,11 +461,11 @@ impl Groups {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { groups })
     }
-    fn to_dtype(&self, dt: DType) -> Result<Self> {
+    fn map(&self, f: impl Fn(&Conv) -> Result<Conv>) -> Result<Self> {
         let groups = self
             .groups
             .iter()
-            .map(|g| g.iter().map(|b| b.to_dtype(dt)).collect::<Result<_>>())
+            .map(|g| g.iter().map(|b| b.map(&f)).collect::<Result<_>>())
             .collect::<Result<_>>()?;
         Ok(Self { groups })
     }
@@ -407,7 +486,10 @@ impl Groups {
                 };
             }
             if g < last && resample == Resample::MaxPool {
-                x = Act::new(cim_api::ops::max_pool_2x2(&x.x)?);
+                x = Act::new(match blocks[0].res_path[0].nhwc {
+                    true => cim_api::ops::max_pool_2x2_nhwc(&x.x)?,
+                    false => cim_api::ops::max_pool_2x2(&x.x)?,
+                });
             }
         }
         Ok(x)
@@ -427,6 +509,8 @@ pub struct DalleDvae {
     dec_output: Conv,
     /// Compute dtype of every layer (weights are stored in it).
     dtype: DType,
+    /// Channels-last maps (see [`DvaeConfig::layout`]).
+    nhwc: bool,
 }
 
 impl DalleDvae {
@@ -474,6 +558,7 @@ impl DalleDvae {
             dec_output: Conv::new(cfg.dec_n_hid, 6, 1, dec.pp("output").pp("conv"))?,
             cfg,
             dtype: DType::F32,
+            nhwc: false,
         })
     }
 
@@ -481,15 +566,40 @@ impl DalleDvae {
     /// decoder statistics returned in f32).
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
         Ok(Self {
-            cfg: self.cfg.clone(),
-            enc_input: self.enc_input.to_dtype(dtype)?,
-            enc_groups: self.enc_groups.to_dtype(dtype)?,
-            enc_output: self.enc_output.to_dtype(dtype)?,
             dec_table: self.dec_table.to_dtype(dtype)?,
             dec_bias: self.dec_bias.to_dtype(dtype)?,
-            dec_groups: self.dec_groups.to_dtype(dtype)?,
-            dec_output: self.dec_output.to_dtype(dtype)?,
             dtype,
+            ..self.map_convs(|c| c.to_dtype(dtype))?
+        })
+    }
+
+    /// The same network on channels-last maps (`nhwc`) or channels-first ones (the convolution
+    /// weights permuted once; see [`DvaeConfig::layout`]). Inputs and outputs keep their NCHW
+    /// shapes either way.
+    pub fn with_layout(&self, nhwc: bool) -> Result<Self> {
+        Ok(Self {
+            nhwc,
+            ..self.map_convs(|c| c.with_layout(nhwc))?
+        })
+    }
+
+    /// Whether the maps are channels last.
+    pub fn channels_last(&self) -> bool {
+        self.nhwc
+    }
+
+    fn map_convs(&self, f: impl Fn(&Conv) -> Result<Conv>) -> Result<Self> {
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            enc_input: f(&self.enc_input)?,
+            enc_groups: self.enc_groups.map(&f)?,
+            enc_output: f(&self.enc_output)?,
+            dec_table: self.dec_table.clone(),
+            dec_bias: self.dec_bias.clone(),
+            dec_groups: self.dec_groups.map(&f)?,
+            dec_output: f(&self.dec_output)?,
+            dtype: self.dtype,
+            nhwc: self.nhwc,
         })
     }
 
@@ -497,33 +607,58 @@ impl DalleDvae {
         self.dtype
     }
 
-    /// Encoder logits `(B, V, s/d, s/d)` for pixels in `[0, 1]`.
+    /// Encoder logits `(B, V, s/d, s/d)` in f32 for pixels in `[0, 1]`.
     pub fn encoder_logits(&self, pixels: &Tensor) -> Result<Tensor> {
+        let x = self.logits(pixels)?.to_dtype(DType::F32)?;
+        Ok(match self.nhwc {
+            true => x.permute((0, 3, 1, 2))?.contiguous()?,
+            false => x,
+        })
+    }
+
+    /// The token ids `(B, s/d, s/d)`: the argmax of the logits, taken in the compute dtype and
+    /// layout (no f32 copy, no transpose of the `V`-channel map).
+    pub fn token_ids(&self, pixels: &Tensor) -> Result<Tensor> {
+        let logits = self.logits(&pixels.detach())?;
+        match self.nhwc {
+            true => cim_api::ops::argmax_last(&logits),
+            false => cim_api::ops::argmax_channels(&logits),
+        }
+    }
+
+    /// The logits in the compute dtype and layout: `(B, V, h, w)`, channels last `(B, h, w, V)`.
+    fn logits(&self, pixels: &Tensor) -> Result<Tensor> {
         let x = map_pixels(pixels, self.cfg.eps)?.to_dtype(self.dtype)?;
+        let x = match self.nhwc {
+            true => x.permute((0, 2, 3, 1))?.contiguous()?,
+            false => x,
+        };
         let x = self.enc_input.forward(&x, false)?;
         let mut x = self.enc_groups.forward(&x, Resample::MaxPool)?;
-        Ok(self
-            .enc_output
-            .forward(&x.relu()?, false)?
-            .to_dtype(DType::F32)?)
+        self.enc_output.forward(&x.relu()?, false)
     }
 
     /// Decoder statistics `(B, 6, h, w)` before the sigmoid.
     pub fn decoder_stats(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, h, w) = ids.dims3()?;
         let d = self.cfg.dec_n_init;
+        // The input 1×1 conv as a row lookup lands channels last.
         let x = self
             .dec_table
             .index_select(&ids.flatten_all()?, 0)?
             .broadcast_add(&self.dec_bias)?
-            .reshape((b, h, w, d))?
-            .permute((0, 3, 1, 2))?
-            .contiguous()?;
+            .reshape((b, h, w, d))?;
+        let x = match self.nhwc {
+            true => x,
+            false => x.permute((0, 3, 1, 2))?.contiguous()?,
+        };
         let mut x = self.dec_groups.forward(&x, Resample::Upsample)?;
-        Ok(self
-            .dec_output
-            .forward(&x.relu()?, false)?
-            .to_dtype(DType::F32)?)
+        let y = self.dec_output.forward(&x.relu()?, false)?;
+        let y = match self.nhwc {
+            true => y.permute((0, 3, 1, 2))?,
+            false => y,
+        };
+        Ok(y.to_dtype(DType::F32)?.contiguous()?)
     }
 }
 
@@ -551,7 +686,7 @@ impl Tokenizer for DalleDvae {
                 "dalle_dvae: expected 3 channels, got {c}"
             )));
         }
-        cim_api::ops::argmax_channels(&self.encoder_logits(&pixels.detach())?)
+        self.token_ids(pixels)
     }
 
     fn decode(&self, ids: &Tensor) -> Result<Tensor> {
@@ -579,6 +714,7 @@ fn build(cfg: DvaeConfig, ctx: &BuildCtx) -> Result<DvaeTokenizer> {
             DalleDvae::from_file(cfg, &path, &ctx.device)?
         }
     };
+    let net = net.with_layout(net.cfg.layout.channels_last(&ctx.device))?;
     DvaeTokenizer::new(net, ctx.device.is_cuda())
 }
 
@@ -760,7 +896,7 @@ impl DvaeTokenizer {
 }
 
 fn encode_ids(net: &DalleDvae, pixels: &Tensor) -> Result<Tensor> {
-    cim_api::ops::argmax_channels(&net.encoder_logits(&pixels.detach())?)
+    net.token_ids(pixels)
 }
 
 impl Tokenizer for DvaeTokenizer {
@@ -896,6 +1032,7 @@ mod tests {
             precision: Precision::F32,
             min_agreement: 0.99,
             decoder_precision: DecoderPrecision::Same,
+            layout: MapLayout::Auto,
         };
         let dvae = DalleDvae::from_file(cfg.clone(), cfg.weights.as_ref().unwrap().as_ref(), &dev)?;
         let want = candle_core::safetensors::load(dir.join("expected.safetensors"), &dev)?;
@@ -955,6 +1092,7 @@ mod tests {
             precision,
             min_agreement: min,
             decoder_precision: DecoderPrecision::Same,
+            layout: MapLayout::Auto,
         };
         let net = DalleDvae::from_file(cfg, &dir.join("dvae_small.safetensors"), &dev)?;
         let want = candle_core::safetensors::load(dir.join("expected.safetensors"), &dev)?;
@@ -1039,6 +1177,47 @@ mod tests {
         Ok(())
     }
 
+    /// Channels last is the same network: on the CPU (convolutions channels first between
+    /// transposes, the bias/ReLU epilogues, pools, upsampling and argmax with channels-last
+    /// kernels) the logits, tokens and decoder statistics equal the channels-first ones bit for
+    /// bit, in f32 and in f16 (candle's ops there, the composed epilogue); and back.
+    #[test]
+    fn channels_last_is_the_same_network() -> Result<()> {
+        let (net, x) = fixture_net(Precision::F32, 0.99)?;
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+            v.to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        let nhwc = net.with_layout(true)?;
+        assert!(nhwc.channels_last() && !net.channels_last());
+        for dt in [DType::F32, DType::F16] {
+            let (a, b) = (net.to_dtype(dt)?, nhwc.to_dtype(dt)?);
+            assert!(b.channels_last());
+            let (la, lb) = (a.encoder_logits(&x)?, b.encoder_logits(&x)?);
+            assert_eq!(lb.dims(), la.dims());
+            assert_eq!(bits(&lb), bits(&la), "{dt:?} logits");
+            let tokens = a.encode(&x)?;
+            assert_eq!(ids(&b.encode(&x)?), ids(&tokens), "{dt:?} tokens");
+            let (sa, sb) = (a.decoder_stats(&tokens)?, b.decoder_stats(&tokens)?);
+            assert_eq!(sb.dims(), sa.dims());
+            assert_eq!(bits(&sb), bits(&sa), "{dt:?} decoder");
+        }
+        let back = nhwc.with_layout(false)?;
+        assert_eq!(
+            bits(&back.encoder_logits(&x)?),
+            bits(&net.encoder_logits(&x)?)
+        );
+        // "auto" is channels first on the CPU; "nhwc" is what it says anywhere.
+        assert!(!MapLayout::Auto.channels_last(&Device::Cpu));
+        assert!(MapLayout::Nhwc.channels_last(&Device::Cpu));
+        assert!(!MapLayout::Nchw.channels_last(&Device::Cpu));
+        Ok(())
+    }
+
     /// `decoder_precision`: the decoder alone in f16 (the CPU's reduced precision; bf16 on CUDA),
     /// its distance from the f32 decoder's pixels measured on the first decode and reported;
     /// `"same"` adds no decoder report.
@@ -1096,6 +1275,7 @@ mod tests {
             precision: Precision::F32,
             min_agreement: 0.99,
             decoder_precision: DecoderPrecision::Same,
+            layout: MapLayout::Auto,
         };
         let _ = DalleDvae::new(cfg, store.var_builder(DType::F32, &Device::Cpu))?;
         let names = store.names_under("");

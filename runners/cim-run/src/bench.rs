@@ -166,7 +166,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
      -> Result<candle_core::Tensor> {
         let mut lap = Lap::new(&dev, times);
         // As in training: parameter gradients of fused nodes go straight to the store.
-        let sink = cim_api::ops::GradSink::install();
+        let sink = cim_api::ops::GradSink::install_if(cfg.run.grad_sink);
         let golden = cim.tokens(&b)?;
         lap.end("tok_encode", peak)?;
         let mim = cim.mim(&b, golden, &mut rngs)?;

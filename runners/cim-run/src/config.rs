@@ -50,6 +50,11 @@ pub struct RunSection {
     /// hand-written backward (`cim_api::ops::pre_norm_block`) wherever the fused kernels run;
     /// `false` records every op of the block (stochastic depth included).
     pub fused_blocks: bool,
+    /// Differentiate each step through a `cim_api::ops::GradSink`: fused graph nodes hand their
+    /// parameters' gradients to it instead of to candle's graph (no per-parameter zero tensor and
+    /// add, no packing of a block's twelve parameters). `false`: plain `Tensor::backward`, the
+    /// same gradients (the path before session 12, kept to measure the difference).
+    pub grad_sink: bool,
     /// On CUDA (`--features cudnn` builds), run convolutions (forward; backward of trainable ones)
     /// through cim's own cuDNN calls (`cim_api::ops::set_cudnn_conv`: tensor-core math for
     /// bf16/f16, algorithm and workspace kept per shape) instead of candle's forward and cim's
@@ -77,6 +82,7 @@ impl Default for RunSection {
             tf32: true,
             cuda_kernels: true,
             fused_blocks: true,
+            grad_sink: true,
             cudnn_conv: true,
             precision: "f32".into(),
         }

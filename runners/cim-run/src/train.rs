@@ -305,7 +305,7 @@ impl Trainer {
             *phase_ms.entry("data").or_default() += t0.elapsed().as_secs_f64() * 1e3;
             let mut rngs = StepRngs::for_step(seed, self.step as u64, j as u64);
             // Parameter gradients of fused nodes go straight to the store (see `ops::GradSink`).
-            let sink = cim_api::ops::GradSink::install();
+            let sink = cim_api::ops::GradSink::install_if(self.resolved.cfg.run.grad_sink);
             let out = self.cim.forward(&batch, &mut rngs)?;
             if let Some((name, v)) = out.losses.first_non_finite() {
                 let obj = self.cim.names["objective"].clone();
