@@ -72,7 +72,7 @@ pub use channel::{
 pub use conv::{conv2d, conv2d_nhwc, conv2d_with_budget, cudnn_conv, set_cudnn_conv, COL_BUDGET};
 #[cfg(feature = "cuda")]
 pub use cuda::adamw_multi_launches;
-pub use graft::{with_backward, BackwardFn, GradSink};
+pub use graft::{with_backward, BackwardFn, GradSink, Output};
 pub use heads::{
     merge_heads, merge_heads_rows, merge_qkv, merge_qkv_rows, split_heads, split_heads_padded,
     split_qkv, split_qkv_padded,

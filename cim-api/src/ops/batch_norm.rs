@@ -39,12 +39,27 @@ pub fn batch_norm_train(
     let fused = is_fusable(&[x, stats, weight, bias])
         || (bf16_on_cuda(x) && is_fusable(&[stats, weight, bias]));
     if fused && x.rank() == 4 {
-        let affine = Tensor::stack(&[weight, bias], 0)?; // (2, C): one input for both
-        return Ok(x.contiguous()?.apply_op3(
-            &stats.detach().contiguous()?,
-            &affine,
-            ApplyOp { eps: eps as f32 },
-        )?);
+        // One grafted node over (x, γ, β): the normalisation kernel is its forward (no copy), the
+        // two backward kernels its backward; under a GradSink γ and β skip candle's graph.
+        let eps = eps as f32;
+        let xd = x.detach().contiguous()?;
+        let st = stats.detach().contiguous()?;
+        let affine = Tensor::stack(&[weight.detach(), bias.detach()], 0)?; // (2, C)
+        let (wdt, bdt) = (weight.dtype(), bias.dtype());
+        let params = Tensor::cat(&[&affine, &st], 0)?.contiguous()?; // [γ; β; mean; var]
+        let out = super::Output::Op3(Box::new(ApplyOp { eps }), [xd.clone(), st, affine]);
+        return super::with_backward(&[x, weight, bias], out, move |dy| {
+            // [dγ; dβ], then dx from [γ; β; mean; var; dγ; dβ]: each kernel has three inputs.
+            let dy = dy.contiguous()?;
+            let daffine = xd.apply_op3_no_bwd(&dy, &params, &GradSumsOp { eps })?;
+            let all = Tensor::cat(&[&params, &daffine], 0)?;
+            let dx = xd.apply_op3_no_bwd(&dy, &all, &DxOp { eps })?;
+            Ok(vec![
+                Some(dx),
+                Some(daffine.get(0)?.to_dtype(wdt)?),
+                Some(daffine.get(1)?.to_dtype(bdt)?),
+            ])
+        });
     }
     batch_norm_train_composed(x, weight, bias, eps)
 }
@@ -189,23 +204,6 @@ impl CustomOp3 for ApplyOp {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         super::cuda::batch_norm_fwd(s1, l1, s2, l2, s3, l3, self.eps)
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        stats: &Tensor,
-        affine: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // [γ; β; mean; var], then with [dγ; dβ] appended: each kernel has three inputs.
-        let eps = self.eps;
-        let params = Tensor::cat(&[affine, stats], 0)?.contiguous()?;
-        let dy = dy.contiguous()?;
-        let daffine = x.apply_op3_no_bwd(&dy, &params, &GradSumsOp { eps })?;
-        let all = Tensor::cat(&[&params, &daffine], 0)?;
-        let dx = x.apply_op3_no_bwd(&dy, &all, &DxOp { eps })?;
-        Ok((Some(dx), None, Some(daffine)))
     }
 }
 
@@ -368,6 +366,17 @@ mod tests {
             .max_all()?
             .to_scalar::<f32>()?;
         assert!(s < 1e-3, "{s}");
+        // Under a gradient sink (x an activation, γ and β sunk): the same gradients bit for bit.
+        let sink = crate::ops::GradSink::install();
+        let xa = (x.as_tensor() * 1.0)?;
+        let stats = channel_moments(&xa)?.expect("f32 on the CPU fuses");
+        let y = batch_norm_train(&xa, &stats, &gamma, &beta, 1e-5)?;
+        let gs = sink.backward(&(&y * &up)?.sum_all()?)?;
+        drop(sink);
+        for (name, v) in [("x", &x), ("weight", &gamma), ("bias", &beta)] {
+            let d = max_diff(gs.get(v).expect(name), gf.get(v).unwrap());
+            assert_eq!(d, 0.0, "{name} under the sink");
+        }
         Ok(())
     }
 }

@@ -14,7 +14,7 @@
 use candle_core::{DType, Tensor, D};
 
 use super::graft::GradSink;
-use super::residual::residual_add;
+use super::residual::{residual_add, residual_add_output};
 use super::{attention::attention_detached, bias, bias_add, fusable_device, is_fusable};
 use super::{layer_norm_grads, LayerNormOp};
 use crate::Result;
@@ -155,10 +155,10 @@ pub fn pre_norm_block(
     if !x.track_op() && !list.iter().any(|t| t.track_op()) {
         // Nothing to differentiate (inference): no node, nothing kept.
         let (y, _) = Forward::run(x, &list, dims, eps, keep)?;
-        return Ok(Some(y.reshape((b, n, dim))?));
+        return Ok(Some(y.run()?));
     }
+    // The output `(B, N, D)`: its last op (the MLP's residual add) runs as the node's forward.
     let (y, saved) = Forward::run(&x.detach(), &list, dims, eps, keep)?;
-    let y = y.reshape((b, n, dim))?;
     let to_param = move |g: &Tensor| g.to_dtype(pdt);
     if GradSink::active()
         && x.track_op()
@@ -254,14 +254,15 @@ fn scale_rows(t: Tensor, keep: Option<&Tensor>, dims: Dims) -> candle_core::Resu
 }
 
 impl Forward {
-    /// The block's output `(rows, D)` and what its backward keeps.
+    /// The block's output `(B, N, D)` (its last op possibly left to the graft) and what its
+    /// backward keeps.
     fn run(
         x: &Tensor,
         p: &[&Tensor; 12],
         dims: Dims,
         eps: f64,
         keep: Option<[Tensor; 2]>,
-    ) -> Result<(Tensor, Self)> {
+    ) -> Result<(super::Output, Self)> {
         let dt = x.dtype();
         let f32v = |t: &Tensor| t.detach().to_dtype(DType::F32)?.contiguous();
         let vec32 = [
@@ -297,7 +298,17 @@ impl Forward {
         let xn2 = x1.apply_op3_no_bwd(&vec32[4], &vec32[5], &LayerNormOp { eps })?;
         let h = xn2.matmul(&w[2].t()?)?;
         let g = h.apply_op2_no_bwd(&vec32[6], &bias::BiasGeluOp)?;
-        let y = stream_add(&x1, &g.matmul(&w[3].t()?)?, &vec32[7], km, dims)?;
+        let m = g.matmul(&w[3].t()?)?;
+        // `(B, N, D)`, the last op left undone where it is the fused residual add.
+        let y = match km {
+            None => {
+                let bnd = |t: &Tensor| t.reshape((batch, tokens, dim));
+                residual_add_output(&bnd(&x1)?, &bnd(&m)?, Some(&vec32[7]), dim)?
+            }
+            Some(_) => super::Output::Done(
+                stream_add(&x1, &m, &vec32[7], km, dims)?.reshape((batch, tokens, dim))?,
+            ),
+        };
         let saved = Self {
             dims,
             eps,

@@ -20,8 +20,10 @@ use crate::Result;
 pub type BackwardFn = dyn Fn(&Tensor) -> candle_core::Result<Vec<Option<Tensor>>> + Send + Sync;
 
 /// `out` as a function of `inputs` in the graph, with `backward` as its gradient. `out` must have
-/// been computed from detached inputs (nothing recorded) and be a fresh contiguous tensor; the
-/// node's forward copies it once. Without tracked inputs `out` comes back as is.
+/// been computed from detached inputs (nothing recorded) and be a fresh contiguous tensor, which
+/// the node's forward copies once — or be the last op of that computation ([`Output::Op2`],
+/// [`Output::Op3`]: a custom op on detached tensors), which the node's forward runs, writing its
+/// output directly. Without tracked inputs the output comes back as is.
 ///
 /// The node has at most three graph inputs (candle's custom ops take one to three). While a
 /// [`GradSink`] is installed on this thread, inputs that are variables (parameters) are not graph
@@ -44,9 +46,10 @@ pub type BackwardFn = dyn Fn(&Tensor) -> candle_core::Result<Vec<Option<Tensor>>
 /// ```
 pub fn with_backward(
     inputs: &[&Tensor],
-    out: Tensor,
+    out: impl Into<Output>,
     backward: impl Fn(&Tensor) -> candle_core::Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
 ) -> Result<Tensor> {
+    let out = out.into();
     let sink =
         GradSink::current().filter(|_| inputs.iter().any(|t| !t.is_variable() && t.track_op()));
     // Which inputs are graph edges; the others (variables, with a sink) are sunk.
@@ -67,7 +70,7 @@ pub fn with_backward(
         )));
     }
     if !graph.iter().any(|t| t.track_op()) {
-        return Ok(out);
+        return out.run();
     }
     let sink = sink.map(|s| {
         let vars = inputs
@@ -89,6 +92,35 @@ pub fn with_backward(
         [a, b, c] => a.apply_op3(b, c, op)?,
         _ => unreachable!("the graph input count was checked above"),
     })
+}
+
+/// A grafted node's output: computed already — the node's forward copies it once — or the last op
+/// of its computation (a candle custom op on detached tensors), which the node's forward runs
+/// itself, writing the node's output with no copy. A `Tensor` converts into the first.
+pub enum Output {
+    Done(Tensor),
+    Op2(Box<dyn CustomOp2 + Send + Sync>, [Tensor; 2]),
+    Op3(Box<dyn CustomOp3 + Send + Sync>, [Tensor; 3]),
+}
+
+impl From<Tensor> for Output {
+    fn from(t: Tensor) -> Self {
+        Self::Done(t)
+    }
+}
+
+impl Output {
+    /// The value, outside any graph (the op applied to its detached arguments).
+    pub fn run(self) -> Result<Tensor> {
+        Ok(match self {
+            Self::Done(t) => t,
+            Self::Op2(op, [a, b]) => a.detach().apply_op2_arc(&b.detach(), Arc::new(op))?,
+            Self::Op3(op, [a, b, c]) => {
+                a.detach()
+                    .apply_op3_arc(&b.detach(), &c.detach(), Arc::new(op))?
+            }
+        })
+    }
 }
 
 /// Where grafted nodes send their parameters' gradients (see [`with_backward`]), for the graphs
@@ -219,7 +251,7 @@ impl Drop for GradSink {
 struct Graft {
     /// The precomputed output until the node's forward copies it; then dropped, so the graph keeps
     /// only the node's own output, not a second copy.
-    out: std::sync::Mutex<Option<Tensor>>,
+    out: std::sync::Mutex<Option<Output>>,
     backward: Box<BackwardFn>,
     inputs: usize,
     /// With a sink: the sink, and per input the variable whose gradient goes there (`None` for
@@ -228,7 +260,7 @@ struct Graft {
 }
 
 impl Graft {
-    fn take_out(&self) -> candle_core::Result<Tensor> {
+    fn take_out(&self) -> candle_core::Result<Output> {
         self.out
             .lock()
             .map_err(|_| candle_core::Error::Msg("grafted output lock poisoned".into()))?
@@ -236,20 +268,50 @@ impl Graft {
             .ok_or_else(|| candle_core::Error::Msg("grafted output already consumed".into()))
     }
     fn cpu(&self) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = self.take_out()?;
-        let (s, l) = out.storage_and_layout();
-        match &*s {
-            Storage::Cpu(s) => copy_fresh(s, l, "grafted output"),
-            _ => candle_core::bail!("grafted output is not on the CPU"),
+        fn cpu(s: &Storage) -> candle_core::Result<&CpuStorage> {
+            match s {
+                Storage::Cpu(s) => Ok(s),
+                _ => candle_core::bail!("grafted output: an input is not on the CPU"),
+            }
+        }
+        match self.take_out()? {
+            Output::Done(out) => {
+                let (s, l) = out.storage_and_layout();
+                copy_fresh(cpu(&s)?, l, "grafted output")
+            }
+            Output::Op2(op, [a, b]) => {
+                let ((sa, la), (sb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
+                op.cpu_fwd(cpu(&sa)?, la, cpu(&sb)?, lb)
+            }
+            Output::Op3(op, [a, b, c]) => {
+                let (sa, la) = a.storage_and_layout();
+                let ((sb, lb), (sc, lc)) = (b.storage_and_layout(), c.storage_and_layout());
+                op.cpu_fwd(cpu(&sa)?, la, cpu(&sb)?, lb, cpu(&sc)?, lc)
+            }
         }
     }
     #[cfg(feature = "cuda")]
     fn cuda(&self) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let out = self.take_out()?;
-        let (s, l) = out.storage_and_layout();
-        match &*s {
-            Storage::Cuda(s) => copy_fresh(s, l, "grafted output"),
-            _ => candle_core::bail!("grafted output is not on a CUDA device"),
+        fn cuda(s: &Storage) -> candle_core::Result<&candle_core::CudaStorage> {
+            match s {
+                Storage::Cuda(s) => Ok(s),
+                _ => candle_core::bail!("grafted output: an input is not on a CUDA device"),
+            }
+        }
+        match self.take_out()? {
+            Output::Done(out) => {
+                let (s, l) = out.storage_and_layout();
+                copy_fresh(cuda(&s)?, l, "grafted output")
+            }
+            Output::Op2(op, [a, b]) => {
+                let ((sa, la), (sb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
+                op.cuda_fwd(cuda(&sa)?, la, cuda(&sb)?, lb)
+            }
+            Output::Op3(op, [a, b, c]) => {
+                let (sa, la) = a.storage_and_layout();
+                let ((sb, lb), (sc, lc)) = (b.storage_and_layout(), c.storage_and_layout());
+                op.cuda_fwd(cuda(&sa)?, la, cuda(&sb)?, lb, cuda(&sc)?, lc)
+            }
         }
     }
     fn grads(&self, dy: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
@@ -423,6 +485,70 @@ mod tests {
         assert!(e.contains("returned 0 gradients for 1 inputs"), "{e}");
         let e = with_backward(&[], randn(&[1], 8), |_| Ok(vec![])).unwrap_err();
         assert!(e.to_string().contains("1 to 3 inputs"), "{e}");
+        Ok(())
+    }
+
+    /// `a + b·c` on the CPU (f32): a custom op to leave as a graft's last op.
+    struct MulAdd;
+    impl CustomOp3 for MulAdd {
+        fn name(&self) -> &'static str {
+            "test-mul-add"
+        }
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            let (a, b, c) = (
+                crate::ops::slice(s1, l1, "a")?,
+                crate::ops::slice(s2, l2, "b")?,
+                crate::ops::slice(s3, l3, "c")?,
+            );
+            let y = a
+                .iter()
+                .zip(b)
+                .zip(c)
+                .map(|((a, b), c)| a + b * c)
+                .collect();
+            Ok((CpuStorage::F32(y), l1.shape().clone()))
+        }
+    }
+
+    /// A node whose output is its last op left undone ([`Output::Op3`]): the node's forward runs
+    /// it — the same value as the op applied beforehand, the same gradients — and without
+    /// tracked inputs the op runs at once.
+    #[test]
+    fn a_last_op_left_to_the_node_gives_the_same_node() -> Result<()> {
+        let xv = Var::from_tensor(&randn(&[3, 4], 21))?;
+        let (b, c) = (randn(&[3, 4], 22), randn(&[3, 4], 23));
+        let up = randn(&[3, 4], 24);
+        let node = |deferred: bool| -> Result<(Tensor, Tensor)> {
+            let x = xv.as_tensor().sin()?;
+            let xd = x.detach();
+            let out: Output = match deferred {
+                true => Output::Op3(Box::new(MulAdd), [xd.clone(), b.clone(), c.clone()]),
+                false => Output::Done(xd.apply_op3_no_bwd(&b, &c, &MulAdd)?),
+            };
+            let y = with_backward(&[&x], out, move |dy| Ok(vec![Some(dy.clone())]))?;
+            let g = (&y * &up)?.sum_all()?.backward()?;
+            Ok((y, g.get(&xv).unwrap().clone()))
+        };
+        let ((y1, g1), (y2, g2)) = (node(true)?, node(false)?);
+        assert_eq!(max_diff(&y1, &y2), 0.0);
+        assert_eq!(max_diff(&g1, &g2), 0.0);
+        let want = ((xv.as_tensor().sin()? + (&b * &c)?)?).detach();
+        assert!(max_diff(&y1, &want) < 1e-6);
+        let plain = with_backward(
+            &[&b],
+            Output::Op3(Box::new(MulAdd), [b.clone(), b.clone(), c.clone()]),
+            |_| Ok(vec![]),
+        )?;
+        assert!(!plain.track_op());
+        assert!(max_diff(&plain, &(&b + (&b * &c)?)?) < 1e-6);
         Ok(())
     }
 

@@ -38,17 +38,28 @@ pub fn residual_add(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Ten
             )));
         }
     }
-    match fusable(a, b, bias, d)? {
+    residual_add_output(a, b, bias, d)?.run()
+}
+
+/// [`residual_add`] as a grafted node's output ([`super::Output`]): the fused kernel left for the
+/// node's forward to run, or the composed result. Shapes checked by the caller.
+pub(super) fn residual_add_output(
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    d: usize,
+) -> Result<super::Output> {
+    Ok(match fusable(a, b, bias, d)? {
         Some((a, b, bias)) => {
             let op = ResidualAdd {
                 has_bias: bias.is_some(),
             };
             // Without a bias the kernel ignores its third input: `b` stands in.
             let third = bias.unwrap_or_else(|| b.clone());
-            Ok(a.apply_op3_no_bwd(&b, &third, &op)?)
+            super::Output::Op3(Box::new(op), [a, b, third])
         }
-        None => residual_add_composed(a, b, bias),
-    }
+        None => super::Output::Done(residual_add_composed(a, b, bias)?),
+    })
 }
 
 /// [`residual_add`] from candle ops: `b (+ bias)` in `b`'s dtype, cast to `a`'s, added to `a`.
