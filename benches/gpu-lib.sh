@@ -16,7 +16,7 @@ for line in open(sys.argv[1]):
         ph = {k: round(v, 1) for k, v in d["phase_ms"].items()}
         tok = (d.get("tok_precision") or {}).get("dtype", "-")
         print(f'  {d.get("enhancer")} {d.get("objective")} {d.get("dtype")} compile={d.get("compile", "-")} '
-              f'cudnn_conv={d.get("cudnn_conv", "-")} dvae={tok}: '
+              f'cudnn_conv={d.get("cudnn_conv", "-")} sink={d.get("grad_sink", "-")} dvae={tok}: '
               f'{d["images_per_s"]:.1f} img/s, step {d["step_ms"]:.1f} ms, peak {d.get("peak_mem_gib", 0):.1f} GiB {ph}')
 PY
 }
@@ -37,6 +37,7 @@ bench() { # NAME PRESET [--set ...]
     --steps "$STEPS" --warmup "$WARMUP" --device cuda:0 "$@" > "$j" 2> "$OUT/cim.err"
   local rc=$?; echo "rc=$rc"; summ "$j"; grep -oE '"tok_precision":\{[^{}]*(\{[^{}]*\})?[^{}]*\}' "$j"
   grep -v " INFO " "$OUT/cim.err" | tail -n 3 | cut -c1-300
+  sed 's/\x1b\[[0-9;]*m//g' "$OUT/cim.err" | grep -o "dalle_dvae map layout.*" | head -n 1 | cut -c1-120
   if [[ $rc != 0 && "$*" == *cuda_kernels=true* ]]; then # measure the kernels-off path instead
     el "cim $name, kernels off (the run above failed)"
     RUST_LOG=info timeout 150 $RUN .gpu/cim-run.xz bench --preset "$preset" --batch "$B" --steps "$STEPS" \

@@ -714,7 +714,13 @@ fn build(cfg: DvaeConfig, ctx: &BuildCtx) -> Result<DvaeTokenizer> {
             DalleDvae::from_file(cfg, &path, &ctx.device)?
         }
     };
-    let net = net.with_layout(net.cfg.layout.channels_last(&ctx.device))?;
+    let channels_last = net.cfg.layout.channels_last(&ctx.device);
+    tracing::info!(
+        channels_last,
+        layout = ?net.cfg.layout,
+        "dalle_dvae map layout"
+    );
+    let net = net.with_layout(channels_last)?;
     DvaeTokenizer::new(net, ctx.device.is_cuda())
 }
 

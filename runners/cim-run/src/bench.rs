@@ -59,6 +59,8 @@ pub struct BenchReport {
     /// Whether transformer blocks ran as one graph node each (`run.fused_blocks`, where the
     /// fused kernels run: always on the CPU, on CUDA with `cuda_kernels`).
     pub fused_blocks: bool,
+    /// Whether each step was differentiated through a `GradSink` (`run.grad_sink`).
+    pub grad_sink: bool,
     /// Whether CUDA convolutions ran their forward through cim's cuDNN call (`run.cudnn_conv` in a
     /// `cudnn` build, still on after the run: a cuDNN error switches it off).
     pub cudnn_conv: bool,
@@ -220,6 +222,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         },
         cuda_kernels: dev.is_cuda() && cim_api::ops::cuda_kernels(),
         fused_blocks: cim_api::ops::fused_blocks() && cim_api::ops::kernels_run_on(&dev),
+        grad_sink: cfg.run.grad_sink,
         cudnn_conv: dev.is_cuda() && cim_api::ops::cudnn_conv(),
         cpu_kernels: if cim_api::ops::avx2_kernels() {
             "avx2+fma"
