@@ -90,6 +90,11 @@ pub struct BenchReport {
     pub peak_mem_gib: Option<f64>,
 }
 
+/// Bytes of the memset that marks the end of phase 0 (`CIM_PHASE_MARKERS`, on CUDA); phase `i`
+/// is marked by `PHASE_MARKER_BYTES + 2·i` (odd: no f32/bf16 tensor has that many bytes).
+/// `benches/cupti/kernel_times.c` splits its records by them.
+pub const PHASE_MARKER_BYTES: usize = 1001;
+
 pub const PHASES: [&str; 5] = [
     "tok_encode",
     "gen_fwd_bwd",
@@ -254,6 +259,7 @@ struct Lap<'a> {
     dev: &'a Device,
     times: Option<&'a mut BTreeMap<&'static str, f64>>,
     last: Instant,
+    markers: bool,
 }
 
 impl<'a> Lap<'a> {
@@ -262,9 +268,22 @@ impl<'a> Lap<'a> {
             dev,
             times,
             last: Instant::now(),
+            // For benches/cupti: the end of each phase as a memset of a size no float tensor has.
+            markers: dev.is_cuda() && std::env::var_os("CIM_PHASE_MARKERS").is_some(),
         }
     }
     fn end(&mut self, name: &'static str, peak: &mut Option<f64>) -> Result<()> {
+        if self.markers {
+            let i = PHASES
+                .iter()
+                .position(|&p| p == name)
+                .unwrap_or(PHASES.len());
+            candle_core::Tensor::zeros(
+                PHASE_MARKER_BYTES + 2 * i,
+                candle_core::DType::U8,
+                self.dev,
+            )?;
+        }
         self.dev.synchronize()?;
         let now = Instant::now();
         if let Some(t) = self.times.as_deref_mut() {
