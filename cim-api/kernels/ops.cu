@@ -1176,6 +1176,7 @@ extern "C" __global__ void cim_sum_squares_multi(const unsigned long long* table
 }
 
 // ---- 2× resampling of the frozen dVAE's maps (src/ops/resample.rs); f32, bf16 or f16 storage ----
+// (every resampling kernel takes `c`, the channel count, which only the channels-last ones use)
 
 // 2×2 max-pool, one thread per output element: the window's first value, replaced by larger ones
 // (candle's order, so NaNs behave as in candle's op).
@@ -1214,28 +1215,28 @@ __device__ void upsample_2x(const T* x, T* y, long long n, int h, int w) {
 }
 
 extern "C" __global__ void cim_max_pool_2x2(const float* x, float* y, long long n, int h, int w,
-                                            int ho, int wo) {
+                                            int ho, int wo, int c) {
     max_pool_2x2(x, y, n, h, w, ho, wo);
 }
 extern "C" __global__ void cim_max_pool_2x2_bf16(const __nv_bfloat16* x, __nv_bfloat16* y,
-                                                 long long n, int h, int w, int ho, int wo) {
+                                                 long long n, int h, int w, int ho, int wo, int c) {
     max_pool_2x2(x, y, n, h, w, ho, wo);
 }
 extern "C" __global__ void cim_max_pool_2x2_f16(const __half* x, __half* y, long long n, int h,
-                                                int w, int ho, int wo) {
+                                                int w, int ho, int wo, int c) {
     max_pool_2x2(x, y, n, h, w, ho, wo);
 }
 extern "C" __global__ void cim_upsample_2x(const float* x, float* y, long long n, int h, int w,
-                                           int ho, int wo) {
+                                           int ho, int wo, int c) {
     upsample_2x(x, y, n, h, w);
 }
 extern "C" __global__ void cim_upsample_2x_bf16(const __nv_bfloat16* x, __nv_bfloat16* y,
-                                                long long n, int h, int w, int ho, int wo) {
+                                                long long n, int h, int w, int ho, int wo, int c) {
     upsample_2x(x, y, n, h, w);
 }
 
 extern "C" __global__ void cim_upsample_2x_f16(const __half* x, __half* y, long long n, int h,
-                                               int w, int ho, int wo) {
+                                               int w, int ho, int wo, int c) {
     upsample_2x(x, y, n, h, w);
 }
 

@@ -1399,81 +1399,43 @@ impl candle_core::InplaceOp1 for Nest<'_, '_> {
 
 // ---- 2× resampling (`kernels/ops.cu`, `super::resample`) ----
 
-/// `max_pool2d(2)` (`pool`) or nearest 2× upsampling of contiguous NCHW `x`, f32 or bf16.
-pub fn resample_2x(s: &CudaStorage, l: &Layout, pool: bool) -> Result<(CudaStorage, Shape)> {
-    by_dtype!(s, resample_2x_t(s, l, pool))
+/// `max_pool2d(2)` (`pool`) or nearest 2× upsampling of contiguous `x`, NCHW or (`nhwc`)
+/// channels last `(B, H, W, C)`; f32, bf16 or f16.
+pub fn resample_2x(
+    s: &CudaStorage,
+    l: &Layout,
+    pool: bool,
+    nhwc: bool,
+) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(s, resample_2x_t(s, l, pool, nhwc))
 }
 
 fn resample_2x_t<T: KernelFloat>(
     s: &CudaStorage,
     l: &Layout,
     pool: bool,
+    nhwc: bool,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s.device().clone();
     let x = view::<T>(s, l, "resample input")?;
-    let (b, c, h, w) = l.shape().dims4()?;
+    let (b, c, h, w) = match (nhwc, l.shape().dims4()?) {
+        (true, (b, h, w, c)) => (b, c, h, w),
+        (false, dims) => dims,
+    };
     let (ho, wo) = match pool {
         true => (h / 2, w / 2),
         false => (2 * h, 2 * w),
     };
-    let n = b * c * ho * wo;
-    let y = alloc_written::<T>(&dev, n)?;
-    let base = if pool {
-        "cim_max_pool_2x2"
-    } else {
-        "cim_upsample_2x"
-    };
-    let func = dev.get_or_load_custom_func(&dtype_kernel(base, s.dtype())?, MODULE, PTX)?;
-    let threads = if pool { n } else { b * c * h * w };
-    let (nn, hh, ww, hho, wwo) = (threads as i64, h as i32, w as i32, ho as i32, wo as i32);
-    let mut a = func.builder();
-    a.arg(&x)
-        .arg(&y)
-        .arg(&nn)
-        .arg(&hh)
-        .arg(&ww)
-        .arg(&hho)
-        .arg(&wwo);
-    // SAFETY: argument types and counts match both kernels' signatures; pooling: one thread per
-    // output element, each reading inside its input plane; upsampling: one thread per input
-    // element (`nn` counts them), each writing its 2×2 outputs inside the output plane.
-    unsafe { a.launch(per_element(threads)) }.w()?;
-    Ok((
-        CudaStorage::wrap_cuda_slice(y, dev),
-        Shape::from((b, c, ho, wo)),
-    ))
-}
-
-/// `max_pool2d(2)` (`pool`) or nearest 2× upsampling of contiguous channels-last `x`
-/// `(B, H, W, C)`, f32, bf16 or f16.
-pub fn resample_2x_nhwc(s: &CudaStorage, l: &Layout, pool: bool) -> Result<(CudaStorage, Shape)> {
-    by_dtype!(s, resample_2x_nhwc_t(s, l, pool))
-}
-
-fn resample_2x_nhwc_t<T: KernelFloat>(
-    s: &CudaStorage,
-    l: &Layout,
-    pool: bool,
-) -> Result<(CudaStorage, Shape)> {
-    let dev = s.device().clone();
-    let x = view::<T>(s, l, "resample input")?;
-    let (b, h, w, c) = l.shape().dims4()?;
-    let (ho, wo) = match pool {
-        true => (h / 2, w / 2),
-        false => (2 * h, 2 * w),
-    };
-    let y = alloc_written::<T>(&dev, b * ho * wo * c)?;
-    let base = match pool {
-        true => "cim_max_pool_2x2_nhwc",
-        false => "cim_upsample_2x_nhwc",
+    let y = alloc_written::<T>(&dev, b * c * ho * wo)?;
+    let base = match (pool, nhwc) {
+        (true, false) => "cim_max_pool_2x2",
+        (false, false) => "cim_upsample_2x",
+        (true, true) => "cim_max_pool_2x2_nhwc",
+        (false, true) => "cim_upsample_2x_nhwc",
     };
     let func = dev.get_or_load_custom_func(&dtype_kernel(base, s.dtype())?, MODULE, PTX)?;
     // Pooling: one thread per output element; upsampling: one per input element.
-    let threads = if pool {
-        b * ho * wo * c
-    } else {
-        l.shape().elem_count()
-    };
+    let threads = if pool { b * c * ho * wo } else { b * c * h * w };
     let (nn, hh, ww) = (threads as i64, h as i32, w as i32);
     let (hho, wwo, cc) = (ho as i32, wo as i32, c as i32);
     let mut a = func.builder();
@@ -1485,14 +1447,16 @@ fn resample_2x_nhwc_t<T: KernelFloat>(
         .arg(&hho)
         .arg(&wwo)
         .arg(&cc);
-    // SAFETY: argument types and counts match both kernels' signatures; pooling: one thread per
-    // output element reading its 2×2 window inside the input (odd sides rounded down);
-    // upsampling: one thread per input element writing its four copies inside the output.
+    // SAFETY: argument types and counts match the four kernels' signatures (the channels-first
+    // ones ignore `c`); pooling: one thread per output element reading its 2×2 window inside the
+    // input (odd sides rounded down); upsampling: one thread per input element (`nn` counts
+    // them) writing its four copies inside the output.
     unsafe { a.launch(per_element(threads)) }.w()?;
-    Ok((
-        CudaStorage::wrap_cuda_slice(y, dev),
-        Shape::from((b, ho, wo, c)),
-    ))
+    let shape = match nhwc {
+        true => Shape::from((b, ho, wo, c)),
+        false => Shape::from((b, c, ho, wo)),
+    };
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), shape))
 }
 
 // ---- Head layouts of GEMM attention (`kernels/ops.cu`, `super::heads`) ----

@@ -29,7 +29,10 @@ pub fn max_pool_2x2(x: &Tensor) -> Result<Tensor> {
     if !kernel_applies(x)? || x.dim(2)? < 2 || x.dim(3)? < 2 {
         return Ok(x.max_pool2d(2)?);
     }
-    Ok(x.contiguous()?.apply_op1_no_bwd(&Resample::MaxPool)?)
+    Ok(x.contiguous()?.apply_op1_no_bwd(&Resample {
+        pool: true,
+        nhwc: false,
+    })?)
 }
 
 /// `upsample_nearest2d(2H, 2W)` of `x` `(B, C, H, W)`, equal to candle's.
@@ -38,7 +41,10 @@ pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         return Ok(x.upsample_nearest2d(2 * h, 2 * w)?);
     }
-    Ok(x.contiguous()?.apply_op1_no_bwd(&Resample::Upsample)?)
+    Ok(x.contiguous()?.apply_op1_no_bwd(&Resample {
+        pool: false,
+        nhwc: false,
+    })?)
 }
 
 /// [`max_pool_2x2`] of a channels-last map `x` `(B, H, W, C)` → `(B, H/2, W/2, C)`, the same
@@ -47,7 +53,10 @@ pub fn max_pool_2x2_nhwc(x: &Tensor) -> Result<Tensor> {
     if !kernel_applies(x)? || x.dim(1)? < 2 || x.dim(2)? < 2 {
         return through_nchw(x, max_pool_2x2);
     }
-    Ok(x.contiguous()?.apply_op1_no_bwd(&ResampleNhwc::MaxPool)?)
+    Ok(x.contiguous()?.apply_op1_no_bwd(&Resample {
+        pool: true,
+        nhwc: true,
+    })?)
 }
 
 /// [`upsample_nearest_2x`] of a channels-last map `x` `(B, H, W, C)` → `(B, 2H, 2W, C)`.
@@ -55,7 +64,10 @@ pub fn upsample_nearest_2x_nhwc(x: &Tensor) -> Result<Tensor> {
     if !kernel_applies(x)? {
         return through_nchw(x, upsample_nearest_2x);
     }
-    Ok(x.contiguous()?.apply_op1_no_bwd(&ResampleNhwc::Upsample)?)
+    Ok(x.contiguous()?.apply_op1_no_bwd(&Resample {
+        pool: false,
+        nhwc: true,
+    })?)
 }
 
 /// `f` of a channels-last map, run channels first between two transposes (tracked inputs, other
@@ -65,38 +77,67 @@ fn through_nchw(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Ten
     Ok(y.permute((0, 2, 3, 1))?.contiguous()?)
 }
 
-enum Resample {
-    MaxPool,
-    Upsample,
+/// 2× max-pooling (`pool`) or nearest upsampling, of NCHW maps or (`nhwc`) channels-last ones.
+struct Resample {
+    pool: bool,
+    nhwc: bool,
 }
 
-/// [`Resample`] on channels-last maps.
-enum ResampleNhwc {
-    MaxPool,
-    Upsample,
-}
-
-impl CustomOp1 for ResampleNhwc {
-    fn name(&self) -> &'static str {
-        match self {
-            Self::MaxPool => "cim-max-pool-2x2-nhwc",
-            Self::Upsample => "cim-upsample-nearest-2x-nhwc",
-        }
+impl Resample {
+    fn cpu_nchw(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let (b, c, h, w) = l.shape().dims4()?;
+        let (ho, wo) = match self.pool {
+            true => (h / 2, w / 2),
+            false => (2 * h, 2 * w),
+        };
+        let mut y = vec![0f32; b * c * ho * wo];
+        y.par_chunks_mut(ho * wo)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(dst, src)| match self.pool {
+                true => {
+                    for (oy, row) in dst.chunks_mut(wo).enumerate() {
+                        let (r0, r1) = (&src[2 * oy * w..], &src[(2 * oy + 1) * w..]);
+                        for (ox, v) in row.iter_mut().enumerate() {
+                            // candle's order: the window's first value, replaced by larger ones.
+                            let mut m = r0[2 * ox];
+                            for s in [r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]] {
+                                if s > m {
+                                    m = s;
+                                }
+                            }
+                            *v = m;
+                        }
+                    }
+                }
+                false => {
+                    for (iy, row) in src.chunks(w).enumerate() {
+                        let out = &mut dst[2 * iy * wo..(2 * iy + 1) * wo];
+                        for (pair, &v) in out.chunks_mut(2).zip(row) {
+                            pair.fill(v);
+                        }
+                        let (done, next) = dst[2 * iy * wo..(2 * iy + 2) * wo].split_at_mut(wo);
+                        next.copy_from_slice(done);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), Shape::from((b, c, ho, wo))))
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+
+    fn cpu_nhwc(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l, self.name())?;
         let (b, h, w, c) = l.shape().dims4()?;
-        let (ho, wo) = match self {
-            Self::MaxPool => (h / 2, w / 2),
-            Self::Upsample => (2 * h, 2 * w),
+        let (ho, wo) = match self.pool {
+            true => (h / 2, w / 2),
+            false => (2 * h, 2 * w),
         };
         let mut y = vec![0f32; b * ho * wo * c];
         // One output row (`wo` pixels of `c` channels) per work item.
         y.par_chunks_mut(wo * c).enumerate().for_each(|(row, dst)| {
             let (bi, oy) = (row / ho, row % ho);
             let img = &x[bi * h * w * c..(bi + 1) * h * w * c];
-            match self {
-                Self::MaxPool => {
+            match self.pool {
+                true => {
                     let (r0, r1) = (&img[2 * oy * w * c..], &img[(2 * oy + 1) * w * c..]);
                     for (ox, px) in dst.chunks_mut(c).enumerate() {
                         let (a, b) = (2 * ox * c, (2 * ox + 1) * c);
@@ -112,7 +153,7 @@ impl CustomOp1 for ResampleNhwc {
                         }
                     }
                 }
-                Self::Upsample => {
+                false => {
                     let src = &img[(oy / 2) * w * c..(oy / 2 + 1) * w * c];
                     for (ox, px) in dst.chunks_mut(c).enumerate() {
                         px.copy_from_slice(&src[(ox / 2) * c..(ox / 2 + 1) * c]);
@@ -122,61 +163,22 @@ impl CustomOp1 for ResampleNhwc {
         });
         Ok((CpuStorage::F32(y), Shape::from((b, ho, wo, c))))
     }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::resample_2x_nhwc(s, l, matches!(self, Self::MaxPool))
-    }
 }
 
 impl CustomOp1 for Resample {
     fn name(&self) -> &'static str {
-        match self {
-            Self::MaxPool => "cim-max-pool-2x2",
-            Self::Upsample => "cim-upsample-nearest-2x",
+        match (self.pool, self.nhwc) {
+            (true, false) => "cim-max-pool-2x2",
+            (false, false) => "cim-upsample-nearest-2x",
+            (true, true) => "cim-max-pool-2x2-nhwc",
+            (false, true) => "cim-upsample-nearest-2x-nhwc",
         }
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, self.name())?;
-        let (b, c, h, w) = l.shape().dims4()?;
-        let (ho, wo) = match self {
-            Self::MaxPool => (h / 2, w / 2),
-            Self::Upsample => (2 * h, 2 * w),
-        };
-        let mut y = vec![0f32; b * c * ho * wo];
-        y.par_chunks_mut(ho * wo)
-            .zip(x.par_chunks(h * w))
-            .for_each(|(dst, src)| match self {
-                Self::MaxPool => {
-                    for (oy, row) in dst.chunks_mut(wo).enumerate() {
-                        let (r0, r1) = (&src[2 * oy * w..], &src[(2 * oy + 1) * w..]);
-                        for (ox, v) in row.iter_mut().enumerate() {
-                            // candle's order: the window's first value, replaced by larger ones.
-                            let mut m = r0[2 * ox];
-                            for s in [r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]] {
-                                if s > m {
-                                    m = s;
-                                }
-                            }
-                            *v = m;
-                        }
-                    }
-                }
-                Self::Upsample => {
-                    for (iy, row) in src.chunks(w).enumerate() {
-                        let out = &mut dst[2 * iy * wo..(2 * iy + 1) * wo];
-                        for (pair, &v) in out.chunks_mut(2).zip(row) {
-                            pair.fill(v);
-                        }
-                        let (done, next) = dst[2 * iy * wo..(2 * iy + 2) * wo].split_at_mut(wo);
-                        next.copy_from_slice(done);
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(y), Shape::from((b, c, ho, wo))))
+        match self.nhwc {
+            true => self.cpu_nhwc(s, l),
+            false => self.cpu_nchw(s, l),
+        }
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -184,7 +186,7 @@ impl CustomOp1 for Resample {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::resample_2x(s, l, matches!(self, Self::MaxPool))
+        super::cuda::resample_2x(s, l, self.pool, self.nhwc)
     }
 }
 
