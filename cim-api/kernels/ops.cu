@@ -504,6 +504,14 @@ extern "C" __global__ void cim_adamw_moments(float* mv, const float* g, long lon
     mv[n + i] = b2 * mv[n + i] + (1.0f - b2) * gi * gi;
 }
 
+// A running average in place (BatchNorm's running statistics): r = keep·r + add·x.
+extern "C" __global__ void cim_running_average(float* r, const float* x, long long n, float keep,
+                                               float add) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    r[i] = keep * r[i] + add * x[i];
+}
+
 // p = p·decay − lr · (m/bc1) / (sqrt(v/bc2) + eps).
 extern "C" __global__ void cim_adamw_apply(float* p, const float* mv, long long n, float lr,
                                            float decay, float bc1, float bc2, float eps) {

@@ -62,7 +62,9 @@ pub use adamw::{
 };
 pub use argmax::{argmax_channels, argmax_last};
 pub use attention::{attention_composed, attention_gemm, attention_qkv, attention_qkv_kernel};
-pub use batch_norm::{batch_norm_train, batch_norm_train_composed, channel_moments};
+pub use batch_norm::{
+    batch_norm_train, batch_norm_train_composed, channel_moments, running_average,
+};
 pub use bias::{bias_add, bias_gelu, bias_gelu_composed, linear};
 pub use block::{block_param_shapes, pre_norm_block, BlockParams};
 pub use channel::{

@@ -78,6 +78,7 @@ fn cuda_kernels_match_the_cpu_kernels() {
         ("residual_add", residual_add_parity),
         ("head copies, padded", head_copies_parity),
         ("argmax_channels", argmax_parity),
+        ("running_average", running_average_parity),
         (
             "channels last: channel_bias, resampling, argmax",
             channels_last_parity,
@@ -1158,4 +1159,21 @@ fn cudnn_nhwc_parity(gpu: &Device) {
             assert!(d < tol, "conv2d_nhwc {i} {dt:?} vs f32 CPU: {d}");
         }
     }
+}
+
+/// BatchNorm's in-place running-statistic update on the GPU against the CPU, with the batch
+/// statistic a view inside a `(2, C)` tensor (as the ResNet plugin passes it).
+fn running_average_parity(gpu: &Device) {
+    let cpu = Device::Cpu;
+    let c = 2048;
+    let stats = randn(&[2, c], 500, &cpu);
+    let start = randn(&[c], 501, &cpu);
+    let update = |dev: &Device| {
+        let run = Var::from_tensor(&start.to_device(dev).unwrap()).unwrap();
+        let s = stats.to_device(dev).unwrap();
+        ops::running_average(&run, &s.get(1).unwrap(), 0.1, 1.0009).unwrap();
+        run.as_tensor().to_device(&cpu).unwrap()
+    };
+    let d = max_diff(&update(&cpu), &update(gpu));
+    assert!(d < 1e-6, "running_average: {d}");
 }

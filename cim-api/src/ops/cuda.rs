@@ -504,6 +504,30 @@ pub fn adamw_moments(
     Ok(())
 }
 
+/// `r = keep·r + add·x` in place (f32, `r` and `x` of one length).
+pub fn running_average(
+    s1: &mut CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    keep: f32,
+    add: f32,
+) -> Result<()> {
+    let dev = s1.device().clone();
+    let x = view::<f32>(s2, l2, "batch statistic")?;
+    let n = l1.shape().elem_count();
+    let (a, b) = offsets(l1, "running statistic")?;
+    let mut r = s1.as_cuda_slice_mut::<f32>()?.slice_mut(a..b);
+    let func = dev.get_or_load_custom_func("cim_running_average", MODULE, PTX)?;
+    let nn = n as i64;
+    let mut args = func.builder();
+    args.arg(&mut r).arg(&x).arg(&nn).arg(&keep).arg(&add);
+    // SAFETY: argument types and counts match the kernel's signature; r and x hold n floats each
+    // (shapes checked by the caller).
+    unsafe { args.launch(per_element(n)) }.w()?;
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_apply(
     s1: &mut CudaStorage,

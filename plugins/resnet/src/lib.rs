@@ -116,14 +116,12 @@ impl BatchNorm {
         })
     }
 
-    /// `running ← (1 − momentum)·running + momentum·batch` (variance unbiased, as PyTorch).
-    fn update_running(&self, mean: &Tensor, var: &Tensor) -> Result<()> {
+    /// `running ← (1 − momentum)·running + momentum·batch`, the batch variance `var` made unbiased
+    /// by `unbias = n / (n − 1)` (as PyTorch); one in-place kernel each where they run.
+    fn update_running(&self, mean: &Tensor, var: &Tensor, unbias: f64) -> Result<()> {
         let m = self.momentum;
-        self.running_mean
-            .set(&((self.running_mean.as_tensor() * (1.0 - m))? + (mean.detach() * m)?)?)?;
-        self.running_var
-            .set(&((self.running_var.as_tensor() * (1.0 - m))? + (var.detach() * m)?)?)?;
-        Ok(())
+        cim_api::ops::running_average(&self.running_mean, mean, m, 1.0)?;
+        cim_api::ops::running_average(&self.running_var, var, m, unbias)
     }
 
     /// In training, batch statistics (and the running ones updated); else the running ones.
@@ -139,7 +137,7 @@ impl BatchNorm {
             if let Some(stats) = cim_api::ops::channel_moments(x)? {
                 let (b, _, h, w) = x.dims4()?;
                 let n = (b * h * w) as f64;
-                self.update_running(&stats.get(0)?, &(stats.get(1)? * (n / (n - 1.0).max(1.0)))?)?;
+                self.update_running(&stats.get(0)?, &stats.get(1)?, n / (n - 1.0).max(1.0))?;
                 return cim_api::ops::batch_norm_train(
                     x,
                     &stats,
@@ -164,8 +162,8 @@ impl BatchNorm {
                 .mean_keepdim(2)?
                 .mean_keepdim(3)?;
             let bm = mean.detach().flatten_all()?;
-            let bv = (var.detach().flatten_all()? * (n / (n - 1.0).max(1.0)))?;
-            self.update_running(&bm, &bv)?;
+            let bv = var.detach().flatten_all()?;
+            self.update_running(&bm, &bv, n / (n - 1.0).max(1.0))?;
             (mean, var)
         } else {
             (
@@ -389,6 +387,39 @@ mod tests {
     #[test]
     fn conformance() -> Result<()> {
         cim_api::testing::check_enhancer("resnet50")
+    }
+
+    /// A training forward moves the running statistics as PyTorch does: `0.9·running + 0.1·batch`
+    /// with the unbiased batch variance (the fused statistics and in-place update).
+    #[test]
+    fn running_statistics_follow_pytorch() -> Result<()> {
+        let store = ParamStore::trainable(1);
+        let buffers = ParamStore::frozen(1);
+        let vb = store.var_builder(DType::F32, &Device::Cpu).pp("bn");
+        let bn = BatchNorm::new(3, 0.1, 1e-5, vb, &buffers)?;
+        let x = (cim_api::testing::uniform((4, 3, 5, 5), 7)? * 4.0)?;
+        bn.forward_t(&x, true)?;
+        let n = (4 * 5 * 5) as f64;
+        let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+        let var = x
+            .broadcast_sub(&mean)?
+            .sqr()?
+            .sum_keepdim(0)?
+            .sum_keepdim(2)?
+            .sum_keepdim(3)?
+            .affine(1.0 / (n - 1.0), 0.0)?;
+        let want_mean = (mean.flatten_all()? * 0.1)?;
+        let want_var = ((var.flatten_all()? * 0.1)? + 0.9)?;
+        let got = |name: &str| buffers.get(&format!("bn.{name}")).unwrap();
+        let d = |a: &Var, b: &Tensor| -> Result<f32> {
+            Ok((a.as_tensor().to_dtype(DType::F32)? - b)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?)
+        };
+        assert!(d(&got("running_mean"), &want_mean)? < 1e-5, "mean");
+        assert!(d(&got("running_var"), &want_var)? < 1e-4, "var");
+        Ok(())
     }
 
     /// torchvision: `sum(p.numel() for n, p in resnet50().named_parameters() if not n.startswith("fc"))`
