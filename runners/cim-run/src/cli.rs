@@ -90,7 +90,7 @@ pub enum Command {
     Export(crate::export::ExportArgs),
     /// Print each image's token grid as JSON (`--decode OUT.png`: view and reconstruction).
     Tokenize(crate::inspect::TokenizeArgs),
-    /// Train the `vq` tokenizer on [data]'s images; prints PSNR and codebook perplexity on held-out images.
+    /// Train the `vq` tokenizer on the images of the data table; prints PSNR and codebook perplexity on held-out images.
     TokenizerTrain(crate::tokenizer_train::TokenizerTrainArgs),
 }
 

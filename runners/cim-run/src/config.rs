@@ -1,6 +1,6 @@
 //! The run configuration and its layering.
 //!
-//! Precedence, lowest first — the one place it is stated ([`figment`]):
+//! Precedence, lowest first — the one place it is stated ([`mod@figment`]):
 //! built-in defaults → `configs/base.toml` → the preset → `--config FILE`s → `CIM_` environment
 //! variables (`__` separates levels: `CIM_TRAIN__LR=1e-3`) → `--set key=value`.
 //!
