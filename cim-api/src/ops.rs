@@ -448,6 +448,21 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&
     }
 }
 
+/// The f32 elements of a contiguous CPU tensor, writable (the target of an in-place op).
+fn slice_mut<'a>(
+    s: &'a mut CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a mut [f32]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what}: fused op needs a contiguous tensor")
+    };
+    match s {
+        CpuStorage::F32(v) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("{what}: fused op needs an f32 tensor"),
+    }
+}
+
 fn last_dim(l: &Layout) -> candle_core::Result<usize> {
     l.shape()
         .dims()

@@ -296,11 +296,6 @@ pub fn adamw_composed(
     Ok((p, Tensor::stack(&[m, v], 0)?))
 }
 
-fn contiguous(l: &Layout, what: &str) -> candle_core::Result<(usize, usize)> {
-    l.contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("adamw: {what} must be contiguous")).bt())
-}
-
 struct MomentsOp {
     beta1: f32,
     beta2: f32,
@@ -318,13 +313,8 @@ impl InplaceOp2 for MomentsOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let (a, b) = contiguous(l1, "moments")?;
-        let (ga, gb) = contiguous(l2, "gradient")?;
-        let g = &s2.as_slice::<f32>()?[ga..gb];
-        let mv = match s1 {
-            CpuStorage::F32(v) => &mut v[a..b],
-            _ => candle_core::bail!("adamw: moments must be f32"),
-        };
+        let g = super::slice(s2, l2, "adamw gradient")?;
+        let mv = super::slice_mut(s1, l1, "adamw moments")?;
         let (m, v) = mv.split_at_mut(g.len());
         let (b1, b2, k) = (self.beta1, self.beta2, self.scale);
         m.par_chunks_mut(CHUNK)
@@ -371,13 +361,8 @@ impl InplaceOp2 for ApplyOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let (a, b) = contiguous(l1, "parameter")?;
-        let (ma, mb) = contiguous(l2, "moments")?;
-        let p = match s1 {
-            CpuStorage::F32(v) => &mut v[a..b],
-            _ => candle_core::bail!("adamw: parameter must be f32"),
-        };
-        let (m, v) = s2.as_slice::<f32>()?[ma..mb].split_at(p.len());
+        let p = super::slice_mut(s1, l1, "adamw parameter")?;
+        let (m, v) = super::slice(s2, l2, "adamw moments")?.split_at(p.len());
         p.par_chunks_mut(CHUNK)
             .zip(m.par_chunks(CHUNK))
             .zip(v.par_chunks(CHUNK))

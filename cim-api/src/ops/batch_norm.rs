@@ -46,10 +46,12 @@ pub fn batch_norm_train(
         let st = stats.detach().contiguous()?;
         let affine = Tensor::stack(&[weight.detach(), bias.detach()], 0)?; // (2, C)
         let (wdt, bdt) = (weight.dtype(), bias.dtype());
-        let params = Tensor::cat(&[&affine, &st], 0)?.contiguous()?; // [γ; β; mean; var]
-        let out = super::Output::Op3(Box::new(ApplyOp { eps }), [xd.clone(), st, affine]);
+        let args = [xd.clone(), st.clone(), affine.clone()];
+        let out = super::Output::Op3(Box::new(ApplyOp { eps }), args);
         return super::with_backward(&[x, weight, bias], out, move |dy| {
-            // [dγ; dβ], then dx from [γ; β; mean; var; dγ; dβ]: each kernel has three inputs.
+            // [dγ; dβ] from [γ; β; mean; var], then dx from those six rows: each kernel has three
+            // inputs.
+            let params = Tensor::cat(&[&affine, &st], 0)?.contiguous()?;
             let dy = dy.contiguous()?;
             let daffine = xd.apply_op3_no_bwd(&dy, &params, &GradSumsOp { eps })?;
             let all = Tensor::cat(&[&params, &daffine], 0)?;
@@ -118,14 +120,8 @@ impl candle_core::InplaceOp2 for RunningAverage {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let x = super::slice(s2, l2, "batch statistic")?;
-        let (a, b) = l1.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("running_average: running must be contiguous".into())
-        })?;
-        let r = match s1 {
-            CpuStorage::F32(v) => &mut v[a..b],
-            _ => candle_core::bail!("running_average: running must be f32"),
-        };
+        let x = super::slice(s2, l2, "running_average batch statistic")?;
+        let r = super::slice_mut(s1, l1, "running_average running statistic")?;
         for (r, &x) in r.iter_mut().zip(x) {
             *r = self.keep * *r + self.add * x;
         }

@@ -160,11 +160,7 @@ pub fn pre_norm_block(
     // The output `(B, N, D)`: its last op (the MLP's residual add) runs as the node's forward.
     let (y, saved) = Forward::run(&x.detach(), &list, dims, eps, keep)?;
     let to_param = move |g: &Tensor| g.to_dtype(pdt);
-    if GradSink::active()
-        && x.track_op()
-        && !x.is_variable()
-        && list.iter().all(|t| t.is_variable())
-    {
+    if GradSink::takes(&[x]) && list.iter().all(|t| t.is_variable()) {
         // The parameters' gradients go to the sink one by one: no packing.
         let mut inputs = vec![x];
         inputs.extend(list);

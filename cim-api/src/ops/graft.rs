@@ -50,8 +50,7 @@ pub fn with_backward(
     backward: impl Fn(&Tensor) -> candle_core::Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
 ) -> Result<Tensor> {
     let out = out.into();
-    let sink =
-        GradSink::current().filter(|_| inputs.iter().any(|t| !t.is_variable() && t.track_op()));
+    let sink = GradSink::current().filter(|_| GradSink::takes(inputs));
     // Which inputs are graph edges; the others (variables, with a sink) are sunk.
     let sunk: Vec<bool> = inputs
         .iter()
@@ -191,6 +190,12 @@ impl GradSink {
     /// Whether a sink is installed on this thread.
     pub fn active() -> bool {
         CURRENT_SINK.with(|c| c.borrow().is_some())
+    }
+
+    /// Whether a node over `inputs` built now sends its variables' gradients to the sink: one is
+    /// installed, and an input that is not a variable carries the node in the graph.
+    pub fn takes(inputs: &[&Tensor]) -> bool {
+        Self::active() && inputs.iter().any(|t| !t.is_variable() && t.track_op())
     }
 
     /// `loss.backward()`, with the sunk parameter gradients added to the store (summed with any
