@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# A short device call (~4 min on a warm H200; carry [".gpu"]) for a session with little device time
-# left: the GPU parity test, ViT-B/16 RESPIX bf16 as configured by default (and with the dVAE
-# channels first, and without the gradient sink), ResNet-50 REVDET bf16, the PyTorch eager
+# A short device call (~5 min on a warm H200; carry [".gpu"]) for a session with little device time
+# left: the GPU parity test, ViT-B/16 RESPIX bf16 as configured by default (and with each of
+# sessions 12 and 13's changes undone in turn), ResNet-50 REVDET bf16, the PyTorch eager
 # reference of both in the same call, and kernel profiles (by kernel and by phase of the step) of
 # both.
 # The full measurement is benches/gpu-suite.sh. Files go under $OUT.
@@ -9,6 +9,14 @@ set -u
 source benches/gpu-lib.sh
 parity
 bench vit_b16_respix vit_b16_respix --set run.precision='"bf16"'
+# Session 13's changes, each undone on its own: phases timed by a host sync at every boundary (the
+# method up to session 12; the step then drains the queue five times), then also the pool handing
+# freed memory back at every sync (CUDA's default, cim's up to session 12); and, the other way,
+# candle's upload cache on (do the small dims/strides copies cost anything?).
+bench vit_b16_respix_sync vit_b16_respix --set run.precision='"bf16"' --sync-phases
+bench vit_b16_respix_sync_release vit_b16_respix --set run.precision='"bf16"' --sync-phases \
+  --set run.cuda_keep_freed=false
+bench vit_b16_respix_upload_cache vit_b16_respix --set run.precision='"bf16"' --upload-cache
 # The dVAE channels first (the layout before session 12) and the parameters packed into the block
 # nodes (no GradSink: the path before session 12), for the two changes' effects.
 bench vit_b16_respix_nchw vit_b16_respix --set run.precision='"bf16"' \

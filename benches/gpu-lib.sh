@@ -16,7 +16,9 @@ for line in open(sys.argv[1]):
         ph = {k: round(v, 1) for k, v in d["phase_ms"].items()}
         tok = (d.get("tok_precision") or {}).get("dtype", "-")
         print(f'  {d.get("enhancer")} {d.get("objective")} {d.get("dtype")} compile={d.get("compile", "-")} '
-              f'cudnn_conv={d.get("cudnn_conv", "-")} sink={d.get("grad_sink", "-")} dvae={tok}: '
+              f'cudnn_conv={d.get("cudnn_conv", "-")} sink={d.get("grad_sink", "-")} dvae={tok} '
+              f'timing={d.get("phase_timing", "-")} keep_freed={d.get("cuda_keep_freed", "-")} '
+              f'upload_cache={d.get("upload_cache", "-")}: '
               f'{d["images_per_s"]:.1f} img/s, step {d["step_ms"]:.1f} ms, peak {d.get("peak_mem_gib", 0):.1f} GiB {ph}')
 PY
 }

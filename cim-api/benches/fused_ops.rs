@@ -35,7 +35,7 @@ fn main() -> cim_api::Result<()> {
     cim_api::threads::settle_cpu_threads();
     let dev = if cfg!(feature = "cuda") {
         ops::set_cuda_kernels(true);
-        Device::new_cuda(0)?
+        cim_api::device::open_cuda(0, true)?
     } else {
         Device::Cpu
     };

@@ -23,6 +23,7 @@
 //! `VarBuilder`s.
 
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod ops;
 pub mod params;

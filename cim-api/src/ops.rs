@@ -42,7 +42,7 @@ mod block;
 mod channel;
 mod conv;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 #[cfg(feature = "cudnn")]
 mod cudnn;
 mod gemm;

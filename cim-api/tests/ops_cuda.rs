@@ -58,7 +58,8 @@ type Check = fn(&Device);
 /// one run should name every kernel that disagrees); prints `ok`/`FAIL` per check.
 #[test]
 fn cuda_kernels_match_the_cpu_kernels() {
-    let gpu = Device::new_cuda(0).expect("this test needs a CUDA GPU");
+    // Opened as cim-run opens it: no per-buffer events, freed memory kept in the pool.
+    let gpu = cim_api::device::open_cuda(0, true).expect("this test needs a CUDA GPU");
     ops::set_cuda_kernels(true);
     let checks: Vec<(&str, Check)> = vec![
         ("layer_norm, softmax, cross_entropy", row_kernels_parity),
@@ -79,6 +80,7 @@ fn cuda_kernels_match_the_cpu_kernels() {
         ("head copies, padded", head_copies_parity),
         ("argmax_channels", argmax_parity),
         ("running_average", running_average_parity),
+        ("device pool high-water mark", pool_peak_check),
         (
             "channels last: channel_bias, resampling, argmax",
             channels_last_parity,
@@ -1176,4 +1178,29 @@ fn running_average_parity(gpu: &Device) {
     };
     let d = max_diff(&update(&cpu), &update(gpu));
     assert!(d < 1e-6, "running_average: {d}");
+}
+
+/// `cim_api::device::peak_bytes` sees a 256 MiB buffer, and `reset_peak` forgets it once freed.
+fn pool_peak_check(gpu: &Device) {
+    use cim_api::device::{peak_bytes, reset_peak};
+    const MIB: u64 = 1 << 20;
+    gpu.synchronize().unwrap();
+    reset_peak(gpu).unwrap();
+    let base = peak_bytes(gpu).unwrap().expect("a CUDA device has a pool");
+    let big = Tensor::ones(64 * MIB as usize, candle_core::DType::F32, gpu).unwrap();
+    let last: f32 = big.get(64 * MIB as usize - 1).unwrap().to_scalar().unwrap();
+    assert_eq!(last, 1.0);
+    let with = peak_bytes(gpu).unwrap().unwrap();
+    assert!(
+        with >= base + 256 * MIB,
+        "peak {with} after a 256 MiB buffer (base {base})"
+    );
+    drop(big);
+    gpu.synchronize().unwrap();
+    reset_peak(gpu).unwrap();
+    let after = peak_bytes(gpu).unwrap().unwrap();
+    assert!(
+        after < with - 200 * MIB,
+        "peak {after} after reset (was {with})"
+    );
 }

@@ -7,12 +7,14 @@
 //! gradients are summed before the update, which equals the backward of the summed loss).
 
 use std::collections::BTreeMap;
+use std::rc::Rc;
 use std::time::Instant;
 
 use candle_core::Device;
 use rand::SeedableRng;
 use serde::Serialize;
 
+use cim_api::device::Mark;
 use cim_api::Result;
 
 use crate::cli::ConfigArgs;
@@ -38,6 +40,16 @@ pub struct BenchArgs {
     /// Overrides `run.device` ("cpu", "cuda:0", "auto").
     #[arg(long)]
     pub device: Option<String>,
+    /// On CUDA, synchronise the device at every phase boundary and time phases on the host (the
+    /// method up to session 12). Default: CUDA events, no host synchronisation inside the timed
+    /// loop, as the reference times its phases. No effect on the CPU, which always does this.
+    #[arg(long)]
+    pub sync_phases: bool,
+    /// On CUDA, a measurement switch: run the steps with candle's upload cache on
+    /// (`cim_api::device::cache_small_uploads`), so the small host→device copies before strided
+    /// and reduction kernels are made once. Its cache never shrinks, so training does not use it.
+    #[arg(long)]
+    pub upload_cache: bool,
 }
 
 /// The JSON line `cim-run bench` prints.
@@ -61,6 +73,14 @@ pub struct BenchReport {
     pub fused_blocks: bool,
     /// Whether each step was differentiated through a `GradSink` (`run.grad_sink`).
     pub grad_sink: bool,
+    /// How phases were timed: `"device events"` (CUDA, no host synchronisation in the timed
+    /// loop, the reference's method) or `"host sync"` (the CPU, or `--sync-phases`).
+    pub phase_timing: &'static str,
+    /// Whether the steps ran with candle's upload cache on (`--upload-cache`; CUDA only).
+    pub upload_cache: bool,
+    /// Whether freed device memory stayed in the pool across synchronisations
+    /// (`run.cuda_keep_freed`; CUDA only).
+    pub cuda_keep_freed: bool,
     /// Whether CUDA convolutions ran their forward through cim's cuDNN call (`run.cudnn_conv` in a
     /// `cudnn` build, still on after the run: a cuDNN error switches it off).
     pub cudnn_conv: bool,
@@ -85,8 +105,9 @@ pub struct BenchReport {
     pub loss_first: f64,
     pub loss_last: f64,
     pub loss_finite: bool,
-    /// CUDA: most device memory in use at any phase boundary (whole device, sampled);
-    /// CPU: the process's peak resident set.
+    /// CUDA: the allocator pool's high-water mark of memory in use over the timed steps (what
+    /// the reference reports, `torch.cuda.max_memory_allocated`); CPU: the process's peak
+    /// resident set.
     pub peak_mem_gib: Option<f64>,
 }
 
@@ -103,28 +124,17 @@ pub const PHASES: [&str; 5] = [
     "optim",
 ];
 
-/// Memory in use now (CUDA) or the peak resident set so far (CPU), in GiB.
-fn memory_gib(device: &Device) -> Option<f64> {
-    match device {
-        Device::Cpu => {
-            let status = std::fs::read_to_string("/proc/self/status").ok()?;
-            let kb: f64 = status
-                .lines()
-                .find(|l| l.starts_with("VmHWM:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            Some(kb / (1024.0 * 1024.0))
-        }
-        #[cfg(feature = "cuda")]
-        Device::Cuda(d) => {
-            let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
-            Some((total - free) as f64 / (1u64 << 30) as f64)
-        }
-        #[allow(unreachable_patterns)]
-        _ => None,
-    }
+/// The process's peak resident set so far, in GiB (Linux; `None` elsewhere).
+fn cpu_peak_gib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / (1024.0 * 1024.0))
 }
 
 /// Runs the benchmark and returns its report.
@@ -167,44 +177,57 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
     dev.synchronize()?;
     let build_s = t_build.elapsed().as_secs_f64();
     let weight = cim.objective.weight();
-    let mut peak = memory_gib(&dev);
-    let mut step = |times: Option<&mut BTreeMap<&'static str, f64>>,
-                    peak: &mut Option<f64>|
-     -> Result<candle_core::Tensor> {
-        let mut lap = Lap::new(&dev, times);
+    // CUDA: phases are timed by marks in the device's queue (the reference's CUDA events), unless
+    // `--sync-phases` asks for a host synchronisation and a host clock at every boundary.
+    let use_marks = dev.is_cuda() && !args.sync_phases;
+    let mut step = |lap: &mut Lap| -> Result<candle_core::Tensor> {
+        lap.begin()?;
         // As in training: parameter gradients of fused nodes go straight to the store.
         let sink = cim_api::ops::GradSink::install_if(cfg.run.grad_sink);
         let golden = cim.tokens(&b)?;
-        lap.end("tok_encode", peak)?;
+        lap.end("tok_encode")?;
         let mim = cim.mim(&b, golden, &mut rngs)?;
         let mut grads = sink.backward(&mim.loss)?;
-        lap.end("gen_fwd_bwd", peak)?;
+        lap.end("gen_fwd_bwd")?;
         let corruption = cim.corrupt(&mim, &mut rngs)?;
-        lap.end("sample_decode", peak)?;
+        lap.end("sample_decode")?;
         let out = cim.enhance(&b, &mim, &corruption)?;
         let enh = (&out.loss * weight)?;
         grads.extend(sink.backward(&enh)?)?;
-        lap.end("enh_fwd_bwd", peak)?;
+        lap.end("enh_fwd_bwd")?;
         opt.step(&grads, cfg.train.lr, cfg.train.clip_grad)?;
-        lap.end("optim", peak)?;
+        lap.end("optim")?;
         Ok((&mim.loss + enh)?.detach())
     };
+    let _upload_cache = args
+        .upload_cache
+        .then(|| cim_api::device::cache_small_uploads(&dev));
     let t0 = Instant::now();
+    let mut lap = Lap::new(&dev, use_marks);
     for _ in 0..args.warmup {
-        step(None, &mut peak)?;
+        step(&mut lap)?;
     }
     dev.synchronize()?;
     let warmup_s = t0.elapsed().as_secs_f64();
-    let mut sums: BTreeMap<&'static str, f64> = PHASES.iter().map(|&p| (p, 0.0)).collect();
+    cim_api::device::reset_peak(&dev)?;
+    let mut lap = Lap::new(&dev, use_marks);
     let mut losses = vec![];
     let t0 = Instant::now();
     for _ in 0..args.steps.max(1) {
-        losses.push(step(Some(&mut sums), &mut peak)?);
+        losses.push(step(&mut lap)?);
     }
     dev.synchronize()?;
     let wall = t0.elapsed().as_secs_f64();
     let n = args.steps.max(1) as f64;
-    let phase_ms: BTreeMap<&'static str, f64> = sums.into_iter().map(|(k, v)| (k, v / n)).collect();
+    let phase_ms: BTreeMap<&'static str, f64> = lap
+        .totals_ms()?
+        .into_iter()
+        .map(|(k, v)| (k, v / n))
+        .collect();
+    let peak = match cim_api::device::peak_bytes(&dev)? {
+        Some(bytes) => Some(bytes as f64 / (1u64 << 30) as f64),
+        None => cpu_peak_gib(),
+    };
     let losses: Vec<f64> = losses
         .iter()
         .map(|t| t.to_scalar::<f32>().map(|v| v as f64))
@@ -228,6 +251,13 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         cuda_kernels: dev.is_cuda() && cim_api::ops::cuda_kernels(),
         fused_blocks: cim_api::ops::fused_blocks() && cim_api::ops::kernels_run_on(&dev),
         grad_sink: cfg.run.grad_sink,
+        phase_timing: if use_marks {
+            "device events"
+        } else {
+            "host sync"
+        },
+        upload_cache: args.upload_cache && dev.is_cuda(),
+        cuda_keep_freed: cfg.run.cuda_keep_freed && dev.is_cuda(),
         cudnn_conv: dev.is_cuda() && cim_api::ops::cudnn_conv(),
         cpu_kernels: if cim_api::ops::avx2_kernels() {
             "avx2+fma"
@@ -253,26 +283,51 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
     })
 }
 
-/// Phase timing: the device is synchronised at every phase boundary so a phase's kernels are
-/// charged to it (CUDA launches are asynchronous).
+/// Phase timing. With marks (CUDA, the default there), each phase boundary records a mark in the
+/// device's queue and nothing waits: the host runs ahead as in training, and a phase's time is the
+/// device's time between its marks, read after the loop — the reference's method. Without (the
+/// CPU, or `--sync-phases`), the device is synchronised at every boundary and the host clock
+/// read, so a phase's kernels are charged to it, at the cost of draining the queue each time.
 struct Lap<'a> {
     dev: &'a Device,
-    times: Option<&'a mut BTreeMap<&'static str, f64>>,
-    last: Instant,
+    marks: bool,
+    /// The boundary the next phase starts from.
+    last: Option<(Instant, Option<Rc<Mark>>)>,
+    /// Per phase: host-clock milliseconds so far, and the mark pairs still to read.
+    host_ms: BTreeMap<&'static str, f64>,
+    pending: Vec<(&'static str, Rc<Mark>, Rc<Mark>)>,
+    /// For benches/cupti: the end of each phase as a memset of a size no float tensor has.
     markers: bool,
 }
 
 impl<'a> Lap<'a> {
-    fn new(dev: &'a Device, times: Option<&'a mut BTreeMap<&'static str, f64>>) -> Self {
+    fn new(dev: &'a Device, marks: bool) -> Self {
         Self {
             dev,
-            times,
-            last: Instant::now(),
-            // For benches/cupti: the end of each phase as a memset of a size no float tensor has.
+            marks,
+            last: None,
+            host_ms: PHASES.iter().map(|&p| (p, 0.0)).collect(),
+            pending: vec![],
             markers: dev.is_cuda() && std::env::var_os("CIM_PHASE_MARKERS").is_some(),
         }
     }
-    fn end(&mut self, name: &'static str, peak: &mut Option<f64>) -> Result<()> {
+
+    fn boundary(&self) -> Result<(Instant, Option<Rc<Mark>>)> {
+        if self.marks {
+            Ok((Instant::now(), Mark::now(self.dev)?.map(Rc::new)))
+        } else {
+            self.dev.synchronize()?;
+            Ok((Instant::now(), None))
+        }
+    }
+
+    /// The start of a step.
+    fn begin(&mut self) -> Result<()> {
+        self.last = Some(self.boundary()?);
+        Ok(())
+    }
+
+    fn end(&mut self, name: &'static str) -> Result<()> {
         if self.markers {
             let i = PHASES
                 .iter()
@@ -284,18 +339,27 @@ impl<'a> Lap<'a> {
                 self.dev,
             )?;
         }
-        self.dev.synchronize()?;
-        let now = Instant::now();
-        if let Some(t) = self.times.as_deref_mut() {
-            *t.entry(name).or_default() += (now - self.last).as_secs_f64() * 1e3;
+        let (t, m) = self.boundary()?;
+        let (t0, m0) = self.last.take().expect("Lap::begin before Lap::end");
+        *self.host_ms.entry(name).or_default() += (t - t0).as_secs_f64() * 1e3;
+        if let (Some(m0), Some(m)) = (m0, &m) {
+            self.pending.push((name, m0, m.clone()));
         }
-        if self.dev.is_cuda() {
-            if let Some(m) = memory_gib(self.dev) {
-                *peak = Some(peak.map_or(m, |p: f64| p.max(m)));
-            }
-        }
-        self.last = Instant::now();
+        // This phase's end starts the next one.
+        self.last = Some((t, m));
         Ok(())
+    }
+
+    /// Milliseconds per phase over all steps timed.
+    fn totals_ms(self) -> Result<BTreeMap<&'static str, f64>> {
+        if !self.marks {
+            return Ok(self.host_ms);
+        }
+        let mut out: BTreeMap<&'static str, f64> = PHASES.iter().map(|&p| (p, 0.0)).collect();
+        for (name, a, b) in &self.pending {
+            *out.entry(name).or_default() += a.ms_until(b)?;
+        }
+        Ok(out)
     }
 }
 
@@ -319,6 +383,8 @@ mod tests {
             steps: 2,
             warmup: 1,
             device: Some("cpu".into()),
+            sync_phases: false,
+            upload_cache: false,
         };
         let r = bench(&args)?;
         assert_eq!(r.batch, 2);
@@ -334,6 +400,9 @@ mod tests {
         assert!(r.phase_sum_ms > 0.8 * r.step_ms, "{r:?}");
         assert!(r.images_per_s > 0.0 && r.loss_finite);
         assert!(r.peak_mem_gib.unwrap() > 0.0);
+        // The CPU runs its ops as they are called: phases are timed on the host clock.
+        assert_eq!(r.phase_timing, "host sync");
+        assert!(!r.upload_cache && !r.cuda_keep_freed);
         let line = serde_json::to_string(&r).unwrap();
         for key in ["images_per_s", "step_ms", "phase_ms", "peak_mem_gib"] {
             assert!(line.contains(key), "{line}");
@@ -376,6 +445,8 @@ mod tests {
             steps: 1,
             warmup: 1,
             device: Some("cpu".into()),
+            sync_phases: false,
+            upload_cache: false,
         };
         let r = bench(&args)?;
         let p = r

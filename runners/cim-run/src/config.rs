@@ -62,6 +62,11 @@ pub struct RunSection {
     /// all four benched configurations on an H200 (2026-11-27, session 11); no effect in builds
     /// without the feature or off CUDA; a cuDNN error switches it off with a warning.
     pub cudnn_conv: bool,
+    /// On CUDA, keep device memory that a step frees in the allocator's pool across
+    /// synchronisations, as PyTorch's caching allocator does (`cim_api::device::prepare`: the
+    /// pool's release threshold raised to the maximum). `false` is CUDA's default, which hands
+    /// it back to the driver at every synchronisation, so the next step maps it again.
+    pub cuda_keep_freed: bool,
     /// Compute precision of the generator and enhancer: `"f32"`, or `"bf16"` (mixed precision:
     /// f32 master weights, optimizer state, LayerNorm, softmax and losses; bf16 matmuls and
     /// activations; ResNet-50's BatchNorm in f32). bf16 needs a ViT or the ResNet-50 enhancer.
@@ -84,6 +89,7 @@ impl Default for RunSection {
             fused_blocks: true,
             grad_sink: true,
             cudnn_conv: true,
+            cuda_keep_freed: true,
             precision: "f32".into(),
         }
     }

@@ -97,7 +97,7 @@ pub fn corrupt(args: &CorruptArgs) -> Result<f64> {
     for k in 0..args.samples.max(1) {
         let mut r = StepRngs::for_step(args.seed, 0, 1 + k as u64);
         let c = cim.corrupt(&mim, &mut r)?;
-        replaced += c.n_replaced / mim.mask.total().max(1) as f64;
+        replaced += c.n_replaced.to_scalar::<f32>()? as f64 / mim.mask.total().max(1) as f64;
         cols.push(c.image);
     }
     crate::pictures::write_grid(&args.out, &cols, b)?;

@@ -52,13 +52,18 @@ where
         .map_err(|e| Error::msg(format!("building {} `{}`: {e}", K::KIND, sel.entry.name)))
 }
 
-/// Resolves `run.device`.
-pub fn device(spec: &str) -> Result<Device> {
+/// Resolves `run.device`; a CUDA device is set up by `cim_api::device::prepare` (`keep_freed`:
+/// `run.cuda_keep_freed`).
+pub fn device(spec: &str, keep_freed: bool) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
-        "auto" => Ok(Device::cuda_if_available(0)?),
+        "auto" => {
+            let dev = Device::cuda_if_available(0)?;
+            cim_api::device::prepare(&dev, keep_freed)?;
+            Ok(dev)
+        }
         s => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
-            Some(n) => Device::new_cuda(n).map_err(|e| {
+            Some(n) => cim_api::device::open_cuda(n, keep_freed).map_err(|e| {
                 Error::config(format!(
                     "run.device = \"{s}\": {e} (this binary needs `--features cuda` and a GPU; use \"cpu\" or \"auto\")"
                 ))
@@ -74,7 +79,7 @@ impl Cim {
     /// Builds every component through the registry, in dependency order: tokenizer (vocabulary,
     /// grid) → masking → enhancer (feature layout) → generator → sampler → objective.
     pub fn build(res: &Resolved) -> Result<Self> {
-        let device = device(&res.cfg.run.device)?;
+        let device = device(&res.cfg.run.device, res.cfg.run.cuda_keep_freed)?;
         cim_api::ops::set_cuda_kernels(res.cfg.run.cuda_kernels);
         cim_api::ops::set_fused_blocks(res.cfg.run.fused_blocks);
         cim_api::ops::set_cudnn_conv(res.cfg.run.cudnn_conv);
@@ -252,18 +257,18 @@ impl Cim {
     }
 }
 
-/// Paper Eq. (2), `replace(g, m, x_sampling)`: the golden ids with the sampled ones written at the
-/// masked positions, and REVDET's label per position — 1 where the token changed. A sampled token
-/// equal to the golden one counts as not replaced.
-pub fn replace_tokens(golden: &[u32], masked: &[u32], sampled: &[u32]) -> (Vec<u32>, Vec<f32>) {
-    let mut ids = golden.to_vec();
-    let mut replaced = vec![0f32; golden.len()];
-    for (&p, &s) in masked.iter().zip(sampled) {
-        let p = p as usize;
-        replaced[p] = (s != golden[p]) as u8 as f32;
-        ids[p] = s;
-    }
-    (ids, replaced)
+/// Paper Eq. (2), `replace(g, m, x_sampling)`, on the device: the golden ids `(B·N,)` with the
+/// sampled ones `(M,)` written at the flat masked positions `(M,)`, and REVDET's label per
+/// position, 1 where the token changed (a sampled token equal to the golden one counts as not
+/// replaced). Nothing is read back to the host, so the step queues on without waiting.
+pub fn replace_tokens(
+    golden: &Tensor,
+    at_mask: &Tensor,
+    sampled: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let ids = golden.scatter(at_mask, &sampled.to_dtype(DType::U32)?, 0)?;
+    let replaced = ids.ne(golden)?.to_dtype(DType::F32)?;
+    Ok((ids, replaced))
 }
 
 /// The RNG streams of a step.
@@ -332,6 +337,8 @@ pub struct MimOut {
     pub mask: Mask,
     /// `(M, V)` logits at the masked positions.
     pub logits: Tensor,
+    /// `(M,)` flat positions `b·N + n` of the masked tokens, on the device.
+    pub at_mask: Tensor,
     /// `(M,)` golden ids at the masked positions.
     pub golden_m: Tensor,
     /// The MIM cross-entropy (gradient into the generator).
@@ -344,9 +351,8 @@ pub struct Corruption {
     pub image: Tensor,
     /// `(B, N)` 1 where the token was replaced by a different one.
     pub replaced: Tensor,
-    pub n_replaced: f64,
-    /// Distinct golden tokens in the batch.
-    pub distinct: usize,
+    /// `()` f32: how many tokens were replaced (on the device; read it when it is logged).
+    pub n_replaced: Tensor,
 }
 
 impl Cim {
@@ -373,6 +379,7 @@ impl Cim {
             golden,
             mask,
             logits,
+            at_mask,
             golden_m,
             loss,
         })
@@ -385,16 +392,11 @@ impl Cim {
         let sampled = self
             .sampler
             .sample(&mim.logits.detach(), &mut rngs.sample)?;
-        let golden_ids: Vec<u32> = golden.flatten_all()?.to_vec1()?;
-        let distinct = golden_ids
-            .iter()
-            .collect::<std::collections::BTreeSet<_>>()
-            .len();
-        let (ids, replaced) =
-            replace_tokens(&golden_ids, &mim.mask.flat_indices(), &sampled.to_vec1()?);
-        let n_replaced: f32 = replaced.iter().sum();
-        let corrupted_ids = Tensor::from_vec(ids, golden.shape(), &self.device)?;
-        let replaced = Tensor::from_vec(replaced, (b, self.grid.len()), &self.device)?;
+        let golden_flat = golden.flatten_all()?;
+        let (ids, replaced) = replace_tokens(&golden_flat, &mim.at_mask, &sampled)?;
+        let corrupted_ids = ids.reshape(golden.shape())?;
+        let replaced = replaced.reshape((b, self.grid.len()))?;
+        let n_replaced = replaced.sum_all()?;
         let small = self.tokenizer.decode(&corrupted_ids)?.detach();
         let s = self.data.image_size;
         let image = if small.dims()[2..] == [s, s] {
@@ -405,8 +407,7 @@ impl Cim {
         Ok(Corruption {
             image,
             replaced,
-            n_replaced: n_replaced as f64,
-            distinct,
+            n_replaced,
         })
     }
 
@@ -491,9 +492,14 @@ impl Cim {
         let b = mim.golden.dim(0)?;
         let m = mim.mask.total().max(1) as f64;
         losses.insert("mask_frac", m / (b * self.grid.len()) as f64);
-        losses.insert("replaced_frac", corruption.n_replaced / m);
+        losses.insert("replaced_frac", scalar(&corruption.n_replaced)? / m);
         // Distinct golden tokens in the batch: a collapsed tokenizer shows up here first.
-        losses.insert("golden_distinct", corruption.distinct as f64);
+        let golden_ids: Vec<u32> = mim.golden.flatten_all()?.to_vec1()?;
+        let distinct = golden_ids
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        losses.insert("golden_distinct", distinct as f64);
         Ok(losses)
     }
 }
@@ -502,11 +508,54 @@ impl Cim {
 mod tests {
     use super::*;
 
+    /// Eq. (2) written out on the host: the reference the device version is tested against.
+    fn replace_on_host(golden: &[u32], masked: &[u32], sampled: &[u32]) -> (Vec<u32>, Vec<f32>) {
+        let mut ids = golden.to_vec();
+        let mut replaced = vec![0f32; golden.len()];
+        for (&p, &s) in masked.iter().zip(sampled) {
+            let p = p as usize;
+            replaced[p] = (s != golden[p]) as u8 as f32;
+            ids[p] = s;
+        }
+        (ids, replaced)
+    }
+
+    fn replace_u32(golden: &[u32], masked: &[u32], sampled: &[u32]) -> (Vec<u32>, Vec<f32>) {
+        let dev = Device::Cpu;
+        let t = |v: &[u32]| Tensor::new(v, &dev).unwrap();
+        let (ids, replaced) = replace_tokens(&t(golden), &t(masked), &t(sampled)).unwrap();
+        (ids.to_vec1().unwrap(), replaced.to_vec1().unwrap())
+    }
+
     #[test]
     fn replaced_means_changed_not_merely_masked() {
         // Positions 1, 2, 4 masked; position 2's sample equals its golden token.
-        let (ids, replaced) = replace_tokens(&[10, 11, 12, 13, 14], &[1, 2, 4], &[7, 12, 9]);
+        let (ids, replaced) = replace_u32(&[10, 11, 12, 13, 14], &[1, 2, 4], &[7, 12, 9]);
         assert_eq!(ids, vec![10, 7, 12, 13, 9]);
         assert_eq!(replaced, vec![0.0, 1.0, 0.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn device_replacement_equals_eq2_on_the_host() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(7);
+        let (n, vocab) = (4 * 196, 16u32);
+        let golden: Vec<u32> = (0..n).map(|_| rng.gen_range(0..vocab)).collect();
+        let masked: Vec<u32> = (0..n as u32).filter(|_| rng.gen_bool(0.55)).collect();
+        let sampled: Vec<u32> = masked.iter().map(|_| rng.gen_range(0..vocab)).collect();
+        let want = replace_on_host(&golden, &masked, &sampled);
+        assert_eq!(replace_u32(&golden, &masked, &sampled), want);
+        // Some sampled tokens equal their golden one (vocabulary 16): not every masked one counts.
+        let n_replaced = want.1.iter().sum::<f32>() as usize;
+        assert!(
+            n_replaced > 0 && n_replaced < masked.len(),
+            "{n_replaced} of {}",
+            masked.len()
+        );
+        // No masked positions: the golden ids, nothing replaced.
+        assert_eq!(
+            replace_u32(&golden, &[], &[]),
+            (golden.clone(), vec![0.0; n])
+        );
     }
 }
