@@ -309,6 +309,17 @@ pub struct StepOutput {
     pub phase_ms: Vec<(&'static str, f64)>,
 }
 
+/// A forward step whose scalars are not read yet ([`Cim::forward_queued`]).
+pub struct QueuedStep {
+    /// `MIM + w · objective`, the scalar to differentiate.
+    pub total: Tensor,
+    pub mim: MimOut,
+    pub corruption: Corruption,
+    pub out: cim_api::ObjectiveOutput,
+    /// Host wall time of each forward phase in ms (the time to queue it, on CUDA).
+    pub phase_ms: Vec<(&'static str, f64)>,
+}
+
 /// Wall-clock laps of named phases.
 pub struct PhaseClock {
     last: std::time::Instant,
@@ -437,10 +448,18 @@ impl Cim {
         )
     }
 
-    /// Stages 1–9 of DESIGN.md. Gradients flow into the generator only through the MIM loss and
-    /// into the enhancer/objective only through the objective loss: sampled ids and decoded
-    /// images are detached.
+    /// Stages 1–9 of DESIGN.md, with the step's scalars read (see [`Cim::forward_queued`] and
+    /// [`Cim::read`]).
     pub fn forward(&self, batch: &Batch, rngs: &mut StepRngs) -> Result<StepOutput> {
+        let queued = self.forward_queued(batch, rngs)?;
+        self.read(queued)
+    }
+
+    /// Stages 1–9 of DESIGN.md, nothing read back: on CUDA the whole forward is queued and the
+    /// host goes on (to the backward, say) while the device runs it. Gradients flow into the
+    /// generator only through the MIM loss and into the enhancer/objective only through the
+    /// objective loss: sampled ids and decoded images are detached.
+    pub fn forward_queued(&self, batch: &Batch, rngs: &mut StepRngs) -> Result<QueuedStep> {
         let mut clock = PhaseClock::start();
         let golden = self.tokens(batch)?;
         clock.lap("tok_encode");
@@ -451,17 +470,28 @@ impl Cim {
         let out = self.enhance(batch, &mim, &corruption)?;
         let total = (&mim.loss + (&out.loss * self.objective.weight())?)?;
         clock.lap("enh_fwd");
-        let losses = self.losses(&total, &mim, &corruption, &out.loss)?;
-        Ok(StepOutput {
+        Ok(QueuedStep {
             total,
-            mim: mim.loss,
-            objective: out.loss,
-            losses,
-            mask: mim.mask,
-            corrupted: corruption.image,
-            prediction: out.prediction,
-            target: out.target,
+            mim,
+            corruption,
+            out,
             phase_ms: clock.phases,
+        })
+    }
+
+    /// Reads a queued step's scalars (this waits for the device to reach them).
+    pub fn read(&self, q: QueuedStep) -> Result<StepOutput> {
+        let losses = self.losses(&q.total, &q.mim, &q.corruption, &q.out.loss)?;
+        Ok(StepOutput {
+            total: q.total,
+            mim: q.mim.loss,
+            objective: q.out.loss,
+            losses,
+            mask: q.mim.mask,
+            corrupted: q.corruption.image,
+            prediction: q.out.prediction,
+            target: q.out.target,
+            phase_ms: q.phase_ms,
         })
     }
 
@@ -495,10 +525,16 @@ impl Cim {
         losses.insert("replaced_frac", scalar(&corruption.n_replaced)? / m);
         // Distinct golden tokens in the batch: a collapsed tokenizer shows up here first.
         let golden_ids: Vec<u32> = mim.golden.flatten_all()?.to_vec1()?;
-        let distinct = golden_ids
-            .iter()
-            .collect::<std::collections::BTreeSet<_>>()
-            .len();
+        let mut seen = vec![false; self.tokenizer.vocab_size().max(1)];
+        let mut distinct = 0;
+        for &id in &golden_ids {
+            let id = id as usize;
+            if id >= seen.len() {
+                seen.resize(id + 1, false);
+            }
+            distinct += !seen[id] as usize;
+            seen[id] = true;
+        }
         losses.insert("golden_distinct", distinct as f64);
         Ok(losses)
     }

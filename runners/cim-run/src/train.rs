@@ -306,7 +306,20 @@ impl Trainer {
             let mut rngs = StepRngs::for_step(seed, self.step as u64, j as u64);
             // Parameter gradients of fused nodes go straight to the store (see `ops::GradSink`).
             let sink = cim_api::ops::GradSink::install_if(self.resolved.cfg.run.grad_sink);
-            let out = self.cim.forward(&batch, &mut rngs)?;
+            // The forward and its backward are queued before any scalar is read, so on CUDA the
+            // host does not wait between them; the losses are checked after the backward, still
+            // before the update.
+            let queued = self.cim.forward_queued(&batch, &mut rngs)?;
+            let mut clock = crate::pipeline::PhaseClock::start();
+            let total = if accum == 1 {
+                queued.total.clone()
+            } else {
+                (&queued.total / accum as f64)?
+            };
+            let g = sink.backward(&total)?;
+            drop(sink);
+            clock.lap("backward");
+            let out = self.cim.read(queued)?;
             if let Some((name, v)) = out.losses.first_non_finite() {
                 let obj = self.cim.names["objective"].clone();
                 let component = if name == "loss_mim"
@@ -328,19 +341,10 @@ impl Trainer {
                     self.checkpoint_note()
                 )));
             }
-            let mut clock = crate::pipeline::PhaseClock::start();
-            let total = if accum == 1 {
-                out.total.clone()
-            } else {
-                (&out.total / accum as f64)?
-            };
-            let g = sink.backward(&total)?;
-            drop(sink);
             match grads.as_mut() {
                 None => grads = Some(g),
                 Some(acc) => acc.extend(g)?,
             }
-            clock.lap("backward");
             for (k, v) in out.losses.0 {
                 *losses.0.entry(k).or_default() += v / accum as f64;
             }
