@@ -17,6 +17,8 @@ bench vit_b16_respix_sync vit_b16_respix --set run.precision='"bf16"' --sync-pha
 bench vit_b16_respix_sync_release vit_b16_respix --set run.precision='"bf16"' --sync-phases \
   --set run.cuda_keep_freed=false
 bench vit_b16_respix_upload_cache vit_b16_respix --set run.precision='"bf16"' --upload-cache
+# The flash attention kernels (session 13, off by default until their parity check passes).
+bench vit_b16_respix_flash vit_b16_respix --set run.precision='"bf16"' --set run.flash_attention=true
 # The dVAE channels first (the layout before session 12) and the parameters packed into the block
 # nodes (no GradSink: the path before session 12), for the two changes' effects.
 bench vit_b16_respix_nchw vit_b16_respix --set run.precision='"bf16"' \

@@ -45,6 +45,7 @@ mod conv;
 pub(crate) mod cuda;
 #[cfg(feature = "cudnn")]
 mod cudnn;
+mod flash;
 mod gemm;
 mod graft;
 mod heads;
@@ -74,6 +75,10 @@ pub use channel::{
 pub use conv::{conv2d, conv2d_nhwc, conv2d_with_budget, cudnn_conv, set_cudnn_conv, COL_BUDGET};
 #[cfg(feature = "cuda")]
 pub use cuda::adamw_multi_launches;
+pub use flash::{
+    attention_flash, flash_attention, set_flash_attention, FlashBwdOp, FlashDeltaOp, FlashOutOp,
+    FlashStatsOp,
+};
 pub use graft::{with_backward, BackwardFn, GradSink, Output};
 pub use heads::{
     merge_heads, merge_heads_rows, merge_qkv, merge_qkv_rows, split_heads, split_heads_padded,

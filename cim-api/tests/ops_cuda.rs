@@ -81,6 +81,7 @@ fn cuda_kernels_match_the_cpu_kernels() {
         ("argmax_channels", argmax_parity),
         ("running_average", running_average_parity),
         ("device pool high-water mark", pool_peak_check),
+        ("flash attention (bf16, heads of 64)", flash_parity),
         (
             "channels last: channel_bias, resampling, argmax",
             channels_last_parity,
@@ -101,6 +102,7 @@ fn cuda_kernels_match_the_cpu_kernels() {
         // A failed check may leave a switch on.
         ops::set_cuda_kernels(true);
         ops::set_cudnn_conv(false);
+        ops::set_flash_attention(false);
         match result {
             Ok(()) => println!("ok   {name}"),
             Err(_) => {
@@ -1203,4 +1205,58 @@ fn pool_peak_check(gpu: &Device) {
         after < with - 200 * MIB,
         "peak {after} after reset (was {with})"
     );
+}
+
+/// The flash kernels (bf16 on the GPU, tensor cores) against the f32 CPU attention on the same
+/// bf16-rounded inputs: values, `dqkv`, and the log-sum-exp statistics on their own; ViT-B/16's
+/// shape (197 tokens: no multiple of the 64- and 32-row tiles), a tiny one, and one longer than
+/// the 64-key tiles of the backward several times over.
+fn flash_parity(gpu: &Device) {
+    use candle_core::DType;
+    let cpu = Device::Cpu;
+    ops::set_flash_attention(true);
+    for (b, n, h) in [(2, 197, 12), (1, 5, 1), (2, 300, 3)] {
+        let d = 64;
+        let round = |t: Tensor| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let qkv = round((randn(&[b, n, 3 * h * d], 40, &cpu) * 0.5).unwrap());
+        let up = round(randn(&[b, n, h * d], 41, &cpu));
+        let scale = 1.0 / (d as f64).sqrt();
+        let f = |t: &[Tensor]| ops::attention_composed(&t[0], h, scale).unwrap();
+        let (yc, gc) = run(&cpu, &f, std::slice::from_ref(&qkv), &up);
+        let flash = |t: &[Tensor]| {
+            ops::attention_qkv(&t[0].to_dtype(DType::BF16).unwrap(), h, scale)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let (yg, gg) = run(gpu, &flash, std::slice::from_ref(&qkv), &up);
+        let dy = max_diff(&yc, &yg);
+        assert!(dy < 0.03, "flash value ({b}, {n}, {h}): {dy}");
+        let gscale: f32 = gc[0].abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let dg = max_diff(&gc[0], &gg[0]);
+        assert!(
+            dg < 0.03 * gscale.max(1.0),
+            "flash grad ({b}, {n}, {h}): {dg} of {gscale}"
+        );
+        let lse = |dev: &Device, dt: DType| {
+            qkv.to_device(dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap()
+                .apply_op1_no_bwd(&ops::FlashStatsOp {
+                    heads: h,
+                    scale: scale as f32,
+                })
+                .unwrap()
+        };
+        let dl = max_diff(&lse(&cpu, DType::F32), &lse(gpu, DType::BF16));
+        assert!(dl < 1e-3, "flash log-sum-exp ({b}, {n}, {h}): {dl}");
+        println!("     flash ({b}, {n}, {h}): value {dy:.2e}, dqkv {dg:.2e} (max {gscale:.2e}), lse {dl:.2e}");
+    }
+    ops::set_flash_attention(false);
 }

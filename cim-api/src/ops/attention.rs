@@ -19,11 +19,15 @@ use crate::Result;
 /// Attention of `qkv` `(B, N, 3·H·Dh)` (the qkv projection's output, per token `[q | k | v]`, each
 /// `H` heads of `Dh`), `softmax(scale · q·kᵀ)·v` per head, as `(B, N, H·Dh)` (heads concatenated).
 ///
-/// f32 on the CPU runs the fused kernel ([`attention_qkv_kernel`]); everything else (CUDA, bf16)
-/// [`attention_gemm`]: on an H200 the CUDA twin of the fused kernel (scalar FMAs, a warp per
+/// bf16 on CUDA with 64-wide heads runs the flash kernels where switched on
+/// ([`super::set_flash_attention`], `run.flash_attention`); f32 on the CPU runs the fused kernel
+/// ([`attention_qkv_kernel`]); everything else (CUDA, bf16) [`attention_gemm`]: on an H200 the CUDA twin of the fused kernel (scalar FMAs, a warp per
 /// query row) was slower than cuBLAS matmuls at ViT sizes.
 pub fn attention_qkv(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     head_dim(qkv, heads)?;
+    if super::flash::flash_applies(qkv, heads) {
+        return super::attention_flash(qkv, heads, scale);
+    }
     if qkv.device().is_cpu() {
         if let Some(out) = attention_qkv_kernel(qkv, heads, scale)? {
             return Ok(out);
@@ -85,6 +89,9 @@ pub(crate) fn attention_detached(
     heads: usize,
     scale: f64,
 ) -> Result<(Tensor, AttentionBackward)> {
+    if super::flash::flash_applies(qkv, heads) {
+        return super::flash::flash_detached(qkv, heads, scale);
+    }
     if qkv.device().is_cpu() && is_fusable(&[qkv]) {
         let geo = Geometry::of(qkv, heads, scale)?;
         let qkv = qkv.contiguous()?;

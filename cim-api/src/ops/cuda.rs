@@ -1774,3 +1774,177 @@ pub fn reset_pool_peak(dev: &candle_core::cuda_backend::CudaDevice) -> Result<()
     .w()?;
     Ok(())
 }
+
+/// Flash attention's geometry from `qkv` `(B, N, 3·H·64)`: `(B, N)`.
+fn flash_dims(l: &Layout, heads: usize) -> Result<(usize, usize)> {
+    let (b, n, c3) = l.shape().dims3()?;
+    if c3 != 3 * heads * 64 || n == 0 || b * heads > 65_535 {
+        candle_core::bail!(
+            "flash attention: qkv {:?} is not (B, N ≥ 1, 3 × {heads} × 64)",
+            l.dims()
+        );
+    }
+    Ok((b, n))
+}
+
+fn flash_grid(n: usize, rows_per_block: usize, b: usize, heads: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(rows_per_block) as u32, (b * heads) as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `(B, H, N)` f32: log Σ_keys exp(scale · q·k) per query row, from bf16 `qkv` (head width 64).
+pub fn flash_stats(
+    s: &CudaStorage,
+    l: &Layout,
+    heads: usize,
+    scale: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device().clone();
+    let (b, n) = flash_dims(l, heads)?;
+    let qkv = view::<half::bf16>(s, l, "qkv")?;
+    let lse = alloc_written::<f32>(&dev, b * heads * n)?;
+    let func = dev.get_or_load_custom_func("cim_flash_stats_bf16", MODULE, PTX)?;
+    let (nn, hh) = (n as i32, heads as i32);
+    let mut a = func.builder();
+    a.arg(&qkv).arg(&lse).arg(&nn).arg(&hh).arg(&scale);
+    // SAFETY: argument types and counts match the kernel's signature; the grid covers every
+    // (item, head) and every 64 query rows; each real row's value is written once.
+    unsafe { a.launch(flash_grid(n, 64, b, heads)) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(lse, dev),
+        Shape::from((b, heads, n)),
+    ))
+}
+
+/// `(B, N, H·64)` bf16: Σ_keys exp(scale · q·k − lse) · v, from bf16 `qkv` and [`flash_stats`].
+pub fn flash_out(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    heads: usize,
+    scale: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (b, n) = flash_dims(l1, heads)?;
+    let (qkv, lse) = (
+        view::<half::bf16>(s1, l1, "qkv")?,
+        view::<f32>(s2, l2, "lse")?,
+    );
+    let out = alloc_written::<half::bf16>(&dev, b * n * heads * 64)?;
+    let func = dev.get_or_load_custom_func("cim_flash_out_bf16", MODULE, PTX)?;
+    let (nn, hh) = (n as i32, heads as i32);
+    let mut a = func.builder();
+    a.arg(&qkv)
+        .arg(&lse)
+        .arg(&out)
+        .arg(&nn)
+        .arg(&hh)
+        .arg(&scale);
+    // SAFETY: as in `flash_stats`; every real (row, head) output row is written by its block.
+    unsafe { a.launch(flash_grid(n, 64, b, heads)) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev),
+        Shape::from((b, n, heads * 64)),
+    ))
+}
+
+/// `(B, H, N)` f32: Σ_d dout·out per row and head, from bf16 `out`, `dout` `(B, N, H·64)`.
+pub fn flash_delta(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    heads: usize,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (b, n, c) = l1.shape().dims3()?;
+    if c != heads * 64 || l2.dims() != l1.dims() {
+        candle_core::bail!(
+            "flash attention backward: out {:?}, dout {:?}",
+            l1.dims(),
+            l2.dims()
+        );
+    }
+    let (out, dout) = (
+        view::<half::bf16>(s1, l1, "out")?,
+        view::<half::bf16>(s2, l2, "dout")?,
+    );
+    let delta = alloc_written::<f32>(&dev, b * heads * n)?;
+    let func = dev.get_or_load_custom_func("cim_flash_delta_bf16", MODULE, PTX)?;
+    let rows = (b * n * heads) as i64;
+    let (nn, hh) = (n as i32, heads as i32);
+    let cfg = LaunchConfig {
+        grid_dim: ((b * n * heads).div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut a = func.builder();
+    a.arg(&out)
+        .arg(&dout)
+        .arg(&delta)
+        .arg(&rows)
+        .arg(&nn)
+        .arg(&hh);
+    // SAFETY: argument types and counts match; one warp per row, rows beyond `rows` return.
+    unsafe { a.launch(cfg) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(delta, dev),
+        Shape::from((b, heads, n)),
+    ))
+}
+
+/// `d qkv` `(B, N, 3·H·64)` bf16 from bf16 `qkv`, bf16 `dout` `(B, N, H·64)` and `stats`
+/// `(2, B, H, N)` f32 = [lse; delta].
+#[allow(clippy::too_many_arguments)]
+pub fn flash_bwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+    heads: usize,
+    scale: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (b, n) = flash_dims(l1, heads)?;
+    if l2.dims() != [b, n, heads * 64] || l3.dims() != [2, b, heads, n] {
+        candle_core::bail!(
+            "flash attention backward: dout {:?}, stats {:?}",
+            l2.dims(),
+            l3.dims()
+        );
+    }
+    let qkv = view::<half::bf16>(s1, l1, "qkv")?;
+    let dout = view::<half::bf16>(s2, l2, "dout")?;
+    let stats = view::<f32>(s3, l3, "stats")?;
+    let m = b * heads * n;
+    let (lse, delta) = (stats.slice(0..m), stats.slice(m..2 * m));
+    let dqkv = alloc_written::<half::bf16>(&dev, b * n * 3 * heads * 64)?;
+    let dq = dev.alloc_zeros::<f32>(b * n * heads * 64)?;
+    let (nn, hh) = (n as i32, heads as i32);
+    let func = dev.get_or_load_custom_func("cim_flash_bwd_bf16", MODULE, PTX)?;
+    let mut a = func.builder();
+    a.arg(&qkv)
+        .arg(&dout)
+        .arg(&lse)
+        .arg(&delta)
+        .arg(&dqkv)
+        .arg(&dq);
+    a.arg(&nn).arg(&hh).arg(&scale);
+    // SAFETY: argument types and counts match; the grid covers every (item, head) and every 64
+    // keys; the block of a key tile writes that tile's dk, dv rows; dq is zeroed and summed
+    // into with atomics; its q slots of dqkv are written by the next launch.
+    unsafe { a.launch(flash_grid(n, 64, b, heads)) }.w()?;
+    let total = (b * n * heads * 64) as i64;
+    let func = dev.get_or_load_custom_func("cim_flash_dq_bf16", MODULE, PTX)?;
+    let mut a = func.builder();
+    a.arg(&dq).arg(&dqkv).arg(&total).arg(&hh);
+    // SAFETY: one thread per dq element (grid rounded up; threads past `total` return).
+    unsafe { a.launch(LaunchConfig::for_num_elems(total as u32)) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(dqkv, dev), l1.shape().clone()))
+}

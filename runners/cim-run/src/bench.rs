@@ -76,6 +76,9 @@ pub struct BenchReport {
     /// How phases were timed: `"device events"` (CUDA, no host synchronisation in the timed
     /// loop, the reference's method) or `"host sync"` (the CPU, or `--sync-phases`).
     pub phase_timing: &'static str,
+    /// Whether bf16 attention with 64-wide heads ran cim's flash kernels (`run.flash_attention`
+    /// on CUDA with the kernels on).
+    pub flash_attention: bool,
     /// Whether the steps ran with candle's upload cache on (`--upload-cache`; CUDA only).
     pub upload_cache: bool,
     /// Whether freed device memory stayed in the pool across synchronisations
@@ -257,6 +260,9 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
             "host sync"
         },
         upload_cache: args.upload_cache && dev.is_cuda(),
+        flash_attention: cim_api::ops::flash_attention()
+            && dev.is_cuda()
+            && cim_api::ops::cuda_kernels(),
         cuda_keep_freed: cfg.run.cuda_keep_freed && dev.is_cuda(),
         cudnn_conv: dev.is_cuda() && cim_api::ops::cudnn_conv(),
         cpu_kernels: if cim_api::ops::avx2_kernels() {

@@ -67,6 +67,11 @@ pub struct RunSection {
     /// pool's release threshold raised to the maximum). `false` is CUDA's default, which hands
     /// it back to the driver at every synchronisation, so the next step maps it again.
     pub cuda_keep_freed: bool,
+    /// On CUDA, run bf16 attention with 64-wide heads through cim's flash kernels
+    /// (`cim_api::ops::set_flash_attention`: tensor cores, nothing N×N in global memory, q, k, v
+    /// read in place) instead of the GEMM attention. Off by default: written in session 13
+    /// without a GPU, it waits for its GPU parity check (`tests/ops_cuda.rs`).
+    pub flash_attention: bool,
     /// Compute precision of the generator and enhancer: `"f32"`, or `"bf16"` (mixed precision:
     /// f32 master weights, optimizer state, LayerNorm, softmax and losses; bf16 matmuls and
     /// activations; ResNet-50's BatchNorm in f32). bf16 needs a ViT or the ResNet-50 enhancer.
@@ -90,6 +95,7 @@ impl Default for RunSection {
             grad_sink: true,
             cudnn_conv: true,
             cuda_keep_freed: true,
+            flash_attention: false,
             precision: "f32".into(),
         }
     }
