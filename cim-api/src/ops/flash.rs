@@ -339,7 +339,8 @@ impl CustomOp3 for FlashBwdOp {
 }
 
 /// Attention through the flash ops as one graph node (the path [`super::attention_qkv`] takes
-/// where [`flash_applies`]; on the CPU for f32 in the tests).
+/// where the flash kernels apply: switched on, CUDA, bf16, heads of 64; on the CPU for f32 in
+/// the tests).
 pub fn attention_flash(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     let (out, backward) = flash_detached(&qkv.detach(), heads, scale)?;
     super::with_backward(&[qkv], out, move |dout| Ok(vec![Some(backward(dout)?)]))
