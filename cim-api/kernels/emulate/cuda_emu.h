@@ -31,6 +31,7 @@ struct Dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
 inline thread_local Dim3 threadIdx, blockIdx;
+inline thread_local unsigned emu_tid;  // the linear thread index (x fastest), as CUDA forms warps
 inline Dim3 blockDim, gridDim;
 
 struct __nv_bfloat16 {
@@ -50,35 +51,115 @@ inline __nv_bfloat16 __float2bfloat16(float f) {  // round to nearest even, as C
     return {uint16_t(u >> 16)};
 }
 
+struct __half {
+    uint16_t bits;
+};
+inline float __half2float(__half h) {
+    const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16, exp = (h.bits >> 10) & 0x1f,
+                   man = h.bits & 0x3ffu;
+    uint32_t u;
+    if (exp == 0) {
+        if (man == 0) {
+            u = sign;
+        } else {  // subnormal
+            float f = std::ldexp(float(man), -24);
+            std::memcpy(&u, &f, 4);
+            u |= sign;
+        }
+    } else if (exp == 31) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else {
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline __half __float2half(float f) {  // round to nearest even
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+    if (std::isnan(f)) return {uint16_t(sign | 0x7e00u)};
+    const float a = std::fabs(f);
+    if (a >= 65520.f) return {uint16_t(sign | 0x7c00u)};
+    if (a < 6.103515625e-05f) {  // subnormal half: multiples of 2^-24
+        const float q = std::nearbyint(a * 16777216.f);
+        return {uint16_t(sign | uint16_t(q))};
+    }
+    int e;
+    const float m = std::frexp(a, &e);  // a = m·2^e, m in [0.5, 1)
+    float q = std::nearbyint(m * 2048.f);  // 11 significant bits
+    if (q == 2048.f) {
+        q = 1024.f;
+        e += 1;
+    }
+    return {uint16_t(sign | uint16_t((e + 14) << 10) | (uint16_t(q) & 0x3ffu))};
+}
+
 struct uint4 {
     uint32_t x, y, z, w;
 };
+struct uint2 {
+    uint32_t x, y;
+};
+struct float4 {
+    float x, y, z, w;
+};
 inline uint4 make_uint4(uint32_t a, uint32_t b, uint32_t c, uint32_t d) { return {a, b, c, d}; }
+inline uint2 make_uint2(uint32_t a, uint32_t b) { return {a, b}; }
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+inline float __uint_as_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+// CUDA's integer and float min/max overloads.
+template <class A, class B>
+inline auto min(A a, B b) -> decltype(a + b) { return a < b ? a : b; }
+template <class A, class B>
+inline auto max(A a, B b) -> decltype(a + b) { return a < b ? b : a; }
 
 struct EmuBlock {
     std::unique_ptr<std::barrier<>> all;
     std::vector<std::unique_ptr<std::barrier<>>> warps;
-    std::vector<float> shfl;
+    std::vector<uint64_t> shfl;
 };
 inline EmuBlock* emu_block = nullptr;
 
 inline void __syncthreads() { emu_block->all->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) {
-    emu_block->warps[threadIdx.x >> 5]->arrive_and_wait();
+    emu_block->warps[emu_tid >> 5]->arrive_and_wait();
 }
-inline float __shfl_xor_sync(unsigned, float v, int o) {
-    const unsigned lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    float* s = emu_block->shfl.data() + w * 32;
-    s[lane] = v;
+// Warp shuffles through the warp's exchange slots (any 4- or 8-byte type).
+template <class T>
+inline T emu_shuffle(T v, unsigned (*src)(unsigned lane, unsigned arg), unsigned arg) {
+    static_assert(sizeof(T) <= 8);
+    const unsigned lane = emu_tid & 31, w = emu_tid >> 5;
+    uint64_t* s = emu_block->shfl.data() + w * 32;
+    uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    s[lane] = bits;
     __syncwarp();
-    const float r = s[lane ^ unsigned(o)];
+    const unsigned from = src(lane, arg);
+    T r = v;
+    if (from < 32) std::memcpy(&r, &s[from], sizeof(T));
     __syncwarp();
     return r;
 }
+template <class T>
+inline T __shfl_xor_sync(unsigned, T v, int o) {
+    return emu_shuffle(v, [](unsigned lane, unsigned a) { return lane ^ a; }, unsigned(o));
+}
+template <class T>
+inline T __shfl_down_sync(unsigned, T v, unsigned o) {
+    return emu_shuffle(v, [](unsigned lane, unsigned a) { return lane + a < 32 ? lane + a : 32u; }, o);
+}
 inline std::mutex emu_atomic;
-inline float atomicAdd(float* p, float v) {
+template <class T>
+inline T atomicAdd(T* p, T v) {
     std::lock_guard<std::mutex> g(emu_atomic);
-    const float old = *p;
+    const T old = *p;
     *p = old + v;
     return old;
 }
@@ -136,7 +217,7 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const A& a, co
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
                               unsigned ld, layout_t layout) {
     check(p, ld);
-    if ((threadIdx.x & 31) != 0) return;
+    if ((emu_tid & 31) != 0) return;
     for (int i = 0; i < 16; i++)
         for (int j = 0; j < 16; j++)
             (layout == mem_row_major ? p[i * ld + j] : p[j * ld + i]) = f.v[i * 16 + j];
@@ -145,30 +226,36 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
 }  // namespace nvcuda
 
 // Runs `kernel` on a grid of blocks, one block at a time, one std::thread per CUDA thread.
-inline void emu_launch(Dim3 grid, unsigned threads, const std::function<void()>& kernel) {
+inline void emu_launch(Dim3 grid, Dim3 block, const std::function<void()>& kernel) {
     gridDim = grid;
-    blockDim = Dim3{threads, 1, 1};
+    blockDim = block;
+    const unsigned threads = block.x * block.y * block.z;
     for (unsigned by = 0; by < grid.y; by++)
         for (unsigned bx = 0; bx < grid.x; bx++) {
             EmuBlock blk;
             blk.all = std::make_unique<std::barrier<>>(threads);
             for (unsigned w = 0; w < (threads + 31) / 32; w++)
                 blk.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
-            blk.shfl.assign(threads, 0.f);
+            blk.shfl.assign(threads, 0);
             emu_block = &blk;
             std::vector<std::thread> ts;
             for (unsigned t = 0; t < threads; t++)
                 ts.emplace_back([&, t] {
-                    threadIdx = Dim3{t, 0, 0};
+                    emu_tid = t;
+                    threadIdx = Dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
                     blockIdx = Dim3{bx, by, 0};
                     kernel();
+                    // A thread that has returned no longer takes part in barriers (as on a GPU,
+                    // where the kernels return early for rows past the end, warp by warp).
+                    blk.warps[t >> 5]->arrive_and_drop();
+                    blk.all->arrive_and_drop();
                 });
             for (auto& th : ts) th.join();
         }
 }
 
-// The warp sum of ops.cu (defined before the flash section there).
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-    return v;
+
+// A one-dimensional block of `threads`.
+inline void emu_launch(Dim3 grid, unsigned threads, const std::function<void()>& kernel) {
+    emu_launch(grid, Dim3{threads, 1, 1}, kernel);
 }

@@ -1,0 +1,329 @@
+// Runs CUDA kernels of cim (kernels/ops.cu, included whole) on the CPU through cuda_emu.h, launched
+// as src/ops/cuda.rs launches them, and checks each against a direct computation:
+//   - flash attention (`cim_flash_*`): the log-sum-exp statistics, the output and d qkv against
+//     attention in double precision, on bf16 inputs, at token counts that are no multiple of the
+//     64- and 32-row tiles, one and several heads and items;
+//   - kernels written after the last GPU parity run (session 11's third device call) that a
+//     bf16 ViT-B/16 RESPIX step runs by default: the warp-per-row softmax (forward over the first
+//     `valid` columns, backward) and LayerNorm (forward, backward dx and row statistics), the
+//     four-per-thread bias + GELU (forward, backward into bf16) and bias add, the row argmax of
+//     the dVAE's f16 logits, and the dVAE's channels-last 2×2 max-pool and nearest upsampling.
+// Built and run by cim-api's test `cuda_kernels_emulated`. One line per check; exit 1 when one is off.
+#include "cuda_emu.h"
+#include "ops.cu"
+
+#include <random>
+
+namespace {
+constexpr int D = 64;
+
+std::vector<__nv_bfloat16> to_bf16(const std::vector<float>& x) {
+    std::vector<__nv_bfloat16> out(x.size());
+    for (size_t i = 0; i < x.size(); i++) out[i] = __float2bfloat16(x[i]);
+    return out;
+}
+
+float max_abs_diff(const std::vector<double>& want, const float* got, size_t n, double* scale) {
+    double d = 0, s = 0;
+    for (size_t i = 0; i < n; i++) {
+        d = std::max(d, std::fabs(want[i] - got[i]));
+        s = std::max(s, std::fabs(want[i]));
+    }
+    *scale = s;
+    return float(d);
+}
+
+bool run_case(int b, int n, int h, unsigned seed) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    std::vector<float> qkv(size_t(b) * n * 3 * h * D), dout(size_t(b) * n * h * D);
+    for (float& v : qkv) v = __bfloat162float(__float2bfloat16(0.5f * nd(rng)));
+    for (float& v : dout) v = __bfloat162float(__float2bfloat16(nd(rng)));
+    const float scale = 0.125f;
+    auto at = [&](int bi, int i, int part, int hi) { return ((size_t(bi) * n + i) * 3 + part) * h * D + size_t(hi) * D; };
+    auto oat = [&](int bi, int i, int hi) { return (size_t(bi) * n + i) * h * D + size_t(hi) * D; };
+    // The reference, in double.
+    std::vector<double> lse_ref(size_t(b) * h * n), out_ref(dout.size(), 0.0), dqkv_ref(qkv.size(), 0.0);
+    for (int bi = 0; bi < b; bi++)
+        for (int hi = 0; hi < h; hi++) {
+            std::vector<double> p(size_t(n) * n);
+            for (int i = 0; i < n; i++) {
+                double m = -INFINITY;
+                for (int j = 0; j < n; j++) {
+                    double s = 0;
+                    for (int e = 0; e < D; e++) s += double(qkv[at(bi, i, 0, hi) + e]) * qkv[at(bi, j, 1, hi) + e];
+                    p[size_t(i) * n + j] = s * scale;
+                    m = std::max(m, s * scale);
+                }
+                double l = 0;
+                for (int j = 0; j < n; j++) l += std::exp(p[size_t(i) * n + j] - m);
+                lse_ref[(size_t(bi) * h + hi) * n + i] = m + std::log(l);
+                for (int j = 0; j < n; j++) p[size_t(i) * n + j] = std::exp(p[size_t(i) * n + j] - m) / l;
+            }
+            for (int i = 0; i < n; i++)
+                for (int j = 0; j < n; j++)
+                    for (int e = 0; e < D; e++)
+                        out_ref[oat(bi, i, hi) + e] += p[size_t(i) * n + j] * qkv[at(bi, j, 2, hi) + e];
+            for (int i = 0; i < n; i++) {
+                double delta = 0;
+                for (int e = 0; e < D; e++) delta += double(dout[oat(bi, i, hi) + e]) * out_ref[oat(bi, i, hi) + e];
+                for (int j = 0; j < n; j++) {
+                    const double pij = p[size_t(i) * n + j];
+                    double dp = 0;
+                    for (int e = 0; e < D; e++) dp += double(dout[oat(bi, i, hi) + e]) * qkv[at(bi, j, 2, hi) + e];
+                    const double ds = scale * pij * (dp - delta);
+                    for (int e = 0; e < D; e++) {
+                        dqkv_ref[at(bi, j, 2, hi) + e] += pij * dout[oat(bi, i, hi) + e];
+                        dqkv_ref[at(bi, i, 0, hi) + e] += ds * qkv[at(bi, j, 1, hi) + e];
+                        dqkv_ref[at(bi, j, 1, hi) + e] += ds * qkv[at(bi, i, 0, hi) + e];
+                    }
+                }
+            }
+        }
+    // The kernels, launched as src/ops/cuda.rs launches them.
+    const auto qkv_b = to_bf16(qkv), dout_b = to_bf16(dout);
+    std::vector<__nv_bfloat16> out_b(dout.size()), dqkv_b(qkv.size());
+    std::vector<float> lse(lse_ref.size()), delta(lse_ref.size()), dq(dout.size(), 0.f);
+    const unsigned tiles = unsigned((n + 63) / 64), bh = unsigned(b * h);
+    emu_launch({tiles, bh, 1}, 128, [&] { cim_flash_stats_bf16(qkv_b.data(), lse.data(), n, h, scale); });
+    emu_launch({tiles, bh, 1}, 128, [&] { cim_flash_out_bf16(qkv_b.data(), lse.data(), out_b.data(), n, h, scale); });
+    const long rows = long(b) * n * h;
+    emu_launch({unsigned((rows + 7) / 8), 1, 1}, 256,
+               [&] { cim_flash_delta_bf16(out_b.data(), dout_b.data(), delta.data(), rows, n, h); });
+    emu_launch({tiles, bh, 1}, 128, [&] {
+        cim_flash_bwd_bf16(qkv_b.data(), dout_b.data(), lse.data(), delta.data(), dqkv_b.data(), dq.data(), n, h, scale);
+    });
+    const long total = long(dout.size());
+    emu_launch({unsigned((total + 255) / 256), 1, 1}, 256, [&] { cim_flash_dq_bf16(dq.data(), dqkv_b.data(), total, h); });
+    std::vector<float> out_f(out_b.size()), dqkv_f(dqkv_b.size());
+    for (size_t i = 0; i < out_b.size(); i++) out_f[i] = __bfloat162float(out_b[i]);
+    for (size_t i = 0; i < dqkv_b.size(); i++) dqkv_f[i] = __bfloat162float(dqkv_b[i]);
+    double s_lse, s_out, s_dqkv;
+    const float d_lse = max_abs_diff(lse_ref, lse.data(), lse.size(), &s_lse);
+    const float d_out = max_abs_diff(out_ref, out_f.data(), out_f.size(), &s_out);
+    const float d_dqkv = max_abs_diff(dqkv_ref, dqkv_f.data(), dqkv_f.size(), &s_dqkv);
+    // bf16 outputs and bf16 probabilities in the products: a few parts in a thousand of the scale.
+    const bool ok = d_lse < 1e-3 && d_out < 0.02 * s_out && d_dqkv < 0.03 * s_dqkv;
+    std::printf("%s flash attention (B %d, N %d, H %d): lse %.2e, out %.2e of %.2e, dqkv %.2e of %.2e\n", ok ? "ok  " : "FAIL", b, n, h,
+                d_lse, d_out, s_out, d_dqkv, s_dqkv);
+    return ok;
+}
+}  // namespace
+
+// ---- the other kernels ----
+namespace {
+
+std::vector<float> randv(size_t n, unsigned seed, float sd = 1.f) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> nd(0.f, sd);
+    std::vector<float> v(n);
+    for (float& x : v) x = nd(rng);
+    return v;
+}
+template <class T>
+std::vector<T> cast_to(const std::vector<float>& x);
+template <>
+std::vector<__nv_bfloat16> cast_to(const std::vector<float>& x) { return to_bf16(x); }
+template <>
+std::vector<__half> cast_to(const std::vector<float>& x) {
+    std::vector<__half> out(x.size());
+    for (size_t i = 0; i < x.size(); i++) out[i] = __float2half(x[i]);
+    return out;
+}
+float back(__nv_bfloat16 v) { return __bfloat162float(v); }
+float back(__half v) { return __half2float(v); }
+float back(float v) { return v; }
+template <class T>
+std::vector<float> floats(const std::vector<T>& x) {
+    std::vector<float> out(x.size());
+    for (size_t i = 0; i < x.size(); i++) out[i] = back(x[i]);
+    return out;
+}
+// Rounds through T and back: the inputs the kernels see.
+template <class T>
+std::vector<float> rounded(const std::vector<float>& x) { return floats(cast_to<T>(x)); }
+
+bool report(const char* what, double diff, double tol) {
+    const bool ok = diff <= tol;
+    std::printf("%s %s: max diff %.2e (tolerance %.1e)\n", ok ? "ok  " : "FAIL", what, diff, tol);
+    return ok;
+}
+double max_diff(const std::vector<double>& want, const std::vector<float>& got) {
+    double d = 0;
+    for (size_t i = 0; i < want.size(); i++) d = std::max(d, std::fabs(want[i] - got[i]));
+    return d;
+}
+
+// Row kernels "_warp": one warp per row, 8 rows per block of 256 (cuda.rs `row_kernel`).
+Dim3 warp_rows(int rows) { return {unsigned((rows + 7) / 8), 1, 1}; }
+
+bool softmax_checks() {
+    const int rows = 37, d = 200, valid = 197;  // attention's padded scores
+    const auto x = rounded<__nv_bfloat16>(randv(size_t(rows) * d, 11, 3.f));
+    const auto xb = to_bf16(x);
+    std::vector<__nv_bfloat16> yb(xb.size());
+    emu_launch(warp_rows(rows), 256, [&] { cim_softmax_fwd_warp_bf16(xb.data(), yb.data(), rows, d, valid); });
+    std::vector<double> want(x.size());
+    for (int r = 0; r < rows; r++) {
+        double m = -INFINITY, s = 0;
+        for (int j = 0; j < valid; j++) m = std::max(m, double(x[size_t(r) * d + j]));
+        for (int j = 0; j < valid; j++) s += std::exp(x[size_t(r) * d + j] - m);
+        for (int j = 0; j < d; j++) want[size_t(r) * d + j] = j < valid ? std::exp(x[size_t(r) * d + j] - m) / s : 0.0;
+    }
+    bool ok = report("softmax forward (warp per row, bf16, 197 of 200 columns)", max_diff(want, floats(yb)), 4e-3);
+    const auto dy = rounded<__nv_bfloat16>(randv(x.size(), 12));
+    const auto dyb = to_bf16(dy);
+    std::vector<__nv_bfloat16> dxb(xb.size());
+    emu_launch(warp_rows(rows), 256, [&] { cim_softmax_bwd_warp_bf16(yb.data(), dyb.data(), dxb.data(), rows, d); });
+    const auto y = floats(yb);
+    std::vector<double> dwant(x.size());
+    for (int r = 0; r < rows; r++) {
+        double dot = 0;
+        for (int j = 0; j < d; j++) dot += double(y[size_t(r) * d + j]) * dy[size_t(r) * d + j];
+        for (int j = 0; j < d; j++) dwant[size_t(r) * d + j] = y[size_t(r) * d + j] * (dy[size_t(r) * d + j] - dot);
+    }
+    ok &= report("softmax backward (warp per row, bf16)", max_diff(dwant, floats(dxb)), 4e-3);
+    return ok;
+}
+
+bool layer_norm_checks() {
+    const int rows = 21, d = 768;
+    const float eps = 1e-6f;
+    const auto x = rounded<__nv_bfloat16>(randv(size_t(rows) * d, 21, 2.f));
+    const auto w = randv(d, 22), b = randv(d, 23);
+    const auto xb = to_bf16(x);
+    std::vector<__nv_bfloat16> yb(xb.size());
+    emu_launch(warp_rows(rows), 256, [&] { cim_layer_norm_fwd_warp_bf16(xb.data(), w.data(), b.data(), yb.data(), rows, d, eps); });
+    std::vector<double> want(x.size()), mean(rows), rstd(rows);
+    for (int r = 0; r < rows; r++) {
+        double m = 0, v = 0;
+        for (int j = 0; j < d; j++) m += x[size_t(r) * d + j];
+        m /= d;
+        for (int j = 0; j < d; j++) v += (x[size_t(r) * d + j] - m) * (x[size_t(r) * d + j] - m);
+        mean[r] = m;
+        rstd[r] = 1.0 / std::sqrt(v / d + eps);
+        for (int j = 0; j < d; j++) want[size_t(r) * d + j] = (x[size_t(r) * d + j] - m) * rstd[r] * w[j] + b[j];
+    }
+    double scale = 0;
+    for (double v : want) scale = std::max(scale, std::fabs(v));
+    bool ok = report("LayerNorm forward (warp per row, bf16, 768 wide)", max_diff(want, floats(yb)), 8e-3 * scale);
+    const auto dy = rounded<__nv_bfloat16>(randv(x.size(), 24));
+    const auto dyb = to_bf16(dy);
+    std::vector<float> dx(x.size()), stats(2 * size_t(rows));
+    emu_launch(warp_rows(rows), 256, [&] {
+        cim_layer_norm_bwd_dx_warp_bf16(xb.data(), w.data(), dyb.data(), dx.data(), stats.data(), rows, d, eps);
+    });
+    std::vector<double> dwant(x.size()), st_want(2 * size_t(rows));
+    for (int r = 0; r < rows; r++) {
+        double sg = 0, sgx = 0;
+        for (int j = 0; j < d; j++) {
+            const double g = double(dy[size_t(r) * d + j]) * w[j], xh = (x[size_t(r) * d + j] - mean[r]) * rstd[r];
+            sg += g;
+            sgx += g * xh;
+        }
+        sg /= d;
+        sgx /= d;
+        for (int j = 0; j < d; j++) {
+            const double g = double(dy[size_t(r) * d + j]) * w[j], xh = (x[size_t(r) * d + j] - mean[r]) * rstd[r];
+            dwant[size_t(r) * d + j] = rstd[r] * (g - sg - xh * sgx);
+        }
+        st_want[2 * size_t(r)] = mean[r];
+        st_want[2 * size_t(r) + 1] = rstd[r];
+    }
+    ok &= report("LayerNorm backward dx (warp per row, bf16)", max_diff(dwant, dx), 1e-4);
+    ok &= report("LayerNorm backward row statistics", max_diff(st_want, stats), 1e-4);
+    return ok;
+}
+
+double gelu(double z) { return 0.5 * z * (1.0 + std::erf(z / std::sqrt(2.0))); }
+double gelu_grad(double z) {
+    return 0.5 * (1.0 + std::erf(z / std::sqrt(2.0))) + z * std::exp(-0.5 * z * z) / std::sqrt(2.0 * M_PI);
+}
+
+bool bias_checks() {
+    const int rows = 9, d = 3072;
+    const long long n4 = (long long)rows * d / 4;
+    const int d4 = d / 4;
+    const auto x = rounded<__nv_bfloat16>(randv(size_t(rows) * d, 31, 2.f));
+    const auto b = randv(d, 32);
+    const auto xb = to_bf16(x);
+    const Dim3 grid{unsigned((n4 + 255) / 256), 1, 1};
+    std::vector<__nv_bfloat16> yb(xb.size());
+    emu_launch(grid, 256, [&] { cim_bias_gelu_fwd_v4_bf16(xb.data(), b.data(), yb.data(), n4, d4); });
+    std::vector<double> want(x.size());
+    for (size_t i = 0; i < x.size(); i++) want[i] = gelu(double(x[i]) + b[i % d]);
+    double scale = 0;
+    for (double v : want) scale = std::max(scale, std::fabs(v));
+    bool ok = report("bias + GELU forward (4 per thread, bf16)", max_diff(want, floats(yb)), 8e-3 * scale);
+    emu_launch(grid, 256, [&] { cim_bias_add_fwd_v4_bf16(xb.data(), b.data(), yb.data(), n4, d4); });
+    for (size_t i = 0; i < x.size(); i++) want[i] = double(x[i]) + b[i % d];
+    ok &= report("bias add forward (4 per thread, bf16)", max_diff(want, floats(yb)), 8e-3 * 8);
+    const auto dy = rounded<__nv_bfloat16>(randv(x.size(), 33));
+    const auto dyb = to_bf16(dy);
+    std::vector<__nv_bfloat16> dxb(xb.size());
+    emu_launch(grid, 256, [&] { cim_bias_gelu_bwd_dx_bf16_out_v4(xb.data(), b.data(), dyb.data(), dxb.data(), n4, d4); });
+    for (size_t i = 0; i < x.size(); i++) want[i] = dy[i] * gelu_grad(double(x[i]) + b[i % d]);
+    ok &= report("bias + GELU backward dx (4 per thread, into bf16)", max_diff(want, floats(dxb)), 8e-3 * 5);
+    return ok;
+}
+
+bool argmax_checks() {
+    const int rows = 19, c = 8192;
+    const auto x = rounded<__half>(randv(size_t(rows) * c, 41));  // f16: ties happen
+    const auto xh = cast_to<__half>(x);
+    std::vector<unsigned> got(rows, 12345u);
+    // A warp per row, blocks of (32, 8) (cuda.rs `argmax_rows_t`).
+    emu_launch({unsigned((rows + 7) / 8), 1, 1}, Dim3{32, 8, 1}, [&] { cim_argmax_rows_f16(xh.data(), got.data(), rows, c); });
+    int bad = 0;
+    for (int r = 0; r < rows; r++) {
+        unsigned best = 0;
+        for (int j = 1; j < c; j++)
+            if (x[size_t(r) * c + j] > x[size_t(r) * c + best]) best = unsigned(j);
+        bad += got[r] != best;
+    }
+    return report("row argmax of f16 logits (first of equal maxima)", bad, 0);
+}
+
+bool nhwc_checks() {
+    const int b = 2, h = 6, w = 10, c = 24;
+    const auto x = rounded<__half>(randv(size_t(b) * h * w * c, 51));
+    const auto xh = cast_to<__half>(x);
+    const int ho = h / 2, wo = w / 2;
+    // max-pool: one thread per output element; upsample: one per input element (cuda.rs).
+    const long long npool = (long long)b * ho * wo * c, nup = (long long)b * h * w * c;
+    std::vector<__half> pooled(npool), up(size_t(4) * nup);
+    emu_launch({unsigned((npool + 255) / 256), 1, 1}, 256, [&] { cim_max_pool_2x2_nhwc_f16(xh.data(), pooled.data(), npool, h, w, ho, wo, c); });
+    emu_launch({unsigned((nup + 255) / 256), 1, 1}, 256, [&] { cim_upsample_2x_nhwc_f16(xh.data(), up.data(), nup, h, w, 2 * h, 2 * w, c); });
+    auto at = [&](int bi, int y, int xx, int ch) { return x[((size_t(bi) * h + y) * w + xx) * c + ch]; };
+    std::vector<double> want_pool(npool), want_up(size_t(4) * nup);
+    for (int bi = 0; bi < b; bi++)
+        for (int y = 0; y < ho; y++)
+            for (int xx = 0; xx < wo; xx++)
+                for (int ch = 0; ch < c; ch++)
+                    want_pool[((size_t(bi) * ho + y) * wo + xx) * c + ch] =
+                        std::max(std::max(at(bi, 2 * y, 2 * xx, ch), at(bi, 2 * y, 2 * xx + 1, ch)),
+                                 std::max(at(bi, 2 * y + 1, 2 * xx, ch), at(bi, 2 * y + 1, 2 * xx + 1, ch)));
+    for (int bi = 0; bi < b; bi++)
+        for (int y = 0; y < 2 * h; y++)
+            for (int xx = 0; xx < 2 * w; xx++)
+                for (int ch = 0; ch < c; ch++)
+                    want_up[((size_t(bi) * 2 * h + y) * 2 * w + xx) * c + ch] = at(bi, y / 2, xx / 2, ch);
+    bool ok = report("2×2 max-pool, channels last (f16)", max_diff(want_pool, floats(pooled)), 0);
+    ok &= report("nearest 2× upsampling, channels last (f16)", max_diff(want_up, floats(up)), 0);
+    return ok;
+}
+}  // namespace
+
+int main() {
+    bool ok = true;
+    ok &= run_case(1, 5, 1, 1);
+    ok &= run_case(2, 70, 2, 2);
+    ok &= run_case(1, 197, 2, 3);
+    ok &= run_case(1, 130, 1, 4);
+    ok &= softmax_checks();
+    ok &= layer_norm_checks();
+    ok &= bias_checks();
+    ok &= argmax_checks();
+    ok &= nhwc_checks();
+    return ok ? 0 : 1;
+}
