@@ -23,10 +23,23 @@ std::vector<__nv_bfloat16> to_bf16(const std::vector<float>& x) {
     return out;
 }
 
+// Outputs start as NaN (see `nan_filled`), so an element a kernel never wrote shows as infinitely
+// off.
+double off(double want, float got) { return std::isnan(got) ? INFINITY : std::fabs(want - got); }
+
+template <class T>
+std::vector<T> nan_filled(size_t n);
+template <>
+std::vector<__nv_bfloat16> nan_filled(size_t n) { return std::vector<__nv_bfloat16>(n, __nv_bfloat16{0x7fc0}); }
+template <>
+std::vector<__half> nan_filled(size_t n) { return std::vector<__half>(n, __half{0x7e00}); }
+template <>
+std::vector<float> nan_filled(size_t n) { return std::vector<float>(n, NAN); }
+
 float max_abs_diff(const std::vector<double>& want, const float* got, size_t n, double* scale) {
     double d = 0, s = 0;
     for (size_t i = 0; i < n; i++) {
-        d = std::max(d, std::fabs(want[i] - got[i]));
+        d = std::max(d, off(want[i], got[i]));
         s = std::max(s, std::fabs(want[i]));
     }
     *scale = s;
@@ -82,8 +95,9 @@ bool run_case(int b, int n, int h, unsigned seed) {
         }
     // The kernels, launched as src/ops/cuda.rs launches them.
     const auto qkv_b = to_bf16(qkv), dout_b = to_bf16(dout);
-    std::vector<__nv_bfloat16> out_b(dout.size()), dqkv_b(qkv.size());
-    std::vector<float> lse(lse_ref.size()), delta(lse_ref.size()), dq(dout.size(), 0.f);
+    auto out_b = nan_filled<__nv_bfloat16>(dout.size()), dqkv_b = nan_filled<__nv_bfloat16>(qkv.size());
+    auto lse = nan_filled<float>(lse_ref.size()), delta = nan_filled<float>(lse_ref.size());
+    std::vector<float> dq(dout.size(), 0.f);  // zeroed by cuda.rs before the atomics
     const unsigned tiles = unsigned((n + 63) / 64), bh = unsigned(b * h);
     emu_launch({tiles, bh, 1}, 128, [&] { cim_flash_stats_bf16(qkv_b.data(), lse.data(), n, h, scale); });
     emu_launch({tiles, bh, 1}, 128, [&] { cim_flash_out_bf16(qkv_b.data(), lse.data(), out_b.data(), n, h, scale); });
@@ -150,7 +164,7 @@ bool report(const char* what, double diff, double tol) {
 }
 double max_diff(const std::vector<double>& want, const std::vector<float>& got) {
     double d = 0;
-    for (size_t i = 0; i < want.size(); i++) d = std::max(d, std::fabs(want[i] - got[i]));
+    for (size_t i = 0; i < want.size(); i++) d = std::max(d, off(want[i], got[i]));
     return d;
 }
 
@@ -161,7 +175,7 @@ bool softmax_checks() {
     const int rows = 37, d = 200, valid = 197;  // attention's padded scores
     const auto x = rounded<__nv_bfloat16>(randv(size_t(rows) * d, 11, 3.f));
     const auto xb = to_bf16(x);
-    std::vector<__nv_bfloat16> yb(xb.size());
+    auto yb = nan_filled<__nv_bfloat16>(xb.size());
     emu_launch(warp_rows(rows), 256, [&] { cim_softmax_fwd_warp_bf16(xb.data(), yb.data(), rows, d, valid); });
     std::vector<double> want(x.size());
     for (int r = 0; r < rows; r++) {
@@ -173,7 +187,7 @@ bool softmax_checks() {
     bool ok = report("softmax forward (warp per row, bf16, 197 of 200 columns)", max_diff(want, floats(yb)), 4e-3);
     const auto dy = rounded<__nv_bfloat16>(randv(x.size(), 12));
     const auto dyb = to_bf16(dy);
-    std::vector<__nv_bfloat16> dxb(xb.size());
+    auto dxb = nan_filled<__nv_bfloat16>(xb.size());
     emu_launch(warp_rows(rows), 256, [&] { cim_softmax_bwd_warp_bf16(yb.data(), dyb.data(), dxb.data(), rows, d); });
     const auto y = floats(yb);
     std::vector<double> dwant(x.size());
@@ -192,7 +206,7 @@ bool layer_norm_checks() {
     const auto x = rounded<__nv_bfloat16>(randv(size_t(rows) * d, 21, 2.f));
     const auto w = randv(d, 22), b = randv(d, 23);
     const auto xb = to_bf16(x);
-    std::vector<__nv_bfloat16> yb(xb.size());
+    auto yb = nan_filled<__nv_bfloat16>(xb.size());
     emu_launch(warp_rows(rows), 256, [&] { cim_layer_norm_fwd_warp_bf16(xb.data(), w.data(), b.data(), yb.data(), rows, d, eps); });
     std::vector<double> want(x.size()), mean(rows), rstd(rows);
     for (int r = 0; r < rows; r++) {
@@ -209,7 +223,7 @@ bool layer_norm_checks() {
     bool ok = report("LayerNorm forward (warp per row, bf16, 768 wide)", max_diff(want, floats(yb)), 8e-3 * scale);
     const auto dy = rounded<__nv_bfloat16>(randv(x.size(), 24));
     const auto dyb = to_bf16(dy);
-    std::vector<float> dx(x.size()), stats(2 * size_t(rows));
+    auto dx = nan_filled<float>(x.size()), stats = nan_filled<float>(2 * size_t(rows));
     emu_launch(warp_rows(rows), 256, [&] {
         cim_layer_norm_bwd_dx_warp_bf16(xb.data(), w.data(), dyb.data(), dx.data(), stats.data(), rows, d, eps);
     });
@@ -248,7 +262,7 @@ bool bias_checks() {
     const auto b = randv(d, 32);
     const auto xb = to_bf16(x);
     const Dim3 grid{unsigned((n4 + 255) / 256), 1, 1};
-    std::vector<__nv_bfloat16> yb(xb.size());
+    auto yb = nan_filled<__nv_bfloat16>(xb.size());
     emu_launch(grid, 256, [&] { cim_bias_gelu_fwd_v4_bf16(xb.data(), b.data(), yb.data(), n4, d4); });
     std::vector<double> want(x.size());
     for (size_t i = 0; i < x.size(); i++) want[i] = gelu(double(x[i]) + b[i % d]);
@@ -260,7 +274,7 @@ bool bias_checks() {
     ok &= report("bias add forward (4 per thread, bf16)", max_diff(want, floats(yb)), 8e-3 * 8);
     const auto dy = rounded<__nv_bfloat16>(randv(x.size(), 33));
     const auto dyb = to_bf16(dy);
-    std::vector<__nv_bfloat16> dxb(xb.size());
+    auto dxb = nan_filled<__nv_bfloat16>(xb.size());
     emu_launch(grid, 256, [&] { cim_bias_gelu_bwd_dx_bf16_out_v4(xb.data(), b.data(), dyb.data(), dxb.data(), n4, d4); });
     for (size_t i = 0; i < x.size(); i++) want[i] = dy[i] * gelu_grad(double(x[i]) + b[i % d]);
     ok &= report("bias + GELU backward dx (4 per thread, into bf16)", max_diff(want, floats(dxb)), 8e-3 * 5);
@@ -291,7 +305,7 @@ bool nhwc_checks() {
     const int ho = h / 2, wo = w / 2;
     // max-pool: one thread per output element; upsample: one per input element (cuda.rs).
     const long long npool = (long long)b * ho * wo * c, nup = (long long)b * h * w * c;
-    std::vector<__half> pooled(npool), up(size_t(4) * nup);
+    auto pooled = nan_filled<__half>(npool), up = nan_filled<__half>(size_t(4) * nup);
     emu_launch({unsigned((npool + 255) / 256), 1, 1}, 256, [&] { cim_max_pool_2x2_nhwc_f16(xh.data(), pooled.data(), npool, h, w, ho, wo, c); });
     emu_launch({unsigned((nup + 255) / 256), 1, 1}, 256, [&] { cim_upsample_2x_nhwc_f16(xh.data(), up.data(), nup, h, w, 2 * h, 2 * w, c); });
     auto at = [&](int bi, int y, int xx, int ch) { return x[((size_t(bi) * h + y) * w + xx) * c + ch]; };
@@ -312,6 +326,114 @@ bool nhwc_checks() {
     ok &= report("nearest 2× upsampling, channels last (f16)", max_diff(want_up, floats(up)), 0);
     return ok;
 }
+bool head_copy_checks() {
+    // ViT-B/16-like, small: 197 tokens padded to 200 rows per head, 3 heads of 64; 16-byte words.
+    const int B = 2, N = 197, H = 3, hd = 64, R = 200;
+    const float scale = 0.125f;
+    const size_t tok = size_t(B) * N * H * hd, head = size_t(B) * H * R * hd;
+    const auto qkv = rounded<__nv_bfloat16>(randv(3 * tok, 61));
+    const auto qkvb = to_bf16(qkv);
+    auto parts = nan_filled<__nv_bfloat16>(3 * head);
+    const long long words = (long long)(3 * head) / 8;
+    emu_launch({unsigned((words + 255) / 256), 1, 1}, 256, [&] {
+        cim_split_qkv_vec_bf16(qkvb.data(), nullptr, nullptr, parts.data(), words, B, N, H, hd, R, scale);
+    });
+    std::vector<double> want(3 * head, 0.0);
+    for (int s = 0; s < 3; s++)
+        for (int b = 0; b < B; b++)
+            for (int h = 0; h < H; h++)
+                for (int t = 0; t < N; t++)
+                    for (int d = 0; d < hd; d++) {
+                        const double v = qkv[((size_t(b) * N + t) * 3 + s) * H * hd + size_t(h) * hd + d];
+                        // part 0 is scaled in f32 and rounded once to bf16
+                        want[(((size_t(s) * B + b) * H + h) * R + t) * hd + d] =
+                            s == 0 ? __bfloat162float(__float2bfloat16(float(v) * scale)) : v;
+                    }
+    bool ok = report("split qkv into padded heads (16-byte words, bf16, q scaled)", max_diff(want, floats(parts)), 0);
+    // merge_qkv: the three per-head gradients back into the packed layout, part 0 scaled.
+    auto merged = nan_filled<__nv_bfloat16>(3 * tok);
+    const long long mwords = (long long)(3 * tok) / 8;
+    const __nv_bfloat16* pa = parts.data();
+    emu_launch({unsigned((mwords + 255) / 256), 1, 1}, 256, [&] {
+        cim_merge_qkv_vec_bf16(pa, pa + head, pa + 2 * head, merged.data(), mwords, B, N, H, hd, R, scale);
+    });
+    std::vector<double> mwant(3 * tok);
+    const auto pf = floats(parts);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < N; t++)
+            for (int s = 0; s < 3; s++)
+                for (int h = 0; h < H; h++)
+                    for (int d = 0; d < hd; d++) {
+                        const float v = pf[(((size_t(s) * B + b) * H + h) * R + t) * hd + d];
+                        mwant[((size_t(b) * N + t) * 3 + s) * H * hd + size_t(h) * hd + d] =
+                            s == 0 ? __bfloat162float(__float2bfloat16(v * scale)) : v;
+                    }
+    ok &= report("merge per-head gradients into packed dqkv (16-byte words, bf16)", max_diff(mwant, floats(merged)), 0);
+    // merge_heads: one per-head tensor (B, H, R, hd) into tokens (B, N, H·hd), unscaled.
+    auto out = nan_filled<__nv_bfloat16>(tok);
+    const long long owords = (long long)tok / 8;
+    emu_launch({unsigned((owords + 255) / 256), 1, 1}, 256, [&] {
+        cim_merge_heads_vec_bf16(pa, nullptr, nullptr, out.data(), owords, B, N, H, hd, R, 1.0f);
+    });
+    std::vector<double> owant(tok);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < N; t++)
+            for (int h = 0; h < H; h++)
+                for (int d = 0; d < hd; d++)
+                    owant[((size_t(b) * N + t) * H + h) * hd + d] = pf[((size_t(b) * H + h) * R + t) * hd + d];
+    ok &= report("merge heads into tokens (16-byte words, bf16)", max_diff(owant, floats(out)), 0);
+    return ok;
+}
+
+bool residual_checks() {
+    const int rows = 7, d = 768;
+    const long long n4 = (long long)rows * d / 4;
+    const auto a = rounded<__nv_bfloat16>(randv(size_t(rows) * d, 71));
+    const auto bb = rounded<__nv_bfloat16>(randv(size_t(rows) * d, 72));
+    const auto bf = randv(size_t(rows) * d, 73);
+    const auto bias = randv(d, 74);
+    const auto ab = to_bf16(a), bbb = to_bf16(bb);
+    auto y = nan_filled<__nv_bfloat16>(a.size());
+    const Dim3 grid{unsigned((n4 + 255) / 256), 1, 1};
+    emu_launch(grid, 256, [&] { cim_residual_add_bf16(ab.data(), bbb.data(), bias.data(), y.data(), n4, d / 4, 1); });
+    std::vector<double> want(a.size());
+    for (size_t i = 0; i < a.size(); i++)
+        want[i] = __bfloat162float(__float2bfloat16(a[i] + (bb[i] + bias[i % d])));
+    bool ok = report("residual add + bias (bf16 + bf16)", max_diff(want, floats(y)), 0);
+    emu_launch(grid, 256, [&] { cim_residual_add_bf16_f32(ab.data(), bf.data(), nullptr, y.data(), n4, d / 4, 0); });
+    for (size_t i = 0; i < a.size(); i++) want[i] = __bfloat162float(__float2bfloat16(a[i] + bf[i]));
+    ok &= report("residual add (bf16 + f32, no bias)", max_diff(want, floats(y)), 0);
+    return ok;
+}
+
+bool channel_bias_checks() {
+    bool ok = true;
+    // Channels last at 6 channels (4-element words straddle pixels) and at 12.
+    for (int c : {6, 12}) {
+        const int b = 2, h = 3, w = 4;
+        const size_t n = size_t(b) * h * w * c;
+        const auto x = rounded<__half>(randv(n, 81));
+        const auto r = rounded<__half>(randv(n, 82));
+        const auto bias = rounded<__half>(randv(size_t(c), 83));
+        const auto xh = cast_to<__half>(x), rh = cast_to<__half>(r), bh = cast_to<__half>(bias);
+        auto y = nan_filled<__half>(2 * n);
+        const long long n4 = (long long)n / 4;
+        const float g = 0.5f;
+        emu_launch({unsigned((n4 + 255) / 256), 1, 1}, 256, [&] {
+            cim_channel_bias_f16(xh.data(), bh.data(), rh.data(), y.data(), n4, c, 0, g, 1, 0, 1, 1);
+        });
+        std::vector<double> want(2 * n);
+        for (size_t i = 0; i < n; i++) {
+            const float v = g * (x[i] + bias[i % c]) + r[i];
+            want[i] = __half2float(__float2half(v));
+            want[n + i] = __half2float(__float2half(std::max(v, 0.f)));
+        }
+        char what[120];
+        std::snprintf(what, sizeof what, "conv epilogue channels last, %d channels: g·(x + b) + r, and its ReLU (f16)", c);
+        ok &= report(what, max_diff(want, floats(y)), 0);
+    }
+    return ok;
+}
 }  // namespace
 
 int main() {
@@ -325,5 +447,8 @@ int main() {
     ok &= bias_checks();
     ok &= argmax_checks();
     ok &= nhwc_checks();
+    ok &= head_copy_checks();
+    ok &= residual_checks();
+    ok &= channel_bias_checks();
     return ok ? 0 : 1;
 }
