@@ -53,7 +53,7 @@ fn cuda_kernels_emulated() {
     );
     assert_eq!(
         stdout.lines().filter(|l| l.starts_with("ok ")).count(),
-        15,
+        22,
         "{stdout}"
     );
 }
