@@ -125,7 +125,7 @@ struct EmuBlock {
     std::vector<std::unique_ptr<std::barrier<>>> warps;
     std::vector<uint64_t> shfl;
 };
-inline EmuBlock* emu_block = nullptr;
+inline thread_local EmuBlock* emu_block = nullptr;
 
 inline void __syncthreads() { emu_block->all->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) {
@@ -225,35 +225,41 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
 }  // namespace wmma
 }  // namespace nvcuda
 
-// Runs `kernel` on a grid of blocks, one block at a time, one std::thread per CUDA thread.
+// Runs `kernel` on a grid of blocks, one block at a time: one std::thread per CUDA thread of a
+// block, the same threads for every block, all of a block finished before the next one starts
+// (its `__shared__` arrays are statics, shared by every block).
 inline void emu_launch(Dim3 grid, Dim3 block, const std::function<void()>& kernel) {
     gridDim = grid;
     blockDim = block;
     const unsigned threads = block.x * block.y * block.z;
-    for (unsigned by = 0; by < grid.y; by++)
-        for (unsigned bx = 0; bx < grid.x; bx++) {
-            EmuBlock blk;
-            blk.all = std::make_unique<std::barrier<>>(threads);
-            for (unsigned w = 0; w < (threads + 31) / 32; w++)
-                blk.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
-            blk.shfl.assign(threads, 0);
-            emu_block = &blk;
-            std::vector<std::thread> ts;
-            for (unsigned t = 0; t < threads; t++)
-                ts.emplace_back([&, t] {
-                    emu_tid = t;
-                    threadIdx = Dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-                    blockIdx = Dim3{bx, by, 0};
-                    kernel();
-                    // A thread that has returned no longer takes part in barriers (as on a GPU,
-                    // where the kernels return early for rows past the end, warp by warp).
-                    blk.warps[t >> 5]->arrive_and_drop();
-                    blk.all->arrive_and_drop();
-                });
-            for (auto& th : ts) th.join();
-        }
+    const size_t blocks = size_t(grid.x) * grid.y;
+    std::vector<EmuBlock> state(blocks);
+    for (EmuBlock& blk : state) {
+        blk.all = std::make_unique<std::barrier<>>(threads);
+        for (unsigned w = 0; w < (threads + 31) / 32; w++)
+            blk.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
+        blk.shfl.assign(threads, 0);
+    }
+    std::barrier<> block_done(threads);
+    std::vector<std::thread> ts;
+    for (unsigned t = 0; t < threads; t++)
+        ts.emplace_back([&, t] {
+            emu_tid = t;
+            threadIdx = Dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+            for (size_t bi = 0; bi < blocks; bi++) {
+                EmuBlock& blk = state[bi];
+                emu_block = &blk;
+                blockIdx = Dim3{unsigned(bi % grid.x), unsigned(bi / grid.x), 0};
+                kernel();
+                // A thread that has returned no longer takes part in the block's barriers (as on
+                // a GPU, where the kernels return early for rows past the end, warp by warp).
+                blk.warps[t >> 5]->arrive_and_drop();
+                blk.all->arrive_and_drop();
+                block_done.arrive_and_wait();
+            }
+        });
+    for (auto& th : ts) th.join();
 }
-
 
 // A one-dimensional block of `threads`.
 inline void emu_launch(Dim3 grid, unsigned threads, const std::function<void()>& kernel) {

@@ -434,6 +434,103 @@ bool channel_bias_checks() {
     }
     return ok;
 }
+bool batch_norm_checks() {
+    // bf16 maps (the ResNet-50 enhancer in bf16); 5 items of 4096 pixels: the reduction grid takes
+    // 4 items per block, so two chunks, the second partial (cuda.rs `bn_grid`).
+    const int B = 5, C = 2, HW = 4096;
+    const float eps = 1e-5f;
+    const size_t n = size_t(B) * C * HW;
+    const auto x = rounded<__nv_bfloat16>(randv(n, 91, 2.f));
+    const auto dy = rounded<__nv_bfloat16>(randv(n, 92));
+    const auto xb = to_bf16(x), dyb = to_bf16(dy);
+    const int ipc = std::min(std::max(16384 / HW, 1), B), chunks = (B + ipc - 1) / ipc;
+    std::vector<double> partial(2 * size_t(chunks) * C, NAN);
+    auto stats = nan_filled<float>(2 * size_t(C));
+    emu_launch({unsigned(C), unsigned(chunks), 1}, 256, [&] { cim_bn_moment_partials_bf16(xb.data(), partial.data(), B, C, HW, ipc); });
+    emu_launch({1, 1, 1}, 256, [&] { cim_bn_moments_finish(partial.data(), stats.data(), C, chunks, double(B) * HW); });
+    std::vector<double> mean(C, 0), var(C, 0), st_want(2 * size_t(C));
+    for (int c = 0; c < C; c++) {
+        for (int b = 0; b < B; b++)
+            for (int p = 0; p < HW; p++) mean[c] += x[(size_t(b) * C + c) * HW + p];
+        mean[c] /= double(B) * HW;
+        for (int b = 0; b < B; b++)
+            for (int p = 0; p < HW; p++) {
+                const double d = x[(size_t(b) * C + c) * HW + p] - mean[c];
+                var[c] += d * d;
+            }
+        var[c] /= double(B) * HW;
+        st_want[c] = mean[c];
+        st_want[C + c] = var[c];
+    }
+    bool ok = report("BatchNorm moments [mean; biased var] (bf16, two chunks)", max_diff(st_want, stats), 1e-5);
+    const auto gamma = randv(C, 93), beta = randv(C, 94);
+    std::vector<float> affine(2 * size_t(C));
+    for (int c = 0; c < C; c++) {
+        affine[c] = gamma[c];
+        affine[C + c] = beta[c];
+    }
+    auto y = nan_filled<__nv_bfloat16>(n);
+    const Dim3 per_el{unsigned((n + 255) / 256), 1, 1};
+    emu_launch(per_el, 256, [&] { cim_batch_norm_fwd_bf16(xb.data(), stats.data(), affine.data(), y.data(), (long long)n, C, HW, eps); });
+    std::vector<double> y_want(n), xhat(n);
+    double scale = 0;
+    for (size_t i = 0; i < n; i++) {
+        const int c = int((i / HW) % C);
+        xhat[i] = (x[i] - mean[c]) / std::sqrt(var[c] + eps);
+        y_want[i] = xhat[i] * gamma[c] + beta[c];
+        scale = std::max(scale, std::fabs(y_want[i]));
+    }
+    ok &= report("BatchNorm normalisation (bf16)", max_diff(y_want, floats(y)), 8e-3 * scale);
+    // [dγ; dβ] from p = [γ; β; mean; var], then dx from p = [γ; β; mean; var; dγ; dβ].
+    std::vector<float> p4(4 * size_t(C));
+    for (int c = 0; c < C; c++) {
+        p4[c] = gamma[c];
+        p4[C + c] = beta[c];
+        p4[2 * C + c] = stats[c];
+        p4[3 * C + c] = stats[C + c];
+    }
+    auto sums = nan_filled<float>(2 * size_t(C));
+    std::fill(partial.begin(), partial.end(), NAN);
+    emu_launch({unsigned(C), unsigned(chunks), 1}, 256, [&] {
+        cim_bn_grad_partials_bf16(xb.data(), dyb.data(), p4.data(), partial.data(), B, C, HW, ipc, eps);
+    });
+    emu_launch({1, 1, 1}, 256, [&] { cim_bn_grad_finish(partial.data(), sums.data(), C, chunks); });
+    std::vector<double> sums_want(2 * size_t(C), 0.0);
+    for (size_t i = 0; i < n; i++) {
+        const int c = int((i / HW) % C);
+        sums_want[c] += dy[i] * xhat[i];
+        sums_want[C + c] += dy[i];
+    }
+    ok &= report("BatchNorm backward sums [dγ; dβ] (bf16, two chunks)", max_diff(sums_want, sums), 1e-2);
+    std::vector<float> p6(6 * size_t(C));
+    std::copy(p4.begin(), p4.end(), p6.begin());
+    for (int c = 0; c < C; c++) {
+        p6[4 * C + c] = sums[c];
+        p6[5 * C + c] = sums[C + c];
+    }
+    auto dx = nan_filled<__nv_bfloat16>(n);
+    emu_launch(per_el, 256, [&] {
+        cim_bn_dx_bf16(xb.data(), dyb.data(), p6.data(), dx.data(), (long long)n, C, HW, float(B) * HW, eps);
+    });
+    std::vector<double> dx_want(n);
+    const double count = double(B) * HW;
+    double dscale = 0;
+    for (size_t i = 0; i < n; i++) {
+        const int c = int((i / HW) % C);
+        dx_want[i] = gamma[c] / std::sqrt(var[c] + eps) *
+                     (dy[i] - sums_want[C + c] / count - xhat[i] * sums_want[c] / count);
+        dscale = std::max(dscale, std::fabs(dx_want[i]));
+    }
+    ok &= report("BatchNorm backward dx (bf16)", max_diff(dx_want, floats(dx)), 8e-3 * dscale);
+    // The running statistics, in place: r = keep·r + add·x.
+    auto r = randv(2 * size_t(C), 95);
+    const auto r0 = r;
+    emu_launch({1, 1, 1}, 256, [&] { cim_running_average(r.data(), stats.data(), 2LL * C, 0.9f, 0.1f * 1.0001f); });
+    std::vector<double> r_want(r.size());
+    for (size_t i = 0; i < r.size(); i++) r_want[i] = 0.9 * r0[i] + 0.1 * 1.0001 * stats[i];
+    ok &= report("BatchNorm running average (in place)", max_diff(r_want, r), 1e-6);
+    return ok;
+}
 }  // namespace
 
 int main() {
@@ -450,5 +547,6 @@ int main() {
     ok &= head_copy_checks();
     ok &= residual_checks();
     ok &= channel_bias_checks();
+    ok &= batch_norm_checks();
     return ok ? 0 : 1;
 }
