@@ -1,14 +1,27 @@
 #!/usr/bin/env bash
-# A short device call (~5 min on a warm H200; carry [".gpu"]) for a session with little device time
-# left: the GPU parity test, ViT-B/16 RESPIX bf16 as configured by default (and with each of
-# sessions 12 and 13's changes undone in turn), ResNet-50 REVDET bf16, the PyTorch eager
-# reference of both in the same call, and kernel profiles (by kernel and by phase of the step) of
-# both.
+# A short device call (~6 min on a warm H200; carry [".gpu"], timeout ≥ 480 s) for a session with
+# little device time left, most important first, so that a call cut short still holds the issue's
+# ratio: the GPU parity test; ViT-B/16 RESPIX bf16 as configured by default and the PyTorch eager
+# reference right after it; then ViT-B/16 with the flash attention kernels on, and with each of
+# sessions 12 and 13's changes undone in turn; ResNet-50 REVDET bf16 and its reference; kernel
+# profiles (by kernel and by phase of the step) of both.
 # The full measurement is benches/gpu-suite.sh. Files go under $OUT.
 set -u
 source benches/gpu-lib.sh
+torch_ref() { # ENHANCER OBJECTIVE: the eager reference, appended to torch.jsonl
+  el "torch bf16 eager $1 $2"
+  timeout 90 python3 .gpu/torch_cim_ref.py --device cuda --dtype bf16 --enhancer "$1" --objective "$2" \
+    --batch "$B" --steps 10 --warmup 3 --no-flops > "$OUT/torch_now.jsonl" 2> "$OUT/torch.err"
+  echo "rc=$?"; tail -n 3 "$OUT/torch.err"; summ "$OUT/torch_now.jsonl"
+  cat "$OUT/torch_now.jsonl" >> "$OUT/torch.jsonl"; rm -f "$OUT/torch_now.jsonl" "$OUT/torch.err"
+}
 parity
-bench vit_b16_respix vit_b16_respix --set run.precision='"bf16"'
+# `run.cuda_kernels=true` is the default; naming it lets gpu-lib's bench() rerun with the kernels
+# off should this run fail, so that the call still yields a figure.
+bench vit_b16_respix vit_b16_respix --set run.precision='"bf16"' --set run.cuda_kernels=true
+torch_ref vit_b16 respix
+# The flash attention kernels (session 13, off by default until their parity check passes).
+bench vit_b16_respix_flash vit_b16_respix --set run.precision='"bf16"' --set run.flash_attention=true
 # Session 13's changes, each undone on its own: phases timed by a host sync at every boundary (the
 # method up to session 12; the step then drains the queue five times), then also the pool handing
 # freed memory back at every sync (CUDA's default, cim's up to session 12); and, the other way,
@@ -17,23 +30,15 @@ bench vit_b16_respix_sync vit_b16_respix --set run.precision='"bf16"' --sync-pha
 bench vit_b16_respix_sync_release vit_b16_respix --set run.precision='"bf16"' --sync-phases \
   --set run.cuda_keep_freed=false
 bench vit_b16_respix_upload_cache vit_b16_respix --set run.precision='"bf16"' --upload-cache
-# The flash attention kernels (session 13, off by default until their parity check passes).
-bench vit_b16_respix_flash vit_b16_respix --set run.precision='"bf16"' --set run.flash_attention=true
-# The dVAE channels first (the layout before session 12) and the parameters packed into the block
-# nodes (no GradSink: the path before session 12), for the two changes' effects.
+# Session 12's: the dVAE channels first (the layout before session 12) and the parameters packed
+# into the block nodes (no GradSink: the path before session 12).
 bench vit_b16_respix_nchw vit_b16_respix --set run.precision='"bf16"' \
   --set tokenizer.dalle_dvae.layout='"nchw"'
 bench vit_b16_respix_no_sink vit_b16_respix --set run.precision='"bf16"' --set run.grad_sink=false
 # ResNet-50 REVDET (0.33× in session 11): the BatchNorm graft and running-average kernel, the sink.
-bench resnet50_revdet resnet50_revdet --set run.precision='"bf16"'
-el "torch bf16 eager ViT-B/16 RESPIX, then ResNet-50 REVDET"
-for cfg in "vit_b16 respix" "resnet50 revdet"; do
-  set -- $cfg
-  timeout 90 python3 .gpu/torch_cim_ref.py --device cuda --dtype bf16 --enhancer "$1" --objective "$2" \
-    --batch "$B" --steps 10 --warmup 3 --no-flops >> "$OUT/torch.jsonl" 2> "$OUT/torch.err"
-  echo "rc=$?"; tail -n 3 "$OUT/torch.err"
-done
-summ "$OUT/torch.jsonl"; rm -f "$OUT/torch.err" "$OUT/cim.err"
+bench resnet50_revdet resnet50_revdet --set run.precision='"bf16"' --set run.cuda_kernels=true
+torch_ref resnet50 revdet
+rm -f "$OUT/cim.err"
 el "kernel profile, ViT-B/16 RESPIX bf16 (defaults), by kernel and by phase"
 TOP=30 timeout 90 bash benches/cupti/profile.sh vit_b16_respix 1 3 --batch "$B" --warmup 1 \
   --set run.precision='"bf16"' > "$OUT/profile.txt" 2>&1; echo "rc=$?"; cat "$OUT/profile.txt"
