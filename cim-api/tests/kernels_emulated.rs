@@ -54,7 +54,7 @@ fn cuda_kernels_emulated() {
     );
     assert_eq!(
         stdout.lines().filter(|l| l.starts_with("ok ")).count(),
-        27,
+        30,
         "{stdout}"
     );
 }

@@ -326,6 +326,47 @@ bool nhwc_checks() {
     ok &= report("nearest 2× upsampling, channels last (f16)", max_diff(want_up, floats(up)), 0);
     return ok;
 }
+// The channels-first twins (the dVAE with `layout = "nchw"`), odd sides for the pool.
+bool nchw_checks() {
+    const int b = 2, c = 5, h = 7, w = 9;
+    const auto x = rounded<__half>(randv(size_t(b) * c * h * w, 55));
+    const auto xh = cast_to<__half>(x);
+    const int ho = h / 2, wo = w / 2;
+    const long long npool = (long long)b * c * ho * wo, nup = (long long)b * c * h * w;
+    auto pooled = nan_filled<__half>(npool), up = nan_filled<__half>(size_t(4) * nup);
+    emu_launch({unsigned((npool + 255) / 256), 1, 1}, 256, [&] { cim_max_pool_2x2_f16(xh.data(), pooled.data(), npool, h, w, ho, wo, c); });
+    emu_launch({unsigned((nup + 255) / 256), 1, 1}, 256, [&] { cim_upsample_2x_f16(xh.data(), up.data(), nup, h, w, 2 * h, 2 * w, c); });
+    auto at = [&](int p, int y, int xx) { return x[(size_t(p) * h + y) * w + xx]; };  // p = b·C + c
+    std::vector<double> want_pool(npool), want_up(size_t(4) * nup);
+    for (int p = 0; p < b * c; p++) {
+        for (int y = 0; y < ho; y++)
+            for (int xx = 0; xx < wo; xx++)
+                want_pool[(size_t(p) * ho + y) * wo + xx] =
+                    std::max(std::max(at(p, 2 * y, 2 * xx), at(p, 2 * y, 2 * xx + 1)),
+                             std::max(at(p, 2 * y + 1, 2 * xx), at(p, 2 * y + 1, 2 * xx + 1)));
+        for (int y = 0; y < 2 * h; y++)
+            for (int xx = 0; xx < 2 * w; xx++) want_up[(size_t(p) * 2 * h + y) * 2 * w + xx] = at(p, y / 2, xx / 2);
+    }
+    bool ok = report("2×2 max-pool, channels first, odd sides (f16)", max_diff(want_pool, floats(pooled)), 0);
+    ok &= report("nearest 2× upsampling, channels first (f16)", max_diff(want_up, floats(up)), 0);
+    // The conv epilogue channels first: 4-element words inside one channel plane (H·W % 4 == 0).
+    const int cc = 3, hw = 8 * 6;
+    const size_t n = size_t(b) * cc * hw;
+    const auto xe = rounded<__half>(randv(n, 56));
+    const auto bias = rounded<__half>(randv(size_t(cc), 57));
+    const auto xeh = cast_to<__half>(xe), bh = cast_to<__half>(bias);
+    auto y = nan_filled<__half>(n);
+    const long long n4 = (long long)n / 4;
+    emu_launch({unsigned((n4 + 255) / 256), 1, 1}, 256, [&] {
+        cim_channel_bias_f16(xeh.data(), bh.data(), xeh.data(), y.data(), n4, cc, hw / 4, 1.0f, 0, 1, 0, 0);
+    });
+    std::vector<double> want(n);
+    for (size_t i = 0; i < n; i++)
+        want[i] = __half2float(__float2half(std::max(xe[i] + bias[(i / hw) % cc], 0.f)));
+    ok &= report("conv epilogue channels first: ReLU(x + b) (f16)", max_diff(want, floats(y)), 0);
+    return ok;
+}
+
 bool head_copy_checks() {
     // ViT-B/16-like, small: 197 tokens padded to 200 rows per head, 3 heads of 64; 16-byte words.
     const int B = 2, N = 197, H = 3, hd = 64, R = 200;
@@ -544,6 +585,7 @@ int main() {
     ok &= bias_checks();
     ok &= argmax_checks();
     ok &= nhwc_checks();
+    ok &= nchw_checks();
     ok &= head_copy_checks();
     ok &= residual_checks();
     ok &= channel_bias_checks();
