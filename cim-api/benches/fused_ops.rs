@@ -94,6 +94,29 @@ fn main() -> cim_api::Result<()> {
             );
         }
     }
+    if dev.is_cuda() {
+        // bf16 attention of ViT-B/16's shape at batch 32: the GEMM path (the default) against the
+        // flash kernels (`run.flash_attention`), forward + backward.
+        let (b, n, h, d) = (32, 197, 12, 64);
+        let qkv = Var::from_tensor(
+            &Tensor::randn(0f32, 1.0, (b, n, 3 * h * d), &dev)?.to_dtype(candle_core::DType::BF16)?,
+        )?;
+        let up = Tensor::randn(0f32, 1.0, (b, n, h * d), &dev)?.to_dtype(candle_core::DType::BF16)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let run = |flash: bool| {
+            ops::set_flash_attention(flash);
+            let o = ops::attention_qkv(&qkv, h, scale).unwrap();
+            ops::set_flash_attention(false);
+            let g = (o * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            sync(g.get(&qkv).unwrap());
+        };
+        report_as(
+            &format!("bf16 attention B{b} N{n} H{h} D{d}"),
+            10,
+            ("gemm", || run(false)),
+            ("flash", || run(true)),
+        );
+    }
     // The MLP's bias + GELU: the tiny CPU preset's enhancer and ViT-B/16 (8 images).
     for (rows, d, reps) in [(32 * 65, 256, 10), (8 * 197, 3072, 3)] {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, d), &dev)?)?;
