@@ -99,9 +99,11 @@ fn main() -> cim_api::Result<()> {
         // flash kernels (`run.flash_attention`), forward + backward.
         let (b, n, h, d) = (32, 197, 12, 64);
         let qkv = Var::from_tensor(
-            &Tensor::randn(0f32, 1.0, (b, n, 3 * h * d), &dev)?.to_dtype(candle_core::DType::BF16)?,
+            &Tensor::randn(0f32, 1.0, (b, n, 3 * h * d), &dev)?
+                .to_dtype(candle_core::DType::BF16)?,
         )?;
-        let up = Tensor::randn(0f32, 1.0, (b, n, h * d), &dev)?.to_dtype(candle_core::DType::BF16)?;
+        let up =
+            Tensor::randn(0f32, 1.0, (b, n, h * d), &dev)?.to_dtype(candle_core::DType::BF16)?;
         let scale = 1.0 / (d as f64).sqrt();
         let run = |flash: bool| {
             ops::set_flash_attention(flash);

@@ -1588,6 +1588,7 @@ constexpr int LDS = 68;      // f32 tile row stride
 constexpr int LDP = FWD_BK + 8;  // forward probability tile row stride (bf16)
 constexpr int BWD_BK = 64;   // keys per block, backward
 constexpr int BWD_BQ = 32;   // query rows per tile, backward
+static_assert(BWD_BK == D, "the backward's key tiles are as wide as a head (shared tiles of LDH)");
 typedef __nv_bfloat16 bf16;
 using namespace nvcuda;
 typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> FragA;
@@ -1613,6 +1614,70 @@ __device__ __forceinline__ const bf16* qkv_base(const bf16* qkv, int b, int h, i
                                                 int heads) {
     return qkv + ((long)b * n * 3 * heads + part * heads + h) * D;
 }
+
+// The warp-level products, all on shared tiles with row strides LDH (bf16) and LDS (f32).
+// c (16 × 32, f32) = a (16 × 64) · bᵀ, b the 32 rows (× 64) at `b`: scores q·kᵀ, dP = dO·vᵀ.
+__device__ __forceinline__ void mma_abt_16x32(const bf16* a, const bf16* b, float* c) {
+    FragC acc[2];
+    wmma::fill_fragment(acc[0], 0.f);
+    wmma::fill_fragment(acc[1], 0.f);
+    for (int kk = 0; kk < D; kk += 16) {
+        FragA fa;
+        wmma::load_matrix_sync(fa, a + kk, LDH);
+        for (int t = 0; t < 2; t++) {
+            FragBt fb;  // bᵀ: element (d, row) at b[row·LDH + d]
+            wmma::load_matrix_sync(fb, b + t * 16 * LDH + kk, LDH);
+            wmma::mma_sync(acc[t], fa, fb, acc[t]);
+        }
+    }
+    for (int t = 0; t < 2; t++) wmma::store_matrix_sync(c + t * 16, acc[t], LDS, wmma::mem_row_major);
+}
+
+// acc (16 × 64) += a (16 × k, row stride lda) · b (k × 64, row stride LDH): o += p·v.
+__device__ __forceinline__ void mma_ab_acc(FragC (&acc)[4], const bf16* a, int lda, const bf16* b,
+                                           int k) {
+    for (int kk = 0; kk < k; kk += 16) {
+        FragA fa;
+        wmma::load_matrix_sync(fa, a + kk, lda);
+        for (int t = 0; t < 4; t++) {
+            FragB fb;
+            wmma::load_matrix_sync(fb, b + kk * LDH + t * 16, LDH);
+            wmma::mma_sync(acc[t], fa, fb, acc[t]);
+        }
+    }
+}
+
+// acc (16 × 64) += aᵀ · b: aᵀ's 16 rows are the columns of the (k × ·) tile at `a` (row stride
+// LDH), b is (k × 64): dV += pᵀ·dO, dK += dSᵀ·q.
+__device__ __forceinline__ void mma_atb_acc(FragC (&acc)[4], const bf16* a, const bf16* b, int k) {
+    for (int kk = 0; kk < k; kk += 16) {
+        FragAt fa;  // aᵀ: element (col, row) at a[row·LDH + col]
+        wmma::load_matrix_sync(fa, a + kk * LDH, LDH);
+        for (int t = 0; t < 4; t++) {
+            FragB fb;
+            wmma::load_matrix_sync(fb, b + kk * LDH + t * 16, LDH);
+            wmma::mma_sync(acc[t], fa, fb, acc[t]);
+        }
+    }
+}
+
+// c (16 × 32, f32) = a (16 × 64, row stride LDH) · b (64 × 32: columns 32 of a (64 × ·) tile at
+// `b`, row stride LDH): dQ = dS·k.
+__device__ __forceinline__ void mma_ab_16x32(const bf16* a, const bf16* b, float* c) {
+    FragC acc[2];
+    wmma::fill_fragment(acc[0], 0.f);
+    wmma::fill_fragment(acc[1], 0.f);
+    for (int kk = 0; kk < D; kk += 16) {
+        FragA fa;
+        wmma::load_matrix_sync(fa, a + kk, LDH);
+        for (int t = 0; t < 2; t++) {
+            FragB fb;
+            wmma::load_matrix_sync(fb, b + kk * LDH + t * 16, LDH);
+            wmma::mma_sync(acc[t], fa, fb, acc[t]);
+        }
+    }
+    for (int t = 0; t < 2; t++) wmma::store_matrix_sync(c + t * 16, acc[t], LDS, wmma::mem_row_major);
+}
 }  // namespace fa
 
 extern "C" __global__ void __launch_bounds__(128)
@@ -1631,20 +1696,7 @@ cim_flash_stats_bf16(const __nv_bfloat16* qkv, float* lse, int n, int heads, flo
         __syncthreads();  // the previous tile's readers are done (and sq is loaded)
         load_rows(qkv_base(qkv, b, h, 1, n, heads), stride, k0, FWD_BK, n, sk);
         __syncthreads();
-        FragC acc[2];
-        wmma::fill_fragment(acc[0], 0.f);
-        wmma::fill_fragment(acc[1], 0.f);
-        for (int kk = 0; kk < D; kk += 16) {
-            FragA a;
-            wmma::load_matrix_sync(a, sq + warp * 16 * LDH + kk, LDH);
-            for (int t = 0; t < 2; t++) {
-                FragBt bt;  // kᵀ: element (d, key) at sk[key·LDH + d]
-                wmma::load_matrix_sync(bt, sk + t * 16 * LDH + kk, LDH);
-                wmma::mma_sync(acc[t], a, bt, acc[t]);
-            }
-        }
-        for (int t = 0; t < 2; t++)
-            wmma::store_matrix_sync(ss + warp * 16 * LDS + t * 16, acc[t], LDS, wmma::mem_row_major);
+        mma_abt_16x32(sq + warp * 16 * LDH, sk, ss + warp * 16 * LDS);  // q·kᵀ, this warp's rows
         __syncwarp();
         float v[16], tm = -INFINITY;
         for (int j = 0; j < 16; j++) {
@@ -1686,20 +1738,7 @@ cim_flash_out_bf16(const __nv_bfloat16* qkv, const float* lse, __nv_bfloat16* ou
         load_rows(qkv_base(qkv, b, h, 1, n, heads), stride, k0, FWD_BK, n, sk);
         load_rows(qkv_base(qkv, b, h, 2, n, heads), stride, k0, FWD_BK, n, sv);
         __syncthreads();
-        FragC acc[2];
-        wmma::fill_fragment(acc[0], 0.f);
-        wmma::fill_fragment(acc[1], 0.f);
-        for (int kk = 0; kk < D; kk += 16) {
-            FragA a;
-            wmma::load_matrix_sync(a, sq + warp * 16 * LDH + kk, LDH);
-            for (int t = 0; t < 2; t++) {
-                FragBt bt;
-                wmma::load_matrix_sync(bt, sk + t * 16 * LDH + kk, LDH);
-                wmma::mma_sync(acc[t], a, bt, acc[t]);
-            }
-        }
-        for (int t = 0; t < 2; t++)
-            wmma::store_matrix_sync(ss + warp * 16 * LDS + t * 16, acc[t], LDS, wmma::mem_row_major);
+        mma_abt_16x32(sq + warp * 16 * LDH, sk, ss + warp * 16 * LDS);
         __syncwarp();
         for (int j = 0; j < 16; j++) {
             const int key = k0 + c0 + j;
@@ -1708,15 +1747,7 @@ cim_flash_out_bf16(const __nv_bfloat16* qkv, const float* lse, __nv_bfloat16* ou
             sp[r * LDP + c0 + j] = __float2bfloat16(p);
         }
         __syncwarp();
-        for (int kk = 0; kk < FWD_BK; kk += 16) {
-            FragA a;  // p: (query, key) at sp[query·LDP + key]
-            wmma::load_matrix_sync(a, sp + warp * 16 * LDP + kk, LDP);
-            for (int t = 0; t < 4; t++) {
-                FragB bm;  // v: (key, d) at sv[key·LDH + d]
-                wmma::load_matrix_sync(bm, sv + kk * LDH + t * 16, LDH);
-                wmma::mma_sync(o[t], a, bm, o[t]);
-            }
-        }
+        mma_ab_acc(o, sp + warp * 16 * LDP, LDP, sv, FWD_BK);  // o += p·v
     }
     __syncthreads();
     for (int t = 0; t < 4; t++)
@@ -1788,23 +1819,7 @@ cim_flash_bwd_bf16(const __nv_bfloat16* qkv, const __nv_bfloat16* dout, const fl
         }
         __syncthreads();
         // S = q·kᵀ (32 × 64 keys)
-        {
-            FragC acc[2];
-            wmma::fill_fragment(acc[0], 0.f);
-            wmma::fill_fragment(acc[1], 0.f);
-            for (int kk = 0; kk < D; kk += 16) {
-                FragA a;
-                wmma::load_matrix_sync(a, sq + rt * 16 * LDH + kk, LDH);
-                for (int t = 0; t < 2; t++) {
-                    FragBt bt;
-                    wmma::load_matrix_sync(bt, sk + (ct + t) * 16 * LDH + kk, LDH);
-                    wmma::mma_sync(acc[t], a, bt, acc[t]);
-                }
-            }
-            for (int t = 0; t < 2; t++)
-                wmma::store_matrix_sync(ss + rt * 16 * LDS + (ct + t) * 16, acc[t], LDS,
-                                        wmma::mem_row_major);
-        }
+        mma_abt_16x32(sq + rt * 16 * LDH, sk + ct * 16 * LDH, ss + rt * 16 * LDS + ct * 16);
         __syncthreads();
         // p = exp(scale·s − lse) on real (query, key) pairs, else 0
         for (int e = threadIdx.x; e < BWD_BQ * BWD_BK; e += blockDim.x) {
@@ -1815,32 +1830,8 @@ cim_flash_bwd_bf16(const __nv_bfloat16* qkv, const __nv_bfloat16* dout, const fl
         }
         __syncthreads();
         // dV (this warp's 16 keys × 64) += pᵀ·dO; dP = dO·vᵀ (32 × 64 keys) into ss
-        for (int kk = 0; kk < BWD_BQ; kk += 16) {
-            FragAt at;  // pᵀ: element (key, query) at sp[query·LDH + key]
-            wmma::load_matrix_sync(at, sp + kk * LDH + warp * 16, LDH);
-            for (int t = 0; t < 4; t++) {
-                FragB bm;  // dO: (query, d) at sdo[query·LDH + d]
-                wmma::load_matrix_sync(bm, sdo + kk * LDH + t * 16, LDH);
-                wmma::mma_sync(dv[t], at, bm, dv[t]);
-            }
-        }
-        {
-            FragC acc[2];
-            wmma::fill_fragment(acc[0], 0.f);
-            wmma::fill_fragment(acc[1], 0.f);
-            for (int kk = 0; kk < D; kk += 16) {
-                FragA a;
-                wmma::load_matrix_sync(a, sdo + rt * 16 * LDH + kk, LDH);
-                for (int t = 0; t < 2; t++) {
-                    FragBt bt;  // vᵀ: (d, key) at sv[key·LDH + d]
-                    wmma::load_matrix_sync(bt, sv + (ct + t) * 16 * LDH + kk, LDH);
-                    wmma::mma_sync(acc[t], a, bt, acc[t]);
-                }
-            }
-            for (int t = 0; t < 2; t++)
-                wmma::store_matrix_sync(ss + rt * 16 * LDS + (ct + t) * 16, acc[t], LDS,
-                                        wmma::mem_row_major);
-        }
+        mma_atb_acc(dv, sp + warp * 16, sdo, BWD_BQ);
+        mma_abt_16x32(sdo + rt * 16 * LDH, sv + ct * 16 * LDH, ss + rt * 16 * LDS + ct * 16);
         __syncthreads();
         // dS = scale · p · (dP − D)
         for (int e = threadIdx.x; e < BWD_BQ * BWD_BK; e += blockDim.x) {
@@ -1850,32 +1841,8 @@ cim_flash_bwd_bf16(const __nv_bfloat16* qkv, const __nv_bfloat16* dout, const fl
         }
         __syncthreads();
         // dK (this warp's 16 keys × 64) += dSᵀ·q; dQ (32 × 64) = dS·k into ss
-        for (int kk = 0; kk < BWD_BQ; kk += 16) {
-            FragAt at;  // dSᵀ: (key, query) at sds[query·LDH + key]
-            wmma::load_matrix_sync(at, sds + kk * LDH + warp * 16, LDH);
-            for (int t = 0; t < 4; t++) {
-                FragB bm;  // q: (query, d) at sq[query·LDH + d]
-                wmma::load_matrix_sync(bm, sq + kk * LDH + t * 16, LDH);
-                wmma::mma_sync(dk[t], at, bm, dk[t]);
-            }
-        }
-        {
-            FragC acc[2];
-            wmma::fill_fragment(acc[0], 0.f);
-            wmma::fill_fragment(acc[1], 0.f);
-            for (int kk = 0; kk < BWD_BK; kk += 16) {
-                FragA a;  // dS: (query, key) at sds[query·LDH + key]
-                wmma::load_matrix_sync(a, sds + rt * 16 * LDH + kk, LDH);
-                for (int t = 0; t < 2; t++) {
-                    FragB bm;  // k: (key, d) at sk[key·LDH + d]
-                    wmma::load_matrix_sync(bm, sk + kk * LDH + (ct + t) * 16, LDH);
-                    wmma::mma_sync(acc[t], a, bm, acc[t]);
-                }
-            }
-            for (int t = 0; t < 2; t++)
-                wmma::store_matrix_sync(ss + rt * 16 * LDS + (ct + t) * 16, acc[t], LDS,
-                                        wmma::mem_row_major);
-        }
+        mma_atb_acc(dk, sds + warp * 16, sq, BWD_BQ);
+        mma_ab_16x32(sds + rt * 16 * LDH, sk + ct * 16, ss + rt * 16 * LDS + ct * 16);
         __syncthreads();
         for (int e = threadIdx.x; e < BWD_BQ * D; e += blockDim.x) {
             const int qi = e / D, d = e % D, q = i0 + qi;

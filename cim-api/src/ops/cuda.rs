@@ -1695,11 +1695,13 @@ fn argmax_rows_t<T: KernelFloat>(s: &CudaStorage, l: &Layout) -> Result<(CudaSto
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(lead)))
 }
 
-/// The stream-ordered memory pool cudarc allocates from (`cuMemAllocAsync` on the device's
-/// default pool).
-fn default_pool(
+/// Reads (`set = None`) or sets one u64 attribute of the stream-ordered memory pool cudarc
+/// allocates from (`cuMemAllocAsync` on the device's default pool); returns the value.
+fn pool_attribute(
     dev: &candle_core::cuda_backend::CudaDevice,
-) -> Result<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
+    attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
+    set: Option<u64>,
+) -> Result<u64> {
     use candle_core::cuda_backend::cudarc::driver::sys;
     let ctx = dev.cuda_stream().context().clone();
     ctx.bind_to_thread().w()?;
@@ -1708,32 +1710,34 @@ fn default_pool(
     unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
         .result()
         .w()?;
-    Ok(pool)
+    let mut value = set.unwrap_or(0);
+    let ptr = (&mut value as *mut u64).cast();
+    // SAFETY: the attributes passed here (release threshold, used-memory high-water mark) are
+    // cuuint64_t values read or written through the pointer; `pool` is the device's pool.
+    unsafe {
+        match set {
+            Some(_) => sys::cuMemPoolSetAttribute(pool, attr, ptr),
+            None => sys::cuMemPoolGetAttribute(pool, attr, ptr),
+        }
+    }
+    .result()
+    .w()?;
+    Ok(value)
 }
 
 /// Sets up a CUDA device for training on its one stream (see `crate::device::prepare`):
 /// no per-allocation events, and, with `keep_freed`, a pool that keeps freed memory across
 /// synchronisations.
 pub fn prepare_device(dev: &candle_core::cuda_backend::CudaDevice, keep_freed: bool) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute;
     // SAFETY: cim runs every kernel and copy of a device on that device's one stream (candle's),
     // so the events cudarc would create per buffer to order uses across streams are never needed:
     // cudarc only records and waits on them in multi-stream mode, which cim never enters, but it
     // still creates and destroys two per allocation while tracking is on.
     unsafe { dev.disable_event_tracking() };
     if keep_freed {
-        let pool = default_pool(dev)?;
-        let mut threshold: u64 = u64::MAX;
-        // SAFETY: the attribute takes a u64 (cuuint64_t) by pointer; `pool` is the device's pool.
-        unsafe {
-            sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                (&mut threshold as *mut u64).cast(),
-            )
-        }
-        .result()
-        .w()?;
+        let attr = CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+        pool_attribute(dev, attr, Some(u64::MAX))?;
     }
     Ok(())
 }
@@ -1741,37 +1745,22 @@ pub fn prepare_device(dev: &candle_core::cuda_backend::CudaDevice, keep_freed: b
 /// The device pool's high-water mark of memory in use, in bytes (what PyTorch calls
 /// `max_memory_allocated`), since the device was opened or [`reset_pool_peak`].
 pub fn pool_peak(dev: &candle_core::cuda_backend::CudaDevice) -> Result<u64> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let pool = default_pool(dev)?;
-    let mut v: u64 = 0;
-    // SAFETY: the attribute is a u64 read through the pointer.
-    unsafe {
-        sys::cuMemPoolGetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            (&mut v as *mut u64).cast(),
-        )
-    }
-    .result()
-    .w()?;
-    Ok(v)
+    use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute;
+    pool_attribute(
+        dev,
+        CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+        None,
+    )
 }
 
-/// Resets [`pool_peak`] to the memory in use now.
+/// Resets [`pool_peak`] to the memory in use now (CUDA accepts only 0 for this attribute).
 pub fn reset_pool_peak(dev: &candle_core::cuda_backend::CudaDevice) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let pool = default_pool(dev)?;
-    let mut zero: u64 = 0;
-    // SAFETY: CUDA accepts only 0 for this attribute, a u64 passed by pointer.
-    unsafe {
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            (&mut zero as *mut u64).cast(),
-        )
-    }
-    .result()
-    .w()?;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute;
+    pool_attribute(
+        dev,
+        CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+        Some(0),
+    )?;
     Ok(())
 }
 
