@@ -1737,7 +1737,10 @@ pub fn prepare_device(dev: &candle_core::cuda_backend::CudaDevice, keep_freed: b
     unsafe { dev.disable_event_tracking() };
     if keep_freed {
         let attr = CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
-        pool_attribute(dev, attr, Some(u64::MAX))?;
+        // Only speed depends on it: a device without a settable pool trains as before.
+        if let Err(e) = pool_attribute(dev, attr, Some(u64::MAX)) {
+            tracing::warn!("run.cuda_keep_freed: the memory pool's release threshold stays CUDA's default ({e})");
+        }
     }
     Ok(())
 }
