@@ -82,6 +82,7 @@ fn cuda_kernels_match_the_cpu_kernels() {
         ("running_average", running_average_parity),
         ("device pool high-water mark", pool_peak_check),
         ("flash attention (bf16, heads of 64)", flash_parity),
+        ("relu (f32, bf16)", relu_parity),
         (
             "channels last: channel_bias, resampling, argmax",
             channels_last_parity,
@@ -1259,4 +1260,27 @@ fn flash_parity(gpu: &Device) {
         println!("     flash ({b}, {n}, {h}): value {dy:.2e}, dqkv {dg:.2e} (max {gscale:.2e}), lse {dl:.2e}");
     }
     ops::set_flash_attention(false);
+}
+
+/// ReLU's one-pass kernels against the CPU's, f32 and bf16: values and gradients (exact: every
+/// output is an input, a gradient or 0).
+fn relu_parity(gpu: &Device) {
+    use candle_core::DType;
+    let cpu = Device::Cpu;
+    let x = randn(&[4, 32, 14, 14], 110, &cpu);
+    let up = randn(&[4, 32, 14, 14], 111, &cpu);
+    let f = |t: &[Tensor]| ops::relu(&t[0]).unwrap();
+    let (yc, gc) = run(&cpu, &f, std::slice::from_ref(&x), &up);
+    let (yg, gg) = run(gpu, &f, std::slice::from_ref(&x), &up);
+    assert_eq!(max_diff(&yc, &yg), 0.0, "relu f32 value");
+    assert_eq!(max_diff(&gc[0], &gg[0]), 0.0, "relu f32 grad");
+    let bf = |t: &[Tensor]| {
+        ops::relu(&t[0].to_dtype(DType::BF16).unwrap())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let (yb, gb) = run(gpu, &bf, std::slice::from_ref(&x), &up);
+    assert!(max_diff(&yc, &yb) < 0.02, "relu bf16 value");
+    assert!(max_diff(&gc[0], &gb[0]) < 0.02, "relu bf16 grad");
 }

@@ -572,6 +572,27 @@ bool batch_norm_checks() {
     ok &= report("BatchNorm running average (in place)", max_diff(r_want, r), 1e-6);
     return ok;
 }
+bool relu_checks() {
+    const size_t n = 4 * 1000 + 4;
+    auto xv = randv(n, 101);
+    xv[5] = 0.f;  // the gradient at 0 is 0 (PyTorch's rule)
+    const auto x = rounded<__nv_bfloat16>(xv);
+    const auto g = rounded<__nv_bfloat16>(randv(n, 102));
+    const auto xb = to_bf16(x), gb = to_bf16(g);
+    auto y = nan_filled<__nv_bfloat16>(n), dx = nan_filled<__nv_bfloat16>(n);
+    const long long n4 = (long long)n / 4;
+    const Dim3 grid{unsigned((n4 + 255) / 256), 1, 1};
+    emu_launch(grid, 256, [&] { cim_relu_fwd_v4_bf16(xb.data(), y.data(), n4); });
+    emu_launch(grid, 256, [&] { cim_relu_bwd_v4_bf16(xb.data(), gb.data(), dx.data(), n4); });
+    std::vector<double> want_y(n), want_dx(n);
+    for (size_t i = 0; i < n; i++) {
+        want_y[i] = std::max(x[i], 0.f);
+        want_dx[i] = x[i] > 0.f ? g[i] : 0.0;
+    }
+    bool ok = report("ReLU forward (4 per thread, bf16)", max_diff(want_y, floats(y)), 0);
+    ok &= report("ReLU backward dy·[x > 0] (4 per thread, bf16)", max_diff(want_dx, floats(dx)), 0);
+    return ok;
+}
 }  // namespace
 
 int main() {
@@ -590,5 +611,6 @@ int main() {
     ok &= residual_checks();
     ok &= channel_bias_checks();
     ok &= batch_norm_checks();
+    ok &= relu_checks();
     return ok ? 0 : 1;
 }

@@ -1940,3 +1940,45 @@ pub fn flash_bwd(
     unsafe { a.launch(LaunchConfig::for_num_elems(total as u32)) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(dqkv, dev), l1.shape().clone()))
 }
+
+/// `max(x, 0)` (`dy` = None) or its backward `dy · [y > 0]` (`x` holding y), four elements per
+/// thread; f32 or bf16, every view contiguous, 4-element aligned, of a multiple of 4 elements
+/// (checked by the caller).
+pub fn relu(
+    x: (&CudaStorage, &Layout),
+    dy: Option<(&CudaStorage, &Layout)>,
+) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(x.0, relu_t(x, dy))
+}
+
+fn relu_t<T: KernelFloat>(
+    x: (&CudaStorage, &Layout),
+    dy: Option<(&CudaStorage, &Layout)>,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = x.0.device().clone();
+    let n = x.1.shape().elem_count();
+    if !n.is_multiple_of(4) || dy.is_some_and(|(_, l)| l.shape().elem_count() != n) {
+        candle_core::bail!("relu: {:?} needs a multiple of 4 elements", x.1.shape());
+    }
+    let xv = view::<T>(x.0, x.1, "x")?;
+    let out = alloc_written::<T>(&dev, n)?;
+    let n4 = (n / 4) as i64;
+    let base = if dy.is_some() {
+        "cim_relu_bwd_v4"
+    } else {
+        "cim_relu_fwd_v4"
+    };
+    let func = dev.get_or_load_custom_func(&dtype_kernel(base, x.0.dtype())?, MODULE, PTX)?;
+    let mut a = func.builder();
+    a.arg(&xv);
+    let gv;
+    if let Some((s, l)) = dy {
+        gv = view::<T>(s, l, "dy")?;
+        a.arg(&gv);
+    }
+    a.arg(&out).arg(&n4);
+    // SAFETY: argument types and counts match the kernels' signatures; one thread per four
+    // elements, every view 4-element aligned (checked by the caller).
+    unsafe { a.launch(per_element(n / 4)) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), x.1.shape().clone()))
+}

@@ -222,17 +222,15 @@ impl Bottleneck {
         })
     }
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
-        let h = self
-            .bn2
-            .forward_t(&self.conv2.forward(&h)?, train)?
-            .relu()?;
+        let relu = cim_api::ops::relu;
+        let h = relu(&self.bn1.forward_t(&self.conv1.forward(x)?, train)?)?;
+        let h = relu(&self.bn2.forward_t(&self.conv2.forward(&h)?, train)?)?;
         let h = self.bn3.forward_t(&self.conv3.forward(&h)?, train)?;
         let id = match &self.downsample {
             Some((c, b)) => b.forward_t(&c.forward(x)?, train)?,
             None => x.clone(),
         };
-        Ok((h + id)?.relu()?)
+        relu(&(h + id)?)
     }
 }
 
@@ -292,7 +290,7 @@ impl ResNet {
 
     /// `layer4` output `(B, 2048, H/32, W/32)`.
     pub fn forward_map(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let x = cim_api::ops::relu(&self.bn1.forward_t(&self.conv1.forward(x)?, train)?)?;
         let mut x = max_pool_3x3_s2(&x)?;
         for stage in &self.stages {
             for b in stage {
