@@ -21,8 +21,9 @@ use crate::Result;
 ///
 /// bf16 on CUDA with 64-wide heads runs the flash kernels where switched on
 /// ([`super::set_flash_attention`], `run.flash_attention`); f32 on the CPU runs the fused kernel
-/// ([`attention_qkv_kernel`]); everything else (CUDA, bf16) [`attention_gemm`]: on an H200 the CUDA twin of the fused kernel (scalar FMAs, a warp per
-/// query row) was slower than cuBLAS matmuls at ViT sizes.
+/// ([`attention_qkv_kernel`]); everything else (CUDA, bf16) [`attention_gemm`]: on an H200 the
+/// CUDA twin of the fused kernel (scalar FMAs, a warp per query row) was slower than cuBLAS
+/// matmuls at ViT sizes.
 pub fn attention_qkv(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     head_dim(qkv, heads)?;
     if super::flash::flash_applies(qkv, heads) {

@@ -1779,9 +1779,14 @@ fn flash_dims(l: &Layout, heads: usize) -> Result<(usize, usize)> {
     Ok((b, n))
 }
 
-fn flash_grid(n: usize, rows_per_block: usize, b: usize, heads: usize) -> LaunchConfig {
+/// Rows (query rows in the forward, keys in the backward) per block of the flash kernels
+/// (`FWD_BQ`, `BWD_BK` in `kernels/ops.cu`).
+const FLASH_TILE: usize = 64;
+
+/// The flash kernels' grid: `(tiles of FLASH_TILE rows, item × head)`, 128 threads per block.
+fn flash_grid(n: usize, b: usize, heads: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (n.div_ceil(rows_per_block) as u32, (b * heads) as u32, 1),
+        grid_dim: (n.div_ceil(FLASH_TILE) as u32, (b * heads) as u32, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     }
@@ -1804,7 +1809,7 @@ pub fn flash_stats(
     a.arg(&qkv).arg(&lse).arg(&nn).arg(&hh).arg(&scale);
     // SAFETY: argument types and counts match the kernel's signature; the grid covers every
     // (item, head) and every 64 query rows; each real row's value is written once.
-    unsafe { a.launch(flash_grid(n, 64, b, heads)) }.w()?;
+    unsafe { a.launch(flash_grid(n, b, heads)) }.w()?;
     Ok((
         CudaStorage::wrap_cuda_slice(lse, dev),
         Shape::from((b, heads, n)),
@@ -1837,7 +1842,7 @@ pub fn flash_out(
         .arg(&hh)
         .arg(&scale);
     // SAFETY: as in `flash_stats`; every real (row, head) output row is written by its block.
-    unsafe { a.launch(flash_grid(n, 64, b, heads)) }.w()?;
+    unsafe { a.launch(flash_grid(n, b, heads)) }.w()?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev),
         Shape::from((b, n, heads * 64)),
@@ -1931,18 +1936,18 @@ pub fn flash_bwd(
     // SAFETY: argument types and counts match; the grid covers every (item, head) and every 64
     // keys; the block of a key tile writes that tile's dk, dv rows; dq is zeroed and summed
     // into with atomics; its q slots of dqkv are written by the next launch.
-    unsafe { a.launch(flash_grid(n, 64, b, heads)) }.w()?;
+    unsafe { a.launch(flash_grid(n, b, heads)) }.w()?;
     let total = (b * n * heads * 64) as i64;
     let func = dev.get_or_load_custom_func("cim_flash_dq_bf16", MODULE, PTX)?;
     let mut a = func.builder();
     a.arg(&dq).arg(&dqkv).arg(&total).arg(&hh);
     // SAFETY: one thread per dq element (grid rounded up; threads past `total` return).
-    unsafe { a.launch(LaunchConfig::for_num_elems(total as u32)) }.w()?;
+    unsafe { a.launch(per_element(total as usize)) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(dqkv, dev), l1.shape().clone()))
 }
 
-/// `max(x, 0)` (`dy` = None) or its backward `dy · [y > 0]` (`x` holding y), four elements per
-/// thread; f32 or bf16, every view contiguous, 4-element aligned, of a multiple of 4 elements
+/// `max(x, 0)` (`dy` = None) or its backward `dy · [x > 0]` (`x` the input, or the output: the
+/// mask is the same), four elements per thread; f32 or bf16, every view contiguous, 4-element aligned, of a multiple of 4 elements
 /// (checked by the caller).
 pub fn relu(
     x: (&CudaStorage, &Layout),

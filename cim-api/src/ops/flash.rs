@@ -61,7 +61,7 @@ pub(crate) fn flash_detached(
     heads: usize,
     scale: f64,
 ) -> Result<(Tensor, super::attention::AttentionBackward)> {
-    Geo::of(qkv, heads)?;
+    Geo::from_layout(qkv.layout(), heads)?;
     let scale = scale as f32;
     let qkv = qkv.contiguous()?;
     let lse = qkv.apply_op1_no_bwd(&FlashStatsOp { heads, scale })?;
@@ -86,25 +86,13 @@ struct Geo {
 }
 
 impl Geo {
-    fn of(qkv: &Tensor, heads: usize) -> Result<Self> {
-        let (b, n, c3) = qkv.dims3()?;
-        if heads == 0 || c3 % (3 * heads) != 0 || n == 0 {
-            return Err(crate::Error::msg(format!(
-                "flash attention: qkv {:?} is not (B, N ≥ 1, 3 × {heads} × head width)",
-                qkv.dims()
-            )));
-        }
-        Ok(Self {
-            b,
-            n,
-            h: heads,
-            d: c3 / (3 * heads),
-        })
-    }
     fn from_layout(l: &Layout, heads: usize) -> candle_core::Result<Self> {
         let (b, n, c3) = l.shape().dims3()?;
-        if heads == 0 || c3 % (3 * heads) != 0 {
-            candle_core::bail!("flash attention: qkv {:?} for {heads} heads", l.dims());
+        if heads == 0 || c3 % (3 * heads) != 0 || n == 0 {
+            candle_core::bail!(
+                "flash attention: qkv {:?} is not (B, N ≥ 1, 3 × {heads} × head width)",
+                l.dims()
+            );
         }
         Ok(Self {
             b,
@@ -349,11 +337,8 @@ pub fn attention_flash(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::tests::max_diff;
     use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-        Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
-    }
 
     /// The four flash ops together compute attention: values and `dqkv` against the composed
     /// candle ops, with a head width other than 64 and a token count that is no tile multiple.
@@ -367,12 +352,12 @@ mod tests {
             let scale = 1.0 / (d as f64).sqrt();
             let flash = attention_flash(qkv.as_tensor(), h, scale)?;
             let composed = super::super::attention_composed(qkv.as_tensor(), h, scale)?;
-            let dv = max_diff(&flash, &composed)?;
+            let dv = max_diff(&flash, &composed);
             assert!(dv < 1e-5, "values {dv} at {:?}", (b, n, h, d));
             let g1 = (&flash * &up)?.sum_all()?.backward()?;
             let g2 = (&composed * &up)?.sum_all()?.backward()?;
             let (g1, g2) = (g1.get(&qkv).unwrap(), g2.get(&qkv).unwrap());
-            let dg = max_diff(g1, g2)?;
+            let dg = max_diff(g1, g2);
             let scale_g = g2.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
             assert!(
                 dg < 1e-5 * scale_g.max(1.0),
