@@ -798,45 +798,187 @@ extern "C" __global__ void cim_bn_dx_bf16(const __nv_bfloat16* x, const __nv_bfl
     bn_dx(x, dy, p, dx, n, C, HW, count, eps);
 }
 
-// ---- MaxPool2d(3, stride 2, padding 1) (src/ops/max_pool.rs). x (P planes, h, w). ----
+// Channels last: x (R, C), R = B·H·W rows (src/ops/batch_norm.rs with `last`). Block
+// (32, BN_CL_ROWS), grid (⌈C/32⌉, chunks): thread (tx, ty) of block (j, k) sums channel 32j + tx
+// over rows k·rpc + ty, + BN_CL_ROWS, … below (k+1)·rpc — a warp reads 32 neighbouring channels of
+// a row — and the row lanes are added in shared memory, in order. The partials have the
+// channels-first kernels' layout, so the finishing kernels are shared. (The channels-first
+// kernels' block walks a plane; on a channels-last map every "plane" is one element.)
+constexpr int BN_CL_ROWS = 8;
 
-// Row-major index of the first maximum of output (oy, ox)'s window in `plane`.
-__device__ __forceinline__ int pool_argmax(const float* plane, int h, int w, int oy, int ox) {
+template <typename T>
+__device__ void bn_moment_partials_cl(const T* x, double* partial, int R, int C, int rpc) {
+    __shared__ double sh[2][BN_CL_ROWS][32];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int ch = blockIdx.x * 32 + tx, k = blockIdx.y;
+    const int r1 = min(R, (k + 1) * rpc);
+    double s = 0.0, s2 = 0.0;
+    if (ch < C)
+        for (int r = k * rpc + ty; r < r1; r += BN_CL_ROWS) {
+            const double v = ld(x, (size_t)r * C + ch);
+            s += v;
+            s2 += v * v;
+        }
+    sh[0][ty][tx] = s;
+    sh[1][ty][tx] = s2;
+    __syncthreads();
+    if (ty == 0 && ch < C) {
+        for (int j = 1; j < BN_CL_ROWS; ++j) {
+            s += sh[0][j][tx];
+            s2 += sh[1][j][tx];
+        }
+        partial[((size_t)k * C + ch) * 2] = s;
+        partial[((size_t)k * C + ch) * 2 + 1] = s2;
+    }
+}
+extern "C" __global__ void cim_bn_moment_partials_cl(const float* x, double* partial, int R, int C,
+                                                     int rpc) {
+    bn_moment_partials_cl(x, partial, R, C, rpc);
+}
+extern "C" __global__ void cim_bn_moment_partials_cl_bf16(const __nv_bfloat16* x, double* partial,
+                                                          int R, int C, int rpc) {
+    bn_moment_partials_cl(x, partial, R, C, rpc);
+}
+
+// partial[(k·C + ch)·2 + {0, 1}] = Σ dy·x̂, Σ dy over block (·, k)'s rows; p = [γ; β; mean; var].
+template <typename T>
+__device__ void bn_grad_partials_cl(const T* x, const T* dy, const float* p, double* partial,
+                                    int R, int C, int rpc, float eps) {
+    __shared__ float sh[2][BN_CL_ROWS][32];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int ch = blockIdx.x * 32 + tx, k = blockIdx.y;
+    const int r1 = min(R, (k + 1) * rpc);
+    float sd = 0.0f, sdx = 0.0f;
+    if (ch < C) {
+        const float mean = p[2 * C + ch], rstd = rsqrtf(p[3 * C + ch] + eps);
+        for (int r = k * rpc + ty; r < r1; r += BN_CL_ROWS) {
+            const size_t i = (size_t)r * C + ch;
+            const float g = ld(dy, i);
+            sd += g;
+            sdx += g * (ld(x, i) - mean) * rstd;
+        }
+    }
+    sh[0][ty][tx] = sdx;
+    sh[1][ty][tx] = sd;
+    __syncthreads();
+    if (ty == 0 && ch < C) {
+        for (int j = 1; j < BN_CL_ROWS; ++j) {
+            sdx += sh[0][j][tx];
+            sd += sh[1][j][tx];
+        }
+        partial[((size_t)k * C + ch) * 2] = sdx;
+        partial[((size_t)k * C + ch) * 2 + 1] = sd;
+    }
+}
+extern "C" __global__ void cim_bn_grad_partials_cl(const float* x, const float* dy, const float* p,
+                                                   double* partial, int R, int C, int rpc,
+                                                   float eps) {
+    bn_grad_partials_cl(x, dy, p, partial, R, C, rpc, eps);
+}
+extern "C" __global__ void cim_bn_grad_partials_cl_bf16(const __nv_bfloat16* x,
+                                                        const __nv_bfloat16* dy, const float* p,
+                                                        double* partial, int R, int C, int rpc,
+                                                        float eps) {
+    bn_grad_partials_cl(x, dy, p, partial, R, C, rpc, eps);
+}
+
+// ---- MaxPool2d(3, stride 2, padding 1) (src/ops/max_pool.rs). P planes of h × w, channels first
+// (plane p at p·h·w) or, with cl = C > 0, channels last (p = b·C + c; pixel (y, x) of it at
+// ((b·h + y)·w + x)·C + c). f32 or bf16 (a maximum of bf16 values is exact). ----
+
+// Where plane p's pixels lie: pixel q (row-major in the plane) at base + q·step.
+struct PoolMap {
+    long long base;
+    int step;
+};
+__device__ __forceinline__ PoolMap pool_map(long long p, int h, int w, int cl) {
+    if (cl == 0) return {p * h * w, 1};
+    return {(p / cl) * h * w * cl + p % cl, cl};
+}
+
+// Element i of a map laid out as pool_map says, as (plane, row, column).
+__device__ __forceinline__ void pool_coords(long long i, int h, int w, int cl, long long* p, int* y,
+                                            int* x) {
+    if (cl == 0) {
+        *x = (int)(i % w);
+        *y = (int)((i / w) % h);
+        *p = i / ((long long)h * w);
+    } else {
+        const long long q = i / cl;
+        *x = (int)(q % w);
+        *y = (int)((q / w) % h);
+        *p = (q / ((long long)h * w)) * cl + i % cl;
+    }
+}
+
+// Row-major index (within the plane) of the first maximum of output (oy, ox)'s window.
+template <typename T>
+__device__ __forceinline__ int pool_argmax(const T* x, PoolMap m, int h, int w, int oy, int ox) {
     const int y0 = max(2 * oy - 1, 0), x0 = max(2 * ox - 1, 0);
     const int y1 = min(2 * oy + 2, h), x1 = min(2 * ox + 2, w);
     int best = y0 * w + x0;
+    float bv = ld(x, m.base + (size_t)best * m.step);
     for (int iy = y0; iy < y1; ++iy)
-        for (int ix = x0; ix < x1; ++ix)
-            if (plane[iy * w + ix] > plane[best]) best = iy * w + ix;
+        for (int ix = x0; ix < x1; ++ix) {
+            const float v = ld(x, m.base + (size_t)(iy * w + ix) * m.step);
+            if (v > bv) {
+                bv = v;
+                best = iy * w + ix;
+            }
+        }
     return best;
 }
 
-extern "C" __global__ void cim_max_pool_fwd(const float* x, float* y, long long planes, int h,
-                                            int w, int ho, int wo) {
+// One thread per output element (consecutive threads: consecutive outputs in either layout).
+template <typename T>
+__device__ void max_pool_fwd(const T* x, T* y, long long planes, int h, int w, int ho, int wo,
+                             int cl) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= planes * ho * wo) return;
-    const int ox = (int)(i % wo), oy = (int)((i / wo) % ho);
-    const float* plane = x + (i / ((long long)ho * wo)) * h * w;
-    y[i] = plane[pool_argmax(plane, h, w, oy, ox)];
+    long long p;
+    int oy, ox;
+    pool_coords(i, ho, wo, cl, &p, &oy, &ox);
+    const PoolMap m = pool_map(p, h, w, cl);
+    y[i] = x[m.base + (size_t)pool_argmax(x, m, h, w, oy, ox) * m.step];
+}
+extern "C" __global__ void cim_max_pool_fwd(const float* x, float* y, long long planes, int h,
+                                            int w, int ho, int wo, int cl) {
+    max_pool_fwd(x, y, planes, h, w, ho, wo, cl);
+}
+extern "C" __global__ void cim_max_pool_fwd_bf16(const __nv_bfloat16* x, __nv_bfloat16* y,
+                                                 long long planes, int h, int w, int ho, int wo,
+                                                 int cl) {
+    max_pool_fwd(x, y, planes, h, w, ho, wo, cl);
 }
 
 // One thread per input pixel, gathering from the ≤ 4 windows that cover it (deterministic).
-extern "C" __global__ void cim_max_pool_bwd(const float* x, const float* dy, float* dx,
-                                            long long planes, int h, int w, int ho, int wo) {
+template <typename T>
+__device__ void max_pool_bwd(const T* x, const T* dy, T* dx, long long planes, int h, int w,
+                             int ho, int wo, int cl) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= planes * h * w) return;
-    const int ix = (int)(i % w), iy = (int)((i / w) % h);
-    const long long p = i / ((long long)h * w);
-    const float* plane = x + p * h * w;
-    const float* g = dy + p * ho * wo;
+    long long p;
+    int iy, ix;
+    pool_coords(i, h, w, cl, &p, &iy, &ix);
+    const PoolMap m = pool_map(p, h, w, cl), g = pool_map(p, ho, wo, cl);
     const int me = iy * w + ix;
     float s = 0.0f;
     for (int oy = max(iy / 2, 0); oy <= min((iy + 1) / 2, ho - 1); ++oy)
         for (int ox = max(ix / 2, 0); ox <= min((ix + 1) / 2, wo - 1); ++ox)
             if (2 * oy - 1 <= iy && iy <= 2 * oy + 1 && 2 * ox - 1 <= ix && ix <= 2 * ox + 1 &&
-                pool_argmax(plane, h, w, oy, ox) == me)
-                s += g[oy * wo + ox];
-    dx[i] = s;
+                pool_argmax(x, m, h, w, oy, ox) == me)
+                s += ld(dy, g.base + (size_t)(oy * wo + ox) * g.step);
+    st(dx, i, s);
+}
+extern "C" __global__ void cim_max_pool_bwd(const float* x, const float* dy, float* dx,
+                                            long long planes, int h, int w, int ho, int wo,
+                                            int cl) {
+    max_pool_bwd(x, dy, dx, planes, h, w, ho, wo, cl);
+}
+extern "C" __global__ void cim_max_pool_bwd_bf16(const __nv_bfloat16* x, const __nv_bfloat16* dy,
+                                                 __nv_bfloat16* dx, long long planes, int h, int w,
+                                                 int ho, int wo, int cl) {
+    max_pool_bwd(x, dy, dx, planes, h, w, ho, wo, cl);
 }
 
 // x + b and gelu(x + b) (exact, erf GELU); b broadcast over rows of d. One thread per element.

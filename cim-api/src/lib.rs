@@ -42,8 +42,8 @@ pub use params::ParamStore;
 pub use registry::{BuildCtx, Kind};
 pub use traits::{Enhancer, Generator, Masking, Objective, Sampler, Tokenizer};
 pub use types::{
-    DecoderPrecisionReport, EnhancerInfo, Features, Losses, Mask, ObjectiveBatch, ObjectiveOutput,
-    PrecisionReport, TokenGrid,
+    DecoderPrecisionReport, EnhancerInfo, Features, Losses, MapLayout, Mask, ObjectiveBatch,
+    ObjectiveOutput, PrecisionReport, TokenGrid,
 };
 
 // Re-exported so plugin crates and the registration macros name one version of each.

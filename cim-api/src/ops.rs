@@ -65,7 +65,8 @@ pub use adamw::{
 pub use argmax::{argmax_channels, argmax_last};
 pub use attention::{attention_composed, attention_gemm, attention_qkv, attention_qkv_kernel};
 pub use batch_norm::{
-    batch_norm_train, batch_norm_train_composed, channel_moments, running_average,
+    batch_norm_train, batch_norm_train_composed, batch_norm_train_composed_nhwc,
+    batch_norm_train_nhwc, channel_moments, channel_moments_nhwc, running_average,
 };
 pub use bias::{bias_add, bias_gelu, bias_gelu_composed, linear};
 pub use block::{block_param_shapes, pre_norm_block, BlockParams};
@@ -73,7 +74,10 @@ pub use channel::{
     channel_bias, channel_bias_and_relu, channel_bias_and_relu_nhwc, channel_bias_composed,
     channel_bias_nhwc,
 };
-pub use conv::{conv2d, conv2d_nhwc, conv2d_with_budget, cudnn_conv, set_cudnn_conv, COL_BUDGET};
+pub use conv::{
+    conv2d, conv2d_channels_last, conv2d_nhwc, conv2d_with_budget, cudnn_conv, set_cudnn_conv,
+    COL_BUDGET,
+};
 #[cfg(feature = "cuda")]
 pub use cuda::adamw_multi_launches;
 pub use flash::{
@@ -85,7 +89,7 @@ pub use heads::{
     merge_heads, merge_heads_rows, merge_qkv, merge_qkv_rows, split_heads, split_heads_padded,
     split_qkv, split_qkv_padded,
 };
-pub use max_pool::max_pool_3x3_s2;
+pub use max_pool::{max_pool_3x3_s2, max_pool_3x3_s2_nhwc};
 pub use relu::relu;
 pub use resample::{
     max_pool_2x2, max_pool_2x2_nhwc, upsample_nearest_2x, upsample_nearest_2x_nhwc,

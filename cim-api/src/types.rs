@@ -215,3 +215,30 @@ pub struct DecoderPrecisionReport {
     /// Mean absolute pixel difference from the f32 decoder's output.
     pub mean_abs_diff: Option<f64>,
 }
+
+/// Where a convnet's maps keep their channels (a plugin's `layout` key): `"nchw"`, `"nhwc"`
+/// (channels last), or `"auto"` (the default): channels last where cim's cuDNN convolution runs
+/// (CUDA, `run.cudnn_conv` and `run.cuda_kernels` on), whose tensor-core kernels work in NHWC —
+/// on NCHW maps cuDNN transposes every convolution's input and output. The same network either
+/// way; `"nhwc"` elsewhere runs each convolution between transposes (for tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MapLayout {
+    #[default]
+    Auto,
+    Nchw,
+    Nhwc,
+}
+
+impl MapLayout {
+    /// Whether maps on `device` are channels last.
+    pub fn channels_last(self, device: &Device) -> bool {
+        match self {
+            Self::Nchw => false,
+            Self::Nhwc => true,
+            Self::Auto => {
+                device.is_cuda() && crate::ops::cudnn_conv() && crate::ops::cuda_kernels()
+            }
+        }
+    }
+}

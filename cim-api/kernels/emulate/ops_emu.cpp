@@ -7,7 +7,9 @@
 //     bf16 ViT-B/16 RESPIX step runs by default: the warp-per-row softmax (forward over the first
 //     `valid` columns, backward) and LayerNorm (forward, backward dx and row statistics), the
 //     four-per-thread bias + GELU (forward, backward into bf16) and bias add, the row argmax of
-//     the dVAE's f16 logits, and the dVAE's channels-last 2×2 max-pool and nearest upsampling.
+//     the dVAE's f16 logits, and the dVAE's channels-last 2×2 max-pool and nearest upsampling;
+//   - session 14's kernels for the ResNet-50 enhancer channels last: BatchNorm's column
+//     reductions (`cim_bn_*_partials_cl`) and the stem's 3×3 max-pool in either layout.
 // Built and run by cim-api's test `cuda_kernels_emulated`. One line per check; exit 1 when one is off.
 #include "cuda_emu.h"
 #include "ops.cu"
@@ -572,6 +574,136 @@ bool batch_norm_checks() {
     ok &= report("BatchNorm running average (in place)", max_diff(r_want, r), 1e-6);
     return ok;
 }
+// Channels-last BatchNorm (the ResNet-50 enhancer channels last, bf16): R rows of C channels.
+// C = 40 makes the second 32-channel tile partial; R = 2500 rows at rpc = 2048 make two row chunks,
+// the second partial (cuda.rs `bn_grid_cl`). The elementwise kernels run with HW = 1.
+bool batch_norm_cl_checks() {
+    const int R = 2500, C = 40, rpc = 2048, chunks = 2;
+    const float eps = 1e-5f;
+    const size_t n = size_t(R) * C;
+    const auto x = rounded<__nv_bfloat16>(randv(n, 111, 2.f));
+    const auto dy = rounded<__nv_bfloat16>(randv(n, 112));
+    const auto xb = to_bf16(x), dyb = to_bf16(dy);
+    std::vector<double> partial(2 * size_t(chunks) * C, NAN);
+    auto stats = nan_filled<float>(2 * size_t(C));
+    const Dim3 grid{unsigned((C + 31) / 32), unsigned(chunks), 1}, block{32, 8, 1};
+    emu_launch(grid, block, [&] { cim_bn_moment_partials_cl_bf16(xb.data(), partial.data(), R, C, rpc); });
+    emu_launch({1, 1, 1}, 256, [&] { cim_bn_moments_finish(partial.data(), stats.data(), C, chunks, double(R)); });
+    std::vector<double> mean(C, 0), var(C, 0), st_want(2 * size_t(C));
+    for (size_t i = 0; i < n; i++) mean[i % C] += x[i];
+    for (int c = 0; c < C; c++) mean[c] /= R;
+    for (size_t i = 0; i < n; i++) var[i % C] += (x[i] - mean[i % C]) * (x[i] - mean[i % C]);
+    for (int c = 0; c < C; c++) {
+        var[c] /= R;
+        st_want[c] = mean[c];
+        st_want[C + c] = var[c];
+    }
+    bool ok = report("BatchNorm moments, channels last (bf16, 2 × 2 blocks, both partial)", max_diff(st_want, stats), 1e-5);
+    const auto gamma = randv(C, 113), beta = randv(C, 114);
+    std::vector<float> affine(2 * size_t(C));
+    for (int c = 0; c < C; c++) {
+        affine[c] = gamma[c];
+        affine[C + c] = beta[c];
+    }
+    auto y = nan_filled<__nv_bfloat16>(n);
+    const Dim3 per_el{unsigned((n + 255) / 256), 1, 1};
+    emu_launch(per_el, 256, [&] { cim_batch_norm_fwd_bf16(xb.data(), stats.data(), affine.data(), y.data(), (long long)n, C, 1, eps); });
+    std::vector<double> y_want(n), xhat(n);
+    double scale = 0;
+    for (size_t i = 0; i < n; i++) {
+        const int c = int(i % C);
+        xhat[i] = (x[i] - mean[c]) / std::sqrt(var[c] + eps);
+        y_want[i] = xhat[i] * gamma[c] + beta[c];
+        scale = std::max(scale, std::fabs(y_want[i]));
+    }
+    ok &= report("BatchNorm normalisation, channels last (bf16)", max_diff(y_want, floats(y)), 8e-3 * scale);
+    std::vector<float> p4(4 * size_t(C));
+    for (int c = 0; c < C; c++) {
+        p4[c] = gamma[c];
+        p4[C + c] = beta[c];
+        p4[2 * C + c] = stats[c];
+        p4[3 * C + c] = stats[C + c];
+    }
+    auto sums = nan_filled<float>(2 * size_t(C));
+    std::fill(partial.begin(), partial.end(), NAN);
+    emu_launch(grid, block, [&] { cim_bn_grad_partials_cl_bf16(xb.data(), dyb.data(), p4.data(), partial.data(), R, C, rpc, eps); });
+    emu_launch({1, 1, 1}, 256, [&] { cim_bn_grad_finish(partial.data(), sums.data(), C, chunks); });
+    std::vector<double> sums_want(2 * size_t(C), 0.0);
+    for (size_t i = 0; i < n; i++) {
+        sums_want[i % C] += dy[i] * xhat[i];
+        sums_want[C + i % C] += dy[i];
+    }
+    ok &= report("BatchNorm backward sums [dγ; dβ], channels last (bf16)", max_diff(sums_want, sums), 1e-2);
+    std::vector<float> p6(6 * size_t(C));
+    std::copy(p4.begin(), p4.end(), p6.begin());
+    for (int c = 0; c < C; c++) {
+        p6[4 * C + c] = sums[c];
+        p6[5 * C + c] = sums[C + c];
+    }
+    auto dx = nan_filled<__nv_bfloat16>(n);
+    emu_launch(per_el, 256, [&] { cim_bn_dx_bf16(xb.data(), dyb.data(), p6.data(), dx.data(), (long long)n, C, 1, float(R), eps); });
+    std::vector<double> dx_want(n);
+    double dscale = 0;
+    for (size_t i = 0; i < n; i++) {
+        const int c = int(i % C);
+        dx_want[i] = gamma[c] / std::sqrt(var[c] + eps) * (dy[i] - sums_want[C + c] / R - xhat[i] * sums_want[c] / R);
+        dscale = std::max(dscale, std::fabs(dx_want[i]));
+    }
+    ok &= report("BatchNorm backward dx, channels last (bf16)", max_diff(dx_want, floats(dx)), 8e-3 * dscale);
+    return ok;
+}
+
+// The stem's MaxPool2d(3, 2, 1): channels first in f32 (cl = 0) and channels last in bf16 (cl = C),
+// forward and backward, against the window maximum (first in row-major order) written out. Odd
+// height, even width: the last windows are cut by the edge.
+bool max_pool_checks() {
+    const int B = 2, C = 5, H = 9, W = 8, Ho = (H - 1) / 2 + 1, Wo = (W - 1) / 2 + 1;
+    const size_t n = size_t(B) * C * H * W, no = size_t(B) * C * Ho * Wo;
+    bool ok = true;
+    for (const bool last : {false, true}) {
+        // Values on a coarse grid so that windows hold ties (the first maximum wins).
+        auto xv = randv(n, 121);
+        for (float& v : xv) v = std::round(v * 2.f) / 2.f;
+        const auto gv = rounded<__nv_bfloat16>(randv(no, 122));
+        auto at = [&](int b, int c, int y, int x, int h, int w) {
+            return last ? ((size_t(b) * h + y) * w + x) * C + c : ((size_t(b) * C + c) * h + y) * w + x;
+        };
+        std::vector<double> y_want(no), dx_want(n, 0.0);
+        for (int b = 0; b < B; b++)
+            for (int c = 0; c < C; c++)
+                for (int oy = 0; oy < Ho; oy++)
+                    for (int ox = 0; ox < Wo; ox++) {
+                        size_t best = SIZE_MAX;
+                        for (int iy = std::max(2 * oy - 1, 0); iy < std::min(2 * oy + 2, H); iy++)
+                            for (int ix = std::max(2 * ox - 1, 0); ix < std::min(2 * ox + 2, W); ix++) {
+                                const size_t i = at(b, c, iy, ix, H, W);
+                                if (best == SIZE_MAX || xv[i] > xv[best]) best = i;
+                            }
+                        const size_t o = at(b, c, oy, ox, Ho, Wo);
+                        y_want[o] = xv[best];
+                        dx_want[best] += gv[o];
+                    }
+        const int cl = last ? C : 0;
+        const long long planes = (long long)B * C;
+        if (last) {
+            const auto xb = to_bf16(xv), gb = to_bf16(gv);
+            auto y = nan_filled<__nv_bfloat16>(no);
+            auto dx = nan_filled<__nv_bfloat16>(n);
+            emu_launch({unsigned((no + 255) / 256), 1, 1}, 256, [&] { cim_max_pool_fwd_bf16(xb.data(), y.data(), planes, H, W, Ho, Wo, cl); });
+            emu_launch({unsigned((n + 255) / 256), 1, 1}, 256, [&] { cim_max_pool_bwd_bf16(xb.data(), gb.data(), dx.data(), planes, H, W, Ho, Wo, cl); });
+            ok &= report("max-pool 3×3/2 forward, channels last (bf16)", max_diff(y_want, floats(y)), 0);
+            // Up to four gradients meet at one pixel, summed in f32 and rounded once.
+            ok &= report("max-pool 3×3/2 backward, channels last (bf16)", max_diff(dx_want, floats(dx)), 2e-2);
+        } else {
+            auto y = nan_filled<float>(no), dx = nan_filled<float>(n);
+            emu_launch({unsigned((no + 255) / 256), 1, 1}, 256, [&] { cim_max_pool_fwd(xv.data(), y.data(), planes, H, W, Ho, Wo, cl); });
+            emu_launch({unsigned((n + 255) / 256), 1, 1}, 256, [&] { cim_max_pool_bwd(xv.data(), gv.data(), dx.data(), planes, H, W, Ho, Wo, cl); });
+            ok &= report("max-pool 3×3/2 forward, channels first (f32)", max_diff(y_want, y), 0);
+            ok &= report("max-pool 3×3/2 backward, channels first (f32)", max_diff(dx_want, dx), 1e-6);
+        }
+    }
+    return ok;
+}
 bool relu_checks() {
     const size_t n = 4 * 1000 + 4;
     auto xv = randv(n, 101);
@@ -612,5 +744,7 @@ int main() {
     ok &= channel_bias_checks();
     ok &= batch_norm_checks();
     ok &= relu_checks();
+    ok &= batch_norm_cl_checks();
+    ok &= max_pool_checks();
     return ok ? 0 : 1;
 }

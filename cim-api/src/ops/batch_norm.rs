@@ -20,10 +20,23 @@ use crate::Result;
 /// Per-channel `[mean; biased variance]` `(2, C)` of `x` `(B, C, H, W)`. No gradient. `None` when
 /// the fused kernels do not apply (f32 on the CPU; f32 or bf16 on CUDA with the kernels on).
 pub fn channel_moments(x: &Tensor) -> Result<Option<Tensor>> {
+    moments_in(x, false)
+}
+
+/// [`channel_moments`] of a channels-last map `x` `(B, H, W, C)`.
+pub fn channel_moments_nhwc(x: &Tensor) -> Result<Option<Tensor>> {
+    moments_in(x, true)
+}
+
+fn moments_in(x: &Tensor, last: bool) -> Result<Option<Tensor>> {
     if !(is_fusable(&[x]) || bf16_on_cuda(x)) || x.rank() != 4 {
         return Ok(None);
     }
-    Ok(Some(x.detach().contiguous()?.apply_op1_no_bwd(&MomentsOp)?))
+    Ok(Some(
+        x.detach()
+            .contiguous()?
+            .apply_op1_no_bwd(&MomentsOp { last })?,
+    ))
 }
 
 /// `(x − mean) / sqrt(var + eps) · weight + bias` per channel, with `stats` = [`channel_moments`]
@@ -36,6 +49,29 @@ pub fn batch_norm_train(
     bias: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
+    train_in(x, stats, weight, bias, eps, false)
+}
+
+/// [`batch_norm_train`] of a channels-last map `x` `(B, H, W, C)`, `stats` from
+/// [`channel_moments_nhwc`].
+pub fn batch_norm_train_nhwc(
+    x: &Tensor,
+    stats: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    train_in(x, stats, weight, bias, eps, true)
+}
+
+fn train_in(
+    x: &Tensor,
+    stats: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    last: bool,
+) -> Result<Tensor> {
     let fused = is_fusable(&[x, stats, weight, bias])
         || (bf16_on_cuda(x) && is_fusable(&[stats, weight, bias]));
     if fused && x.rank() == 4 {
@@ -47,15 +83,15 @@ pub fn batch_norm_train(
         let affine = Tensor::stack(&[weight.detach(), bias.detach()], 0)?; // (2, C)
         let (wdt, bdt) = (weight.dtype(), bias.dtype());
         let args = [xd.clone(), st.clone(), affine.clone()];
-        let out = super::Output::Op3(Box::new(ApplyOp { eps }), args);
+        let out = super::Output::Op3(Box::new(ApplyOp { eps, last }), args);
         return super::with_backward(&[x, weight, bias], out, move |dy| {
             // [dγ; dβ] from [γ; β; mean; var], then dx from those six rows: each kernel has three
             // inputs.
             let params = Tensor::cat(&[&affine, &st], 0)?.contiguous()?;
             let dy = dy.contiguous()?;
-            let daffine = xd.apply_op3_no_bwd(&dy, &params, &GradSumsOp { eps })?;
+            let daffine = xd.apply_op3_no_bwd(&dy, &params, &GradSumsOp { eps, last })?;
             let all = Tensor::cat(&[&params, &daffine], 0)?;
-            let dx = xd.apply_op3_no_bwd(&dy, &all, &DxOp { eps })?;
+            let dx = xd.apply_op3_no_bwd(&dy, &all, &DxOp { eps, last })?;
             Ok(vec![
                 Some(dx),
                 Some(daffine.get(0)?.to_dtype(wdt)?),
@@ -63,7 +99,7 @@ pub fn batch_norm_train(
             ])
         });
     }
-    batch_norm_train_composed(x, weight, bias, eps)
+    composed_in(x, weight, bias, eps, last)
 }
 
 /// A bf16 map on CUDA with the kernels on: the kernels read and write bf16 (statistics and
@@ -146,24 +182,48 @@ pub fn batch_norm_train_composed(
     bias: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
-    let shape = (1, weight.dim(0)?, 1, 1);
-    let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc
-        .sqr()?
-        .mean_keepdim(0)?
-        .mean_keepdim(2)?
-        .mean_keepdim(3)?;
-    Ok(xc
-        .broadcast_div(&(var + eps)?.sqrt()?)?
-        .broadcast_mul(&weight.reshape(shape)?)?
-        .broadcast_add(&bias.reshape(shape)?)?)
+    composed_in(x, weight, bias, eps, false)
 }
 
-/// `(batch, channels, plane size)` of a `(B, C, H, W)` layout.
-fn bchw(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
-    let (b, c, h, w) = l.shape().dims4()?;
-    Ok((b, c, h * w))
+/// [`batch_norm_train_composed`] of a channels-last map `(B, H, W, C)`.
+pub fn batch_norm_train_composed_nhwc(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    composed_in(x, weight, bias, eps, true)
+}
+
+fn composed_in(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64, last: bool) -> Result<Tensor> {
+    let c = weight.dim(0)?;
+    // The statistics' shape, and the three dimensions they reduce.
+    let (shape, dims) = match last {
+        false => ([1, c, 1, 1], [0, 2, 3]),
+        true => ([1, 1, 1, c], [0, 1, 2]),
+    };
+    let mean_over = |t: &Tensor| -> candle_core::Result<Tensor> {
+        t.mean_keepdim(dims[0])?
+            .mean_keepdim(dims[1])?
+            .mean_keepdim(dims[2])
+    };
+    let mean = mean_over(x)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = mean_over(&xc.sqr()?)?;
+    Ok(xc
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(&weight.reshape(&shape[..])?)?
+        .broadcast_add(&bias.reshape(&shape[..])?)?)
+}
+
+/// `(outer, channels, inner)` of a map: `(B, C, H·W)` channels first, `(B·H·W, C, 1)` channels
+/// last (`last`, dims `(B, H, W, C)`). Element `(o, c, i)` is at `(o·C + c)·inner + i`.
+fn bchw(l: &Layout, last: bool) -> candle_core::Result<(usize, usize, usize)> {
+    let (a, b, c, d) = l.shape().dims4()?;
+    Ok(match last {
+        false => (a, b, c * d),
+        true => (a * b * c, d, 1),
+    })
 }
 
 /// Per channel: sums of `f(x)` over every plane of that channel, in plane order.
@@ -201,7 +261,9 @@ fn moments(x: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
     )
 }
 
-struct MomentsOp;
+struct MomentsOp {
+    last: bool,
+}
 
 impl CustomOp1 for MomentsOp {
     fn name(&self) -> &'static str {
@@ -209,7 +271,7 @@ impl CustomOp1 for MomentsOp {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l, "x")?;
-        let (b, c, hw) = bchw(l)?;
+        let (b, c, hw) = bchw(l, self.last)?;
         let (mut mean, var) = moments(x, b, c, hw);
         mean.extend(var);
         Ok((CpuStorage::F32(mean), Shape::from((2, c))))
@@ -220,12 +282,13 @@ impl CustomOp1 for MomentsOp {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::channel_moments(s, l)
+        super::cuda::channel_moments(s, l, self.last)
     }
 }
 
 struct ApplyOp {
     eps: f32,
+    last: bool,
 }
 
 impl CustomOp3 for ApplyOp {
@@ -246,7 +309,7 @@ impl CustomOp3 for ApplyOp {
             slice(s2, l2, "stats")?,
             slice(s3, l3, "affine")?,
         );
-        let (_, c, hw) = bchw(l1)?;
+        let (_, c, hw) = bchw(l1, self.last)?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(hw)
             .zip(x.par_chunks(hw))
@@ -271,13 +334,14 @@ impl CustomOp3 for ApplyOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::batch_norm_fwd(s1, l1, s2, l2, s3, l3, self.eps)
+        super::cuda::batch_norm_fwd(s1, l1, s2, l2, s3, l3, self.eps, self.last)
     }
 }
 
 /// `[dγ; dβ]` `(2, C)` = per channel `[Σ dy·x̂; Σ dy]`, from `x`, `dy` and `[γ; β; mean; var]`.
 struct GradSumsOp {
     eps: f32,
+    last: bool,
 }
 
 /// `1/sqrt(var + ε)` per channel.
@@ -303,7 +367,7 @@ impl CustomOp3 for GradSumsOp {
             slice(s2, l2, "grad")?,
             slice(s3, l3, "params")?,
         );
-        let (b, c, hw) = bchw(l1)?;
+        let (b, c, hw) = bchw(l1, self.last)?;
         let (mean, rstd) = (&p[2 * c..3 * c], rstd(&p[3 * c..4 * c], self.eps));
         let sums: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
@@ -333,7 +397,7 @@ impl CustomOp3 for GradSumsOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::batch_norm_grad_sums(s1, l1, s2, l2, s3, l3, self.eps)
+        super::cuda::batch_norm_grad_sums(s1, l1, s2, l2, s3, l3, self.eps, self.last)
     }
 }
 
@@ -341,6 +405,7 @@ impl CustomOp3 for GradSumsOp {
 /// `[γ; β; mean; var; dγ; dβ]` `(6, C)`.
 struct DxOp {
     eps: f32,
+    last: bool,
 }
 
 impl CustomOp3 for DxOp {
@@ -361,7 +426,7 @@ impl CustomOp3 for DxOp {
             slice(s2, l2, "grad")?,
             slice(s3, l3, "params")?,
         );
-        let (b, c, hw) = bchw(l1)?;
+        let (b, c, hw) = bchw(l1, self.last)?;
         let (gamma, mean) = (&p[..c], &p[2 * c..3 * c]);
         let rstd = rstd(&p[3 * c..4 * c], self.eps);
         let (sdx, sd) = (&p[4 * c..5 * c], &p[5 * c..]);
@@ -391,7 +456,7 @@ impl CustomOp3 for DxOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::batch_norm_dx(s1, l1, s2, l2, s3, l3, self.eps)
+        super::cuda::batch_norm_dx(s1, l1, s2, l2, s3, l3, self.eps, self.last)
     }
 }
 
@@ -400,6 +465,35 @@ mod tests {
     use super::*;
     use crate::ops::tests::{max_diff, randn};
     use candle_core::Var;
+
+    /// Channels last: the statistics, the normalisation and every gradient equal the channels-first
+    /// ones of the transposed map, and the composed channels-last form.
+    #[test]
+    fn channels_last_matches_channels_first() -> Result<()> {
+        let (b, c, h, w) = (2, 5, 4, 3);
+        let x = Var::from_tensor(&((randn(&[b, c, h, w], 11) * 2.0)? - 0.5)?)?;
+        let gamma = Var::from_tensor(&randn(&[c], 12))?;
+        let beta = Var::from_tensor(&randn(&[c], 13))?;
+        let up = randn(&[b, c, h, w], 14);
+        let to_last = |t: &Tensor| t.permute((0, 2, 3, 1))?.contiguous();
+        let stats = channel_moments(&x)?.expect("f32 on the CPU fuses");
+        let first = batch_norm_train(&x, &stats, &gamma, &beta, 1e-5)?;
+        let g1 = (&first * &up)?.sum_all()?.backward()?;
+        let xl = to_last(&x)?;
+        let stats_l = channel_moments_nhwc(&xl)?.expect("f32 on the CPU fuses");
+        assert!(max_diff(&stats_l, &stats) < 1e-6);
+        let last = batch_norm_train_nhwc(&xl, &stats_l, &gamma, &beta, 1e-5)?;
+        assert_eq!(last.dims(), &[b, h, w, c]);
+        assert!(max_diff(&last, &to_last(&first)?) < 1e-5);
+        let composed = batch_norm_train_composed_nhwc(&xl, &gamma, &beta, 1e-5)?;
+        assert!(max_diff(&composed, &last) < 1e-4);
+        let g2 = (&last * &to_last(&up)?)?.sum_all()?.backward()?;
+        for (name, v) in [("x", &x), ("weight", &gamma), ("bias", &beta)] {
+            let d = max_diff(g2.get(v).unwrap(), g1.get(v).unwrap());
+            assert!(d < 1e-4, "{name}: {d}");
+        }
+        Ok(())
+    }
 
     #[test]
     fn fused_batch_norm_matches_composed_values_and_gradients() -> Result<()> {

@@ -258,6 +258,117 @@ pub fn conv2d_nhwc(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Res
     Ok(y.permute((0, 2, 3, 1))?.contiguous()?)
 }
 
+/// `conv2d` of a channels-last map `x` `(B, H, W, C)` with a weight `w` in [`conv2d`]'s (and
+/// PyTorch's) `(C_out, C, k, k)` order → `(B, Ho, Wo, C_out)`, with a backward for both: the
+/// trainable twin of [`conv2d_nhwc`] (the ResNet-50 enhancer channels last). With cim's cuDNN
+/// convolution on CUDA all three passes run on cuDNN's NHWC kernels — NCHW maps make its
+/// tensor-core kernels transpose every input and output, which is why the reference trains its
+/// convnets channels last — the weight permuted to `(C_out, k, k, C)` in `x`'s dtype on the way
+/// (one kernel, the cast it needs anyway in bf16), and `dw` permuted back in `w`'s dtype. Keeps
+/// `x` and that weight. Elsewhere [`conv2d`] between transposes (its backward through candle's).
+pub fn conv2d_channels_last(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let (_, h, wd, c) = x.dims4()?;
+    let (_, c_w, kh, kw) = w.dims4()?;
+    if c_w != c || kh != kw || stride == 0 {
+        return Err(crate::Error::msg(format!(
+            "conv2d_channels_last: input {:?} and weight {:?} (expected (C_out, {c}, k, k)), \
+             stride {stride}",
+            x.dims(),
+            w.dims()
+        )));
+    }
+    if h + 2 * padding < kh || wd + 2 * padding < kh {
+        return Err(crate::Error::msg(format!(
+            "conv2d_channels_last: {h}×{wd} input with padding {padding} is smaller than the \
+             {kh}×{kh} kernel"
+        )));
+    }
+    let op = Im2Col {
+        k: kh,
+        stride,
+        padding,
+    };
+    if let Some(y) = cudnn_channels_last(x, w, op)? {
+        return Ok(y);
+    }
+    let y = conv2d(&x.permute((0, 3, 1, 2))?.contiguous()?, w, padding, stride)?;
+    Ok(y.permute((0, 2, 3, 1))?.contiguous()?)
+}
+
+/// [`conv2d_channels_last`] on cuDNN, where it runs (`x` f32, bf16 or f16 on CUDA, cim's cuDNN
+/// convolution on); `None` elsewhere, or when cuDNN fails on the forward.
+#[cfg(feature = "cudnn")]
+fn cudnn_channels_last(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Option<Tensor>> {
+    use super::cudnn::{CudnnConv, Pass};
+    let dtype = x.dtype();
+    let takes = cudnn_conv()
+        && x.device().is_cuda()
+        && w.device().is_cuda()
+        && matches!(dtype, DType::F32 | DType::BF16 | DType::F16);
+    if !takes {
+        return Ok(None);
+    }
+    let xd = x.detach().contiguous()?;
+    let (wd, wdt) = (w.detach(), w.dtype());
+    // (C_out, k, k, C) in x's dtype: cuDNN's KRSC filter for NHWC maps.
+    let krsc = wd.permute((0, 2, 3, 1))?.to_dtype(dtype)?.contiguous()?;
+    let (b, h, width, c) = xd.dims4()?;
+    let c_out = wd.dim(0)?;
+    let conv = move |pass| CudnnConv {
+        op,
+        pass,
+        x_dims: [b, c, h, width],
+        c_out,
+        nhwc: true,
+    };
+    let Some(y) = cudnn_fallible(xd.apply_op2_no_bwd(&krsc, &conv(Pass::Forward))) else {
+        return Ok(None);
+    };
+    let need_dx = x.track_op();
+    let out = super::with_backward(&[x, w], y, move |dy| {
+        let dy = dy.to_dtype(dtype)?.contiguous()?;
+        let dw = cudnn_fallible(xd.apply_op2_no_bwd(&dy, &conv(Pass::BackwardFilter)));
+        let dx = match (need_dx, &dw) {
+            (true, Some(_)) => {
+                cudnn_fallible(krsc.apply_op2_no_bwd(&dy, &conv(Pass::BackwardData)))
+            }
+            _ => None,
+        };
+        match (dw, dx) {
+            (Some(dw), dx) if dx.is_some() || !need_dx => Ok(vec![
+                dx,
+                Some(dw.permute((0, 3, 1, 2))?.to_dtype(wdt)?.contiguous()?),
+            ]),
+            // cuDNN failed (and is now off): the f32 im2col backward on transposed copies.
+            _ => {
+                let nchw = |t: &Tensor| t.permute((0, 3, 1, 2))?.to_dtype(DType::F32)?.contiguous();
+                let (dx, dw) = conv_backward(
+                    &nchw(&xd)?,
+                    &wd.to_dtype(DType::F32)?,
+                    op,
+                    COL_BUDGET,
+                    &nchw(&dy)?,
+                )?;
+                Ok(vec![
+                    Some(dx.permute((0, 2, 3, 1))?.to_dtype(dtype)?.contiguous()?),
+                    Some(dw.to_dtype(wdt)?),
+                ])
+            }
+        }
+    })?;
+    Ok(Some(out))
+}
+
+#[cfg(not(feature = "cudnn"))]
+fn cudnn_channels_last(_: &Tensor, _: &Tensor, _: Im2Col) -> Result<Option<Tensor>> {
+    Ok(None)
+}
+
 /// The forward `conv2d(x, w)` through cim's cuDNN call (no backward), where [`cudnn_takes`] them;
 /// `None` elsewhere.
 #[cfg(feature = "cudnn")]
@@ -831,6 +942,35 @@ mod tests {
     use super::*;
     use crate::ops::tests::{max_diff, randn};
     use candle_core::Var;
+
+    /// The trainable channels-last convolution is `conv2d` of the transposed map (values, `dx`,
+    /// `dw` in the weight's own order), and names both shapes when they do not fit.
+    #[test]
+    fn channels_last_conv_matches_conv2d() -> Result<()> {
+        for (k, stride, pad) in [(3, 2, 1), (1, 1, 0), (7, 2, 3)] {
+            let x = Var::from_tensor(&randn(&[2, 4, 9, 8], 21))?;
+            let w = Var::from_tensor(&randn(&[6, 4, k, k], 22))?;
+            let want = conv2d(&x, &w, pad, stride)?;
+            let g = randn(want.dims(), 23);
+            let gw = (&want * &g)?.sum_all()?.backward()?;
+            let xl = x.permute((0, 2, 3, 1))?;
+            let got = conv2d_channels_last(&xl, &w, pad, stride)?;
+            let (b, co, ho, wo) = want.dims4()?;
+            assert_eq!(got.dims(), &[b, ho, wo, co]);
+            assert!(max_diff(&got.permute((0, 3, 1, 2))?, &want) < 1e-5);
+            let gl = g.permute((0, 2, 3, 1))?;
+            let gg = (&got * &gl)?.sum_all()?.backward()?;
+            for (name, v) in [("x", &x), ("w", &w)] {
+                let d = max_diff(gg.get(v).unwrap(), gw.get(v).unwrap());
+                assert!(d < 1e-4, "k{k} s{stride}: d{name} {d}");
+            }
+        }
+        let e = conv2d_channels_last(&randn(&[1, 5, 5, 3], 1), &randn(&[2, 4, 3, 3], 2), 1, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[1, 5, 5, 3]") && e.contains("[2, 4, 3, 3]"), "{e}");
+        Ok(())
+    }
 
     /// Values and both gradients against candle's `conv2d`, for the kernel/stride/padding
     /// combinations the plugins use (dVAE 7×7/3×3/1×1, ResNet stem 7×7 s2, strided 3×3 and 1×1,

@@ -627,9 +627,21 @@ pub fn attention_bwd(
     Ok((CudaStorage::wrap_cuda_slice(dqkv, dev), l1.shape().clone()))
 }
 
-fn bchw(l: &Layout) -> Result<[i32; 3]> {
-    let (b, c, h, w) = l.shape().dims4()?;
-    Ok([b as i32, c as i32, (h * w) as i32])
+/// `[outer, C, inner]` of a BatchNorm map: `(B, C, H·W)` channels first, `(B·H·W, C, 1)` channels
+/// last (`last`, dims `(B, H, W, C)`); the channel of element `i` is `(i / inner) % C` either way.
+fn bn_geom(l: &Layout, last: bool) -> Result<[i32; 3]> {
+    let (a, b, c, d) = l.shape().dims4()?;
+    let dims = match last {
+        false => [a, b, c * d],
+        true => [a * b * c, d, 1],
+    };
+    dims.iter()
+        .map(|&v| {
+            i32::try_from(v)
+                .map_err(|_| candle_core::Error::Msg(format!("batch_norm: {v} exceeds i32")))
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(|v| [v[0], v[1], v[2]])
 }
 
 /// The BatchNorm reductions' grid: `(C, chunks)` blocks, each over `ipc` whole planes of one
@@ -645,31 +657,64 @@ fn bn_grid(b: i32, c: i32, hw: i32) -> (LaunchConfig, i32, i32) {
     (cfg, ipc, chunks.max(1))
 }
 
-/// `[mean; biased var]` `(2, C)` of `x` `(B, C, H, W)`, f32 or bf16: f64 partial sums on the
-/// [`bn_grid`], added per channel in chunk order.
-pub fn channel_moments(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-    by_dtype!(s, channel_moments_t(s, l))
+/// The channels-last reductions' grid: `(⌈C/32⌉, chunks)` blocks of 32 channels × 8 row lanes,
+/// each over `rpc` rows (a multiple of 8), about four blocks per SM of an H100 in all, and at
+/// least 2048 rows a chunk.
+fn bn_grid_cl(r: i32, c: i32) -> (LaunchConfig, i32, i32) {
+    let tiles = (c + 31) / 32;
+    let want = (528 / tiles.max(1)).max(1);
+    let rpc = (((r + want - 1) / want).max(2048) + 7) / 8 * 8;
+    let chunks = ((r + rpc - 1) / rpc).max(1);
+    let cfg = LaunchConfig {
+        grid_dim: (tiles as u32, chunks as u32, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    (cfg, rpc, chunks)
 }
 
-fn channel_moments_t<T: KernelFloat>(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+/// The launch of a BatchNorm reduction kernel: channels first on [`bn_grid`] (`(kernel, cfg,
+/// items per chunk, chunks)`), channels last (`inner` 1) its `_cl` twin on [`bn_grid_cl`].
+fn bn_reduction(base: &str, [outer, c, inner]: [i32; 3]) -> (String, LaunchConfig, i32, i32) {
+    if inner == 1 {
+        let (cfg, rpc, chunks) = bn_grid_cl(outer, c);
+        (format!("{base}_cl"), cfg, rpc, chunks)
+    } else {
+        let (cfg, ipc, chunks) = bn_grid(outer, c, inner);
+        (base.to_string(), cfg, ipc, chunks)
+    }
+}
+
+/// `[mean; biased var]` `(2, C)` of `x` `(B, C, H, W)` (or, `last`, `(B, H, W, C)`), f32 or bf16:
+/// f64 partial sums on the [`bn_grid`] ([`bn_grid_cl`]), added per channel in chunk order.
+pub fn channel_moments(s: &CudaStorage, l: &Layout, last: bool) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(s, channel_moments_t(s, l, last))
+}
+
+fn channel_moments_t<T: KernelFloat>(
+    s: &CudaStorage,
+    l: &Layout,
+    last: bool,
+) -> Result<(CudaStorage, Shape)> {
     let dev = s.device().clone();
     let x = view::<T>(s, l, "x")?;
-    let [b, c, hw] = bchw(l)?;
-    let (cfg, ipc, chunks) = bn_grid(b, c, hw);
+    let geo @ [outer, c, inner] = bn_geom(l, last)?;
+    let (kernel, cfg, per_chunk, chunks) = bn_reduction("cim_bn_moment_partials", geo);
     let partial = alloc_written::<f64>(&dev, 2 * (chunks * c) as usize)?;
-    let func = dev.get_or_load_custom_func(
-        &dtype_kernel("cim_bn_moment_partials", s.dtype())?,
-        MODULE,
-        PTX,
-    )?;
+    let func = dev.get_or_load_custom_func(&dtype_kernel(&kernel, s.dtype())?, MODULE, PTX)?;
     let mut a = func.builder();
-    a.arg(&x).arg(&partial).arg(&b).arg(&c).arg(&hw).arg(&ipc);
-    // SAFETY: argument types and counts match the kernel's signature; block (ch, k) writes its
-    // two partials of the 2·chunks·C.
+    a.arg(&x).arg(&partial);
+    if inner == 1 {
+        a.arg(&outer).arg(&c).arg(&per_chunk);
+    } else {
+        a.arg(&outer).arg(&c).arg(&inner).arg(&per_chunk);
+    }
+    // SAFETY: argument types and counts match the kernel's signature (the `_cl` kernel has no
+    // plane size); block (·, k) writes its channels' two partials of the 2·chunks·C.
     unsafe { a.launch(cfg) }.w()?;
     let out = alloc_written::<f32>(&dev, 2 * c as usize)?;
     let func = dev.get_or_load_custom_func("cim_bn_moments_finish", MODULE, PTX)?;
-    let n = b as f64 * hw as f64;
+    let n = outer as f64 * inner as f64;
     let mut a = func.builder();
     a.arg(&partial).arg(&out).arg(&c).arg(&chunks).arg(&n);
     // SAFETY: one thread per channel; out holds 2·C floats.
@@ -689,8 +734,9 @@ pub fn batch_norm_fwd(
     s3: &CudaStorage,
     l3: &Layout,
     eps: f32,
+    last: bool,
 ) -> Result<(CudaStorage, Shape)> {
-    by_dtype!(s1, batch_norm_fwd_t(s1, l1, s2, l2, s3, l3, eps))
+    by_dtype!(s1, batch_norm_fwd_t(s1, l1, s2, l2, s3, l3, eps, last))
 }
 
 fn batch_norm_fwd_t<T: KernelFloat>(
@@ -701,6 +747,7 @@ fn batch_norm_fwd_t<T: KernelFloat>(
     s3: &CudaStorage,
     l3: &Layout,
     eps: f32,
+    last: bool,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
     let (x, stats, affine) = (
@@ -708,7 +755,7 @@ fn batch_norm_fwd_t<T: KernelFloat>(
         view::<f32>(s2, l2, "stats")?,
         view::<f32>(s3, l3, "affine")?,
     );
-    let [_, c, hw] = bchw(l1)?;
+    let [_, c, hw] = bn_geom(l1, last)?;
     let n = l1.shape().elem_count();
     let y = alloc_written::<T>(&dev, n)?;
     let func = dev.get_or_load_custom_func(
@@ -740,9 +787,13 @@ pub fn batch_norm_grad_sums(
     s3: &CudaStorage,
     l3: &Layout,
     eps: f32,
+    last: bool,
 ) -> Result<(CudaStorage, Shape)> {
     same_dtype("batch_norm backward", ("x", s1), ("dy", s2))?;
-    by_dtype!(s1, batch_norm_grad_sums_t(s1, l1, s2, l2, s3, l3, eps))
+    by_dtype!(
+        s1,
+        batch_norm_grad_sums_t(s1, l1, s2, l2, s3, l3, eps, last)
+    )
 }
 
 fn batch_norm_grad_sums_t<T: KernelFloat>(
@@ -753,6 +804,7 @@ fn batch_norm_grad_sums_t<T: KernelFloat>(
     s3: &CudaStorage,
     l3: &Layout,
     eps: f32,
+    last: bool,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
     let (x, dy, p) = (
@@ -760,26 +812,18 @@ fn batch_norm_grad_sums_t<T: KernelFloat>(
         view::<T>(s2, l2, "grad")?,
         view::<f32>(s3, l3, "params")?,
     );
-    let [b, c, hw] = bchw(l1)?;
-    let (cfg, ipc, chunks) = bn_grid(b, c, hw);
+    let geo @ [outer, c, inner] = bn_geom(l1, last)?;
+    let (kernel, cfg, per_chunk, chunks) = bn_reduction("cim_bn_grad_partials", geo);
     let partial = alloc_written::<f64>(&dev, 2 * (chunks * c) as usize)?;
-    let func = dev.get_or_load_custom_func(
-        &dtype_kernel("cim_bn_grad_partials", s1.dtype())?,
-        MODULE,
-        PTX,
-    )?;
+    let func = dev.get_or_load_custom_func(&dtype_kernel(&kernel, s1.dtype())?, MODULE, PTX)?;
     let mut a = func.builder();
-    a.arg(&x)
-        .arg(&dy)
-        .arg(&p)
-        .arg(&partial)
-        .arg(&b)
-        .arg(&c)
-        .arg(&hw)
-        .arg(&ipc)
-        .arg(&eps);
-    // SAFETY: argument types and counts match the kernel's signature; block (ch, k) writes its
-    // two partials.
+    a.arg(&x).arg(&dy).arg(&p).arg(&partial).arg(&outer).arg(&c);
+    if inner != 1 {
+        a.arg(&inner);
+    }
+    a.arg(&per_chunk).arg(&eps);
+    // SAFETY: argument types and counts match the kernel's signature (the `_cl` kernel has no
+    // plane size); block (·, k) writes its channels' two partials.
     unsafe { a.launch(cfg) }.w()?;
     let out = alloc_written::<f32>(&dev, 2 * c as usize)?;
     let func = dev.get_or_load_custom_func("cim_bn_grad_finish", MODULE, PTX)?;
@@ -802,9 +846,10 @@ pub fn batch_norm_dx(
     s3: &CudaStorage,
     l3: &Layout,
     eps: f32,
+    last: bool,
 ) -> Result<(CudaStorage, Shape)> {
     same_dtype("batch_norm backward", ("x", s1), ("dy", s2))?;
-    by_dtype!(s1, batch_norm_dx_t(s1, l1, s2, l2, s3, l3, eps))
+    by_dtype!(s1, batch_norm_dx_t(s1, l1, s2, l2, s3, l3, eps, last))
 }
 
 fn batch_norm_dx_t<T: KernelFloat>(
@@ -815,6 +860,7 @@ fn batch_norm_dx_t<T: KernelFloat>(
     s3: &CudaStorage,
     l3: &Layout,
     eps: f32,
+    last: bool,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
     let (x, dy, p) = (
@@ -822,7 +868,7 @@ fn batch_norm_dx_t<T: KernelFloat>(
         view::<T>(s2, l2, "grad")?,
         view::<f32>(s3, l3, "params")?,
     );
-    let [b, c, hw] = bchw(l1)?;
+    let [b, c, hw] = bn_geom(l1, last)?;
     let n = l1.shape().elem_count();
     let dx = alloc_written::<T>(&dev, n)?;
     let func = dev.get_or_load_custom_func(&dtype_kernel("cim_bn_dx", s1.dtype())?, MODULE, PTX)?;
@@ -842,19 +888,38 @@ fn batch_norm_dx_t<T: KernelFloat>(
     Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
 }
 
-fn pool_dims(l: &Layout) -> Result<(i64, i32, i32, i32, i32)> {
-    let (b, c, h, w) = l.shape().dims4()?;
+/// `(planes, h, w, ho, wo, cl)` of a 3×3 stride-2 pool of `(B, C, H, W)`, or (`last`, `cl` = C)
+/// of `(B, H, W, C)`.
+fn pool_dims(l: &Layout, last: bool) -> Result<(i64, i32, i32, i32, i32, i32)> {
+    let (b, c, h, w) = match last {
+        false => l.shape().dims4()?,
+        true => {
+            let (b, h, w, c) = l.shape().dims4()?;
+            (b, c, h, w)
+        }
+    };
     let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
-    Ok(((b * c) as i64, h as i32, w as i32, ho as i32, wo as i32))
+    let cl = if last { c as i32 } else { 0 };
+    Ok(((b * c) as i64, h as i32, w as i32, ho as i32, wo as i32, cl))
 }
 
-pub fn max_pool_fwd(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+/// `MaxPool2d(3, 2, 1)` of a channels-first (or, `last`, channels-last) map, f32 or bf16.
+pub fn max_pool_fwd(s: &CudaStorage, l: &Layout, last: bool) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(s, max_pool_fwd_t(s, l, last))
+}
+
+fn max_pool_fwd_t<T: KernelFloat>(
+    s: &CudaStorage,
+    l: &Layout,
+    last: bool,
+) -> Result<(CudaStorage, Shape)> {
     let dev = s.device().clone();
-    let x = view::<f32>(s, l, "x")?;
-    let (planes, h, w, ho, wo) = pool_dims(l)?;
+    let x = view::<T>(s, l, "x")?;
+    let (planes, h, w, ho, wo, cl) = pool_dims(l, last)?;
     let n = planes as usize * (ho * wo) as usize;
-    let y = alloc_written::<f32>(&dev, n)?;
-    let func = dev.get_or_load_custom_func("cim_max_pool_fwd", MODULE, PTX)?;
+    let y = alloc_written::<T>(&dev, n)?;
+    let func =
+        dev.get_or_load_custom_func(&dtype_kernel("cim_max_pool_fwd", s.dtype())?, MODULE, PTX)?;
     let mut a = func.builder();
     a.arg(&x)
         .arg(&y)
@@ -862,28 +927,44 @@ pub fn max_pool_fwd(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)>
         .arg(&h)
         .arg(&w)
         .arg(&ho)
-        .arg(&wo);
+        .arg(&wo)
+        .arg(&cl);
     // SAFETY: argument types and counts match the kernel's signature; one thread per output.
     unsafe { a.launch(per_element(n)) }.w()?;
-    let (b, c, _, _) = l.shape().dims4()?;
-    Ok((
-        CudaStorage::wrap_cuda_slice(y, dev),
-        Shape::from((b, c, ho as usize, wo as usize)),
-    ))
+    let d = l.shape().dims();
+    let shape = match last {
+        false => Shape::from((d[0], d[1], ho as usize, wo as usize)),
+        true => Shape::from((d[0], ho as usize, wo as usize, d[3])),
+    };
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), shape))
 }
 
+/// The pool's `dx` from `x` and `dy` (one dtype, f32 or bf16), either layout.
 pub fn max_pool_bwd(
     s1: &CudaStorage,
     l1: &Layout,
     s2: &CudaStorage,
     l2: &Layout,
+    last: bool,
+) -> Result<(CudaStorage, Shape)> {
+    same_dtype("max_pool backward", ("x", s1), ("dy", s2))?;
+    by_dtype!(s1, max_pool_bwd_t(s1, l1, s2, l2, last))
+}
+
+fn max_pool_bwd_t<T: KernelFloat>(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    last: bool,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
-    let (x, dy) = (view::<f32>(s1, l1, "x")?, view::<f32>(s2, l2, "grad")?);
-    let (planes, h, w, ho, wo) = pool_dims(l1)?;
+    let (x, dy) = (view::<T>(s1, l1, "x")?, view::<T>(s2, l2, "grad")?);
+    let (planes, h, w, ho, wo, cl) = pool_dims(l1, last)?;
     let n = l1.shape().elem_count();
-    let dx = alloc_written::<f32>(&dev, n)?;
-    let func = dev.get_or_load_custom_func("cim_max_pool_bwd", MODULE, PTX)?;
+    let dx = alloc_written::<T>(&dev, n)?;
+    let func =
+        dev.get_or_load_custom_func(&dtype_kernel("cim_max_pool_bwd", s1.dtype())?, MODULE, PTX)?;
     let mut a = func.builder();
     a.arg(&x)
         .arg(&dy)
@@ -892,7 +973,8 @@ pub fn max_pool_bwd(
         .arg(&h)
         .arg(&w)
         .arg(&ho)
-        .arg(&wo);
+        .arg(&wo)
+        .arg(&cl);
     // SAFETY: argument types and counts match the kernel's signature; one thread per input.
     unsafe { a.launch(per_element(n)) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))

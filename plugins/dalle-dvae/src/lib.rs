@@ -70,28 +70,8 @@ pub struct DvaeConfig {
     pub layout: MapLayout,
 }
 
-/// The dVAE's map layout (see [`DvaeConfig::layout`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MapLayout {
-    #[default]
-    Auto,
-    Nchw,
-    Nhwc,
-}
-
-impl MapLayout {
-    /// Whether maps on `device` are channels last.
-    pub fn channels_last(self, device: &candle_core::Device) -> bool {
-        match self {
-            Self::Nchw => false,
-            Self::Nhwc => true,
-            Self::Auto => {
-                device.is_cuda() && cim_api::ops::cudnn_conv() && cim_api::ops::cuda_kernels()
-            }
-        }
-    }
-}
+/// The dVAE's map layout (see [`DvaeConfig::layout`]); shared with the ResNet-50 enhancer.
+pub use cim_api::MapLayout;
 
 /// The decoder's precision (see [`DvaeConfig::decoder_precision`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,6 +8,11 @@
 //! - input: `(B, 3, H, W)` normalised image
 //! - output: [`Features`] `(B, (H/32)², 2048)` from `layer4`, stride 32
 //!
+//! The maps run channels first or channels last (`layout`, [`MapLayout`]: `"auto"` is channels
+//! last on CUDA with cim's cuDNN convolution, as the reference trains ResNet-50): the same
+//! network, parameters and checkpoints either way — the weights keep torchvision's
+//! `(C_out, C, k, k)` order, and channels last permutes them for cuDNN inside the convolution.
+//!
 //! BatchNorm trains: batch statistics and a running-statistics update (momentum 0.1, unbiased
 //! variance, as PyTorch) when `train` is true, running statistics otherwise. Running statistics are
 //! buffers ([`BuildCtx::buffers`]): saved with the weights, never seen by the optimizer.
@@ -17,7 +22,9 @@ use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use cim_api::{BuildCtx, Enhancer, EnhancerInfo, Error, Features, ParamStore, Result, TokenGrid};
+use cim_api::{
+    BuildCtx, Enhancer, EnhancerInfo, Error, Features, MapLayout, ParamStore, Result, TokenGrid,
+};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +35,10 @@ pub struct ResNetConfig {
     pub width: usize,
     pub bn_momentum: f64,
     pub bn_eps: f64,
+    /// Where the maps keep their channels (see [`MapLayout`]): `"auto"` (channels last on CUDA
+    /// with cim's cuDNN convolution), `"nchw"`, `"nhwc"`.
+    #[serde(default)]
+    pub layout: MapLayout,
 }
 
 impl Default for ResNetConfig {
@@ -37,6 +48,7 @@ impl Default for ResNetConfig {
             width: 64,
             bn_momentum: 0.1,
             bn_eps: 1e-5,
+            layout: MapLayout::Auto,
         }
     }
 }
@@ -73,8 +85,12 @@ impl Conv {
             pad: k / 2,
         })
     }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        cim_api::ops::conv2d(x, &self.w, self.pad, self.stride)
+    /// `x` channels first, or channels last with `last`.
+    fn forward(&self, x: &Tensor, last: bool) -> Result<Tensor> {
+        match last {
+            false => cim_api::ops::conv2d(x, &self.w, self.pad, self.stride),
+            true => cim_api::ops::conv2d_channels_last(x, &self.w, self.pad, self.stride),
+        }
     }
 }
 
@@ -125,58 +141,63 @@ impl BatchNorm {
     }
 
     /// In training, batch statistics (and the running ones updated); else the running ones.
-    /// bf16 input (mixed precision): in training on CUDA the fused kernels read and write bf16
-    /// (statistics and arithmetic in f32); elsewhere it is normalised in f32 and handed back in
-    /// bf16, as LayerNorm is.
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// `x` `(B, C, H, W)`, or `(B, H, W, C)` with `last`. bf16 input (mixed precision): in
+    /// training on CUDA the fused kernels read and write bf16 (statistics and arithmetic in f32);
+    /// elsewhere it is normalised in f32 and handed back in bf16, as LayerNorm is.
+    pub fn forward_t(&self, x: &Tensor, train: bool, last: bool) -> Result<Tensor> {
+        use cim_api::ops;
         let c = self.weight.dim(0)?;
-        let shape = (1, c, 1, 1);
+        // The statistics' shape, and the dimensions they reduce.
+        let (shape, dims) = match last {
+            false => ([1, c, 1, 1], [0, 2, 3]),
+            true => ([1, 1, 1, c], [0, 1, 2]),
+        };
+        let n = (x.elem_count() / c.max(1)) as f64;
+        let unbias = n / (n - 1.0).max(1.0);
         if train {
             // Fused: one statistics kernel, one normalisation kernel keeping only its input, a
             // backward of two kernels (cim_api::ops::batch_norm_train).
-            if let Some(stats) = cim_api::ops::channel_moments(x)? {
-                let (b, _, h, w) = x.dims4()?;
-                let n = (b * h * w) as f64;
-                self.update_running(&stats.get(0)?, &stats.get(1)?, n / (n - 1.0).max(1.0))?;
-                return cim_api::ops::batch_norm_train(
-                    x,
-                    &stats,
-                    &self.weight,
-                    &self.bias,
-                    self.eps,
-                );
+            let stats = match last {
+                false => ops::channel_moments(x)?,
+                true => ops::channel_moments_nhwc(x)?,
+            };
+            if let Some(stats) = stats {
+                self.update_running(&stats.get(0)?, &stats.get(1)?, unbias)?;
+                let (w, b, eps) = (&self.weight, &self.bias, self.eps);
+                return match last {
+                    false => ops::batch_norm_train(x, &stats, w, b, eps),
+                    true => ops::batch_norm_train_nhwc(x, &stats, w, b, eps),
+                };
             }
         }
         if x.dtype() == DType::BF16 {
-            let y = self.forward_t(&x.to_dtype(DType::F32)?, train)?;
+            let y = self.forward_t(&x.to_dtype(DType::F32)?, train, last)?;
             return Ok(y.to_dtype(DType::BF16)?);
         }
+        let mean_over = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.mean_keepdim(dims[0])?
+                .mean_keepdim(dims[1])?
+                .mean_keepdim(dims[2])?)
+        };
         let (mean, var) = if train {
-            let (b, _, h, w) = x.dims4()?;
-            let n = (b * h * w) as f64;
-            let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
-            let var = x
-                .broadcast_sub(&mean)?
-                .sqr()?
-                .mean_keepdim(0)?
-                .mean_keepdim(2)?
-                .mean_keepdim(3)?;
+            let mean = mean_over(x)?;
+            let var = mean_over(&x.broadcast_sub(&mean)?.sqr()?)?;
             let bm = mean.detach().flatten_all()?;
             let bv = var.detach().flatten_all()?;
-            self.update_running(&bm, &bv, n / (n - 1.0).max(1.0))?;
+            self.update_running(&bm, &bv, unbias)?;
             (mean, var)
         } else {
             (
-                self.running_mean.as_tensor().reshape(shape)?,
-                self.running_var.as_tensor().reshape(shape)?,
+                self.running_mean.as_tensor().reshape(&shape[..])?,
+                self.running_var.as_tensor().reshape(&shape[..])?,
             )
         };
         let xn = x
             .broadcast_sub(&mean)?
             .broadcast_div(&(var + self.eps)?.sqrt()?)?;
         Ok(xn
-            .broadcast_mul(&self.weight.reshape(shape)?)?
-            .broadcast_add(&self.bias.reshape(shape)?)?)
+            .broadcast_mul(&self.weight.reshape(&shape[..])?)?
+            .broadcast_add(&self.bias.reshape(&shape[..])?)?)
     }
 }
 
@@ -221,13 +242,15 @@ impl Bottleneck {
             downsample,
         })
     }
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward_t(&self, x: &Tensor, train: bool, last: bool) -> Result<Tensor> {
         let relu = cim_api::ops::relu;
-        let h = relu(&self.bn1.forward_t(&self.conv1.forward(x)?, train)?)?;
-        let h = relu(&self.bn2.forward_t(&self.conv2.forward(&h)?, train)?)?;
-        let h = self.bn3.forward_t(&self.conv3.forward(&h)?, train)?;
+        let cb =
+            |c: &Conv, b: &BatchNorm, x: &Tensor| b.forward_t(&c.forward(x, last)?, train, last);
+        let h = relu(&cb(&self.conv1, &self.bn1, x)?)?;
+        let h = relu(&cb(&self.conv2, &self.bn2, &h)?)?;
+        let h = cb(&self.conv3, &self.bn3, &h)?;
         let id = match &self.downsample {
-            Some((c, b)) => b.forward_t(&c.forward(x)?, train)?,
+            Some((c, b)) => cb(c, b, x)?,
             None => x.clone(),
         };
         relu(&(h + id)?)
@@ -240,6 +263,8 @@ pub struct ResNet {
     bn1: BatchNorm,
     stages: Vec<Vec<Bottleneck>>,
     info: EnhancerInfo,
+    /// Channels-last maps (`layout`, settled at build for the device).
+    last: bool,
 }
 
 impl ResNet {
@@ -249,6 +274,7 @@ impl ResNet {
         vb: VarBuilder,
         buffers: &ParamStore,
     ) -> Result<Self> {
+        let last = cfg.layout.channels_last(vb.device());
         if !image_size.is_multiple_of(32) {
             return Err(Error::config(format!(
                 "resnet50: image size {image_size} must be a multiple of 32"
@@ -285,16 +311,42 @@ impl ResNet {
                 image_size,
                 shareable_blocks: None,
             },
+            last,
         })
     }
 
-    /// `layer4` output `(B, 2048, H/32, W/32)`.
+    /// Whether the maps run channels last.
+    pub fn channels_last(&self) -> bool {
+        self.last
+    }
+
+    /// `layer4` output `(B, 2048, H/32, W/32)` (whatever the layout it ran in).
     pub fn forward_map(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = cim_api::ops::relu(&self.bn1.forward_t(&self.conv1.forward(x)?, train)?)?;
-        let mut x = max_pool_3x3_s2(&x)?;
+        let y = self.trunk(x, train)?;
+        Ok(match self.last {
+            false => y,
+            true => y.permute((0, 3, 1, 2))?.contiguous()?,
+        })
+    }
+
+    /// `layer4` output in the network's layout: `(B, 2048, h, w)`, channels last `(B, h, w, 2048)`.
+    fn trunk(&self, image: &Tensor, train: bool) -> Result<Tensor> {
+        let last = self.last;
+        let x = match last {
+            false => image.clone(),
+            true => image.permute((0, 2, 3, 1))?.contiguous()?,
+        };
+        let x = self
+            .bn1
+            .forward_t(&self.conv1.forward(&x, last)?, train, last)?;
+        let x = cim_api::ops::relu(&x)?;
+        let mut x = match last {
+            false => max_pool_3x3_s2(&x)?,
+            true => max_pool_3x3_s2_nhwc(&x)?,
+        };
         for stage in &self.stages {
             for b in stage {
-                x = b.forward_t(&x, train)?;
+                x = b.forward_t(&x, train, last)?;
             }
         }
         Ok(x)
@@ -313,16 +365,26 @@ fn strided(x: &Tensor, dim: usize, start: usize, n: usize, step: usize) -> Resul
 /// torchvision's stem pool, `MaxPool2d(3, stride=2, padding=1)`: the fused kernel
 /// ([`cim_api::ops::max_pool_3x3_s2`]) where it applies, else [`max_pool_3x3_s2_composed`].
 ///
-/// bf16 input runs the f32 kernel on a widened copy: the maximum of rounded values is the rounded
-/// maximum, so the result is exact.
+/// bf16 input where the kernel takes f32 only (the CPU) runs on a widened copy: the maximum of
+/// rounded values is the rounded maximum, so the result is exact.
 pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
+    if let Some(y) = cim_api::ops::max_pool_3x3_s2(x)? {
+        return Ok(y);
+    }
     if x.dtype() == DType::BF16 {
         return Ok(max_pool_3x3_s2(&x.to_dtype(DType::F32)?)?.to_dtype(DType::BF16)?);
     }
-    match cim_api::ops::max_pool_3x3_s2(x)? {
-        Some(y) => Ok(y),
-        None => max_pool_3x3_s2_composed(x),
+    max_pool_3x3_s2_composed(x)
+}
+
+/// [`max_pool_3x3_s2`] of a channels-last map `(B, H, W, C)`: the fused kernel where it applies,
+/// else the channels-first pool between transposes.
+pub fn max_pool_3x3_s2_nhwc(x: &Tensor) -> Result<Tensor> {
+    if let Some(y) = cim_api::ops::max_pool_3x3_s2_nhwc(x)? {
+        return Ok(y);
     }
+    let y = max_pool_3x3_s2(&x.permute((0, 3, 1, 2))?.contiguous()?)?;
+    Ok(y.permute((0, 2, 3, 1))?.contiguous()?)
 }
 
 /// The stem pool as the maximum of 9 strided views (candle's own max-pool has no backward for
@@ -353,10 +415,20 @@ impl Enhancer for ResNet {
         self.info
     }
     fn forward_t(&self, image: &Tensor, train: bool) -> Result<Features> {
-        let x = self.forward_map(image, train)?;
-        let (_, _, h, w) = x.dims4()?;
+        let x = self.trunk(image, train)?;
+        // (B, h·w, C): channels last is that already; channels first is transposed.
+        let (tokens, h, w) = match self.last {
+            true => {
+                let (b, h, w, c) = x.dims4()?;
+                (x.reshape((b, h * w, c))?, h, w)
+            }
+            false => {
+                let (_, _, h, w) = x.dims4()?;
+                (x.flatten_from(2)?.transpose(1, 2)?, h, w)
+            }
+        };
         Ok(Features {
-            tokens: x.flatten_from(2)?.transpose(1, 2)?,
+            tokens,
             grid: TokenGrid::new(h, w),
             stride: 32,
             cls: None,
@@ -396,7 +468,7 @@ mod tests {
         let vb = store.var_builder(DType::F32, &Device::Cpu).pp("bn");
         let bn = BatchNorm::new(3, 0.1, 1e-5, vb, &buffers)?;
         let x = (cim_api::testing::uniform((4, 3, 5, 5), 7)? * 4.0)?;
-        bn.forward_t(&x, true)?;
+        bn.forward_t(&x, true, false)?;
         let n = (4 * 5 * 5) as f64;
         let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
         let var = x
@@ -447,6 +519,70 @@ mod tests {
         // 53 BatchNorms, each with running mean and variance.
         assert_eq!(buffers.len(), 2 * 53);
         assert!(buffers.get("layer2.0.downsample.1.running_var").is_some());
+        Ok(())
+    }
+
+    /// Channels last is the same network: the features, every parameter's gradient and the
+    /// running statistics agree with channels first, in training and in eval (f32 on the CPU,
+    /// where both layouts run the fused BatchNorm and pool kernels; the convolutions between
+    /// transposes).
+    #[test]
+    fn channels_last_equals_channels_first() -> Result<()> {
+        let store = ParamStore::trainable(3);
+        let (buf1, buf2) = (ParamStore::frozen(0), ParamStore::frozen(0));
+        let cfg = |layout| ResNetConfig {
+            layout,
+            width: 8,
+            ..ResNetConfig::test_tiny()
+        };
+        let vb = store.var_builder(DType::F32, &Device::Cpu);
+        let first = ResNet::new(&cfg(MapLayout::Nchw), 64, vb.clone(), &buf1)?;
+        let last = ResNet::new(&cfg(MapLayout::Nhwc), 64, vb, &buf2)?;
+        assert!(last.channels_last() && !first.channels_last());
+        // Auto is channels first off CUDA.
+        let auto = ResNet::new(
+            &cfg(MapLayout::Auto),
+            64,
+            store.var_builder(DType::F32, &Device::Cpu),
+            &ParamStore::frozen(0),
+        )?;
+        assert!(!auto.channels_last());
+        let img = cim_api::testing::uniform((2, 3, 64, 64), 9)?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?)
+        };
+        let (f1, f2) = (first.forward_t(&img, true)?, last.forward_t(&img, true)?);
+        assert_eq!(f1.tokens.dims(), f2.tokens.dims());
+        assert_eq!((f1.grid.h, f1.grid.w), (f2.grid.h, f2.grid.w));
+        assert!(diff(&f1.tokens, &f2.tokens)? < 1e-4);
+        assert!(
+            diff(
+                &first.forward_map(&img, true)?,
+                &last.forward_map(&img, true)?
+            )? < 1e-4
+        );
+        let up = cim_api::testing::uniform(f1.tokens.dims(), 10)?;
+        let g1 = (&f1.tokens * &up)?.sum_all()?.backward()?;
+        let g2 = (&f2.tokens * &up)?.sum_all()?.backward()?;
+        let vars = store.vars();
+        // The stem (conv, γ, β) and four bottlenecks of three convolutions and BatchNorms and a
+        // downsampling pair each.
+        assert_eq!(vars.len(), 3 + 4 * 12);
+        for (name, v) in &vars {
+            let (a, b) = (g1.get(v).expect(name), g2.get(v).expect(name));
+            let scale = a.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3);
+            let d = diff(a, b)?;
+            assert!(d < 1e-3 * scale, "{name}: {d} (scale {scale})");
+        }
+        // Two training forwards each: the running statistics moved alike.
+        assert_eq!(buf1.len(), buf2.len());
+        for (name, v) in buf1.vars() {
+            let w = buf2.get(&name).expect("the same buffers");
+            assert!(diff(v.as_tensor(), w.as_tensor())? < 1e-5, "{name}");
+        }
+        // Eval (running statistics, the composed normalisation in either layout).
+        let (e1, e2) = (first.forward_t(&img, false)?, last.forward_t(&img, false)?);
+        assert!(diff(&e1.tokens, &e2.tokens)? < 1e-4);
         Ok(())
     }
 
@@ -522,7 +658,7 @@ mod tests {
             (2, 2, 2, 2),
             &Device::Cpu,
         )?;
-        let y = bn.forward_t(&x, true)?;
+        let y = bn.forward_t(&x, true, false)?;
         let m = y
             .mean_keepdim(0)?
             .mean_keepdim(2)?
@@ -549,7 +685,7 @@ mod tests {
             "{rv:?}"
         );
         // Eval normalises with the running statistics and leaves them alone.
-        let e = bn.forward_t(&x, false)?;
+        let e = bn.forward_t(&x, false, false)?;
         let first = e.flatten_all()?.to_vec1::<f32>()?[0];
         assert!(
             (first - (1.0 - 0.45) / (1.5f32 + 1e-5).sqrt()).abs() < 1e-4,
