@@ -87,6 +87,10 @@ fn cuda_kernels_match_the_cpu_kernels() {
             "channels last: channel_bias, resampling, argmax",
             channels_last_parity,
         ),
+        (
+            "channels last: batch_norm, max_pool (f32, bf16)",
+            channels_last_train_parity,
+        ),
     ];
     #[cfg(feature = "cudnn")]
     let checks = [
@@ -94,6 +98,10 @@ fn cuda_kernels_match_the_cpu_kernels() {
         vec![
             ("cudnn_conv", cudnn_conv_parity as Check),
             ("cudnn_conv channels last", cudnn_nhwc_parity as Check),
+            (
+                "cudnn_conv channels last, trainable",
+                cudnn_nhwc_train_parity as Check,
+            ),
         ],
     ]
     .concat();
@@ -1162,6 +1170,132 @@ fn cudnn_nhwc_parity(gpu: &Device) {
             let got = got.to_dtype(DType::F32).unwrap();
             let d = max_diff(&got, &want) / scale;
             assert!(d < tol, "conv2d_nhwc {i} {dt:?} vs f32 CPU: {d}");
+        }
+    }
+}
+
+/// The trainable channels-last convolution (`ops::conv2d_channels_last`, the ResNet-50 enhancer
+/// channels last): cuDNN's NHWC forward, backward data and backward filter, in f32 and in mixed
+/// bf16 (bf16 map, f32 weight), against the CPU (values, dx, and dw in the weight's
+/// `(C_out, C, k, k)` order) at ResNet-50 shapes: a bottleneck's 1×1 and strided 3×3, the stem's
+/// 7×7 on 3 channels.
+#[cfg(feature = "cudnn")]
+fn cudnn_nhwc_train_parity(gpu: &Device) {
+    use candle_core::DType;
+    let cpu = Device::Cpu;
+    let nhwc = |t: &Tensor| t.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+    let cases = [
+        (2, 256, 14, 128, 1, 1, 0),
+        (2, 128, 28, 128, 3, 2, 1),
+        (2, 3, 64, 64, 7, 2, 3),
+    ];
+    for (i, &(b, c, h, c_out, k, stride, pad)) in cases.iter().enumerate() {
+        let x = nhwc(&randn(&[b, c, h, h], 430 + i as u64, &cpu));
+        let w = (randn(&[c_out, c, k, k], 440 + i as u64, &cpu) * 0.05).unwrap();
+        let o = (h + 2 * pad - k) / stride + 1;
+        let up = randn(&[b, o, o, c_out], 450 + i as u64, &cpu);
+        for (dt, tol) in [(DType::F32, 3e-3), (DType::BF16, 2e-2)] {
+            let xin = x.to_dtype(dt).unwrap();
+            let f = |t: &[Tensor]| {
+                ops::conv2d_channels_last(&t[0], &t[1], pad, stride)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+            };
+            let (yc, gc) = run(&cpu, &f, &[xin.clone(), w.clone()], &up);
+            ops::set_cudnn_conv(true);
+            let (yg, gg) = run(gpu, &f, &[xin, w.clone()], &up);
+            assert!(
+                ops::cudnn_conv(),
+                "cuDNN NHWC call failed in training ({i}, {dt:?})"
+            );
+            ops::set_cudnn_conv(false);
+            assert_eq!(yg.dims(), &[b, o, o, c_out]);
+            assert_eq!(gg[1].dims(), w.dims());
+            assert_eq!(gg[1].dtype(), DType::F32, "dw in the master weight's dtype");
+            for (what, a, e) in [
+                ("value", &yg, &yc),
+                ("dx", &gg[0], &gc[0]),
+                ("dw", &gg[1], &gc[1]),
+            ] {
+                let (a, e) = (
+                    a.to_dtype(DType::F32).unwrap(),
+                    e.to_dtype(DType::F32).unwrap(),
+                );
+                let s: f32 = e.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                let d = max_diff(&a, &e) / s.max(1e-6);
+                assert!(d < tol, "cudnn NHWC trainable conv {i} {dt:?} {what}: {d}");
+            }
+        }
+    }
+}
+
+/// Channels-last training BatchNorm (the column-reduction kernels) and stem max-pool, f32 and
+/// bf16 on the GPU against the CPU's f32 kernels (on the bf16-rounded input for bf16), at a
+/// ResNet-50 layer1 shape (many rows, 64 channels: many row chunks), layer4's (few rows, 2048
+/// channels) and the stem pool's.
+fn channels_last_train_parity(gpu: &Device) {
+    use candle_core::DType;
+    let cpu = Device::Cpu;
+    let rel = |a: &Tensor, e: &Tensor| {
+        let a = a.to_dtype(DType::F32).unwrap();
+        let e = e.to_dtype(DType::F32).unwrap();
+        let s: f32 = e.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        max_diff(&a, &e) / s.max(1e-6)
+    };
+    for (b, h, w, c) in [(8, 56, 56, 64), (3, 7, 7, 2048), (2, 5, 3, 40)] {
+        let x = randn(&[b, h, w, c], 460, &cpu).affine(2.0, 0.5).unwrap();
+        let gamma = randn(&[c], 461, &cpu);
+        let beta = randn(&[c], 462, &cpu);
+        let up = randn(&[b, h, w, c], 463, &cpu);
+        for (dt, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
+            let f = |t: &[Tensor]| {
+                let x = t[0].to_dtype(dt).unwrap();
+                let stats = ops::channel_moments_nhwc(&x).unwrap().expect("fused");
+                ops::batch_norm_train_nhwc(&x, &stats, &t[1], &t[2], 1e-5)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+            };
+            let xin = x.to_dtype(dt).unwrap().to_dtype(DType::F32).unwrap();
+            let args = [xin, gamma.clone(), beta.clone()];
+            let fc = |t: &[Tensor]| {
+                let stats = ops::channel_moments_nhwc(&t[0]).unwrap().expect("fused");
+                ops::batch_norm_train_nhwc(&t[0], &stats, &t[1], &t[2], 1e-5).unwrap()
+            };
+            let (yc, gc) = run(&cpu, &fc, &args, &up);
+            let (yg, gg) = run(gpu, &f, &args, &up);
+            let d = rel(&yg, &yc);
+            assert!(d < tol, "NHWC batch norm {b}x{h}x{w}x{c} {dt:?} value: {d}");
+            for (i, (a, e)) in gg.iter().zip(&gc).enumerate() {
+                let d = rel(a, e);
+                assert!(
+                    d < 2.0 * tol,
+                    "NHWC batch norm {b}x{h}x{w}x{c} {dt:?} grad {i}: {d}"
+                );
+            }
+        }
+    }
+    for (b, h, w, c) in [(2, 112, 112, 64), (1, 9, 8, 3)] {
+        let x = randn(&[b, h, w, c], 470, &cpu);
+        let up = randn(&[b, (h - 1) / 2 + 1, (w - 1) / 2 + 1, c], 471, &cpu);
+        for dt in [DType::F32, DType::BF16] {
+            let xin = x.to_dtype(dt).unwrap().to_dtype(DType::F32).unwrap();
+            let f = |t: &[Tensor]| {
+                ops::max_pool_3x3_s2_nhwc(&t[0].to_dtype(dt).unwrap())
+                    .unwrap()
+                    .expect("fused")
+                    .to_dtype(DType::F32)
+                    .unwrap()
+            };
+            // The CPU kernel is f32's (on the rounded input: the same maxima).
+            let fc = |t: &[Tensor]| ops::max_pool_3x3_s2_nhwc(&t[0]).unwrap().expect("fused");
+            let (yc, gc) = run(&cpu, &fc, std::slice::from_ref(&xin), &up);
+            let (yg, gg) = run(gpu, &f, &[xin], &up);
+            assert!(max_diff(&yc, &yg) == 0.0, "NHWC max pool value {dt:?}");
+            // bf16: the gradient rounded to bf16 on the way in and out.
+            let tol = if dt == DType::F32 { 1e-5 } else { 2e-2 };
+            assert!(rel(&gg[0], &gc[0]) < tol, "NHWC max pool grad {dt:?}");
         }
     }
 }

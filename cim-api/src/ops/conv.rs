@@ -968,7 +968,10 @@ mod tests {
         let e = conv2d_channels_last(&randn(&[1, 5, 5, 3], 1), &randn(&[2, 4, 3, 3], 2), 1, 1)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("[1, 5, 5, 3]") && e.contains("[2, 4, 3, 3]"), "{e}");
+        assert!(
+            e.contains("[1, 5, 5, 3]") && e.contains("[2, 4, 3, 3]"),
+            "{e}"
+        );
         Ok(())
     }
 
