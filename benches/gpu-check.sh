@@ -3,7 +3,8 @@
 # little device time left, most important first, so that a call cut short still holds the issue's
 # ratio: the GPU parity test; ViT-B/16 RESPIX bf16 as configured by default and the PyTorch eager
 # reference right after it; then ViT-B/16 with the flash attention kernels on, and with each of
-# sessions 12 and 13's changes undone in turn; ResNet-50 REVDET bf16 and its reference; kernel
+# sessions 12 and 13's changes undone in turn; ResNet-50 REVDET bf16 and its reference, and
+# channels first (session 14 made it channels last); kernel
 # profiles (by kernel and by phase of the step) of both.
 # The full measurement is benches/gpu-suite.sh. Files go under $OUT.
 set -u
@@ -38,6 +39,10 @@ bench vit_b16_respix_no_sink vit_b16_respix --set run.precision='"bf16"' --set r
 # ResNet-50 REVDET (0.33× in session 11): the BatchNorm graft and running-average kernel, the sink.
 bench resnet50_revdet resnet50_revdet --set run.precision='"bf16"' --set run.cuda_kernels=true
 torch_ref resnet50 revdet
+# Session 14's: the enhancer channels first (its layout up to session 13; the reference trains it
+# channels last).
+bench resnet50_revdet_nchw resnet50_revdet --set run.precision='"bf16"' \
+  --set enhancer.resnet50.layout='"nchw"'
 rm -f "$OUT/cim.err"
 el "kernel profile, ViT-B/16 RESPIX bf16 (defaults), by kernel and by phase"
 TOP=30 timeout 90 bash benches/cupti/profile.sh vit_b16_respix 1 3 --batch "$B" --warmup 1 \

@@ -437,7 +437,13 @@ impl Enhancer for ResNet {
 }
 
 fn build(cfg: ResNetConfig, ctx: &BuildCtx) -> Result<ResNet> {
-    ResNet::new(&cfg, ctx.image_size, ctx.vb.clone(), &ctx.buffers)
+    let net = ResNet::new(&cfg, ctx.image_size, ctx.vb.clone(), &ctx.buffers)?;
+    tracing::info!(
+        channels_last = net.channels_last(),
+        layout = ?cfg.layout,
+        "resnet50 map layout"
+    );
+    Ok(net)
 }
 
 cim_api::register_enhancer! {
