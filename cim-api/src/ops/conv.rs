@@ -65,7 +65,7 @@ pub fn conv2d_with_budget(
                 padding,
             };
             if let Some(y) = cudnn_forward(x, &w, op)? {
-                return Ok(y);
+                return y.run();
             }
         }
         return Ok(x.conv2d(&w, padding, stride, 1, 1)?);
@@ -114,7 +114,7 @@ fn mixed_conv2d(x: &Tensor, w: &Tensor, op: Im2Col, budget: usize) -> Result<Ten
         Some(w16) => cudnn_forward(&xd, w16, op)?,
         None => None,
     };
-    let y = match bf16 {
+    let y: super::Output = match bf16 {
         Some(y) => y,
         None => {
             let x32 = xd.to_dtype(DType::F32)?;
@@ -124,6 +124,7 @@ fn mixed_conv2d(x: &Tensor, w: &Tensor, op: Im2Col, budget: usize) -> Result<Ten
                 cpu_conv2d(&x32, &wd, op)?
             }
             .to_dtype(DType::BF16)?
+            .into()
         }
     };
     let need_dx = x.track_op();
@@ -326,7 +327,7 @@ fn cudnn_channels_last(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Option<Tens
         c_out,
         nhwc: true,
     };
-    let Some(y) = cudnn_fallible(xd.apply_op2_no_bwd(&krsc, &conv(Pass::Forward))) else {
+    let Some(y) = cudnn_output(xd.clone(), krsc.clone(), conv(Pass::Forward)) else {
         return Ok(None);
     };
     let need_dx = x.track_op();
@@ -370,15 +371,29 @@ fn cudnn_channels_last(_: &Tensor, _: &Tensor, _: Im2Col) -> Result<Option<Tenso
 }
 
 /// The forward `conv2d(x, w)` through cim's cuDNN call (no backward), where [`cudnn_takes`] them;
-/// `None` elsewhere.
+/// `None` elsewhere. See [`cudnn_output`] for what it gives.
 #[cfg(feature = "cudnn")]
-fn cudnn_forward(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Option<Tensor>> {
+fn cudnn_forward(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Option<super::Output>> {
     if !cudnn_takes(&[x, w]) {
         return Ok(None);
     }
     let (x, w) = (x.detach().contiguous()?, w.detach().contiguous()?);
     let conv = cudnn_pass(&x, w.dim(0)?, op, super::cudnn::Pass::Forward)?;
-    Ok(cudnn_fallible(x.apply_op2_no_bwd(&w, &conv)))
+    Ok(cudnn_output(x, w, conv))
+}
+
+/// A cuDNN forward as a grafted node's output: the op itself (the node's forward then writes the
+/// output: no copy of it) where cuDNN has planned this shape already, as in every training step
+/// after the first; otherwise run now, so that a first call that fails switches cuDNN off and
+/// gives `None` for the caller to fall back (the node then copies the output once).
+#[cfg(feature = "cudnn")]
+fn cudnn_output(x: Tensor, w: Tensor, conv: super::cudnn::CudnnConv) -> Option<super::Output> {
+    if let candle_core::Device::Cuda(dev) = x.device() {
+        if conv.planned(dev, x.dtype()) {
+            return Some(super::Output::Op2(Box::new(conv), [x, w]));
+        }
+    }
+    cudnn_fallible(x.apply_op2_no_bwd(&w, &conv)).map(super::Output::Done)
 }
 
 /// `(dx, dw)` of `conv2d(x, w)` for the output gradient `dy` through cim's cuDNN call (`dx` when
@@ -426,7 +441,7 @@ fn cudnn_fallible(r: candle_core::Result<Tensor>) -> Option<Tensor> {
 }
 
 #[cfg(not(feature = "cudnn"))]
-fn cudnn_forward(_: &Tensor, _: &Tensor, _: Im2Col) -> Result<Option<Tensor>> {
+fn cudnn_forward(_: &Tensor, _: &Tensor, _: Im2Col) -> Result<Option<super::Output>> {
     Ok(None)
 }
 
@@ -712,7 +727,7 @@ fn im2col_backward(x: &Tensor, w: &Tensor, op: Im2Col, budget: usize) -> Result<
     let (xd, wd) = (x.detach(), w.detach());
     let y = match cudnn_forward(&xd, &wd, op)? {
         Some(y) => y,
-        None => xd.conv2d(&wd, op.padding, op.stride, 1, 1)?,
+        None => xd.conv2d(&wd, op.padding, op.stride, 1, 1)?.into(),
     };
     let need_dx = x.track_op();
     super::with_backward(&[x, w], y, move |dy| {

@@ -201,6 +201,35 @@ impl CudnnConv {
         }
     }
 
+    /// Whether this pass already has a plan (an algorithm and workspace size) on `dev` for
+    /// `dtype`: cuDNN took this shape before, so running it as a graft's forward (where a failure
+    /// could no longer fall back) is safe.
+    pub fn planned(&self, dev: &CudaDevice, dtype: DType) -> bool {
+        let key = self.key(dev, dtype, Self::math(dtype));
+        PLANS.with(|plans| plans.borrow().contains_key(&key))
+    }
+
+    fn key(&self, dev: &CudaDevice, dtype: DType, math: sys::cudnnMathType_t) -> Key {
+        let [bb, c, h, w] = self.x_dims;
+        (
+            dev.id(),
+            dtype,
+            math,
+            self.pass,
+            self.nhwc,
+            [
+                bb,
+                c,
+                h,
+                w,
+                self.c_out,
+                self.op.k,
+                self.op.padding,
+                self.op.stride,
+            ],
+        )
+    }
+
     fn math(dtype: DType) -> sys::cudnnMathType_t {
         if dtype != DType::F32 {
             sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
@@ -281,24 +310,7 @@ impl CudnnConv {
         let math = Self::math(s1.dtype());
         let d = self.descriptors::<T>(&cudnn, math)?;
         let wrap = candle_core::Error::wrap;
-        let [bb, c, h, w] = self.x_dims;
-        let key: Key = (
-            dev.id(),
-            s1.dtype(),
-            math,
-            self.pass,
-            self.nhwc,
-            [
-                bb,
-                c,
-                h,
-                w,
-                self.c_out,
-                self.op.k,
-                self.op.padding,
-                self.op.stride,
-            ],
-        );
+        let key = self.key(&dev, s1.dtype(), math);
         let plan = PLANS.with(|plans| plans.borrow().get(&key).copied());
         let (algo, bytes) = match plan {
             Some(plan) => plan,
