@@ -703,32 +703,58 @@ extern "C" __global__ void cim_bn_moments_finish(const double* partial, float* o
     out[C + ch] = (float)fmax(s2 / n - mean * mean, 0.0);
 }
 
-// y = (x − mean)·rstd·γ + β; stats (2, C), affine [γ; β] (2, C). One thread per element.
+// The node's tail after the affine (src/ops/batch_norm.rs `BnTail`): mode bit 1 a ReLU, bit 2 a
+// residual r added before it (a bottleneck's shortcut). The backward recomputes the ReLU's mask
+// from x (and r) with the forward's own expression, so nothing but x is kept.
+constexpr int BN_RELU = 1, BN_RESIDUAL = 2;
+
+// The affine output, (x − mean)·rstd·γ + β (+ r), from x̂ = (x − mean)·rstd; p = [γ; β; …].
 template <typename T>
-__device__ void batch_norm_fwd(const T* x, const float* stats, const float* affine, T* y,
-                               long long n, int C, int HW, float eps) {
+__device__ __forceinline__ float bn_pre(float xh, const float* p, int C, int ch, const T* r,
+                                        size_t i, int mode) {
+    float pre = xh * p[ch] + p[C + ch];
+    if (mode & BN_RESIDUAL) pre += ld(r, i);
+    return pre;
+}
+
+// The gradient reaching the affine output: dy, masked by the ReLU where there is one.
+template <typename T>
+__device__ __forceinline__ float bn_tail_grad(float g, float xh, const float* p, int C, int ch,
+                                              const T* r, size_t i, int mode) {
+    if (!(mode & BN_RELU)) return g;
+    return bn_pre(xh, p, C, ch, r, i, mode) > 0.0f ? g : 0.0f;
+}
+
+// y = tail((x − mean)·rstd·γ + β); p = [γ; β; mean; var] (4, C); r (x's type; read with
+// BN_RESIDUAL only). One thread per element; the channel is (i / HW) % C (HW = 1 channels last).
+template <typename T>
+__device__ void batch_norm_fwd(const T* x, const float* p, const T* r, T* y, long long n, int C,
+                               int HW, float eps, int mode) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const int ch = (int)((i / HW) % C);
-    const float rstd = rsqrtf(stats[C + ch] + eps);
-    st(y, i, (ld(x, i) - stats[ch]) * rstd * affine[ch] + affine[C + ch]);
+    const float rstd = rsqrtf(p[3 * C + ch] + eps);
+    const float pre = bn_pre((ld(x, i) - p[2 * C + ch]) * rstd, p, C, ch, r, i, mode);
+    st(y, i, (mode & BN_RELU) ? fmaxf(pre, 0.0f) : pre);
 }
-extern "C" __global__ void cim_batch_norm_fwd(const float* x, const float* stats,
-                                              const float* affine, float* y, long long n, int C,
-                                              int HW, float eps) {
-    batch_norm_fwd(x, stats, affine, y, n, C, HW, eps);
+extern "C" __global__ void cim_batch_norm_fwd(const float* x, const float* p, const float* r,
+                                              float* y, long long n, int C, int HW, float eps,
+                                              int mode) {
+    batch_norm_fwd(x, p, r, y, n, C, HW, eps, mode);
 }
-extern "C" __global__ void cim_batch_norm_fwd_bf16(const __nv_bfloat16* x, const float* stats,
-                                                   const float* affine, __nv_bfloat16* y,
-                                                   long long n, int C, int HW, float eps) {
-    batch_norm_fwd(x, stats, affine, y, n, C, HW, eps);
+extern "C" __global__ void cim_batch_norm_fwd_bf16(const __nv_bfloat16* x, const float* p,
+                                                   const __nv_bfloat16* r, __nv_bfloat16* y,
+                                                   long long n, int C, int HW, float eps,
+                                                   int mode) {
+    batch_norm_fwd(x, p, r, y, n, C, HW, eps, mode);
 }
 
-// Backward sums per block: partial[(k·C + ch)·2 + {0, 1}] = Σ dy·x̂, Σ dy over block (ch, k)'s
-// planes; p = [γ; β; mean; var] (4, C).
+// Backward sums per block: partial[(k·C + ch)·2 + {0, 1}] = Σ g·x̂, Σ g over block (ch, k)'s
+// planes, g the gradient at the affine output (bn_tail_grad); p = [γ; β; mean; var] (4, C).
 template <typename T>
-__device__ void bn_grad_partials(const T* x, const T* dy, const float* p, double* partial, int B,
-                                 int C, int HW, int ipc, float eps) {
+__device__ void bn_grad_partials(const T* x, const T* dy, const T* r, const float* p,
+                                 double* partial, int B, int C, int HW, int ipc, float eps,
+                                 int mode) {
     __shared__ float sh[32];
     const int ch = blockIdx.x, k = blockIdx.y;
     const int b0 = k * ipc, b1 = min(B, b0 + ipc);
@@ -737,9 +763,11 @@ __device__ void bn_grad_partials(const T* x, const T* dy, const float* p, double
     for (int b = b0; b < b1; ++b) {
         const size_t base = ((size_t)b * C + ch) * HW;
         for (int q = threadIdx.x; q < HW; q += blockDim.x) {
-            const float g = ld(dy, base + q);
+            const size_t i = base + q;
+            const float xh = (ld(x, i) - mean) * rstd;
+            const float g = bn_tail_grad(ld(dy, i), xh, p, C, ch, r, i, mode);
             sd += g;
-            sdx += g * (ld(x, base + q) - mean) * rstd;
+            sdx += g * xh;
         }
     }
     sd = block_sum(sd, sh);
@@ -749,19 +777,20 @@ __device__ void bn_grad_partials(const T* x, const T* dy, const float* p, double
         partial[((size_t)k * C + ch) * 2 + 1] = sd;
     }
 }
-extern "C" __global__ void cim_bn_grad_partials(const float* x, const float* dy, const float* p,
-                                                double* partial, int B, int C, int HW, int ipc,
-                                                float eps) {
-    bn_grad_partials(x, dy, p, partial, B, C, HW, ipc, eps);
+extern "C" __global__ void cim_bn_grad_partials(const float* x, const float* dy, const float* r,
+                                                const float* p, double* partial, int B, int C,
+                                                int HW, int ipc, float eps, int mode) {
+    bn_grad_partials(x, dy, r, p, partial, B, C, HW, ipc, eps, mode);
 }
 extern "C" __global__ void cim_bn_grad_partials_bf16(const __nv_bfloat16* x,
-                                                     const __nv_bfloat16* dy, const float* p,
+                                                     const __nv_bfloat16* dy,
+                                                     const __nv_bfloat16* r, const float* p,
                                                      double* partial, int B, int C, int HW,
-                                                     int ipc, float eps) {
-    bn_grad_partials(x, dy, p, partial, B, C, HW, ipc, eps);
+                                                     int ipc, float eps, int mode) {
+    bn_grad_partials(x, dy, r, p, partial, B, C, HW, ipc, eps, mode);
 }
 
-// out (2, C) = [dγ; dβ] = [Σ dy·x̂; Σ dy], chunks in order. One thread per channel.
+// out (2, C) = [dγ; dβ] = [Σ g·x̂; Σ g], chunks in order. One thread per channel.
 extern "C" __global__ void cim_bn_grad_finish(const double* partial, float* out, int C,
                                               int chunks) {
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
@@ -775,27 +804,32 @@ extern "C" __global__ void cim_bn_grad_finish(const double* partial, float* out,
     out[C + ch] = (float)sd;
 }
 
-// dx = γ·rstd·(dy − mean(dy) − x̂·mean(dy·x̂)); p = [γ; β; mean; var; dγ; dβ] (6, C), count = B·HW.
-// One thread per element, dx in x's type.
+// dx = γ·rstd·(g − mean(g) − x̂·mean(g·x̂)), g = bn_tail_grad(dy); with a ReLU and a residual
+// also dr = g (the shortcut's gradient). p = [γ; β; mean; var; dγ; dβ] (6, C), count = B·HW. One
+// thread per element, dx (and dr) in x's type.
 template <typename T>
-__device__ void bn_dx(const T* x, const T* dy, const float* p, T* dx, long long n, int C, int HW,
-                      float count, float eps) {
+__device__ void bn_dx(const T* x, const T* dy, const T* r, const float* p, T* dx, T* dr,
+                      long long n, int C, int HW, float count, float eps, int mode) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const int ch = (int)((i / HW) % C);
     const float mean = p[2 * C + ch], rstd = rsqrtf(p[3 * C + ch] + eps);
     const float mdx = p[4 * C + ch] / count, md = p[5 * C + ch] / count;
     const float xh = (ld(x, i) - mean) * rstd;
-    st(dx, i, p[ch] * rstd * (ld(dy, i) - md - xh * mdx));
+    const float g = bn_tail_grad(ld(dy, i), xh, p, C, ch, r, i, mode);
+    st(dx, i, p[ch] * rstd * (g - md - xh * mdx));
+    if ((mode & (BN_RELU | BN_RESIDUAL)) == (BN_RELU | BN_RESIDUAL)) st(dr, i, g);
 }
-extern "C" __global__ void cim_bn_dx(const float* x, const float* dy, const float* p, float* dx,
-                                     long long n, int C, int HW, float count, float eps) {
-    bn_dx(x, dy, p, dx, n, C, HW, count, eps);
+extern "C" __global__ void cim_bn_dx(const float* x, const float* dy, const float* r,
+                                     const float* p, float* dx, float* dr, long long n, int C,
+                                     int HW, float count, float eps, int mode) {
+    bn_dx(x, dy, r, p, dx, dr, n, C, HW, count, eps, mode);
 }
 extern "C" __global__ void cim_bn_dx_bf16(const __nv_bfloat16* x, const __nv_bfloat16* dy,
-                                          const float* p, __nv_bfloat16* dx, long long n, int C,
-                                          int HW, float count, float eps) {
-    bn_dx(x, dy, p, dx, n, C, HW, count, eps);
+                                          const __nv_bfloat16* r, const float* p,
+                                          __nv_bfloat16* dx, __nv_bfloat16* dr, long long n,
+                                          int C, int HW, float count, float eps, int mode) {
+    bn_dx(x, dy, r, p, dx, dr, n, C, HW, count, eps, mode);
 }
 
 // Channels last: x (R, C), R = B·H·W rows (src/ops/batch_norm.rs with `last`). Block
@@ -840,10 +874,11 @@ extern "C" __global__ void cim_bn_moment_partials_cl_bf16(const __nv_bfloat16* x
     bn_moment_partials_cl(x, partial, R, C, rpc);
 }
 
-// partial[(k·C + ch)·2 + {0, 1}] = Σ dy·x̂, Σ dy over block (·, k)'s rows; p = [γ; β; mean; var].
+// partial[(k·C + ch)·2 + {0, 1}] = Σ g·x̂, Σ g over block (·, k)'s rows, g = bn_tail_grad(dy);
+// p = [γ; β; mean; var].
 template <typename T>
-__device__ void bn_grad_partials_cl(const T* x, const T* dy, const float* p, double* partial,
-                                    int R, int C, int rpc, float eps) {
+__device__ void bn_grad_partials_cl(const T* x, const T* dy, const T* r, const float* p,
+                                    double* partial, int R, int C, int rpc, float eps, int mode) {
     __shared__ float sh[2][BN_CL_ROWS][32];
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int ch = blockIdx.x * 32 + tx, k = blockIdx.y;
@@ -851,11 +886,12 @@ __device__ void bn_grad_partials_cl(const T* x, const T* dy, const float* p, dou
     float sd = 0.0f, sdx = 0.0f;
     if (ch < C) {
         const float mean = p[2 * C + ch], rstd = rsqrtf(p[3 * C + ch] + eps);
-        for (int r = k * rpc + ty; r < r1; r += BN_CL_ROWS) {
-            const size_t i = (size_t)r * C + ch;
-            const float g = ld(dy, i);
+        for (int row = k * rpc + ty; row < r1; row += BN_CL_ROWS) {
+            const size_t i = (size_t)row * C + ch;
+            const float xh = (ld(x, i) - mean) * rstd;
+            const float g = bn_tail_grad(ld(dy, i), xh, p, C, ch, r, i, mode);
             sd += g;
-            sdx += g * (ld(x, i) - mean) * rstd;
+            sdx += g * xh;
         }
     }
     sh[0][ty][tx] = sdx;
@@ -870,16 +906,17 @@ __device__ void bn_grad_partials_cl(const T* x, const T* dy, const float* p, dou
         partial[((size_t)k * C + ch) * 2 + 1] = sd;
     }
 }
-extern "C" __global__ void cim_bn_grad_partials_cl(const float* x, const float* dy, const float* p,
-                                                   double* partial, int R, int C, int rpc,
-                                                   float eps) {
-    bn_grad_partials_cl(x, dy, p, partial, R, C, rpc, eps);
+extern "C" __global__ void cim_bn_grad_partials_cl(const float* x, const float* dy, const float* r,
+                                                   const float* p, double* partial, int R, int C,
+                                                   int rpc, float eps, int mode) {
+    bn_grad_partials_cl(x, dy, r, p, partial, R, C, rpc, eps, mode);
 }
 extern "C" __global__ void cim_bn_grad_partials_cl_bf16(const __nv_bfloat16* x,
-                                                        const __nv_bfloat16* dy, const float* p,
+                                                        const __nv_bfloat16* dy,
+                                                        const __nv_bfloat16* r, const float* p,
                                                         double* partial, int R, int C, int rpc,
-                                                        float eps) {
-    bn_grad_partials_cl(x, dy, p, partial, R, C, rpc, eps);
+                                                        float eps, int mode) {
+    bn_grad_partials_cl(x, dy, r, p, partial, R, C, rpc, eps, mode);
 }
 
 // ---- MaxPool2d(3, stride 2, padding 1) (src/ops/max_pool.rs). P planes of h × w, channels first

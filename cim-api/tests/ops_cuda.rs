@@ -88,7 +88,7 @@ fn cuda_kernels_match_the_cpu_kernels() {
             channels_last_parity,
         ),
         (
-            "channels last: batch_norm, max_pool (f32, bf16)",
+            "channels last: batch_norm, its fused tails, max_pool (f32, bf16)",
             channels_last_train_parity,
         ),
     ];
@@ -1273,6 +1273,73 @@ fn channels_last_train_parity(gpu: &Device) {
                     d < 2.0 * tol,
                     "NHWC batch norm {b}x{h}x{w}x{c} {dt:?} grad {i}: {d}"
                 );
+            }
+        }
+    }
+    // The bottleneck's end, relu(bn(x) + r), as one node under a gradient sink (as a training step
+    // builds it), both layouts, f32 and bf16: values and the gradients of x, γ, β and r.
+    for last in [false, true] {
+        let dims = match last {
+            false => [4, 64, 28, 28],
+            true => [4, 28, 28, 64],
+        };
+        let c = 64;
+        let x = randn(&dims, 480, &cpu).affine(2.0, 0.5).unwrap();
+        let r = randn(&dims, 481, &cpu);
+        let gamma = randn(&[c], 482, &cpu);
+        let beta = randn(&[c], 483, &cpu);
+        let up = randn(&dims, 484, &cpu);
+        for (dt, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
+            let wide = |t: &Tensor| t.to_dtype(dt).unwrap().to_dtype(DType::F32).unwrap();
+            let args = [wide(&x), gamma.clone(), beta.clone(), wide(&r)];
+            let run_tail = |dev: &Device, dt: DType| {
+                let vars: Vec<Var> = args
+                    .iter()
+                    .map(|t| Var::from_tensor(&t.to_device(dev).unwrap()).unwrap())
+                    .collect();
+                let sink = ops::GradSink::install();
+                // x and r as activations (not variables), as in a network.
+                let act = |v: &Var| (v.as_tensor() * 1.0).unwrap().to_dtype(dt).unwrap();
+                let (xa, ra) = (act(&vars[0]), act(&vars[3]));
+                let stats = match last {
+                    false => ops::channel_moments(&xa),
+                    true => ops::channel_moments_nhwc(&xa),
+                }
+                .unwrap()
+                .expect("fused");
+                let tail = ops::BnTail {
+                    residual: Some(&ra),
+                    relu: true,
+                };
+                let y = ops::batch_norm_train_tail(
+                    &xa,
+                    &stats,
+                    vars[1].as_tensor(),
+                    vars[2].as_tensor(),
+                    1e-5,
+                    last,
+                    tail,
+                )
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+                let loss = (&y * up.to_device(dev).unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                let g = sink.backward(&loss).unwrap();
+                let grads: Vec<Tensor> = vars.iter().map(|v| g.get(v).unwrap().clone()).collect();
+                (y, grads)
+            };
+            let (yc, gc) = run_tail(&cpu, DType::F32);
+            let (yg, gg) = run_tail(gpu, dt);
+            let d = rel(&yg, &yc);
+            assert!(d < tol, "bn tail last {last} {dt:?} value: {d}");
+            for (i, (a, e)) in gg.iter().zip(&gc).enumerate() {
+                let d = rel(a, e);
+                // Pre-activations within rounding of 0 may take the other side of the mask in
+                // bf16; the relative bound absorbs a few.
+                assert!(d < 5.0 * tol, "bn tail last {last} {dt:?} grad {i}: {d}");
             }
         }
     }

@@ -477,54 +477,52 @@ bool channel_bias_checks() {
     }
     return ok;
 }
-bool batch_norm_checks() {
-    // bf16 maps (the ResNet-50 enhancer in bf16); 5 items of 4096 pixels: the reduction grid takes
-    // 4 items per block, so two chunks, the second partial (cuda.rs `bn_grid`).
-    const int B = 5, C = 2, HW = 4096;
+// Training BatchNorm on bf16 maps (the ResNet-50 enhancer in bf16) with its tail (`mode`: 1 a
+// ReLU, 2 a residual added before it): statistics, the normalisation, the backward sums and dx
+// (and, mode 3, the shortcut's gradient dr). Channels first: 5 items of 4096 pixels, 4 items per
+// block, so two chunks, the second partial (cuda.rs `bn_grid`). Channels last: 2500 rows of 40
+// channels, tiles of 32 channels and chunks of 2048 rows, both partial (cuda.rs `bn_grid_cl`);
+// the elementwise kernels then run with HW = 1.
+bool batch_norm_case(bool last, int mode) {
+    const int B = last ? 2500 : 5, C = last ? 40 : 2, HW = last ? 1 : 4096;
     const float eps = 1e-5f;
     const size_t n = size_t(B) * C * HW;
     const auto x = rounded<__nv_bfloat16>(randv(n, 91, 2.f));
     const auto dy = rounded<__nv_bfloat16>(randv(n, 92));
-    const auto xb = to_bf16(x), dyb = to_bf16(dy);
-    const int ipc = std::min(std::max(16384 / HW, 1), B), chunks = (B + ipc - 1) / ipc;
+    const auto res = rounded<__nv_bfloat16>(randv(n, 96));
+    const auto xb = to_bf16(x), dyb = to_bf16(dy), rb = to_bf16(res);
+    // Without a residual the kernels get x again (unread).
+    const __nv_bfloat16* r = (mode & 2) ? rb.data() : xb.data();
+    auto chan = [&](size_t i) { return int((i / HW) % C); };
+    const int per_chunk = last ? 2048 : std::min(std::max(16384 / HW, 1), B);
+    const int chunks = (B + per_chunk - 1) / per_chunk;
+    const Dim3 grid = last ? Dim3{unsigned((C + 31) / 32), unsigned(chunks), 1} : Dim3{unsigned(C), unsigned(chunks), 1};
+    const Dim3 block = last ? Dim3{32, 8, 1} : Dim3{256, 1, 1};
+    char tag[64];
+    std::snprintf(tag, sizeof tag, "%s, mode %d (bf16)", last ? "channels last" : "channels first", mode);
+    char what[160];
     std::vector<double> partial(2 * size_t(chunks) * C, NAN);
     auto stats = nan_filled<float>(2 * size_t(C));
-    emu_launch({unsigned(C), unsigned(chunks), 1}, 256, [&] { cim_bn_moment_partials_bf16(xb.data(), partial.data(), B, C, HW, ipc); });
+    emu_launch(grid, block, [&] {
+        if (last) cim_bn_moment_partials_cl_bf16(xb.data(), partial.data(), B, C, per_chunk);
+        else cim_bn_moment_partials_bf16(xb.data(), partial.data(), B, C, HW, per_chunk);
+    });
     emu_launch({1, 1, 1}, 256, [&] { cim_bn_moments_finish(partial.data(), stats.data(), C, chunks, double(B) * HW); });
     std::vector<double> mean(C, 0), var(C, 0), st_want(2 * size_t(C));
+    for (size_t i = 0; i < n; i++) mean[chan(i)] += x[i];
+    for (int c = 0; c < C; c++) mean[c] /= double(B) * HW;
+    for (size_t i = 0; i < n; i++) var[chan(i)] += (x[i] - mean[chan(i)]) * (x[i] - mean[chan(i)]);
     for (int c = 0; c < C; c++) {
-        for (int b = 0; b < B; b++)
-            for (int p = 0; p < HW; p++) mean[c] += x[(size_t(b) * C + c) * HW + p];
-        mean[c] /= double(B) * HW;
-        for (int b = 0; b < B; b++)
-            for (int p = 0; p < HW; p++) {
-                const double d = x[(size_t(b) * C + c) * HW + p] - mean[c];
-                var[c] += d * d;
-            }
         var[c] /= double(B) * HW;
         st_want[c] = mean[c];
         st_want[C + c] = var[c];
     }
-    bool ok = report("BatchNorm moments [mean; biased var] (bf16, two chunks)", max_diff(st_want, stats), 1e-5);
+    bool ok = true;
+    if (mode == 0) {
+        std::snprintf(what, sizeof what, "BatchNorm moments [mean; biased var], %s", tag);
+        ok &= report(what, max_diff(st_want, stats), 1e-5);
+    }
     const auto gamma = randv(C, 93), beta = randv(C, 94);
-    std::vector<float> affine(2 * size_t(C));
-    for (int c = 0; c < C; c++) {
-        affine[c] = gamma[c];
-        affine[C + c] = beta[c];
-    }
-    auto y = nan_filled<__nv_bfloat16>(n);
-    const Dim3 per_el{unsigned((n + 255) / 256), 1, 1};
-    emu_launch(per_el, 256, [&] { cim_batch_norm_fwd_bf16(xb.data(), stats.data(), affine.data(), y.data(), (long long)n, C, HW, eps); });
-    std::vector<double> y_want(n), xhat(n);
-    double scale = 0;
-    for (size_t i = 0; i < n; i++) {
-        const int c = int((i / HW) % C);
-        xhat[i] = (x[i] - mean[c]) / std::sqrt(var[c] + eps);
-        y_want[i] = xhat[i] * gamma[c] + beta[c];
-        scale = std::max(scale, std::fabs(y_want[i]));
-    }
-    ok &= report("BatchNorm normalisation (bf16)", max_diff(y_want, floats(y)), 8e-3 * scale);
-    // [dγ; dβ] from p = [γ; β; mean; var], then dx from p = [γ; β; mean; var; dγ; dβ].
     std::vector<float> p4(4 * size_t(C));
     for (int c = 0; c < C; c++) {
         p4[c] = gamma[c];
@@ -532,127 +530,92 @@ bool batch_norm_checks() {
         p4[2 * C + c] = stats[c];
         p4[3 * C + c] = stats[C + c];
     }
+    auto y = nan_filled<__nv_bfloat16>(n);
+    const Dim3 per_el{unsigned((n + 255) / 256), 1, 1};
+    emu_launch(per_el, 256, [&] { cim_batch_norm_fwd_bf16(xb.data(), p4.data(), r, y.data(), (long long)n, C, HW, eps, mode); });
+    // The reference: the tail's pre-activation and the gradient through its ReLU, in double.
+    std::vector<double> y_want(n), xhat(n), g(n);
+    double scale = 0, near = 0;
+    for (size_t i = 0; i < n; i++) {
+        const int c = chan(i);
+        xhat[i] = (x[i] - mean[c]) / std::sqrt(var[c] + eps);
+        double pre = xhat[i] * gamma[c] + beta[c] + ((mode & 2) ? res[i] : 0.0);
+        y_want[i] = (mode & 1) ? std::max(pre, 0.0) : pre;
+        g[i] = ((mode & 1) && pre <= 0.0) ? 0.0 : dy[i];
+        scale = std::max(scale, std::fabs(y_want[i]));
+        // Pre-activations within rounding of 0 may take the other side of the mask.
+        if ((mode & 1) && std::fabs(pre) < 1e-5) near += std::fabs(dy[i]);
+    }
+    std::snprintf(what, sizeof what, "BatchNorm normalisation and tail, %s", tag);
+    ok &= report(what, max_diff(y_want, floats(y)), 8e-3 * scale);
     auto sums = nan_filled<float>(2 * size_t(C));
     std::fill(partial.begin(), partial.end(), NAN);
-    emu_launch({unsigned(C), unsigned(chunks), 1}, 256, [&] {
-        cim_bn_grad_partials_bf16(xb.data(), dyb.data(), p4.data(), partial.data(), B, C, HW, ipc, eps);
+    emu_launch(grid, block, [&] {
+        if (last) cim_bn_grad_partials_cl_bf16(xb.data(), dyb.data(), r, p4.data(), partial.data(), B, C, per_chunk, eps, mode);
+        else cim_bn_grad_partials_bf16(xb.data(), dyb.data(), r, p4.data(), partial.data(), B, C, HW, per_chunk, eps, mode);
     });
     emu_launch({1, 1, 1}, 256, [&] { cim_bn_grad_finish(partial.data(), sums.data(), C, chunks); });
     std::vector<double> sums_want(2 * size_t(C), 0.0);
     for (size_t i = 0; i < n; i++) {
-        const int c = int((i / HW) % C);
-        sums_want[c] += dy[i] * xhat[i];
-        sums_want[C + c] += dy[i];
+        sums_want[chan(i)] += g[i] * xhat[i];
+        sums_want[C + chan(i)] += g[i];
     }
-    ok &= report("BatchNorm backward sums [dγ; dβ] (bf16, two chunks)", max_diff(sums_want, sums), 1e-2);
+    std::snprintf(what, sizeof what, "BatchNorm backward sums [dγ; dβ], %s", tag);
+    ok &= report(what, max_diff(sums_want, sums), 1e-2 + 2 * near);
     std::vector<float> p6(6 * size_t(C));
     std::copy(p4.begin(), p4.end(), p6.begin());
     for (int c = 0; c < C; c++) {
         p6[4 * C + c] = sums[c];
         p6[5 * C + c] = sums[C + c];
     }
-    auto dx = nan_filled<__nv_bfloat16>(n);
+    auto dx = nan_filled<__nv_bfloat16>(n), dr = nan_filled<__nv_bfloat16>(mode == 3 ? n : 1);
     emu_launch(per_el, 256, [&] {
-        cim_bn_dx_bf16(xb.data(), dyb.data(), p6.data(), dx.data(), (long long)n, C, HW, float(B) * HW, eps);
+        cim_bn_dx_bf16(xb.data(), dyb.data(), r, p6.data(), dx.data(), dr.data(), (long long)n, C, HW, float(B) * HW, eps, mode);
     });
     std::vector<double> dx_want(n);
     const double count = double(B) * HW;
     double dscale = 0;
     for (size_t i = 0; i < n; i++) {
-        const int c = int((i / HW) % C);
+        const int c = chan(i);
         dx_want[i] = gamma[c] / std::sqrt(var[c] + eps) *
-                     (dy[i] - sums_want[C + c] / count - xhat[i] * sums_want[c] / count);
+                     (g[i] - sums_want[C + c] / count - xhat[i] * sums_want[c] / count);
         dscale = std::max(dscale, std::fabs(dx_want[i]));
     }
-    ok &= report("BatchNorm backward dx (bf16)", max_diff(dx_want, floats(dx)), 8e-3 * dscale);
+    // dx and dr elementwise: the mask may flip only where the pre-activation is within rounding
+    // of 0, so compare the elements away from there.
+    auto masked_diff = [&](const std::vector<double>& want, const std::vector<float>& got) {
+        double d = 0;
+        for (size_t i = 0; i < n; i++) {
+            const int c = chan(i);
+            const double pre = xhat[i] * gamma[c] + beta[c] + ((mode & 2) ? res[i] : 0.0);
+            if ((mode & 1) && std::fabs(pre) < 1e-5) continue;
+            d = std::max(d, off(want[i], got[i]));
+        }
+        return d;
+    };
+    std::snprintf(what, sizeof what, "BatchNorm backward dx, %s", tag);
+    ok &= report(what, masked_diff(dx_want, floats(dx)), 8e-3 * dscale);
+    if (mode == 3) {
+        std::snprintf(what, sizeof what, "BatchNorm backward dr (the shortcut), %s", tag);
+        ok &= report(what, masked_diff(g, floats(dr)), 0);
+    }
+    if (!last && mode == 0) {
     // The running statistics, in place: r = keep·r + add·x.
-    auto r = randv(2 * size_t(C), 95);
-    const auto r0 = r;
-    emu_launch({1, 1, 1}, 256, [&] { cim_running_average(r.data(), stats.data(), 2LL * C, 0.9f, 0.1f * 1.0001f); });
-    std::vector<double> r_want(r.size());
-    for (size_t i = 0; i < r.size(); i++) r_want[i] = 0.9 * r0[i] + 0.1 * 1.0001 * stats[i];
-    ok &= report("BatchNorm running average (in place)", max_diff(r_want, r), 1e-6);
+        auto r = randv(2 * size_t(C), 95);
+        const auto r0 = r;
+        emu_launch({1, 1, 1}, 256, [&] { cim_running_average(r.data(), stats.data(), 2LL * C, 0.9f, 0.1f * 1.0001f); });
+        std::vector<double> r_want(r.size());
+        for (size_t i = 0; i < r.size(); i++) r_want[i] = 0.9 * r0[i] + 0.1 * 1.0001 * stats[i];
+        ok &= report("BatchNorm running average (in place)", max_diff(r_want, r), 1e-6);
+    }
     return ok;
 }
-// Channels-last BatchNorm (the ResNet-50 enhancer channels last, bf16): R rows of C channels.
-// C = 40 makes the second 32-channel tile partial; R = 2500 rows at rpc = 2048 make two row chunks,
-// the second partial (cuda.rs `bn_grid_cl`). The elementwise kernels run with HW = 1.
-bool batch_norm_cl_checks() {
-    const int R = 2500, C = 40, rpc = 2048, chunks = 2;
-    const float eps = 1e-5f;
-    const size_t n = size_t(R) * C;
-    const auto x = rounded<__nv_bfloat16>(randv(n, 111, 2.f));
-    const auto dy = rounded<__nv_bfloat16>(randv(n, 112));
-    const auto xb = to_bf16(x), dyb = to_bf16(dy);
-    std::vector<double> partial(2 * size_t(chunks) * C, NAN);
-    auto stats = nan_filled<float>(2 * size_t(C));
-    const Dim3 grid{unsigned((C + 31) / 32), unsigned(chunks), 1}, block{32, 8, 1};
-    emu_launch(grid, block, [&] { cim_bn_moment_partials_cl_bf16(xb.data(), partial.data(), R, C, rpc); });
-    emu_launch({1, 1, 1}, 256, [&] { cim_bn_moments_finish(partial.data(), stats.data(), C, chunks, double(R)); });
-    std::vector<double> mean(C, 0), var(C, 0), st_want(2 * size_t(C));
-    for (size_t i = 0; i < n; i++) mean[i % C] += x[i];
-    for (int c = 0; c < C; c++) mean[c] /= R;
-    for (size_t i = 0; i < n; i++) var[i % C] += (x[i] - mean[i % C]) * (x[i] - mean[i % C]);
-    for (int c = 0; c < C; c++) {
-        var[c] /= R;
-        st_want[c] = mean[c];
-        st_want[C + c] = var[c];
-    }
-    bool ok = report("BatchNorm moments, channels last (bf16, 2 × 2 blocks, both partial)", max_diff(st_want, stats), 1e-5);
-    const auto gamma = randv(C, 113), beta = randv(C, 114);
-    std::vector<float> affine(2 * size_t(C));
-    for (int c = 0; c < C; c++) {
-        affine[c] = gamma[c];
-        affine[C + c] = beta[c];
-    }
-    auto y = nan_filled<__nv_bfloat16>(n);
-    const Dim3 per_el{unsigned((n + 255) / 256), 1, 1};
-    emu_launch(per_el, 256, [&] { cim_batch_norm_fwd_bf16(xb.data(), stats.data(), affine.data(), y.data(), (long long)n, C, 1, eps); });
-    std::vector<double> y_want(n), xhat(n);
-    double scale = 0;
-    for (size_t i = 0; i < n; i++) {
-        const int c = int(i % C);
-        xhat[i] = (x[i] - mean[c]) / std::sqrt(var[c] + eps);
-        y_want[i] = xhat[i] * gamma[c] + beta[c];
-        scale = std::max(scale, std::fabs(y_want[i]));
-    }
-    ok &= report("BatchNorm normalisation, channels last (bf16)", max_diff(y_want, floats(y)), 8e-3 * scale);
-    std::vector<float> p4(4 * size_t(C));
-    for (int c = 0; c < C; c++) {
-        p4[c] = gamma[c];
-        p4[C + c] = beta[c];
-        p4[2 * C + c] = stats[c];
-        p4[3 * C + c] = stats[C + c];
-    }
-    auto sums = nan_filled<float>(2 * size_t(C));
-    std::fill(partial.begin(), partial.end(), NAN);
-    emu_launch(grid, block, [&] { cim_bn_grad_partials_cl_bf16(xb.data(), dyb.data(), p4.data(), partial.data(), R, C, rpc, eps); });
-    emu_launch({1, 1, 1}, 256, [&] { cim_bn_grad_finish(partial.data(), sums.data(), C, chunks); });
-    std::vector<double> sums_want(2 * size_t(C), 0.0);
-    for (size_t i = 0; i < n; i++) {
-        sums_want[i % C] += dy[i] * xhat[i];
-        sums_want[C + i % C] += dy[i];
-    }
-    ok &= report("BatchNorm backward sums [dγ; dβ], channels last (bf16)", max_diff(sums_want, sums), 1e-2);
-    std::vector<float> p6(6 * size_t(C));
-    std::copy(p4.begin(), p4.end(), p6.begin());
-    for (int c = 0; c < C; c++) {
-        p6[4 * C + c] = sums[c];
-        p6[5 * C + c] = sums[C + c];
-    }
-    auto dx = nan_filled<__nv_bfloat16>(n);
-    emu_launch(per_el, 256, [&] { cim_bn_dx_bf16(xb.data(), dyb.data(), p6.data(), dx.data(), (long long)n, C, 1, float(R), eps); });
-    std::vector<double> dx_want(n);
-    double dscale = 0;
-    for (size_t i = 0; i < n; i++) {
-        const int c = int(i % C);
-        dx_want[i] = gamma[c] / std::sqrt(var[c] + eps) * (dy[i] - sums_want[C + c] / R - xhat[i] * sums_want[c] / R);
-        dscale = std::max(dscale, std::fabs(dx_want[i]));
-    }
-    ok &= report("BatchNorm backward dx, channels last (bf16)", max_diff(dx_want, floats(dx)), 8e-3 * dscale);
+bool batch_norm_checks() {
+    bool ok = true;
+    for (int mode : {0, 3}) ok &= batch_norm_case(false, mode);
+    for (int mode : {0, 1, 3}) ok &= batch_norm_case(true, mode);
     return ok;
 }
-
 // The stem's MaxPool2d(3, 2, 1): channels first in f32 (cl = 0) and channels last in bf16 (cl = C),
 // forward and backward, against the window maximum (first in row-major order) written out. Odd
 // height, even width: the last windows are cut by the edge.
@@ -744,7 +707,6 @@ int main() {
     ok &= channel_bias_checks();
     ok &= batch_norm_checks();
     ok &= relu_checks();
-    ok &= batch_norm_cl_checks();
     ok &= max_pool_checks();
     return ok ? 0 : 1;
 }

@@ -49,7 +49,7 @@ pub fn batch_norm_train(
     bias: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
-    train_in(x, stats, weight, bias, eps, false)
+    batch_norm_train_tail(x, stats, weight, bias, eps, false, BnTail::default())
 }
 
 /// [`batch_norm_train`] of a channels-last map `x` `(B, H, W, C)`, `stats` from
@@ -61,45 +61,137 @@ pub fn batch_norm_train_nhwc(
     bias: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
-    train_in(x, stats, weight, bias, eps, true)
+    batch_norm_train_tail(x, stats, weight, bias, eps, true, BnTail::default())
 }
 
-fn train_in(
+/// What follows a training BatchNorm's affine map inside its node: a residual added (a
+/// bottleneck's shortcut, `x`'s shape and dtype), then a ReLU — `relu(bn(x) + r)`, the end of a
+/// ResNet bottleneck, or `relu(bn(x))` after its first two convolutions.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BnTail<'a> {
+    pub residual: Option<&'a Tensor>,
+    pub relu: bool,
+}
+
+/// The kernels' `mode` bits (`kernels/ops.cu`): a ReLU, a residual.
+const RELU: u32 = 1;
+const RESIDUAL: u32 = 2;
+
+impl BnTail<'_> {
+    fn mode(&self) -> u32 {
+        (if self.relu { RELU } else { 0 }) | (if self.residual.is_some() { RESIDUAL } else { 0 })
+    }
+}
+
+/// `tail(batch_norm_train(x))` as one node ([`BnTail`]), channels first or (`channels_last`)
+/// last. Fused, the forward is one pass (read `x` and `r`, write the output) where the separate
+/// ops make three (normalise, add, ReLU) and keep the normalised map and the sum for the backward;
+/// the node keeps only `x` (its output is the next convolution's input, kept there anyway) and
+/// its backward recomputes the ReLU's mask from `x` and `r` inside BatchNorm's two backward
+/// kernels, the second also writing the shortcut's gradient. A residual needs a [`GradSink`]
+/// (γ and β go there, leaving `x` and `r` as the node's inputs); without one, or where the fused
+/// kernels do not apply, the same function is composed from the plain node, an add and
+/// [`super::relu`].
+///
+/// [`GradSink`]: super::GradSink
+pub fn batch_norm_train_tail(
     x: &Tensor,
     stats: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     eps: f64,
-    last: bool,
+    channels_last: bool,
+    tail: BnTail,
 ) -> Result<Tensor> {
+    let last = channels_last;
     let fused = is_fusable(&[x, stats, weight, bias])
         || (bf16_on_cuda(x) && is_fusable(&[stats, weight, bias]));
-    if fused && x.rank() == 4 {
-        // One grafted node over (x, γ, β): the normalisation kernel is its forward (no copy), the
-        // two backward kernels its backward; under a GradSink γ and β skip candle's graph.
-        let eps = eps as f32;
-        let xd = x.detach().contiguous()?;
-        let st = stats.detach().contiguous()?;
-        let affine = Tensor::stack(&[weight.detach(), bias.detach()], 0)?; // (2, C)
-        let (wdt, bdt) = (weight.dtype(), bias.dtype());
-        let args = [xd.clone(), st.clone(), affine.clone()];
-        let out = super::Output::Op3(Box::new(ApplyOp { eps, last }), args);
-        return super::with_backward(&[x, weight, bias], out, move |dy| {
-            // [dγ; dβ] from [γ; β; mean; var], then dx from those six rows: each kernel has three
-            // inputs.
-            let params = Tensor::cat(&[&affine, &st], 0)?.contiguous()?;
-            let dy = dy.contiguous()?;
-            let daffine = xd.apply_op3_no_bwd(&dy, &params, &GradSumsOp { eps, last })?;
-            let all = Tensor::cat(&[&params, &daffine], 0)?;
-            let dx = xd.apply_op3_no_bwd(&dy, &all, &DxOp { eps, last })?;
-            Ok(vec![
-                Some(dx),
-                Some(daffine.get(0)?.to_dtype(wdt)?),
-                Some(daffine.get(1)?.to_dtype(bdt)?),
-            ])
-        });
+    let residual_fits = match tail.residual {
+        None => true,
+        Some(r) => {
+            r.dims() == x.dims()
+                && r.dtype() == x.dtype()
+                && r.device().same_device(x.device())
+                && super::GradSink::takes(&[x, r])
+                && weight.is_variable()
+                && bias.is_variable()
+        }
+    };
+    if !(fused && x.rank() == 4 && residual_fits) {
+        let y = match fused && x.rank() == 4 {
+            true => batch_norm_train_tail(x, stats, weight, bias, eps, last, BnTail::default())?,
+            false => composed_in(x, weight, bias, eps, last)?,
+        };
+        let y = match tail.residual {
+            Some(r) => (y + r)?,
+            None => y,
+        };
+        return match tail.relu {
+            true => super::relu(&y),
+            false => Ok(y),
+        };
     }
-    composed_in(x, weight, bias, eps, last)
+    // One grafted node over (x, γ, β[, r]): the normalisation kernel is its forward (no copy),
+    // the two backward kernels its backward; under a GradSink γ and β skip candle's graph.
+    let (eps, mode) = (eps as f32, tail.mode());
+    let xd = x.detach().contiguous()?;
+    // [γ; β; mean; var] (4, C): every kernel's per-channel constants.
+    let params = Tensor::cat(
+        &[
+            &weight.detach().unsqueeze(0)?,
+            &bias.detach().unsqueeze(0)?,
+            &stats.detach(),
+        ],
+        0,
+    )?
+    .contiguous()?;
+    let rd = tail.residual.map(|r| r.detach().contiguous()).transpose()?;
+    let (wdt, bdt) = (weight.dtype(), bias.dtype());
+    // The forward's third input is the residual, or x again (unread).
+    let args = [
+        xd.clone(),
+        params.clone(),
+        rd.clone().unwrap_or_else(|| xd.clone()),
+    ];
+    let out = super::Output::Op3(Box::new(ApplyOp { eps, last, mode }), args);
+    let mut inputs = vec![x, weight, bias];
+    inputs.extend(tail.residual);
+    super::with_backward(&inputs, out, move |dy| {
+        // [dγ; dβ] from [γ; β; mean; var], then dx (and dr) from those six rows.
+        let dy = dy.contiguous()?;
+        let residual = rd.clone();
+        let sums = GradSumsOp {
+            eps,
+            last,
+            mode,
+            residual: residual.clone(),
+        };
+        let daffine = xd.apply_op3_no_bwd(&dy, &params, &sums)?;
+        let all = Tensor::cat(&[&params, &daffine], 0)?;
+        let dx_op = DxOp {
+            eps,
+            last,
+            mode,
+            residual,
+        };
+        let both = xd.apply_op3_no_bwd(&dy, &all, &dx_op)?;
+        // With a ReLU and a residual the kernel wrote [dx; dr]; a residual without a ReLU gets
+        // the output's gradient as it is.
+        let (dx, dr) = match mode {
+            m if m == RELU | RESIDUAL => (both.get(0)?, Some(both.get(1)?)),
+            m if m == RESIDUAL => (both, Some(dy.clone())),
+            _ => (both, None),
+        };
+        let mut grads = vec![
+            Some(dx),
+            Some(daffine.get(0)?.to_dtype(wdt)?),
+            Some(daffine.get(1)?.to_dtype(bdt)?),
+        ];
+        if dr.is_some() {
+            grads.push(dr);
+        }
+        Ok(grads)
+    })
 }
 
 /// A bf16 map on CUDA with the kernels on: the kernels read and write bf16 (statistics and
@@ -286,9 +378,58 @@ impl CustomOp1 for MomentsOp {
     }
 }
 
+/// The forward `tail((x − mean)·rstd·γ + β)` from `x`, `[γ; β; mean; var]` `(4, C)` and the
+/// residual (or `x` again, unread, without one).
 struct ApplyOp {
     eps: f32,
     last: bool,
+    mode: u32,
+}
+
+/// The per-channel constants the CPU kernels use: γ, β, mean, `1/sqrt(var + ε)`.
+struct Consts<'a> {
+    gamma: &'a [f32],
+    beta: &'a [f32],
+    mean: &'a [f32],
+    rstd: Vec<f32>,
+}
+
+impl<'a> Consts<'a> {
+    fn of(p: &'a [f32], c: usize, eps: f32) -> Self {
+        Self {
+            gamma: &p[..c],
+            beta: &p[c..2 * c],
+            mean: &p[2 * c..3 * c],
+            rstd: p[3 * c..4 * c]
+                .iter()
+                .map(|v| 1.0 / (v + eps).sqrt())
+                .collect(),
+        }
+    }
+    fn xhat(&self, ch: usize, x: f32) -> f32 {
+        (x - self.mean[ch]) * self.rstd[ch]
+    }
+    /// The affine output (plus the residual `r`), as the CUDA kernel's `bn_pre` writes it.
+    fn pre(&self, ch: usize, xh: f32, r: Option<f32>) -> f32 {
+        let pre = xh * self.gamma[ch] + self.beta[ch];
+        match r {
+            Some(r) => pre + r,
+            None => pre,
+        }
+    }
+    /// The gradient at the affine output: `g`, masked by the ReLU where `mode` has one.
+    fn tail_grad(&self, mode: u32, ch: usize, xh: f32, r: Option<f32>, g: f32) -> f32 {
+        if mode & RELU == 0 || self.pre(ch, xh, r) > 0.0 {
+            g
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Element `i` of the residual, if there is one.
+fn at(r: Option<&[f32]>, i: usize) -> Option<f32> {
+    r.map(|r| r[i])
 }
 
 impl CustomOp3 for ApplyOp {
@@ -304,24 +445,23 @@ impl CustomOp3 for ApplyOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, stats, affine) = (
-            slice(s1, l1, "x")?,
-            slice(s2, l2, "stats")?,
-            slice(s3, l3, "affine")?,
-        );
+        let (x, p) = (slice(s1, l1, "x")?, slice(s2, l2, "params")?);
+        let r = match self.mode & RESIDUAL {
+            0 => None,
+            _ => Some(slice(s3, l3, "residual")?),
+        };
         let (_, c, hw) = bchw(l1, self.last)?;
+        let k = Consts::of(p, c, self.eps);
+        let relu = self.mode & RELU != 0;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(hw)
-            .zip(x.par_chunks(hw))
-            .enumerate()
-            .for_each(|(plane, (yp, xp))| {
-                let ch = plane % c;
-                let rstd = 1.0 / (stats[c + ch] + self.eps).sqrt();
-                let (scale, mean, shift) = (affine[ch] * rstd, stats[ch], affine[c + ch]);
-                for (yi, &xi) in yp.iter_mut().zip(xp) {
-                    *yi = (xi - mean) * scale + shift;
-                }
-            });
+        y.par_chunks_mut(hw).enumerate().for_each(|(plane, yp)| {
+            let ch = plane % c;
+            for (q, yi) in yp.iter_mut().enumerate() {
+                let i = plane * hw + q;
+                let pre = k.pre(ch, k.xhat(ch, x[i]), at(r, i));
+                *yi = if relu { pre.max(0.0) } else { pre };
+            }
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
     #[cfg(feature = "cuda")]
@@ -334,19 +474,57 @@ impl CustomOp3 for ApplyOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::batch_norm_fwd(s1, l1, s2, l2, s3, l3, self.eps, self.last)
+        let bn = super::cuda::Bn {
+            eps: self.eps,
+            last: self.last,
+            mode: self.mode,
+        };
+        super::cuda::batch_norm_fwd((s1, l1), (s2, l2), (s3, l3), bn)
     }
 }
 
-/// `[dγ; dβ]` `(2, C)` = per channel `[Σ dy·x̂; Σ dy]`, from `x`, `dy` and `[γ; β; mean; var]`.
+/// Runs `f` with the residual's CPU slice (`None` without one).
+fn with_cpu_residual<R>(
+    r: &Option<Tensor>,
+    f: impl FnOnce(Option<&[f32]>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    match r {
+        None => f(None),
+        Some(t) => {
+            let (s, l) = t.storage_and_layout();
+            match &*s {
+                candle_core::Storage::Cpu(c) => f(Some(slice(c, l, "residual")?)),
+                _ => candle_core::bail!("batch_norm backward: the residual is not on the CPU"),
+            }
+        }
+    }
+}
+
+/// Runs `f` with the residual's CUDA storage (`None` without one).
+#[cfg(feature = "cuda")]
+fn with_cuda_residual<R>(
+    r: &Option<Tensor>,
+    f: impl FnOnce(Option<(&candle_core::CudaStorage, &Layout)>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    match r {
+        None => f(None),
+        Some(t) => {
+            let (s, l) = t.storage_and_layout();
+            match &*s {
+                candle_core::Storage::Cuda(c) => f(Some((c, l))),
+                _ => candle_core::bail!("batch_norm backward: the residual is not on CUDA"),
+            }
+        }
+    }
+}
+
+/// `[dγ; dβ]` `(2, C)` = per channel `[Σ g·x̂; Σ g]`, `g` the gradient at the affine output (`dy`
+/// through the tail's ReLU), from `x`, `dy` and `[γ; β; mean; var]`; the residual rides along.
 struct GradSumsOp {
     eps: f32,
     last: bool,
-}
-
-/// `1/sqrt(var + ε)` per channel.
-fn rstd(var: &[f32], eps: f32) -> Vec<f32> {
-    var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect()
+    mode: u32,
+    residual: Option<Tensor>,
 }
 
 impl CustomOp3 for GradSumsOp {
@@ -368,21 +546,25 @@ impl CustomOp3 for GradSumsOp {
             slice(s3, l3, "params")?,
         );
         let (b, c, hw) = bchw(l1, self.last)?;
-        let (mean, rstd) = (&p[2 * c..3 * c], rstd(&p[3 * c..4 * c], self.eps));
-        let sums: Vec<(f64, f64)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let (mut sd, mut sdx) = (0f64, 0f64);
-                for item in 0..b {
-                    let at = (item * c + ch) * hw;
-                    for (&g, &xi) in dy[at..at + hw].iter().zip(&x[at..at + hw]) {
-                        sd += g as f64;
-                        sdx += (g * (xi - mean[ch]) * rstd[ch]) as f64;
+        let k = Consts::of(p, c, self.eps);
+        let sums: Vec<(f64, f64)> = with_cpu_residual(&self.residual, |r| {
+            Ok((0..c)
+                .into_par_iter()
+                .map(|ch| {
+                    let (mut sd, mut sdx) = (0f64, 0f64);
+                    for item in 0..b {
+                        let base = (item * c + ch) * hw;
+                        for i in base..base + hw {
+                            let xh = k.xhat(ch, x[i]);
+                            let g = k.tail_grad(self.mode, ch, xh, at(r, i), dy[i]);
+                            sd += g as f64;
+                            sdx += (g * xh) as f64;
+                        }
                     }
-                }
-                (sd, sdx)
-            })
-            .collect();
+                    (sd, sdx)
+                })
+                .collect())
+        })?;
         let mut out: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
         out.extend(sums.iter().map(|s| s.0 as f32));
         Ok((CpuStorage::F32(out), Shape::from((2, c))))
@@ -397,15 +579,25 @@ impl CustomOp3 for GradSumsOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::batch_norm_grad_sums(s1, l1, s2, l2, s3, l3, self.eps, self.last)
+        let bn = super::cuda::Bn {
+            eps: self.eps,
+            last: self.last,
+            mode: self.mode,
+        };
+        with_cuda_residual(&self.residual, |r| {
+            super::cuda::batch_norm_grad_sums((s1, l1), (s2, l2), (s3, l3), r, bn)
+        })
     }
 }
 
-/// `dx = γ·rstd·(dy − mean(dy) − x̂·mean(dy·x̂))` in `x`'s dtype, from `x`, `dy` and
-/// `[γ; β; mean; var; dγ; dβ]` `(6, C)`.
+/// `dx = γ·rstd·(g − mean(g) − x̂·mean(g·x̂))` in `x`'s dtype, `g` as [`GradSumsOp`]'s, from `x`,
+/// `dy` and `[γ; β; mean; var; dγ; dβ]` `(6, C)`; with a ReLU and a residual `[dx; dr]`
+/// `(2, …)`, `dr = g` the shortcut's gradient.
 struct DxOp {
     eps: f32,
     last: bool,
+    mode: u32,
+    residual: Option<Tensor>,
 }
 
 impl CustomOp3 for DxOp {
@@ -427,24 +619,49 @@ impl CustomOp3 for DxOp {
             slice(s3, l3, "params")?,
         );
         let (b, c, hw) = bchw(l1, self.last)?;
-        let (gamma, mean) = (&p[..c], &p[2 * c..3 * c]);
-        let rstd = rstd(&p[3 * c..4 * c], self.eps);
-        let (sdx, sd) = (&p[4 * c..5 * c], &p[5 * c..]);
+        let k = Consts::of(p, c, self.eps);
+        let (sdx, sd) = (&p[4 * c..5 * c], &p[5 * c..6 * c]);
         let n = (b * hw) as f32;
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(hw)
-            .zip(x.par_chunks(hw).zip(dy.par_chunks(hw)))
-            .enumerate()
-            .for_each(|(plane, (dp, (xp, gp)))| {
+        let both = self.mode == RELU | RESIDUAL;
+        let len = x.len();
+        let mut out = vec![0f32; if both { 2 * len } else { len }];
+        with_cpu_residual(&self.residual, |r| {
+            let (dx, dr) = out.split_at_mut(len);
+            let per_plane = |plane: usize, dp: &mut [f32], mut rp: Option<&mut [f32]>| {
                 let ch = plane % c;
                 let (md, mdx) = (sd[ch] / n, sdx[ch] / n);
-                let k = gamma[ch] * rstd[ch];
-                for ((d, &xi), &g) in dp.iter_mut().zip(xp).zip(gp) {
-                    let xh = (xi - mean[ch]) * rstd[ch];
-                    *d = k * (g - md - xh * mdx);
+                let scale = k.gamma[ch] * k.rstd[ch];
+                for q in 0..hw {
+                    let i = plane * hw + q;
+                    let xh = k.xhat(ch, x[i]);
+                    let g = k.tail_grad(self.mode, ch, xh, at(r, i), dy[i]);
+                    dp[q] = scale * (g - md - xh * mdx);
+                    if let Some(rp) = rp.as_deref_mut() {
+                        rp[q] = g;
+                    }
                 }
-            });
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+            };
+            if both {
+                dx.par_chunks_mut(hw)
+                    .zip(dr.par_chunks_mut(hw))
+                    .enumerate()
+                    .for_each(|(plane, (dp, rp))| per_plane(plane, dp, Some(rp)));
+            } else {
+                dx.par_chunks_mut(hw)
+                    .enumerate()
+                    .for_each(|(plane, dp)| per_plane(plane, dp, None));
+            }
+            Ok(())
+        })?;
+        let shape = match both {
+            true => {
+                let mut d = vec![2];
+                d.extend_from_slice(l1.dims());
+                Shape::from(d)
+            }
+            false => l1.shape().clone(),
+        };
+        Ok((CpuStorage::F32(out), shape))
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -456,7 +673,14 @@ impl CustomOp3 for DxOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::batch_norm_dx(s1, l1, s2, l2, s3, l3, self.eps, self.last)
+        let bn = super::cuda::Bn {
+            eps: self.eps,
+            last: self.last,
+            mode: self.mode,
+        };
+        with_cuda_residual(&self.residual, |r| {
+            super::cuda::batch_norm_dx((s1, l1), (s2, l2), (s3, l3), r, bn)
+        })
     }
 }
 
@@ -465,6 +689,57 @@ mod tests {
     use super::*;
     use crate::ops::tests::{max_diff, randn};
     use candle_core::Var;
+
+    /// The fused tails — `relu(bn(x))`, `relu(bn(x) + r)`, `bn(x) + r` — against the same
+    /// functions composed (values and the gradients of x, γ, β and r), in both layouts; with a
+    /// residual under a gradient sink (the fused node) and without one (composed from the plain
+    /// node).
+    #[test]
+    fn fused_tails_match_composed() -> Result<()> {
+        use crate::ops::GradSink;
+        for last in [false, true] {
+            for (relu, res) in [(true, false), (true, true), (false, true)] {
+                for sunk in [true, false] {
+                    let dims = [2, 5, 4, 3];
+                    let x = Var::from_tensor(&((randn(&dims, 31) * 2.0)? + 0.3)?)?;
+                    let r = Var::from_tensor(&randn(&dims, 32))?;
+                    let gamma = Var::from_tensor(&randn(&[dims[if last { 3 } else { 1 }]], 33))?;
+                    let beta = Var::from_tensor(&randn(gamma.dims(), 34))?;
+                    let up = randn(&dims, 35);
+                    let want = {
+                        let y = composed_in(&x, &gamma, &beta, 1e-5, last)?;
+                        let y = if res { (y + r.as_tensor())? } else { y };
+                        if relu {
+                            y.relu()?
+                        } else {
+                            y
+                        }
+                    };
+                    let gw = (&want * &up)?.sum_all()?.backward()?;
+                    let sink = GradSink::install_if(sunk);
+                    let (xa, ra) = ((x.as_tensor() * 1.0)?, (r.as_tensor() * 1.0)?);
+                    let stats = moments_in(&xa, last)?.expect("f32 on the CPU fuses");
+                    let tail = BnTail {
+                        residual: res.then_some(&ra),
+                        relu,
+                    };
+                    let got = batch_norm_train_tail(&xa, &stats, &gamma, &beta, 1e-5, last, tail)?;
+                    let what = format!("last {last} relu {relu} residual {res} sunk {sunk}");
+                    assert!(max_diff(&got, &want) < 1e-4, "{what}: value");
+                    let gg = sink.backward(&(&got * &up)?.sum_all()?)?;
+                    drop(sink);
+                    for (name, v) in [("x", &x), ("weight", &gamma), ("bias", &beta), ("r", &r)] {
+                        if name == "r" && !res {
+                            continue;
+                        }
+                        let d = max_diff(gg.get(v).expect(name), gw.get(v).expect(name));
+                        assert!(d < 1e-3, "{what}: d{name} {d}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 
     /// Channels last: the statistics, the normalisation and every gradient equal the channels-first
     /// ones of the transposed map, and the composed channels-last form.

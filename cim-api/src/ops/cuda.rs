@@ -725,37 +725,37 @@ fn channel_moments_t<T: KernelFloat>(
     ))
 }
 
-/// The normalisation, `x` (and the output) f32 or bf16, stats and affine f32.
-pub fn batch_norm_fwd(
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-    s3: &CudaStorage,
-    l3: &Layout,
-    eps: f32,
-    last: bool,
-) -> Result<(CudaStorage, Shape)> {
-    by_dtype!(s1, batch_norm_fwd_t(s1, l1, s2, l2, s3, l3, eps, last))
+/// A training BatchNorm node's settings (`src/ops/batch_norm.rs`): ε, channels last, and the
+/// tail's `mode` bits (1 a ReLU, 2 a residual).
+#[derive(Clone, Copy, Debug)]
+pub struct Bn {
+    pub eps: f32,
+    pub last: bool,
+    pub mode: u32,
+}
+
+type Arg<'a> = (&'a CudaStorage, &'a Layout);
+
+/// The normalisation and its tail: `x` (and the output, and the residual `r`, which is `x` again
+/// and unread without one) f32 or bf16, `p = [γ; β; mean; var]` f32.
+pub fn batch_norm_fwd(x: Arg, p: Arg, r: Arg, bn: Bn) -> Result<(CudaStorage, Shape)> {
+    same_dtype("batch_norm", ("x", x.0), ("residual", r.0))?;
+    by_dtype!(x.0, batch_norm_fwd_t(x, p, r, bn))
 }
 
 fn batch_norm_fwd_t<T: KernelFloat>(
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-    s3: &CudaStorage,
-    l3: &Layout,
-    eps: f32,
-    last: bool,
+    (s1, l1): Arg,
+    (s2, l2): Arg,
+    (s3, l3): Arg,
+    bn: Bn,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
-    let (x, stats, affine) = (
+    let (x, p, r) = (
         view::<T>(s1, l1, "x")?,
-        view::<f32>(s2, l2, "stats")?,
-        view::<f32>(s3, l3, "affine")?,
+        view::<f32>(s2, l2, "params")?,
+        view::<T>(s3, l3, "residual")?,
     );
-    let [_, c, hw] = bn_geom(l1, last)?;
+    let [_, c, hw] = bn_geom(l1, bn.last)?;
     let n = l1.shape().elem_count();
     let y = alloc_written::<T>(&dev, n)?;
     let func = dev.get_or_load_custom_func(
@@ -763,65 +763,68 @@ fn batch_norm_fwd_t<T: KernelFloat>(
         MODULE,
         PTX,
     )?;
-    let nn = n as i64;
+    let (nn, mode) = (n as i64, bn.mode as i32);
     let mut a = func.builder();
     a.arg(&x)
-        .arg(&stats)
-        .arg(&affine)
+        .arg(&p)
+        .arg(&r)
         .arg(&y)
         .arg(&nn)
         .arg(&c)
         .arg(&hw)
-        .arg(&eps);
-    // SAFETY: argument types and counts match the kernel's signature.
+        .arg(&bn.eps)
+        .arg(&mode);
+    // SAFETY: argument types and counts match the kernel's signature; one thread per element.
     unsafe { a.launch(per_element(n)) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
 }
 
-/// `[dγ; dβ]` `(2, C)` f32 from `x`, `dy` (f32 or bf16, one dtype) and `p = [γ; β; mean; var]`.
+/// `[dγ; dβ]` `(2, C)` f32 from `x`, `dy` (and the residual; one dtype, f32 or bf16) and
+/// `p = [γ; β; mean; var]`.
 pub fn batch_norm_grad_sums(
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-    s3: &CudaStorage,
-    l3: &Layout,
-    eps: f32,
-    last: bool,
+    x: Arg,
+    dy: Arg,
+    p: Arg,
+    r: Option<Arg>,
+    bn: Bn,
 ) -> Result<(CudaStorage, Shape)> {
-    same_dtype("batch_norm backward", ("x", s1), ("dy", s2))?;
-    by_dtype!(
-        s1,
-        batch_norm_grad_sums_t(s1, l1, s2, l2, s3, l3, eps, last)
-    )
+    same_dtype("batch_norm backward", ("x", x.0), ("dy", dy.0))?;
+    let r = r.unwrap_or(x);
+    same_dtype("batch_norm backward", ("x", x.0), ("residual", r.0))?;
+    by_dtype!(x.0, batch_norm_grad_sums_t(x, dy, p, r, bn))
 }
 
 fn batch_norm_grad_sums_t<T: KernelFloat>(
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-    s3: &CudaStorage,
-    l3: &Layout,
-    eps: f32,
-    last: bool,
+    (s1, l1): Arg,
+    (s2, l2): Arg,
+    (s3, l3): Arg,
+    (s4, l4): Arg,
+    bn: Bn,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
-    let (x, dy, p) = (
+    let (x, dy, p, r) = (
         view::<T>(s1, l1, "x")?,
         view::<T>(s2, l2, "grad")?,
         view::<f32>(s3, l3, "params")?,
+        view::<T>(s4, l4, "residual")?,
     );
-    let geo @ [outer, c, inner] = bn_geom(l1, last)?;
+    let geo @ [outer, c, inner] = bn_geom(l1, bn.last)?;
     let (kernel, cfg, per_chunk, chunks) = bn_reduction("cim_bn_grad_partials", geo);
     let partial = alloc_written::<f64>(&dev, 2 * (chunks * c) as usize)?;
     let func = dev.get_or_load_custom_func(&dtype_kernel(&kernel, s1.dtype())?, MODULE, PTX)?;
+    let mode = bn.mode as i32;
     let mut a = func.builder();
-    a.arg(&x).arg(&dy).arg(&p).arg(&partial).arg(&outer).arg(&c);
+    a.arg(&x)
+        .arg(&dy)
+        .arg(&r)
+        .arg(&p)
+        .arg(&partial)
+        .arg(&outer)
+        .arg(&c);
     if inner != 1 {
         a.arg(&inner);
     }
-    a.arg(&per_chunk).arg(&eps);
+    a.arg(&per_chunk).arg(&bn.eps).arg(&mode);
     // SAFETY: argument types and counts match the kernel's signature (the `_cl` kernel has no
     // plane size); block (·, k) writes its channels' two partials.
     unsafe { a.launch(cfg) }.w()?;
@@ -837,55 +840,78 @@ fn batch_norm_grad_sums_t<T: KernelFloat>(
     ))
 }
 
-/// `dx` in `x`'s dtype from `x`, `dy` and `p = [γ; β; mean; var; dγ; dβ]` `(6, C)`.
+/// `dx` in `x`'s dtype from `x`, `dy` (and the residual) and `p = [γ; β; mean; var; dγ; dβ]`
+/// `(6, C)`; with a ReLU and a residual (`mode` 3) `[dx; dr]` `(2, …)`.
 pub fn batch_norm_dx(
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-    s3: &CudaStorage,
-    l3: &Layout,
-    eps: f32,
-    last: bool,
+    x: Arg,
+    dy: Arg,
+    p: Arg,
+    r: Option<Arg>,
+    bn: Bn,
 ) -> Result<(CudaStorage, Shape)> {
-    same_dtype("batch_norm backward", ("x", s1), ("dy", s2))?;
-    by_dtype!(s1, batch_norm_dx_t(s1, l1, s2, l2, s3, l3, eps, last))
+    same_dtype("batch_norm backward", ("x", x.0), ("dy", dy.0))?;
+    let r = r.unwrap_or(x);
+    same_dtype("batch_norm backward", ("x", x.0), ("residual", r.0))?;
+    by_dtype!(x.0, batch_norm_dx_t(x, dy, p, r, bn))
 }
 
 fn batch_norm_dx_t<T: KernelFloat>(
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-    s3: &CudaStorage,
-    l3: &Layout,
-    eps: f32,
-    last: bool,
+    (s1, l1): Arg,
+    (s2, l2): Arg,
+    (s3, l3): Arg,
+    (s4, l4): Arg,
+    bn: Bn,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
-    let (x, dy, p) = (
+    let (x, dy, p, r) = (
         view::<T>(s1, l1, "x")?,
         view::<T>(s2, l2, "grad")?,
         view::<f32>(s3, l3, "params")?,
+        view::<T>(s4, l4, "residual")?,
     );
-    let [b, c, hw] = bn_geom(l1, last)?;
+    let [b, c, hw] = bn_geom(l1, bn.last)?;
     let n = l1.shape().elem_count();
-    let dx = alloc_written::<T>(&dev, n)?;
+    let both = bn.mode == 3;
+    let mut out = alloc_written::<T>(&dev, if both { 2 * n } else { n })?;
+    // dr is the second half with a ReLU and a residual; otherwise a one-element placeholder the
+    // kernel never writes.
+    let mut spare = match both {
+        true => None,
+        false => Some(alloc_written::<T>(&dev, 1)?),
+    };
     let func = dev.get_or_load_custom_func(&dtype_kernel("cim_bn_dx", s1.dtype())?, MODULE, PTX)?;
-    let (nn, count) = (n as i64, b as f32 * hw as f32);
-    let mut a = func.builder();
-    a.arg(&x)
-        .arg(&dy)
-        .arg(&p)
-        .arg(&dx)
-        .arg(&nn)
-        .arg(&c)
-        .arg(&hw)
-        .arg(&count)
-        .arg(&eps);
-    // SAFETY: argument types and counts match the kernel's signature; one thread per element.
-    unsafe { a.launch(per_element(n)) }.w()?;
-    Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
+    let (nn, count, mode) = (n as i64, b as f32 * hw as f32, bn.mode as i32);
+    {
+        let (mut dx, mut dr) = match &mut spare {
+            None => out.split_at_mut(n),
+            Some(spare) => (out.slice_mut(..), spare.slice_mut(..)),
+        };
+        let mut a = func.builder();
+        a.arg(&x)
+            .arg(&dy)
+            .arg(&r)
+            .arg(&p)
+            .arg(&mut dx)
+            .arg(&mut dr)
+            .arg(&nn)
+            .arg(&c)
+            .arg(&hw)
+            .arg(&count)
+            .arg(&bn.eps)
+            .arg(&mode);
+        // SAFETY: argument types and counts match the kernel's signature; one thread per element
+        // writes dx[i] and (mode 3) dr[i].
+        unsafe { a.launch(per_element(n)) }.w()?;
+    }
+    let shape = match both {
+        true => {
+            let mut d = vec![2];
+            d.extend_from_slice(l1.dims());
+            Shape::from(d)
+        }
+        false => l1.shape().clone(),
+    };
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
 }
 
 /// `(planes, h, w, ho, wo, cl)` of a 3×3 stride-2 pool of `(B, C, H, W)`, or (`last`, `cl` = C)

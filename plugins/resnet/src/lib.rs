@@ -22,6 +22,7 @@ use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use cim_api::ops::BnTail;
 use cim_api::{
     BuildCtx, Enhancer, EnhancerInfo, Error, Features, MapLayout, ParamStore, Result, TokenGrid,
 };
@@ -145,6 +146,41 @@ impl BatchNorm {
     /// training on CUDA the fused kernels read and write bf16 (statistics and arithmetic in f32);
     /// elsewhere it is normalised in f32 and handed back in bf16, as LayerNorm is.
     pub fn forward_t(&self, x: &Tensor, train: bool, last: bool) -> Result<Tensor> {
+        self.forward_tail(x, train, last, BnTail::default())
+    }
+
+    /// `tail(forward_t(x))`: a residual added, then a ReLU ([`BnTail`]) — in training with the
+    /// fused kernels one node ([`cim_api::ops::batch_norm_train_tail`]), elsewhere the separate
+    /// ops.
+    pub fn forward_tail(
+        &self,
+        x: &Tensor,
+        train: bool,
+        last: bool,
+        tail: BnTail,
+    ) -> Result<Tensor> {
+        let (y, done) = self.normalise(x, train, last, tail)?;
+        if done {
+            return Ok(y);
+        }
+        let y = match tail.residual {
+            Some(r) => (y + r)?,
+            None => y,
+        };
+        match tail.relu {
+            true => cim_api::ops::relu(&y),
+            false => Ok(y),
+        }
+    }
+
+    /// The normalised map, and whether the fused node applied `tail` already.
+    fn normalise(
+        &self,
+        x: &Tensor,
+        train: bool,
+        last: bool,
+        tail: BnTail,
+    ) -> Result<(Tensor, bool)> {
         use cim_api::ops;
         let c = self.weight.dim(0)?;
         // The statistics' shape, and the dimensions they reduce.
@@ -164,15 +200,13 @@ impl BatchNorm {
             if let Some(stats) = stats {
                 self.update_running(&stats.get(0)?, &stats.get(1)?, unbias)?;
                 let (w, b, eps) = (&self.weight, &self.bias, self.eps);
-                return match last {
-                    false => ops::batch_norm_train(x, &stats, w, b, eps),
-                    true => ops::batch_norm_train_nhwc(x, &stats, w, b, eps),
-                };
+                let y = ops::batch_norm_train_tail(x, &stats, w, b, eps, last, tail)?;
+                return Ok((y, true));
             }
         }
         if x.dtype() == DType::BF16 {
             let y = self.forward_t(&x.to_dtype(DType::F32)?, train, last)?;
-            return Ok(y.to_dtype(DType::BF16)?);
+            return Ok((y.to_dtype(DType::BF16)?, false));
         }
         let mean_over = |t: &Tensor| -> Result<Tensor> {
             Ok(t.mean_keepdim(dims[0])?
@@ -195,9 +229,10 @@ impl BatchNorm {
         let xn = x
             .broadcast_sub(&mean)?
             .broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(xn
+        let y = xn
             .broadcast_mul(&self.weight.reshape(&shape[..])?)?
-            .broadcast_add(&self.bias.reshape(&shape[..])?)?)
+            .broadcast_add(&self.bias.reshape(&shape[..])?)?;
+        Ok((y, false))
     }
 }
 
@@ -242,18 +277,27 @@ impl Bottleneck {
             downsample,
         })
     }
+    /// `relu(bn3(conv3(·)) + shortcut)` after two conv → BN → ReLU: each BatchNorm with what
+    /// follows it as one node in training ([`BnTail`]).
     fn forward_t(&self, x: &Tensor, train: bool, last: bool) -> Result<Tensor> {
-        let relu = cim_api::ops::relu;
-        let cb =
-            |c: &Conv, b: &BatchNorm, x: &Tensor| b.forward_t(&c.forward(x, last)?, train, last);
-        let h = relu(&cb(&self.conv1, &self.bn1, x)?)?;
-        let h = relu(&cb(&self.conv2, &self.bn2, &h)?)?;
-        let h = cb(&self.conv3, &self.bn3, &h)?;
+        let cb = |c: &Conv, b: &BatchNorm, x: &Tensor, tail| {
+            b.forward_tail(&c.forward(x, last)?, train, last, tail)
+        };
+        let relu = BnTail {
+            residual: None,
+            relu: true,
+        };
+        let h = cb(&self.conv1, &self.bn1, x, relu)?;
+        let h = cb(&self.conv2, &self.bn2, &h, relu)?;
         let id = match &self.downsample {
-            Some((c, b)) => cb(c, b, x)?,
+            Some((c, b)) => cb(c, b, x, BnTail::default())?,
             None => x.clone(),
         };
-        relu(&(h + id)?)
+        let out = BnTail {
+            residual: Some(&id),
+            relu: true,
+        };
+        cb(&self.conv3, &self.bn3, &h, out)
     }
 }
 
@@ -336,10 +380,13 @@ impl ResNet {
             false => image.clone(),
             true => image.permute((0, 2, 3, 1))?.contiguous()?,
         };
+        let relu = BnTail {
+            residual: None,
+            relu: true,
+        };
         let x = self
             .bn1
-            .forward_t(&self.conv1.forward(&x, last)?, train, last)?;
-        let x = cim_api::ops::relu(&x)?;
+            .forward_tail(&self.conv1.forward(&x, last)?, train, last, relu)?;
         let mut x = match last {
             false => max_pool_3x3_s2(&x)?,
             true => max_pool_3x3_s2_nhwc(&x)?,
@@ -531,7 +578,8 @@ mod tests {
     /// Channels last is the same network: the features, every parameter's gradient and the
     /// running statistics agree with channels first, in training and in eval (f32 on the CPU,
     /// where both layouts run the fused BatchNorm and pool kernels; the convolutions between
-    /// transposes).
+    /// transposes) — and the fused bottleneck ends (under a gradient sink) agree with the
+    /// separate ops.
     #[test]
     fn channels_last_equals_channels_first() -> Result<()> {
         let store = ParamStore::trainable(3);
@@ -557,7 +605,12 @@ mod tests {
         let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
             Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?)
         };
-        let (f1, f2) = (first.forward_t(&img, true)?, last.forward_t(&img, true)?);
+        // Channels first as the ops compose without a gradient sink (each bottleneck's residual
+        // add and ReLU separate), channels last under one, as a training step runs it (the
+        // residual and ReLU inside the last BatchNorm's node).
+        let f1 = first.forward_t(&img, true)?;
+        let sink = cim_api::ops::GradSink::install();
+        let f2 = last.forward_t(&img, true)?;
         assert_eq!(f1.tokens.dims(), f2.tokens.dims());
         assert_eq!((f1.grid.h, f1.grid.w), (f2.grid.h, f2.grid.w));
         assert!(diff(&f1.tokens, &f2.tokens)? < 1e-4);
@@ -569,7 +622,8 @@ mod tests {
         );
         let up = cim_api::testing::uniform(f1.tokens.dims(), 10)?;
         let g1 = (&f1.tokens * &up)?.sum_all()?.backward()?;
-        let g2 = (&f2.tokens * &up)?.sum_all()?.backward()?;
+        let g2 = sink.backward(&(&f2.tokens * &up)?.sum_all()?)?;
+        drop(sink);
         let vars = store.vars();
         // The stem (conv, γ, β) and four bottlenecks of three convolutions and BatchNorms and a
         // downsampling pair each.
