@@ -18,7 +18,8 @@ for line in open(sys.argv[1]):
         print(f'  {d.get("enhancer")} {d.get("objective")} {d.get("dtype")} compile={d.get("compile", "-")} '
               f'cudnn_conv={d.get("cudnn_conv", "-")} sink={d.get("grad_sink", "-")} dvae={tok} '
               f'timing={d.get("phase_timing", "-")} keep_freed={d.get("cuda_keep_freed", "-")} '
-              f'upload_cache={d.get("upload_cache", "-")} flash={d.get("flash_attention", "-")}: '
+              f'upload_cache={d.get("upload_cache", "-")} flash={d.get("flash_attention", "-")} '
+              f'regions={d.get("graft_regions", "-")}: '
               f'{d["images_per_s"]:.1f} img/s, step {d["step_ms"]:.1f} ms, peak {d.get("peak_mem_gib", 0):.1f} GiB {ph}')
 PY
 }

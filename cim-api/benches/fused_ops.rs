@@ -165,6 +165,38 @@ fn main() -> cim_api::Result<()> {
         || bn(false),
         || bn(true),
     );
+    // A bottleneck's end, relu(bn(x) + r): the BatchNorm node, the add and the ReLU as separate
+    // nodes against one node (under a gradient sink, as a training step runs it).
+    let r = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, hw, hw), &dev)?)?;
+    let tail = |one: bool| {
+        let sink = ops::GradSink::install_if(one);
+        let (xa, ra) = (
+            (x.as_tensor() * 1.0).unwrap(),
+            (r.as_tensor() * 1.0).unwrap(),
+        );
+        let stats = ops::channel_moments(&xa).unwrap().unwrap();
+        let y = if one {
+            let t = ops::BnTail {
+                residual: Some(&ra),
+                relu: true,
+            };
+            ops::batch_norm_train_tail(&xa, &stats, &gamma, &beta, 1e-5, false, t)
+        } else {
+            let y = ops::batch_norm_train(&xa, &stats, &gamma, &beta, 1e-5).unwrap();
+            ops::relu(&(y + &ra).unwrap())
+        }
+        .unwrap();
+        let g = sink
+            .backward(&(y * &up).unwrap().sum_all().unwrap())
+            .unwrap();
+        sync(g.get(&x).unwrap());
+    };
+    report_as(
+        &format!("relu(bn(x) + r) B{b} C{c} {hw}x{hw}"),
+        3,
+        ("separate", || tail(false)),
+        ("one node", || tail(true)),
+    );
     // The ResNet stem pool (112 → 56) against the composed 9-view maximum.
     let x = Var::from_tensor(&Tensor::rand(0f32, 1.0, (b, 64, 112, 112), &dev)?)?;
     let up = Tensor::randn(0f32, 1.0, (b, 64, 56, 56), &dev)?;

@@ -50,6 +50,7 @@ mod gemm;
 mod graft;
 mod heads;
 mod max_pool;
+mod region;
 mod relu;
 mod resample;
 mod residual;
@@ -91,6 +92,7 @@ pub use heads::{
     split_qkv, split_qkv_padded,
 };
 pub use max_pool::{max_pool_3x3_s2, max_pool_3x3_s2_nhwc};
+pub use region::{region, regions, set_regions};
 pub use relu::relu;
 pub use resample::{
     max_pool_2x2, max_pool_2x2_nhwc, upsample_nearest_2x, upsample_nearest_2x_nhwc,

@@ -112,7 +112,7 @@ pub fn batch_norm_train_tail(
             r.dims() == x.dims()
                 && r.dtype() == x.dtype()
                 && r.device().same_device(x.device())
-                && super::GradSink::takes(&[x, r])
+                && (super::GradSink::takes(&[x, r]) || super::region::recording())
                 && weight.is_variable()
                 && bias.is_variable()
         }

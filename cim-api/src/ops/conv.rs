@@ -127,7 +127,7 @@ fn mixed_conv2d(x: &Tensor, w: &Tensor, op: Im2Col, budget: usize) -> Result<Ten
             .into()
         }
     };
-    let need_dx = x.track_op();
+    let need_dx = super::region::needs_grad(x);
     super::with_backward(&[x, w], y, move |dy| {
         if let Some(w16) = &w16 {
             if let Some((dx, dw)) =
@@ -330,7 +330,7 @@ fn cudnn_channels_last(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Option<Tens
     let Some(y) = cudnn_output(xd.clone(), krsc.clone(), conv(Pass::Forward)) else {
         return Ok(None);
     };
-    let need_dx = x.track_op();
+    let need_dx = super::region::needs_grad(x);
     let out = super::with_backward(&[x, w], y, move |dy| {
         let dy = dy.to_dtype(dtype)?.contiguous()?;
         let dw = cudnn_fallible(xd.apply_op2_no_bwd(&dy, &conv(Pass::BackwardFilter)));
@@ -481,7 +481,7 @@ fn cpu_conv2d(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Tensor> {
         })
     })??;
     let y = Tensor::from_vec(y, (b, c_out, ho, wo), x.device())?;
-    let need_dx = x.track_op();
+    let need_dx = super::region::needs_grad(x);
     super::with_backward(&[x, w], y, move |dy| {
         let (dx, dw) = cpu_conv_grads(&xd, &wt, op, dy, need_dx)?;
         Ok(vec![dx, Some(dw)])
@@ -729,7 +729,7 @@ fn im2col_backward(x: &Tensor, w: &Tensor, op: Im2Col, budget: usize) -> Result<
         Some(y) => y,
         None => xd.conv2d(&wd, op.padding, op.stride, 1, 1)?.into(),
     };
-    let need_dx = x.track_op();
+    let need_dx = super::region::needs_grad(x);
     super::with_backward(&[x, w], y, move |dy| {
         if let Some((dx, dw)) = cudnn_backward(&xd, &wd, op, dy, need_dx)? {
             return Ok(vec![dx, Some(dw)]);

@@ -50,6 +50,9 @@ pub fn with_backward(
     backward: impl Fn(&Tensor) -> candle_core::Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
 ) -> Result<Tensor> {
     let out = out.into();
+    if super::region::recording() {
+        return super::region::record(inputs, out, Box::new(backward));
+    }
     let sink = GradSink::current().filter(|_| GradSink::takes(inputs));
     // Which inputs are graph edges; the others (variables, with a sink) are sunk.
     let sunk: Vec<bool> = inputs
@@ -159,7 +162,7 @@ pub struct GradSink {
 }
 
 #[derive(Default)]
-struct SinkInner {
+pub(super) struct SinkInner {
     /// Set by [`GradSink::backward`] while candle's backward runs.
     collecting: AtomicBool,
     grads: Mutex<Vec<(Tensor, Tensor)>>,
@@ -181,6 +184,11 @@ impl GradSink {
         let inner = Arc::new(SinkInner::default());
         let previous = on.then(|| CURRENT_SINK.with(|c| c.borrow_mut().replace(inner.clone())));
         Self { inner, previous }
+    }
+
+    /// The sink installed on this thread, if any.
+    pub(super) fn current_inner() -> Option<Arc<SinkInner>> {
+        Self::current()
     }
 
     fn current() -> Option<Arc<SinkInner>> {
@@ -223,7 +231,7 @@ impl SinkInner {
             .lock()
             .map_err(|_| candle_core::Error::Msg("gradient sink lock poisoned".into()))
     }
-    fn push(&self, var: &Tensor, g: Tensor) -> candle_core::Result<()> {
+    pub(super) fn push(&self, var: &Tensor, g: Tensor) -> candle_core::Result<()> {
         if !self.collecting.load(Ordering::SeqCst) {
             candle_core::bail!(
                 "this graph was built while a GradSink was installed: differentiate it with \

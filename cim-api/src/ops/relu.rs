@@ -1,4 +1,6 @@
-//! ReLU with a one-pass backward, for the ResNet-50 enhancer (49 ReLUs a step).
+//! ReLU with a one-pass backward, for the ResNet-50 enhancer where its ReLUs are not part of a
+//! BatchNorm node (`batch_norm_train_tail`, which a training step uses for all 49): evaluation, and
+//! the composed fallback.
 //!
 //! candle's ReLU backward is four ops — a zero tensor, `x ≥ 0`, a cast of that mask, a product —
 //! each a full pass over the activation, and candle then adds the result to a zero-initialised

@@ -375,6 +375,11 @@ impl ResNet {
 
     /// `layer4` output in the network's layout: `(B, 2048, h, w)`, channels last `(B, h, w, 2048)`.
     fn trunk(&self, image: &Tensor, train: bool) -> Result<Tensor> {
+        self.trunk_with(image, train, true)
+    }
+
+    /// [`Self::trunk`], the bottlenecks as a region where `regions` and they allow one.
+    fn trunk_with(&self, image: &Tensor, train: bool, regions: bool) -> Result<Tensor> {
         let last = self.last;
         let x = match last {
             false => image.clone(),
@@ -387,16 +392,43 @@ impl ResNet {
         let x = self
             .bn1
             .forward_tail(&self.conv1.forward(&x, last)?, train, last, relu)?;
-        let mut x = match last {
+        let x = match last {
             false => max_pool_3x3_s2(&x)?,
             true => max_pool_3x3_s2_nhwc(&x)?,
         };
-        for stage in &self.stages {
-            for b in stage {
-                x = b.forward_t(&x, train, last)?;
+        let stages = |x: &Tensor| -> Result<Tensor> {
+            let mut x = x.clone();
+            for stage in &self.stages {
+                for b in stage {
+                    x = b.forward_t(&x, train, last)?;
+                }
             }
+            Ok(x)
+        };
+        // In training, the sixteen bottlenecks as one region (cim_api::ops::region): their
+        // convolutions and BatchNorm nodes hand gradients to each other directly, outside
+        // candle's graph, where every op here is a fused node.
+        match regions && train && grafted(&x, last) {
+            true => cim_api::ops::region(&[&x], |xs| stages(&xs[0])),
+            false => stages(&x),
         }
-        Ok(x)
+    }
+}
+
+/// Whether every op of a bottleneck in training is a fused (grafted) node for maps like `x`, as
+/// [`cim_api::ops::region`] needs: f32 channels first on the CPU (its convolution and BatchNorm
+/// kernels; channels last runs its convolutions between transposes there), or f32/bf16 on CUDA
+/// with the kernels on (channels last through cim's cuDNN convolution).
+fn grafted(x: &Tensor, last: bool) -> bool {
+    use cim_api::ops;
+    match x.device() {
+        candle_core::Device::Cpu => x.dtype() == DType::F32 && !last,
+        candle_core::Device::Cuda(_) => {
+            ops::cuda_kernels()
+                && matches!(x.dtype(), DType::F32 | DType::BF16)
+                && (!last || ops::cudnn_conv())
+        }
+        _ => false,
     }
 }
 
@@ -643,6 +675,52 @@ mod tests {
         // Eval (running statistics, the composed normalisation in either layout).
         let (e1, e2) = (first.forward_t(&img, false)?, last.forward_t(&img, false)?);
         assert!(diff(&e1.tokens, &e2.tokens)? < 1e-4);
+        Ok(())
+    }
+
+    /// In training under a gradient sink the bottlenecks run as one region: the features and every
+    /// parameter's gradient equal those of the same nodes in candle's graph, and the running
+    /// statistics move alike.
+    #[test]
+    fn bottleneck_region_equals_the_graph() -> Result<()> {
+        let store = ParamStore::trainable(5);
+        let cfg = ResNetConfig {
+            width: 8,
+            layers: [2, 1, 1, 1],
+            ..ResNetConfig::test_tiny()
+        };
+        let vb = store.var_builder(DType::F32, &Device::Cpu);
+        let (buf1, buf2) = (ParamStore::frozen(0), ParamStore::frozen(0));
+        let a = ResNet::new(&cfg, 64, vb.clone(), &buf1)?;
+        let b = ResNet::new(&cfg, 64, vb, &buf2)?;
+        let img = cim_api::testing::uniform((2, 3, 64, 64), 11)?;
+        let run =
+            |net: &ResNet, regions: bool| -> Result<(Tensor, candle_core::backprop::GradStore)> {
+                let sink = cim_api::ops::GradSink::install();
+                let y = net.trunk_with(&img, true, regions)?;
+                let up = cim_api::testing::uniform(y.dims(), 12)?;
+                let g = sink.backward(&(&y * &up)?.sum_all()?)?;
+                Ok((y, g))
+            };
+        let (ya, ga) = run(&a, true)?;
+        let (yb, gb) = run(&b, false)?;
+        let diff = |x: &Tensor, y: &Tensor| -> Result<f32> {
+            Ok((x - y)?.abs()?.max_all()?.to_scalar::<f32>()?)
+        };
+        assert_eq!(diff(&ya, &yb)?, 0.0);
+        for (name, v) in store.vars() {
+            let (x, y) = (ga.get(&v).expect(&name), gb.get(&v).expect(&name));
+            let scale = y.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3);
+            let d = diff(x, y)?;
+            assert!(d <= 1e-5 * scale, "{name}: {d} (scale {scale})");
+        }
+        for (name, v) in buf1.vars() {
+            assert_eq!(
+                diff(v.as_tensor(), buf2.get(&name).unwrap().as_tensor())?,
+                0.0,
+                "{name}"
+            );
+        }
         Ok(())
     }
 

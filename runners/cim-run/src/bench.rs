@@ -73,6 +73,9 @@ pub struct BenchReport {
     pub fused_blocks: bool,
     /// Whether each step was differentiated through a `GradSink` (`run.grad_sink`).
     pub grad_sink: bool,
+    /// Whether plugins' regions of fused nodes were one graph node each (`run.graft_regions`,
+    /// with the sink).
+    pub graft_regions: bool,
     /// How phases were timed: `"device events"` (CUDA, no host synchronisation in the timed
     /// loop, the reference's method) or `"host sync"` (the CPU, or `--sync-phases`).
     pub phase_timing: &'static str,
@@ -260,6 +263,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         cuda_kernels: dev.is_cuda() && cim_api::ops::cuda_kernels(),
         fused_blocks: cim_api::ops::fused_blocks() && cim_api::ops::kernels_run_on(&dev),
         grad_sink: cfg.run.grad_sink,
+        graft_regions: cfg.run.grad_sink && cfg.run.graft_regions,
         phase_timing: if use_marks {
             "device events"
         } else {

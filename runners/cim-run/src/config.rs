@@ -55,6 +55,12 @@ pub struct RunSection {
     /// add, no packing of a block's twelve parameters). `false`: plain `Tensor::backward`, the
     /// same gradients (the path before session 12, kept to measure the difference).
     pub grad_sink: bool,
+    /// With the gradient sink, differentiate chains of fused nodes that a plugin marks as a
+    /// region (`cim_api::ops::region`: ResNet-50's bottlenecks) as one graph node whose backward
+    /// hands each gradient to the next node directly — no zero tensor and add per activation
+    /// edge. `false`: every fused node in candle's graph, the same gradients (to measure the
+    /// difference).
+    pub graft_regions: bool,
     /// On CUDA (`--features cudnn` builds), run convolutions (forward; backward of trainable ones)
     /// through cim's own cuDNN calls (`cim_api::ops::set_cudnn_conv`: tensor-core math for
     /// bf16/f16, algorithm and workspace kept per shape) instead of candle's forward and cim's
@@ -93,6 +99,7 @@ impl Default for RunSection {
             cuda_kernels: true,
             fused_blocks: true,
             grad_sink: true,
+            graft_regions: true,
             cudnn_conv: true,
             cuda_keep_freed: true,
             flash_attention: false,

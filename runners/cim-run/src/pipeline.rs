@@ -83,6 +83,7 @@ impl Cim {
         cim_api::ops::set_cuda_kernels(res.cfg.run.cuda_kernels);
         cim_api::ops::set_fused_blocks(res.cfg.run.fused_blocks);
         cim_api::ops::set_cudnn_conv(res.cfg.run.cudnn_conv);
+        cim_api::ops::set_regions(res.cfg.run.graft_regions);
         cim_api::ops::set_flash_attention(res.cfg.run.flash_attention);
         let data = res.cfg.data.clone();
         let params = ParamStore::trainable(res.cfg.run.seed);
