@@ -40,9 +40,11 @@ bench vit_b16_respix_no_sink vit_b16_respix --set run.precision='"bf16"' --set r
 bench resnet50_revdet resnet50_revdet --set run.precision='"bf16"' --set run.cuda_kernels=true
 torch_ref resnet50 revdet
 # Session 14's: the enhancer channels first (its layout up to session 13; the reference trains it
-# channels last).
+# channels last), and its bottlenecks as separate nodes of candle's graph (no region).
 bench resnet50_revdet_nchw resnet50_revdet --set run.precision='"bf16"' \
   --set enhancer.resnet50.layout='"nchw"'
+bench resnet50_revdet_no_regions resnet50_revdet --set run.precision='"bf16"' \
+  --set run.graft_regions=false
 rm -f "$OUT/cim.err"
 el "kernel profile, ViT-B/16 RESPIX bf16 (defaults), by kernel and by phase"
 TOP=30 timeout 90 bash benches/cupti/profile.sh vit_b16_respix 1 3 --batch "$B" --warmup 1 \
