@@ -406,30 +406,116 @@ impl<'a> Consts<'a> {
                 .collect(),
         }
     }
-    fn xhat(&self, ch: usize, x: f32) -> f32 {
-        (x - self.mean[ch]) * self.rstd[ch]
-    }
-    /// The affine output (plus the residual `r`), as the CUDA kernel's `bn_pre` writes it.
-    fn pre(&self, ch: usize, xh: f32, r: Option<f32>) -> f32 {
-        let pre = xh * self.gamma[ch] + self.beta[ch];
-        match r {
-            Some(r) => pre + r,
-            None => pre,
+}
+
+/// The CPU kernels' inner loops over one plane of channel `ch` (`x`, and the residual `r` — `x`
+/// again, unread, without one), specialised on the tail so that each loop is branch-free: the
+/// affine output `pre = x̂·γ + β (+ r)` exactly as the CUDA kernels' `bn_pre` writes it.
+struct Plane<'a> {
+    mean: f32,
+    rstd: f32,
+    gamma: f32,
+    beta: f32,
+    x: &'a [f32],
+    r: &'a [f32],
+}
+
+impl<'a> Plane<'a> {
+    fn new(k: &Consts, ch: usize, x: &'a [f32], r: &'a [f32]) -> Self {
+        Self {
+            mean: k.mean[ch],
+            rstd: k.rstd[ch],
+            gamma: k.gamma[ch],
+            beta: k.beta[ch],
+            x,
+            r,
         }
     }
-    /// The gradient at the affine output: `g`, masked by the ReLU where `mode` has one.
-    fn tail_grad(&self, mode: u32, ch: usize, xh: f32, r: Option<f32>, g: f32) -> f32 {
-        if mode & RELU == 0 || self.pre(ch, xh, r) > 0.0 {
-            g
+
+    /// `y = tail(pre)`.
+    fn apply<const RELU: bool, const RES: bool>(&self, y: &mut [f32]) {
+        let r = &self.r[..self.x.len()];
+        for ((y, &x), &r) in y.iter_mut().zip(self.x).zip(r) {
+            let mut pre = ((x - self.mean) * self.rstd) * self.gamma + self.beta;
+            if RES {
+                pre += r;
+            }
+            *y = if RELU { pre.max(0.0) } else { pre };
+        }
+    }
+
+    /// The gradient at the affine output: `dy`, zero where the ReLU's input was not positive.
+    #[inline(always)]
+    fn grad<const RELU: bool, const RES: bool>(&self, xh: f32, r: f32, dy: f32) -> f32 {
+        if !RELU {
+            return dy;
+        }
+        let mut pre = xh * self.gamma + self.beta;
+        if RES {
+            pre += r;
+        }
+        if pre > 0.0 {
+            dy
         } else {
             0.0
         }
     }
+
+    /// `(Σ g, Σ g·x̂)` over the plane.
+    fn sums<const RELU: bool, const RES: bool>(&self, dy: &[f32]) -> (f64, f64) {
+        let (mut sd, mut sdx) = (0f64, 0f64);
+        let r = &self.r[..self.x.len()];
+        for ((&x, &dy), &r) in self.x.iter().zip(dy).zip(r) {
+            let xh = (x - self.mean) * self.rstd;
+            let g = self.grad::<RELU, RES>(xh, r, dy);
+            sd += g as f64;
+            sdx += (g * xh) as f64;
+        }
+        (sd, sdx)
+    }
+
+    /// `dx = γ·rstd·(g − md − x̂·mdx)`, and `dr = g` where given.
+    fn dx<const RELU: bool, const RES: bool>(
+        &self,
+        dy: &[f32],
+        (md, mdx): (f32, f32),
+        dx: &mut [f32],
+        dr: Option<&mut [f32]>,
+    ) {
+        let scale = self.gamma * self.rstd;
+        let r = &self.r[..self.x.len()];
+        match dr {
+            Some(dr) => {
+                for ((((d, o), &x), &dy), &r) in
+                    dx.iter_mut().zip(dr.iter_mut()).zip(self.x).zip(dy).zip(r)
+                {
+                    let xh = (x - self.mean) * self.rstd;
+                    let g = self.grad::<RELU, RES>(xh, r, dy);
+                    *d = scale * (g - md - xh * mdx);
+                    *o = g;
+                }
+            }
+            None => {
+                for (((d, &x), &dy), &r) in dx.iter_mut().zip(self.x).zip(dy).zip(r) {
+                    let xh = (x - self.mean) * self.rstd;
+                    let g = self.grad::<RELU, RES>(xh, r, dy);
+                    *d = scale * (g - md - xh * mdx);
+                }
+            }
+        }
+    }
 }
 
-/// Element `i` of the residual, if there is one.
-fn at(r: Option<&[f32]>, i: usize) -> Option<f32> {
-    r.map(|r| r[i])
+/// Calls `$plane.$f::<RELU, RES>($args)` for the tail `$mode`.
+macro_rules! by_tail {
+    ($mode:expr, $plane:expr, $f:ident($($arg:expr),*)) => {
+        match ($mode & RELU != 0, $mode & RESIDUAL != 0) {
+            (false, false) => $plane.$f::<false, false>($($arg),*),
+            (false, true) => $plane.$f::<false, true>($($arg),*),
+            (true, false) => $plane.$f::<true, false>($($arg),*),
+            (true, true) => $plane.$f::<true, true>($($arg),*),
+        }
+    };
 }
 
 impl CustomOp3 for ApplyOp {
@@ -446,21 +532,18 @@ impl CustomOp3 for ApplyOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, p) = (slice(s1, l1, "x")?, slice(s2, l2, "params")?);
+        // The third input is the residual, or x again (unread).
         let r = match self.mode & RESIDUAL {
-            0 => None,
-            _ => Some(slice(s3, l3, "residual")?),
+            0 => x,
+            _ => slice(s3, l3, "residual")?,
         };
         let (_, c, hw) = bchw(l1, self.last)?;
         let k = Consts::of(p, c, self.eps);
-        let relu = self.mode & RELU != 0;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(hw).enumerate().for_each(|(plane, yp)| {
-            let ch = plane % c;
-            for (q, yi) in yp.iter_mut().enumerate() {
-                let i = plane * hw + q;
-                let pre = k.pre(ch, k.xhat(ch, x[i]), at(r, i));
-                *yi = if relu { pre.max(0.0) } else { pre };
-            }
+            let span = plane * hw..(plane + 1) * hw;
+            let pl = Plane::new(&k, plane % c, &x[span.clone()], &r[span]);
+            by_tail!(self.mode, pl, apply(yp));
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -548,18 +631,17 @@ impl CustomOp3 for GradSumsOp {
         let (b, c, hw) = bchw(l1, self.last)?;
         let k = Consts::of(p, c, self.eps);
         let sums: Vec<(f64, f64)> = with_cpu_residual(&self.residual, |r| {
+            let r = r.unwrap_or(x);
             Ok((0..c)
                 .into_par_iter()
                 .map(|ch| {
                     let (mut sd, mut sdx) = (0f64, 0f64);
                     for item in 0..b {
-                        let base = (item * c + ch) * hw;
-                        for i in base..base + hw {
-                            let xh = k.xhat(ch, x[i]);
-                            let g = k.tail_grad(self.mode, ch, xh, at(r, i), dy[i]);
-                            sd += g as f64;
-                            sdx += (g * xh) as f64;
-                        }
+                        let span = (item * c + ch) * hw..(item * c + ch + 1) * hw;
+                        let pl = Plane::new(&k, ch, &x[span.clone()], &r[span.clone()]);
+                        let (a, b) = by_tail!(self.mode, pl, sums(&dy[span]));
+                        sd += a;
+                        sdx += b;
                     }
                     (sd, sdx)
                 })
@@ -626,30 +708,27 @@ impl CustomOp3 for DxOp {
         let len = x.len();
         let mut out = vec![0f32; if both { 2 * len } else { len }];
         with_cpu_residual(&self.residual, |r| {
+            let r = r.unwrap_or(x);
             let (dx, dr) = out.split_at_mut(len);
-            let per_plane = |plane: usize, dp: &mut [f32], mut rp: Option<&mut [f32]>| {
-                let ch = plane % c;
-                let (md, mdx) = (sd[ch] / n, sdx[ch] / n);
-                let scale = k.gamma[ch] * k.rstd[ch];
-                for q in 0..hw {
-                    let i = plane * hw + q;
-                    let xh = k.xhat(ch, x[i]);
-                    let g = k.tail_grad(self.mode, ch, xh, at(r, i), dy[i]);
-                    dp[q] = scale * (g - md - xh * mdx);
-                    if let Some(rp) = rp.as_deref_mut() {
-                        rp[q] = g;
-                    }
-                }
+            let plane = |p: usize| {
+                let ch = p % c;
+                let span = p * hw..(p + 1) * hw;
+                let pl = Plane::new(&k, ch, &x[span.clone()], &r[span.clone()]);
+                (pl, &dy[span], (sd[ch] / n, sdx[ch] / n))
             };
             if both {
                 dx.par_chunks_mut(hw)
                     .zip(dr.par_chunks_mut(hw))
                     .enumerate()
-                    .for_each(|(plane, (dp, rp))| per_plane(plane, dp, Some(rp)));
+                    .for_each(|(p, (dp, rp))| {
+                        let (pl, g, m) = plane(p);
+                        by_tail!(self.mode, pl, dx(g, m, dp, Some(rp)));
+                    });
             } else {
-                dx.par_chunks_mut(hw)
-                    .enumerate()
-                    .for_each(|(plane, dp)| per_plane(plane, dp, None));
+                dx.par_chunks_mut(hw).enumerate().for_each(|(p, dp)| {
+                    let (pl, g, m) = plane(p);
+                    by_tail!(self.mode, pl, dx(g, m, dp, None));
+                });
             }
             Ok(())
         })?;
