@@ -391,39 +391,59 @@ extern "C" __global__ void cim_softmax_bwd_bf16(const __nv_bfloat16* y, const __
     softmax_bwd(y, dy, dx, rows, d);
 }
 
-// Per-row logsumexp(x) - x[t].
+// Per-row logsumexp(x) - x[t]; logits f32 or bf16 (f32 arithmetic), the loss f32.
+template <typename T>
+__device__ void cross_entropy_fwd(const T* x, const unsigned int* t, float* loss, int rows, int v) {
+    __shared__ float sh[32];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const T* xr = x + (size_t)r * v;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, ld(xr, j));
+    m = block_max(m, sh);
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) s += expf(ld(xr, j) - m);
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) loss[r] = m + logf(s) - ld(xr, t[r]);
+}
 extern "C" __global__ void cim_cross_entropy_fwd(const float* x, const unsigned int* t,
                                                  float* loss, int rows, int v) {
-    __shared__ float sh[32];
-    const int r = blockIdx.x;
-    if (r >= rows) return;
-    const float* xr = x + (size_t)r * v;
-    float m = -INFINITY;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, xr[j]);
-    m = block_max(m, sh);
-    float s = 0.0f;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) s += expf(xr[j] - m);
-    s = block_sum(s, sh);
-    if (threadIdx.x == 0) loss[r] = m + logf(s) - xr[t[r]];
+    cross_entropy_fwd(x, t, loss, rows, v);
+}
+extern "C" __global__ void cim_cross_entropy_fwd_bf16(const __nv_bfloat16* x,
+                                                      const unsigned int* t, float* loss, int rows,
+                                                      int v) {
+    cross_entropy_fwd(x, t, loss, rows, v);
 }
 
-// (softmax(x) - onehot(t)) * g[row].
-extern "C" __global__ void cim_cross_entropy_bwd(const float* x, const unsigned int* t,
-                                                 const float* g, float* dx, int rows, int v) {
+// (softmax(x) - onehot(t)) * g[row], in x's type (the bf16 generator's logits take their gradient
+// in bf16: no f32 copy of either).
+template <typename T>
+__device__ void cross_entropy_bwd(const T* x, const unsigned int* t, const float* g, T* dx, int rows,
+                                  int v) {
     __shared__ float sh[32];
     const int r = blockIdx.x;
     if (r >= rows) return;
-    const float* xr = x + (size_t)r * v;
-    float* dr = dx + (size_t)r * v;
+    const T* xr = x + (size_t)r * v;
+    T* dr = dx + (size_t)r * v;
     float m = -INFINITY;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, xr[j]);
+    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, ld(xr, j));
     m = block_max(m, sh);
     float s = 0.0f;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) s += expf(xr[j] - m);
+    for (int j = threadIdx.x; j < v; j += blockDim.x) s += expf(ld(xr, j) - m);
     const float k = g[r] / block_sum(s, sh);
     const unsigned int c = t[r];
     for (int j = threadIdx.x; j < v; j += blockDim.x)
-        dr[j] = expf(xr[j] - m) * k - (j == (int)c ? g[r] : 0.0f);
+        st(dr, j, expf(ld(xr, j) - m) * k - (j == (int)c ? g[r] : 0.0f));
+}
+extern "C" __global__ void cim_cross_entropy_bwd(const float* x, const unsigned int* t,
+                                                 const float* g, float* dx, int rows, int v) {
+    cross_entropy_bwd(x, t, g, dx, rows, v);
+}
+extern "C" __global__ void cim_cross_entropy_bwd_bf16(const __nv_bfloat16* x,
+                                                      const unsigned int* t, const float* g,
+                                                      __nv_bfloat16* dx, int rows, int v) {
+    cross_entropy_bwd(x, t, g, dx, rows, v);
 }
 
 // ---- RESPIX (src/ops/respix.rs) ----

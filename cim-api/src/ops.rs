@@ -301,12 +301,23 @@ pub fn nearest(rows: &Tensor, codebook: &Tensor) -> Result<Tensor> {
 
 /// Mean cross-entropy of `logits` `(M, V)` against class ids `targets` `(M,)` (u32): the fused
 /// form of `candle_nn::loss::cross_entropy` (one pass forward, one pass backward giving
-/// `softmax − one-hot`).
+/// `softmax − one-hot`), in f32 arithmetic for f32 or bf16 logits (bf16 ones read and their
+/// gradient written in bf16 by the CUDA kernels; widened first elsewhere).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if is_fusable(&[logits])
-        && targets.dtype() == DType::U32
-        && targets.device().same_device(logits.device())
-    {
+    let ids = targets.dtype() == DType::U32 && targets.device().same_device(logits.device());
+    if logits.dtype() == DType::BF16 {
+        // bf16 logits (the mixed-precision generator): read in bf16 by the CUDA kernels, their
+        // gradient written in bf16 — no f32 copy of the (M, V) logits either way; elsewhere the
+        // f32 kernels on a widened copy.
+        if ids && kernels_on_cuda(logits) {
+            let per_row = logits
+                .contiguous()?
+                .apply_op2(&targets.contiguous()?.detach(), CrossEntropyOp)?;
+            return Ok(per_row.mean_all()?);
+        }
+        return cross_entropy(&logits.to_dtype(DType::F32)?, targets);
+    }
+    if is_fusable(&[logits]) && ids {
         let per_row = logits
             .contiguous()?
             .apply_op2(&targets.contiguous()?.detach(), CrossEntropyOp)?;
@@ -1040,6 +1051,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("target 50"), "{e}");
+        // bf16 logits: f32 arithmetic on the widened values (on the CPU a widened copy), and the
+        // gradient comes back in bf16.
+        let xb = Var::from_tensor(&x.to_dtype(DType::BF16)?)?;
+        let fb = cross_entropy(&xb, &t)?;
+        let want = cross_entropy(&xb.to_dtype(DType::F32)?, &t)?;
+        assert_eq!(fb.dtype(), DType::F32);
+        assert_eq!(max_diff(&fb, &want), 0.0);
+        let gb = fb.backward()?;
+        assert_eq!(gb.get(&xb).unwrap().dtype(), DType::BF16);
         Ok(())
     }
 

@@ -174,6 +174,25 @@ fn row_kernels_parity(gpu: &Device) {
         max_diff(gc.get(&xc).unwrap(), gg.get(&xg).unwrap()) < 1e-6,
         "cross-entropy grad"
     );
+    // bf16 logits (the mixed-precision generator's): read in bf16, the gradient written in bf16,
+    // against the f32 kernels on the same rounded logits.
+    use candle_core::DType;
+    let xr = x.to_dtype(DType::BF16).unwrap();
+    let xc = Var::from_tensor(&xr.to_dtype(DType::F32).unwrap()).unwrap();
+    let xg = Var::from_tensor(&xr.to_device(gpu).unwrap()).unwrap();
+    let lc = ops::cross_entropy(&xc, &tc).unwrap();
+    let lg = ops::cross_entropy(&xg, &tg).unwrap();
+    assert!(max_diff(&lc, &lg) < 1e-4, "bf16 cross-entropy value");
+    let (gc, gg) = (lc.backward().unwrap(), lg.backward().unwrap());
+    let g = gg.get(&xg).unwrap();
+    assert_eq!(
+        g.dtype(),
+        DType::BF16,
+        "the gradient of bf16 logits is bf16"
+    );
+    // Each gradient entry is rounded to bf16 once (|entries| ≤ 1/230).
+    let d = max_diff(gc.get(&xc).unwrap(), &g.to_dtype(DType::F32).unwrap());
+    assert!(d < 2e-5, "bf16 cross-entropy grad: {d}");
 }
 
 /// RESPIX target (224 px, k = 8) and loss (ViT-B/16 layout) on GPU against CPU.

@@ -616,6 +616,37 @@ bool batch_norm_checks() {
     for (int mode : {0, 1, 3}) ok &= batch_norm_case(true, mode);
     return ok;
 }
+// Cross-entropy over bf16 logits (the mixed-precision generator's): the per-row loss in f32 and
+// (softmax − one-hot)·g written in bf16, one block of 256 per row (cuda.rs `per_row`), 1000
+// columns (no multiple of the block).
+bool cross_entropy_checks() {
+    const int rows = 9, v = 1000;
+    const auto x = rounded<__nv_bfloat16>(randv(size_t(rows) * v, 131, 3.f));
+    const auto xb = to_bf16(x);
+    std::vector<unsigned int> t(rows);
+    for (int r = 0; r < rows; r++) t[r] = unsigned((r * 337) % v);
+    std::vector<float> g(rows);
+    for (int r = 0; r < rows; r++) g[r] = 0.5f + 0.1f * r;
+    auto loss = nan_filled<float>(rows);
+    auto dx = nan_filled<__nv_bfloat16>(size_t(rows) * v);
+    emu_launch({unsigned(rows), 1, 1}, 256, [&] { cim_cross_entropy_fwd_bf16(xb.data(), t.data(), loss.data(), rows, v); });
+    emu_launch({unsigned(rows), 1, 1}, 256, [&] { cim_cross_entropy_bwd_bf16(xb.data(), t.data(), g.data(), dx.data(), rows, v); });
+    std::vector<double> loss_want(rows), dx_want(size_t(rows) * v);
+    for (int r = 0; r < rows; r++) {
+        const float* xr = &x[size_t(r) * v];
+        double m = -INFINITY, s = 0;
+        for (int j = 0; j < v; j++) m = std::max(m, double(xr[j]));
+        for (int j = 0; j < v; j++) s += std::exp(xr[j] - m);
+        loss_want[r] = m + std::log(s) - xr[t[r]];
+        for (int j = 0; j < v; j++)
+            dx_want[size_t(r) * v + j] = (std::exp(xr[j] - m) / s - (j == int(t[r]) ? 1.0 : 0.0)) * g[r];
+    }
+    bool ok = report("cross-entropy forward over bf16 logits", max_diff(loss_want, loss), 1e-4);
+    // One bf16 rounding of entries up to |g| ≤ 1.3.
+    ok &= report("cross-entropy backward into bf16", max_diff(dx_want, floats(dx)), 1.3 * 0x1p-8);
+    return ok;
+}
+
 // The stem's MaxPool2d(3, 2, 1): channels first in f32 (cl = 0) and channels last in bf16 (cl = C),
 // forward and backward, against the window maximum (first in row-major order) written out. Odd
 // height, even width: the last windows are cut by the edge.
@@ -708,5 +739,6 @@ int main() {
     ok &= batch_norm_checks();
     ok &= relu_checks();
     ok &= max_pool_checks();
+    ok &= cross_entropy_checks();
     return ok ? 0 : 1;
 }

@@ -321,7 +321,17 @@ where
     Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
 }
 
+/// Per-row `logsumexp(x) − x[t]` (f32) of logits `x` (f32 or bf16).
 pub fn cross_entropy_fwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(s1, cross_entropy_fwd_t(s1, l1, s2, l2))
+}
+
+fn cross_entropy_fwd_t<T: KernelFloat>(
     s1: &CudaStorage,
     l1: &Layout,
     s2: &CudaStorage,
@@ -329,12 +339,16 @@ pub fn cross_entropy_fwd(
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
     let (x, t) = (
-        view::<f32>(s1, l1, "logits")?,
+        view::<T>(s1, l1, "logits")?,
         view::<u32>(s2, l2, "targets")?,
     );
     let (rows, v) = dims(l1)?;
     let loss = alloc_written::<f32>(&dev, rows)?;
-    let func = dev.get_or_load_custom_func("cim_cross_entropy_fwd", MODULE, PTX)?;
+    let func = dev.get_or_load_custom_func(
+        &dtype_kernel("cim_cross_entropy_fwd", s1.dtype())?,
+        MODULE,
+        PTX,
+    )?;
     let (r, vv) = (rows as i32, v as i32);
     let mut a = func.builder();
     a.arg(&x).arg(&t).arg(&loss).arg(&r).arg(&vv);
@@ -344,7 +358,19 @@ pub fn cross_entropy_fwd(
     Ok((CudaStorage::wrap_cuda_slice(loss, dev), Shape::from(rows)))
 }
 
+/// `(softmax(x) − onehot(t))·g` in `x`'s dtype (f32 or bf16), `g` f32 per row.
 pub fn cross_entropy_bwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(s1, cross_entropy_bwd_t(s1, l1, s2, l2, s3, l3))
+}
+
+fn cross_entropy_bwd_t<T: KernelFloat>(
     s1: &CudaStorage,
     l1: &Layout,
     s2: &CudaStorage,
@@ -354,13 +380,17 @@ pub fn cross_entropy_bwd(
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
     let (x, t, g) = (
-        view::<f32>(s1, l1, "logits")?,
+        view::<T>(s1, l1, "logits")?,
         view::<u32>(s2, l2, "targets")?,
         view::<f32>(s3, l3, "grad")?,
     );
     let (rows, v) = dims(l1)?;
-    let dx = alloc_written::<f32>(&dev, rows * v)?;
-    let func = dev.get_or_load_custom_func("cim_cross_entropy_bwd", MODULE, PTX)?;
+    let dx = alloc_written::<T>(&dev, rows * v)?;
+    let func = dev.get_or_load_custom_func(
+        &dtype_kernel("cim_cross_entropy_bwd", s1.dtype())?,
+        MODULE,
+        PTX,
+    )?;
     let (r, vv) = (rows as i32, v as i32);
     let mut a = func.builder();
     a.arg(&x).arg(&t).arg(&g).arg(&dx).arg(&r).arg(&vv);

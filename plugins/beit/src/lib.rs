@@ -14,7 +14,7 @@
 //! modeling_pretrain.py): patch embed, cls token, mask token, absolute position embedding,
 //! pre-norm blocks with BEiT's residual rescaling at init, final norm, linear `lm_head`.
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 use cim_plugin_vit::layers::Linear;
 use serde::{Deserialize, Serialize};
@@ -187,7 +187,8 @@ impl Generator for Beit {
     }
 
     fn mim_loss(&self, logits: &Tensor, golden: &Tensor) -> Result<Tensor> {
-        cim_api::ops::cross_entropy(&logits.to_dtype(DType::F32)?, golden)
+        // f32 arithmetic whatever the logits' dtype (bf16 ones are read as they are on CUDA).
+        cim_api::ops::cross_entropy(logits, golden)
     }
 }
 
@@ -243,7 +244,7 @@ cim_api::register_generator! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
     use cim_api::ParamStore;
 
     #[test]
