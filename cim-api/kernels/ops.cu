@@ -769,6 +769,45 @@ extern "C" __global__ void cim_batch_norm_fwd_bf16(const __nv_bfloat16* x, const
     batch_norm_fwd(x, p, r, y, n, C, HW, eps, mode);
 }
 
+// Four consecutive elements per thread (`_v4`, cuda.rs `bn_fours`): n a multiple of 4, and C
+// (channels last, HW = 1) or HW (channels first) too, so that the four share a row of channels
+// c..c+3 or one channel; every view starts on a 4-element boundary. One 16-byte (f32) or 8-byte
+// (bf16) word per load and store; the same arithmetic, element by element, as the scalar kernels
+// (the backward's mask must see the forward's pre-activation bit for bit).
+__device__ __forceinline__ int bn_chan(long long i, int C, int HW, int k) {
+    return HW == 1 ? (int)(i % C) + k : (int)((i / HW) % C);
+}
+
+template <typename T>
+__device__ void batch_norm_fwd_v4(const T* x, const float* p, const T* r, T* y, long long n4, int C,
+                                  int HW, float eps, int mode) {
+    const long long i4 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i4 >= n4) return;
+    float xv[4], rv[4] = {0.0f, 0.0f, 0.0f, 0.0f}, out[4];
+    load4(x, i4, xv);
+    if (mode & BN_RESIDUAL) load4(r, i4, rv);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const int ch = bn_chan(4 * i4, C, HW, k);
+        const float rstd = rsqrtf(p[3 * C + ch] + eps);
+        float pre = ((xv[k] - p[2 * C + ch]) * rstd) * p[ch] + p[C + ch];
+        if (mode & BN_RESIDUAL) pre += rv[k];
+        out[k] = (mode & BN_RELU) ? fmaxf(pre, 0.0f) : pre;
+    }
+    store4(y, i4, out);
+}
+extern "C" __global__ void cim_batch_norm_fwd_v4(const float* x, const float* p, const float* r,
+                                                 float* y, long long n4, int C, int HW, float eps,
+                                                 int mode) {
+    batch_norm_fwd_v4(x, p, r, y, n4, C, HW, eps, mode);
+}
+extern "C" __global__ void cim_batch_norm_fwd_v4_bf16(const __nv_bfloat16* x, const float* p,
+                                                      const __nv_bfloat16* r, __nv_bfloat16* y,
+                                                      long long n4, int C, int HW, float eps,
+                                                      int mode) {
+    batch_norm_fwd_v4(x, p, r, y, n4, C, HW, eps, mode);
+}
+
 // Backward sums per block: partial[(k·C + ch)·2 + {0, 1}] = Σ g·x̂, Σ g over block (ch, k)'s
 // planes, g the gradient at the affine output (bn_tail_grad); p = [γ; β; mean; var] (4, C).
 template <typename T>
@@ -937,6 +976,44 @@ extern "C" __global__ void cim_bn_grad_partials_cl_bf16(const __nv_bfloat16* x,
                                                         double* partial, int R, int C, int rpc,
                                                         float eps, int mode) {
     bn_grad_partials_cl(x, dy, r, p, partial, R, C, rpc, eps, mode);
+}
+
+// bn_dx four elements per thread (see batch_norm_fwd_v4 for the conditions).
+template <typename T>
+__device__ void bn_dx_v4(const T* x, const T* dy, const T* r, const float* p, T* dx, T* dr,
+                         long long n4, int C, int HW, float count, float eps, int mode) {
+    const long long i4 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i4 >= n4) return;
+    float xv[4], gv[4], rv[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d[4];
+    load4(x, i4, xv);
+    load4(dy, i4, gv);
+    if (mode & BN_RESIDUAL) load4(r, i4, rv);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const int ch = bn_chan(4 * i4, C, HW, k);
+        const float mean = p[2 * C + ch], rstd = rsqrtf(p[3 * C + ch] + eps);
+        const float mdx = p[4 * C + ch] / count, md = p[5 * C + ch] / count;
+        const float xh = (xv[k] - mean) * rstd;
+        if (mode & BN_RELU) {
+            float pre = xh * p[ch] + p[C + ch];
+            if (mode & BN_RESIDUAL) pre += rv[k];
+            if (!(pre > 0.0f)) gv[k] = 0.0f;
+        }
+        d[k] = p[ch] * rstd * (gv[k] - md - xh * mdx);
+    }
+    store4(dx, i4, d);
+    if ((mode & (BN_RELU | BN_RESIDUAL)) == (BN_RELU | BN_RESIDUAL)) store4(dr, i4, gv);
+}
+extern "C" __global__ void cim_bn_dx_v4(const float* x, const float* dy, const float* r,
+                                        const float* p, float* dx, float* dr, long long n4, int C,
+                                        int HW, float count, float eps, int mode) {
+    bn_dx_v4(x, dy, r, p, dx, dr, n4, C, HW, count, eps, mode);
+}
+extern "C" __global__ void cim_bn_dx_v4_bf16(const __nv_bfloat16* x, const __nv_bfloat16* dy,
+                                             const __nv_bfloat16* r, const float* p,
+                                             __nv_bfloat16* dx, __nv_bfloat16* dr, long long n4,
+                                             int C, int HW, float count, float eps, int mode) {
+    bn_dx_v4(x, dy, r, p, dx, dr, n4, C, HW, count, eps, mode);
 }
 
 // ---- MaxPool2d(3, stride 2, padding 1) (src/ops/max_pool.rs). P planes of h × w, channels first

@@ -548,6 +548,14 @@ bool batch_norm_case(bool last, int mode) {
     }
     std::snprintf(what, sizeof what, "BatchNorm normalisation and tail, %s", tag);
     ok &= report(what, max_diff(y_want, floats(y)), 8e-3 * scale);
+    // Four per thread (the default where sizes allow): the same values, bit for bit.
+    auto y4 = nan_filled<__nv_bfloat16>(n);
+    const Dim3 per_four{unsigned((n / 4 + 255) / 256), 1, 1};
+    emu_launch(per_four, 256, [&] { cim_batch_norm_fwd_v4_bf16(xb.data(), p4.data(), r, y4.data(), (long long)n / 4, C, HW, eps, mode); });
+    std::vector<double> y_scalar(n);
+    for (size_t i = 0; i < n; i++) y_scalar[i] = __bfloat162float(y[i]);
+    std::snprintf(what, sizeof what, "BatchNorm normalisation and tail, 4 per thread = 1 per thread, %s", tag);
+    ok &= report(what, max_diff(y_scalar, floats(y4)), 0);
     auto sums = nan_filled<float>(2 * size_t(C));
     std::fill(partial.begin(), partial.end(), NAN);
     emu_launch(grid, block, [&] {
@@ -595,6 +603,19 @@ bool batch_norm_case(bool last, int mode) {
     };
     std::snprintf(what, sizeof what, "BatchNorm backward dx, %s", tag);
     ok &= report(what, masked_diff(dx_want, floats(dx)), 8e-3 * dscale);
+    auto dx4 = nan_filled<__nv_bfloat16>(n), dr4 = nan_filled<__nv_bfloat16>(mode == 3 ? n : 1);
+    emu_launch(per_four, 256, [&] {
+        cim_bn_dx_v4_bf16(xb.data(), dyb.data(), r, p6.data(), dx4.data(), dr4.data(), (long long)n / 4, C, HW, float(B) * HW, eps, mode);
+    });
+    std::vector<double> dx_scalar(n);
+    for (size_t i = 0; i < n; i++) dx_scalar[i] = __bfloat162float(dx[i]);
+    std::snprintf(what, sizeof what, "BatchNorm backward dx, 4 per thread = 1 per thread, %s", tag);
+    ok &= report(what, max_diff(dx_scalar, floats(dx4)), 0);
+    if (mode == 3) {
+        std::vector<double> dr_scalar(n);
+        for (size_t i = 0; i < n; i++) dr_scalar[i] = __bfloat162float(dr[i]);
+        ok &= report("BatchNorm backward dr, 4 per thread = 1 per thread", max_diff(dr_scalar, floats(dr4)), 0);
+    }
     if (mode == 3) {
         std::snprintf(what, sizeof what, "BatchNorm backward dr (the shortcut), %s", tag);
         ok &= report(what, masked_diff(g, floats(dr)), 0);

@@ -788,12 +788,9 @@ fn batch_norm_fwd_t<T: KernelFloat>(
     let [_, c, hw] = bn_geom(l1, bn.last)?;
     let n = l1.shape().elem_count();
     let y = alloc_written::<T>(&dev, n)?;
-    let func = dev.get_or_load_custom_func(
-        &dtype_kernel("cim_batch_norm_fwd", s1.dtype())?,
-        MODULE,
-        PTX,
-    )?;
-    let (nn, mode) = (n as i64, bn.mode as i32);
+    let (kernel, per) = bn_fours("cim_batch_norm_fwd", n, c, hw, &[l1, l3]);
+    let func = dev.get_or_load_custom_func(&dtype_kernel(&kernel, s1.dtype())?, MODULE, PTX)?;
+    let (nn, mode) = ((n / per) as i64, bn.mode as i32);
     let mut a = func.builder();
     a.arg(&x)
         .arg(&p)
@@ -804,9 +801,24 @@ fn batch_norm_fwd_t<T: KernelFloat>(
         .arg(&hw)
         .arg(&bn.eps)
         .arg(&mode);
-    // SAFETY: argument types and counts match the kernel's signature; one thread per element.
-    unsafe { a.launch(per_element(n)) }.w()?;
+    // SAFETY: argument types and counts match the kernel's signature; one thread per element,
+    // or per four of them (`bn_fours` checked the sizes and every view's start).
+    unsafe { a.launch(per_element(n / per)) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
+}
+
+/// The four-per-thread `{kernel}_v4` where `n` and the channel run (C channels last, the plane
+/// HW channels first) are multiples of 4 and every view starts on a 4-element boundary, else
+/// `kernel`: `(name, elements per thread)`.
+fn bn_fours(kernel: &str, n: usize, c: i32, hw: i32, layouts: &[&Layout]) -> (String, usize) {
+    let run = if hw == 1 { c } else { hw };
+    let fours = n.is_multiple_of(4)
+        && run % 4 == 0
+        && layouts.iter().all(|l| l.start_offset().is_multiple_of(4));
+    match fours {
+        true => (format!("{kernel}_v4"), 4),
+        false => (kernel.to_string(), 1),
+    }
 }
 
 /// `[dγ; dβ]` `(2, C)` f32 from `x`, `dy` (and the residual; one dtype, f32 or bf16) and
@@ -909,8 +921,9 @@ fn batch_norm_dx_t<T: KernelFloat>(
         true => None,
         false => Some(alloc_written::<T>(&dev, 1)?),
     };
-    let func = dev.get_or_load_custom_func(&dtype_kernel("cim_bn_dx", s1.dtype())?, MODULE, PTX)?;
-    let (nn, count, mode) = (n as i64, b as f32 * hw as f32, bn.mode as i32);
+    let (kernel, per) = bn_fours("cim_bn_dx", n, c, hw, &[l1, l2, l4]);
+    let func = dev.get_or_load_custom_func(&dtype_kernel(&kernel, s1.dtype())?, MODULE, PTX)?;
+    let (nn, count, mode) = ((n / per) as i64, b as f32 * hw as f32, bn.mode as i32);
     {
         let (mut dx, mut dr) = match &mut spare {
             None => out.split_at_mut(n),
@@ -930,8 +943,9 @@ fn batch_norm_dx_t<T: KernelFloat>(
             .arg(&bn.eps)
             .arg(&mode);
         // SAFETY: argument types and counts match the kernel's signature; one thread per element
-        // writes dx[i] and (mode 3) dr[i].
-        unsafe { a.launch(per_element(n)) }.w()?;
+        // (or per four: `bn_fours` checked the sizes and views) writes dx and (mode 3) dr there;
+        // dr starts n elements in, on a 4-element boundary with n.
+        unsafe { a.launch(per_element(n / per)) }.w()?;
     }
     let shape = match both {
         true => {
