@@ -672,6 +672,18 @@ impl CustomOp3 for GradSumsOp {
     }
 }
 
+/// The shape of [`DxOp`]'s output for `x`'s layout: `x`'s, or `(2, …)` for `[dx; dr]`.
+pub(super) fn dx_shape(x: &Layout, both: bool) -> Shape {
+    match both {
+        true => {
+            let mut d = vec![2];
+            d.extend_from_slice(x.dims());
+            Shape::from(d)
+        }
+        false => x.shape().clone(),
+    }
+}
+
 /// `dx = γ·rstd·(g − mean(g) − x̂·mean(g·x̂))` in `x`'s dtype, `g` as [`GradSumsOp`]'s, from `x`,
 /// `dy` and `[γ; β; mean; var; dγ; dβ]` `(6, C)`; with a ReLU and a residual `[dx; dr]`
 /// `(2, …)`, `dr = g` the shortcut's gradient.
@@ -732,15 +744,7 @@ impl CustomOp3 for DxOp {
             }
             Ok(())
         })?;
-        let shape = match both {
-            true => {
-                let mut d = vec![2];
-                d.extend_from_slice(l1.dims());
-                Shape::from(d)
-            }
-            false => l1.shape().clone(),
-        };
-        Ok((CpuStorage::F32(out), shape))
+        Ok((CpuStorage::F32(out), dx_shape(l1, both)))
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(

@@ -947,14 +947,7 @@ fn batch_norm_dx_t<T: KernelFloat>(
         // dr starts n elements in, on a 4-element boundary with n.
         unsafe { a.launch(per_element(n / per)) }.w()?;
     }
-    let shape = match both {
-        true => {
-            let mut d = vec![2];
-            d.extend_from_slice(l1.dims());
-            Shape::from(d)
-        }
-        false => l1.shape().clone(),
-    };
+    let shape = super::batch_norm::dx_shape(l1, both);
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
 }
 
