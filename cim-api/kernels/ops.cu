@@ -708,11 +708,20 @@ extern "C" __global__ void cim_bn_moment_partials_bf16(const __nv_bfloat16* x, d
     bn_moment_partials(x, partial, B, C, HW, ipc);
 }
 
-// out (2, C) = [mean; biased var] from the partials, chunks in order. One thread per channel.
-extern "C" __global__ void cim_bn_moments_finish(const double* partial, float* out, int C,
-                                                 int chunks, double n) {
+// out (2, C) = [mean; biased var] from the partials, chunks in order; with `affine`,
+// out (4, C) = [γ; β; mean; biased var], γ and β copied from g and b first — the normalisation's
+// parameters in one buffer (`channel_moments_affine`: no concatenation launches). One thread per
+// channel.
+extern "C" __global__ void cim_bn_moments_finish(const double* partial, const float* g,
+                                                 const float* b, float* out, int C, int chunks,
+                                                 double n, int affine) {
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= C) return;
+    if (affine) {
+        out[ch] = g[ch];
+        out[C + ch] = b[ch];
+        out += 2 * C;
+    }
     double s = 0.0, s2 = 0.0;
     for (int k = 0; k < chunks; ++k) {
         s += partial[((size_t)k * C + ch) * 2];
@@ -849,18 +858,21 @@ extern "C" __global__ void cim_bn_grad_partials_bf16(const __nv_bfloat16* x,
     bn_grad_partials(x, dy, r, p, partial, B, C, HW, ipc, eps, mode);
 }
 
-// out (2, C) = [dγ; dβ] = [Σ g·x̂; Σ g], chunks in order. One thread per channel.
-extern "C" __global__ void cim_bn_grad_finish(const double* partial, float* out, int C,
-                                              int chunks) {
+// out (6, C) = [p; dγ; dβ] = [γ; β; mean; var; Σ g·x̂; Σ g], chunks in order: the parameters
+// copied ahead of the sums, so that the dx kernel reads one buffer (no concatenation). One
+// thread per channel.
+extern "C" __global__ void cim_bn_grad_finish(const double* partial, const float* p, float* out,
+                                              int C, int chunks) {
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= C) return;
+    for (int r = 0; r < 4; ++r) out[r * C + ch] = p[r * C + ch];
     double sdx = 0.0, sd = 0.0;
     for (int k = 0; k < chunks; ++k) {
         sdx += partial[((size_t)k * C + ch) * 2];
         sd += partial[((size_t)k * C + ch) * 2 + 1];
     }
-    out[ch] = (float)sdx;
-    out[C + ch] = (float)sd;
+    out[4 * C + ch] = (float)sdx;
+    out[5 * C + ch] = (float)sd;
 }
 
 // dx = γ·rstd·(g − mean(g) − x̂·mean(g·x̂)), g = bn_tail_grad(dy); with a ReLU and a residual

@@ -67,8 +67,8 @@ pub use argmax::{argmax_channels, argmax_last};
 pub use attention::{attention_composed, attention_gemm, attention_qkv, attention_qkv_kernel};
 pub use batch_norm::{
     batch_norm_train, batch_norm_train_composed, batch_norm_train_composed_nhwc,
-    batch_norm_train_nhwc, batch_norm_train_tail, channel_moments, channel_moments_nhwc,
-    running_average, BnTail,
+    batch_norm_train_nhwc, batch_norm_train_tail, channel_moments, channel_moments_affine,
+    channel_moments_nhwc, running_average, BnTail,
 };
 pub use bias::{bias_add, bias_gelu, bias_gelu_composed, linear};
 pub use block::{block_param_shapes, pre_norm_block, BlockParams};

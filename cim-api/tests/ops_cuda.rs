@@ -1320,12 +1320,11 @@ fn channels_last_train_parity(gpu: &Device) {
                 // x and r as activations (not variables), as in a network.
                 let act = |v: &Var| (v.as_tensor() * 1.0).unwrap().to_dtype(dt).unwrap();
                 let (xa, ra) = (act(&vars[0]), act(&vars[3]));
-                let stats = match last {
-                    false => ops::channel_moments(&xa),
-                    true => ops::channel_moments_nhwc(&xa),
-                }
-                .unwrap()
-                .expect("fused");
+                // [γ; β; mean; var] from one reduction (the ResNet plugin's form).
+                let (g, b) = (vars[1].as_tensor(), vars[2].as_tensor());
+                let stats = ops::channel_moments_affine(&xa, g, b, last)
+                    .unwrap()
+                    .expect("fused");
                 let tail = ops::BnTail {
                     residual: Some(&ra),
                     relu: true,

@@ -507,7 +507,10 @@ bool batch_norm_case(bool last, int mode) {
         if (last) cim_bn_moment_partials_cl_bf16(xb.data(), partial.data(), B, C, per_chunk);
         else cim_bn_moment_partials_bf16(xb.data(), partial.data(), B, C, HW, per_chunk);
     });
-    emu_launch({1, 1, 1}, 256, [&] { cim_bn_moments_finish(partial.data(), stats.data(), C, chunks, double(B) * HW); });
+    // Without γ and β (the output stands in for them, unread), and with them ahead (below).
+    emu_launch({1, 1, 1}, 256, [&] {
+        cim_bn_moments_finish(partial.data(), stats.data(), stats.data(), stats.data(), C, chunks, double(B) * HW, 0);
+    });
     std::vector<double> mean(C, 0), var(C, 0), st_want(2 * size_t(C));
     for (size_t i = 0; i < n; i++) mean[chan(i)] += x[i];
     for (int c = 0; c < C; c++) mean[c] /= double(B) * HW;
@@ -529,6 +532,17 @@ bool batch_norm_case(bool last, int mode) {
         p4[C + c] = beta[c];
         p4[2 * C + c] = stats[c];
         p4[3 * C + c] = stats[C + c];
+    }
+    if (mode == 0) {
+        // [γ; β; mean; var] in one buffer (`channel_moments_affine`): the head copied, then the
+        // same statistics.
+        auto with_head = nan_filled<float>(4 * size_t(C));
+        emu_launch({1, 1, 1}, 256, [&] {
+            cim_bn_moments_finish(partial.data(), gamma.data(), beta.data(), with_head.data(), C, chunks, double(B) * HW, 1);
+        });
+        std::vector<double> p4d(p4.begin(), p4.end());
+        std::snprintf(what, sizeof what, "BatchNorm [γ; β; mean; var] in one buffer, %s", tag);
+        ok &= report(what, max_diff(p4d, with_head), 0);
     }
     auto y = nan_filled<__nv_bfloat16>(n);
     const Dim3 per_el{unsigned((n + 255) / 256), 1, 1};
@@ -556,13 +570,19 @@ bool batch_norm_case(bool last, int mode) {
     for (size_t i = 0; i < n; i++) y_scalar[i] = __bfloat162float(y[i]);
     std::snprintf(what, sizeof what, "BatchNorm normalisation and tail, 4 per thread = 1 per thread, %s", tag);
     ok &= report(what, max_diff(y_scalar, floats(y4)), 0);
-    auto sums = nan_filled<float>(2 * size_t(C));
+    // [γ; β; mean; var; dγ; dβ] (6, C): the parameters copied ahead of the sums.
+    auto p6 = nan_filled<float>(6 * size_t(C));
     std::fill(partial.begin(), partial.end(), NAN);
     emu_launch(grid, block, [&] {
         if (last) cim_bn_grad_partials_cl_bf16(xb.data(), dyb.data(), r, p4.data(), partial.data(), B, C, per_chunk, eps, mode);
         else cim_bn_grad_partials_bf16(xb.data(), dyb.data(), r, p4.data(), partial.data(), B, C, HW, per_chunk, eps, mode);
     });
-    emu_launch({1, 1, 1}, 256, [&] { cim_bn_grad_finish(partial.data(), sums.data(), C, chunks); });
+    emu_launch({1, 1, 1}, 256, [&] { cim_bn_grad_finish(partial.data(), p4.data(), p6.data(), C, chunks); });
+    const std::vector<float> sums(p6.begin() + 4 * C, p6.end());
+    std::vector<double> p4d(p4.begin(), p4.end());
+    const std::vector<float> head(p6.begin(), p6.begin() + 4 * C);
+    std::snprintf(what, sizeof what, "BatchNorm backward: parameters copied ahead of the sums, %s", tag);
+    ok &= report(what, max_diff(p4d, head), 0);
     std::vector<double> sums_want(2 * size_t(C), 0.0);
     for (size_t i = 0; i < n; i++) {
         sums_want[chan(i)] += g[i] * xhat[i];
@@ -570,12 +590,6 @@ bool batch_norm_case(bool last, int mode) {
     }
     std::snprintf(what, sizeof what, "BatchNorm backward sums [dγ; dβ], %s", tag);
     ok &= report(what, max_diff(sums_want, sums), 1e-2 + 2 * near);
-    std::vector<float> p6(6 * size_t(C));
-    std::copy(p4.begin(), p4.end(), p6.begin());
-    for (int c = 0; c < C; c++) {
-        p6[4 * C + c] = sums[c];
-        p6[5 * C + c] = sums[C + c];
-    }
     auto dx = nan_filled<__nv_bfloat16>(n), dr = nan_filled<__nv_bfloat16>(mode == 3 ? n : 1);
     emu_launch(per_el, 256, [&] {
         cim_bn_dx_bf16(xb.data(), dyb.data(), r, p6.data(), dx.data(), dr.data(), (long long)n, C, HW, float(B) * HW, eps, mode);

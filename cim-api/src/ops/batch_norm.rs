@@ -28,20 +28,47 @@ pub fn channel_moments_nhwc(x: &Tensor) -> Result<Option<Tensor>> {
     moments_in(x, true)
 }
 
+/// `[γ; β; mean; biased variance]` `(4, C)`: [`channel_moments`] of `x` (channels first, or
+/// `(B, H, W, C)` with `channels_last`) with the affine parameters ahead of them — the form
+/// [`batch_norm_train_tail`] takes its statistics in without concatenating anything. No gradient.
+/// `None` where the fused kernels do not apply or `weight`, `bias` are not f32 `(C,)` there.
+pub fn channel_moments_affine(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    channels_last: bool,
+) -> Result<Option<Tensor>> {
+    let c = x.dims().get(if channels_last { 3 } else { 1 }).copied();
+    let fits = |t: &Tensor| {
+        t.dims() == [c.unwrap_or(0)] && is_fusable(&[t]) && t.device().same_device(x.device())
+    };
+    if !(fits(weight) && fits(bias)) {
+        return Ok(None);
+    }
+    let affine = (weight.detach().contiguous()?, bias.detach().contiguous()?);
+    moments_with(x, channels_last, Some(affine))
+}
+
 fn moments_in(x: &Tensor, last: bool) -> Result<Option<Tensor>> {
+    moments_with(x, last, None)
+}
+
+fn moments_with(
+    x: &Tensor,
+    last: bool,
+    affine: Option<(Tensor, Tensor)>,
+) -> Result<Option<Tensor>> {
     if !(is_fusable(&[x]) || bf16_on_cuda(x)) || x.rank() != 4 {
         return Ok(None);
     }
-    Ok(Some(
-        x.detach()
-            .contiguous()?
-            .apply_op1_no_bwd(&MomentsOp { last })?,
-    ))
+    let op = MomentsOp { last, affine };
+    Ok(Some(x.detach().contiguous()?.apply_op1_no_bwd(&op)?))
 }
 
 /// `(x − mean) / sqrt(var + eps) · weight + bias` per channel, with `stats` = [`channel_moments`]
-/// of this same `x` (the backward differentiates through them). `x` `(B, C, H, W)`; `weight`,
-/// `bias` `(C,)`. Falls back to the composed ops where the fused kernels do not apply.
+/// of this same `x` (the backward differentiates through them), or [`channel_moments_affine`] of
+/// it with this `weight` and `bias`. `x` `(B, C, H, W)`; `weight`, `bias` `(C,)`. Falls back to
+/// the composed ops where the fused kernels do not apply.
 pub fn batch_norm_train(
     x: &Tensor,
     stats: &Tensor,
@@ -135,16 +162,20 @@ pub fn batch_norm_train_tail(
     // the two backward kernels its backward; under a GradSink γ and β skip candle's graph.
     let (eps, mode) = (eps as f32, tail.mode());
     let xd = x.detach().contiguous()?;
-    // [γ; β; mean; var] (4, C): every kernel's per-channel constants.
-    let params = Tensor::cat(
-        &[
-            &weight.detach().unsqueeze(0)?,
-            &bias.detach().unsqueeze(0)?,
-            &stats.detach(),
-        ],
-        0,
-    )?
-    .contiguous()?;
+    // [γ; β; mean; var] (4, C): every kernel's per-channel constants — as given by
+    // `channel_moments_affine`, or assembled from [mean; var].
+    let params = match stats.dim(0)? {
+        4 => stats.detach().contiguous()?,
+        _ => Tensor::cat(
+            &[
+                &weight.detach().unsqueeze(0)?,
+                &bias.detach().unsqueeze(0)?,
+                &stats.detach(),
+            ],
+            0,
+        )?
+        .contiguous()?,
+    };
     let rd = tail.residual.map(|r| r.detach().contiguous()).transpose()?;
     let (wdt, bdt) = (weight.dtype(), bias.dtype());
     // The forward's third input is the residual, or x again (unread).
@@ -166,8 +197,8 @@ pub fn batch_norm_train_tail(
             mode,
             residual: residual.clone(),
         };
-        let daffine = xd.apply_op3_no_bwd(&dy, &params, &sums)?;
-        let all = Tensor::cat(&[&params, &daffine], 0)?;
+        // [γ; β; mean; var; dγ; dβ] (6, C): the sums kernel copies the parameters ahead.
+        let all = xd.apply_op3_no_bwd(&dy, &params, &sums)?;
         let dx_op = DxOp {
             eps,
             last,
@@ -184,8 +215,8 @@ pub fn batch_norm_train_tail(
         };
         let mut grads = vec![
             Some(dx),
-            Some(daffine.get(0)?.to_dtype(wdt)?),
-            Some(daffine.get(1)?.to_dtype(bdt)?),
+            Some(all.get(4)?.to_dtype(wdt)?),
+            Some(all.get(5)?.to_dtype(bdt)?),
         ];
         if dr.is_some() {
             grads.push(dr);
@@ -353,8 +384,10 @@ fn moments(x: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
     )
 }
 
+/// `[mean; var]`, or with `affine` (γ, β: f32 `(C,)`) `[γ; β; mean; var]`.
 struct MomentsOp {
     last: bool,
+    affine: Option<(Tensor, Tensor)>,
 }
 
 impl CustomOp1 for MomentsOp {
@@ -364,9 +397,21 @@ impl CustomOp1 for MomentsOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l, "x")?;
         let (b, c, hw) = bchw(l, self.last)?;
-        let (mut mean, var) = moments(x, b, c, hw);
-        mean.extend(var);
-        Ok((CpuStorage::F32(mean), Shape::from((2, c))))
+        let (mean, var) = moments(x, b, c, hw);
+        let mut out = vec![];
+        if let Some((g, bt)) = &self.affine {
+            for t in [g, bt] {
+                let (st, lt) = t.storage_and_layout();
+                match &*st {
+                    candle_core::Storage::Cpu(st) => out.extend(slice(st, lt, "affine")?),
+                    _ => candle_core::bail!("channel moments: γ and β are not on the CPU"),
+                }
+            }
+        }
+        let rows = out.len() / c.max(1) + 2;
+        out.extend(mean);
+        out.extend(var);
+        Ok((CpuStorage::F32(out), Shape::from((rows, c))))
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -374,7 +419,16 @@ impl CustomOp1 for MomentsOp {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::channel_moments(s, l, self.last)
+        let Some((g, b)) = &self.affine else {
+            return super::cuda::channel_moments(s, l, self.last, None);
+        };
+        let ((sg, lg), (sb, lb)) = (g.storage_and_layout(), b.storage_and_layout());
+        match (&*sg, &*sb) {
+            (candle_core::Storage::Cuda(sg), candle_core::Storage::Cuda(sb)) => {
+                super::cuda::channel_moments(s, l, self.last, Some(((sg, lg), (sb, lb))))
+            }
+            _ => candle_core::bail!("channel moments: γ and β are not on CUDA"),
+        }
     }
 }
 
@@ -601,8 +655,9 @@ fn with_cuda_residual<R>(
     }
 }
 
-/// `[dγ; dβ]` `(2, C)` = per channel `[Σ g·x̂; Σ g]`, `g` the gradient at the affine output (`dy`
-/// through the tail's ReLU), from `x`, `dy` and `[γ; β; mean; var]`; the residual rides along.
+/// `[γ; β; mean; var; dγ; dβ]` `(6, C)`: the parameters `p` copied ahead of the sums per channel
+/// `[Σ g·x̂; Σ g]`, `g` the gradient at the affine output (`dy` through the tail's ReLU), from `x`,
+/// `dy` and `p = [γ; β; mean; var]`; the residual rides along.
 struct GradSumsOp {
     eps: f32,
     last: bool,
@@ -647,9 +702,11 @@ impl CustomOp3 for GradSumsOp {
                 })
                 .collect())
         })?;
-        let mut out: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
+        // [γ; β; mean; var] ahead of [dγ; dβ], as the CUDA kernel writes it.
+        let mut out = p[..4 * c].to_vec();
+        out.extend(sums.iter().map(|s| s.1 as f32));
         out.extend(sums.iter().map(|s| s.0 as f32));
-        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+        Ok((CpuStorage::F32(out), Shape::from((6, c))))
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -821,6 +878,46 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// `channel_moments_affine` is `[γ; β]` over `channel_moments`, in either layout, and the node
+    /// takes it as its statistics with the same result; γ and β of the wrong size give `None`.
+    #[test]
+    fn affine_moments_are_the_parameters_over_the_statistics() -> Result<()> {
+        let x = Var::from_tensor(&((randn(&[2, 5, 4, 3], 41) * 2.0)? + 0.3)?)?;
+        let gamma = Var::from_tensor(&randn(&[5], 42))?;
+        let beta = Var::from_tensor(&randn(&[5], 43))?;
+        let up = randn(&[2, 5, 4, 3], 44);
+        for last in [false, true] {
+            let xs = match last {
+                false => x.as_tensor().clone(),
+                true => x.permute((0, 2, 3, 1))?.contiguous()?,
+            };
+            let both = channel_moments_affine(&xs, &gamma, &beta, last)?.expect("CPU f32");
+            let stats = moments_in(&xs, last)?.expect("CPU f32");
+            let want = Tensor::cat(&[&gamma.unsqueeze(0)?, &beta.unsqueeze(0)?, &stats], 0)?;
+            assert_eq!(both.dims(), &[4, 5]);
+            assert_eq!(max_diff(&both, &want), 0.0);
+            let relu = BnTail {
+                residual: None,
+                relu: true,
+            };
+            let a = batch_norm_train_tail(&xs, &both, &gamma, &beta, 1e-5, last, relu)?;
+            let b = batch_norm_train_tail(&xs, &stats, &gamma, &beta, 1e-5, last, relu)?;
+            assert_eq!(max_diff(&a, &b), 0.0);
+            let upl = match last {
+                false => up.clone(),
+                true => up.permute((0, 2, 3, 1))?.contiguous()?,
+            };
+            let ga = (&a * &upl)?.sum_all()?.backward()?;
+            let gb = (&b * &upl)?.sum_all()?.backward()?;
+            for v in [&x, &gamma, &beta] {
+                assert_eq!(max_diff(ga.get(v).unwrap(), gb.get(v).unwrap()), 0.0);
+            }
+        }
+        let short = Var::from_tensor(&randn(&[4], 45))?;
+        assert!(channel_moments_affine(&x, &short, &beta, false)?.is_none());
         Ok(())
     }
 

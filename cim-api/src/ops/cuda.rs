@@ -715,16 +715,23 @@ fn bn_reduction(base: &str, [outer, c, inner]: [i32; 3]) -> (String, LaunchConfi
     }
 }
 
-/// `[mean; biased var]` `(2, C)` of `x` `(B, C, H, W)` (or, `last`, `(B, H, W, C)`), f32 or bf16:
-/// f64 partial sums on the [`bn_grid`] ([`bn_grid_cl`]), added per channel in chunk order.
-pub fn channel_moments(s: &CudaStorage, l: &Layout, last: bool) -> Result<(CudaStorage, Shape)> {
-    by_dtype!(s, channel_moments_t(s, l, last))
+/// `[mean; biased var]` `(2, C)` of `x` `(B, C, H, W)` (or, `last`, `(B, H, W, C)`), f32 or bf16,
+/// or with `affine` = (γ, β) (f32 `(C,)`) `[γ; β; mean; biased var]` `(4, C)`: f64 partial sums
+/// on the [`bn_grid`] ([`bn_grid_cl`]), added per channel in chunk order.
+pub fn channel_moments(
+    s: &CudaStorage,
+    l: &Layout,
+    last: bool,
+    affine: Option<(Arg, Arg)>,
+) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(s, channel_moments_t(s, l, last, affine))
 }
 
 fn channel_moments_t<T: KernelFloat>(
     s: &CudaStorage,
     l: &Layout,
     last: bool,
+    affine: Option<(Arg, Arg)>,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s.device().clone();
     let x = view::<T>(s, l, "x")?;
@@ -742,16 +749,29 @@ fn channel_moments_t<T: KernelFloat>(
     // SAFETY: argument types and counts match the kernel's signature (the `_cl` kernel has no
     // plane size); block (·, k) writes its channels' two partials of the 2·chunks·C.
     unsafe { a.launch(cfg) }.w()?;
-    let out = alloc_written::<f32>(&dev, 2 * c as usize)?;
+    let rows: i32 = if affine.is_some() { 4 } else { 2 };
+    let out = alloc_written::<f32>(&dev, (rows * c) as usize)?;
     let func = dev.get_or_load_custom_func("cim_bn_moments_finish", MODULE, PTX)?;
     let n = outer as f64 * inner as f64;
+    let gb = affine
+        .map(|((gs, gl), (bs, bl))| -> Result<_> {
+            Ok((view::<f32>(gs, gl, "gamma")?, view::<f32>(bs, bl, "beta")?))
+        })
+        .transpose()?;
+    let with = i32::from(gb.is_some());
     let mut a = func.builder();
-    a.arg(&partial).arg(&out).arg(&c).arg(&chunks).arg(&n);
-    // SAFETY: one thread per channel; out holds 2·C floats.
+    a.arg(&partial);
+    match &gb {
+        Some((g, b)) => a.arg(g).arg(b),
+        // Without γ and β the output stands in for them (never read).
+        None => a.arg(&out).arg(&out),
+    };
+    a.arg(&out).arg(&c).arg(&chunks).arg(&n).arg(&with);
+    // SAFETY: one thread per channel; out holds rows·C floats, γ and β C each.
     unsafe { a.launch(per_element(c as usize)) }.w()?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev),
-        Shape::from((2, c as usize)),
+        Shape::from((rows as usize, c as usize)),
     ))
 }
 
@@ -821,8 +841,8 @@ fn bn_fours(kernel: &str, n: usize, c: i32, hw: i32, layouts: &[&Layout]) -> (St
     }
 }
 
-/// `[dγ; dβ]` `(2, C)` f32 from `x`, `dy` (and the residual; one dtype, f32 or bf16) and
-/// `p = [γ; β; mean; var]`.
+/// `[p; dγ; dβ]` `(6, C)` f32 from `x`, `dy` (and the residual; one dtype, f32 or bf16) and
+/// `p = [γ; β; mean; var]` (copied ahead of the sums, for the dx kernel).
 pub fn batch_norm_grad_sums(
     x: Arg,
     dy: Arg,
@@ -870,15 +890,15 @@ fn batch_norm_grad_sums_t<T: KernelFloat>(
     // SAFETY: argument types and counts match the kernel's signature (the `_cl` kernel has no
     // plane size); block (·, k) writes its channels' two partials.
     unsafe { a.launch(cfg) }.w()?;
-    let out = alloc_written::<f32>(&dev, 2 * c as usize)?;
+    let out = alloc_written::<f32>(&dev, 6 * c as usize)?;
     let func = dev.get_or_load_custom_func("cim_bn_grad_finish", MODULE, PTX)?;
     let mut a = func.builder();
-    a.arg(&partial).arg(&out).arg(&c).arg(&chunks);
-    // SAFETY: one thread per channel; out holds 2·C floats.
+    a.arg(&partial).arg(&p).arg(&out).arg(&c).arg(&chunks);
+    // SAFETY: one thread per channel; p holds 4·C floats, out 6·C.
     unsafe { a.launch(per_element(c as usize)) }.w()?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev),
-        Shape::from((2, c as usize)),
+        Shape::from((6, c as usize)),
     ))
 }
 

@@ -191,16 +191,12 @@ impl BatchNorm {
         let n = (x.elem_count() / c.max(1)) as f64;
         let unbias = n / (n - 1.0).max(1.0);
         if train {
-            // Fused: one statistics kernel, one normalisation kernel keeping only its input, a
-            // backward of two kernels (cim_api::ops::batch_norm_train).
-            let stats = match last {
-                false => ops::channel_moments(x)?,
-                true => ops::channel_moments_nhwc(x)?,
-            };
-            if let Some(stats) = stats {
-                self.update_running(&stats.get(0)?, &stats.get(1)?, unbias)?;
-                let (w, b, eps) = (&self.weight, &self.bias, self.eps);
-                let y = ops::batch_norm_train_tail(x, &stats, w, b, eps, last, tail)?;
+            // Fused: one statistics reduction giving [γ; β; mean; var], one normalisation kernel
+            // keeping only its input, a backward of two kernels (batch_norm_train_tail).
+            let (w, b, eps) = (&self.weight, &self.bias, self.eps);
+            if let Some(params) = ops::channel_moments_affine(x, w, b, last)? {
+                self.update_running(&params.get(2)?, &params.get(3)?, unbias)?;
+                let y = ops::batch_norm_train_tail(x, &params, w, b, eps, last, tail)?;
                 return Ok((y, true));
             }
         }
