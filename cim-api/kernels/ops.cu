@@ -1028,6 +1028,43 @@ extern "C" __global__ void cim_bn_dx_v4_bf16(const __nv_bfloat16* x, const __nv_
     bn_dx_v4(x, dy, r, p, dx, dr, n4, C, HW, count, eps, mode);
 }
 
+// ---- Convolution filters between PyTorch's (O, C, k, k) and cuDNN's channels-last (O, k, k, C),
+// with the cast the mixed-precision step needs anyway (src/ops/conv.rs `FilterLayout`): one kernel
+// instead of candle's strided cast, which also uploads its dims and strides. kk = k·k; one thread
+// per output element. ----
+template <typename Ti, typename To>
+__device__ void filter_to_krsc(const Ti* w, To* out, long long n, int C, int kk) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int c = (int)(i % C), q = (int)((i / C) % kk);
+    const long long o = i / ((long long)C * kk);
+    st(out, i, ld(w, (o * C + c) * kk + q));
+}
+template <typename Ti, typename To>
+__device__ void filter_from_krsc(const Ti* w, To* out, long long n, int C, int kk) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int q = (int)(i % kk), c = (int)((i / kk) % C);
+    const long long o = i / ((long long)C * kk);
+    st(out, i, ld(w, (o * kk + q) * C + c));
+}
+extern "C" __global__ void cim_filter_to_krsc_f32_f32(const float* w, float* out, long long n,
+                                                      int C, int kk) {
+    filter_to_krsc(w, out, n, C, kk);
+}
+extern "C" __global__ void cim_filter_to_krsc_f32_bf16(const float* w, __nv_bfloat16* out,
+                                                       long long n, int C, int kk) {
+    filter_to_krsc(w, out, n, C, kk);
+}
+extern "C" __global__ void cim_filter_from_krsc_f32_f32(const float* w, float* out, long long n,
+                                                        int C, int kk) {
+    filter_from_krsc(w, out, n, C, kk);
+}
+extern "C" __global__ void cim_filter_from_krsc_bf16_f32(const __nv_bfloat16* w, float* out,
+                                                         long long n, int C, int kk) {
+    filter_from_krsc(w, out, n, C, kk);
+}
+
 // ---- MaxPool2d(3, stride 2, padding 1) (src/ops/max_pool.rs). P planes of h × w, channels first
 // (plane p at p·h·w) or, with cl = C > 0, channels last (p = b·C + c; pixel (y, x) of it at
 // ((b·h + y)·w + x)·C + c). f32 or bf16 (a maximum of bf16 values is exact). ----

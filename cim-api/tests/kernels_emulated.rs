@@ -55,7 +55,7 @@ fn cuda_kernels_emulated() {
     );
     assert_eq!(
         stdout.lines().filter(|l| l.starts_with("ok ")).count(),
-        72,
+        76,
         "{stdout}"
     );
 }

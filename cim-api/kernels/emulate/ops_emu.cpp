@@ -651,6 +651,40 @@ bool batch_norm_checks() {
     for (int mode : {0, 1, 3}) ok &= batch_norm_case(true, mode);
     return ok;
 }
+// Convolution filters (O, C, k, k) ↔ cuDNN's channels-last (O, k, k, C) with their casts (the
+// trainable channels-last convolution's weight and dw): every element where the permutation puts
+// it, rounded once.
+bool filter_layout_checks() {
+    const int O = 6, C = 5, k = 3, kk = k * k;
+    const size_t n = size_t(O) * C * kk;
+    const auto w = randv(n, 141);
+    auto kcrs = [&](int o, int c, int q) { return (size_t(o) * C + c) * kk + q; };
+    auto krsc = [&](int o, int c, int q) { return (size_t(o) * kk + q) * C + c; };
+    std::vector<double> want_bf16(n), want_f32(n);
+    for (int o = 0; o < O; o++)
+        for (int c = 0; c < C; c++)
+            for (int q = 0; q < kk; q++) {
+                want_f32[krsc(o, c, q)] = w[kcrs(o, c, q)];
+                want_bf16[krsc(o, c, q)] = __bfloat162float(__float2bfloat16(w[kcrs(o, c, q)]));
+            }
+    const Dim3 grid{unsigned((n + 255) / 256), 1, 1};
+    auto to16 = nan_filled<__nv_bfloat16>(n);
+    auto to32 = nan_filled<float>(n);
+    emu_launch(grid, 256, [&] { cim_filter_to_krsc_f32_bf16(w.data(), to16.data(), (long long)n, C, kk); });
+    emu_launch(grid, 256, [&] { cim_filter_to_krsc_f32_f32(w.data(), to32.data(), (long long)n, C, kk); });
+    bool ok = report("filter (O, C, k, k) → (O, k, k, C), f32 → bf16", max_diff(want_bf16, floats(to16)), 0);
+    ok &= report("filter (O, C, k, k) → (O, k, k, C), f32", max_diff(want_f32, to32), 0);
+    // And back: the bf16 channels-last filter (a dw) to f32 (O, C, k, k), and f32 → f32.
+    auto back16 = nan_filled<float>(n), back32 = nan_filled<float>(n);
+    emu_launch(grid, 256, [&] { cim_filter_from_krsc_bf16_f32(to16.data(), back16.data(), (long long)n, C, kk); });
+    emu_launch(grid, 256, [&] { cim_filter_from_krsc_f32_f32(to32.data(), back32.data(), (long long)n, C, kk); });
+    std::vector<double> w16(n), w32(w.begin(), w.end());
+    for (size_t i = 0; i < n; i++) w16[i] = __bfloat162float(__float2bfloat16(w[i]));
+    ok &= report("filter (O, k, k, C) → (O, C, k, k), bf16 → f32", max_diff(w16, back16), 0);
+    ok &= report("filter (O, k, k, C) → (O, C, k, k), f32", max_diff(w32, back32), 0);
+    return ok;
+}
+
 // Cross-entropy over bf16 logits (the mixed-precision generator's): the per-row loss in f32 and
 // (softmax − one-hot)·g written in bf16, one block of 256 per row (cuda.rs `per_row`), 1000
 // columns (no multiple of the block).
@@ -775,5 +809,6 @@ int main() {
     ok &= relu_checks();
     ok &= max_pool_checks();
     ok &= cross_entropy_checks();
+    ok &= filter_layout_checks();
     return ok ? 0 : 1;
 }

@@ -317,7 +317,7 @@ fn cudnn_channels_last(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Option<Tens
     let xd = x.detach().contiguous()?;
     let (wd, wdt) = (w.detach(), w.dtype());
     // (C_out, k, k, C) in x's dtype: cuDNN's KRSC filter for NHWC maps.
-    let krsc = wd.permute((0, 2, 3, 1))?.to_dtype(dtype)?.contiguous()?;
+    let krsc = filter_layout(&wd, true, dtype)?;
     let (b, h, width, c) = xd.dims4()?;
     let c_out = wd.dim(0)?;
     let conv = move |pass| CudnnConv {
@@ -341,10 +341,9 @@ fn cudnn_channels_last(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Option<Tens
             _ => None,
         };
         match (dw, dx) {
-            (Some(dw), dx) if dx.is_some() || !need_dx => Ok(vec![
-                dx,
-                Some(dw.permute((0, 3, 1, 2))?.to_dtype(wdt)?.contiguous()?),
-            ]),
+            (Some(dw), dx) if dx.is_some() || !need_dx => {
+                Ok(vec![dx, Some(filter_layout(&dw, false, wdt)?)])
+            }
             // cuDNN failed (and is now off): the f32 im2col backward on transposed copies.
             _ => {
                 let nchw = |t: &Tensor| t.permute((0, 3, 1, 2))?.to_dtype(DType::F32)?.contiguous();
@@ -363,6 +362,54 @@ fn cudnn_channels_last(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Option<Tens
         }
     })?;
     Ok(Some(out))
+}
+
+/// A filter `(O, C, k, k)` to channels last `(O, k, k, C)` (`to_krsc`) or back, in `dtype`: one
+/// kernel on CUDA where one exists (f32 → f32/bf16 there, f32/bf16 → f32 back), else candle's
+/// permute and cast.
+#[cfg(feature = "cudnn")]
+fn filter_layout(w: &Tensor, to_krsc: bool, dtype: DType) -> candle_core::Result<Tensor> {
+    let kernel = w.device().is_cuda()
+        && matches!(
+            (w.dtype(), dtype, to_krsc),
+            (DType::F32, DType::F32, _)
+                | (DType::F32, DType::BF16, true)
+                | (DType::BF16, DType::F32, false)
+        );
+    if kernel {
+        return w
+            .contiguous()?
+            .apply_op1_no_bwd(&FilterLayout { to_krsc, dtype });
+    }
+    let p = match to_krsc {
+        true => w.permute((0, 2, 3, 1))?,
+        false => w.permute((0, 3, 1, 2))?,
+    };
+    p.to_dtype(dtype)?.contiguous()
+}
+
+/// [`filter_layout`]'s CUDA kernel as a candle op (CUDA only; the CPU path never builds it).
+#[cfg(feature = "cudnn")]
+struct FilterLayout {
+    to_krsc: bool,
+    dtype: DType,
+}
+
+#[cfg(feature = "cudnn")]
+impl CustomOp1 for FilterLayout {
+    fn name(&self) -> &'static str {
+        "cim-filter-layout"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("cim-filter-layout runs on CUDA tensors only")
+    }
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::filter_layout(s, l, self.to_krsc, self.dtype)
+    }
 }
 
 #[cfg(not(feature = "cudnn"))]

@@ -971,6 +971,71 @@ fn batch_norm_dx_t<T: KernelFloat>(
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
 }
 
+/// A convolution filter `(O, C, k, k)` to cuDNN's channels-last `(O, k, k, C)` (`to_krsc`) or
+/// back, cast to `out`: f32 → f32 or bf16 to channels last, f32 or bf16 → f32 back.
+pub fn filter_layout(
+    s: &CudaStorage,
+    l: &Layout,
+    to_krsc: bool,
+    out: candle_core::DType,
+) -> Result<(CudaStorage, Shape)> {
+    use candle_core::DType;
+    let dev = s.device().clone();
+    let d = l.dims();
+    let (o, c, k) = match to_krsc {
+        true => (d[0], d[1], d[2]),
+        false => (d[0], d[3], d[1]),
+    };
+    let n = o * c * k * k;
+    let name = |from: &str, to: &str| match to_krsc {
+        true => format!("cim_filter_to_krsc_{from}_{to}"),
+        false => format!("cim_filter_from_krsc_{from}_{to}"),
+    };
+    let kernel = match (s.dtype(), out, to_krsc) {
+        (DType::F32, DType::F32, _) => name("f32", "f32"),
+        (DType::F32, DType::BF16, true) => name("f32", "bf16"),
+        (DType::BF16, DType::F32, false) => name("bf16", "f32"),
+        (from, to, _) => candle_core::bail!("filter layout: no kernel from {from:?} to {to:?}"),
+    };
+    let func = dev.get_or_load_custom_func(&kernel, MODULE, PTX)?;
+    let (nn, cc, kk) = (n as i64, c as i32, (k * k) as i32);
+    let shape = match to_krsc {
+        true => Shape::from((o, k, k, c)),
+        false => Shape::from((o, c, k, k)),
+    };
+    // SAFETY (both arms): argument types and counts match the kernel's signature; one thread per
+    // output element, every one written.
+    let storage = match out {
+        DType::BF16 => {
+            let y = alloc_written::<half::bf16>(&dev, n)?;
+            let w = view::<f32>(s, l, "filter")?;
+            let mut a = func.builder();
+            a.arg(&w).arg(&y).arg(&nn).arg(&cc).arg(&kk);
+            unsafe { a.launch(per_element(n)) }.w()?;
+            CudaStorage::wrap_cuda_slice(y, dev)
+        }
+        _ => {
+            let y = alloc_written::<f32>(&dev, n)?;
+            let mut a = func.builder();
+            let (wf, wb);
+            match s.dtype() {
+                DType::BF16 => {
+                    wb = view::<half::bf16>(s, l, "filter")?;
+                    a.arg(&wb);
+                }
+                _ => {
+                    wf = view::<f32>(s, l, "filter")?;
+                    a.arg(&wf);
+                }
+            }
+            a.arg(&y).arg(&nn).arg(&cc).arg(&kk);
+            unsafe { a.launch(per_element(n)) }.w()?;
+            CudaStorage::wrap_cuda_slice(y, dev)
+        }
+    };
+    Ok((storage, shape))
+}
+
 /// `(planes, h, w, ho, wo, cl)` of a 3×3 stride-2 pool of `(B, C, H, W)`, or (`last`, `cl` = C)
 /// of `(B, H, W, C)`.
 fn pool_dims(l: &Layout, last: bool) -> Result<(i64, i32, i32, i32, i32, i32)> {
