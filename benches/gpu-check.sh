@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A short device call (~6 min on a warm H200; carry [".gpu"], timeout ≥ 480 s) for a session with
+# A short device call (~7 min on a warm H200; carry [".gpu"], timeout ≥ 540 s) for a session with
 # little device time left, most important first, so that a call cut short still holds the issue's
 # ratio: the GPU parity test; ViT-B/16 RESPIX bf16 as configured by default and the PyTorch eager
 # reference right after it; then ViT-B/16 with the flash attention kernels on, and with each of
