@@ -40,7 +40,8 @@ bench() { # NAME PRESET [--set ...]
     --steps "$STEPS" --warmup "$WARMUP" --device cuda:0 "$@" > "$j" 2> "$OUT/cim.err"
   local rc=$?; echo "rc=$rc"; summ "$j"; grep -oE '"tok_precision":\{[^{}]*(\{[^{}]*\})?[^{}]*\}' "$j"
   grep -v " INFO " "$OUT/cim.err" | tail -n 3 | cut -c1-300
-  sed 's/\x1b\[[0-9;]*m//g' "$OUT/cim.err" | grep -o "dalle_dvae map layout.*" | head -n 1 | cut -c1-120
+  sed 's/\x1b\[[0-9;]*m//g' "$OUT/cim.err" | grep -oE "(dalle_dvae|resnet50) map layout.*" | head -n 2 \
+    | cut -c1-120
   if [[ $rc != 0 && "$*" == *cuda_kernels=true* ]]; then # measure the kernels-off path instead
     el "cim $name, kernels off (the run above failed)"
     RUST_LOG=info timeout 150 $RUN .gpu/cim-run.xz bench --preset "$preset" --batch "$B" --steps "$STEPS" \
