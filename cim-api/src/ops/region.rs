@@ -115,10 +115,20 @@ pub fn region(inputs: &[&Tensor], f: impl FnOnce(&[Tensor]) -> Result<Tensor>) -
             sink,
         })
     });
+    // Uninstalls the tape however `f` ends — an error, or a panic caught further up (a stale tape
+    // would capture the thread's later grafted nodes).
+    struct Uninstall;
+    impl Drop for Uninstall {
+        fn drop(&mut self) {
+            TAPE.with(|t| t.borrow_mut().take());
+        }
+    }
+    let guard = Uninstall;
     let y = f(&detached);
     let tape = TAPE
         .with(|t| t.borrow_mut().take())
         .expect("installed above");
+    drop(guard);
     let y = y?;
     let out = y.id();
     if !tape.known.contains(&out) {
@@ -297,6 +307,15 @@ mod tests {
         let g = sink.backward(&y.sum_all()?)?;
         let want = xa.ge(0f32)?.to_dtype(candle_core::DType::F32)?;
         assert_eq!(max_diff(g.get(&x).unwrap(), &want), 0.0);
+        drop(sink);
+        // A panic inside a region leaves no tape behind (the next grafted node goes to the graph).
+        let sink = GradSink::install();
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = region(&[&xa], |_| -> Result<Tensor> {
+                panic!("inside the region")
+            });
+        }));
+        assert!(caught.is_err() && !recording());
         drop(sink);
         // No sink: the plain graph.
         let y = region(&[&xa], |xs| ops::relu(&(&xs[0] * 2.0)?))?;
