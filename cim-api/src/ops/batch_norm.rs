@@ -104,6 +104,15 @@ pub struct BnTail<'a> {
 const RELU: u32 = 1;
 const RESIDUAL: u32 = 2;
 
+/// A fused node's settings, shared by its three kernels' ops (and `cuda.rs`): ε, channels last,
+/// and the tail's `mode` bits.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Bn {
+    pub eps: f32,
+    pub last: bool,
+    pub mode: u32,
+}
+
 impl BnTail<'_> {
     fn mode(&self) -> u32 {
         (if self.relu { RELU } else { 0 }) | (if self.residual.is_some() { RESIDUAL } else { 0 })
@@ -160,7 +169,11 @@ pub fn batch_norm_train_tail(
     }
     // One grafted node over (x, γ, β[, r]): the normalisation kernel is its forward (no copy),
     // the two backward kernels its backward; under a GradSink γ and β skip candle's graph.
-    let (eps, mode) = (eps as f32, tail.mode());
+    let bn = Bn {
+        eps: eps as f32,
+        last,
+        mode: tail.mode(),
+    };
     let xd = x.detach().contiguous()?;
     // [γ; β; mean; var] (4, C): every kernel's per-channel constants — as given by
     // `channel_moments_affine`, or assembled from [mean; var].
@@ -184,31 +197,26 @@ pub fn batch_norm_train_tail(
         params.clone(),
         rd.clone().unwrap_or_else(|| xd.clone()),
     ];
-    let out = super::Output::Op3(Box::new(ApplyOp { eps, last, mode }), args);
+    let out = super::Output::Op3(Box::new(ApplyOp { bn }), args);
     let mut inputs = vec![x, weight, bias];
     inputs.extend(tail.residual);
     super::with_backward(&inputs, out, move |dy| {
         // [dγ; dβ] from [γ; β; mean; var], then dx (and dr) from those six rows.
         let dy = dy.contiguous()?;
-        let residual = rd.clone();
         let sums = GradSumsOp {
-            eps,
-            last,
-            mode,
-            residual: residual.clone(),
+            bn,
+            residual: rd.clone(),
         };
         // [γ; β; mean; var; dγ; dβ] (6, C): the sums kernel copies the parameters ahead.
         let all = xd.apply_op3_no_bwd(&dy, &params, &sums)?;
         let dx_op = DxOp {
-            eps,
-            last,
-            mode,
-            residual,
+            bn,
+            residual: rd.clone(),
         };
         let both = xd.apply_op3_no_bwd(&dy, &all, &dx_op)?;
         // With a ReLU and a residual the kernel wrote [dx; dr]; a residual without a ReLU gets
         // the output's gradient as it is.
-        let (dx, dr) = match mode {
+        let (dx, dr) = match bn.mode {
             m if m == RELU | RESIDUAL => (both.get(0)?, Some(both.get(1)?)),
             m if m == RESIDUAL => (both, Some(dy.clone())),
             _ => (both, None),
@@ -398,16 +406,10 @@ impl CustomOp1 for MomentsOp {
         let x = slice(s, l, "x")?;
         let (b, c, hw) = bchw(l, self.last)?;
         let (mean, var) = moments(x, b, c, hw);
-        let mut out = vec![];
-        if let Some((g, bt)) = &self.affine {
-            for t in [g, bt] {
-                let (st, lt) = t.storage_and_layout();
-                match &*st {
-                    candle_core::Storage::Cpu(st) => out.extend(slice(st, lt, "affine")?),
-                    _ => candle_core::bail!("channel moments: γ and β are not on the CPU"),
-                }
-            }
-        }
+        let mut out = match &self.affine {
+            None => vec![],
+            Some((g, bt)) => held_cpu(g, "γ", |g| held_cpu(bt, "β", |bt| Ok([g, bt].concat())))?,
+        };
         let rows = out.len() / c.max(1) + 2;
         out.extend(mean);
         out.extend(var);
@@ -422,22 +424,18 @@ impl CustomOp1 for MomentsOp {
         let Some((g, b)) = &self.affine else {
             return super::cuda::channel_moments(s, l, self.last, None);
         };
-        let ((sg, lg), (sb, lb)) = (g.storage_and_layout(), b.storage_and_layout());
-        match (&*sg, &*sb) {
-            (candle_core::Storage::Cuda(sg), candle_core::Storage::Cuda(sb)) => {
+        held_cuda(g, "γ", |sg, lg| {
+            held_cuda(b, "β", |sb, lb| {
                 super::cuda::channel_moments(s, l, self.last, Some(((sg, lg), (sb, lb))))
-            }
-            _ => candle_core::bail!("channel moments: γ and β are not on CUDA"),
-        }
+            })
+        })
     }
 }
 
 /// The forward `tail((x − mean)·rstd·γ + β)` from `x`, `[γ; β; mean; var]` `(4, C)` and the
 /// residual (or `x` again, unread, without one).
 struct ApplyOp {
-    eps: f32,
-    last: bool,
-    mode: u32,
+    bn: Bn,
 }
 
 /// The per-channel constants the CPU kernels use: γ, β, mean, `1/sqrt(var + ε)`.
@@ -587,17 +585,17 @@ impl CustomOp3 for ApplyOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, p) = (slice(s1, l1, "x")?, slice(s2, l2, "params")?);
         // The third input is the residual, or x again (unread).
-        let r = match self.mode & RESIDUAL {
+        let r = match self.bn.mode & RESIDUAL {
             0 => x,
             _ => slice(s3, l3, "residual")?,
         };
-        let (_, c, hw) = bchw(l1, self.last)?;
-        let k = Consts::of(p, c, self.eps);
+        let (_, c, hw) = bchw(l1, self.bn.last)?;
+        let k = Consts::of(p, c, self.bn.eps);
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(hw).enumerate().for_each(|(plane, yp)| {
             let span = plane * hw..(plane + 1) * hw;
             let pl = Plane::new(&k, plane % c, &x[span.clone()], &r[span]);
-            by_tail!(self.mode, pl, apply(yp));
+            by_tail!(self.bn.mode, pl, apply(yp));
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -611,12 +609,34 @@ impl CustomOp3 for ApplyOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let bn = super::cuda::Bn {
-            eps: self.eps,
-            last: self.last,
-            mode: self.mode,
-        };
-        super::cuda::batch_norm_fwd((s1, l1), (s2, l2), (s3, l3), bn)
+        super::cuda::batch_norm_fwd((s1, l1), (s2, l2), (s3, l3), self.bn)
+    }
+}
+
+/// Runs `f` with the CPU slice of `t`, a tensor an op holds beside its inputs (`what` names it).
+fn held_cpu<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        candle_core::Storage::Cpu(c) => f(slice(c, l, what)?),
+        _ => candle_core::bail!("batch_norm: {what} is not on the CPU"),
+    }
+}
+
+/// Runs `f` with the CUDA storage of `t`, a tensor an op holds beside its inputs.
+#[cfg(feature = "cuda")]
+fn held_cuda<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&candle_core::CudaStorage, &Layout) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        candle_core::Storage::Cuda(c) => f(c, l),
+        _ => candle_core::bail!("batch_norm: {what} is not on CUDA"),
     }
 }
 
@@ -627,13 +647,7 @@ fn with_cpu_residual<R>(
 ) -> candle_core::Result<R> {
     match r {
         None => f(None),
-        Some(t) => {
-            let (s, l) = t.storage_and_layout();
-            match &*s {
-                candle_core::Storage::Cpu(c) => f(Some(slice(c, l, "residual")?)),
-                _ => candle_core::bail!("batch_norm backward: the residual is not on the CPU"),
-            }
-        }
+        Some(t) => held_cpu(t, "the residual", |r| f(Some(r))),
     }
 }
 
@@ -645,13 +659,7 @@ fn with_cuda_residual<R>(
 ) -> candle_core::Result<R> {
     match r {
         None => f(None),
-        Some(t) => {
-            let (s, l) = t.storage_and_layout();
-            match &*s {
-                candle_core::Storage::Cuda(c) => f(Some((c, l))),
-                _ => candle_core::bail!("batch_norm backward: the residual is not on CUDA"),
-            }
-        }
+        Some(t) => held_cuda(t, "the residual", |s, l| f(Some((s, l)))),
     }
 }
 
@@ -659,9 +667,7 @@ fn with_cuda_residual<R>(
 /// `[Σ g·x̂; Σ g]`, `g` the gradient at the affine output (`dy` through the tail's ReLU), from `x`,
 /// `dy` and `p = [γ; β; mean; var]`; the residual rides along.
 struct GradSumsOp {
-    eps: f32,
-    last: bool,
-    mode: u32,
+    bn: Bn,
     residual: Option<Tensor>,
 }
 
@@ -683,8 +689,8 @@ impl CustomOp3 for GradSumsOp {
             slice(s2, l2, "grad")?,
             slice(s3, l3, "params")?,
         );
-        let (b, c, hw) = bchw(l1, self.last)?;
-        let k = Consts::of(p, c, self.eps);
+        let (b, c, hw) = bchw(l1, self.bn.last)?;
+        let k = Consts::of(p, c, self.bn.eps);
         let sums: Vec<(f64, f64)> = with_cpu_residual(&self.residual, |r| {
             let r = r.unwrap_or(x);
             Ok((0..c)
@@ -694,7 +700,7 @@ impl CustomOp3 for GradSumsOp {
                     for item in 0..b {
                         let span = (item * c + ch) * hw..(item * c + ch + 1) * hw;
                         let pl = Plane::new(&k, ch, &x[span.clone()], &r[span.clone()]);
-                        let (a, b) = by_tail!(self.mode, pl, sums(&dy[span]));
+                        let (a, b) = by_tail!(self.bn.mode, pl, sums(&dy[span]));
                         sd += a;
                         sdx += b;
                     }
@@ -718,13 +724,8 @@ impl CustomOp3 for GradSumsOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let bn = super::cuda::Bn {
-            eps: self.eps,
-            last: self.last,
-            mode: self.mode,
-        };
         with_cuda_residual(&self.residual, |r| {
-            super::cuda::batch_norm_grad_sums((s1, l1), (s2, l2), (s3, l3), r, bn)
+            super::cuda::batch_norm_grad_sums((s1, l1), (s2, l2), (s3, l3), r, self.bn)
         })
     }
 }
@@ -745,9 +746,7 @@ pub(super) fn dx_shape(x: &Layout, both: bool) -> Shape {
 /// `dy` and `[γ; β; mean; var; dγ; dβ]` `(6, C)`; with a ReLU and a residual `[dx; dr]`
 /// `(2, …)`, `dr = g` the shortcut's gradient.
 struct DxOp {
-    eps: f32,
-    last: bool,
-    mode: u32,
+    bn: Bn,
     residual: Option<Tensor>,
 }
 
@@ -769,11 +768,11 @@ impl CustomOp3 for DxOp {
             slice(s2, l2, "grad")?,
             slice(s3, l3, "params")?,
         );
-        let (b, c, hw) = bchw(l1, self.last)?;
-        let k = Consts::of(p, c, self.eps);
+        let (b, c, hw) = bchw(l1, self.bn.last)?;
+        let k = Consts::of(p, c, self.bn.eps);
         let (sdx, sd) = (&p[4 * c..5 * c], &p[5 * c..6 * c]);
         let n = (b * hw) as f32;
-        let both = self.mode == RELU | RESIDUAL;
+        let both = self.bn.mode == RELU | RESIDUAL;
         let len = x.len();
         let mut out = vec![0f32; if both { 2 * len } else { len }];
         with_cpu_residual(&self.residual, |r| {
@@ -791,12 +790,12 @@ impl CustomOp3 for DxOp {
                     .enumerate()
                     .for_each(|(p, (dp, rp))| {
                         let (pl, g, m) = plane(p);
-                        by_tail!(self.mode, pl, dx(g, m, dp, Some(rp)));
+                        by_tail!(self.bn.mode, pl, dx(g, m, dp, Some(rp)));
                     });
             } else {
                 dx.par_chunks_mut(hw).enumerate().for_each(|(p, dp)| {
                     let (pl, g, m) = plane(p);
-                    by_tail!(self.mode, pl, dx(g, m, dp, None));
+                    by_tail!(self.bn.mode, pl, dx(g, m, dp, None));
                 });
             }
             Ok(())
@@ -813,13 +812,8 @@ impl CustomOp3 for DxOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let bn = super::cuda::Bn {
-            eps: self.eps,
-            last: self.last,
-            mode: self.mode,
-        };
         with_cuda_residual(&self.residual, |r| {
-            super::cuda::batch_norm_dx((s1, l1), (s2, l2), (s3, l3), r, bn)
+            super::cuda::batch_norm_dx((s1, l1), (s2, l2), (s3, l3), r, self.bn)
         })
     }
 }

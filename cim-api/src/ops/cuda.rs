@@ -775,14 +775,7 @@ fn channel_moments_t<T: KernelFloat>(
     ))
 }
 
-/// A training BatchNorm node's settings (`src/ops/batch_norm.rs`): ε, channels last, and the
-/// tail's `mode` bits (1 a ReLU, 2 a residual).
-#[derive(Clone, Copy, Debug)]
-pub struct Bn {
-    pub eps: f32,
-    pub last: bool,
-    pub mode: u32,
-}
+use super::batch_norm::Bn;
 
 type Arg<'a> = (&'a CudaStorage, &'a Layout);
 
@@ -972,7 +965,9 @@ fn batch_norm_dx_t<T: KernelFloat>(
 }
 
 /// A convolution filter `(O, C, k, k)` to cuDNN's channels-last `(O, k, k, C)` (`to_krsc`) or
-/// back, cast to `out`: f32 → f32 or bf16 to channels last, f32 or bf16 → f32 back.
+/// back, cast to `out`: f32 → f32 or bf16 to channels last, f32 or bf16 → f32 back (for cim's
+/// cuDNN convolution only).
+#[cfg(feature = "cudnn")]
 pub fn filter_layout(
     s: &CudaStorage,
     l: &Layout,
@@ -980,6 +975,20 @@ pub fn filter_layout(
     out: candle_core::DType,
 ) -> Result<(CudaStorage, Shape)> {
     use candle_core::DType;
+    match (s.dtype(), out, to_krsc) {
+        (DType::F32, DType::F32, _) => filter_layout_t::<f32, f32>(s, l, to_krsc),
+        (DType::F32, DType::BF16, true) => filter_layout_t::<f32, half::bf16>(s, l, to_krsc),
+        (DType::BF16, DType::F32, false) => filter_layout_t::<half::bf16, f32>(s, l, to_krsc),
+        (from, to, _) => candle_core::bail!("filter layout: no kernel from {from:?} to {to:?}"),
+    }
+}
+
+#[cfg(feature = "cudnn")]
+fn filter_layout_t<Ti: KernelFloat, To: KernelFloat>(
+    s: &CudaStorage,
+    l: &Layout,
+    to_krsc: bool,
+) -> Result<(CudaStorage, Shape)> {
     let dev = s.device().clone();
     let d = l.dims();
     let (o, c, k) = match to_krsc {
@@ -987,53 +996,26 @@ pub fn filter_layout(
         false => (d[0], d[3], d[1]),
     };
     let n = o * c * k * k;
-    let name = |from: &str, to: &str| match to_krsc {
-        true => format!("cim_filter_to_krsc_{from}_{to}"),
-        false => format!("cim_filter_from_krsc_{from}_{to}"),
-    };
-    let kernel = match (s.dtype(), out, to_krsc) {
-        (DType::F32, DType::F32, _) => name("f32", "f32"),
-        (DType::F32, DType::BF16, true) => name("f32", "bf16"),
-        (DType::BF16, DType::F32, false) => name("bf16", "f32"),
-        (from, to, _) => candle_core::bail!("filter layout: no kernel from {from:?} to {to:?}"),
-    };
-    let func = dev.get_or_load_custom_func(&kernel, MODULE, PTX)?;
+    let (dir, from, to) = (
+        if to_krsc { "to" } else { "from" },
+        Ti::DTYPE.as_str(),
+        To::DTYPE.as_str(),
+    );
+    let func =
+        dev.get_or_load_custom_func(&format!("cim_filter_{dir}_krsc_{from}_{to}"), MODULE, PTX)?;
+    let w = view::<Ti>(s, l, "filter")?;
+    let y = alloc_written::<To>(&dev, n)?;
     let (nn, cc, kk) = (n as i64, c as i32, (k * k) as i32);
+    let mut a = func.builder();
+    a.arg(&w).arg(&y).arg(&nn).arg(&cc).arg(&kk);
+    // SAFETY: argument types and counts match the kernel's signature; one thread per output
+    // element, every one written.
+    unsafe { a.launch(per_element(n)) }.w()?;
     let shape = match to_krsc {
         true => Shape::from((o, k, k, c)),
         false => Shape::from((o, c, k, k)),
     };
-    // SAFETY (both arms): argument types and counts match the kernel's signature; one thread per
-    // output element, every one written.
-    let storage = match out {
-        DType::BF16 => {
-            let y = alloc_written::<half::bf16>(&dev, n)?;
-            let w = view::<f32>(s, l, "filter")?;
-            let mut a = func.builder();
-            a.arg(&w).arg(&y).arg(&nn).arg(&cc).arg(&kk);
-            unsafe { a.launch(per_element(n)) }.w()?;
-            CudaStorage::wrap_cuda_slice(y, dev)
-        }
-        _ => {
-            let y = alloc_written::<f32>(&dev, n)?;
-            let mut a = func.builder();
-            let (wf, wb);
-            match s.dtype() {
-                DType::BF16 => {
-                    wb = view::<half::bf16>(s, l, "filter")?;
-                    a.arg(&wb);
-                }
-                _ => {
-                    wf = view::<f32>(s, l, "filter")?;
-                    a.arg(&wf);
-                }
-            }
-            a.arg(&y).arg(&nn).arg(&cc).arg(&kk);
-            unsafe { a.launch(per_element(n)) }.w()?;
-            CudaStorage::wrap_cuda_slice(y, dev)
-        }
-    };
-    Ok((storage, shape))
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), shape))
 }
 
 /// `(planes, h, w, ho, wo, cl)` of a 3×3 stride-2 pool of `(B, C, H, W)`, or (`last`, `cl` = C)
