@@ -144,6 +144,22 @@ fn fusable_device(t: &Tensor) -> bool {
 }
 
 /// `t` is on a CUDA device and the fused CUDA kernels are switched on.
+/// Whether [`conv2d`] and [`conv2d_channels_last`] (with f32 master weights) and BatchNorm's
+/// fused ops ([`channel_moments_affine`], [`batch_norm_train_tail`], `relu` in its tail) run as
+/// grafted nodes on maps like `x` — f32 on the CPU, f32 or bf16 on CUDA with the kernels on —
+/// so that a network of them may run as one [`region`] (ResNet-50's bottlenecks). Those ops decide
+/// their paths by the same conditions; a test in `plugins/resnet` builds a region wherever this
+/// holds.
+pub fn conv_bn_grafted(x: &Tensor) -> bool {
+    match x.device() {
+        candle_core::Device::Cpu => x.dtype() == DType::F32,
+        candle_core::Device::Cuda(_) => {
+            cuda_kernels() && matches!(x.dtype(), DType::F32 | DType::BF16)
+        }
+        _ => false,
+    }
+}
+
 fn kernels_on_cuda(t: &Tensor) -> bool {
     t.device().is_cuda() && cuda_kernels()
 }

@@ -116,16 +116,7 @@ fn mixed_conv2d(x: &Tensor, w: &Tensor, op: Im2Col, budget: usize) -> Result<Ten
     };
     let y: super::Output = match bf16 {
         Some(y) => y,
-        None => {
-            let x32 = xd.to_dtype(DType::F32)?;
-            if x.device().is_cuda() {
-                x32.conv2d(&wd, op.padding, op.stride, 1, 1)?
-            } else {
-                cpu_conv2d(&x32, &wd, op)?
-            }
-            .to_dtype(DType::BF16)?
-            .into()
-        }
+        None => plain_forward(&xd, &wd, op)?.into(),
     };
     let need_dx = super::region::needs_grad(x);
     super::with_backward(&[x, w], y, move |dy| {
@@ -137,12 +128,7 @@ fn mixed_conv2d(x: &Tensor, w: &Tensor, op: Im2Col, budget: usize) -> Result<Ten
             }
         }
         let (x32, dy32) = (xd.to_dtype(DType::F32)?, dy.to_dtype(DType::F32)?);
-        let (dx, dw) = if xd.device().is_cuda() {
-            let (dx, dw) = conv_backward(&x32, &wd, op, budget, &dy32)?;
-            (Some(dx), dw)
-        } else {
-            cpu_conv_grads(&x32, &wd, op, &dy32, need_dx)?
-        };
+        let (dx, dw) = f32_grads(&x32, &wd, op, budget, &dy32, need_dx)?;
         Ok(vec![
             dx.map(|d| d.to_dtype(DType::BF16)).transpose()?,
             Some(dw),
@@ -266,7 +252,10 @@ pub fn conv2d_nhwc(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Res
 /// tensor-core kernels transpose every input and output, which is why the reference trains its
 /// convnets channels last — the weight permuted to `(C_out, k, k, C)` in `x`'s dtype on the way
 /// (one kernel, the cast it needs anyway in bf16), and `dw` permuted back in `w`'s dtype. Keeps
-/// `x` and that weight. Elsewhere [`conv2d`] between transposes (its backward through candle's).
+/// `x` and that weight. Elsewhere, where [`conv2d`] has a fused path, its forward on a transposed
+/// copy and its f32 backward on transposed copies, one grafted node (so a [`super::region`] may
+/// hold it whether or not cuDNN runs); otherwise [`conv2d`] between transposes, its backward
+/// through candle's graph.
 pub fn conv2d_channels_last(
     x: &Tensor,
     w: &Tensor,
@@ -297,8 +286,83 @@ pub fn conv2d_channels_last(
     if let Some(y) = cudnn_channels_last(x, w, op)? {
         return Ok(y);
     }
+    if let Some(y) = transposed_channels_last(x, w, op)? {
+        return Ok(y);
+    }
     let y = conv2d(&x.permute((0, 3, 1, 2))?.contiguous()?, w, padding, stride)?;
     Ok(y.permute((0, 2, 3, 1))?.contiguous()?)
+}
+
+/// [`conv2d_channels_last`] without cuDNN where [`conv2d`] has a fused path (f32, or bf16 with an
+/// f32 weight; the CPU, or CUDA with the kernels on): the channels-first forward on a transposed
+/// copy and [`nhwc_grads`] as its backward, ONE grafted node — so it may run inside a
+/// [`super::region`], where the transposes as candle ops would not (the CPU's channels-last
+/// ResNet-50, and CUDA's when cuDNN is off or failed). `None` elsewhere.
+fn transposed_channels_last(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Option<Tensor>> {
+    let takes = |t: &Tensor| t.device().is_cpu() || super::kernels_on_cuda(t);
+    let dtypes = matches!(x.dtype(), DType::F32 | DType::BF16) && w.dtype() == DType::F32;
+    if !(dtypes && takes(x) && takes(w) && x.device().same_device(w.device())) {
+        return Ok(None);
+    }
+    let (xd, wd) = (x.detach().contiguous()?, w.detach());
+    let y = plain_forward(&xd.permute((0, 3, 1, 2))?.contiguous()?, &wd, op)?;
+    let y = y.permute((0, 2, 3, 1))?.contiguous()?;
+    let need_dx = super::region::needs_grad(x);
+    let out = super::with_backward(&[x, w], y, move |dy| {
+        let (dx, dw) = nhwc_grads(&xd, &wd, op, dy, need_dx)?;
+        Ok(vec![dx, Some(dw)])
+    })?;
+    Ok(Some(out))
+}
+
+/// `conv2d(x, w)` of channels-first `x` (f32, or bf16 with an f32 `w`) as a plain tensor, no
+/// node: the CPU kernel, or candle's f32 convolution on CUDA; computed in f32, returned in `x`'s
+/// dtype.
+fn plain_forward(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Tensor> {
+    let x32 = x.to_dtype(DType::F32)?;
+    let y = match x.device().is_cpu() {
+        true => cpu_forward(&x32, &w.to_dtype(DType::F32)?, op)?,
+        false => x32.conv2d(&w.to_dtype(DType::F32)?, op.padding, op.stride, 1, 1)?,
+    };
+    Ok(y.to_dtype(x.dtype())?)
+}
+
+/// `(dx, dw)` of a channels-last convolution, `x` `(B, H, W, C)` and `dy` `(B, Ho, Wo, C_out)`,
+/// from the f32 channels-first backward ([`f32_grads`]) on transposed copies: `dx` (when
+/// `need_dx`) back channels last in `x`'s dtype, `dw` `(C_out, C, k, k)` in `w`'s.
+fn nhwc_grads(
+    x: &Tensor,
+    w: &Tensor,
+    op: Im2Col,
+    dy: &Tensor,
+    need_dx: bool,
+) -> candle_core::Result<(Option<Tensor>, Tensor)> {
+    let nchw = |t: &Tensor| t.permute((0, 3, 1, 2))?.to_dtype(DType::F32)?.contiguous();
+    let w32 = w.to_dtype(DType::F32)?;
+    let (dx, dw) = f32_grads(&nchw(x)?, &w32, op, COL_BUDGET, &nchw(dy)?, need_dx)?;
+    let dx = dx
+        .map(|d| d.permute((0, 2, 3, 1))?.to_dtype(x.dtype())?.contiguous())
+        .transpose()?;
+    Ok((dx, dw.to_dtype(w.dtype())?))
+}
+
+/// `(dx, dw)` of `conv2d(x, w)` for f32 `x`, `w`, `dy` (`dx` when `need_dx`): the CPU kernel, or on
+/// CUDA the im2col + GEMM + col2im backward (patch matrices of at most `budget` bytes).
+fn f32_grads(
+    x: &Tensor,
+    w: &Tensor,
+    op: Im2Col,
+    budget: usize,
+    dy: &Tensor,
+    need_dx: bool,
+) -> candle_core::Result<(Option<Tensor>, Tensor)> {
+    match x.device().is_cpu() {
+        true => cpu_conv_grads(x, w, op, dy, need_dx),
+        false => {
+            let (dx, dw) = conv_backward(x, w, op, budget, dy)?;
+            Ok((need_dx.then_some(dx), dw))
+        }
+    }
 }
 
 /// [`conv2d_channels_last`] on cuDNN, where it runs (`x` f32, bf16 or f16 on CUDA, cim's cuDNN
@@ -344,20 +408,10 @@ fn cudnn_channels_last(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Option<Tens
             (Some(dw), dx) if dx.is_some() || !need_dx => {
                 Ok(vec![dx, Some(filter_layout(&dw, false, wdt)?)])
             }
-            // cuDNN failed (and is now off): the f32 im2col backward on transposed copies.
+            // cuDNN failed (and is now off): the f32 backward on transposed copies.
             _ => {
-                let nchw = |t: &Tensor| t.permute((0, 3, 1, 2))?.to_dtype(DType::F32)?.contiguous();
-                let (dx, dw) = conv_backward(
-                    &nchw(&xd)?,
-                    &wd.to_dtype(DType::F32)?,
-                    op,
-                    COL_BUDGET,
-                    &nchw(&dy)?,
-                )?;
-                Ok(vec![
-                    Some(dx.permute((0, 2, 3, 1))?.to_dtype(dtype)?.contiguous()?),
-                    Some(dw.to_dtype(wdt)?),
-                ])
+                let (dx, dw) = nhwc_grads(&xd, &wd, op, &dy, need_dx)?;
+                Ok(vec![dx, Some(dw)])
             }
         }
     })?;
@@ -515,24 +569,30 @@ const DW_GROUPS: usize = 16;
 /// Only the input is kept for the backward ([`Geometry::backward`], grafted), which recomputes
 /// each image's patches.
 fn cpu_conv2d(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Tensor> {
+    let (xd, wt) = (x.detach().contiguous()?, w.detach().contiguous()?);
+    let y = cpu_forward(&xd, &wt, op)?;
+    let need_dx = super::region::needs_grad(x);
+    super::with_backward(&[x, w], y, move |dy| {
+        let (dx, dw) = cpu_conv_grads(&xd, &wt, op, dy, need_dx)?;
+        Ok(vec![dx, Some(dw)])
+    })
+}
+
+/// The CPU kernel's forward of contiguous f32 `x` and `w`, no node.
+fn cpu_forward(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Tensor> {
     let (b, c, h, wd) = x.dims4()?;
     let c_out = w.dim(0)?;
     let (ho, wo) = (op.out(h), op.out(wd));
-    let (xd, wt) = (x.detach().contiguous()?, w.detach().contiguous()?);
-    let y = cpu_f32(&xd, |xs| {
-        cpu_f32(&wt, |ws| {
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let y = cpu_f32(&x, |xs| {
+        cpu_f32(&w, |ws| {
             let geo = Geometry::new(op, (b, c, h, wd), c_out);
             let mut y = vec![0f32; b * c_out * ho * wo];
             geo.forward(xs, ws, &mut y);
             y
         })
     })??;
-    let y = Tensor::from_vec(y, (b, c_out, ho, wo), x.device())?;
-    let need_dx = super::region::needs_grad(x);
-    super::with_backward(&[x, w], y, move |dy| {
-        let (dx, dw) = cpu_conv_grads(&xd, &wt, op, dy, need_dx)?;
-        Ok(vec![dx, Some(dw)])
-    })
+    Ok(Tensor::from_vec(y, (b, c_out, ho, wo), x.device())?)
 }
 
 /// The CPU kernel's `(dx, dw)` for f32 `x`, `w` and output gradient `dy` (`dx` when `need_dx`).
@@ -1027,6 +1087,25 @@ mod tests {
                 assert!(d < 1e-4, "k{k} s{stride}: d{name} {d}");
             }
         }
+        // bf16 maps with the f32 master weight: the mixed convolution's arithmetic exactly (the
+        // same CPU kernel on the same widened values), dx bf16, dw f32.
+        let x = Var::from_tensor(&randn(&[2, 4, 9, 8], 24).to_dtype(DType::BF16)?)?;
+        let w = Var::from_tensor(&randn(&[6, 4, 3, 3], 25))?;
+        let want = conv2d(&x, &w, 1, 2)?;
+        let g = randn(want.dims(), 26).to_dtype(DType::BF16)?;
+        let gw = (&want * &g)?.sum_all()?.backward()?;
+        let got = conv2d_channels_last(&x.permute((0, 2, 3, 1))?, &w, 1, 2)?;
+        assert_eq!(got.dtype(), DType::BF16);
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        assert_eq!(
+            max_diff(&f32(&got.permute((0, 3, 1, 2))?)?, &f32(&want)?),
+            0.0
+        );
+        let gg = (&got * &g.permute((0, 2, 3, 1))?)?.sum_all()?.backward()?;
+        let (dx, dw) = (gg.get(&x).unwrap(), gg.get(&w).unwrap());
+        assert_eq!((dx.dtype(), dw.dtype()), (DType::BF16, DType::F32));
+        assert_eq!(max_diff(&f32(dx)?, &f32(gw.get(&x).unwrap())?), 0.0);
+        assert!(max_diff(dw, gw.get(&w).unwrap()) < 1e-4);
         let e = conv2d_channels_last(&randn(&[1, 5, 5, 3], 1), &randn(&[2, 4, 3, 3], 2), 1, 1)
             .unwrap_err()
             .to_string();

@@ -404,27 +404,10 @@ impl ResNet {
         // In training, the sixteen bottlenecks as one region (cim_api::ops::region): their
         // convolutions and BatchNorm nodes hand gradients to each other directly, outside
         // candle's graph, where every op here is a fused node.
-        match regions && train && grafted(&x, last) {
+        match regions && train && cim_api::ops::conv_bn_grafted(&x) {
             true => cim_api::ops::region(&[&x], |xs| stages(&xs[0])),
             false => stages(&x),
         }
-    }
-}
-
-/// Whether every op of a bottleneck in training is a fused (grafted) node for maps like `x`, as
-/// [`cim_api::ops::region`] needs: f32 channels first on the CPU (its convolution and BatchNorm
-/// kernels; channels last runs its convolutions between transposes there), or f32/bf16 on CUDA
-/// with the kernels on (channels last through cim's cuDNN convolution).
-fn grafted(x: &Tensor, last: bool) -> bool {
-    use cim_api::ops;
-    match x.device() {
-        candle_core::Device::Cpu => x.dtype() == DType::F32 && !last,
-        candle_core::Device::Cuda(_) => {
-            ops::cuda_kernels()
-                && matches!(x.dtype(), DType::F32 | DType::BF16)
-                && (!last || ops::cudnn_conv())
-        }
-        _ => false,
     }
 }
 
@@ -674,15 +657,23 @@ mod tests {
         Ok(())
     }
 
-    /// In training under a gradient sink the bottlenecks run as one region: the features and every
-    /// parameter's gradient equal those of the same nodes in candle's graph, and the running
-    /// statistics move alike.
+    /// In training under a gradient sink the bottlenecks run as one region, channels first and
+    /// last: the features and every parameter's gradient equal those of the same nodes in candle's
+    /// graph, and the running statistics move alike.
     #[test]
     fn bottleneck_region_equals_the_graph() -> Result<()> {
+        for layout in [MapLayout::Nchw, MapLayout::Nhwc] {
+            region_equals_the_graph_in(layout)?;
+        }
+        Ok(())
+    }
+
+    fn region_equals_the_graph_in(layout: MapLayout) -> Result<()> {
         let store = ParamStore::trainable(5);
         let cfg = ResNetConfig {
             width: 8,
             layers: [2, 1, 1, 1],
+            layout,
             ..ResNetConfig::test_tiny()
         };
         let vb = store.var_builder(DType::F32, &Device::Cpu);
