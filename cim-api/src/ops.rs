@@ -41,6 +41,7 @@ mod bias;
 mod block;
 mod channel;
 mod conv;
+mod conv_cl;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 #[cfg(feature = "cudnn")]

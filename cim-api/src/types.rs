@@ -220,7 +220,9 @@ pub struct DecoderPrecisionReport {
 /// (channels last), or `"auto"` (the default): channels last where cim's cuDNN convolution runs
 /// (CUDA, `run.cudnn_conv` and `run.cuda_kernels` on), whose tensor-core kernels work in NHWC —
 /// on NCHW maps cuDNN transposes every convolution's input and output. The same network either
-/// way; `"nhwc"` elsewhere runs each convolution between transposes (for tests).
+/// way. Elsewhere a frozen network's channels-last convolution runs between transposes (for
+/// tests); a trainable one ([`crate::ops::conv2d_channels_last`]) has CPU kernels of its own, and
+/// a plugin may choose channels last there too (the ResNet-50 enhancer does).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MapLayout {

@@ -357,7 +357,8 @@ fn bchw(l: &Layout, last: bool) -> candle_core::Result<(usize, usize, usize)> {
     })
 }
 
-/// Per channel: sums of `f(x)` over every plane of that channel, in plane order.
+/// Per channel: sums of `f(x)` over every plane of that channel, in plane order (channels last,
+/// `hw == 1`: over the rows, see [`row_sums`]).
 fn channel_sum(
     x: &[f32],
     b: usize,
@@ -365,6 +366,14 @@ fn channel_sum(
     hw: usize,
     f: impl Fn(usize, f32) -> f64 + Sync,
 ) -> Vec<f64> {
+    if hw == 1 {
+        return row_sums(x, c, 1, |_, row, acc| {
+            for (ch, (a, &v)) in acc.iter_mut().zip(row).enumerate() {
+                *a += f(ch, v);
+            }
+        })
+        .remove(0);
+    }
     (0..c)
         .into_par_iter()
         .map(|ch| {
@@ -558,6 +567,140 @@ impl<'a> Plane<'a> {
     }
 }
 
+/// Rows of `C` channels per parallel work item in the channels-last CPU loops (about 16 K values).
+fn rows_per_item(c: usize) -> usize {
+    (16 * 1024 / c.max(1)).max(1)
+}
+
+/// `n` per-channel sums over the channels-last rows of `x` (`(rows, C)`): `f(i, row, acc)` adds
+/// row `i` into `acc` (`n` sums of `C` each, laid end to end). Rows are summed in fixed blocks of
+/// [`rows_per_item`], in parallel, and the blocks' sums added in block order — the same result
+/// whatever the number of threads. Channels last, a channel's values are `C` apart: a loop per
+/// channel (the channels-first kernels' planes) would be one value per plane.
+fn row_sums(
+    x: &[f32],
+    c: usize,
+    n: usize,
+    f: impl Fn(usize, &[f32], &mut [f64]) + Sync,
+) -> Vec<Vec<f64>> {
+    let per = rows_per_item(c);
+    let partials: Vec<Vec<f64>> = x
+        .par_chunks(per * c)
+        .enumerate()
+        .map(|(b, xb)| {
+            let mut acc = vec![0f64; n * c];
+            for (r, row) in xb.chunks(c).enumerate() {
+                f(b * per + r, row, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0f64; n * c];
+    for p in partials {
+        total.iter_mut().zip(&p).for_each(|(t, v)| *t += v);
+    }
+    total.chunks(c).map(|s| s.to_vec()).collect()
+}
+
+/// The CPU kernels' loops over channels-last rows (`(B·H·W, C)`, every row all channels): the
+/// arithmetic of [`Plane`]'s, element by element, with the per-channel constants indexed along
+/// the row.
+struct Rows<'a> {
+    k: &'a Consts<'a>,
+}
+
+impl Rows<'_> {
+    /// `y = tail(pre)` for the rows `x` (residual rows `r`).
+    fn apply<const RELU: bool, const RES: bool>(&self, x: &[f32], r: &[f32], y: &mut [f32]) {
+        let k = self.k;
+        let c = k.mean.len();
+        for ((y, x), r) in y.chunks_mut(c).zip(x.chunks(c)).zip(r.chunks(c)) {
+            for ch in 0..c {
+                let mut pre = ((x[ch] - k.mean[ch]) * k.rstd[ch]) * k.gamma[ch] + k.beta[ch];
+                if RES {
+                    pre += r[ch];
+                }
+                y[ch] = if RELU { pre.max(0.0) } else { pre };
+            }
+        }
+    }
+
+    /// The gradient at the affine output of channel `ch` (see [`Plane::grad`]).
+    #[inline(always)]
+    fn grad<const RELU: bool, const RES: bool>(&self, ch: usize, xh: f32, r: f32, dy: f32) -> f32 {
+        if !RELU {
+            return dy;
+        }
+        let mut pre = xh * self.k.gamma[ch] + self.k.beta[ch];
+        if RES {
+            pre += r;
+        }
+        if pre > 0.0 {
+            dy
+        } else {
+            0.0
+        }
+    }
+
+    /// Per channel `[Σ g; Σ g·x̂]` over all rows.
+    fn sums<const RELU: bool, const RES: bool>(
+        &self,
+        x: &[f32],
+        r: &[f32],
+        dy: &[f32],
+    ) -> Vec<Vec<f64>> {
+        let k = self.k;
+        let c = k.mean.len();
+        row_sums(x, c, 2, |i, row, acc| {
+            let (g_row, r_row) = (&dy[i * c..][..c], &r[i * c..][..c]);
+            let (sd, sdx) = acc.split_at_mut(c);
+            for ch in 0..c {
+                let xh = (row[ch] - k.mean[ch]) * k.rstd[ch];
+                let g = self.grad::<RELU, RES>(ch, xh, r_row[ch], g_row[ch]);
+                sd[ch] += g as f64;
+                sdx[ch] += (g * xh) as f64;
+            }
+        })
+    }
+
+    /// `dx = γ·rstd·(g − md − x̂·mdx)` per channel for the rows `x`, and `dr = g` where given.
+    #[allow(clippy::too_many_arguments)]
+    fn dx<const RELU: bool, const RES: bool>(
+        &self,
+        x: &[f32],
+        r: &[f32],
+        dy: &[f32],
+        (md, mdx): (&[f32], &[f32]),
+        dx: &mut [f32],
+        mut dr: Option<&mut [f32]>,
+    ) {
+        let k = self.k;
+        let c = k.mean.len();
+        // (dx, g) of channel `ch` of one row.
+        let one = |ch: usize, x: f32, r: f32, g: f32| {
+            let xh = (x - k.mean[ch]) * k.rstd[ch];
+            let gr = self.grad::<RELU, RES>(ch, xh, r, g);
+            (k.gamma[ch] * k.rstd[ch] * (gr - md[ch] - xh * mdx[ch]), gr)
+        };
+        let rows = x.chunks(c).zip(dy.chunks(c).zip(r.chunks(c)));
+        for (i, (d, (x, (g, r)))) in dx.chunks_mut(c).zip(rows).enumerate() {
+            match dr.as_deref_mut() {
+                Some(dr) => {
+                    let o = &mut dr[i * c..(i + 1) * c];
+                    for ch in 0..c {
+                        (d[ch], o[ch]) = one(ch, x[ch], r[ch], g[ch]);
+                    }
+                }
+                None => {
+                    for ch in 0..c {
+                        d[ch] = one(ch, x[ch], r[ch], g[ch]).0;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Calls `$plane.$f::<RELU, RES>($args)` for the tail `$mode`.
 macro_rules! by_tail {
     ($mode:expr, $plane:expr, $f:ident($($arg:expr),*)) => {
@@ -592,6 +735,15 @@ impl CustomOp3 for ApplyOp {
         let (_, c, hw) = bchw(l1, self.bn.last)?;
         let k = Consts::of(p, c, self.bn.eps);
         let mut y = vec![0f32; x.len()];
+        if hw == 1 {
+            let rows = Rows { k: &k };
+            let block = rows_per_item(c) * c;
+            y.par_chunks_mut(block).enumerate().for_each(|(i, yb)| {
+                let span = i * block..i * block + yb.len();
+                by_tail!(self.bn.mode, rows, apply(&x[span.clone()], &r[span], yb));
+            });
+            return Ok((CpuStorage::F32(y), l1.shape().clone()));
+        }
         y.par_chunks_mut(hw).enumerate().for_each(|(plane, yp)| {
             let span = plane * hw..(plane + 1) * hw;
             let pl = Plane::new(&k, plane % c, &x[span.clone()], &r[span]);
@@ -693,6 +845,11 @@ impl CustomOp3 for GradSumsOp {
         let k = Consts::of(p, c, self.bn.eps);
         let sums: Vec<(f64, f64)> = with_cpu_residual(&self.residual, |r| {
             let r = r.unwrap_or(x);
+            if hw == 1 {
+                let rows = Rows { k: &k };
+                let s = by_tail!(self.bn.mode, rows, sums(x, r, dy));
+                return Ok(s[0].iter().copied().zip(s[1].iter().copied()).collect());
+            }
             Ok((0..c)
                 .into_par_iter()
                 .map(|ch| {
@@ -778,6 +935,29 @@ impl CustomOp3 for DxOp {
         with_cpu_residual(&self.residual, |r| {
             let r = r.unwrap_or(x);
             let (dx, dr) = out.split_at_mut(len);
+            if hw == 1 {
+                let means: (Vec<f32>, Vec<f32>) =
+                    (0..c).map(|ch| (sd[ch] / n, sdx[ch] / n)).unzip();
+                let m = (means.0.as_slice(), means.1.as_slice());
+                let rows = Rows { k: &k };
+                let block = rows_per_item(c) * c;
+                let run = |i: usize, db: &mut [f32], rb: Option<&mut [f32]>| {
+                    let span = i * block..i * block + db.len();
+                    let (xs, rs, gs) = (&x[span.clone()], &r[span.clone()], &dy[span]);
+                    by_tail!(self.bn.mode, rows, dx(xs, rs, gs, m, db, rb));
+                };
+                if both {
+                    dx.par_chunks_mut(block)
+                        .zip(dr.par_chunks_mut(block))
+                        .enumerate()
+                        .for_each(|(i, (db, rb))| run(i, db, Some(rb)));
+                } else {
+                    dx.par_chunks_mut(block)
+                        .enumerate()
+                        .for_each(|(i, db)| run(i, db, None));
+                }
+                return Ok(());
+            }
             let plane = |p: usize| {
                 let ch = p % c;
                 let span = p * hw..(p + 1) * hw;
@@ -834,7 +1014,9 @@ mod tests {
         for last in [false, true] {
             for (relu, res) in [(true, false), (true, true), (false, true)] {
                 for sunk in [true, false] {
-                    let dims = [2, 5, 4, 3];
+                    // Channels last, 9216 rows of 3 channels: the CPU loops' row blocks
+                    // (rows_per_item: 5461) are two, the second partial.
+                    let dims = if last { [4, 48, 48, 3] } else { [2, 5, 4, 3] };
                     let x = Var::from_tensor(&((randn(&dims, 31) * 2.0)? + 0.3)?)?;
                     let r = Var::from_tensor(&randn(&dims, 32))?;
                     let gamma = Var::from_tensor(&randn(&[dims[if last { 3 } else { 1 }]], 33))?;

@@ -37,7 +37,7 @@ pub struct ResNetConfig {
     pub bn_momentum: f64,
     pub bn_eps: f64,
     /// Where the maps keep their channels (see [`MapLayout`]): `"auto"` (channels last on CUDA
-    /// with cim's cuDNN convolution), `"nchw"`, `"nhwc"`.
+    /// with cim's cuDNN convolution and on the CPU), `"nchw"`, `"nhwc"`.
     #[serde(default)]
     pub layout: MapLayout,
 }
@@ -314,7 +314,13 @@ impl ResNet {
         vb: VarBuilder,
         buffers: &ParamStore,
     ) -> Result<Self> {
-        let last = cfg.layout.channels_last(vb.device());
+        // Channels last where cuDNN's NHWC kernels run (MapLayout's "auto"), and on the CPU, whose
+        // channels-last convolution and BatchNorm loops make one product of a batch (faster here
+        // than the per-image channels-first kernels; book: performance.md).
+        let last = match cfg.layout {
+            MapLayout::Auto => vb.device().is_cpu() || cfg.layout.channels_last(vb.device()),
+            layout => layout.channels_last(vb.device()),
+        };
         if !image_size.is_multiple_of(32) {
             return Err(Error::config(format!(
                 "resnet50: image size {image_size} must be a multiple of 32"
@@ -604,14 +610,14 @@ mod tests {
         let first = ResNet::new(&cfg(MapLayout::Nchw), 64, vb.clone(), &buf1)?;
         let last = ResNet::new(&cfg(MapLayout::Nhwc), 64, vb, &buf2)?;
         assert!(last.channels_last() && !first.channels_last());
-        // Auto is channels first off CUDA.
+        // Auto is channels last on the CPU (its channels-last kernels are the faster ones there).
         let auto = ResNet::new(
             &cfg(MapLayout::Auto),
             64,
             store.var_builder(DType::F32, &Device::Cpu),
             &ParamStore::frozen(0),
         )?;
-        assert!(!auto.channels_last());
+        assert!(auto.channels_last());
         let img = cim_api::testing::uniform((2, 3, 64, 64), 9)?;
         let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
             Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?)
