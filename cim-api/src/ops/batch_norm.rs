@@ -604,41 +604,56 @@ fn row_sums(
 
 /// The CPU kernels' loops over channels-last rows (`(B·H·W, C)`, every row all channels): the
 /// arithmetic of [`Plane`]'s, element by element, with the per-channel constants indexed along
-/// the row.
+/// the row. Every slice is cut to `C` before a row's loop, so the loops carry no bounds checks
+/// and vectorise.
 struct Rows<'a> {
     k: &'a Consts<'a>,
+    /// `γ·rstd` per channel (`Plane::dx`'s `scale`).
+    scale: Vec<f32>,
 }
 
-impl Rows<'_> {
+/// [`Plane::grad`] with the channel's γ and β.
+#[inline(always)]
+fn row_grad<const RELU: bool, const RES: bool>(g: f32, b: f32, xh: f32, r: f32, dy: f32) -> f32 {
+    if !RELU {
+        return dy;
+    }
+    let mut pre = xh * g + b;
+    if RES {
+        pre += r;
+    }
+    if pre > 0.0 {
+        dy
+    } else {
+        0.0
+    }
+}
+
+impl<'a> Rows<'a> {
+    fn new(k: &'a Consts<'a>) -> Self {
+        let scale = k.gamma.iter().zip(&k.rstd).map(|(g, r)| g * r).collect();
+        Self { k, scale }
+    }
+
+    /// `(mean, rstd, γ, β)`, each cut to `C`.
+    fn consts(&self) -> (&[f32], &[f32], &[f32], &[f32]) {
+        let (k, c) = (self.k, self.scale.len());
+        (&k.mean[..c], &k.rstd[..c], &k.gamma[..c], &k.beta[..c])
+    }
+
     /// `y = tail(pre)` for the rows `x` (residual rows `r`).
     fn apply<const RELU: bool, const RES: bool>(&self, x: &[f32], r: &[f32], y: &mut [f32]) {
-        let k = self.k;
-        let c = k.mean.len();
+        let c = self.scale.len();
+        let (mean, rstd, gamma, beta) = self.consts();
         for ((y, x), r) in y.chunks_mut(c).zip(x.chunks(c)).zip(r.chunks(c)) {
+            let (y, x, r) = (&mut y[..c], &x[..c], &r[..c]);
             for ch in 0..c {
-                let mut pre = ((x[ch] - k.mean[ch]) * k.rstd[ch]) * k.gamma[ch] + k.beta[ch];
+                let mut pre = ((x[ch] - mean[ch]) * rstd[ch]) * gamma[ch] + beta[ch];
                 if RES {
                     pre += r[ch];
                 }
                 y[ch] = if RELU { pre.max(0.0) } else { pre };
             }
-        }
-    }
-
-    /// The gradient at the affine output of channel `ch` (see [`Plane::grad`]).
-    #[inline(always)]
-    fn grad<const RELU: bool, const RES: bool>(&self, ch: usize, xh: f32, r: f32, dy: f32) -> f32 {
-        if !RELU {
-            return dy;
-        }
-        let mut pre = xh * self.k.gamma[ch] + self.k.beta[ch];
-        if RES {
-            pre += r;
-        }
-        if pre > 0.0 {
-            dy
-        } else {
-            0.0
         }
     }
 
@@ -649,14 +664,15 @@ impl Rows<'_> {
         r: &[f32],
         dy: &[f32],
     ) -> Vec<Vec<f64>> {
-        let k = self.k;
-        let c = k.mean.len();
+        let c = self.scale.len();
+        let (mean, rstd, gamma, beta) = self.consts();
         row_sums(x, c, 2, |i, row, acc| {
-            let (g_row, r_row) = (&dy[i * c..][..c], &r[i * c..][..c]);
+            let (row, g_row, r_row) = (&row[..c], &dy[i * c..][..c], &r[i * c..][..c]);
             let (sd, sdx) = acc.split_at_mut(c);
+            let (sd, sdx) = (&mut sd[..c], &mut sdx[..c]);
             for ch in 0..c {
-                let xh = (row[ch] - k.mean[ch]) * k.rstd[ch];
-                let g = self.grad::<RELU, RES>(ch, xh, r_row[ch], g_row[ch]);
+                let xh = (row[ch] - mean[ch]) * rstd[ch];
+                let g = row_grad::<RELU, RES>(gamma[ch], beta[ch], xh, r_row[ch], g_row[ch]);
                 sd[ch] += g as f64;
                 sdx[ch] += (g * xh) as f64;
             }
@@ -674,26 +690,27 @@ impl Rows<'_> {
         dx: &mut [f32],
         mut dr: Option<&mut [f32]>,
     ) {
-        let k = self.k;
-        let c = k.mean.len();
-        // (dx, g) of channel `ch` of one row.
-        let one = |ch: usize, x: f32, r: f32, g: f32| {
-            let xh = (x - k.mean[ch]) * k.rstd[ch];
-            let gr = self.grad::<RELU, RES>(ch, xh, r, g);
-            (k.gamma[ch] * k.rstd[ch] * (gr - md[ch] - xh * mdx[ch]), gr)
-        };
+        let c = self.scale.len();
+        let (mean, rstd, gamma, beta) = self.consts();
+        let (scale, md, mdx) = (&self.scale[..c], &md[..c], &mdx[..c]);
         let rows = x.chunks(c).zip(dy.chunks(c).zip(r.chunks(c)));
         for (i, (d, (x, (g, r)))) in dx.chunks_mut(c).zip(rows).enumerate() {
+            let (d, x, g, r) = (&mut d[..c], &x[..c], &g[..c], &r[..c]);
             match dr.as_deref_mut() {
                 Some(dr) => {
-                    let o = &mut dr[i * c..(i + 1) * c];
+                    let o = &mut dr[i * c..][..c];
                     for ch in 0..c {
-                        (d[ch], o[ch]) = one(ch, x[ch], r[ch], g[ch]);
+                        let xh = (x[ch] - mean[ch]) * rstd[ch];
+                        let gr = row_grad::<RELU, RES>(gamma[ch], beta[ch], xh, r[ch], g[ch]);
+                        d[ch] = scale[ch] * (gr - md[ch] - xh * mdx[ch]);
+                        o[ch] = gr;
                     }
                 }
                 None => {
                     for ch in 0..c {
-                        d[ch] = one(ch, x[ch], r[ch], g[ch]).0;
+                        let xh = (x[ch] - mean[ch]) * rstd[ch];
+                        let gr = row_grad::<RELU, RES>(gamma[ch], beta[ch], xh, r[ch], g[ch]);
+                        d[ch] = scale[ch] * (gr - md[ch] - xh * mdx[ch]);
                     }
                 }
             }
@@ -736,7 +753,7 @@ impl CustomOp3 for ApplyOp {
         let k = Consts::of(p, c, self.bn.eps);
         let mut y = vec![0f32; x.len()];
         if hw == 1 {
-            let rows = Rows { k: &k };
+            let rows = Rows::new(&k);
             let block = rows_per_item(c) * c;
             y.par_chunks_mut(block).enumerate().for_each(|(i, yb)| {
                 let span = i * block..i * block + yb.len();
@@ -846,7 +863,7 @@ impl CustomOp3 for GradSumsOp {
         let sums: Vec<(f64, f64)> = with_cpu_residual(&self.residual, |r| {
             let r = r.unwrap_or(x);
             if hw == 1 {
-                let rows = Rows { k: &k };
+                let rows = Rows::new(&k);
                 let s = by_tail!(self.bn.mode, rows, sums(x, r, dy));
                 return Ok(s[0].iter().copied().zip(s[1].iter().copied()).collect());
             }
@@ -939,7 +956,7 @@ impl CustomOp3 for DxOp {
                 let means: (Vec<f32>, Vec<f32>) =
                     (0..c).map(|ch| (sd[ch] / n, sdx[ch] / n)).unzip();
                 let m = (means.0.as_slice(), means.1.as_slice());
-                let rows = Rows { k: &k };
+                let rows = Rows::new(&k);
                 let block = rows_per_item(c) * c;
                 let run = |i: usize, db: &mut [f32], rb: Option<&mut [f32]>| {
                     let span = i * block..i * block + db.len();
