@@ -3,7 +3,15 @@
 # test and the `cuda` fused_ops bench binaries from $CARGO_TARGET_DIR (build them first, see
 # ../shared/cuda/README.md), the CUPTI profiler, and the two files from ../shared.
 #   CUPTI_ROOT=<site-packages>/nvidia/cu13 CARGO_TARGET_DIR=... bash benches/package-gpu.sh
+# CUPTI_ROOT: headers with CUpti_ActivityKernel11 (CUPTI ≥ 13.1, e.g. PyTorch's cu13 wheels).
 set -euo pipefail
+# kernel_times.c reads CUpti_ActivityKernel11 records, which the toolkit's CUPTI 13.0.85 headers
+# lack; PyTorch's cu13 wheels carry newer ones (crt/ still comes from the toolkit's include, $C below).
+if ! grep -q CUpti_ActivityKernel11 "${CUPTI_ROOT:-}/include/cupti_activity.h" 2>/dev/null; then
+  echo "package-gpu.sh: ${CUPTI_ROOT:-(CUPTI_ROOT unset)}/include/cupti_activity.h lacks CUpti_ActivityKernel11;" \
+    "point CUPTI_ROOT at a newer CUPTI, e.g. a torch venv's site-packages/nvidia/cu13" >&2
+  exit 1
+fi
 T=${CARGO_TARGET_DIR:-target}/release
 mkdir -p .gpu
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
