@@ -144,7 +144,6 @@ fn fusable_device(t: &Tensor) -> bool {
     kernels_run_on(t.device())
 }
 
-/// `t` is on a CUDA device and the fused CUDA kernels are switched on.
 /// Whether [`conv2d`] and [`conv2d_channels_last`] (with f32 master weights) and BatchNorm's
 /// fused ops ([`channel_moments_affine`], [`batch_norm_train_tail`], `relu` in its tail) run as
 /// grafted nodes on maps like `x` — f32 on the CPU, f32 or bf16 on CUDA with the kernels on —
@@ -161,6 +160,7 @@ pub fn conv_bn_grafted(x: &Tensor) -> bool {
     }
 }
 
+/// `t` is on a CUDA device and the fused CUDA kernels are switched on.
 fn kernels_on_cuda(t: &Tensor) -> bool {
     t.device().is_cuda() && cuda_kernels()
 }

@@ -49,12 +49,9 @@ pub fn conv2d_with_budget(
 ) -> Result<Tensor> {
     // bf16 activations with an f32 (master) weight: mixed precision (`run.precision = "bf16"`).
     let mixed = x.dtype() == DType::BF16 && w.dtype() == DType::F32;
-    let ours = mixed || [x, w].iter().all(|t| t.dtype() == DType::F32);
-    let on_cpu = ours && [x, w].iter().all(|t| t.device().is_cpu());
-    let on_cuda = ours && super::cuda_kernels() && [x, w].iter().all(|t| t.device().is_cuda());
     let (_, _, kh, kw) = w.dims4()?;
     let empty = x.elem_count() == 0 || w.elem_count() == 0;
-    if !(on_cpu || on_cuda) || kh != kw || stride == 0 || empty {
+    if !fused_path(x, w) || kh != kw || stride == 0 || empty {
         // candle's convolution, the weight cast to the input's dtype (a no-op when they agree);
         // untracked (a frozen network, e.g. the dVAE in bf16/f16) cim's cuDNN call where it runs.
         let w = w.to_dtype(x.dtype())?;
@@ -86,10 +83,20 @@ pub fn conv2d_with_budget(
     if mixed {
         return mixed_conv2d(x, w, op, budget);
     }
-    if on_cuda {
+    if x.device().is_cuda() {
         return im2col_backward(x, w, op, budget);
     }
     cpu_conv2d(x, w, op)
+}
+
+/// Whether [`conv2d`] takes `x` and `w` on its own paths (grafted nodes): both f32, or bf16 `x`
+/// with an f32 (master) `w`, on the CPU or on CUDA with the kernels on.
+fn fused_path(x: &Tensor, w: &Tensor) -> bool {
+    let mixed = x.dtype() == DType::BF16 && w.dtype() == DType::F32;
+    let ours = mixed || [x, w].iter().all(|t| t.dtype() == DType::F32);
+    let on_cpu = [x, w].iter().all(|t| t.device().is_cpu());
+    let on_cuda = super::cuda_kernels() && [x, w].iter().all(|t| t.device().is_cuda());
+    ours && (on_cpu || on_cuda)
 }
 
 /// bf16 `x` with an f32 master weight `w`. Without cim's cuDNN calls: bf16 storage, f32
@@ -302,9 +309,7 @@ pub fn conv2d_channels_last(
 /// [`super::region`], where the transposes as candle ops would not (the CPU's channels-last
 /// ResNet-50, and CUDA's when cuDNN is off or failed). `None` elsewhere.
 fn transposed_channels_last(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Option<Tensor>> {
-    let takes = |t: &Tensor| t.device().is_cpu() || super::kernels_on_cuda(t);
-    let dtypes = matches!(x.dtype(), DType::F32 | DType::BF16) && w.dtype() == DType::F32;
-    if !(dtypes && takes(x) && takes(w) && x.device().same_device(w.device())) {
+    if !fused_path(x, w) {
         return Ok(None);
     }
     let (xd, wd) = (x.detach().contiguous()?, w.detach());
@@ -792,12 +797,7 @@ impl Geometry {
                 .map(|(g, dxg)| group(g, dxg, Threads::All))
                 .collect()
         };
-        let mut parts = partials.into_iter();
-        let mut dw = parts.next().expect("a batch has at least one image");
-        for p in parts {
-            dw.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
-        }
-        (need_dx.then_some(dx), dw)
+        (need_dx.then_some(dx), add_in_order(partials))
     }
 }
 
@@ -821,11 +821,22 @@ fn per_plane(
 }
 
 /// `dx` split into the groups' parts (`groups` empty slices when `dx` is not wanted).
-fn dx_groups(dx: &mut [f32], group_len: usize, groups: usize) -> Vec<&mut [f32]> {
+pub(super) fn dx_groups(dx: &mut [f32], group_len: usize, groups: usize) -> Vec<&mut [f32]> {
     if group_len == 0 {
         return (0..groups).map(|_| <&mut [f32]>::default()).collect();
     }
     dx.chunks_mut(group_len).collect()
+}
+
+/// The groups' `dW` parts added in group order (at least one part): a sum that depends on the
+/// grouping only, never on which thread finished first.
+pub(super) fn add_in_order(parts: Vec<Vec<f32>>) -> Vec<f32> {
+    let mut parts = parts.into_iter();
+    let mut sum = parts.next().expect("a batch has at least one image");
+    for p in parts {
+        sum.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+    }
+    sum
 }
 
 /// candle's convolution forward (cuDNN on CUDA), with a backward through im2col + GEMM and col2im

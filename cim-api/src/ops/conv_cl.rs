@@ -5,25 +5,25 @@
 //! thin: at the tiny ResNet layout's last stage an image has 2×2 pixels, so the products are
 //! `(64, 256) · (256, 4)`, where a GEMM kernel spends its time on edges. Channels last, a batch is
 //! ONE matrix of `B·Ho·Wo` rows: a pointwise convolution is `x (B·H·W, C) · wᵀ` with no copy at
-//! all, and a k×k one builds its patch rows from runs of `C` contiguous floats (`k·k` copies per
-//! output pixel, zeros where the window leaves the map) — then one GEMM per chunk of images in
-//! every pass:
+//! all, and a k×k one builds its patch rows from runs of contiguous floats (a window row's taps
+//! are neighbouring pixels: one run of up to `k·C` floats each, zeros where the window leaves the
+//! map) — then one GEMM per group of images in every pass:
 //!
 //! | pass | product |
 //! |---|---|
 //! | forward | `y (rows, C_out) = P (rows, k·k·C) · w'ᵀ` |
-//! | filter | `dw' (C_out, k·k·C) += dyᵀ · P`, chunks added in order |
+//! | filter | `dw' (C_out, k·k·C) = dyᵀ · P` per group, the groups' parts added in order |
 //! | data | `dP = dy · w'`, then each patch row's runs added back into `dx` (pointwise: `dx = dy · w'`) |
 //!
 //! `w'` is the filter channels last, `(C_out, k, k, C)` (cuDNN's KRSC), permuted from and back to
-//! the master weight's `(C_out, C, k, k)` on the way. Chunks hold whole images, at most
-//! [`PATCH_BUDGET`] bytes of patch rows (one image at least), so the result depends on the sizes,
-//! never on the number of threads.
+//! the master weight's `(C_out, C, k, k)` on the way. Groups hold whole images ([`GROUPS`] at
+//! most, [`MIN_ROWS`] output pixels at least where the batch has them, at most [`PATCH_BUDGET`]
+//! bytes of patch rows), so the result depends on the sizes, never on the number of threads.
 
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::conv::Im2Col;
+use super::conv::{add_in_order, dx_groups, Im2Col};
 use super::gemm::{sgemm, Threads};
 use super::tiles::View;
 use crate::Result;
@@ -299,12 +299,8 @@ impl Geometry {
             });
             dw
         };
-        let n_groups = self.b.div_ceil(per);
         let dx_len = if need_dx { per * img_in } else { 0 };
-        let mut dx_parts: Vec<&mut [f32]> = match need_dx {
-            true => dx.chunks_mut(dx_len).collect(),
-            false => (0..n_groups).map(|_| <&mut [f32]>::default()).collect(),
-        };
+        let mut dx_parts = dx_groups(&mut dx, dx_len, self.b.div_ceil(per));
         let items = x
             .chunks(per * img_in)
             .zip(dy.chunks(per * img_out))
@@ -319,12 +315,7 @@ impl Geometry {
             }
             (false, t) => items.map(|((xg, gg), dxg)| one(xg, gg, dxg, t)).collect(),
         };
-        let mut parts = parts.into_iter();
-        let mut dw = parts.next().expect("a batch has at least one image");
-        for part in parts {
-            dw.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
-        }
-        (need_dx.then_some(dx), dw)
+        (need_dx.then_some(dx), add_in_order(parts))
     }
 }
 
@@ -352,9 +343,7 @@ pub(super) fn permute_filter(
 
 /// Whether [`conv2d`] takes these tensors: f32 on the CPU.
 pub(super) fn takes(x: &Tensor, w: &Tensor) -> bool {
-    [x, w]
-        .iter()
-        .all(|t| t.dtype() == candle_core::DType::F32 && t.device().is_cpu())
+    super::is_fusable(&[x, w]) && x.device().is_cpu()
 }
 
 /// The channels-last convolution of f32 CPU tensors as one grafted node: `x` `(B, H, W, C)`, `w`
