@@ -20,4 +20,33 @@ fn unset_thread_variables_are_filled_and_set_ones_kept() {
         .get()
         .to_string();
     assert_eq!(std::env::var("RAYON_NUM_THREADS"), Ok(want));
+
+    // `on_pool` runs its closure on one of the pool's workers, whose stacks have the room
+    // `settle_cpu_threads` gave them: 6 MiB of frames (a default 2 MiB worker would overflow).
+    let caller = std::thread::current().id();
+    let (index, thread, depth) = cim_api::threads::on_pool(|| {
+        (
+            rayon::current_thread_index(),
+            std::thread::current().id(),
+            deep(6 * 1024),
+        )
+    });
+    assert!(index.is_some() && thread != caller, "{index:?}");
+    assert_eq!(depth, 6 * 1024);
+    // From a worker, it runs in place.
+    let inner = rayon::scope(|_| {
+        let here = std::thread::current().id();
+        cim_api::threads::on_pool(|| std::thread::current().id()) == here
+    });
+    assert!(inner);
+}
+
+/// Recurses `n` times with a 1 KiB frame each; returns `n`.
+#[inline(never)]
+fn deep(n: usize) -> usize {
+    let frame = std::hint::black_box([n as u8; 1024]);
+    if n == 0 {
+        return 0;
+    }
+    1 + deep(n - 1) + frame[n % 1024] as usize * 0
 }

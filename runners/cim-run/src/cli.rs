@@ -298,7 +298,10 @@ pub fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    match run(std::env::args()) {
+    // The command runs on one of rayon's workers: its parallel kernels then split in place rather
+    // than wait for the pool (cim_api::threads' module doc).
+    let args: Vec<String> = std::env::args().collect();
+    match cim_api::threads::on_pool(|| run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
