@@ -31,8 +31,13 @@ fn report_as(name: &str, reps: usize, a: (&str, impl FnMut()), b: (&str, impl Fn
 }
 
 fn main() -> cim_api::Result<()> {
-    // The thread settings of `cim-run` (no spinning element-wise pool beside rayon's).
+    // The thread settings of `cim-run` (no spinning element-wise pool beside rayon's), and as
+    // there, the work runs on one of rayon's workers.
     cim_api::threads::settle_cpu_threads();
+    cim_api::threads::on_pool(bench)
+}
+
+fn bench() -> cim_api::Result<()> {
     let dev = if cfg!(feature = "cuda") {
         ops::set_cuda_kernels(true);
         cim_api::device::open_cuda(0, true)?

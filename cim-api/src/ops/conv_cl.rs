@@ -37,17 +37,29 @@ const GROUPS: usize = 16;
 /// Output pixels a group should have at least (the rows of its products).
 const MIN_ROWS: usize = 1024;
 
+/// The largest scratch buffer a thread keeps after a call, in bytes. Larger ones (maps of 224-px
+/// images) go back to the allocator, so that the memory serves the next activations too: kept per
+/// thread, every worker of a many-core machine would end up holding two buffers of up to
+/// [`PATCH_BUDGET`] each. The tiny presets' buffers stay under it (at most ~1.2 MB).
+const KEEP_BYTES: usize = 4 << 20;
+
 thread_local! {
-    /// The calling thread's patch-matrix buffers, kept between calls: a fresh multi-megabyte
-    /// buffer per convolution is page-faulted in (and zeroed by the kernel) every time.
+    /// The calling thread's patch-matrix buffers, kept between calls up to [`KEEP_BYTES`]: a
+    /// fresh buffer is zero-filled before the patches overwrite it, a kept one only where it grows.
     static SCRATCH: std::cell::RefCell<[Vec<f32>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
 }
 
 /// Runs `f` with this thread's two scratch buffers (taken out meanwhile, so a nested call gets
-/// fresh ones rather than a borrow error).
+/// fresh ones rather than a borrow error); keeps them afterwards unless they are larger than
+/// [`KEEP_BYTES`].
 fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>) -> R) -> R {
     let [mut a, mut b] = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
     let r = f(&mut a, &mut b);
+    for v in [&mut a, &mut b] {
+        if v.capacity() * std::mem::size_of::<f32>() > KEEP_BYTES {
+            *v = Vec::new();
+        }
+    }
     SCRATCH.with(|s| *s.borrow_mut() = [a, b]);
     r
 }
@@ -419,6 +431,22 @@ mod tests {
     /// A batch in groups of images (20 images of 16×16 output pixels: 5 groups of 4, the fewest
     /// images with at least 1024 rows; run in parallel where there are threads) equals its images
     /// one at a time: `y`, `dx`, and `dw` summed over the images.
+    /// A thread keeps scratch buffers up to `KEEP_BYTES` between calls, and no larger ones.
+    #[test]
+    fn scratch_is_kept_up_to_its_cap() {
+        let (small, large) = (KEEP_BYTES / 4, KEEP_BYTES / 4 + 1);
+        with_scratch(|a, b| {
+            a.resize(small, 1.0);
+            b.resize(large, 1.0);
+        });
+        with_scratch(|a, b| {
+            assert_eq!((a.len(), b.capacity()), (small, 0));
+            assert!(a.iter().all(|&v| v == 1.0));
+            a.resize(large, 0.0);
+        });
+        with_scratch(|a, b| assert_eq!((a.capacity(), b.capacity()), (0, 0)));
+    }
+
     #[test]
     fn a_batch_equals_its_images_one_at_a_time() {
         let op = Im2Col {
