@@ -41,12 +41,15 @@ fn unset_thread_variables_are_filled_and_set_ones_kept() {
     assert!(inner);
 }
 
-/// Recurses `n` times with a 1 KiB frame each; returns `n`.
+/// Recurses `n` times with a 1 KiB frame each, alive across the call below it; returns `n`.
 #[inline(never)]
 fn deep(n: usize) -> usize {
-    let frame = std::hint::black_box([n as u8; 1024]);
+    let frame = [n as u8; 1024];
+    std::hint::black_box(&frame);
     if n == 0 {
         return 0;
     }
-    1 + deep(n - 1) + frame[n % 1024] as usize * 0
+    let depth = 1 + deep(n - 1);
+    std::hint::black_box(&frame);
+    depth
 }
