@@ -6,8 +6,10 @@
 #   PYTHON=/path/to/venv/bin/python bash benches/cpu-compare.sh target/release/cim-run [other-cim-run …]
 # CASE=resnet compares tiny_resnet_revdet instead, with ResNet-50's full 3-4-6-3 layout at width 8
 # (the reference's layout; the preset's own has one block per stage) on the preset's 64-px images.
+# THREADS=N (default 2) sizes both: the reference's --threads and cim's RAYON_NUM_THREADS.
 set -euo pipefail
 CASE=${CASE:-vit}
+THREADS=${THREADS:-2}
 ROUNDS=${ROUNDS:-3}
 OUT_DIR=${OUT_DIR:-$(mktemp -d)}
 PYTHON=${PYTHON:-python3}
@@ -15,12 +17,12 @@ REF=${REF:-$(cd "$(dirname "$0")/../.." && pwd)/shared/bench/torch_cim_ref.py}
 [ $# -ge 1 ] || { echo "usage: $0 CIM_RUN [CIM_RUN …]" >&2; exit 2; }
 for r in $(seq 1 "$ROUNDS"); do
   if [ "$CASE" = resnet ]; then
-    "$PYTHON" "$REF" --device cpu --dtype fp32 --threads 2 --enhancer resnet50 --objective revdet \
+    "$PYTHON" "$REF" --device cpu --dtype fp32 --threads "$THREADS" --enhancer resnet50 --objective revdet \
       --img 64 --patch 8 --tok-res 32 --dvae-groups 3 --dvae-hid 16 --dvae-init 32 --dvae-blocks 1 \
       --vocab 512 --gen-dim 64 --gen-heads 2 --gen-depth 2 --resnet-width 8 --batch 32 --steps 10 \
       --warmup 2 --no-torchvision --no-flops 2>/dev/null | tail -n 1 > "$OUT_DIR/ref-$r.json"
   else
-    "$PYTHON" "$REF" --device cpu --dtype fp32 --threads 2 --enhancer vit_s16 --objective respix \
+    "$PYTHON" "$REF" --device cpu --dtype fp32 --threads "$THREADS" --enhancer vit_s16 --objective respix \
       --img 32 --patch 4 --tok-res 32 --dvae-groups 3 --dvae-hid 16 --dvae-init 32 --dvae-blocks 1 \
       --vocab 512 --dim 64 --depth 4 --heads 2 --gen-depth 2 --batch 32 --steps 10 --warmup 2 \
       --no-flops 2>/dev/null | tail -n 1 > "$OUT_DIR/ref-$r.json"
@@ -29,11 +31,11 @@ for r in $(seq 1 "$ROUNDS"); do
   for bin in "$@"; do
     i=$((i + 1))
     if [ "$CASE" = resnet ]; then
-      "$bin" bench --preset tiny_resnet_revdet --batch 32 --steps 10 --warmup 2 --device cpu \
+      RAYON_NUM_THREADS="$THREADS" "$bin" bench --preset tiny_resnet_revdet --batch 32 --steps 10 --warmup 2 --device cpu \
         --set 'tokenizer.name="dalle_dvae"' --set 'enhancer.resnet50.layers=[3,4,6,3]' \
         2>/dev/null | tail -n 1 > "$OUT_DIR/cim$i-$r.json"
     else
-      "$bin" bench --preset tiny_vit_respix --batch 32 --steps 10 --warmup 2 --device cpu \
+      RAYON_NUM_THREADS="$THREADS" "$bin" bench --preset tiny_vit_respix --batch 32 --steps 10 --warmup 2 --device cpu \
         --set 'tokenizer.name="dalle_dvae"' 2>/dev/null | tail -n 1 > "$OUT_DIR/cim$i-$r.json"
     fi
   done

@@ -47,14 +47,17 @@ pub fn settle_cpu_threads() -> usize {
 pub const WORKER_STACK: usize = 16 << 20;
 
 /// Runs `f` on a worker of rayon's global pool and returns its result; the calling thread waits.
-/// Where the pool has one thread, or the caller is a worker already, `f` runs right here.
+/// Where the caller is a worker already, `f` runs right here.
 ///
 /// The parallel kernels `f` calls (candle's matmuls, `cim_api::ops`' CPU kernels) then split their
-/// work in place instead of being handed to the pool and waited for (see the module doc).
+/// work in place instead of being handed to the pool and waited for (see the module doc). That
+/// holds for a pool of one thread too (`RAYON_NUM_THREADS=1`, as for several processes on one
+/// machine): called from outside it, each kernel would still be handed to its one worker while the
+/// caller sleeps, two thread switches per call for no parallelism at all.
 /// `cim_run::cli::main` runs every command through it; a custom runner with its own `main`
 /// should too.
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    if rayon::current_num_threads() > 1 && rayon::current_thread_index().is_none() {
+    if rayon::current_thread_index().is_none() {
         rayon::scope(|_| f())
     } else {
         f()
