@@ -71,18 +71,30 @@ fn bench() -> cim_api::Result<()> {
             || run(true),
         );
         if dev.is_cpu() && ops::avx2_kernels() {
-            // The fused CPU kernel's portable (SSE2) instance against its AVX2 + FMA one.
-            let portable = || {
-                ops::set_portable_kernels(true);
-                run(true);
-                ops::set_portable_kernels(false);
+            // The fused CPU kernel's portable (SSE2) instance against its fast one, and on an
+            // AVX-512 CPU its AVX2 + FMA instance against the AVX-512 one.
+            let capped = |cap| {
+                move || {
+                    ops::set_cpu_kernels(cap);
+                    run(true);
+                    ops::set_cpu_kernels(ops::CpuKernels::Avx512);
+                }
             };
+            let best = ops::cpu_kernels();
             report_as(
                 &format!("attention kernel B{b} N{n} H{h} D{d}"),
                 reps,
-                ("sse2", portable),
-                ("avx2+fma", || run(true)),
+                ("sse2", capped(ops::CpuKernels::Portable)),
+                (best.name(), || run(true)),
             );
+            if best == ops::CpuKernels::Avx512 {
+                report_as(
+                    &format!("attention kernel B{b} N{n} H{h} D{d}"),
+                    reps,
+                    ("avx2+fma", capped(ops::CpuKernels::Avx2Fma)),
+                    ("avx512", || run(true)),
+                );
+            }
         }
         if dev.is_cuda() {
             // The CUDA attention kernel, against the same composed ops.

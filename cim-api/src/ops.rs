@@ -20,8 +20,8 @@
 //! the graph as one node; [`pre_norm_block`] does so for a whole transformer block.
 //!
 //! The hot CPU kernels (attention, LayerNorm, cross-entropy, bias + GELU) are written once and run
-//! in an AVX2 + FMA instance where the CPU has those instructions ([`avx2_kernels`]), a portable
-//! SSE2 one elsewhere ([`set_portable_kernels`] forces it); see `simd` and `tiles`.
+//! in an AVX-512 or an AVX2 + FMA instance where the CPU has those instructions ([`cpu_kernels`]),
+//! a portable SSE2 one elsewhere ([`set_cpu_kernels`] caps it); see `simd` and `tiles`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -101,7 +101,7 @@ pub use resample::{
 pub use residual::{residual_add, residual_add_composed};
 pub use respix::{respix_loss, respix_sliding_target};
 pub use select::select_rows;
-pub use simd::{avx2_kernels, set_portable_kernels};
+pub use simd::{avx2_kernels, cpu_kernels, set_cpu_kernels, set_portable_kernels, CpuKernels};
 
 static CUDA_KERNELS: AtomicBool = AtomicBool::new(false);
 

@@ -50,6 +50,17 @@ pub struct BenchArgs {
     /// and reduction kernels are made once. Its cache never shrinks, so training does not use it.
     #[arg(long)]
     pub upload_cache: bool,
+    /// On the CPU, caps cim's fused kernels at an instance: "portable", "avx2" or "avx512" (the
+    /// default is the CPU's widest). A measurement switch for comparing them in one binary;
+    /// candle's matmuls (the gemm crate) pick their own instructions regardless.
+    #[arg(long, value_parser = parse_cpu_kernels)]
+    pub cpu_kernels: Option<cim_api::ops::CpuKernels>,
+}
+
+fn parse_cpu_kernels(name: &str) -> std::result::Result<cim_api::ops::CpuKernels, String> {
+    cim_api::ops::CpuKernels::parse(name).ok_or_else(|| {
+        format!("unknown CPU kernel instance {name:?}; available: portable, avx2, avx512")
+    })
 }
 
 /// The JSON line `cim-run bench` prints.
@@ -90,8 +101,8 @@ pub struct BenchReport {
     /// Whether CUDA convolutions ran their forward through cim's cuDNN call (`run.cudnn_conv` in a
     /// `cudnn` build, still on after the run: a cuDNN error switches it off).
     pub cudnn_conv: bool,
-    /// Which instance of cim's fused CPU kernels runs on this machine's CPU: `"avx2+fma"` or
-    /// `"portable"` (SSE2); on CUDA they do not run, but the field says what the host would use.
+    /// Which instance of cim's fused CPU kernels runs on this machine's CPU: `"avx512"`,
+    /// `"avx2+fma"` or `"portable"` (SSE2); on CUDA they do not run, but the field says what the host would use.
     pub cpu_kernels: &'static str,
     /// Threads of rayon's pool, which runs cim's CPU kernels and candle's matmuls.
     pub cpu_threads: usize,
@@ -205,6 +216,9 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         lap.end("optim")?;
         Ok((&mim.loss + enh)?.detach())
     };
+    if let Some(cap) = args.cpu_kernels {
+        cim_api::ops::set_cpu_kernels(cap);
+    }
     let _upload_cache = args
         .upload_cache
         .then(|| cim_api::device::cache_small_uploads(&dev));
@@ -275,11 +289,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
             && cim_api::ops::cuda_kernels(),
         cuda_keep_freed: cfg.run.cuda_keep_freed && dev.is_cuda(),
         cudnn_conv: dev.is_cuda() && cim_api::ops::cudnn_conv(),
-        cpu_kernels: if cim_api::ops::avx2_kernels() {
-            "avx2+fma"
-        } else {
-            "portable"
-        },
+        cpu_kernels: cim_api::ops::cpu_kernels().name(),
         cpu_threads: rayon::current_num_threads(),
         tok_precision: cim.tokenizer.precision(),
         device: format!("{dev:?}"),
@@ -401,6 +411,7 @@ mod tests {
             device: Some("cpu".into()),
             sync_phases: false,
             upload_cache: false,
+            cpu_kernels: None,
         };
         let r = bench(&args)?;
         assert_eq!(r.batch, 2);
@@ -431,11 +442,7 @@ mod tests {
             (r.dtype.as_str(), r.cuda_kernels, r.fused_blocks),
             ("fp32", false, true)
         );
-        let expected = if cim_api::ops::avx2_kernels() {
-            "avx2+fma"
-        } else {
-            "portable"
-        };
+        let expected = cim_api::ops::cpu_kernels().name();
         assert_eq!(r.cpu_kernels, expected);
         assert_eq!(r.cpu_threads, rayon::current_num_threads());
         assert!(
@@ -463,6 +470,7 @@ mod tests {
             device: Some("cpu".into()),
             sync_phases: false,
             upload_cache: false,
+            cpu_kernels: None,
         };
         let r = bench(&args)?;
         let p = r
