@@ -217,7 +217,7 @@ fn sunk_gradients_equal_the_graph_ones_for_every_variable() {
     let res = resolve(&layers("quickstart", &["generator.beit.share_blocks=2"])).unwrap();
     let cim = Cim::build(&res).unwrap();
     let plain = forward_first_batch(&cim, &res, 4).total.backward().unwrap();
-    let sink = cim_api::ops::GradSink::install();
+    let sink = cim_ops::GradSink::install();
     let out = forward_first_batch(&cim, &res, 4);
     let sunk = sink.backward(&out.total).unwrap();
     drop(sink);

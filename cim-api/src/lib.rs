@@ -23,13 +23,10 @@
 //! `VarBuilder`s.
 
 pub mod config;
-pub mod device;
 pub mod error;
-pub mod ops;
 pub mod params;
 pub mod pixels;
 pub mod registry;
-pub mod threads;
 pub mod traits;
 pub mod types;
 pub mod weights;
@@ -42,7 +39,7 @@ pub use params::ParamStore;
 pub use registry::{BuildCtx, Kind};
 pub use traits::{Enhancer, Generator, Masking, Objective, Sampler, Tokenizer};
 pub use types::{
-    DecoderPrecisionReport, EnhancerInfo, Features, Losses, MapLayout, Mask, ObjectiveBatch,
+    DecoderPrecisionReport, EnhancerInfo, ExecChoices, Features, Losses, MapLayout, Mask, ObjectiveBatch,
     ObjectiveOutput, PrecisionReport, TokenGrid,
 };
 

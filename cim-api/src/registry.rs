@@ -173,6 +173,8 @@ pub struct BuildCtx {
     pub buffers: crate::ParamStore,
     /// The enhancer's parameters, for a generator that shares layers with it (paper Table 5).
     pub enhancer_vb: Option<VarBuilder<'static>>,
+    /// How the component computes (fast paths it stores at build time).
+    pub exec: crate::types::ExecChoices,
 }
 
 impl BuildCtx {

@@ -49,6 +49,7 @@ pub fn tiny_ctx(store: &ParamStore, prefix: &str) -> BuildCtx {
         vb: store.var_builder(DType::F32, &dev).pp(prefix),
         buffers: ParamStore::frozen(0),
         enhancer_vb: None,
+        exec: crate::ExecChoices::default(),
     }
 }
 

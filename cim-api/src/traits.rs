@@ -1,4 +1,4 @@
-//! The component traits. One CiM step calls them in this order (DESIGN.md, stages 1–9):
+//! The component traits. One CiM step calls them in this order (stages 1–9 of the training step; book: architecture):
 //! [`Tokenizer::encode`] → [`Masking::sample`] → [`Generator::forward`] / [`Generator::mim_loss`] →
 //! [`Sampler::sample`] → replace → [`Tokenizer::decode`] → [`Enhancer::forward_t`] →
 //! [`Objective::forward`].
@@ -43,9 +43,11 @@ pub trait Generator: Send + Sync {
     fn forward(&self, image: &Tensor, mask: &Mask) -> Result<Tensor>;
 
     /// The MIM loss: mean cross-entropy of `logits` `(M, V)` against the golden ids `(M,)` u32.
+    /// The default composes candle's ops in f32; a generator may override it with a fused kernel
+    /// (the BEiT generator uses `cim_ops::cross_entropy`).
     fn mim_loss(&self, logits: &Tensor, golden: &Tensor) -> Result<Tensor> {
         let logits = logits.to_dtype(DType::F32)?;
-        crate::ops::cross_entropy(&logits, golden)
+        Ok(candle_nn::loss::cross_entropy(&logits, golden)?)
     }
 }
 

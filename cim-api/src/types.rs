@@ -217,12 +217,11 @@ pub struct DecoderPrecisionReport {
 }
 
 /// Where a convnet's maps keep their channels (a plugin's `layout` key): `"nchw"`, `"nhwc"`
-/// (channels last), or `"auto"` (the default): channels last where cim's cuDNN convolution runs
-/// (CUDA, `run.cudnn_conv` and `run.cuda_kernels` on), whose tensor-core kernels work in NHWC —
-/// on NCHW maps cuDNN transposes every convolution's input and output. The same network either
-/// way. Elsewhere a frozen network's channels-last convolution runs between transposes (for
-/// tests); a trainable one ([`crate::ops::conv2d_channels_last`]) has CPU kernels of its own, and
-/// a plugin may choose channels last there too (the ResNet-50 enhancer does).
+/// (channels last), or `"auto"` (the default): what [`ExecChoices::channels_last`] says for the
+/// device — channels last where cim's cuDNN convolution runs, whose tensor-core kernels work in
+/// NHWC (on NCHW maps cuDNN transposes every convolution's input and output). The same network
+/// either way. A plugin may choose channels last for `"auto"` elsewhere too (the ResNet-50
+/// enhancer does on the CPU, where its channels-last kernels are the faster ones).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MapLayout {
@@ -233,14 +232,46 @@ pub enum MapLayout {
 }
 
 impl MapLayout {
-    /// Whether maps on `device` are channels last.
-    pub fn channels_last(self, device: &Device) -> bool {
+    /// Whether maps are channels last, `auto` being what `"auto"` means where the component is
+    /// built ([`ExecChoices::channels_last`]).
+    pub fn channels_last(self, auto: bool) -> bool {
         match self {
             Self::Nchw => false,
             Self::Nhwc => true,
-            Self::Auto => {
-                device.is_cuda() && crate::ops::cudnn_conv() && crate::ops::cuda_kernels()
-            }
+            Self::Auto => auto,
+        }
+    }
+}
+
+/// Execution choices a component fixes when it is built and keeps (the runner fills them from
+/// the `run.*` keys into [`crate::BuildCtx::exec`]). They choose how a component computes, never
+/// what: every choice has a composed path that computes the same function. Being data, not
+/// process-wide switches, two models in one process may differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecChoices {
+    /// Each transformer block as one graph node with a hand-written backward where the fused
+    /// kernels run (`run.fused_blocks`); off, blocks are recorded op by op.
+    pub fused_blocks: bool,
+    /// bf16 attention with 64-wide heads on CUDA through the flash kernels
+    /// (`run.flash_attention`).
+    pub flash_attention: bool,
+    /// Chains of fused nodes (ResNet-50's bottlenecks) as one node of candle's graph in training
+    /// (`run.graft_regions`).
+    pub regions: bool,
+    /// What a `layout = "auto"` key means on the device: channels last where cim's NHWC
+    /// convolution runs on cuDNN's tensor-core kernels (CUDA with `run.cudnn_conv` and
+    /// `run.cuda_kernels`).
+    pub channels_last: bool,
+}
+
+impl Default for ExecChoices {
+    /// The choices on the CPU: fused blocks and regions on, no flash attention, channels first.
+    fn default() -> Self {
+        Self {
+            fused_blocks: true,
+            flash_attention: false,
+            regions: true,
+            channels_last: false,
         }
     }
 }

@@ -16,11 +16,11 @@
 
 use candle_core::{Module, Tensor};
 use candle_nn::{Init, VarBuilder};
-use cim_plugin_vit::layers::Linear;
+use cim_nn::Linear;
 use serde::{Deserialize, Serialize};
 
-use cim_api::{BuildCtx, Error, Generator, Mask, Result, TokenGrid};
-use cim_plugin_vit::layers::{self, BlockSpec, LayerNorm, PatchEmbed};
+use cim_api::{BuildCtx, Error, ExecChoices, Generator, Mask, Result, TokenGrid};
+use cim_nn::{self as layers, BlockSpec, LayerNorm, PatchEmbed};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -89,6 +89,7 @@ impl Beit {
         vocab: usize,
         vb: VarBuilder,
         shared: Option<VarBuilder>,
+        exec: ExecChoices,
     ) -> Result<Self> {
         if grid.h != grid.w || grid.h == 0 || !image_size.is_multiple_of(grid.h) {
             return Err(Error::config(format!(
@@ -105,6 +106,7 @@ impl Beit {
             eps: cfg.layer_norm_eps,
             init_std: cfg.init_std,
             rescale_residual: true,
+            exec,
         };
         let std = Init::Randn {
             mean: 0.0,
@@ -182,13 +184,13 @@ impl Generator for Beit {
         let (b, n, d) = h.dims3()?;
         // The head only runs where it is needed: at the masked positions (a row gather whose
         // backward is a gather too: candle's index_add backward is serial over the rows on CUDA).
-        let at_mask = cim_api::ops::select_rows(&h.reshape((b * n, d))?, &mask.flat_indices())?;
+        let at_mask = cim_ops::select_rows(&h.reshape((b * n, d))?, &mask.flat_indices())?;
         Ok(self.lm_head.forward(&at_mask)?)
     }
 
     fn mim_loss(&self, logits: &Tensor, golden: &Tensor) -> Result<Tensor> {
         // f32 arithmetic whatever the logits' dtype (bf16 ones are read as they are on CUDA).
-        cim_api::ops::cross_entropy(logits, golden)
+        Ok(cim_ops::cross_entropy(logits, golden)?)
     }
 }
 
@@ -229,6 +231,7 @@ fn build(cfg: BeitConfig, ctx: &BuildCtx) -> Result<Beit> {
         ctx.vocab_size("generator beit")?,
         ctx.vb.clone(),
         shared,
+        ctx.exec,
     )
 }
 
@@ -265,6 +268,7 @@ mod tests {
             64,
             store.var_builder(DType::F32, &Device::Cpu),
             None,
+            ExecChoices::default(),
         )?;
         let mask = cim_api::testing::simple_mask(1, TokenGrid::new(8, 8), 5)?;
         assert!(mask.is_masked(0, 0));

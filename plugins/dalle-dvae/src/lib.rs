@@ -222,18 +222,18 @@ impl Conv {
     /// The convolution without its bias.
     fn conv(&self, x: &Tensor) -> Result<Tensor> {
         match self.nhwc {
-            true => cim_api::ops::conv2d_nhwc(x, &self.w, self.pad, 1),
-            false => cim_api::ops::conv2d(x, &self.w, self.pad, 1),
+            true => cim_ops::conv2d_nhwc(x, &self.w, self.pad, 1).map_err(Error::from),
+            false => cim_ops::conv2d(x, &self.w, self.pad, 1).map_err(Error::from),
         }
     }
 
-    /// `conv(x) + b`, then ReLU when `relu` (one fused pass: [`cim_api::ops::channel_bias`]).
+    /// `conv(x) + b`, then ReLU when `relu` (one fused pass: [`cim_ops::channel_bias`]).
     fn forward(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         channel_bias(self.nhwc, &self.conv(x)?, &self.b, None, 1.0, relu)
     }
 }
 
-/// [`cim_api::ops::channel_bias`] in either layout.
+/// [`cim_ops::channel_bias`] in either layout.
 fn channel_bias(
     nhwc: bool,
     x: &Tensor,
@@ -243,8 +243,8 @@ fn channel_bias(
     relu: bool,
 ) -> Result<Tensor> {
     match nhwc {
-        true => cim_api::ops::channel_bias_nhwc(x, b, residual, gain, relu),
-        false => cim_api::ops::channel_bias(x, b, residual, gain, relu),
+        true => cim_ops::channel_bias_nhwc(x, b, residual, gain, relu).map_err(Error::from),
+        false => cim_ops::channel_bias(x, b, residual, gain, relu).map_err(Error::from),
     }
 }
 
@@ -345,8 +345,8 @@ impl ResBlock {
         };
         if want_relu {
             let (y, yr) = match nhwc {
-                true => cim_api::ops::channel_bias_and_relu_nhwc(&h, &bias, Some(&identity), g)?,
-                false => cim_api::ops::channel_bias_and_relu(&h, &bias, Some(&identity), g)?,
+                true => cim_ops::channel_bias_and_relu_nhwc(&h, &bias, Some(&identity), g)?,
+                false => cim_ops::channel_bias_and_relu(&h, &bias, Some(&identity), g)?,
             };
             return Ok(Act {
                 x: y,
@@ -394,8 +394,8 @@ impl Act {
 /// 2× nearest upsampling of an NCHW map, or with `nhwc` a channels-last one.
 fn upsample2(t: &Tensor, nhwc: bool) -> Result<Tensor> {
     match nhwc {
-        true => cim_api::ops::upsample_nearest_2x_nhwc(t),
-        false => cim_api::ops::upsample_nearest_2x(t),
+        true => cim_ops::upsample_nearest_2x_nhwc(t).map_err(Error::from),
+        false => cim_ops::upsample_nearest_2x(t).map_err(Error::from),
     }
 }
 
@@ -467,8 +467,8 @@ impl Groups {
             }
             if g < last && resample == Resample::MaxPool {
                 x = Act::new(match blocks[0].res_path[0].nhwc {
-                    true => cim_api::ops::max_pool_2x2_nhwc(&x.x)?,
-                    false => cim_api::ops::max_pool_2x2(&x.x)?,
+                    true => cim_ops::max_pool_2x2_nhwc(&x.x)?,
+                    false => cim_ops::max_pool_2x2(&x.x)?,
                 });
             }
         }
@@ -601,8 +601,8 @@ impl DalleDvae {
     pub fn token_ids(&self, pixels: &Tensor) -> Result<Tensor> {
         let logits = self.logits(&pixels.detach())?;
         match self.nhwc {
-            true => cim_api::ops::argmax_last(&logits),
-            false => cim_api::ops::argmax_channels(&logits),
+            true => cim_ops::argmax_last(&logits).map_err(Error::from),
+            false => cim_ops::argmax_channels(&logits).map_err(Error::from),
         }
     }
 
@@ -694,7 +694,7 @@ fn build(cfg: DvaeConfig, ctx: &BuildCtx) -> Result<DvaeTokenizer> {
             DalleDvae::from_file(cfg, &path, &ctx.device)?
         }
     };
-    let channels_last = net.cfg.layout.channels_last(&ctx.device);
+    let channels_last = net.cfg.layout.channels_last(ctx.exec.channels_last);
     tracing::info!(
         channels_last,
         layout = ?net.cfg.layout,
@@ -1198,9 +1198,9 @@ mod tests {
             bits(&net.encoder_logits(&x)?)
         );
         // "auto" is channels first on the CPU; "nhwc" is what it says anywhere.
-        assert!(!MapLayout::Auto.channels_last(&Device::Cpu));
-        assert!(MapLayout::Nhwc.channels_last(&Device::Cpu));
-        assert!(!MapLayout::Nchw.channels_last(&Device::Cpu));
+        assert!(!MapLayout::Auto.channels_last(false) && MapLayout::Auto.channels_last(true));
+        assert!(MapLayout::Nhwc.channels_last(false));
+        assert!(!MapLayout::Nchw.channels_last(true));
         Ok(())
     }
 

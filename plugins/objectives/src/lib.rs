@@ -9,7 +9,7 @@
 //!   image `(B, 3, H, W)` in `[0, 1]`
 //! - output: loss (scalar), prediction and target `(B, 3, H, W)`
 //!
-//! ## Target normalisation (DESIGN.md)
+//! ## Target normalisation (book: architecture, "One training step")
 //! For pixel `(i, j)` and each channel: `(x − μ) / sqrt(σ² + eps)`, μ and σ² (population variance)
 //! over the `k×k` window rows `i − k/2 … i + k/2 − 1` and the same columns — for k = 8 that is 4
 //! pixels before and 3 after, the extra pixel on the top/left side. Windows are clipped at the
@@ -36,7 +36,7 @@ pub enum RespixTarget {
     None,
 }
 
-/// A linear head on every token, `(B, L, D) → (B, L, out)` ([`cim_api::ops::linear`]: one 2-D
+/// A linear head on every token, `(B, L, D) → (B, L, out)` ([`cim_ops::linear`]: one 2-D
 /// GEMM over all rows and the fused bias add; candle_nn's `Linear` returned wrong values on a
 /// ResNet's transposed token view).
 #[derive(Clone, Debug)]
@@ -49,7 +49,7 @@ struct Head {
 
 impl Head {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        cim_api::ops::linear(x, &self.w, Some(&self.b))
+        Ok(cim_ops::linear(x, &self.w, Some(&self.b))?)
     }
 }
 
@@ -108,7 +108,7 @@ pub fn respix_target(x: &Tensor, kind: RespixTarget, k: usize, eps: f64) -> Resu
     match kind {
         RespixTarget::None => Ok(x),
         RespixTarget::Sliding => {
-            if let Some(t) = cim_api::ops::respix_sliding_target(&x, k, eps)? {
+            if let Some(t) = cim_ops::respix_sliding_target(&x, k, eps)? {
                 return Ok(t);
             }
             respix_sliding_composed(&x, k, eps)
@@ -219,7 +219,7 @@ impl Objective for Respix {
         }
         // Fused: the loss reads the head's token layout directly (no unpatchify copy in the
         // backward); the prediction image is then only for pictures, so it is detached.
-        if let Some(loss) = cim_api::ops::respix_loss(&tokens, &target, p)? {
+        if let Some(loss) = cim_ops::respix_loss(&tokens, &target, p)? {
             let pred = unpatchify(&tokens.detach(), f.grid.h, f.grid.w, p, 3)?;
             return Ok(ObjectiveOutput {
                 loss,
@@ -448,12 +448,12 @@ mod tests {
         use candle_core::Var;
         let (b, p, gh, gw) = (2, 4, 3, 5);
         let x = cim_api::testing::uniform((b, 3, gh * p, gw * p), 11)?;
-        let fused = cim_api::ops::respix_sliding_target(&x, 8, 1e-6)?.expect("f32 on CPU fuses");
+        let fused = cim_ops::respix_sliding_target(&x, 8, 1e-6)?.expect("f32 on CPU fuses");
         let composed = respix_sliding_composed(&x, 8, 1e-6)?;
         let d = (&fused - &composed)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(d < 1e-4, "target differs by {d}");
         // A 3-wide window (odd k, before = 1) as well.
-        let f3 = cim_api::ops::respix_sliding_target(&x, 3, 1e-6)?.unwrap();
+        let f3 = cim_ops::respix_sliding_target(&x, 3, 1e-6)?.unwrap();
         let d3 = (&f3 - respix_sliding_composed(&x, 3, 1e-6)?)?
             .abs()?
             .max_all()?
@@ -461,7 +461,7 @@ mod tests {
         assert!(d3 < 1e-4, "k = 3: {d3}");
 
         let tokens = Var::from_tensor(&cim_api::testing::uniform((b, gh * gw, p * p * 3), 12)?)?;
-        let fl = cim_api::ops::respix_loss(&tokens, &composed, p)?.unwrap();
+        let fl = cim_ops::respix_loss(&tokens, &composed, p)?.unwrap();
         let diff = (unpatchify(&tokens, gh, gw, p, 3)? - &composed)?;
         let cl = (diff.abs()?.mean_all()? + diff.sqr()?.mean_all()?)?;
         let (a, c) = (fl.to_scalar::<f32>()?, cl.to_scalar::<f32>()?);
@@ -472,7 +472,7 @@ mod tests {
         let dg = (gf - gc)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(dg < 1e-7, "gradient differs by {dg}");
         assert!(gf.abs()?.max_all()?.to_scalar::<f32>()? > 1e-5);
-        let bad = cim_api::ops::respix_loss(&tokens, &composed.narrow(3, 0, 16)?, p).unwrap_err();
+        let bad = cim_ops::respix_loss(&tokens, &composed.narrow(3, 0, 16)?, p).unwrap_err();
         assert!(bad.to_string().contains("does not tile"), "{bad}");
         Ok(())
     }

@@ -75,7 +75,7 @@ pub fn unpatchify(
 }
 
 /// Index of the nearest codebook row for every row (shared with the other quantising tokenizer).
-pub use cim_api::ops::nearest;
+pub use cim_ops::nearest;
 
 #[derive(Clone, Debug)]
 pub struct PatchKmeans {

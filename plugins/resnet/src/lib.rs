@@ -22,9 +22,10 @@ use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use cim_api::ops::BnTail;
+use cim_ops::BnTail;
 use cim_api::{
-    BuildCtx, Enhancer, EnhancerInfo, Error, Features, MapLayout, ParamStore, Result, TokenGrid,
+    BuildCtx, Enhancer, EnhancerInfo, Error, ExecChoices, Features, MapLayout, ParamStore, Result,
+    TokenGrid,
 };
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -89,8 +90,8 @@ impl Conv {
     /// `x` channels first, or channels last with `last`.
     fn forward(&self, x: &Tensor, last: bool) -> Result<Tensor> {
         match last {
-            false => cim_api::ops::conv2d(x, &self.w, self.pad, self.stride),
-            true => cim_api::ops::conv2d_channels_last(x, &self.w, self.pad, self.stride),
+            false => Ok(cim_ops::conv2d(x, &self.w, self.pad, self.stride)?),
+            true => Ok(cim_ops::conv2d_channels_last(x, &self.w, self.pad, self.stride)?),
         }
     }
 }
@@ -137,8 +138,8 @@ impl BatchNorm {
     /// by `unbias = n / (n − 1)` (as PyTorch); one in-place kernel each where they run.
     fn update_running(&self, mean: &Tensor, var: &Tensor, unbias: f64) -> Result<()> {
         let m = self.momentum;
-        cim_api::ops::running_average(&self.running_mean, mean, m, 1.0)?;
-        cim_api::ops::running_average(&self.running_var, var, m, unbias)
+        cim_ops::running_average(&self.running_mean, mean, m, 1.0)?;
+        Ok(cim_ops::running_average(&self.running_var, var, m, unbias)?)
     }
 
     /// In training, batch statistics (and the running ones updated); else the running ones.
@@ -150,7 +151,7 @@ impl BatchNorm {
     }
 
     /// `tail(forward_t(x))`: a residual added, then a ReLU ([`BnTail`]) — in training with the
-    /// fused kernels one node ([`cim_api::ops::batch_norm_train_tail`]), elsewhere the separate
+    /// fused kernels one node ([`cim_ops::batch_norm_train_tail`]), elsewhere the separate
     /// ops.
     pub fn forward_tail(
         &self,
@@ -168,7 +169,7 @@ impl BatchNorm {
             None => y,
         };
         match tail.relu {
-            true => cim_api::ops::relu(&y),
+            true => Ok(cim_ops::relu(&y)?),
             false => Ok(y),
         }
     }
@@ -181,7 +182,7 @@ impl BatchNorm {
         last: bool,
         tail: BnTail,
     ) -> Result<(Tensor, bool)> {
-        use cim_api::ops;
+        use cim_ops as ops;
         let c = self.weight.dim(0)?;
         // The statistics' shape, and the dimensions they reduce.
         let (shape, dims) = match last {
@@ -305,6 +306,8 @@ pub struct ResNet {
     info: EnhancerInfo,
     /// Channels-last maps (`layout`, settled at build for the device).
     last: bool,
+    /// The bottlenecks as one region in training (`ExecChoices::regions`).
+    regions: bool,
 }
 
 impl ResNet {
@@ -313,13 +316,14 @@ impl ResNet {
         image_size: usize,
         vb: VarBuilder,
         buffers: &ParamStore,
+        exec: ExecChoices,
     ) -> Result<Self> {
         // Channels last where cuDNN's NHWC kernels run (MapLayout's "auto"), and on the CPU, whose
         // channels-last convolution and BatchNorm loops make one product of a batch (faster here
         // than the per-image channels-first kernels; book: performance.md).
         let last = match cfg.layout {
-            MapLayout::Auto => vb.device().is_cpu() || cfg.layout.channels_last(vb.device()),
-            layout => layout.channels_last(vb.device()),
+            MapLayout::Auto => vb.device().is_cpu() || exec.channels_last,
+            layout => layout.channels_last(exec.channels_last),
         };
         if !image_size.is_multiple_of(32) {
             return Err(Error::config(format!(
@@ -358,6 +362,7 @@ impl ResNet {
                 shareable_blocks: None,
             },
             last,
+            regions: exec.regions,
         })
     }
 
@@ -377,7 +382,7 @@ impl ResNet {
 
     /// `layer4` output in the network's layout: `(B, 2048, h, w)`, channels last `(B, h, w, 2048)`.
     fn trunk(&self, image: &Tensor, train: bool) -> Result<Tensor> {
-        self.trunk_with(image, train, true)
+        self.trunk_with(image, train, self.regions)
     }
 
     /// [`Self::trunk`], the bottlenecks as a region where `regions` and they allow one.
@@ -407,11 +412,11 @@ impl ResNet {
             }
             Ok(x)
         };
-        // In training, the sixteen bottlenecks as one region (cim_api::ops::region): their
+        // In training, the sixteen bottlenecks as one region (cim_ops::region): their
         // convolutions and BatchNorm nodes hand gradients to each other directly, outside
         // candle's graph, where every op here is a fused node.
-        match regions && train && cim_api::ops::conv_bn_grafted(&x) {
-            true => cim_api::ops::region(&[&x], |xs| stages(&xs[0])),
+        match regions && train && cim_ops::conv_bn_grafted(&x) {
+            true => cim_ops::region(&[&x], |xs| stages(&xs[0])),
             false => stages(&x),
         }
     }
@@ -427,12 +432,12 @@ fn strided(x: &Tensor, dim: usize, start: usize, n: usize, step: usize) -> Resul
 }
 
 /// torchvision's stem pool, `MaxPool2d(3, stride=2, padding=1)`: the fused kernel
-/// ([`cim_api::ops::max_pool_3x3_s2`]) where it applies, else [`max_pool_3x3_s2_composed`].
+/// ([`cim_ops::max_pool_3x3_s2`]) where it applies, else [`max_pool_3x3_s2_composed`].
 ///
 /// bf16 input where the kernel takes f32 only (the CPU) runs on a widened copy: the maximum of
 /// rounded values is the rounded maximum, so the result is exact.
 pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
-    if let Some(y) = cim_api::ops::max_pool_3x3_s2(x)? {
+    if let Some(y) = cim_ops::max_pool_3x3_s2(x)? {
         return Ok(y);
     }
     if x.dtype() == DType::BF16 {
@@ -444,7 +449,7 @@ pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
 /// [`max_pool_3x3_s2`] of a channels-last map `(B, H, W, C)`: the fused kernel where it applies,
 /// else the channels-first pool between transposes.
 pub fn max_pool_3x3_s2_nhwc(x: &Tensor) -> Result<Tensor> {
-    if let Some(y) = cim_api::ops::max_pool_3x3_s2_nhwc(x)? {
+    if let Some(y) = cim_ops::max_pool_3x3_s2_nhwc(x)? {
         return Ok(y);
     }
     let y = max_pool_3x3_s2(&x.permute((0, 3, 1, 2))?.contiguous()?)?;
@@ -501,7 +506,7 @@ impl Enhancer for ResNet {
 }
 
 fn build(cfg: ResNetConfig, ctx: &BuildCtx) -> Result<ResNet> {
-    let net = ResNet::new(&cfg, ctx.image_size, ctx.vb.clone(), &ctx.buffers)?;
+    let net = ResNet::new(&cfg, ctx.image_size, ctx.vb.clone(), &ctx.buffers, ctx.exec)?;
     tracing::info!(
         channels_last = net.channels_last(),
         layout = ?cfg.layout,
@@ -573,6 +578,7 @@ mod tests {
             224,
             store.var_builder(DType::F32, &Device::Cpu),
             &buffers,
+            ExecChoices::default(),
         )?;
         assert_eq!(store.num_params(), 23_508_032);
         let names = store.names_under("");
@@ -607,8 +613,8 @@ mod tests {
             ..ResNetConfig::test_tiny()
         };
         let vb = store.var_builder(DType::F32, &Device::Cpu);
-        let first = ResNet::new(&cfg(MapLayout::Nchw), 64, vb.clone(), &buf1)?;
-        let last = ResNet::new(&cfg(MapLayout::Nhwc), 64, vb, &buf2)?;
+        let first = ResNet::new(&cfg(MapLayout::Nchw), 64, vb.clone(), &buf1, ExecChoices::default())?;
+        let last = ResNet::new(&cfg(MapLayout::Nhwc), 64, vb, &buf2, ExecChoices::default())?;
         assert!(last.channels_last() && !first.channels_last());
         // Auto is channels last on the CPU (its channels-last kernels are the faster ones there).
         let auto = ResNet::new(
@@ -616,6 +622,7 @@ mod tests {
             64,
             store.var_builder(DType::F32, &Device::Cpu),
             &ParamStore::frozen(0),
+            ExecChoices::default(),
         )?;
         assert!(auto.channels_last());
         let img = cim_api::testing::uniform((2, 3, 64, 64), 9)?;
@@ -626,7 +633,7 @@ mod tests {
         // add and ReLU separate), channels last under one, as a training step runs it (the
         // residual and ReLU inside the last BatchNorm's node).
         let f1 = first.forward_t(&img, true)?;
-        let sink = cim_api::ops::GradSink::install();
+        let sink = cim_ops::GradSink::install();
         let f2 = last.forward_t(&img, true)?;
         assert_eq!(f1.tokens.dims(), f2.tokens.dims());
         assert_eq!((f1.grid.h, f1.grid.w), (f2.grid.h, f2.grid.w));
@@ -684,12 +691,12 @@ mod tests {
         };
         let vb = store.var_builder(DType::F32, &Device::Cpu);
         let (buf1, buf2) = (ParamStore::frozen(0), ParamStore::frozen(0));
-        let a = ResNet::new(&cfg, 64, vb.clone(), &buf1)?;
-        let b = ResNet::new(&cfg, 64, vb, &buf2)?;
+        let a = ResNet::new(&cfg, 64, vb.clone(), &buf1, ExecChoices::default())?;
+        let b = ResNet::new(&cfg, 64, vb, &buf2, ExecChoices::default())?;
         let img = cim_api::testing::uniform((2, 3, 64, 64), 11)?;
         let run =
             |net: &ResNet, regions: bool| -> Result<(Tensor, candle_core::backprop::GradStore)> {
-                let sink = cim_api::ops::GradSink::install();
+                let sink = cim_ops::GradSink::install();
                 let y = net.trunk_with(&img, true, regions)?;
                 let up = cim_api::testing::uniform(y.dims(), 12)?;
                 let g = sink.backward(&(&y * &up)?.sum_all()?)?;
@@ -746,7 +753,7 @@ mod tests {
     fn fused_stem_pool_matches_composed_values_and_gradient() -> Result<()> {
         let x = candle_core::Var::from_tensor(&cim_api::testing::uniform((2, 3, 9, 8), 6)?)?;
         let up = cim_api::testing::uniform((2, 3, 5, 4), 7)?;
-        let f = cim_api::ops::max_pool_3x3_s2(&x)?.expect("f32 on the CPU fuses");
+        let f = cim_ops::max_pool_3x3_s2(&x)?.expect("f32 on the CPU fuses");
         let c = max_pool_3x3_s2_composed(&x)?;
         let d = (&f - &c)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert_eq!(d, 0.0);

@@ -18,13 +18,15 @@
 //! | `vit_s16`  |   384 |    12 |     6 |    16 |
 //! | `vit_b16`  |   768 |    12 |    12 |    16 |
 
-pub mod layers;
+use cim_nn as layers;
 
 use candle_core::{Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use cim_api::{BuildCtx, Enhancer, EnhancerInfo, Error, Features, Result, TokenGrid};
+use cim_api::{
+    BuildCtx, Enhancer, EnhancerInfo, Error, ExecChoices, Features, Result, TokenGrid,
+};
 
 use layers::{BlockSpec, LayerNorm, PatchEmbed};
 
@@ -99,15 +101,17 @@ pub struct Vit {
 
 impl Vit {
     pub fn new(cfg: &VitConfig, image_size: usize, vb: VarBuilder) -> Result<Self> {
-        Self::with_seed(cfg, image_size, vb, 0)
+        Self::with_seed(cfg, image_size, vb, 0, ExecChoices::default())
     }
 
-    /// As [`Vit::new`], seeding stochastic depth's random draws with `seed`.
+    /// As [`Vit::new`], seeding stochastic depth's random draws with `seed` and computing as
+    /// `exec` says (fused blocks, flash attention).
     pub fn with_seed(
         cfg: &VitConfig,
         image_size: usize,
         vb: VarBuilder,
         seed: u64,
+        exec: ExecChoices,
     ) -> Result<Self> {
         use rand::SeedableRng;
         if !(0.0..1.0).contains(&cfg.drop_path) {
@@ -135,6 +139,7 @@ impl Vit {
             eps: cfg.layer_norm_eps,
             init_std: cfg.init_std,
             rescale_residual: false,
+            exec,
         };
         Ok(Self {
             patch_embed: PatchEmbed::new(
@@ -214,7 +219,7 @@ impl Enhancer for Vit {
 }
 
 fn build(cfg: VitConfig, ctx: &BuildCtx) -> Result<Vit> {
-    Vit::with_seed(&cfg, ctx.image_size, ctx.vb.clone(), ctx.seed)
+    Vit::with_seed(&cfg, ctx.image_size, ctx.vb.clone(), ctx.seed, ctx.exec)
 }
 
 cim_api::register_enhancer! {
@@ -275,7 +280,13 @@ mod tests {
                 drop_path,
                 ..VitConfig::test_tiny()
             };
-            let vit = Vit::with_seed(&cfg, 32, store.var_builder(DType::F32, &Device::Cpu), 0)?;
+            let vit = Vit::with_seed(
+                &cfg,
+                32,
+                store.var_builder(DType::F32, &Device::Cpu),
+                0,
+                ExecChoices::default(),
+            )?;
             Ok(vit
                 .forward_t(&image, train)?
                 .tokens

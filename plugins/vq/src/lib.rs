@@ -118,7 +118,7 @@ impl VqConfig {
 }
 
 /// A stride-1 "same" `k×k` convolution with bias (PyTorch's `Conv2d` names: `weight`, `bias`)
-/// through [`cim_api::ops::conv2d`]: im2col + GEMM on the CPU, whose backward is a matmul's and one
+/// through [`cim_ops::conv2d`]: im2col + GEMM on the CPU, whose backward is a matmul's and one
 /// col2im pass (candle's own CPU convolution backward, a direct transposed-convolution loop, made
 /// training ~10× slower).
 #[derive(Clone, Debug)]
@@ -149,7 +149,7 @@ impl Conv {
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let cout = self.w.dim(0)?;
-        Ok(cim_api::ops::conv2d(x, &self.w, self.k / 2, 1)?
+        Ok(cim_ops::conv2d(x, &self.w, self.k / 2, 1)?
             .broadcast_add(&self.b.reshape((1, cout, 1, 1))?)?)
     }
 }
@@ -206,7 +206,7 @@ fn from_rows(rows: &Tensor, b: usize, h: usize, w: usize) -> Result<Tensor> {
 }
 
 /// Index of the nearest codebook row for every row (shared with the other quantising tokenizer).
-pub use cim_api::ops::nearest;
+pub use cim_ops::nearest;
 
 /// The network and codebook; [`Vq`] is the frozen tokenizer around it.
 #[derive(Clone, Debug)]

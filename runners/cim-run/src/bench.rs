@@ -14,7 +14,7 @@ use candle_core::Device;
 use rand::SeedableRng;
 use serde::Serialize;
 
-use cim_api::device::Mark;
+use cim_ops::device::Mark;
 use cim_api::Result;
 
 use crate::cli::ConfigArgs;
@@ -46,7 +46,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub sync_phases: bool,
     /// On CUDA, a measurement switch: run the steps with candle's upload cache on
-    /// (`cim_api::device::cache_small_uploads`), so the small host→device copies before strided
+    /// (`cim_ops::device::cache_small_uploads`), so the small host→device copies before strided
     /// and reduction kernels are made once. Its cache never shrinks, so training does not use it.
     #[arg(long)]
     pub upload_cache: bool,
@@ -54,11 +54,11 @@ pub struct BenchArgs {
     /// default is the CPU's widest). A measurement switch for comparing them in one binary;
     /// candle's matmuls (the gemm crate) pick their own instructions regardless.
     #[arg(long, value_parser = parse_cpu_kernels)]
-    pub cpu_kernels: Option<cim_api::ops::CpuKernels>,
+    pub cpu_kernels: Option<cim_ops::CpuKernels>,
 }
 
-fn parse_cpu_kernels(name: &str) -> std::result::Result<cim_api::ops::CpuKernels, String> {
-    cim_api::ops::CpuKernels::parse(name).ok_or_else(|| {
+fn parse_cpu_kernels(name: &str) -> std::result::Result<cim_ops::CpuKernels, String> {
+    cim_ops::CpuKernels::parse(name).ok_or_else(|| {
         format!("unknown CPU kernel instance {name:?}; available: portable, avx2, avx512")
     })
 }
@@ -200,7 +200,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
     let mut step = |lap: &mut Lap| -> Result<candle_core::Tensor> {
         lap.begin()?;
         // As in training: parameter gradients of fused nodes go straight to the store.
-        let sink = cim_api::ops::GradSink::install_if(cfg.run.grad_sink);
+        let sink = cim_ops::GradSink::install_if(cfg.run.grad_sink);
         let golden = cim.tokens(&b)?;
         lap.end("tok_encode")?;
         let mim = cim.mim(&b, golden, &mut rngs)?;
@@ -217,11 +217,11 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         Ok((&mim.loss + enh)?.detach())
     };
     if let Some(cap) = args.cpu_kernels {
-        cim_api::ops::set_cpu_kernels(cap);
+        cim_ops::set_cpu_kernels(cap);
     }
     let _upload_cache = args
         .upload_cache
-        .then(|| cim_api::device::cache_small_uploads(&dev));
+        .then(|| cim_ops::device::cache_small_uploads(&dev));
     let t0 = Instant::now();
     let mut lap = Lap::new(&dev, use_marks);
     for _ in 0..args.warmup {
@@ -230,7 +230,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
     dev.synchronize()?;
     let warmup_s = t0.elapsed().as_secs_f64();
     // Peak memory is reported, not needed: a pool that cannot be read leaves it out.
-    let pool_ok = cim_api::device::reset_peak(&dev)
+    let pool_ok = cim_ops::device::reset_peak(&dev)
         .map_err(|e| tracing::warn!("peak memory not measured: {e}"))
         .is_ok();
     let mut lap = Lap::new(&dev, use_marks);
@@ -249,7 +249,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         .collect();
     let peak = match dev.is_cuda() {
         true => pool_ok
-            .then(|| cim_api::device::peak_bytes(&dev).ok().flatten())
+            .then(|| cim_ops::device::peak_bytes(&dev).ok().flatten())
             .flatten()
             .map(|bytes| bytes as f64 / (1u64 << 30) as f64),
         false => cpu_peak_gib(),
@@ -274,8 +274,8 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
             (_, true) => "fp32 (tf32 matmul)".into(),
             _ => "fp32".into(),
         },
-        cuda_kernels: dev.is_cuda() && cim_api::ops::cuda_kernels(),
-        fused_blocks: cim_api::ops::fused_blocks() && cim_api::ops::kernels_run_on(&dev),
+        cuda_kernels: dev.is_cuda() && cim_ops::cuda_kernels(),
+        fused_blocks: cfg.run.fused_blocks && cim_ops::kernels_run_on(&dev),
         grad_sink: cfg.run.grad_sink,
         graft_regions: cfg.run.grad_sink && cfg.run.graft_regions,
         phase_timing: if use_marks {
@@ -284,12 +284,12 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
             "host sync"
         },
         upload_cache: args.upload_cache && dev.is_cuda(),
-        flash_attention: cim_api::ops::flash_attention()
+        flash_attention: cfg.run.flash_attention
             && dev.is_cuda()
-            && cim_api::ops::cuda_kernels(),
+            && cim_ops::cuda_kernels(),
         cuda_keep_freed: cfg.run.cuda_keep_freed && dev.is_cuda(),
-        cudnn_conv: dev.is_cuda() && cim_api::ops::cudnn_conv(),
-        cpu_kernels: cim_api::ops::cpu_kernels().name(),
+        cudnn_conv: dev.is_cuda() && cim_ops::cudnn_conv(),
+        cpu_kernels: cim_ops::cpu_kernels().name(),
         cpu_threads: rayon::current_num_threads(),
         tok_precision: cim.tokenizer.precision(),
         device: format!("{dev:?}"),
@@ -442,7 +442,7 @@ mod tests {
             (r.dtype.as_str(), r.cuda_kernels, r.fused_blocks),
             ("fp32", false, true)
         );
-        let expected = cim_api::ops::cpu_kernels().name();
+        let expected = cim_ops::cpu_kernels().name();
         assert_eq!(r.cpu_kernels, expected);
         assert_eq!(r.cpu_threads, rayon::current_num_threads());
         assert!(

@@ -299,9 +299,9 @@ pub fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     // The command runs on one of rayon's workers: its parallel kernels then split in place rather
-    // than wait for the pool (cim_api::threads' module doc).
+    // than wait for the pool (cim_ops::threads' module doc).
     let args: Vec<String> = std::env::args().collect();
-    match cim_api::threads::on_pool(|| run(args)) {
+    match cim_ops::threads::on_pool(|| run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -42,39 +42,39 @@ pub struct RunSection {
     pub picture_every: usize,
     /// On CUDA, let f32 matmuls use TF32 tensor cores (PyTorch's `allow_tf32`).
     pub tf32: bool,
-    /// On CUDA, use cim's fused kernels (`cim_api::ops`: LayerNorm, softmax, cross-entropy,
+    /// On CUDA, use cim's fused kernels (`cim_ops`: LayerNorm, softmax, cross-entropy,
     /// attention softmax, RESPIX, AdamW, BatchNorm, conv backward, …) instead of composed candle
     /// ops. On by default since their GPU parity test passed on an H200 (2026-11-27).
     pub cuda_kernels: bool,
     /// Run each transformer block (generator and ViT enhancer) as one graph node with a
-    /// hand-written backward (`cim_api::ops::pre_norm_block`) wherever the fused kernels run;
+    /// hand-written backward (`cim_ops::pre_norm_block`) wherever the fused kernels run;
     /// `false` records every op of the block (stochastic depth included).
     pub fused_blocks: bool,
-    /// Differentiate each step through a `cim_api::ops::GradSink`: fused graph nodes hand their
+    /// Differentiate each step through a `cim_ops::GradSink`: fused graph nodes hand their
     /// parameters' gradients to it instead of to candle's graph (no per-parameter zero tensor and
     /// add, no packing of a block's twelve parameters). `false`: plain `Tensor::backward`, the
     /// same gradients (the path before session 12, kept to measure the difference).
     pub grad_sink: bool,
     /// With the gradient sink, differentiate chains of fused nodes that a plugin marks as a
-    /// region (`cim_api::ops::region`: ResNet-50's bottlenecks) as one graph node whose backward
+    /// region (`cim_ops::region`: ResNet-50's bottlenecks) as one graph node whose backward
     /// hands each gradient to the next node directly — no zero tensor and add per activation
     /// edge. `false`: every fused node in candle's graph, the same gradients (to measure the
     /// difference).
     pub graft_regions: bool,
     /// On CUDA (`--features cudnn` builds), run convolutions (forward; backward of trainable ones)
-    /// through cim's own cuDNN calls (`cim_api::ops::set_cudnn_conv`: tensor-core math for
+    /// through cim's own cuDNN calls (`cim_ops::set_cudnn_conv`: tensor-core math for
     /// bf16/f16, algorithm and workspace kept per shape) instead of candle's forward and cim's
     /// im2col backward. On by default since its GPU parity test passed and it measured faster in
     /// all four benched configurations on an H200 (2026-11-27, session 11); no effect in builds
     /// without the feature or off CUDA; a cuDNN error switches it off with a warning.
     pub cudnn_conv: bool,
     /// On CUDA, keep device memory that a step frees in the allocator's pool across
-    /// synchronisations, as PyTorch's caching allocator does (`cim_api::device::prepare`: the
+    /// synchronisations, as PyTorch's caching allocator does (`cim_ops::device::prepare`: the
     /// pool's release threshold raised to the maximum). `false` is CUDA's default, which hands
     /// it back to the driver at every synchronisation, so the next step maps it again.
     pub cuda_keep_freed: bool,
     /// On CUDA, run bf16 attention with 64-wide heads through cim's flash kernels
-    /// (`cim_api::ops::set_flash_attention`: tensor cores, nothing N×N in global memory, q, k, v
+    /// (`cim_ops::set_flash_attention`: tensor cores, nothing N×N in global memory, q, k, v
     /// read in place) instead of the GEMM attention. Off by default: written in session 13
     /// without a GPU, it waits for its GPU parity check (`tests/ops_cuda.rs`).
     pub flash_attention: bool,

@@ -1,4 +1,4 @@
-//! Datasets and BEiT's two views of one RandomResizedCrop (DESIGN.md stage 0).
+//! Datasets and BEiT's two views of one RandomResizedCrop (book: "One training step", stage 0).
 //!
 //! Every random choice of a sample comes from an RNG seeded by `(seed, epoch, position)`, so a
 //! batch is the same whatever order or thread produced it; the epoch order is a seeded shuffle.

@@ -40,4 +40,4 @@ use cim_plugin_vq as _;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub use alloc::{keep_freed_memory, purge_delay_ms};
-pub use cim_api::threads::settle_cpu_threads;
+pub use cim_ops::threads::settle_cpu_threads;

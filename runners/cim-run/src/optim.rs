@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor, Var};
 
 use cim_api::{Error, Result};
 
-/// Whether a parameter gets weight decay (DESIGN.md).
+/// Whether a parameter gets weight decay (book: architecture, "One training step").
 pub fn decays(name: &str, rank: usize) -> bool {
     let leaf = name.rsplit('.').next().unwrap_or(name);
     rank >= 2 && !matches!(leaf, "pos_embed" | "cls_token" | "mask_token")
@@ -21,7 +21,7 @@ struct Slot {
     decay: bool,
     /// Multiplier of the learning rate (layer-wise decay); 1 by default.
     lr_scale: f64,
-    /// `[m; v]`, `(2, numel)` f32: the layout of the fused update ([`cim_api::ops::adamw_update`]).
+    /// `[m; v]`, `(2, numel)` f32: the layout of the fused update ([`cim_ops::adamw_update`]).
     moments: Tensor,
 }
 
@@ -150,9 +150,9 @@ impl AdamW {
     }
 
     /// Global L2 norm of all gradients (one host read; on CUDA one launch,
-    /// [`cim_api::ops::sum_of_squares`]); a parameter without a gradient is an error naming it.
+    /// [`cim_ops::sum_of_squares`]); a parameter without a gradient is an error naming it.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        Ok(cim_api::ops::sum_of_squares(&self.grads(grads)?)?.sqrt())
+        Ok(cim_ops::sum_of_squares(&self.grads(grads)?)?.sqrt())
     }
 
     /// Every parameter's gradient, in slot order; a missing one is an error naming it.
@@ -171,13 +171,13 @@ impl AdamW {
     /// A non-finite gradient norm is an error and leaves every parameter untouched.
     pub fn step(&mut self, grads: &GradStore, lr: f64, clip: f64) -> Result<StepInfo> {
         let grads = self.grads(grads)?;
-        let norm = cim_api::ops::sum_of_squares(&grads)?.sqrt();
+        let norm = cim_ops::sum_of_squares(&grads)?.sqrt();
         if !norm.is_finite() {
             // Name the component: the first parameters whose gradient is not finite (summed as
             // the norm is, so exactly those that made it non-finite).
             let mut bad = vec![];
             for (s, g) in self.slots.iter().zip(&grads) {
-                if !cim_api::ops::sum_of_squares(&[g])?.is_finite() {
+                if !cim_ops::sum_of_squares(&[g])?.is_finite() {
                     bad.push(s.name.as_str());
                 }
             }
@@ -200,7 +200,7 @@ impl AdamW {
         let steps: Vec<_> = self
             .slots
             .iter()
-            .map(|s| cim_api::ops::AdamStep {
+            .map(|s| cim_ops::AdamStep {
                 lr: lr * s.lr_scale,
                 beta1: self.beta1,
                 beta2: self.beta2,
@@ -215,7 +215,7 @@ impl AdamW {
             .iter()
             .zip(&grads)
             .zip(&steps)
-            .map(|((s, g), step)| cim_api::ops::AdamItem {
+            .map(|((s, g), step)| cim_ops::AdamItem {
                 param: s.var.as_tensor(),
                 moments: &s.moments,
                 grad: g,
@@ -224,9 +224,9 @@ impl AdamW {
             .collect();
         // In-place kernels (on CUDA one launch per 64 parameters); other dtypes/devices compose
         // the same update per parameter.
-        if !cim_api::ops::adamw_update_all(&items)? {
+        if !cim_ops::adamw_update_all(&items)? {
             for ((s, g), step) in self.slots.iter_mut().zip(&grads).zip(&steps) {
-                let (p, mv) = cim_api::ops::adamw_composed(s.var.as_tensor(), &s.moments, g, step)?;
+                let (p, mv) = cim_ops::adamw_composed(s.var.as_tensor(), &s.moments, g, step)?;
                 s.var.set(&p)?;
                 s.moments = mv;
             }

@@ -1,5 +1,5 @@
 //! Assembling a CiM model from the registry, and the forward half of one training step
-//! (DESIGN.md stages 1–9; the paper's Figure 1b, top to bottom).
+//! (the book's "One training step"; the paper's Figure 1b, top to bottom).
 
 use std::collections::BTreeMap;
 
@@ -10,6 +10,7 @@ use cim_api::config::select;
 use cim_api::pixels::normalize;
 use cim_api::registry::{BuildCtx, Entry, Kind, Variant};
 use cim_api::{
+    ExecChoices,
     Enhancer, Error, Generator, Losses, Mask, Masking, Objective, ObjectiveBatch, ParamStore,
     Result, Sampler, TokenGrid, Tokenizer,
 };
@@ -52,18 +53,18 @@ where
         .map_err(|e| Error::msg(format!("building {} `{}`: {e}", K::KIND, sel.entry.name)))
 }
 
-/// Resolves `run.device`; a CUDA device is set up by `cim_api::device::prepare` (`keep_freed`:
+/// Resolves `run.device`; a CUDA device is set up by `cim_ops::device::prepare` (`keep_freed`:
 /// `run.cuda_keep_freed`).
 pub fn device(spec: &str, keep_freed: bool) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
         "auto" => {
             let dev = Device::cuda_if_available(0)?;
-            cim_api::device::prepare(&dev, keep_freed)?;
+            cim_ops::device::prepare(&dev, keep_freed)?;
             Ok(dev)
         }
         s => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
-            Some(n) => cim_api::device::open_cuda(n, keep_freed).map_err(|e| {
+            Some(n) => cim_ops::device::open_cuda(n, keep_freed).map_err(|e| {
                 Error::config(format!(
                     "run.device = \"{s}\": {e} (this binary needs `--features cuda` and a GPU; use \"cpu\" or \"auto\")"
                 ))
@@ -80,11 +81,18 @@ impl Cim {
     /// grid) → masking → enhancer (feature layout) → generator → sampler → objective.
     pub fn build(res: &Resolved) -> Result<Self> {
         let device = device(&res.cfg.run.device, res.cfg.run.cuda_keep_freed)?;
-        cim_api::ops::set_cuda_kernels(res.cfg.run.cuda_kernels);
-        cim_api::ops::set_fused_blocks(res.cfg.run.fused_blocks);
-        cim_api::ops::set_cudnn_conv(res.cfg.run.cudnn_conv);
-        cim_api::ops::set_regions(res.cfg.run.graft_regions);
-        cim_api::ops::set_flash_attention(res.cfg.run.flash_attention);
+        let run = &res.cfg.run;
+        // Process-wide backend switches (cim_ops::backend): which kernel families run on CUDA.
+        cim_ops::set_cuda_kernels(run.cuda_kernels);
+        cim_ops::set_cudnn_conv(run.cudnn_conv);
+        let exec = ExecChoices {
+            fused_blocks: run.fused_blocks,
+            flash_attention: run.flash_attention,
+            regions: run.graft_regions,
+            channels_last: device.is_cuda()
+                && cim_ops::cudnn_conv()
+                && cim_ops::cuda_kernels(),
+        };
         let data = res.cfg.data.clone();
         let params = ParamStore::trainable(res.cfg.run.seed);
         let frozen = ParamStore::frozen(RANDOM_TOKENIZER_SEED);
@@ -101,6 +109,7 @@ impl Cim {
             vb: frozen.var_builder(DType::F32, &device).pp("tokenizer"),
             buffers: buffers.clone(),
             enhancer_vb: None,
+            exec,
         };
         let tokenizer = build::<dyn Tokenizer>(res, &ctx)?;
         let grid = tokenizer
@@ -450,14 +459,14 @@ impl Cim {
         )
     }
 
-    /// Stages 1–9 of DESIGN.md, with the step's scalars read (see [`Cim::forward_queued`] and
+    /// Stages 1–9 of the training step (book: architecture), with the step's scalars read (see [`Cim::forward_queued`] and
     /// [`Cim::read`]).
     pub fn forward(&self, batch: &Batch, rngs: &mut StepRngs) -> Result<StepOutput> {
         let queued = self.forward_queued(batch, rngs)?;
         self.read(queued)
     }
 
-    /// Stages 1–9 of DESIGN.md, nothing read back: on CUDA the whole forward is queued and the
+    /// Stages 1–9 of the training step (book: architecture), nothing read back: on CUDA the whole forward is queued and the
     /// host goes on (to the backward, say) while the device runs it. Gradients flow into the
     /// generator only through the MIM loss and into the enhancer/objective only through the
     /// objective loss: sampled ids and decoded images are detached.

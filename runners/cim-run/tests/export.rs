@@ -34,6 +34,7 @@ fn weights(enhancer: &str) -> BTreeMap<String, Tensor> {
         vb: params.var_builder(DType::F32, &Device::Cpu).pp("enhancer"),
         buffers: buffers.clone(),
         enhancer_vb: None,
+        exec: Default::default(),
     };
     let _ = (entry.build)(&figment::Figment::new(), Variant::Default, &ctx).unwrap();
     params
