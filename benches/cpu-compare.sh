@@ -3,7 +3,7 @@
 # preset's sizes and one or more cim-run binaries, alternating, ROUNDS times (the machine's speed
 # drifts, so only figures measured side by side compare). One JSON line per run under OUT_DIR,
 # then a summary: img/s and the ratio to the reference of the same round.
-#   PYTHON=/path/to/venv/bin/python bash benches/cpu-compare.sh target/release/cim-run [other-cim-run …]
+#   REF=.../torch_cim_ref.py PYTHON=/path/to/venv/bin/python bash benches/cpu-compare.sh target/release/cim-run [other-cim-run …]
 # CASE=resnet compares tiny_resnet_revdet instead, with ResNet-50's full 3-4-6-3 layout at width 8
 # (the reference's layout; the preset's own has one block per stage) on the preset's 64-px images.
 # THREADS=N (default 2) sizes both: the reference's --threads and cim's RAYON_NUM_THREADS.
@@ -13,7 +13,7 @@ THREADS=${THREADS:-2}
 ROUNDS=${ROUNDS:-3}
 OUT_DIR=${OUT_DIR:-$(mktemp -d)}
 PYTHON=${PYTHON:-python3}
-REF=${REF:-$(cd "$(dirname "$0")/../.." && pwd)/shared/bench/torch_cim_ref.py}
+REF=${REF:?set REF to the PyTorch reference of one CiM step, torch_cim_ref.py}
 [ $# -ge 1 ] || { echo "usage: $0 CIM_RUN [CIM_RUN …]" >&2; exit 2; }
 for r in $(seq 1 "$ROUNDS"); do
   if [ "$CASE" = resnet ]; then

@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# A short device call (~7 min on a warm H200; carry [".gpu"], timeout ≥ 540 s) for a session with
-# little device time left, most important first, so that a call cut short still holds the issue's
-# ratio: the GPU parity test; ViT-B/16 RESPIX bf16 as configured by default and the PyTorch eager
-# reference right after it; then ViT-B/16 with the flash attention kernels on, and with each of
-# sessions 12 and 13's changes undone in turn; ResNet-50 REVDET bf16 and its reference, and
-# channels first (session 14 made it channels last); kernel
+# A short device call (~7 min on a warm H200; carry [".gpu"], timeout ≥ 540 s), most important
+# first, so that a call cut short still holds the headline ratio: the GPU parity test; ViT-B/16
+# RESPIX bf16 as configured by default and the PyTorch eager reference right after it; then ViT-B/16
+# with the flash attention kernels on, and with each host-side and layout choice switched back in
+# turn; ResNet-50 REVDET bf16 and its reference, channels first and without regions; kernel
 # profiles (by kernel and by phase of the step) of both.
 # The full measurement is benches/gpu-suite.sh. Files go under $OUT.
 set -u
@@ -21,26 +20,25 @@ parity
 # off should this run fail, so that the call still yields a figure.
 bench vit_b16_respix vit_b16_respix --set run.precision='"bf16"' --set run.cuda_kernels=true
 torch_ref vit_b16 respix
-# The flash attention kernels (session 13, off by default until their parity check passes).
+# The flash attention kernels (off by default until their parity check passes on a GPU).
 bench vit_b16_respix_flash vit_b16_respix --set run.precision='"bf16"' --set run.flash_attention=true
-# Session 13's changes, each undone on its own: phases timed by a host sync at every boundary (the
-# method up to session 12; the step then drains the queue five times), then also the pool handing
-# freed memory back at every sync (CUDA's default, cim's up to session 12); and, the other way,
-# candle's upload cache on (do the small dims/strides copies cost anything?).
+# Host-side choices, each switched on its own: phases timed by a host sync at every boundary (the
+# step then drains the queue five times), then also the pool handing freed memory back at every
+# sync (CUDA's default); and candle's upload cache on (do the small dims/strides copies cost
+# anything?).
 bench vit_b16_respix_sync vit_b16_respix --set run.precision='"bf16"' --sync-phases
 bench vit_b16_respix_sync_release vit_b16_respix --set run.precision='"bf16"' --sync-phases \
   --set run.cuda_keep_freed=false
 bench vit_b16_respix_upload_cache vit_b16_respix --set run.precision='"bf16"' --upload-cache
-# Session 12's: the dVAE channels first (the layout before session 12) and the parameters packed
-# into the block nodes (no GradSink: the path before session 12).
+# The dVAE channels first, and the parameters' gradients through candle's graph (no GradSink).
 bench vit_b16_respix_nchw vit_b16_respix --set run.precision='"bf16"' \
   --set tokenizer.dalle_dvae.layout='"nchw"'
 bench vit_b16_respix_no_sink vit_b16_respix --set run.precision='"bf16"' --set run.grad_sink=false
-# ResNet-50 REVDET (0.33× in session 11): the BatchNorm graft and running-average kernel, the sink.
+# ResNet-50 REVDET: the BatchNorm graft and running-average kernel, the sink.
 bench resnet50_revdet resnet50_revdet --set run.precision='"bf16"' --set run.cuda_kernels=true
 torch_ref resnet50 revdet
-# Session 14's: the enhancer channels first (its layout up to session 13; the reference trains it
-# channels last), and its bottlenecks as separate nodes of candle's graph (no region).
+# The enhancer channels first (the reference trains it channels last), and its bottlenecks as
+# separate nodes of candle's graph (no region).
 bench resnet50_revdet_nchw resnet50_revdet --set run.precision='"bf16"' \
   --set enhancer.resnet50.layout='"nchw"'
 bench resnet50_revdet_no_regions resnet50_revdet --set run.precision='"bf16"' \
@@ -49,7 +47,7 @@ rm -f "$OUT/cim.err"
 el "kernel profile, ViT-B/16 RESPIX bf16 (defaults), by kernel and by phase"
 TOP=30 timeout 90 bash benches/cupti/profile.sh vit_b16_respix 1 3 --batch "$B" --warmup 1 \
   --set run.precision='"bf16"' > "$OUT/profile.txt" 2>&1; echo "rc=$?"; cat "$OUT/profile.txt"
-el "kernel profile, ResNet-50 REVDET bf16 (defaults): never profiled before session 12's scripts"
+el "kernel profile, ResNet-50 REVDET bf16 (defaults), by kernel and by phase"
 TOP=30 timeout 120 bash benches/cupti/profile.sh resnet50_revdet 1 3 --batch "$B" --warmup 1 \
   --set run.precision='"bf16"' > "$OUT/profile_resnet.txt" 2>&1; echo "rc=$?"; cat "$OUT/profile_resnet.txt"
 rm -f "$OUT"/prof_* "$OUT"/prof.err

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Packs what benches/gpu-suite.sh needs into .gpu/ (git-ignored): the `cudnn` cim-run and ops_cuda
-# test and the `cuda` fused_ops bench binaries from $CARGO_TARGET_DIR (build them first, see
-# ../shared/cuda/README.md), the CUPTI profiler, and the two files from ../shared.
-#   CUPTI_ROOT=<site-packages>/nvidia/cu13 CARGO_TARGET_DIR=... bash benches/package-gpu.sh
+# test and the `cuda` fused_ops bench binaries from $CARGO_TARGET_DIR (build them first: book,
+# Performance, "CUDA build"), the CUPTI profiler, the PyTorch reference ($REF) and the device
+# runner script ($RUN_ON_GPU).
+#   REF=.../torch_cim_ref.py RUN_ON_GPU=.../run-on-gpu.sh CUPTI_ROOT=<site-packages>/nvidia/cu13 \
+#     CARGO_TARGET_DIR=... bash benches/package-gpu.sh
 # CUPTI_ROOT: headers with CUpti_ActivityKernel11 (CUPTI ≥ 13.1, e.g. PyTorch's cu13 wheels).
 set -euo pipefail
 # kernel_times.c reads CUpti_ActivityKernel11 records, which the toolkit's CUPTI 13.0.85 headers
@@ -22,5 +24,6 @@ xz -T2 -6 -c "$(newest "$T/deps/fused_ops-*")" > .gpu/fused_ops.xz
 C=${CUDA_CRT_INCLUDE:-$HOME/.cache/cim-cuda/venv/lib/python3.11/site-packages/nvidia/cu13/include}
 gcc -shared -fPIC -O2 -Wall -I"$CUPTI_ROOT/include" -I"$C" benches/cupti/kernel_times.c \
   -L"$CUPTI_ROOT/lib" -l:libcupti.so.13 -o .gpu/libkernel_times.so
-cp ../shared/cuda/run-on-gpu.sh ../shared/bench/torch_cim_ref.py .gpu/
+cp "${RUN_ON_GPU:?set RUN_ON_GPU to the device runner script}" \
+  "${REF:?set REF to the PyTorch reference torch_cim_ref.py}" .gpu/
 ls -la .gpu

@@ -1,13 +1,14 @@
-//! With the `cuda` feature, compiles `kernels/ops.cu` to PTX with the CUDA toolkit's nvcc
-//! (`$CUDA_ROOT/bin/nvcc`, else `nvcc` on PATH; architecture from `CUDA_COMPUTE_CAP`, default 90)
-//! and leaves it in OUT_DIR for `src/ops/cuda.rs` to embed. The CPU build never runs nvcc.
+//! With the `cuda` feature, compiles `kernels/ops.cu` (which includes one `.cu` file per op
+//! family) to PTX with the CUDA toolkit's nvcc (`$CUDA_ROOT/bin/nvcc`, else `nvcc` on PATH;
+//! architecture from `CUDA_COMPUTE_CAP`, default 90) and leaves it in OUT_DIR for `src/cuda.rs`
+//! to embed. The CPU build never runs nvcc.
 
 use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=kernels/ops.cu");
+    println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
@@ -27,9 +28,9 @@ fn main() {
         .arg(&out)
         .arg("kernels/ops.cu")
         .status()
-        .unwrap_or_else(|e| panic!("cim-api (cuda feature): cannot run {}: {e}", nvcc.display()));
+        .unwrap_or_else(|e| panic!("cim-ops (cuda feature): cannot run {}: {e}", nvcc.display()));
     assert!(
         status.success(),
-        "cim-api: nvcc failed on kernels/ops.cu ({status})"
+        "cim-ops: nvcc failed on kernels/ops.cu ({status})"
     );
 }

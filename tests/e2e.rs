@@ -307,14 +307,20 @@ fn divergence_stops_the_run_naming_step_and_loss() {
     }
 }
 
+/// CIFAR-10's binary files (`train.bin`, `test.bin`) for the tests that train on it: the folder
+/// `CIFAR10_DIR` names, when it holds them (`.ci/run` sets it where the data set is at hand).
+fn cifar10_dir() -> Option<String> {
+    let dir = std::env::var("CIFAR10_DIR").ok()?;
+    Path::new(&dir).join("train.bin").exists().then_some(dir)
+}
+
 /// A few hundred CPU steps of the tiny CIFAR-10 preset: both losses fall.
 #[test]
 fn tiny_cifar10_losses_fall() {
-    let data = Path::new("../shared/data/cifar10");
-    if !data.join("train.bin").exists() {
-        eprintln!("SKIPPED tiny_cifar10_losses_fall: ../shared/data/cifar10/train.bin is absent");
+    let Some(data) = cifar10_dir() else {
+        eprintln!("SKIPPED tiny_cifar10_losses_fall: set CIFAR10_DIR to CIFAR-10's binary files");
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     cli(&[
@@ -325,7 +331,7 @@ fn tiny_cifar10_losses_fall() {
         "--out",
         out.to_str().unwrap(),
         "--set",
-        "data.path=../shared/data/cifar10",
+        &format!("data.path={data}"),
     ])
     .unwrap();
     let m = read_metrics(&out);
@@ -422,12 +428,12 @@ fn weight_sharing_is_refused_for_a_resnet_enhancer() {
 /// Every tiny preset: 100 CPU steps with finite losses and a falling generator loss.
 #[test]
 fn every_tiny_preset_trains_for_100_steps() {
-    if !Path::new("../shared/data/cifar10/train.bin").exists() {
+    let Some(data) = cifar10_dir() else {
         eprintln!(
-            "SKIPPED every_tiny_preset_trains_for_100_steps: ../shared/data/cifar10 is absent"
+            "SKIPPED every_tiny_preset_trains_for_100_steps: set CIFAR10_DIR to CIFAR-10's binary files"
         );
         return;
-    }
+    };
     for preset in cim_run::config::preset_names()
         .into_iter()
         .filter(|p| p.starts_with("tiny_"))
@@ -442,7 +448,7 @@ fn every_tiny_preset_trains_for_100_steps() {
             "--out",
             out.to_str().unwrap(),
             "--set",
-            "data.path=../shared/data/cifar10",
+            &format!("data.path={data}"),
         ])
         .unwrap_or_else(|e| panic!("{preset}: {e}"));
         let m = read_metrics(&out);

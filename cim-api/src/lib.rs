@@ -36,7 +36,7 @@ pub mod testing;
 
 pub use error::{Error, Result};
 pub use params::ParamStore;
-pub use registry::{BuildCtx, Kind};
+pub use registry::{BuildCtx, ExportSpec, Kind};
 pub use traits::{Enhancer, Generator, Masking, Objective, Sampler, Tokenizer};
 pub use types::{
     DecoderPrecisionReport, EnhancerInfo, ExecChoices, Features, Losses, MapLayout, Mask, ObjectiveBatch,

@@ -45,6 +45,24 @@ pub struct Entry<T: ?Sized + 'static> {
     pub params: fn(section: &Figment, variant: Variant) -> Result<figment::value::Value>,
     /// Builds the component from its parameters.
     pub build: fn(section: &Figment, variant: Variant, ctx: &BuildCtx) -> Result<Box<T>>,
+    /// Whether the component has a mixed-precision path (`run.precision = "bf16"`): bf16
+    /// activations against f32 master weights. Components without one run in f32 only, and the
+    /// runner refuses bf16 for them by name.
+    pub mixed_precision: bool,
+    /// For an enhancer whose parameter names are a PyTorch library's: how `cim-run export` hands
+    /// them over. `None`: no export.
+    pub export: Option<ExportSpec>,
+}
+
+/// How an enhancer's weights load into a PyTorch library (`cim-run export`). The plugin's
+/// parameter names under `enhancer.` are that library's names already.
+#[derive(Clone, Copy, Debug)]
+pub struct ExportSpec {
+    /// The library: `"timm"` or `"torchvision"`.
+    pub format: &'static str,
+    /// The library's constructor that these parameters fit at this image size (timm's
+    /// `vit_base_patch16_224`, torchvision's `resnet50`), or `"custom"` where none does.
+    pub model: fn(params: &figment::value::Value, image_size: usize) -> String,
 }
 
 /// A component trait that has a registry. `KIND` is both its display name and its config section.
@@ -206,7 +224,9 @@ impl BuildCtx {
 /// ([`register_tokenizer!`](crate::register_tokenizer) …), which fill in the trait.
 ///
 /// `build` is a function or closure `(Config, &BuildCtx) -> cim_api::Result<T>` where `T`
-/// implements the trait; `default` and `tiny` are expressions of type `Config`.
+/// implements the trait; `default` and `tiny` are expressions of type `Config`. Two optional
+/// declarations follow: `mixed_precision: true` (the component has a bf16 path; default false)
+/// and, for enhancers, `export: ExportSpec { … }` (see [`ExportSpec`]).
 #[macro_export]
 macro_rules! register_component {
     ($trait:path {
@@ -215,7 +235,10 @@ macro_rules! register_component {
         config: $cfg:ty,
         default: $default:expr,
         tiny: $tiny:expr,
-        build: $build:expr $(,)?
+        build: $build:expr
+        $(, mixed_precision: $mp:expr)?
+        $(, export: $export:expr)?
+        $(,)?
     }) => {
         const _: () = {
             fn __cim_config(
@@ -251,9 +274,22 @@ macro_rules! register_component {
                     origin: module_path!(),
                     params: __cim_params,
                     build: __cim_build,
+                    mixed_precision: false $(|| $mp)?,
+                    export: $crate::__cim_export!($($export)?),
                 }
             }
         };
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __cim_export {
+    () => {
+        None
+    };
+    ($e:expr) => {
+        Some($e)
     };
 }
 

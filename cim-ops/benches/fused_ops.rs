@@ -1,5 +1,5 @@
 //! Fused vs composed ops, forward + backward, on the CPU (or CUDA with `--features cuda`, kernels
-//! switched on): `cargo bench -p cim-api --bench fused_ops`. Prints one line per op and shape:
+//! switched on): `cargo bench -p cim-ops --bench fused_ops`. Prints one line per op and shape:
 //! milliseconds per forward+backward, composed / fused, and the speed-up.
 
 use std::time::Instant;
@@ -522,7 +522,7 @@ fn bench() -> candle_core::Result<()> {
 }
 
 /// The composed sliding-window target (the objectives plugin's reference, restated here so the
-/// bench depends on cim-api only): box sums by shifted slices.
+/// bench depends on cim-ops only): box sums by shifted slices.
 fn composed_target(x: &Tensor) -> candle_core::Result<Tensor> {
     let (k, before) = (8usize, 4usize);
     let box_sum = |t: &Tensor, dim: usize| -> candle_core::Result<Tensor> {

@@ -14,7 +14,7 @@ use crate::Result;
 /// `argmax` over dimension 1 of `x` `(B, C, H, W)` → `(B, H, W)` u32 indices; ties go to the lowest
 /// channel and NaNs never win, as candle's `argmax` (which other dtypes and devices run). On CUDA
 /// (kernels on; f32, bf16 or f16 logits) one kernel reading the channel planes coalesced: in
-/// session 11's H200 profile candle's argmax over the dVAE's 8192 channels took 2.7 ms per step,
+/// an H200 profile (2026-11-27) candle's argmax over the dVAE's 8192 channels took 2.7 ms per step,
 /// after a cast of the f16 logits to f32.
 pub fn argmax_channels(x: &Tensor) -> Result<Tensor> {
     x.dims4()?;

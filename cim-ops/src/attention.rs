@@ -115,7 +115,7 @@ fn gemm_detached(qkv: &Tensor, heads: usize, scale: f64) -> Result<(Tensor, Atte
 /// The per-head row count of GEMM attention: on CUDA (kernels on, f32 or bf16) the token count
 /// rounded up to a multiple of 8, so that every attention GEMM has 16-byte aligned leading
 /// dimensions (at 197 tokens cuBLAS ran cutlass `align1` kernels for all six per block: 16.7 ms of
-/// a bf16 ViT-B/16 step on an H200, session 11); elsewhere the token count.
+/// a bf16 ViT-B/16 step on an H200); elsewhere the token count.
 fn aligned_rows(qkv: &Tensor) -> Result<usize> {
     let n = qkv.dim(1)?;
     let padded = super::kernels_on_cuda(qkv) && matches!(qkv.dtype(), DType::F32 | DType::BF16);

@@ -9,7 +9,7 @@
 //! with the gradient through the batch statistics folded in:
 //! `dx = γ·rstd·(dy − mean(dy) − x̂·mean(dy·x̂))` per channel. On CUDA the reductions run on a
 //! grid of (channel, chunk of planes) blocks with f64 partial sums added in a fixed order (since
-//! session 11; one block per channel before), and the kernels also take bf16 maps.
+//! rather than one block per channel), and the kernels also take bf16 maps.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -234,7 +234,7 @@ pub fn batch_norm_train_tail(
 }
 
 /// A bf16 map on CUDA with the kernels on: the kernels read and write bf16 (statistics and
-/// arithmetic in f32; session 11 — before, the ResNet plugin normalised an f32 copy, two casts
+/// arithmetic in f32; no f32 copy, no casts
 /// each way per layer).
 fn bf16_on_cuda(x: &Tensor) -> bool {
     x.dtype() == candle_core::DType::BF16 && super::kernels_on_cuda(x)

@@ -199,7 +199,7 @@ fn cudnn_forward_nhwc(_: &Tensor, _: &Tensor, _: Im2Col) -> Result<Option<Tensor
 /// `(B, H, W, C)`, `w` `(C_out, k, k, C)` → `(B, Ho, Wo, C_out)`, the same sizes as [`conv2d`].
 /// With cim's cuDNN convolution ([`set_cudnn_conv`]) cuDNN's NHWC kernels, which is what the
 /// layout is for: on NCHW data, cuDNN's tensor-core kernels transpose every input and output
-/// (14.4 ms of a ViT-B/16 RESPIX step in session 11's H200 profile). Elsewhere [`conv2d`]
+/// (14.4 ms of a ViT-B/16 RESPIX step in an H200 profile (2026-11-27)). Elsewhere [`conv2d`]
 /// between transposes: the same function, for the CPU tests and as the GPU parity reference.
 /// Inputs that track gradients are an error (there is no backward here).
 pub fn conv2d_nhwc(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {

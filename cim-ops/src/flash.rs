@@ -1,8 +1,8 @@
 //! Flash attention on CUDA: bf16, head width 64, tensor cores (`kernels/ops.cu`, `cim_flash_*`).
 //!
 //! [`super::attention_gemm`] materialises the `N×N` scores and probabilities of every head in
-//! global memory and copies q, k, v out of the packed qkv projection and the output back (session
-//! 11's H200 profile of ViT-B/16: ~42 ms of a 205 ms step went to the attention GEMMs, their
+//! global memory and copies q, k, v out of the packed qkv projection and the output back (an H200
+//! profile of ViT-B/16, 2026-11-27: ~42 ms of a 205 ms step went to the attention GEMMs, their
 //! softmax and the head copies). The flash kernels read q, k, v where the projection wrote them,
 //! keep every score tile in shared memory, and write the output where the output projection
 //! reads it; the backward recomputes the probabilities from the per-row log-sum-exp (the
@@ -19,7 +19,7 @@
 //!   `dq = ds·k`, `dk = dsᵀ·q`.
 //!
 //! Off by default (asked for per model: the `flash` argument of [`super::attention_qkv`], config `run.flash_attention`) until its GPU parity
-//! check has passed on a GPU: it was written in session 13, which had none.
+//! check has passed on a GPU: it has not run on one yet.
 
 
 use candle_core::backend::BackendStorage;

@@ -37,7 +37,7 @@ pub type BackwardFn = dyn Fn(&Tensor) -> candle_core::Result<Vec<Option<Tensor>>
 /// // y = x² with a hand-written backward 2·x·dy.
 /// let x = Var::new(&[1f32, 2., 3.], &Device::Cpu)?;
 /// let xd = x.as_tensor().detach();
-/// let y = crate::with_backward(&[x.as_tensor()], xd.sqr()?, move |dy| {
+/// let y = cim_ops::with_backward(&[x.as_tensor()], xd.sqr()?, move |dy| {
 ///     Ok(vec![Some(((&xd * 2.0)? * dy)?)])
 /// })?;
 /// let g = y.sum_all()?.backward()?;

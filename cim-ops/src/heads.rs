@@ -4,15 +4,15 @@
 //! per-head gradients into the packed `d qkv`.
 //!
 //! Composed from candle ops these are permute + contiguous copies (and, for the gradients, a
-//! `stack` and then a second copy): on an H200, session 6's ViT-B/16 profile had 67 strided bf16
+//! `stack` and then a second copy): on an H200, a ViT-B/16 profile (2026-11-27) had 67 strided bf16
 //! copies per step taking 29 ms (`ucopy_bf16`, ~0.4 ms per ~100 MB, a fraction of the memory
 //! bandwidth). Here one pass each, one element per thread, consecutive threads on consecutive
 //! head-dimension elements (f32 or bf16 storage, a plain copy). Forward only: callers graft them
 //! into detached attention ([`super::attention_gemm`], the block node).
 //!
 //! The `_padded`/`_rows` forms give the per-head side more rows than tokens (zero rows after the
-//! tokens) and fold the score scale into q and dq (session 11): at 197 tokens every attention GEMM
-//! of session 11's H200 profile ran a cutlass `align1` kernel (an odd leading dimension; 16.7 ms
+//! tokens) and fold the score scale into q and dq: at 197 tokens every attention GEMM
+//! of an H200 profile (2026-11-27) ran a cutlass `align1` kernel (an odd leading dimension; 16.7 ms
 //! per ViT-B/16 step), and the scale was a separate pass over q and over dq (`affine_bf16`).
 
 use candle_core::backend::BackendStorage;

@@ -2,7 +2,7 @@
 //! boundaries) and nearest-neighbour upsampling (the decoder's). candle's CPU versions run on one
 //! thread; these run plane by plane in parallel (f32). On CUDA (kernels on; f32, bf16 or f16) one
 //! thread per output element: candle's CUDA max-pool took 4.9 ms for the dVAE's three pools in
-//! session 6's H200 profile, ~4× the bandwidth bound. Both are forward-only: an input that tracks
+//! an H200 profile (2026-11-27), ~4× the bandwidth bound. Both are forward-only: an input that tracks
 //! gradients, another dtype or device takes candle's op, which has the backward.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};

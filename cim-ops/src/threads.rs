@@ -5,7 +5,7 @@
 //! every kernel of `cim_ops`, and a "barrier pool" of `CANDLE_NUM_THREADS − 1` more threads
 //! for its element-wise binary ops, whose workers spin for a while after each op before they
 //! sleep. cim's heavy work runs in rayon's pool, so on a small machine those spinning workers take
-//! cores from it: on this project's 2-core machine the tiny bench ran 402.7 img/s (median of 5)
+//! cores from it: on a 2-core x86-64 VM the tiny bench ran 402.7 img/s (median of 5)
 //! with the barrier pool off against 366.0 with it, alternating. And without `RAYON_NUM_THREADS`
 //! candle works out its thread count again for every matmul — on Linux by reading `/proc/cpuinfo`.
 //!

@@ -1,7 +1,7 @@
 //! CUDA kernels of cim (`kernels/ops.cu`, compiled whole) run on the CPU: `kernels/emulate/cuda_emu.h`
 //! stands in for CUDA (a thread per CUDA thread, barriers, warp shuffles, bf16/f16 conversions,
 //! WMMA fragments with WMMA's alignment rules), and `kernels/emulate/ops_emu.cpp` launches the
-//! kernels as `src/ops/cuda.rs` does and checks each against a direct computation: the flash
+//! kernels as `src/cuda.rs` does and checks each against a direct computation: the flash
 //! attention kernels (statistics, output, `d qkv` against double precision), and the kernels a
 //! bf16 ViT-B/16 step runs by default that were written after the last GPU parity run (softmax
 //! and LayerNorm one warp per row, bias + GELU four per thread, the f16 row argmax, the

@@ -1,6 +1,6 @@
 //! GPU parity of the fused CUDA kernels against their CPU twins (values and gradients).
 //! Exists only in `--features cuda` builds and needs a GPU: run on the GPU machine with
-//! `cargo test -p cim-api --features cuda --test ops_cuda` (or the test binary built here).
+//! `cargo test -p cim-ops --features cuda --test ops_cuda` (or a test binary built elsewhere).
 #![cfg(feature = "cuda")]
 
 use candle_core::{Device, Tensor, Var};
@@ -54,7 +54,7 @@ fn run(
 /// One GPU-against-CPU parity check.
 type Check = fn(&Device);
 
-/// Every parity check below, each run even when an earlier one failed (a GPU session is short:
+/// Every parity check below, each run even when an earlier one failed (a device call is short:
 /// one run should name every kernel that disagrees); prints `ok`/`FAIL` per check.
 #[test]
 fn cuda_kernels_match_the_cpu_kernels() {
@@ -617,7 +617,7 @@ fn cudnn_conv_parity(gpu: &Device) {
             let d = max_diff(&ours, &want) / scale;
             assert!(d < tol, "cudnn conv {i} {dt:?} vs f32 CPU: {d}");
             // candle's f16 convolution accumulates in f16 (its cuDNN descriptor's compute type
-            // is the data type): 1.4% of the largest value off in session 11's H200 run, where
+            // is the data type): 1.4% of the largest value off in an H200 run (2026-11-27), where
             // cim's (f32 accumulation) met the f32 bound above. Compared for f32 and bf16 only.
             if dt != DType::F16 {
                 let d = max_diff(&ours, &theirs) / scale;

@@ -1,16 +1,16 @@
 // Runs CUDA kernels of cim (kernels/ops.cu, included whole) on the CPU through cuda_emu.h, launched
-// as src/ops/cuda.rs launches them, and checks each against a direct computation:
+// as src/cuda.rs launches them, and checks each against a direct computation:
 //   - flash attention (`cim_flash_*`): the log-sum-exp statistics, the output and d qkv against
 //     attention in double precision, on bf16 inputs, at token counts that are no multiple of the
 //     64- and 32-row tiles, one and several heads and items;
-//   - kernels written after the last GPU parity run (session 11's third device call) that a
+//   - kernels that have not yet passed the GPU parity test that a
 //     bf16 ViT-B/16 RESPIX step runs by default: the warp-per-row softmax (forward over the first
 //     `valid` columns, backward) and LayerNorm (forward, backward dx and row statistics), the
 //     four-per-thread bias + GELU (forward, backward into bf16) and bias add, the row argmax of
 //     the dVAE's f16 logits, and the dVAE's channels-last 2×2 max-pool and nearest upsampling;
-//   - session 14's kernels for the ResNet-50 enhancer channels last: BatchNorm's column
+//   - the kernels of the ResNet-50 enhancer channels last: BatchNorm's column
 //     reductions (`cim_bn_*_partials_cl`) and the stem's 3×3 max-pool in either layout.
-// Built and run by cim-api's test `cuda_kernels_emulated`. One line per check; exit 1 when one is off.
+// Built and run by cim-ops' test `cuda_kernels_emulated`. One line per check; exit 1 when one is off.
 #include "cuda_emu.h"
 #include "ops.cu"
 
@@ -95,7 +95,7 @@ bool run_case(int b, int n, int h, unsigned seed) {
                 }
             }
         }
-    // The kernels, launched as src/ops/cuda.rs launches them.
+    // The kernels, launched as src/cuda.rs launches them.
     const auto qkv_b = to_bf16(qkv), dout_b = to_bf16(dout);
     auto out_b = nan_filled<__nv_bfloat16>(dout.size()), dqkv_b = nan_filled<__nv_bfloat16>(qkv.size());
     auto lse = nan_filled<float>(lse_ref.size()), delta = nan_filled<float>(lse_ref.size());

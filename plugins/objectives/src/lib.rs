@@ -372,7 +372,7 @@ mod tests {
     use super::*;
 
     /// A ResNet enhancer's tokens are a transposed view of its feature map. candle_nn's `Linear`
-    /// (these heads before session 9) gave wrong values on that layout — its batched matmul against
+    /// gave wrong values on that layout — its batched matmul against
     /// the broadcast weight; 22.6 off here — so the head must equal itself on a contiguous copy.
     #[test]
     fn head_on_a_transposed_token_view_equals_the_contiguous_one() -> Result<()> {

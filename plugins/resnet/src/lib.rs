@@ -522,6 +522,20 @@ cim_api::register_enhancer! {
     default: ResNetConfig::default(),
     tiny: ResNetConfig::test_tiny(),
     build: build,
+    mixed_precision: true,
+    export: cim_api::ExportSpec {
+        format: "torchvision",
+        model: torchvision_model,
+    },
+}
+
+/// torchvision's `resnet50` where the layout and width are ResNet-50's, else `"custom"` (the
+/// names are torchvision's either way).
+fn torchvision_model(params: &cim_api::figment::value::Value, _image_size: usize) -> String {
+    match params.deserialize::<ResNetConfig>() {
+        Ok(c) if c.layers == [3, 4, 6, 3] && c.width == 64 => "resnet50".into(),
+        _ => "custom".into(),
+    }
 }
 
 #[cfg(test)]

@@ -222,6 +222,26 @@ fn build(cfg: VitConfig, ctx: &BuildCtx) -> Result<Vit> {
     Vit::with_seed(&cfg, ctx.image_size, ctx.vb.clone(), ctx.seed, ctx.exec)
 }
 
+/// The parameters are timm's `VisionTransformer`'s, by name and layout.
+const TIMM: cim_api::ExportSpec = cim_api::ExportSpec {
+    format: "timm",
+    model: timm_model,
+};
+
+/// timm's constructor for a ViT of these parameters at `image_size` px, or `"custom"`.
+fn timm_model(params: &cim_api::figment::value::Value, image_size: usize) -> String {
+    let Ok(c) = params.deserialize::<VitConfig>() else {
+        return "custom".into();
+    };
+    let standard = c.patch_size == 16 && c.depth == 12 && c.mlp_ratio == 4.0 && image_size == 224;
+    match (standard, c.width, c.heads) {
+        (true, 192, 3) => "vit_tiny_patch16_224".into(),
+        (true, 384, 6) => "vit_small_patch16_224".into(),
+        (true, 768, 12) => "vit_base_patch16_224".into(),
+        _ => "custom".into(),
+    }
+}
+
 cim_api::register_enhancer! {
     name: "vit_tiny",
     about: "ViT-Tiny (DeiT-Ti widths: 192 wide, 12 deep, 3 heads, patch 16)",
@@ -229,6 +249,8 @@ cim_api::register_enhancer! {
     default: VitConfig::vit_tiny(),
     tiny: VitConfig::test_tiny(),
     build: build,
+    mixed_precision: true,
+    export: TIMM,
 }
 
 cim_api::register_enhancer! {
@@ -238,6 +260,8 @@ cim_api::register_enhancer! {
     default: VitConfig::vit_s16(),
     tiny: VitConfig::test_tiny(),
     build: build,
+    mixed_precision: true,
+    export: TIMM,
 }
 
 cim_api::register_enhancer! {
@@ -247,6 +271,8 @@ cim_api::register_enhancer! {
     default: VitConfig::vit_b16(),
     tiny: VitConfig::test_tiny(),
     build: build,
+    mixed_precision: true,
+    export: TIMM,
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! `cim-run bench`: the throughput of one CiM training step, phase by phase, in the JSON fields of
-//! the PyTorch reference (`../shared/bench/torch_cim_ref.py`) so the two can be set side by side.
+//! the PyTorch reference of one CiM step (`torch_cim_ref.py`; book: Performance) so the two can be
+//! set side by side.
 //!
 //! Like the reference, one batch is prepared once and reused (here: the embedded photographs at the
 //! preset's sizes), the phases are timed in order — `tok_encode`, `gen_fwd_bwd`, `sample_decode`,
@@ -40,8 +41,8 @@ pub struct BenchArgs {
     /// Overrides `run.device` ("cpu", "cuda:0", "auto").
     #[arg(long)]
     pub device: Option<String>,
-    /// On CUDA, synchronise the device at every phase boundary and time phases on the host (the
-    /// method up to session 12). Default: CUDA events, no host synchronisation inside the timed
+    /// On CUDA, synchronise the device at every phase boundary and time phases on the host.
+    /// Default: CUDA events, no host synchronisation inside the timed
     /// loop, as the reference times its phases. No effect on the CPU, which always does this.
     #[arg(long)]
     pub sync_phases: bool,
@@ -101,7 +102,7 @@ pub struct BenchReport {
     /// Whether CUDA convolutions ran their forward through cim's cuDNN call (`run.cudnn_conv` in a
     /// `cudnn` build, still on after the run: a cuDNN error switches it off).
     pub cudnn_conv: bool,
-    /// Which instance of cim's fused CPU kernels runs on this machine's CPU: `"avx512"`,
+    /// Which instance of cim's fused CPU kernels runs on the host's CPU: `"avx512"`,
     /// `"avx2+fma"` or `"portable"` (SSE2); on CUDA they do not run, but the field says what the host would use.
     pub cpu_kernels: &'static str,
     /// Threads of rayon's pool, which runs cim's CPU kernels and candle's matmuls.
@@ -269,8 +270,8 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         img: cfg.data.image_size,
         tok_res: cfg.data.tokenizer_size,
         tokens: cim.grid.len(),
-        dtype: match (cfg.run.precision.as_str(), dev.is_cuda() && cfg.run.tf32) {
-            ("bf16", _) => "bf16 (f32 master weights)".into(),
+        dtype: match (cfg.run.precision, dev.is_cuda() && cfg.run.tf32) {
+            (crate::config::Precision::Bf16, _) => "bf16 (f32 master weights)".into(),
             (_, true) => "fp32 (tf32 matmul)".into(),
             _ => "fp32".into(),
         },

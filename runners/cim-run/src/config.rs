@@ -21,13 +21,103 @@ use serde::{Deserialize, Serialize};
 
 include!(concat!(env!("OUT_DIR"), "/presets.rs"));
 
+/// `run.device`: `"auto"` (the first GPU if the binary has CUDA, else the CPU), `"cpu"` or
+/// `"cuda:N"`. Any other string is an error naming the key at resolve time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("must be \"auto\", \"cpu\" or \"cuda:N\", got \"{s}\"")),
+        }
+    }
+}
+
+impl Serialize for DeviceChoice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `run.precision`: the compute precision of the generator and the enhancer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 everywhere.
+    #[default]
+    F32,
+    /// Mixed precision: bf16 matmuls, convolutions and activations; f32 master weights, optimizer
+    /// state, normalisation, softmax and losses.
+    Bf16,
+}
+
+/// `data.split`: which part of a labelled data set a run reads (CIFAR-10's `train.bin` or
+/// `test.bin`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    #[default]
+    Train,
+    Test,
+}
+
+impl Split {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Train => "train",
+            Self::Test => "test",
+        }
+    }
+}
+
+/// `finetune.pooling`: the image summary the fine-tuning head reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadPooling {
+    /// The mean of the per-position features (BEiT's default).
+    #[default]
+    Mean,
+    /// The ViT class token (an error for enhancers without one).
+    Cls,
+}
+
 /// `[run]`: where, on what, for how long.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunSection {
     pub seed: u64,
     /// `"auto"`, `"cpu"` or `"cuda:N"`.
-    pub device: String,
+    pub device: DeviceChoice,
     /// Parent folder of run directories (`<out_root>/<preset>-<unix time>`), unless `--out` names one.
     pub out_root: PathBuf,
     /// Stop after this many optimizer steps (the schedule still spans the whole run); 0 = run it all.
@@ -44,7 +134,7 @@ pub struct RunSection {
     pub tf32: bool,
     /// On CUDA, use cim's fused kernels (`cim_ops`: LayerNorm, softmax, cross-entropy,
     /// attention softmax, RESPIX, AdamW, BatchNorm, conv backward, …) instead of composed candle
-    /// ops. On by default since their GPU parity test passed on an H200 (2026-11-27).
+    /// ops. Their GPU parity test is `cim-ops/tests/ops_cuda.rs` (book: Performance).
     pub cuda_kernels: bool,
     /// Run each transformer block (generator and ViT enhancer) as one graph node with a
     /// hand-written backward (`cim_ops::pre_norm_block`) wherever the fused kernels run;
@@ -53,7 +143,7 @@ pub struct RunSection {
     /// Differentiate each step through a `cim_ops::GradSink`: fused graph nodes hand their
     /// parameters' gradients to it instead of to candle's graph (no per-parameter zero tensor and
     /// add, no packing of a block's twelve parameters). `false`: plain `Tensor::backward`, the
-    /// same gradients (the path before session 12, kept to measure the difference).
+    /// same gradients (to measure the difference).
     pub grad_sink: bool,
     /// With the gradient sink, differentiate chains of fused nodes that a plugin marks as a
     /// region (`cim_ops::region`: ResNet-50's bottlenecks) as one graph node whose backward
@@ -64,9 +154,8 @@ pub struct RunSection {
     /// On CUDA (`--features cudnn` builds), run convolutions (forward; backward of trainable ones)
     /// through cim's own cuDNN calls (`cim_ops::set_cudnn_conv`: tensor-core math for
     /// bf16/f16, algorithm and workspace kept per shape) instead of candle's forward and cim's
-    /// im2col backward. On by default since its GPU parity test passed and it measured faster in
-    /// all four benched configurations on an H200 (2026-11-27, session 11); no effect in builds
-    /// without the feature or off CUDA; a cuDNN error switches it off with a warning.
+    /// im2col backward. No effect in builds without the feature or off CUDA; a cuDNN error
+    /// switches it off with a warning (book: Performance).
     pub cudnn_conv: bool,
     /// On CUDA, keep device memory that a step frees in the allocator's pool across
     /// synchronisations, as PyTorch's caching allocator does (`cim_ops::device::prepare`: the
@@ -74,21 +163,21 @@ pub struct RunSection {
     /// it back to the driver at every synchronisation, so the next step maps it again.
     pub cuda_keep_freed: bool,
     /// On CUDA, run bf16 attention with 64-wide heads through cim's flash kernels
-    /// (`cim_ops::set_flash_attention`: tensor cores, nothing N×N in global memory, q, k, v
-    /// read in place) instead of the GEMM attention. Off by default: written in session 13
-    /// without a GPU, it waits for its GPU parity check (`tests/ops_cuda.rs`).
+    /// (tensor cores, nothing N×N in global memory, q, k, v read in place) instead of the GEMM
+    /// attention. Off by default: its GPU parity check (`cim-ops/tests/ops_cuda.rs`) has not run
+    /// on a GPU yet (book: Performance, "Not yet measured").
     pub flash_attention: bool,
     /// Compute precision of the generator and enhancer: `"f32"`, or `"bf16"` (mixed precision:
     /// f32 master weights, optimizer state, LayerNorm, softmax and losses; bf16 matmuls and
     /// activations; ResNet-50's BatchNorm in f32). bf16 needs a ViT or the ResNet-50 enhancer.
-    pub precision: String,
+    pub precision: Precision,
 }
 
 impl Default for RunSection {
     fn default() -> Self {
         Self {
             seed: 0,
-            device: "auto".into(),
+            device: DeviceChoice::Auto,
             out_root: "runs".into(),
             max_steps: 0,
             log_every: 10,
@@ -103,7 +192,7 @@ impl Default for RunSection {
             cudnn_conv: true,
             cuda_keep_freed: true,
             flash_attention: false,
-            precision: "f32".into(),
+            precision: Precision::F32,
         }
     }
 }
@@ -127,7 +216,7 @@ pub struct DataConfig {
     pub source: DataSource,
     pub path: Option<PathBuf>,
     /// CIFAR-10 split: `"train"` or `"test"`.
-    pub split: String,
+    pub split: Split,
     /// Side of the generator/enhancer view (paper: 224), bicubic.
     pub image_size: usize,
     /// Side of the tokenizer view (paper: 112), Lanczos.
@@ -152,7 +241,7 @@ impl Default for DataConfig {
         Self {
             source: DataSource::Quickstart,
             path: None,
-            split: "train".into(),
+            split: Split::Train,
             image_size: 224,
             tokenizer_size: 112,
             crop_scale: [0.08, 1.0],
@@ -254,7 +343,7 @@ pub struct FinetuneConfig {
     pub randaugment_mstd: f64,
     pub loss: FinetuneLoss,
     /// Image summary fed to the head: `mean` of the position features (BEiT's default) or `cls`.
-    pub pooling: String,
+    pub pooling: HeadPooling,
     /// Test-time centre crop: resize the shorter side to `size / crop_ratio`, crop `size`.
     pub test_crop_ratio: f64,
     /// Evaluate on the test split every N epochs (and at the end).
@@ -288,7 +377,7 @@ impl Default for FinetuneConfig {
             randaugment_m: 9.0,
             randaugment_mstd: 0.5,
             loss: FinetuneLoss::Ce,
-            pooling: "mean".into(),
+            pooling: HeadPooling::Mean,
             test_crop_ratio: 0.95,
             eval_every: 1,
             max_steps: 0,
@@ -634,18 +723,24 @@ pub fn resolve(layers: &Layers) -> Result<Resolved> {
     })
 }
 
-/// `run.precision` for enhancer `enhancer`: `"f32"` always; `"bf16"` for the enhancers with a
-/// mixed-precision path (`vit_*`, `resnet50`).
-pub fn validate_precision(precision: &str, enhancer: &str) -> Result<()> {
-    let bad = |why: String| Err(Error::config(format!("`run.precision` {why}")));
-    match precision {
-        "f32" => Ok(()),
-        "bf16" if enhancer.starts_with("vit") || enhancer == "resnet50" => Ok(()),
-        "bf16" => bad(format!(
-            "= \"bf16\" needs an enhancer with a mixed-precision path (vit_*, resnet50); `{enhancer}` runs in f32 only"
-        )),
-        p => bad(format!("must be \"f32\" or \"bf16\", got \"{p}\"")),
+/// `run.precision` for enhancer `enhancer`: f32 always; bf16 for the enhancers whose plugin
+/// declares a mixed-precision path (`mixed_precision: true` in its registration).
+pub fn validate_precision(precision: Precision, enhancer: &str) -> Result<()> {
+    if precision == Precision::F32 {
+        return Ok(());
     }
+    let with_path: Vec<&str> = cim_api::registry::table::<dyn Enhancer>()?
+        .values()
+        .filter(|e| e.mixed_precision)
+        .map(|e| e.name)
+        .collect();
+    if with_path.contains(&enhancer) {
+        return Ok(());
+    }
+    Err(Error::config(format!(
+        "`run.precision` = \"bf16\" needs an enhancer with a mixed-precision path ({}); `{enhancer}` runs in f32 only",
+        with_path.join(", ")
+    )))
 }
 
 fn validate(cfg: &RunConfig) -> Result<()> {
@@ -655,7 +750,7 @@ fn validate(cfg: &RunConfig) -> Result<()> {
         .get("name")
         .and_then(|v| v.as_str())
         .unwrap_or("");
-    validate_precision(&cfg.run.precision, enh)?;
+    validate_precision(cfg.run.precision, enh)?;
     if cfg.train.batch_size == 0 {
         return bad("train.batch_size", "must be ≥ 1".into());
     }

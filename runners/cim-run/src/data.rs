@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 
 use cim_api::{Error, Result};
 
-use crate::config::{DataConfig, DataSource};
+use crate::config::{DataConfig, DataSource, Split};
 
 /// A random-access collection of RGB images.
 pub trait Dataset: Send + Sync {
@@ -111,9 +111,9 @@ pub const CIFAR_RECORD: usize = 3073;
 
 impl Cifar10 {
     /// `path` is a `.bin` file, or a folder holding `{split}.bin`.
-    pub fn open(path: &Path, split: &str) -> Result<Self> {
+    pub fn open(path: &Path, split: Split) -> Result<Self> {
         let file = if path.is_dir() {
-            path.join(format!("{split}.bin"))
+            path.join(format!("{}.bin", split.name()))
         } else {
             path.to_path_buf()
         };
@@ -288,7 +288,7 @@ pub fn open_labelled(
     who: &str,
 ) -> Result<Box<dyn Dataset>> {
     Ok(match source {
-        DataSource::Cifar10 => Box::new(Cifar10::open(path, if train { "train" } else { "test" })?),
+        DataSource::Cifar10 => Box::new(Cifar10::open(path, if train { Split::Train } else { Split::Test })?),
         DataSource::Folder => Box::new(Folder::open(&path.join(if train {
             "train"
         } else {
@@ -322,7 +322,7 @@ pub fn open(cfg: &DataConfig) -> Result<Arc<dyn Dataset>> {
     };
     Ok(match cfg.source {
         DataSource::Quickstart => Arc::new(Embedded::quickstart()?),
-        DataSource::Cifar10 => Arc::new(Cifar10::open(&path()?, &cfg.split)?),
+        DataSource::Cifar10 => Arc::new(Cifar10::open(&path()?, cfg.split)?),
         DataSource::Folder => Arc::new(Folder::open(&path()?)?),
     })
 }
@@ -804,12 +804,12 @@ mod tests {
         let mut rec = vec![7u8];
         rec.extend((0..3072).map(|i| (i / 1024) as u8 * 100 + ((i % 1024) % 7) as u8));
         std::fs::write(dir.path().join("train.bin"), &rec).unwrap();
-        let d = Cifar10::open(dir.path(), "train")?;
+        let d = Cifar10::open(dir.path(), Split::Train)?;
         assert_eq!((d.len(), d.label(0)), (1, Some(7)));
         let img = d.get(0)?;
         assert_eq!(img.get_pixel(1, 0).0, [1, 101, 201]);
         std::fs::write(dir.path().join("test.bin"), &rec[..100]).unwrap();
-        let err = Cifar10::open(dir.path(), "test").err().unwrap().to_string();
+        let err = Cifar10::open(dir.path(), Split::Test).err().unwrap().to_string();
         assert!(err.contains("test.bin") && err.contains("3073"), "{err}");
         Ok(())
     }

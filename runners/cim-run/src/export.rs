@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use cim_api::{Error, Result};
+use cim_api::{Enhancer, Error, Result};
 
 use crate::config::resolve;
 
@@ -48,23 +48,44 @@ pub struct ExportReport {
     pub tensors: BTreeMap<String, MappedTensor>,
 }
 
-/// Renames `enhancer.*` tensors to the target format. cim's ViT and ResNet plugins already use
-/// timm's and torchvision's names under `enhancer.`, so the mapping strips the prefix, checks the
-/// format fits the network, and adds torchvision's `num_batches_tracked` buffers (0).
+impl Format {
+    /// The name an enhancer's [`cim_api::ExportSpec`] gives its format by.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Timm => "timm",
+            Format::Torchvision => "torchvision",
+        }
+    }
+}
+
+/// The export declaration of the registered enhancer `enhancer` in `format`, or an error naming
+/// what it exports to instead.
+fn export_spec(enhancer: &str, format: Format) -> Result<cim_api::ExportSpec> {
+    let entry = cim_api::registry::lookup::<dyn Enhancer>(enhancer, "")?;
+    match entry.export {
+        Some(spec) if spec.format == format.name() => Ok(spec),
+        Some(spec) => Err(Error::config(format!(
+            "--format {} does not fit enhancer `{enhancer}`: its parameters carry {}'s names (--format {})",
+            format.name(),
+            spec.format,
+            spec.format
+        ))),
+        None => Err(Error::config(format!(
+            "enhancer `{enhancer}` declares no export format (its plugin registers no `export`)"
+        ))),
+    }
+}
+
+/// Renames `enhancer.*` tensors to the target format. An exporting plugin's parameters already
+/// carry the library's names under `enhancer.` (its [`cim_api::ExportSpec`]), so the mapping strips
+/// the prefix, checks the format is the one the plugin declares, and adds torchvision's
+/// `num_batches_tracked` buffers (0).
 pub fn map_names(
     enhancer: &str,
     weights: &BTreeMap<String, Tensor>,
     format: Format,
 ) -> Result<BTreeMap<String, (String, Tensor)>> {
-    let is_vit = enhancer.starts_with("vit");
-    match (format, is_vit, enhancer) {
-        (Format::Timm, true, _) | (Format::Torchvision, false, "resnet50") => {}
-        _ => {
-            return Err(Error::config(format!(
-                "--format {format:?} does not fit enhancer `{enhancer}` (timm: vit_*; torchvision: resnet50)"
-            )))
-        }
-    }
+    export_spec(enhancer, format)?;
     let mut out = BTreeMap::new();
     for (k, t) in weights {
         let Some(name) = k.strip_prefix("enhancer.") else {
@@ -87,34 +108,18 @@ pub fn map_names(
     Ok(out)
 }
 
-fn model_name(enhancer: &str, patch: Option<i64>, width: Option<i64>, image: usize) -> String {
-    match (enhancer, patch, width, image) {
-        ("vit_s16", Some(16), Some(384), 224) => "vit_small_patch16_224".into(),
-        ("vit_b16", Some(16), Some(768), 224) => "vit_base_patch16_224".into(),
-        ("vit_tiny", Some(16), Some(192), 224) => "vit_tiny_patch16_224".into(),
-        ("resnet50", _, _, _) => "resnet50".into(),
-        _ => "custom".into(),
-    }
-}
-
 pub fn export(args: &ExportArgs) -> Result<ExportReport> {
     let res = resolve(&crate::config::run_layers(&args.run_dir, vec![])?)?;
     let enhancer = res.cfg.enhancer["name"]
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let table = res
-        .cfg
-        .enhancer
-        .get(&enhancer)
-        .and_then(|v| v.as_dict().cloned());
-    let get = |k: &str| {
-        table
-            .as_ref()
-            .and_then(|t| t.get(k))
-            .and_then(|v| v.to_i128())
-            .map(|i| i as i64)
-    };
+    let spec = export_spec(&enhancer, args.format)?;
+    let params = res
+        .components
+        .get("enhancer")
+        .map(|(_, params)| params.clone())
+        .ok_or_else(|| Error::msg("the run's configuration has no enhancer"))?;
     let source = crate::checkpoint::weights_file(&args.run_dir)?;
     let weights: BTreeMap<String, Tensor> = candle_core::safetensors::load(&source, &Device::Cpu)
         .map_err(|e| Error::Data {
@@ -131,12 +136,7 @@ pub fn export(args: &ExportArgs) -> Result<ExportReport> {
     crate::checkpoint::save_safetensors(&args.out, &tensors)?;
     let report = ExportReport {
         format: args.format,
-        model: model_name(
-            &enhancer,
-            get("patch_size"),
-            get("width"),
-            res.cfg.data.image_size,
-        ),
+        model: (spec.model)(&params, res.cfg.data.image_size),
         enhancer,
         source: source.display().to_string(),
         tensors: mapped

@@ -183,12 +183,6 @@ pub fn finetune(args: &FinetuneArgs) -> Result<FinetuneSummary> {
     let ft = ft_res.cfg.finetune.clone();
     let data = ft_res.cfg.data.clone();
     let seed = ft_res.cfg.run.seed;
-    if ft.pooling != "mean" && ft.pooling != "cls" {
-        return Err(Error::config(format!(
-            "finetune.pooling must be \"mean\" or \"cls\", got \"{}\"",
-            ft.pooling
-        )));
-    }
     // The network: the run's own config, with fine-tuning's stochastic depth.
     let layers = |set: Vec<String>| crate::config::run_layers(&args.run_dir, set);
     let pre = resolve(&layers(vec![])?)?;
@@ -237,7 +231,7 @@ pub fn finetune(args: &FinetuneArgs) -> Result<FinetuneSummary> {
             )?,
             Some(vb.get_with_hints(classes, "head.bias", NnInit::Const(0.0))?),
         ),
-        cls: ft.pooling == "cls",
+        cls: ft.pooling == crate::config::HeadPooling::Cls,
     };
     let vars: Vec<_> = cim
         .params

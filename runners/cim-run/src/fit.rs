@@ -26,8 +26,8 @@ pub struct FitKmeans {
     #[arg(long)]
     pub path: Option<PathBuf>,
     /// CIFAR-10 split.
-    #[arg(long, default_value = "train")]
-    pub split: String,
+    #[arg(long, value_enum, default_value = "train")]
+    pub split: crate::config::Split,
     /// Images are resized to this square side first (use the tokenizer view size).
     #[arg(long, default_value_t = 32)]
     pub size: u32,
@@ -52,7 +52,7 @@ pub fn fit_kmeans(o: &FitKmeans) -> Result<Vec<f64>> {
     let cfg = DataConfig {
         source: o.source,
         path: o.path.clone(),
-        split: o.split.clone(),
+        split: o.split,
         ..DataConfig::default()
     };
     let data = crate::data::open(&cfg)?;

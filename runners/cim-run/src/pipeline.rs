@@ -15,7 +15,7 @@ use cim_api::{
     Result, Sampler, TokenGrid, Tokenizer,
 };
 
-use crate::config::{DataConfig, Resolved};
+use crate::config::{DataConfig, DeviceChoice, Precision, Resolved};
 use crate::data::Batch;
 
 /// Seed of a randomly initialised tokenizer: a constant, so every run (whatever `run.seed`) sees the
@@ -55,24 +55,19 @@ where
 
 /// Resolves `run.device`; a CUDA device is set up by `cim_ops::device::prepare` (`keep_freed`:
 /// `run.cuda_keep_freed`).
-pub fn device(spec: &str, keep_freed: bool) -> Result<Device> {
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        "auto" => {
+pub fn device(choice: DeviceChoice, keep_freed: bool) -> Result<Device> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Auto => {
             let dev = Device::cuda_if_available(0)?;
             cim_ops::device::prepare(&dev, keep_freed)?;
             Ok(dev)
         }
-        s => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
-            Some(n) => cim_ops::device::open_cuda(n, keep_freed).map_err(|e| {
-                Error::config(format!(
-                    "run.device = \"{s}\": {e} (this binary needs `--features cuda` and a GPU; use \"cpu\" or \"auto\")"
-                ))
-            }),
-            None => Err(Error::config(format!(
-                "run.device must be \"auto\", \"cpu\" or \"cuda:N\", got \"{s}\""
-            ))),
-        },
+        DeviceChoice::Cuda(n) => cim_ops::device::open_cuda(n, keep_freed).map_err(|e| {
+            Error::config(format!(
+                "run.device = \"{choice}\": {e} (this binary needs `--features cuda` and a GPU; use \"cpu\" or \"auto\")"
+            ))
+        }),
     }
 }
 
@@ -80,7 +75,7 @@ impl Cim {
     /// Builds every component through the registry, in dependency order: tokenizer (vocabulary,
     /// grid) → masking → enhancer (feature layout) → generator → sampler → objective.
     pub fn build(res: &Resolved) -> Result<Self> {
-        let device = device(&res.cfg.run.device, res.cfg.run.cuda_keep_freed)?;
+        let device = device(res.cfg.run.device, res.cfg.run.cuda_keep_freed)?;
         let run = &res.cfg.run;
         // Process-wide backend switches (cim_ops::backend): which kernel families run on CUDA.
         cim_ops::set_cuda_kernels(run.cuda_kernels);
@@ -149,7 +144,7 @@ impl Cim {
             names,
             data,
             device,
-            compute: if res.cfg.run.precision == "bf16" {
+            compute: if res.cfg.run.precision == Precision::Bf16 {
                 DType::BF16
             } else {
                 DType::F32

@@ -515,7 +515,8 @@ fn bf16_resnet_trains_with_f32_masters_close_to_f32() {
 
 #[test]
 fn bf16_is_refused_for_an_enhancer_without_a_mixed_precision_path() {
-    let e = cim_run::config::validate_precision("bf16", "my_enhancer")
+    use cim_run::config::Precision;
+    let e = cim_run::config::validate_precision(Precision::Bf16, "my_enhancer")
         .err()
         .unwrap()
         .to_string();
@@ -523,6 +524,6 @@ fn bf16_is_refused_for_an_enhancer_without_a_mixed_precision_path() {
         e.contains("run.precision") && e.contains("my_enhancer"),
         "{e}"
     );
-    assert!(cim_run::config::validate_precision("bf16", "resnet50").is_ok());
-    assert!(cim_run::config::validate_precision("fp8", "vit_b16").is_err());
+    assert!(cim_run::config::validate_precision(Precision::Bf16, "resnet50").is_ok());
+    assert!(cim_run::config::validate_precision(Precision::F32, "my_enhancer").is_ok());
 }
