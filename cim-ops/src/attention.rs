@@ -219,6 +219,11 @@ pub(crate) struct Geometry {
 }
 
 impl Geometry {
+    /// `[B, N, H, Dh]` as the CUDA kernels take them.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn args(&self) -> [i32; 4] {
+        [self.b as i32, self.n as i32, self.h as i32, self.d as i32]
+    }
     /// The geometry of `qkv` `(B, N, 3·H·Dh)` split into `heads` heads.
     fn of(qkv: &Tensor, heads: usize, scale: f64) -> Result<Self> {
         let (b, n, _) = qkv.dims3()?;
@@ -366,7 +371,7 @@ impl CustomOp1 for AttentionOp {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::attention_fwd(s, l, self.0)
+        super::cuda::attention_fwd(s, l, self.0.args(), self.0.scale)
     }
     fn bwd(
         &self,
@@ -412,7 +417,7 @@ impl CustomOp2 for AttentionBwdOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::attention_bwd(s1, l1, s2, l2, self.0)
+        super::cuda::attention_bwd(s1, l1, s2, l2, self.0.args(), self.0.scale)
     }
 }
 

@@ -9,8 +9,6 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
-use crate::simd::CpuKernels;
-
 static CUDA_KERNELS: AtomicBool = AtomicBool::new(false);
 
 /// Lets tensors on CUDA use the fused CUDA kernels (builds with the `cuda` feature only; elsewhere
@@ -62,6 +60,62 @@ pub fn set_portable_kernels(on: bool) {
 
 /// The instance of cim's hot CPU kernels that runs now: the CPU's widest, at most the cap.
 pub fn cpu_kernels() -> CpuKernels {
-    CpuKernels::from_u8(CAP.load(Ordering::Relaxed)).min(crate::simd::detected())
+    CpuKernels::from_u8(CAP.load(Ordering::Relaxed)).min(detected())
 }
 
+/// The instance of cim's hot CPU kernels that runs, from the narrowest to the widest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CpuKernels {
+    /// Baseline x86-64 (SSE2) or another architecture's baseline: no fused multiply-add.
+    Portable,
+    /// AVX2 and FMA: eight f32 lanes.
+    Avx2Fma,
+    /// AVX-512 (F, VL, BW, DQ) and FMA: sixteen f32 lanes.
+    Avx512,
+}
+
+impl CpuKernels {
+    /// The name `cim-run bench` reports: `"portable"`, `"avx2+fma"` or `"avx512"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Portable => "portable",
+            Self::Avx2Fma => "avx2+fma",
+            Self::Avx512 => "avx512",
+        }
+    }
+
+    /// The instance named `name` (one of [`CpuKernels::name`]'s; `"avx2"` also names AVX2 + FMA).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "portable" | "sse2" => Some(Self::Portable),
+            "avx2+fma" | "avx2" => Some(Self::Avx2Fma),
+            "avx512" => Some(Self::Avx512),
+            _ => None,
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Portable,
+            1 => Self::Avx2Fma,
+            _ => Self::Avx512,
+        }
+    }
+}
+
+/// The widest instance this CPU runs (`is_x86_feature_detected!` caches what it probed).
+pub(crate) fn detected() -> CpuKernels {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::is_x86_feature_detected as has;
+        if !(has!("avx2") && has!("fma")) {
+            return CpuKernels::Portable;
+        }
+        if has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq") {
+            return CpuKernels::Avx512;
+        }
+        CpuKernels::Avx2Fma
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    CpuKernels::Portable
+}

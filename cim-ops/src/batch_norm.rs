@@ -104,13 +104,25 @@ pub struct BnTail<'a> {
 const RELU: u32 = 1;
 const RESIDUAL: u32 = 2;
 
-/// A fused node's settings, shared by its three kernels' ops (and `cuda.rs`): ε, channels last,
+/// A fused node's settings, shared by its three kernels' ops: ε, channels last,
 /// and the tail's `mode` bits.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Bn {
     pub eps: f32,
     pub last: bool,
     pub mode: u32,
+}
+
+impl Bn {
+    /// The settings of a CUDA launch.
+    #[cfg(feature = "cuda")]
+    fn launch(self) -> super::cuda::Bn {
+        super::cuda::Bn {
+            eps: self.eps,
+            last: self.last,
+            mode: self.mode,
+        }
+    }
 }
 
 impl BnTail<'_> {
@@ -778,7 +790,7 @@ impl CustomOp3 for ApplyOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::batch_norm_fwd((s1, l1), (s2, l2), (s3, l3), self.bn)
+        super::cuda::batch_norm_fwd((s1, l1), (s2, l2), (s3, l3), self.bn.launch())
     }
 }
 
@@ -899,7 +911,7 @@ impl CustomOp3 for GradSumsOp {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         with_cuda_residual(&self.residual, |r| {
-            super::cuda::batch_norm_grad_sums((s1, l1), (s2, l2), (s3, l3), r, self.bn)
+            super::cuda::batch_norm_grad_sums((s1, l1), (s2, l2), (s3, l3), r, self.bn.launch())
         })
     }
 }
@@ -1010,7 +1022,9 @@ impl CustomOp3 for DxOp {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         with_cuda_residual(&self.residual, |r| {
-            super::cuda::batch_norm_dx((s1, l1), (s2, l2), (s3, l3), r, self.bn)
+            let both = self.bn.mode == RELU | RESIDUAL;
+            let shape = dx_shape(l1, both);
+            super::cuda::batch_norm_dx((s1, l1), (s2, l2), (s3, l3), r, self.bn.launch(), shape)
         })
     }
 }

@@ -13,7 +13,7 @@
 
 use candle_core::{DType, Tensor, D};
 
-use super::graft::GradSink;
+use super::node::GradSink;
 use super::residual::{residual_add, residual_add_output};
 use super::{attention::attention_detached, bias, bias_add, fusable_device, is_fusable};
 use super::{layer_norm_grads, LayerNormOp};

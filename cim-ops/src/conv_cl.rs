@@ -23,7 +23,7 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::conv::{add_in_order, dx_groups, Im2Col};
+use super::im2col::{add_in_order, cpu_f32, dx_groups, Im2Col};
 use super::gemm::{sgemm, Threads};
 use super::tiles::View;
 use crate::Result;
@@ -365,18 +365,18 @@ pub(super) fn conv2d(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Tensor> {
     let c_out = w.dim(0)?;
     let geo = Geometry::new(op, (b, h, wd, c), c_out);
     let xd = x.detach().contiguous()?;
-    let wk = super::conv::cpu_f32(&w.detach().contiguous()?, |ws| {
+    let wk = cpu_f32(&w.detach().contiguous()?, |ws| {
         permute_filter(ws, (c_out, c, op.k), true)
     })?;
     let mut y = vec![0f32; b * geo.pixels() * c_out];
-    super::conv::cpu_f32(&xd, |xs| geo.forward(xs, &wk, &mut y))?;
+    cpu_f32(&xd, |xs| geo.forward(xs, &wk, &mut y))?;
     let y = Tensor::from_vec(y, (b, geo.ho, geo.wo, c_out), x.device())?;
     let need_dx = super::region::needs_grad(x);
     let w_shape = w.shape().clone();
     super::with_backward(&[x, w], y, move |dy| {
         let dy = dy.contiguous()?;
-        let (dx, dwk) = super::conv::cpu_f32(&xd, |xs| {
-            super::conv::cpu_f32(&dy, |g| geo.backward(xs, &wk, g, need_dx))
+        let (dx, dwk) = cpu_f32(&xd, |xs| {
+            cpu_f32(&dy, |g| geo.backward(xs, &wk, g, need_dx))
         })
         .and_then(|r| r)
         ?;

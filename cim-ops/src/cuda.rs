@@ -434,16 +434,12 @@ pub fn respix_target(
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l.shape().clone()))
 }
 
-fn patch_args(m: super::respix::PatchMap) -> [i32; 4] {
-    [m.p as i32, m.c as i32, m.h as i32, m.w as i32]
-}
-
 pub fn respix_loss_fwd(
     s1: &CudaStorage,
     l1: &Layout,
     s2: &CudaStorage,
     l2: &Layout,
-    m: super::respix::PatchMap,
+    [p, c, h, w]: [i32; 4],
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
     let (pred, target) = (
@@ -454,7 +450,6 @@ pub fn respix_loss_fwd(
     let out = alloc_written::<f32>(&dev, rows)?;
     let func = dev.get_or_load_custom_func("cim_respix_loss_fwd", MODULE, PTX)?;
     let r = rows as i32;
-    let [p, c, h, w] = patch_args(m);
     let mut a = func.builder();
     a.arg(&pred)
         .arg(&target)
@@ -477,7 +472,7 @@ pub fn respix_loss_bwd(
     l2: &Layout,
     s3: &CudaStorage,
     l3: &Layout,
-    m: super::respix::PatchMap,
+    [p, c, h, w]: [i32; 4],
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
     let (pred, target, g) = (
@@ -489,7 +484,6 @@ pub fn respix_loss_bwd(
     let dp = alloc_written::<f32>(&dev, n)?;
     let func = dev.get_or_load_custom_func("cim_respix_loss_bwd", MODULE, PTX)?;
     let nn = n as i64;
-    let [p, c, h, w] = patch_args(m);
     let mut a = func.builder();
     a.arg(&pred)
         .arg(&target)
@@ -591,29 +585,27 @@ pub fn adamw_apply(
     Ok(())
 }
 
-/// Four warps (query rows) per block; grid `(⌈N/4⌉, B·H)`.
-fn per_query_row(g: &super::attention::Geometry) -> LaunchConfig {
+/// Four warps (query rows) per block; grid `(⌈N/4⌉, B·H)` for the geometry `[B, N, H, Dh]`.
+fn per_query_row([b, n, h, _]: [i32; 4]) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (g.n.div_ceil(4) as u32, (g.b * g.h) as u32, 1),
+        grid_dim: ((n as u32).div_ceil(4), (b * h) as u32, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     }
 }
 
-fn geometry_args(g: &super::attention::Geometry) -> [i32; 4] {
-    [g.b as i32, g.n as i32, g.h as i32, g.d as i32]
-}
-
+/// Attention of `qkv` of geometry `g = [B, N, H, Dh]`, scores scaled by `scale`.
 pub fn attention_fwd(
     s: &CudaStorage,
     l: &Layout,
-    g: super::attention::Geometry,
+    g: [i32; 4],
+    scale: f32,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s.device().clone();
     let qkv = view::<f32>(s, l, "qkv")?;
-    let out = alloc_written::<f32>(&dev, g.b * g.n * g.h * g.d)?;
+    let [b, n, h, d] = g;
+    let out = alloc_written::<f32>(&dev, (b * n * h * d) as usize)?;
     let func = dev.get_or_load_custom_func("cim_attention_fwd", MODULE, PTX)?;
-    let [b, n, h, d] = geometry_args(&g);
     let mut a = func.builder();
     a.arg(&qkv)
         .arg(&out)
@@ -621,13 +613,13 @@ pub fn attention_fwd(
         .arg(&n)
         .arg(&h)
         .arg(&d)
-        .arg(&g.scale);
+        .arg(&scale);
     // SAFETY: argument types and counts match the kernel's signature; D ≤ 128 was checked by
     // the caller (cuda_max_head_dim).
-    unsafe { a.launch(per_query_row(&g)) }.w()?;
+    unsafe { a.launch(per_query_row(g)) }.w()?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev),
-        Shape::from((g.b, g.n, g.h * g.d)),
+        Shape::from((b as usize, n as usize, (h * d) as usize)),
     ))
 }
 
@@ -636,13 +628,14 @@ pub fn attention_bwd(
     l1: &Layout,
     s2: &CudaStorage,
     l2: &Layout,
-    g: super::attention::Geometry,
+    g: [i32; 4],
+    scale: f32,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
     let (qkv, dout) = (view::<f32>(s1, l1, "qkv")?, view::<f32>(s2, l2, "grad")?);
     let dqkv = dev.alloc_zeros::<f32>(l1.shape().elem_count())?;
     let func = dev.get_or_load_custom_func("cim_attention_bwd", MODULE, PTX)?;
-    let [b, n, h, d] = geometry_args(&g);
+    let [b, n, h, d] = g;
     let mut a = func.builder();
     a.arg(&qkv)
         .arg(&dout)
@@ -651,9 +644,9 @@ pub fn attention_bwd(
         .arg(&n)
         .arg(&h)
         .arg(&d)
-        .arg(&g.scale);
+        .arg(&scale);
     // SAFETY: as above; dqkv is zeroed (the kernel accumulates dk, dv atomically).
-    unsafe { a.launch(per_query_row(&g)) }.w()?;
+    unsafe { a.launch(per_query_row(g)) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(dqkv, dev), l1.shape().clone()))
 }
 
@@ -775,7 +768,14 @@ fn channel_moments_t<T: KernelFloat>(
     ))
 }
 
-use super::batch_norm::Bn;
+/// A BatchNorm launch's settings: `eps`, channels last, and the tail's mode bits (1: ReLU,
+/// 2: residual).
+#[derive(Clone, Copy, Debug)]
+pub struct Bn {
+    pub eps: f32,
+    pub last: bool,
+    pub mode: u32,
+}
 
 type Arg<'a> = (&'a CudaStorage, &'a Layout);
 
@@ -903,11 +903,12 @@ pub fn batch_norm_dx(
     p: Arg,
     r: Option<Arg>,
     bn: Bn,
+    shape: Shape,
 ) -> Result<(CudaStorage, Shape)> {
     same_dtype("batch_norm backward", ("x", x.0), ("dy", dy.0))?;
     let r = r.unwrap_or(x);
     same_dtype("batch_norm backward", ("x", x.0), ("residual", r.0))?;
-    by_dtype!(x.0, batch_norm_dx_t(x, dy, p, r, bn))
+    by_dtype!(x.0, batch_norm_dx_t(x, dy, p, r, bn, shape))
 }
 
 fn batch_norm_dx_t<T: KernelFloat>(
@@ -916,6 +917,7 @@ fn batch_norm_dx_t<T: KernelFloat>(
     (s3, l3): Arg,
     (s4, l4): Arg,
     bn: Bn,
+    shape: Shape,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
     let (x, dy, p, r) = (
@@ -960,7 +962,6 @@ fn batch_norm_dx_t<T: KernelFloat>(
         // dr starts n elements in, on a 4-element boundary with n.
         unsafe { a.launch(per_element(n / per)) }.w()?;
     }
-    let shape = super::batch_norm::dx_shape(l1, both);
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
 }
 
@@ -1432,7 +1433,7 @@ fn channel_bias_t<T: KernelFloat>(
 /// Words per tensor in the AdamW table (`MT_WORDS` in `ops.cu`).
 const MT_WORDS: usize = 5;
 
-use super::adamw::chunk_words;
+use super::chunks::chunk_words;
 
 /// One block of [`THREADS`] per chunk.
 fn per_chunk(chunks: usize) -> LaunchConfig {

@@ -30,7 +30,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr}
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId};
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Shape, WithDType};
 
-use super::conv::Im2Col;
+use super::im2col::Im2Col;
 
 /// Which convolution pass a [`CudnnConv`] runs, and so what its two inputs are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

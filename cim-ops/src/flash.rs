@@ -46,7 +46,7 @@ pub(crate) fn flash_detached(
     qkv: &Tensor,
     heads: usize,
     scale: f64,
-) -> Result<(Tensor, super::attention::AttentionBackward)> {
+) -> Result<(Tensor, Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>)> {
     Geo::from_layout(qkv.layout(), heads)?;
     let scale = scale as f32;
     let qkv = qkv.contiguous()?;

@@ -42,6 +42,7 @@ mod batch_norm;
 mod bias;
 mod block;
 mod channel;
+mod chunks;
 mod conv;
 mod conv_cl;
 #[cfg(feature = "cuda")]
@@ -52,7 +53,9 @@ mod flash;
 mod gemm;
 mod graft;
 mod heads;
+mod im2col;
 mod max_pool;
+mod node;
 mod region;
 mod relu;
 mod resample;
@@ -88,7 +91,8 @@ pub use flash::{
     attention_flash, FlashBwdOp, FlashDeltaOp, FlashOutOp,
     FlashStatsOp,
 };
-pub use graft::{with_backward, BackwardFn, GradSink, Output};
+pub use graft::with_backward;
+pub use node::{BackwardFn, GradSink, Output};
 pub use heads::{
     merge_heads, merge_heads_rows, merge_qkv, merge_qkv_rows, split_heads, split_heads_padded,
     split_qkv, split_qkv_padded,
@@ -104,9 +108,9 @@ pub use respix::{respix_loss, respix_sliding_target};
 pub use select::select_rows;
 pub use backend::{
     cpu_kernels, cuda_kernels, cudnn_conv, set_cpu_kernels, set_cuda_kernels, set_cudnn_conv,
-    set_portable_kernels,
+    set_portable_kernels, CpuKernels,
 };
-pub use simd::{avx2_kernels, CpuKernels};
+pub use simd::avx2_kernels;
 
 /// Widest attention head the CUDA attention kernel takes (one warp per query row, four values
 /// per lane); wider heads take the composed path.

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use candle_core::{Tensor, TensorId};
 
-use super::graft::{BackwardFn, GradSink, Output, SinkInner};
+use super::node::{BackwardFn, GradSink, Output, SinkInner};
 use crate::Result;
 
 /// One grafted node recorded on a tape.
@@ -126,7 +126,7 @@ pub fn region<E: From<candle_core::Error>>(
         .into());
     }
     let (nodes, sink) = (tape.nodes, tape.sink);
-    let node = super::with_backward(inputs, Output::Done(y), move |dy| {
+    let backward = move |dy: &Tensor| {
         let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
         grads.insert(out, dy.clone());
         for node in nodes.iter().rev() {
@@ -156,8 +156,8 @@ pub fn region<E: From<candle_core::Error>>(
             }
         }
         Ok(ids.iter().map(|id| grads.remove(id)).collect())
-    })?;
-    Ok(node)
+    };
+    super::node::attach(inputs, Output::Done(y), Box::new(backward)).map_err(E::from)
 }
 
 /// Whether a region is recording on this thread (then [`super::with_backward`] calls

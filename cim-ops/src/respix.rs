@@ -61,6 +61,11 @@ pub(crate) struct PatchMap {
 }
 
 impl PatchMap {
+    /// `[p, c, h, w]` as the CUDA kernels take them.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn args(&self) -> [i32; 4] {
+        [self.p as i32, self.c as i32, self.h as i32, self.w as i32]
+    }
     fn row_len(&self) -> usize {
         self.p * self.p * self.c
     }
@@ -187,7 +192,7 @@ impl CustomOp2 for LossOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::respix_loss_fwd(s1, l1, s2, l2, self.0)
+        super::cuda::respix_loss_fwd(s1, l1, s2, l2, self.0.args())
     }
     fn bwd(
         &self,
@@ -253,6 +258,6 @@ impl CustomOp3 for LossBwdOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::respix_loss_bwd(s1, l1, s2, l2, s3, l3, self.0)
+        super::cuda::respix_loss_bwd(s1, l1, s2, l2, s3, l3, self.0.args())
     }
 }

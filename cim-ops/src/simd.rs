@@ -19,7 +19,7 @@
 // run-time check that the CPU has those features.
 #![allow(unsafe_code)]
 
-use crate::backend::cpu_kernels;
+use crate::backend::{cpu_kernels, CpuKernels};
 
 /// A kernel body with two instances: `FAST` (compiled for AVX2 + FMA or for AVX-512) and
 /// portable.
@@ -30,66 +30,9 @@ pub(crate) trait Kernel {
     fn call<const FAST: bool>(self) -> Self::Output;
 }
 
-/// The instance of cim's hot CPU kernels that runs, from the narrowest to the widest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum CpuKernels {
-    /// Baseline x86-64 (SSE2) or another architecture's baseline: no fused multiply-add.
-    Portable,
-    /// AVX2 and FMA: eight f32 lanes.
-    Avx2Fma,
-    /// AVX-512 (F, VL, BW, DQ) and FMA: sixteen f32 lanes.
-    Avx512,
-}
-
-impl CpuKernels {
-    /// The name `cim-run bench` reports: `"portable"`, `"avx2+fma"` or `"avx512"`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Portable => "portable",
-            Self::Avx2Fma => "avx2+fma",
-            Self::Avx512 => "avx512",
-        }
-    }
-
-    /// The instance named `name` (one of [`CpuKernels::name`]'s; `"avx2"` also names AVX2 + FMA).
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "portable" | "sse2" => Some(Self::Portable),
-            "avx2+fma" | "avx2" => Some(Self::Avx2Fma),
-            "avx512" => Some(Self::Avx512),
-            _ => None,
-        }
-    }
-
-    pub(crate) fn from_u8(v: u8) -> Self {
-        match v {
-            0 => Self::Portable,
-            1 => Self::Avx2Fma,
-            _ => Self::Avx512,
-        }
-    }
-}
-
 /// Whether cim's hot CPU kernels run one of their fast instances (AVX2 + FMA or AVX-512).
 pub fn avx2_kernels() -> bool {
     cpu_kernels() >= CpuKernels::Avx2Fma
-}
-
-/// The widest instance this CPU runs (`is_x86_feature_detected!` caches what it probed).
-pub(crate) fn detected() -> CpuKernels {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::is_x86_feature_detected as has;
-        if !(has!("avx2") && has!("fma")) {
-            return CpuKernels::Portable;
-        }
-        if has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq") {
-            return CpuKernels::Avx512;
-        }
-        CpuKernels::Avx2Fma
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    CpuKernels::Portable
 }
 
 /// Runs `kernel`: its fast instance compiled for the widest instructions [`cpu_kernels`] allows,
@@ -134,6 +77,7 @@ pub(crate) fn madd<const FAST: bool>(a: f32, b: f32, c: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::detected;
 
     struct Dot<'a>(&'a [f32], &'a [f32]);
 
