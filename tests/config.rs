@@ -1,6 +1,6 @@
 //! Configuration layering and its error messages, through the same entry points the CLI uses.
 
-use cim_run::config::{resolve, Layers};
+use cim_runner::config::{resolve, Layers};
 
 fn layers(preset: &str, set: &[&str]) -> Layers {
     Layers {
@@ -187,4 +187,29 @@ fn cli_reports_bad_presets_and_keys() {
         "{e}"
     );
     assert!(run(&["--list"]).is_ok());
+}
+
+/// An error caused by one component's choice names that component and the key to set: the
+/// generator's width follows the enhancer's, so heads that do not divide it point at
+/// `generator.beit.heads`; an enhancer whose heads do not divide its width names its table.
+#[test]
+fn build_errors_name_the_component_and_the_key() {
+    let build = |set: &[&str]| {
+        let res = resolve(&layers("quickstart", set)).unwrap();
+        match cim_runner::pipeline::Cim::build(&res) {
+            Ok(_) => panic!("expected a build error for {set:?}"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let e = build(&["generator.beit.heads=5"]);
+    assert!(
+        e.contains("generator `beit`") && e.contains("generator.beit.heads") && e.contains("96"),
+        "{e}"
+    );
+    assert!(e.contains("the enhancer's width"), "{e}");
+    let e = build(&["enhancer.vit_tiny.width=100"]);
+    assert!(
+        e.contains("enhancer `vit_tiny`") && e.contains("[enhancer.vit_tiny]"),
+        "{e}"
+    );
 }

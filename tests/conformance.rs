@@ -6,7 +6,7 @@ use cim_api::registry::all_names;
 #[test]
 fn every_registered_name_passes_conformance() {
     // Linking the runner links every plugin crate (it names each with `use … as _`).
-    let _ = cim_run::config::preset_names();
+    let _ = cim_runner::config::preset_names();
     let checked = cim_api::testing::check_all_registered().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         checked.len(),

@@ -6,9 +6,9 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use rand::SeedableRng;
 
-use cim_run::config::{resolve, Layers};
-use cim_run::data::Loader;
-use cim_run::pipeline::{Cim, StepRngs};
+use cim_runner::config::{resolve, Layers};
+use cim_runner::data::Loader;
+use cim_runner::pipeline::{Cim, StepRngs};
 
 fn layers(preset: &str, set: &[&str]) -> Layers {
     Layers {
@@ -36,10 +36,10 @@ fn read_metrics(dir: &Path) -> Vec<serde_json::Value> {
 /// One forward pass of `cim` on the first batch (of `batch` images) of the run's data.
 fn forward_first_batch(
     cim: &Cim,
-    res: &cim_run::config::Resolved,
+    res: &cim_runner::config::Resolved,
     batch: usize,
-) -> cim_run::pipeline::StepOutput {
-    let data = cim_run::data::open(&res.cfg.data).unwrap();
+) -> cim_runner::pipeline::StepOutput {
+    let data = cim_runner::data::open(&res.cfg.data).unwrap();
     let loader = Loader::new(data, res.cfg.data.clone(), batch, 0).unwrap();
     cim.forward(&loader.batch(0, &Device::Cpu).unwrap(), &mut rngs())
         .unwrap()
@@ -159,7 +159,7 @@ fn masked_count_matches_config() {
     ] {
         let res = resolve(&layers("quickstart", &set)).unwrap();
         let cim = Cim::build(&res).unwrap();
-        let data = cim_run::data::open(&res.cfg.data).unwrap();
+        let data = cim_runner::data::open(&res.cfg.data).unwrap();
         let loader = Loader::new(data, res.cfg.data.clone(), 8, 0).unwrap();
         let mut r = rngs();
         for step in 0..3 {
@@ -434,7 +434,7 @@ fn every_tiny_preset_trains_for_100_steps() {
         );
         return;
     };
-    for preset in cim_run::config::preset_names()
+    for preset in cim_runner::config::preset_names()
         .into_iter()
         .filter(|p| p.starts_with("tiny_"))
     {

@@ -39,9 +39,27 @@ pub use params::ParamStore;
 pub use registry::{BuildCtx, ExportSpec, Kind};
 pub use traits::{Enhancer, Generator, Masking, Objective, Sampler, Tokenizer};
 pub use types::{
-    DecoderPrecisionReport, EnhancerInfo, ExecChoices, Features, Losses, MapLayout, Mask, ObjectiveBatch,
-    ObjectiveOutput, PrecisionReport, TokenGrid,
+    DecoderPrecisionReport, EnhancerInfo, ExecChoices, Features, Losses, MapLayout, Mask,
+    ObjectiveBatch, ObjectiveOutput, PrecisionReport, TokenGrid,
 };
+
+/// What a plugin crate needs in one import: `use cim_api::prelude::*;` brings the component
+/// traits, the types that flow between them, the build context, the error type, the candle types
+/// the traits use, `VarBuilder`, the RNG trait samplers and maskings take, and serde's
+/// `Serialize`/`Deserialize` (traits and derives; the crate still lists `serde` as a dependency,
+/// as serde's derives require).
+pub mod prelude {
+    pub use crate::registry::BuildCtx;
+    pub use crate::{
+        Enhancer, EnhancerInfo, Error, ExecChoices, Features, Generator, Losses, MapLayout, Mask,
+        Masking, Objective, ObjectiveBatch, ObjectiveOutput, ParamStore, Result, Sampler,
+        TokenGrid, Tokenizer,
+    };
+    pub use candle_core::{DType, Device, Module, ModuleT, Tensor, Var, D};
+    pub use candle_nn::VarBuilder;
+    pub use rand::{Rng, RngCore};
+    pub use serde::{Deserialize, Serialize};
+}
 
 // Re-exported so plugin crates and the registration macros name one version of each.
 pub use candle_core as candle;

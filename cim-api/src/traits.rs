@@ -14,6 +14,9 @@ use crate::Result;
 /// A frozen discrete image tokenizer (DALL-E's dVAE in the paper, §2.1).
 ///
 /// Pixels in and out are in `[0, 1]`; any pixel map (DALL-E's `map_pixels`) happens inside.
+/// Its parameters come from the build context's frozen store (detached: nothing is trained
+/// through it). `grid(size)` fixes the token grid the generator and REVDET are built for, and
+/// `decode(encode(x))` renders an image of the same size as `x`.
 pub trait Tokenizer: Send + Sync {
     /// Number of distinct visual tokens.
     fn vocab_size(&self) -> usize;
@@ -30,12 +33,18 @@ pub trait Tokenizer: Send + Sync {
     }
 }
 
-/// Chooses which patches the generator masks (paper Eq. 1: k of n positions).
+/// Chooses which patches the generator masks (paper Eq. 1: k of n positions). Randomness comes
+/// only from `rng`, so a seed gives the same masks on every device.
 pub trait Masking: Send + Sync {
     fn sample(&self, batch: usize, grid: TokenGrid, rng: &mut dyn RngCore) -> Result<Mask>;
 }
 
 /// The trainable part of the generator: a small BEiT doing masked image modeling (§2.1, §2.3).
+///
+/// Built after the tokenizer and the enhancer: the build context holds the vocabulary size, the
+/// token grid (the generator's patch size is image size / grid side) and the enhancer's
+/// [`EnhancerInfo`] (BEiT's width follows `info().dim` by default, paper Table 9). Errors caused
+/// by a choice made elsewhere should name the key that fixes them.
 pub trait Generator: Send + Sync {
     /// `image`: the normalised enhancer-resolution view `(B, 3, H, W)` whose patch grid equals the
     /// token grid. Returns logits `(M, V)` at the masked positions, rows in
@@ -58,6 +67,20 @@ pub trait Sampler: Send + Sync {
 }
 
 /// The network being pre-trained (§2.2): sees only the corrupted image.
+///
+/// The contract the rest of the pipeline relies on:
+/// - [`info`](Self::info) is known right after the build, before any forward:
+///   `info().image_size` is the build context's `image_size` (the network is built for it),
+///   `info().dim` is the width `D` of every feature vector (it sizes the objective's head and, by
+///   default, the generator's width), and `info().stride` is the pixels per feature position.
+/// - [`forward_t`](Self::forward_t) returns [`Features`] whose `tokens` are `(B, N, D)`, one row
+///   per position of a square grid of side `image_size / stride`, **row-major, with no class
+///   token** (a ViT's class token goes to `Features::cls`). RESPIX regresses each position's
+///   `stride × stride` pixel patch, so `grid × stride` must equal the image size; REVDET reads
+///   one feature per token of the tokenizer's grid.
+/// - The enhancer's parameters live under `ctx.vb` (its checkpoint keys). A network whose patch
+///   embedding and blocks follow the shared ViT layout sets `info().shareable_blocks`, so a
+///   generator may share them (paper Table 5).
 pub trait Enhancer: Send + Sync {
     /// Width, stride and input size of the features, known before the first forward.
     fn info(&self) -> EnhancerInfo;
@@ -67,6 +90,9 @@ pub trait Enhancer: Send + Sync {
 }
 
 /// The enhancer's pretext task: a head, its targets and its loss (RESPIX, REVDET).
+///
+/// Built last: its head is sized from the enhancer's [`EnhancerInfo`] in the build context. Its
+/// loss is added to the MIM loss with [`weight`](Self::weight).
 pub trait Objective: Send + Sync {
     /// Weight of this loss in `total = MIM + weight · objective` (paper Table 9: RESPIX 10, REVDET 1).
     fn weight(&self) -> f64;

@@ -202,7 +202,8 @@ impl Module for Attention {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // CPU f32: the fused kernel (no N×N tensors, no q/k/v copies); CUDA and bf16: matmuls
         // around an f32 softmax as one graph node (cim_ops::attention_gemm).
-        let out = cim_ops::attention_qkv(&self.qkv.forward(x)?, self.heads, self.scale, self.flash)?;
+        let out =
+            cim_ops::attention_qkv(&self.qkv.forward(x)?, self.heads, self.scale, self.flash)?;
         self.proj.forward(&out)
     }
 }
@@ -335,7 +336,14 @@ impl Block {
             fc2: pair(&self.mlp.fc2),
         };
         // Both norms take the block spec's eps; the attention scale is 1/√(head width) as here.
-        cim_ops::pre_norm_block(x, &p, self.attn.heads, self.norm1.eps, keep, self.attn.flash)
+        cim_ops::pre_norm_block(
+            x,
+            &p,
+            self.attn.heads,
+            self.norm1.eps,
+            keep,
+            self.attn.flash,
+        )
     }
 
     /// The block recorded op by op (candle's autograd through each op), with stochastic depth:

@@ -16,8 +16,8 @@
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor};
 use rayon::prelude::*;
 
-use super::is_fusable;
 use super::chunks::SQ_CHUNK;
+use super::is_fusable;
 use crate::Result;
 
 /// Elements per parallel work item.

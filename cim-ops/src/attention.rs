@@ -488,7 +488,9 @@ mod tests {
                 .max_all()?;
             assert!(s.to_scalar::<f32>()? > 1e-3, "part {part}");
         }
-        let e = attention_qkv(&qkv, 5, scale, false).unwrap_err().to_string();
+        let e = attention_qkv(&qkv, 5, scale, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("qkv width 72"), "{e}");
         Ok(())
     }

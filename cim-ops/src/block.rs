@@ -452,7 +452,8 @@ mod tests {
         let p = block_params(&vars);
         let x = Var::from_tensor(&randn(&[b, n, d], 1))?;
         let up = randn(&[b, n, d], 2);
-        let fused = pre_norm_block(&x, &p, heads, 1e-6, None, false)?.expect("CPU f32 takes the node");
+        let fused =
+            pre_norm_block(&x, &p, heads, 1e-6, None, false)?.expect("CPU f32 takes the node");
         let want = reference(&x, &p, heads, 1e-6)?;
         assert_eq!(fused.dims(), [b, n, d]);
         let dv = max_diff(&fused, &want);
@@ -482,7 +483,8 @@ mod tests {
         let x = Var::from_tensor(&x32.to_dtype(DType::BF16)?)?;
         let xr = Var::from_tensor(&x32)?;
         let up = randn(&[b, n, d], 4);
-        let fused = pre_norm_block(&x, &p, heads, 1e-6, None, false)?.expect("CPU bf16 takes the node");
+        let fused =
+            pre_norm_block(&x, &p, heads, 1e-6, None, false)?.expect("CPU bf16 takes the node");
         assert_eq!(fused.dtype(), DType::BF16);
         let want = reference(&xr, &p, heads, 1e-6)?;
         let f = fused.to_dtype(DType::F32)?;
@@ -519,7 +521,8 @@ mod tests {
         // x enters as a tracked activation (not a variable), as in a model.
         let run = |sink: Option<&GradSink>| -> Result<candle_core::backprop::GradStore> {
             let x = (xv.as_tensor() * 1.0)?;
-            let y = pre_norm_block(&x, &p, heads, 1e-6, None, false)?.expect("CPU f32 takes the node");
+            let y =
+                pre_norm_block(&x, &p, heads, 1e-6, None, false)?.expect("CPU f32 takes the node");
             let extra = p.norm2.1.sqr()?.sum_all()?;
             let loss = ((&y * &up)?.sum_all()? + extra)?;
             Ok(match sink {

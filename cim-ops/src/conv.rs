@@ -26,8 +26,8 @@ use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{sgemm, Threads};
-use super::tiles::View;
 use super::im2col::{add_in_order, cpu_f32, dx_groups, Col2Im, Im2Col};
+use super::tiles::View;
 use crate::Result;
 
 /// Largest patch matrix one chunk of images may hold, in bytes.
@@ -603,15 +603,13 @@ fn cpu_conv_grads(
         cpu_f32(&w, |ws| cpu_f32(&dy, |g| geo.backward(xs, ws, g, need_dx)))
     })
     .and_then(|r| r)
-    .and_then(|r| r)
-    ?;
+    .and_then(|r| r)?;
     let dev = x.device();
     let dx = dx
         .map(|dx| Tensor::from_vec(dx, (b, c, h, wd), dev))
         .transpose()?;
     Ok((dx, Tensor::from_vec(dw, w.shape(), dev)?))
 }
-
 
 /// The sizes of one CPU convolution call.
 struct Geometry {
@@ -795,8 +793,6 @@ fn per_plane(
     }
 }
 
-
-
 /// candle's convolution forward (cuDNN on CUDA), with a backward through im2col + GEMM and col2im
 /// ([`conv_backward`], grafted with [`super::with_backward`]): candle's own backward runs its
 /// direct `conv2d_f32` / `conv_transpose2d_f32` kernels on CUDA, which took 4.4 s of the ResNet-50
@@ -837,9 +833,7 @@ fn conv_backward(
     for start in (0..b).step_by(chunk) {
         let n = chunk.min(b - start);
         let g = dy.narrow(0, start, n)?.reshape((n, c_out, ho * wo))?;
-        let cols = op
-            .patches(&x.narrow(0, start, n)?)
-            ?;
+        let cols = op.patches(&x.narrow(0, start, n)?)?;
         let part = g.matmul(&cols.t()?)?.sum(0)?;
         dw = Some(match dw {
             None => part,

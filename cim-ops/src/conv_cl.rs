@@ -23,8 +23,8 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::im2col::{add_in_order, cpu_f32, dx_groups, Im2Col};
 use super::gemm::{sgemm, Threads};
+use super::im2col::{add_in_order, cpu_f32, dx_groups, Im2Col};
 use super::tiles::View;
 use crate::Result;
 
@@ -378,8 +378,7 @@ pub(super) fn conv2d(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Tensor> {
         let (dx, dwk) = cpu_f32(&xd, |xs| {
             cpu_f32(&dy, |g| geo.backward(xs, &wk, g, need_dx))
         })
-        .and_then(|r| r)
-        ?;
+        .and_then(|r| r)?;
         let dev = xd.device();
         let dx = dx
             .map(|dx| Tensor::from_vec(dx, (b, h, wd, c), dev))

@@ -21,7 +21,6 @@
 //! Off by default (asked for per model: the `flash` argument of [`super::attention_qkv`], config `run.flash_attention`) until its GPU parity
 //! check has passed on a GPU: it has not run on one yet.
 
-
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 

@@ -33,11 +33,9 @@ pub use candle_core::{Error, Result};
 const CHUNK_ROWS: usize = 64;
 
 mod adamw;
-pub mod backend;
-pub mod device;
-pub mod threads;
 mod argmax;
 mod attention;
+pub mod backend;
 mod batch_norm;
 mod bias;
 mod block;
@@ -49,6 +47,7 @@ mod conv_cl;
 pub(crate) mod cuda;
 #[cfg(feature = "cudnn")]
 mod cudnn;
+pub mod device;
 mod flash;
 mod gemm;
 mod graft;
@@ -63,6 +62,7 @@ mod residual;
 mod respix;
 mod select;
 mod simd;
+pub mod threads;
 mod tiles;
 
 pub use adamw::{
@@ -71,6 +71,10 @@ pub use adamw::{
 };
 pub use argmax::{argmax_channels, argmax_last};
 pub use attention::{attention_composed, attention_gemm, attention_qkv, attention_qkv_kernel};
+pub use backend::{
+    cpu_kernels, cuda_kernels, cudnn_conv, set_cpu_kernels, set_cuda_kernels, set_cudnn_conv,
+    set_portable_kernels, CpuKernels,
+};
 pub use batch_norm::{
     batch_norm_train, batch_norm_train_composed, batch_norm_train_composed_nhwc,
     batch_norm_train_nhwc, batch_norm_train_tail, channel_moments, channel_moments_affine,
@@ -82,22 +86,17 @@ pub use channel::{
     channel_bias, channel_bias_and_relu, channel_bias_and_relu_nhwc, channel_bias_composed,
     channel_bias_nhwc,
 };
-pub use conv::{
-    conv2d, conv2d_channels_last, conv2d_nhwc, conv2d_with_budget, COL_BUDGET,
-};
+pub use conv::{conv2d, conv2d_channels_last, conv2d_nhwc, conv2d_with_budget, COL_BUDGET};
 #[cfg(feature = "cuda")]
 pub use cuda::adamw_multi_launches;
-pub use flash::{
-    attention_flash, FlashBwdOp, FlashDeltaOp, FlashOutOp,
-    FlashStatsOp,
-};
+pub use flash::{attention_flash, FlashBwdOp, FlashDeltaOp, FlashOutOp, FlashStatsOp};
 pub use graft::with_backward;
-pub use node::{BackwardFn, GradSink, Output};
 pub use heads::{
     merge_heads, merge_heads_rows, merge_qkv, merge_qkv_rows, split_heads, split_heads_padded,
     split_qkv, split_qkv_padded,
 };
 pub use max_pool::{max_pool_3x3_s2, max_pool_3x3_s2_nhwc};
+pub use node::{BackwardFn, GradSink, Output};
 pub use region::region;
 pub use relu::relu;
 pub use resample::{
@@ -106,10 +105,6 @@ pub use resample::{
 pub use residual::{residual_add, residual_add_composed};
 pub use respix::{respix_loss, respix_sliding_target};
 pub use select::select_rows;
-pub use backend::{
-    cpu_kernels, cuda_kernels, cudnn_conv, set_cpu_kernels, set_cuda_kernels, set_cudnn_conv,
-    set_portable_kernels, CpuKernels,
-};
 pub use simd::avx2_kernels;
 
 /// Widest attention head the CUDA attention kernel takes (one warp per query row, four values

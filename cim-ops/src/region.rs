@@ -94,7 +94,9 @@ pub fn region<E: From<candle_core::Error>>(
     let detached: Vec<Tensor> = inputs.iter().map(|t| t.detach()).collect();
     let ids: Vec<TensorId> = detached.iter().map(|t| t.id()).collect();
     if ids.iter().enumerate().any(|(i, id)| ids[..i].contains(id)) {
-        return Err(crate::Error::msg("ops::region: the same tensor twice among the inputs").into());
+        return Err(
+            crate::Error::msg("ops::region: the same tensor twice among the inputs").into(),
+        );
     }
     TAPE.with(|t| {
         *t.borrow_mut() = Some(Tape {

@@ -54,7 +54,7 @@ pub const WORKER_STACK: usize = 16 << 20;
 /// holds for a pool of one thread too (`RAYON_NUM_THREADS=1`, as for several processes on one
 /// machine): called from outside it, each kernel would still be handed to its one worker while the
 /// caller sleeps, two thread switches per call for no parallelism at all.
-/// `cim_run::cli::main` runs every command through it; a custom runner with its own `main`
+/// `cim_run::main` runs every command through it; a custom runner with its own `main`
 /// should too.
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_none() {

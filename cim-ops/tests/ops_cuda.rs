@@ -364,10 +364,15 @@ fn attention_parity(gpu: &Device) {
         }
         // bf16 on the GPU against the f32 CPU kernel, at bf16 tolerances.
         let bf = |t: &[Tensor]| {
-            ops::attention_qkv(&t[0].to_dtype(candle_core::DType::BF16).unwrap(), h, scale, false)
-                .unwrap()
-                .to_dtype(candle_core::DType::F32)
-                .unwrap()
+            ops::attention_qkv(
+                &t[0].to_dtype(candle_core::DType::BF16).unwrap(),
+                h,
+                scale,
+                false,
+            )
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
         };
         let (yg, gg) = run(gpu, &bf, std::slice::from_ref(&qkv), &up);
         assert!(

@@ -4,10 +4,7 @@
 //! probability ε, where it draws uniformly from the vocabulary. It is a worked example for the
 //! book's "Write your own plugin" chapter: a config struct, a component, one `register_sampler!`.
 
-use cim_api::candle::{Device, Tensor, D};
-use cim_api::rand::{Rng, RngCore};
-use cim_api::{BuildCtx, Error, Result, Sampler};
-use serde::{Deserialize, Serialize};
+use cim_api::prelude::*;
 
 // ANCHOR: config
 /// Parameters under `[sampler.epsilon_greedy]`; unknown keys are rejected.

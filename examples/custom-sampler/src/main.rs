@@ -8,6 +8,10 @@
 // Naming the crate keeps its `register_sampler!` submission in the binary.
 use cim_example_custom_sampler as _;
 
+// The allocator cim-run runs on (it keeps freed buffers for the next step).
+#[global_allocator]
+static GLOBAL: cim_run::MiMalloc = cim_run::MiMalloc;
+
 fn main() -> std::process::ExitCode {
-    cim_run::cli::main()
+    cim_run::main()
 }

@@ -22,11 +22,11 @@ use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use cim_ops::BnTail;
 use cim_api::{
     BuildCtx, Enhancer, EnhancerInfo, Error, ExecChoices, Features, MapLayout, ParamStore, Result,
     TokenGrid,
 };
+use cim_ops::BnTail;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -91,7 +91,12 @@ impl Conv {
     fn forward(&self, x: &Tensor, last: bool) -> Result<Tensor> {
         match last {
             false => Ok(cim_ops::conv2d(x, &self.w, self.pad, self.stride)?),
-            true => Ok(cim_ops::conv2d_channels_last(x, &self.w, self.pad, self.stride)?),
+            true => Ok(cim_ops::conv2d_channels_last(
+                x,
+                &self.w,
+                self.pad,
+                self.stride,
+            )?),
         }
     }
 }
@@ -627,7 +632,13 @@ mod tests {
             ..ResNetConfig::test_tiny()
         };
         let vb = store.var_builder(DType::F32, &Device::Cpu);
-        let first = ResNet::new(&cfg(MapLayout::Nchw), 64, vb.clone(), &buf1, ExecChoices::default())?;
+        let first = ResNet::new(
+            &cfg(MapLayout::Nchw),
+            64,
+            vb.clone(),
+            &buf1,
+            ExecChoices::default(),
+        )?;
         let last = ResNet::new(&cfg(MapLayout::Nhwc), 64, vb, &buf2, ExecChoices::default())?;
         assert!(last.channels_last() && !first.channels_last());
         // Auto is channels last on the CPU (its channels-last kernels are the faster ones there).

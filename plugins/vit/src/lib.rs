@@ -24,9 +24,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use cim_api::{
-    BuildCtx, Enhancer, EnhancerInfo, Error, ExecChoices, Features, Result, TokenGrid,
-};
+use cim_api::{BuildCtx, Enhancer, EnhancerInfo, Error, ExecChoices, Features, Result, TokenGrid};
 
 use layers::{BlockSpec, LayerNorm, PatchEmbed};
 

@@ -7,9 +7,12 @@ use clap::Parser;
 
 use cim_api::registry;
 use cim_api::{Enhancer, Generator, Masking, Objective, Sampler, Tokenizer};
-
-use crate::config::{preset_names, resolve, Layers};
-use crate::train::Trainer;
+use cim_runner::config::{preset_names, resolve, run_layers, DataSource, Layers, Split};
+use cim_runner::export::Format;
+use cim_runner::probe::{Init, Pooling};
+use cim_runner::rundir::RunDir;
+use cim_runner::train::Trainer;
+use cim_runner::{bench, export, finetune, fit, inspect, probe, tokenizer_train};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -59,51 +62,396 @@ pub struct ConfigArgs {
 impl ConfigArgs {
     /// The config layers these flags name (`quickstart` when neither a preset nor a file is given).
     pub fn layers(&self) -> Layers {
-        let preset = match (&self.preset, self.config.is_empty()) {
-            (None, true) => Some("quickstart".to_string()),
-            (p, _) => p.clone(),
-        };
-        Layers {
-            preset,
-            config_files: self.config.clone(),
-            set: self.set.clone(),
-            env: true,
-        }
+        Layers::from_flags(self.preset.clone(), self.config.clone(), self.set.clone())
     }
 }
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Fit a `patch_kmeans` tokenizer codebook (k-means on random image patches).
-    FitKmeans(crate::fit::FitKmeans),
+    FitKmeans(FitKmeansCmd),
     /// Time one training step phase by phase; prints one JSON line (the reference's fields).
-    Bench(crate::bench::BenchArgs),
+    Bench(BenchCmd),
     /// Figure-2-style grids for given images: original, masked input, several sampled corruptions.
-    Corrupt(crate::inspect::CorruptArgs),
+    Corrupt(CorruptCmd),
     /// Data-loader throughput on an ImageFolder (decode and augmentation time per image).
-    BenchData(crate::inspect::BenchDataArgs),
+    BenchData(BenchDataCmd),
     /// Linear-probe and k-NN accuracy of a run's frozen enhancer on labelled data.
-    Probe(crate::probe::ProbeArgs),
+    Probe(ProbeCmd),
     /// Fine-tune a run's enhancer end to end on labelled data (`--init scratch`: the control).
-    Finetune(crate::finetune::FinetuneArgs),
+    Finetune(FinetuneCmd),
     /// Write a run's enhancer with timm's or torchvision's names (+ a JSON mapping).
-    Export(crate::export::ExportArgs),
+    Export(ExportCmd),
     /// Print each image's token grid as JSON (`--decode OUT.png`: view and reconstruction).
-    Tokenize(crate::inspect::TokenizeArgs),
+    Tokenize(TokenizeCmd),
     /// Train the `vq` tokenizer on the images of the data table; prints PSNR and codebook perplexity on held-out images.
-    TokenizerTrain(crate::tokenizer_train::TokenizerTrainArgs),
+    TokenizerTrain(TokenizerTrainCmd),
+}
+
+/// `cim-run bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchCmd {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Images per step (default: the preset's `train.batch_size`, at most 128).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Timed steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Untimed steps first (kernel JIT, allocator warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// Overrides `run.device` ("cpu", "cuda:0", "auto").
+    #[arg(long)]
+    pub device: Option<String>,
+    /// On CUDA, synchronise the device at every phase boundary and time phases on the host.
+    /// Default: CUDA events, no host synchronisation inside the timed loop, as the reference
+    /// times its phases. No effect on the CPU, which always does this.
+    #[arg(long)]
+    pub sync_phases: bool,
+    /// On CUDA, a measurement switch: run the steps with candle's upload cache on, so the small
+    /// host→device copies before strided and reduction kernels are made once. Its cache never
+    /// shrinks, so training does not use it.
+    #[arg(long)]
+    pub upload_cache: bool,
+    /// On the CPU, caps cim's fused kernels at an instance: "portable", "avx2" or "avx512" (the
+    /// default is the CPU's widest). A measurement switch for comparing them in one binary;
+    /// candle's matmuls (the gemm crate) pick their own instructions regardless.
+    #[arg(long, value_parser = parse_cpu_kernels)]
+    pub cpu_kernels: Option<cim_ops::CpuKernels>,
+}
+
+fn parse_cpu_kernels(name: &str) -> std::result::Result<cim_ops::CpuKernels, String> {
+    cim_ops::CpuKernels::parse(name).ok_or_else(|| {
+        format!("unknown CPU kernel instance {name:?}; available: portable, avx2, avx512")
+    })
+}
+
+impl From<BenchCmd> for bench::BenchArgs {
+    fn from(c: BenchCmd) -> Self {
+        Self {
+            layers: c.config.layers(),
+            batch: c.batch,
+            steps: c.steps,
+            warmup: c.warmup,
+            device: c.device,
+            sync_phases: c.sync_phases,
+            upload_cache: c.upload_cache,
+            cpu_kernels: c.cpu_kernels,
+        }
+    }
+}
+
+/// `cim-run probe`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProbeCmd {
+    /// A pre-training run directory (its `config.toml` builds the enhancer).
+    pub run_dir: PathBuf,
+    /// Labelled data: `cifar10` (PATH holds train.bin/test.bin) or `folder` (PATH/train, PATH/val).
+    /// Without --path, `data.source` and `data.path` of --preset/--config/--set are used.
+    #[arg(long, value_enum, default_value = "cifar10")]
+    pub data: DataSource,
+    /// The labelled data set's folder (see --data).
+    #[arg(long)]
+    pub path: Option<PathBuf>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Which vector summarises an image.
+    #[arg(long, value_enum, default_value = "mean")]
+    pub feature: Pooling,
+    /// The run's weights, or the same network freshly initialised (the control row).
+    #[arg(long, value_enum, default_value = "pretrained")]
+    pub init: Init,
+    /// Use at most this many training images (a seeded random subset; 0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub train_limit: usize,
+    /// Use at most this many test images (a seeded random subset; 0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub test_limit: usize,
+    /// Neighbours of the k-NN classifier.
+    #[arg(long, default_value_t = 20)]
+    pub k: usize,
+    /// Temperature of the k-NN votes (weight `exp(cos / T)`).
+    #[arg(long, default_value_t = 0.07)]
+    pub temperature: f64,
+    /// Images per forward pass when extracting features.
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+}
+
+impl From<ProbeCmd> for probe::ProbeArgs {
+    fn from(c: ProbeCmd) -> Self {
+        // A probe without --preset/--config reads its data from --data/--path, not the quickstart.
+        let layers = match (&c.config.preset, c.config.config.is_empty()) {
+            (None, true) => Layers {
+                set: c.config.set.clone(),
+                env: true,
+                ..Layers::default()
+            },
+            _ => c.config.layers(),
+        };
+        Self {
+            run_dir: c.run_dir,
+            data: c.data,
+            path: c.path,
+            layers,
+            feature: c.feature,
+            init: c.init,
+            train_limit: c.train_limit,
+            test_limit: c.test_limit,
+            k: c.k,
+            temperature: c.temperature,
+            batch: c.batch,
+        }
+    }
+}
+
+/// `cim-run finetune`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FinetuneCmd {
+    /// The pre-training run whose enhancer is fine-tuned (its `config.toml` builds the network).
+    pub run_dir: PathBuf,
+    /// The recipe and the labelled data: `--preset ft_tiny_cifar10`, `--set finetune.epochs=3`, …
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// The run's weights, or the same network freshly initialised (the control row).
+    #[arg(long, value_enum, default_value = "pretrained")]
+    pub init: Init,
+    /// Output folder (default: `<RUN_DIR>/finetune-<init>-<unix time>`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+impl From<FinetuneCmd> for finetune::FinetuneArgs {
+    fn from(c: FinetuneCmd) -> Self {
+        Self {
+            run_dir: c.run_dir,
+            layers: c.config.layers(),
+            init: c.init,
+            out: c.out,
+        }
+    }
+}
+
+/// `cim-run export`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExportCmd {
+    /// A pre-training run directory (its `model.safetensors`, else its newest checkpoint).
+    pub run_dir: PathBuf,
+    /// The library whose names the state dict carries.
+    #[arg(long, value_enum)]
+    pub format: Format,
+    /// The output `.safetensors`; the mapping goes beside it as `.json`.
+    pub out: PathBuf,
+}
+
+impl From<ExportCmd> for export::ExportArgs {
+    fn from(c: ExportCmd) -> Self {
+        Self {
+            run_dir: c.run_dir,
+            format: c.format,
+            out: c.out,
+        }
+    }
+}
+
+/// `cim-run corrupt`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CorruptCmd {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Images to corrupt (JPEG or PNG); each becomes one row.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// Trained weights: a run directory (its `model.safetensors`, else its newest checkpoint) or a
+    /// `.safetensors` file. Without it the generator is freshly initialised.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Corrupted samples per image (columns after the original and the masked input).
+    #[arg(long, default_value_t = 4)]
+    pub samples: usize,
+    /// Seed of the mask and the samples.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output PNG.
+    #[arg(long, default_value = "corrupt.png")]
+    pub out: PathBuf,
+}
+
+impl From<CorruptCmd> for inspect::CorruptArgs {
+    fn from(c: CorruptCmd) -> Self {
+        Self {
+            layers: c.config.layers(),
+            images: c.images,
+            weights: c.weights,
+            samples: c.samples,
+            seed: c.seed,
+            out: c.out,
+        }
+    }
+}
+
+/// `cim-run bench-data`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchDataCmd {
+    /// An ImageFolder (`DIR/<class>/*.jpg|png`).
+    pub dir: PathBuf,
+    /// Loader threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// Images per batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Batches to time (after one warm-up batch).
+    #[arg(long, default_value_t = 8)]
+    pub batches: usize,
+    /// Side of the generator/enhancer view.
+    #[arg(long, default_value_t = 224)]
+    pub image_size: usize,
+    /// Side of the tokenizer view.
+    #[arg(long, default_value_t = 112)]
+    pub tokenizer_size: usize,
+}
+
+impl From<BenchDataCmd> for inspect::BenchDataArgs {
+    fn from(c: BenchDataCmd) -> Self {
+        Self {
+            dir: c.dir,
+            workers: c.workers,
+            batch: c.batch,
+            batches: c.batches,
+            image_size: c.image_size,
+            tokenizer_size: c.tokenizer_size,
+        }
+    }
+}
+
+/// `cim-run tokenize`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenizeCmd {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Images (JPEG or PNG), centre-cropped to the tokenizer view (`data.tokenizer_size`).
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// Also write a PNG with each image's tokenizer view and its reconstruction from the tokens.
+    #[arg(long, value_name = "OUT.png")]
+    pub decode: Option<PathBuf>,
+}
+
+impl From<TokenizeCmd> for inspect::TokenizeArgs {
+    fn from(c: TokenizeCmd) -> Self {
+        Self {
+            layers: c.config.layers(),
+            images: c.images,
+            decode: c.decode,
+        }
+    }
+}
+
+/// `cim-run tokenizer-train`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenizerTrainCmd {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// The weights to write (`.safetensors`); a report `.json` and a reconstruction grid `.png`
+    /// are written beside it.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Override `tokenizer_train.steps`.
+    #[arg(long)]
+    pub steps: Option<usize>,
+}
+
+impl From<TokenizerTrainCmd> for tokenizer_train::TokenizerTrainArgs {
+    fn from(c: TokenizerTrainCmd) -> Self {
+        Self {
+            layers: c.config.layers(),
+            out: c.out,
+            steps: c.steps,
+        }
+    }
+}
+
+/// `cim-run fit-kmeans`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct FitKmeansCmd {
+    /// Dataset kind.
+    #[arg(
+        long = "data",
+        value_name = "KIND",
+        value_enum,
+        default_value = "cifar10"
+    )]
+    pub source: DataSource,
+    /// The data set's folder.
+    #[arg(long)]
+    pub path: Option<PathBuf>,
+    /// CIFAR-10 split.
+    #[arg(long, value_enum, default_value = "train")]
+    pub split: Split,
+    /// Images are resized to this square side first (use the tokenizer view size).
+    #[arg(long, default_value_t = 32)]
+    pub size: u32,
+    /// Side of a square patch.
+    #[arg(long, default_value_t = 4)]
+    pub patch: usize,
+    /// Codebook size (the tokenizer's vocabulary).
+    #[arg(long, default_value_t = 512)]
+    pub vocab: usize,
+    /// Random patches to fit on.
+    #[arg(long, default_value_t = 200_000)]
+    pub samples: usize,
+    /// k-means iterations.
+    #[arg(long, default_value_t = 30)]
+    pub iters: usize,
+    /// Seed of the patch sampling and the initial centroids.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output safetensors file (holds `codebook`).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+impl From<FitKmeansCmd> for fit::FitKmeans {
+    fn from(c: FitKmeansCmd) -> Self {
+        Self {
+            source: c.source,
+            path: c.path,
+            split: c.split,
+            size: c.size,
+            patch: c.patch,
+            vocab: c.vocab,
+            samples: c.samples,
+            iters: c.iters,
+            seed: c.seed,
+            out: c.out,
+        }
+    }
+}
+
+/// Sets the process-wide backend switches from the `[run]` section of `layers` (see
+/// `cim_runner::pipeline::set_backend`), once, before the command builds anything.
+fn set_backend(layers: &Layers) -> anyhow::Result<()> {
+    cim_runner::pipeline::set_backend(&resolve(layers)?.cfg.run);
+    Ok(())
 }
 
 fn subcommand(cmd: Command) -> anyhow::Result<()> {
     match cmd {
-        Command::FitKmeans(opts) => fit(opts),
+        Command::FitKmeans(opts) => fit(opts.into()),
         Command::Bench(args) => {
-            let report = crate::bench::bench(&args)?;
+            let args = bench::BenchArgs::from(args);
+            set_backend(&args.layers)?;
+            let report = bench::bench(&args)?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
         Command::Corrupt(args) => {
-            let frac = crate::inspect::corrupt(&args)?;
+            let args = inspect::CorruptArgs::from(args);
+            set_backend(&args.layers)?;
+            let frac = inspect::corrupt(&args)?;
             println!(
                 "wrote {} ({} images × {} samples); {:.1}% of masked tokens replaced by a different one",
                 args.out.display(),
@@ -114,40 +462,49 @@ fn subcommand(cmd: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Probe(args) => {
-            let report = crate::probe::probe(&args)?;
+            let args = probe::ProbeArgs::from(args);
+            set_backend(&run_layers(&args.run_dir, vec![])?)?;
+            let report = probe::probe(&args)?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
         Command::Finetune(args) => {
-            let summary = crate::finetune::finetune(&args)?;
+            let args = finetune::FinetuneArgs::from(args);
+            set_backend(&args.layers)?;
+            let summary = finetune::finetune(&args)?;
             println!("{}", serde_json::to_string(&summary)?);
             Ok(())
         }
         Command::Export(args) => {
-            let r = crate::export::export(&args)?;
+            let args = export::ExportArgs::from(args);
+            let r = export::export(&args)?;
             println!(
                 "wrote {} ({} tensors, {:?} names for {}) and {}",
                 args.out.display(),
                 r.tensors.len(),
                 r.format,
                 r.model,
-                crate::export::mapping_path(&args.out).display()
+                export::mapping_path(&args.out).display()
             );
             Ok(())
         }
         Command::Tokenize(args) => {
-            for t in crate::inspect::tokenize(&args)? {
+            let args = inspect::TokenizeArgs::from(args);
+            set_backend(&args.layers)?;
+            for t in inspect::tokenize(&args)? {
                 println!("{}", serde_json::to_string(&t)?);
             }
             Ok(())
         }
         Command::TokenizerTrain(args) => {
-            let r = crate::tokenizer_train::tokenizer_train(&args)?;
+            let args = tokenizer_train::TokenizerTrainArgs::from(args);
+            set_backend(&args.layers)?;
+            let r = tokenizer_train::tokenizer_train(&args)?;
             println!("{}", serde_json::to_string(&r)?);
             eprintln!(
                 "wrote {} (and {}, a reconstruction grid .png): held-out PSNR {:.2} dB, perplexity {:.1} of {} codes ({} used)",
                 r.weights,
-                crate::tokenizer_train::report_path(&args.out).display(),
+                tokenizer_train::report_path(&args.out).display(),
                 r.psnr_db,
                 r.perplexity,
                 r.vocab_size,
@@ -156,15 +513,15 @@ fn subcommand(cmd: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::BenchData(args) => {
-            let report = crate::inspect::bench_data(&args)?;
+            let report = inspect::bench_data(&args.into())?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
     }
 }
 
-fn fit(opts: crate::fit::FitKmeans) -> anyhow::Result<()> {
-    let hist = crate::fit::fit_kmeans(&opts)?;
+fn fit(opts: fit::FitKmeans) -> anyhow::Result<()> {
+    let hist = fit::fit_kmeans(&opts)?;
     println!(
         "fitted {} centroids of {p}×{p} patches on {} samples; mean squared error per patch {:.5} → {:.5} over {} iterations; wrote {}",
         opts.vocab,
@@ -225,6 +582,7 @@ pub fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
             if let Some(n) = cli.steps {
                 set.push(format!("run.max_steps={n}"));
             }
+            set_backend(&run_layers(dir, set.clone())?)?;
             Trainer::resume(dir.clone(), set)?
         }
         None => {
@@ -238,19 +596,13 @@ pub fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
                 print!("{}", resolved.to_toml()?);
                 return Ok(());
             }
+            cim_runner::pipeline::set_backend(&resolved.cfg.run);
             let run_dir = match &cli.out {
                 Some(d) => d.clone(),
-                None => {
-                    let secs = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_secs())
-                        .unwrap_or(0);
-                    resolved
-                        .cfg
-                        .run
-                        .out_root
-                        .join(format!("{}-{secs}", preset.as_deref().unwrap_or("run")))
-                }
+                None => RunDir::default_path(
+                    &resolved.cfg.run.out_root,
+                    preset.as_deref().unwrap_or("run"),
+                ),
             };
             Trainer::new(resolved, run_dir)?
         }
@@ -288,9 +640,11 @@ impl std::fmt::Display for HelpShown {
 }
 impl std::error::Error for HelpShown {}
 
-/// Entry point of `cim-run` and of custom runners that link more plugins.
+/// Entry point of `cim-run` and of custom runners that link more plugins: the process set-up
+/// (CPU threads, the allocator's purge setting, logging), then the command on a worker of rayon's
+/// pool. Call it first thing in `main`.
 pub fn main() -> ExitCode {
-    crate::settle_cpu_threads();
+    cim_ops::threads::settle_cpu_threads();
     crate::keep_freed_memory();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

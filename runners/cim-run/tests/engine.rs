@@ -7,9 +7,9 @@ use std::process::Command;
 
 use candle_core::{Device, Tensor};
 
-use cim_run::checkpoint::{list_checkpoints, load_latest};
-use cim_run::config::{resolve, Layers};
-use cim_run::train::Trainer;
+use cim_runner::checkpoint::{list_checkpoints, load_latest};
+use cim_runner::config::{resolve, Layers};
+use cim_runner::train::Trainer;
 
 /// The quickstart pipeline, shrunk: batch 4, a 6-step schedule.
 fn small(extra: &[&str]) -> Vec<String> {
@@ -358,20 +358,24 @@ fn pictures_and_loss_curve_are_valid_pngs() {
 #[test]
 fn tokenize_prints_token_grids_and_writes_the_reconstruction() {
     let tmp = tempfile::tempdir().unwrap();
-    let assets = format!("{}/assets/quickstart", env!("CARGO_MANIFEST_DIR"));
+    let assets = format!(
+        "{}/../cim-runner/assets/quickstart",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let out = tmp.path().join("recon.png");
-    let args = cim_run::inspect::TokenizeArgs {
-        config: cim_run::cli::ConfigArgs {
+    let args = cim_runner::inspect::TokenizeArgs {
+        layers: cim_run::cli::ConfigArgs {
             preset: Some("quickstart".into()),
             ..Default::default()
-        },
+        }
+        .layers(),
         images: vec![
             format!("{assets}/chelsea.jpg").into(),
             format!("{assets}/coffee.jpg").into(),
         ],
         decode: Some(out.clone()),
     };
-    let t = cim_run::inspect::tokenize(&args).unwrap();
+    let t = cim_runner::inspect::tokenize(&args).unwrap();
     assert_eq!(t.len(), 2);
     for r in &t {
         assert_eq!(r.tokenizer, "vq");
@@ -398,7 +402,7 @@ fn cmyk_and_grayscale_jpegs_decode_to_rgb() {
         env!("CARGO_MANIFEST_DIR")
     ))
     .unwrap();
-    let img = cim_run::data::decode_image(&bytes).unwrap();
+    let img = cim_runner::data::decode_image(&bytes).unwrap();
     assert_eq!(img.dimensions(), (16, 16));
     let [r, g, b] = img.get_pixel(2, 8).0;
     assert!(r < 60 && g > 200 && b > 200, "cyan, got {:?}", (r, g, b));
@@ -413,7 +417,7 @@ fn cmyk_and_grayscale_jpegs_decode_to_rgb() {
             image::ImageFormat::Jpeg,
         )
         .unwrap();
-    let rgb = cim_run::data::decode_image(&buf).unwrap();
+    let rgb = cim_runner::data::decode_image(&buf).unwrap();
     let p = rgb.get_pixel(5, 3).0;
     assert!(p[0] == p[1] && p[1] == p[2] && p[0] > 100, "{p:?}");
 }
@@ -515,8 +519,8 @@ fn bf16_resnet_trains_with_f32_masters_close_to_f32() {
 
 #[test]
 fn bf16_is_refused_for_an_enhancer_without_a_mixed_precision_path() {
-    use cim_run::config::Precision;
-    let e = cim_run::config::validate_precision(Precision::Bf16, "my_enhancer")
+    use cim_runner::config::Precision;
+    let e = cim_runner::config::validate_precision(Precision::Bf16, "my_enhancer")
         .err()
         .unwrap()
         .to_string();
@@ -524,6 +528,6 @@ fn bf16_is_refused_for_an_enhancer_without_a_mixed_precision_path() {
         e.contains("run.precision") && e.contains("my_enhancer"),
         "{e}"
     );
-    assert!(cim_run::config::validate_precision(Precision::Bf16, "resnet50").is_ok());
-    assert!(cim_run::config::validate_precision(Precision::F32, "my_enhancer").is_ok());
+    assert!(cim_runner::config::validate_precision(Precision::Bf16, "resnet50").is_ok());
+    assert!(cim_runner::config::validate_precision(Precision::F32, "my_enhancer").is_ok());
 }

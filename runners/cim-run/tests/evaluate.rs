@@ -3,10 +3,10 @@
 use std::path::Path;
 
 use cim_run::cli::ConfigArgs;
-use cim_run::config::{resolve, Layers};
-use cim_run::finetune::{finetune, read_curve, FinetuneArgs};
-use cim_run::probe::{probe, Init, Pooling, ProbeArgs};
-use cim_run::train::Trainer;
+use cim_runner::config::{resolve, Layers};
+use cim_runner::finetune::{finetune, read_curve, FinetuneArgs};
+use cim_runner::probe::{probe, Init, Pooling, ProbeArgs};
+use cim_runner::train::Trainer;
 
 /// CIFAR-10 records whose class is visible: class `c` has a colour ramp whose hue and stripe
 /// period depend on `c`, plus per-image noise.
@@ -58,9 +58,9 @@ fn probe_scores_pretrained_and_scratch_features_and_caches_them() {
     let run = pretrain(tmp.path());
     let args = |init| ProbeArgs {
         run_dir: run.clone(),
-        data: cim_run::config::DataSource::Cifar10,
+        data: cim_runner::config::DataSource::Cifar10,
         path: Some(tmp.path().join("data")),
-        config: ConfigArgs::default(),
+        layers: ConfigArgs::default().layers(),
         feature: Pooling::Both,
         init,
         train_limit: 0,
@@ -98,7 +98,7 @@ fn finetune_trains_evaluates_and_keeps_best_and_last() {
     let data = tmp.path().join("data");
     let ft = |init, out: &str| FinetuneArgs {
         run_dir: run.clone(),
-        config: ConfigArgs {
+        layers: ConfigArgs {
             preset: Some("ft_tiny_cifar10".into()),
             config: vec![],
             set: vec![
@@ -108,7 +108,8 @@ fn finetune_trains_evaluates_and_keeps_best_and_last() {
                 "finetune.warmup_epochs=0".into(),
                 "finetune.lr=5e-3".into(),
             ],
-        },
+        }
+        .layers(),
         init,
         out: Some(tmp.path().join(out)),
     };

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor};
 use cim_api::registry::{BuildCtx, Variant};
 use cim_api::{Enhancer, ParamStore};
-use cim_run::export::{map_names, Format};
+use cim_runner::export::{map_names, Format};
 
 fn fixture(name: &str) -> BTreeMap<String, Vec<usize>> {
     let p = format!(

@@ -12,7 +12,10 @@ fn fixture_dvae() -> PathBuf {
 
 /// `tokenize` on two embedded photos with the fixture dVAE's sizes and `weights`, under HF_HOME.
 fn tokenize(weights: &str, hf_home: &Path, offline: bool) -> std::process::Output {
-    let assets = format!("{}/assets/quickstart", env!("CARGO_MANIFEST_DIR"));
+    let assets = format!(
+        "{}/../cim-runner/assets/quickstart",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let mut c = Command::new(env!("CARGO_BIN_EXE_cim-run"));
     c.args(["tokenize", "--preset", "quickstart"]);
     for s in [
@@ -113,8 +116,8 @@ mod init {
     use std::path::Path;
 
     use candle_core::{Device, Tensor};
-    use cim_run::config::{resolve, Layers};
-    use cim_run::train::Trainer;
+    use cim_runner::config::{resolve, Layers};
+    use cim_runner::train::Trainer;
 
     fn trainer(dir: &Path, extra: &[String]) -> cim_api::Result<Trainer> {
         let mut set: Vec<String> = [
@@ -171,9 +174,9 @@ mod init {
 
         // The timm-named export (no prefix) initialises the enhancer only.
         let export = tmp.path().join("enh.safetensors");
-        cim_run::export::export(&cim_run::export::ExportArgs {
+        cim_runner::export::export(&cim_runner::export::ExportArgs {
             run_dir: a_dir.clone(),
-            format: cim_run::export::Format::Timm,
+            format: cim_runner::export::Format::Timm,
             out: export.clone(),
         })
         .unwrap();
@@ -247,7 +250,7 @@ mod init {
 
 #[test]
 fn tokenizer_train_writes_a_tokenizer_that_presets_load() {
-    use cim_run::tokenizer_train::{tokenizer_train, TokenizerTrainArgs};
+    use cim_runner::tokenizer_train::{tokenizer_train, TokenizerTrainArgs};
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("vq.safetensors");
     let sets = |extra: &[&str]| -> Vec<String> {
@@ -270,11 +273,12 @@ fn tokenizer_train_writes_a_tokenizer_that_presets_load() {
         .collect()
     };
     let args = TokenizerTrainArgs {
-        config: cim_run::cli::ConfigArgs {
+        layers: cim_run::cli::ConfigArgs {
             preset: Some("quickstart".into()),
             config: vec![],
             set: sets(&[]),
-        },
+        }
+        .layers(),
         out: out.clone(),
         steps: Some(40),
     };
@@ -290,17 +294,17 @@ fn tokenizer_train_writes_a_tokenizer_that_presets_load() {
         assert!(out.with_extension(ext).is_file(), "{ext} missing");
     }
     // The file is a tokenizer for any preset (same sizes) …
-    let res = cim_run::config::resolve(&cim_run::config::Layers {
+    let res = cim_runner::config::resolve(&cim_runner::config::Layers {
         preset: Some("quickstart".into()),
         config_files: vec![],
         set: sets(&[&format!("tokenizer.vq.weights={}", out.display())]),
         env: false,
     })
     .unwrap();
-    let cim = cim_run::pipeline::Cim::build(&res).unwrap();
+    let cim = cim_runner::pipeline::Cim::build(&res).unwrap();
     assert_eq!(cim.tokenizer.vocab_size(), 32);
     // … and a config that disagrees with it names the key.
-    let res = cim_run::config::resolve(&cim_run::config::Layers {
+    let res = cim_runner::config::resolve(&cim_runner::config::Layers {
         preset: Some("quickstart".into()),
         config_files: vec![],
         set: sets(&[
@@ -310,18 +314,19 @@ fn tokenizer_train_writes_a_tokenizer_that_presets_load() {
         env: false,
     })
     .unwrap();
-    let e = cim_run::pipeline::Cim::build(&res)
+    let e = cim_runner::pipeline::Cim::build(&res)
         .err()
         .unwrap()
         .to_string();
     assert!(e.contains("tokenizer.vq.code_dim = 8"), "{e}");
     // Training another tokenizer is refused with the fix.
     let e = tokenizer_train(&TokenizerTrainArgs {
-        config: cim_run::cli::ConfigArgs {
+        layers: cim_run::cli::ConfigArgs {
             preset: Some("quickstart".into()),
             config: vec![],
             set: vec!["tokenizer.name=patch_kmeans".into()],
-        },
+        }
+        .layers(),
         out: tmp.path().join("x.safetensors"),
         steps: Some(1),
     })

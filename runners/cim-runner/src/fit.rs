@@ -13,36 +13,21 @@ use crate::checkpoint::save_safetensors;
 use crate::config::{DataConfig, DataSource};
 
 /// Options of `fit-kmeans` (also its command-line arguments).
-#[derive(Clone, Debug, clap::Args)]
+#[derive(Clone, Debug)]
 pub struct FitKmeans {
     /// Dataset kind.
-    #[arg(
-        long = "data",
-        value_name = "KIND",
-        value_enum,
-        default_value = "cifar10"
-    )]
     pub source: DataSource,
-    #[arg(long)]
     pub path: Option<PathBuf>,
     /// CIFAR-10 split.
-    #[arg(long, value_enum, default_value = "train")]
     pub split: crate::config::Split,
     /// Images are resized to this square side first (use the tokenizer view size).
-    #[arg(long, default_value_t = 32)]
     pub size: u32,
-    #[arg(long, default_value_t = 4)]
     pub patch: usize,
-    #[arg(long, default_value_t = 512)]
     pub vocab: usize,
-    #[arg(long, default_value_t = 200_000)]
     pub samples: usize,
-    #[arg(long, default_value_t = 30)]
     pub iters: usize,
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Output safetensors file (holds `codebook`).
-    #[arg(long)]
     pub out: PathBuf,
 }
 

@@ -3,7 +3,6 @@
 //! network at random initialisation, trained identically.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -18,26 +17,23 @@ use cim_api::pixels::normalize;
 use cim_api::{Error, ParamStore, Result};
 
 use crate::augment::{mix_batch, rand_augment, smooth_targets};
-use crate::checkpoint::{save_safetensors, write_atomic};
-use crate::cli::ConfigArgs;
-use crate::config::{resolve, DataConfig, FinetuneConfig, FinetuneLoss};
+use crate::checkpoint::save_safetensors;
+use crate::config::{resolve, DataConfig, FinetuneConfig, FinetuneLoss, Layers};
 use crate::data::{chw, mix, open_labelled, random_resized_crop, subset, Dataset};
 use crate::optim::{AdamW, Schedule};
 use crate::pipeline::Cim;
 use crate::probe::{topk_accuracy, ClassifierScore, Init};
+use crate::rundir::RunDir;
 
 /// Options of `cim-run finetune`.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
 pub struct FinetuneArgs {
     /// The pre-training run whose enhancer is fine-tuned (its `config.toml` builds the network).
     pub run_dir: PathBuf,
     /// The recipe and the labelled data: `--preset ft_tiny_cifar10`, `--set finetune.epochs=3`, …
-    #[command(flatten)]
-    pub config: ConfigArgs,
-    #[arg(long, value_enum, default_value = "pretrained")]
+    pub layers: Layers,
     pub init: Init,
     /// Output folder (default: `<RUN_DIR>/finetune-<init>-<unix time>`).
-    #[arg(long)]
     pub out: Option<PathBuf>,
 }
 
@@ -179,7 +175,7 @@ impl Head {
 /// Fine-tunes and evaluates; writes `metrics.jsonl`, `best.safetensors`, `last.safetensors`.
 pub fn finetune(args: &FinetuneArgs) -> Result<FinetuneSummary> {
     let start = Instant::now();
-    let ft_res = resolve(&args.config.layers())?;
+    let ft_res = resolve(&args.layers)?;
     let ft = ft_res.cfg.finetune.clone();
     let data = ft_res.cfg.data.clone();
     let seed = ft_res.cfg.run.seed;
@@ -267,28 +263,15 @@ pub fn finetune(args: &FinetuneArgs) -> Result<FinetuneSummary> {
         warmup: (ft.warmup_epochs * per_epoch).min(total),
         total: total.max(1),
     };
-    let out = match &args.out {
+    let out = RunDir::create(match &args.out {
         Some(o) => o.clone(),
         None => {
-            let secs = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
             let init = format!("{:?}", args.init).to_lowercase();
-            args.run_dir.join(format!("finetune-{init}-{secs}"))
+            RunDir::default_path(&args.run_dir, &format!("finetune-{init}"))
         }
-    };
-    if out.join("metrics.jsonl").exists() {
-        return Err(Error::msg(format!(
-            "{} already holds a fine-tuning run; choose another --out",
-            out.display()
-        )));
-    }
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-    write_atomic(&out.join("config.toml"), ft_res.to_toml()?.as_bytes())?;
-    let metrics_path = out.join("metrics.jsonl");
-    let mut metrics =
-        std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+    })?;
+    out.write_config(&ft_res)?;
+    let mut metrics = out.metrics()?;
     tracing::info!(
         run = %args.run_dir.display(),
         init = ?args.init,
@@ -424,12 +407,8 @@ pub fn finetune(args: &FinetuneArgs) -> Result<FinetuneSummary> {
         opt.step(&grads, lr, 0.0)?;
         loss_sum.0 += l;
         loss_sum.1 += 1;
-        writeln!(
-            metrics,
-            "{}",
-            serde_json::json!({"step": step + 1, "epoch": epoch, "lr": lr, "loss": l})
-        )
-        .map_err(|e| Error::io(&metrics_path, e))?;
+        metrics
+            .append(&serde_json::json!({"step": step + 1, "epoch": epoch, "lr": lr, "loss": l}))?;
         let end_of_epoch = k + 1 == per_epoch;
         let last = step + 1 == total;
         if (end_of_epoch && (epoch + 1).is_multiple_of(ft.eval_every.max(1))) || last {
@@ -442,12 +421,7 @@ pub fn finetune(args: &FinetuneArgs) -> Result<FinetuneSummary> {
                 train_loss = rec.train_loss,
                 "eval"
             );
-            writeln!(
-                metrics,
-                "{}",
-                serde_json::to_string(&rec).map_err(|e| Error::msg(e.to_string()))?
-            )
-            .map_err(|e| Error::io(&metrics_path, e))?;
+            metrics.append(&rec)?;
             let w = weights(&head_store);
             save_safetensors(&out.join("last.safetensors"), &w)?;
             if rec.top1 > best {
@@ -457,9 +431,9 @@ pub fn finetune(args: &FinetuneArgs) -> Result<FinetuneSummary> {
             curve.push(rec);
         }
     }
-    metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
+    metrics.flush()?;
     Ok(FinetuneSummary {
-        out: out.display().to_string(),
+        out: out.path().display().to_string(),
         init: args.init,
         enhancer: enh_name,
         steps: total,

@@ -10,7 +10,7 @@
 //! - `samples.png`, `pictures/step-NNNNNNNN.png` — Figure 2/3-style grids; `loss_curve.png`
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,11 +19,12 @@ use serde::Serialize;
 
 use cim_api::{Error, Losses, Result};
 
-use crate::checkpoint::{save_safetensors, write_atomic, write_checkpoint, TrainState};
+use crate::checkpoint::{save_safetensors, write_checkpoint, TrainState};
 use crate::config::{resolve, Layers, Resolved};
 use crate::data::{self, HostBatch, Loader, Prefetch};
 use crate::optim::{AdamW, Schedule};
 use crate::pipeline::{Cim, StepRngs};
+use crate::rundir::RunDir;
 
 /// One line of `metrics.jsonl`.
 #[derive(Clone, Debug, Serialize)]
@@ -81,34 +82,23 @@ pub struct Trainer {
     accum: usize,
     step: usize,
     resolved: Resolved,
-    run_dir: PathBuf,
+    run: RunDir,
     /// The newest checkpoint written or resumed from.
     last_checkpoint: Option<(usize, PathBuf)>,
     skipped: BTreeSet<String>,
 }
 
 impl Trainer {
-    /// Builds the model and data and creates `run_dir` (refusing one that already holds a run).
+    /// Creates and locks `run_dir` (refusing one that already holds a run, or that another
+    /// process writes to), then builds the model and data.
     pub fn new(resolved: Resolved, run_dir: PathBuf) -> Result<Self> {
-        if run_dir.join("model.safetensors").exists()
-            || run_dir.join("metrics.jsonl").exists()
-            || run_dir.join("checkpoints").exists()
-        {
-            return Err(Error::msg(format!(
-                "{} already holds a run; choose another --out so nothing is overwritten (or --resume it)",
-                run_dir.display()
-            )));
-        }
-        let t = Self::build(resolved, run_dir)?;
+        let run = RunDir::create(run_dir)?;
+        let t = Self::build(resolved, run)?;
         for (component, spec) in t.resolved.cfg.init.sources() {
             let r = t.cim.init_from(component, spec)?;
             tracing::info!(component, file = %r.file, tensors = r.loaded, ignored = r.ignored.len(), "initialised from file");
         }
-        std::fs::create_dir_all(&t.run_dir).map_err(|e| Error::io(&t.run_dir, e))?;
-        write_atomic(
-            &t.run_dir.join("config.toml"),
-            t.resolved.to_toml()?.as_bytes(),
-        )?;
+        t.run.write_config(&t.resolved)?;
         Ok(t)
     }
 
@@ -116,7 +106,8 @@ impl Trainer {
     /// keys (device, max_steps, logging, checkpoint cadence) but nothing that shapes the model,
     /// the data or the optimisation. Metrics after the checkpoint are dropped (they are redone).
     pub fn resume(run_dir: PathBuf, set: Vec<String>) -> Result<Self> {
-        let ckpt = crate::checkpoint::load_latest(&run_dir)?;
+        let run = RunDir::open(run_dir)?;
+        let ckpt = crate::checkpoint::load_latest(run.path())?;
         let saved = ckpt.dir.join("config.toml");
         let layers = |set: Vec<String>| Layers {
             preset: None,
@@ -139,7 +130,7 @@ impl Trainer {
                  the model, data and optimisation must stay as checkpointed",
             ));
         }
-        let mut t = Self::build(resolved, run_dir)?;
+        let mut t = Self::build(resolved, run)?;
         let state = ckpt.state;
         if state.seed != t.resolved.cfg.run.seed {
             return Err(Error::config(format!(
@@ -165,36 +156,16 @@ impl Trainer {
         t.skipped = state.skipped.into_iter().collect();
         t.last_checkpoint = Some((state.step, ckpt.dir.clone()));
         // metrics.jsonl: keep the lines up to the checkpoint.
-        let metrics = t.run_dir.join("metrics.jsonl");
-        if let Ok(text) = std::fs::read_to_string(&metrics) {
-            let mut kept = String::new();
-            let mut dropped = 0;
-            for line in text.lines() {
-                let step = serde_json::from_str::<serde_json::Value>(line)
-                    .ok()
-                    .and_then(|v| v["step"].as_u64());
-                match step {
-                    Some(s) if s as usize <= state.step => {
-                        kept.push_str(line);
-                        kept.push('\n');
-                    }
-                    _ => dropped += 1,
-                }
-            }
-            write_atomic(&metrics, kept.as_bytes())?;
-            if dropped > 0 {
-                tracing::info!("dropped {dropped} metrics lines after step {}", state.step);
-            }
+        let dropped = t.run.truncate_metrics(state.step)?;
+        if dropped > 0 {
+            tracing::info!("dropped {dropped} metrics lines after step {}", state.step);
         }
-        write_atomic(
-            &t.run_dir.join("config.toml"),
-            t.resolved.to_toml()?.as_bytes(),
-        )?;
+        t.run.write_config(&t.resolved)?;
         tracing::info!(checkpoint = %ckpt.dir.display(), step = state.step, "resumed");
         Ok(t)
     }
 
-    fn build(resolved: Resolved, run_dir: PathBuf) -> Result<Self> {
+    fn build(resolved: Resolved, run: RunDir) -> Result<Self> {
         let cfg = &resolved.cfg;
         let t = &cfg.train;
         let accum = t.accum_steps;
@@ -204,7 +175,6 @@ impl Trainer {
                 t.batch_size
             )));
         }
-        crate::bench::set_tf32(cfg.run.tf32);
         let cim = Cim::build(&resolved)?;
         let dataset = data::open(&cfg.data)?;
         let loader = Arc::new(Loader::new(
@@ -232,7 +202,7 @@ impl Trainer {
         };
         let opt = AdamW::new(cim.params.vars(), t.betas, t.adam_eps, t.weight_decay)?;
         tracing::info!(
-            run_dir = %run_dir.display(),
+            run_dir = %run.path().display(),
             data = %loader.dataset().describe(),
             workers = loader.workers(),
             trainable = cim.params.num_params(),
@@ -250,7 +220,7 @@ impl Trainer {
             accum,
             step: 0,
             resolved,
-            run_dir,
+            run,
             last_checkpoint: None,
             skipped: BTreeSet::new(),
         })
@@ -271,7 +241,7 @@ impl Trainer {
     }
 
     pub fn run_dir(&self) -> &Path {
-        &self.run_dir
+        self.run.path()
     }
 
     /// Micro-batch `index` of the run, from the prefetch queue (restarted if out of order).
@@ -385,11 +355,11 @@ impl Trainer {
             Some((s, dir)) => format!(
                 "{} holds step {s}; continue with --resume {}",
                 dir.display(),
-                self.run_dir.display()
+                self.run.path().display()
             ),
             None => format!(
                 "no checkpoint was written yet (run.checkpoint_every); {} has the finished steps",
-                self.run_dir.join("metrics.jsonl").display()
+                self.run.join("metrics.jsonl").display()
             ),
         }
     }
@@ -410,7 +380,7 @@ impl Trainer {
     /// Writes a full checkpoint (atomically) and keeps the newest `run.keep_checkpoints`.
     pub fn checkpoint(&mut self) -> Result<PathBuf> {
         let dir = write_checkpoint(
-            &self.run_dir,
+            self.run.path(),
             &self.state(),
             &self.weights(),
             &self.opt.state()?,
@@ -458,12 +428,7 @@ impl Trainer {
             .or(Some(self.resolved.cfg.run.max_steps).filter(|&n| n > 0))
             .unwrap_or(self.schedule.total);
         let steps = target.saturating_sub(self.step);
-        let metrics_path = self.run_dir.join("metrics.jsonl");
-        let mut metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .map_err(|e| Error::io(&metrics_path, e))?;
+        let mut metrics = self.run.metrics()?;
         let bar = if std::io::stderr().is_terminal() {
             let b = indicatif::ProgressBar::new(target as u64);
             b.set_position(self.step as u64);
@@ -484,8 +449,7 @@ impl Trainer {
         let mut records = vec![];
         for _ in 0..steps {
             let rec = self.train_step()?;
-            let line = serde_json::to_string(&rec).map_err(|e| Error::msg(e.to_string()))?;
-            writeln!(metrics, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
+            metrics.append(&rec)?;
             let msg = format!(
                 "loss {:.4} mim {:.4} {} {:.4} lr {:.2e} {:.1} img/s",
                 rec.losses.get("loss").unwrap_or(f64::NAN),
@@ -508,11 +472,11 @@ impl Trainer {
             let step = rec.step;
             records.push(rec);
             if run.checkpoint_every > 0 && step % run.checkpoint_every == 0 && step < target {
-                metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
+                metrics.flush()?;
                 self.checkpoint()?;
             }
             if run.picture_every > 0 && step % run.picture_every == 0 {
-                let dir = self.run_dir.join("pictures");
+                let dir = self.run.join("pictures");
                 std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
                 self.write_samples(&dir.join(format!("step-{step:08}.png")))?;
             }
@@ -520,13 +484,13 @@ impl Trainer {
         if let Some(b) = bar {
             b.finish();
         }
-        metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
+        metrics.flush()?;
         if self.last_checkpoint.as_ref().map(|c| c.0) != Some(self.step) {
             self.checkpoint()?;
         }
-        save_safetensors(&self.run_dir.join("model.safetensors"), &self.weights())?;
-        self.write_samples(&self.run_dir.join("samples.png"))?;
-        crate::pictures::loss_curve(&metrics_path, &self.run_dir.join("loss_curve.png"))?;
+        save_safetensors(&self.run.join("model.safetensors"), &self.weights())?;
+        self.write_samples(&self.run.join("samples.png"))?;
+        crate::pictures::loss_curve(metrics.path(), &self.run.join("loss_curve.png"))?;
         if !self.skipped.is_empty() {
             tracing::warn!(
                 "skipped {} unreadable files: {}",
@@ -535,7 +499,7 @@ impl Trainer {
             );
         }
         Ok(Summary {
-            run_dir: self.run_dir.clone(),
+            run_dir: self.run.path().to_path_buf(),
             steps,
             final_step: self.step,
             records,

@@ -83,7 +83,8 @@ pub enum Precision {
 
 /// `data.split`: which part of a labelled data set a run reads (CIFAR-10's `train.bin` or
 /// `test.bin`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
     #[default]
@@ -198,7 +199,8 @@ impl Default for RunSection {
 }
 
 /// Where images come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum DataSource {
     /// The photographs embedded in the binary.
@@ -605,7 +607,8 @@ fn embedded(name: &str) -> Option<(&'static str, &'static str)> {
         .map(|(_, p, c)| (*p, *c))
 }
 
-/// What the command line says about configuration.
+/// The configuration layers a command names: a preset, config files, `--set` overrides, and
+/// whether `CIM_*` environment variables count.
 #[derive(Clone, Debug, Default)]
 pub struct Layers {
     pub preset: Option<String>,
@@ -613,6 +616,35 @@ pub struct Layers {
     pub set: Vec<String>,
     /// Read `CIM_*` environment variables (the CLI does; tests may not want to).
     pub env: bool,
+}
+
+impl Layers {
+    /// The layers of a command line's `--preset`, `--config` and `--set` flags, environment
+    /// included; the `quickstart` preset when neither a preset nor a file is named.
+    pub fn from_flags(
+        preset: Option<String>,
+        config_files: Vec<PathBuf>,
+        set: Vec<String>,
+    ) -> Self {
+        let preset = match (preset, config_files.is_empty()) {
+            (None, true) => Some("quickstart".to_string()),
+            (p, _) => p,
+        };
+        Self {
+            preset,
+            config_files,
+            set,
+            env: true,
+        }
+    }
+
+    /// A preset alone, without the environment (what tests and examples build from).
+    pub fn preset(name: &str) -> Self {
+        Self {
+            preset: Some(name.to_string()),
+            ..Self::default()
+        }
+    }
 }
 
 /// The layered figment. See the module docs for the precedence.

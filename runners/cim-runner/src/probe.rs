@@ -16,10 +16,12 @@ use cim_api::{Error, Result};
 
 use crate::config::{resolve, DataSource};
 use crate::data::{center_views, open_labelled, subset, Dataset};
+use crate::optim::AdamW;
 use crate::pipeline::Cim;
 
 /// Which vector summarises an image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Pooling {
     /// Mean of the per-position features (ViT patch tokens; ResNet: global average pool).
@@ -31,7 +33,8 @@ pub enum Pooling {
 }
 
 /// Where the enhancer's weights come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Init {
     /// The run's final weights (`model.safetensors`, else its newest checkpoint).
@@ -41,35 +44,25 @@ pub enum Init {
 }
 
 /// Options of `cim-run probe`.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
 pub struct ProbeArgs {
     /// A pre-training run directory (its `config.toml` builds the enhancer).
     pub run_dir: PathBuf,
     /// Labelled data: `cifar10` (PATH holds train.bin/test.bin) or `folder` (PATH/train, PATH/val).
     /// Without --path, `data.source` and `data.path` of --preset/--config/--set are used.
-    #[arg(long, value_enum, default_value = "cifar10")]
     pub data: DataSource,
-    #[arg(long)]
     pub path: Option<PathBuf>,
-    #[command(flatten)]
-    pub config: crate::cli::ConfigArgs,
-    #[arg(long, value_enum, default_value = "mean")]
+    pub layers: crate::config::Layers,
     pub feature: Pooling,
-    #[arg(long, value_enum, default_value = "pretrained")]
     pub init: Init,
     /// Use at most this many training / test images (a seeded random subset; 0 = all).
-    #[arg(long, default_value_t = 0)]
     pub train_limit: usize,
-    #[arg(long, default_value_t = 0)]
     pub test_limit: usize,
     /// Neighbours of the k-NN classifier.
-    #[arg(long, default_value_t = 20)]
     pub k: usize,
     /// Temperature of the k-NN votes (weight `exp(cos / T)`).
-    #[arg(long, default_value_t = 0.07)]
     pub temperature: f64,
     /// Images per forward pass when extracting features.
-    #[arg(long, default_value_t = 256)]
     pub batch: usize,
 }
 
@@ -128,12 +121,12 @@ fn data_source(args: &ProbeArgs) -> Result<(DataSource, PathBuf)> {
     if let Some(p) = &args.path {
         return Ok((args.data, p.clone()));
     }
-    if args.config.preset.is_none() && args.config.config.is_empty() {
+    if args.layers.preset.is_none() && args.layers.config_files.is_empty() {
         return Err(Error::config(
             "probe needs labelled data: --path DIR (with --data cifar10|folder) or --preset probe_cifar10",
         ));
     }
-    let res = resolve(&args.config.layers())?;
+    let res = resolve(&args.layers)?;
     let path = res
         .cfg
         .data
@@ -281,18 +274,16 @@ pub fn fit_linear(
     classes: usize,
     weight_decay: f64,
 ) -> Result<(Tensor, Tensor)> {
-    use candle_nn::Optimizer;
     let d = x.dim(1)?;
     let w = Var::zeros((d, classes), DType::F32, x.device())?;
     let b = Var::zeros(classes, DType::F32, x.device())?;
     let yt = Tensor::from_slice(y, y.len(), x.device())?;
-    let mut opt = candle_nn::AdamW::new(
-        vec![w.clone(), b.clone()],
-        candle_nn::ParamsAdamW {
-            lr: 0.01,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
+    // The L2 penalty is in the loss (the probe's regularisation), not decoupled in the optimizer.
+    let mut opt = AdamW::new(
+        vec![("w".into(), w.clone()), ("b".into(), b.clone())],
+        [0.9, 0.999],
+        1e-8,
+        0.0,
     )?;
     let mut best = f64::INFINITY;
     let mut since = 0;
@@ -301,7 +292,7 @@ pub fn fit_linear(
         let ce = candle_nn::loss::cross_entropy(&logits, &yt)?;
         let loss = (ce + (w.as_tensor().sqr()?.sum_all()? * (0.5 * weight_decay))?)?;
         let l = loss.to_scalar::<f32>()? as f64;
-        opt.backward_step(&loss)?;
+        opt.step(&loss.backward()?, 0.01, 0.0)?;
         if l < best * (1.0 - 1e-6) {
             best = l;
             since = 0;

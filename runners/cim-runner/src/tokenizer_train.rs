@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
-use candle_nn::Optimizer;
 use rand::SeedableRng;
 use serde::Serialize;
 
@@ -19,21 +18,18 @@ use cim_api::registry::Variant;
 use cim_api::{Error, ParamStore, Result, Tokenizer};
 use cim_plugin_vq::{perplexity, reset_dead_codes, to_safetensors, VqConfig, VqModel};
 
-use crate::cli::ConfigArgs;
-use crate::config::resolve;
+use crate::config::{resolve, Layers};
 use crate::data::{center_views, subset, Dataset, Loader};
+use crate::optim::AdamW;
 
 /// Options of `cim-run tokenizer-train`.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
 pub struct TokenizerTrainArgs {
-    #[command(flatten)]
-    pub config: ConfigArgs,
+    pub layers: Layers,
     /// The weights to write (`.safetensors`); a report `.json` and a reconstruction grid `.png`
     /// are written beside it.
-    #[arg(long)]
     pub out: PathBuf,
     /// Override `tokenizer_train.steps`.
-    #[arg(long)]
     pub steps: Option<usize>,
 }
 
@@ -117,7 +113,7 @@ pub fn evaluate(
 
 /// Trains the tokenizer the config's `[tokenizer.vq]` describes and writes it to `args.out`.
 pub fn tokenizer_train(args: &TokenizerTrainArgs) -> Result<TokenizerReport> {
-    let mut layers = args.config.layers();
+    let mut layers = args.layers.clone();
     if let Some(n) = args.steps {
         layers.set.push(format!("tokenizer_train.steps={n}"));
     }
@@ -172,16 +168,7 @@ pub fn tokenizer_train(args: &TokenizerTrainArgs) -> Result<TokenizerReport> {
     let codebook = store
         .get("codebook")
         .ok_or_else(|| Error::msg("the VQ model has no `codebook` parameter"))?;
-    let mut opt = candle_nn::AdamW::new(
-        vars.iter().map(|(_, v)| v.clone()).collect(),
-        candle_nn::ParamsAdamW {
-            lr: tc.lr,
-            weight_decay: 0.0,
-            beta1: 0.9,
-            beta2: 0.99,
-            eps: 1e-8,
-        },
-    )?;
+    let mut opt = AdamW::new(vars.clone(), [0.9, 0.99], 1e-8, 0.0)?;
     let schedule = crate::optim::Schedule {
         base: tc.lr,
         min: tc.min_lr,
@@ -207,7 +194,6 @@ pub fn tokenizer_train(args: &TokenizerTrainArgs) -> Result<TokenizerReport> {
             reset_dead_codes(&codebook, &vec![0; vq.vocab_size], &rows, &mut rng)?;
         }
         let lr = schedule.lr(step);
-        opt.set_learning_rate(lr);
         let s = model.losses(&x)?;
         let total = s.total.to_scalar::<f32>()?;
         if !total.is_finite() {
@@ -215,7 +201,7 @@ pub fn tokenizer_train(args: &TokenizerTrainArgs) -> Result<TokenizerReport> {
                 "tokenizer-train step {step}: loss is {total}; stopping (nothing written; lower tokenizer_train.lr)"
             )));
         }
-        opt.backward_step(&s.total)?;
+        opt.step(&s.total.backward()?, lr, 0.0)?;
         for id in s.ids.to_vec1::<u32>()? {
             usage[id as usize] += 1;
         }

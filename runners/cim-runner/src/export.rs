@@ -12,7 +12,8 @@ use cim_api::{Enhancer, Error, Result};
 use crate::config::resolve;
 
 /// Target naming.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// timm's `VisionTransformer` (`vit_small_patch16_224`, `vit_base_patch16_224`, …), no head.
@@ -22,11 +23,10 @@ pub enum Format {
 }
 
 /// Options of `cim-run export`.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
 pub struct ExportArgs {
     /// A pre-training run directory (its `model.safetensors`, else its newest checkpoint).
     pub run_dir: PathBuf,
-    #[arg(long, value_enum)]
     pub format: Format,
     /// The output `.safetensors`; the mapping goes beside it as `.json`.
     pub out: PathBuf,

@@ -288,7 +288,10 @@ pub fn open_labelled(
     who: &str,
 ) -> Result<Box<dyn Dataset>> {
     Ok(match source {
-        DataSource::Cifar10 => Box::new(Cifar10::open(path, if train { Split::Train } else { Split::Test })?),
+        DataSource::Cifar10 => Box::new(Cifar10::open(
+            path,
+            if train { Split::Train } else { Split::Test },
+        )?),
         DataSource::Folder => Box::new(Folder::open(&path.join(if train {
             "train"
         } else {
@@ -809,7 +812,10 @@ mod tests {
         let img = d.get(0)?;
         assert_eq!(img.get_pixel(1, 0).0, [1, 101, 201]);
         std::fs::write(dir.path().join("test.bin"), &rec[..100]).unwrap();
-        let err = Cifar10::open(dir.path(), Split::Test).err().unwrap().to_string();
+        let err = Cifar10::open(dir.path(), Split::Test)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("test.bin") && err.contains("3073"), "{err}");
         Ok(())
     }

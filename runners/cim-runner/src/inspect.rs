@@ -10,31 +10,24 @@ use serde::Serialize;
 
 use cim_api::{Error, Result};
 
-use crate::cli::ConfigArgs;
-use crate::config::resolve;
+use crate::config::{resolve, Layers};
 use crate::data::{center_views, read_image, Batch, Dataset, Folder, Loader};
 use crate::pipeline::{Cim, StepRngs};
 
 /// Options of `cim-run corrupt`.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
 pub struct CorruptArgs {
-    #[command(flatten)]
-    pub config: ConfigArgs,
+    pub layers: Layers,
     /// Images to corrupt (JPEG or PNG); each becomes one row.
-    #[arg(required = true)]
     pub images: Vec<PathBuf>,
     /// Trained weights: a run directory (its `model.safetensors`, else its newest checkpoint) or a
     /// `.safetensors` file. Without it the generator is freshly initialised.
-    #[arg(long)]
     pub weights: Option<PathBuf>,
     /// Corrupted samples per image (columns after the original and the masked input).
-    #[arg(long, default_value_t = 4)]
     pub samples: usize,
     /// Seed of the mask and the samples.
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Output PNG.
-    #[arg(long, default_value = "corrupt.png")]
     pub out: PathBuf,
 }
 
@@ -67,7 +60,7 @@ pub fn load_weights(cim: &Cim, from: &std::path::Path) -> Result<PathBuf> {
 /// Writes a grid: original | masked input | `samples` corrupted images, one row per image.
 /// Returns the fraction of masked tokens that the samples replaced by a different token.
 pub fn corrupt(args: &CorruptArgs) -> Result<f64> {
-    let res = resolve(&args.config.layers())?;
+    let res = resolve(&args.layers)?;
     let cim = Cim::build(&res)?;
     if let Some(w) = &args.weights {
         load_weights(&cim, w)?;
@@ -105,21 +98,16 @@ pub fn corrupt(args: &CorruptArgs) -> Result<f64> {
 }
 
 /// Options of `cim-run bench-data`.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
 pub struct BenchDataArgs {
     /// An ImageFolder (`DIR/<class>/*.jpg|png`).
     pub dir: PathBuf,
     /// Loader threads (0 = one per core).
-    #[arg(long, default_value_t = 0)]
     pub workers: usize,
-    #[arg(long, default_value_t = 64)]
     pub batch: usize,
     /// Batches to time (after one warm-up batch).
-    #[arg(long, default_value_t = 8)]
     pub batches: usize,
-    #[arg(long, default_value_t = 224)]
     pub image_size: usize,
-    #[arg(long, default_value_t = 112)]
     pub tokenizer_size: usize,
 }
 
@@ -175,15 +163,12 @@ pub fn bench_data(args: &BenchDataArgs) -> Result<BenchDataReport> {
 }
 
 /// Options of `cim-run tokenize`.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
 pub struct TokenizeArgs {
-    #[command(flatten)]
-    pub config: ConfigArgs,
+    pub layers: Layers,
     /// Images (JPEG or PNG), centre-cropped to the tokenizer view (`data.tokenizer_size`).
-    #[arg(required = true)]
     pub images: Vec<PathBuf>,
     /// Also write a PNG with each image's tokenizer view and its reconstruction from the tokens.
-    #[arg(long, value_name = "OUT.png")]
     pub decode: Option<PathBuf>,
 }
 
@@ -202,7 +187,7 @@ pub struct Tokenized {
 
 /// Encodes each image with the configured tokenizer (and decodes it back).
 pub fn tokenize(args: &TokenizeArgs) -> Result<Vec<Tokenized>> {
-    let res = resolve(&args.config.layers())?;
+    let res = resolve(&args.layers)?;
     let cim = Cim::build(&res)?;
     let t = res.cfg.data.tokenizer_size;
     let mut px = vec![];

@@ -10,9 +10,8 @@ use cim_api::config::select;
 use cim_api::pixels::normalize;
 use cim_api::registry::{BuildCtx, Entry, Kind, Variant};
 use cim_api::{
-    ExecChoices,
-    Enhancer, Error, Generator, Losses, Mask, Masking, Objective, ObjectiveBatch, ParamStore,
-    Result, Sampler, TokenGrid, Tokenizer,
+    Enhancer, Error, ExecChoices, Generator, Losses, Mask, Masking, Objective, ObjectiveBatch,
+    ParamStore, Result, Sampler, TokenGrid, Tokenizer,
 };
 
 use crate::config::{DataConfig, DeviceChoice, Precision, Resolved};
@@ -50,7 +49,24 @@ where
 {
     let sel = select::<K>(&res.figment)?;
     (sel.entry.build)(&sel.params, Variant::Default, ctx)
-        .map_err(|e| Error::msg(format!("building {} `{}`: {e}", K::KIND, sel.entry.name)))
+        .map_err(|e| {
+            Error::msg(format!(
+                "building {kind} `{name}` (its keys: [{kind}.{name}]): {e}",
+                kind = K::KIND,
+                name = sel.entry.name
+            ))
+        })
+}
+
+/// Sets the process-wide backend switches of a run's `[run]` section: cim's CUDA kernels
+/// (`run.cuda_kernels`), its cuDNN convolutions (`run.cudnn_conv`) and TF32 matmuls
+/// (`run.tf32`). The binary sets them once, before it builds a model, as candle's own
+/// `set_gemm_reduced_precision_f32` is set (`cim-run`'s `main` does); without it CUDA runs
+/// candle's composed ops. No effect on the CPU.
+pub fn set_backend(run: &crate::config::RunSection) {
+    cim_ops::set_cuda_kernels(run.cuda_kernels);
+    cim_ops::set_cudnn_conv(run.cudnn_conv);
+    candle_core::cuda::set_gemm_reduced_precision_f32(run.tf32);
 }
 
 /// Resolves `run.device`; a CUDA device is set up by `cim_ops::device::prepare` (`keep_freed`:
@@ -77,16 +93,11 @@ impl Cim {
     pub fn build(res: &Resolved) -> Result<Self> {
         let device = device(res.cfg.run.device, res.cfg.run.cuda_keep_freed)?;
         let run = &res.cfg.run;
-        // Process-wide backend switches (cim_ops::backend): which kernel families run on CUDA.
-        cim_ops::set_cuda_kernels(run.cuda_kernels);
-        cim_ops::set_cudnn_conv(run.cudnn_conv);
         let exec = ExecChoices {
             fused_blocks: run.fused_blocks,
             flash_attention: run.flash_attention,
             regions: run.graft_regions,
-            channels_last: device.is_cuda()
-                && cim_ops::cudnn_conv()
-                && cim_ops::cuda_kernels(),
+            channels_last: device.is_cuda() && cim_ops::cudnn_conv() && cim_ops::cuda_kernels(),
         };
         let data = res.cfg.data.clone();
         let params = ParamStore::trainable(res.cfg.run.seed);

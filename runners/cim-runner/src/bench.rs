@@ -15,53 +15,38 @@ use candle_core::Device;
 use rand::SeedableRng;
 use serde::Serialize;
 
-use cim_ops::device::Mark;
 use cim_api::Result;
+use cim_ops::device::Mark;
 
-use crate::cli::ConfigArgs;
-use crate::config::resolve;
+use crate::config::{resolve, Layers};
 use crate::data::{self, Loader};
 use crate::optim::AdamW;
 use crate::pipeline::{Cim, StepRngs};
 
 /// Options of `cim-run bench`.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
 pub struct BenchArgs {
-    #[command(flatten)]
-    pub config: ConfigArgs,
+    pub layers: Layers,
     /// Images per step (default: the preset's `train.batch_size`, at most 128).
-    #[arg(long)]
     pub batch: Option<usize>,
     /// Timed steps.
-    #[arg(long, default_value_t = 20)]
     pub steps: usize,
     /// Untimed steps first (kernel JIT, allocator warm-up).
-    #[arg(long, default_value_t = 5)]
     pub warmup: usize,
     /// Overrides `run.device` ("cpu", "cuda:0", "auto").
-    #[arg(long)]
     pub device: Option<String>,
     /// On CUDA, synchronise the device at every phase boundary and time phases on the host.
     /// Default: CUDA events, no host synchronisation inside the timed
     /// loop, as the reference times its phases. No effect on the CPU, which always does this.
-    #[arg(long)]
     pub sync_phases: bool,
     /// On CUDA, a measurement switch: run the steps with candle's upload cache on
     /// (`cim_ops::device::cache_small_uploads`), so the small host→device copies before strided
     /// and reduction kernels are made once. Its cache never shrinks, so training does not use it.
-    #[arg(long)]
     pub upload_cache: bool,
     /// On the CPU, caps cim's fused kernels at an instance: "portable", "avx2" or "avx512" (the
     /// default is the CPU's widest). A measurement switch for comparing them in one binary;
     /// candle's matmuls (the gemm crate) pick their own instructions regardless.
-    #[arg(long, value_parser = parse_cpu_kernels)]
     pub cpu_kernels: Option<cim_ops::CpuKernels>,
-}
-
-fn parse_cpu_kernels(name: &str) -> std::result::Result<cim_ops::CpuKernels, String> {
-    cim_ops::CpuKernels::parse(name).ok_or_else(|| {
-        format!("unknown CPU kernel instance {name:?}; available: portable, avx2, avx512")
-    })
 }
 
 /// The JSON line `cim-run bench` prints.
@@ -158,7 +143,7 @@ fn cpu_peak_gib() -> Option<f64> {
 /// Runs the benchmark and returns its report.
 pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
     let t_build = Instant::now();
-    let mut layers = args.config.layers();
+    let mut layers = args.layers.clone();
     if let Some(d) = &args.device {
         layers.set.push(format!("run.device=\"{d}\""));
     }
@@ -172,7 +157,6 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
     layers.set.push(format!("train.batch_size={batch}"));
     let res = resolve(&layers)?;
     let cfg = &res.cfg;
-    set_tf32(cfg.run.tf32);
     let cim = Cim::build(&res)?;
     let dev = cim.device.clone();
     let loader = Loader::new(
@@ -261,7 +245,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         .collect::<candle_core::Result<_>>()?;
     let step_ms = wall / n * 1e3;
     Ok(BenchReport {
-        preset: args.config.preset.clone(),
+        preset: args.layers.preset.clone(),
         tokenizer: cim.names["tokenizer"].clone(),
         generator: cim.names["generator"].clone(),
         enhancer: cim.names["enhancer"].clone(),
@@ -285,9 +269,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
             "host sync"
         },
         upload_cache: args.upload_cache && dev.is_cuda(),
-        flash_attention: cfg.run.flash_attention
-            && dev.is_cuda()
-            && cim_ops::cuda_kernels(),
+        flash_attention: cfg.run.flash_attention && dev.is_cuda() && cim_ops::cuda_kernels(),
         cuda_keep_freed: cfg.run.cuda_keep_freed && dev.is_cuda(),
         cudnn_conv: dev.is_cuda() && cim_ops::cudnn_conv(),
         cpu_kernels: cim_ops::cpu_kernels().name(),
@@ -390,11 +372,6 @@ impl<'a> Lap<'a> {
     }
 }
 
-/// Applies `run.tf32` (a no-op in CPU builds).
-pub fn set_tf32(on: bool) {
-    candle_core::cuda::set_gemm_reduced_precision_f32(on);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,10 +379,7 @@ mod tests {
     #[test]
     fn cpu_bench_reports_every_phase_of_the_reference() -> Result<()> {
         let args = BenchArgs {
-            config: ConfigArgs {
-                preset: Some("tiny_vit_respix".into()),
-                ..Default::default()
-            },
+            layers: Layers::preset("tiny_vit_respix"),
             batch: Some(2),
             steps: 2,
             warmup: 1,
@@ -457,7 +431,7 @@ mod tests {
     #[test]
     fn bench_reports_the_tokenizer_precision_and_agreement() -> Result<()> {
         let args = BenchArgs {
-            config: ConfigArgs {
+            layers: Layers {
                 preset: Some("tiny_vit_respix".into()),
                 set: vec![
                     r#"tokenizer.name="dalle_dvae""#.into(),
