@@ -3,7 +3,7 @@
 
     cim-run probe RUN_DIR --preset probe_cifar10               # caches cim's features (mean pooling)
     cim-run export RUN_DIR --format timm enc.safetensors
-    python3 tools/timm_parity.py RUN_DIR enc.safetensors ../shared/data/cifar10/test.bin
+    python3 tools/timm_parity.py RUN_DIR enc.safetensors data/cifar10/test.bin
 
 Builds timm's VisionTransformer with the run's sizes (read from RUN_DIR/config.toml), loads the export
 with strict=True, runs the first 256 CIFAR-10 test images normalised as cim does, and compares the mean

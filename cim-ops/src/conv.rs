@@ -106,7 +106,7 @@ fn fused_path(x: &Tensor, w: &Tensor) -> bool {
 /// bf16 (on CUDA candle's f32 convolution, cuDNN with `--features cudnn`, on TF32 tensor cores when
 /// `run.tf32`; on the CPU, which has no bf16 GEMM, the f32 kernel), not candle's bf16 convolution:
 /// cuDNN's bf16 NCHW kernels as candle calls them measured 8.1 ms against 0.96 ms in f32 for a 3×3
-/// 256→256 at 56², batch 64, on an H200 (`../shared/cuda/README.md`), so the widening (one
+/// 256→256 at 56², batch 64, on an H200, so the widening (one
 /// elementwise pass each way) is the cheap side. The backward likewise in f32 (on CUDA im2col,
 /// GEMM and col2im, or the CPU kernel), from widened copies of `x` and the output gradient: `dx`
 /// rounded to bf16 for the bf16 graph, `dw` in f32 for the master weight. With cim's cuDNN calls

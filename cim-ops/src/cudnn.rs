@@ -2,7 +2,7 @@
 //! and the backward passes for the input and for the filter.
 //!
 //! candle 0.11's cuDNN convolution took 8.1 ms in bf16 against 0.96 ms in f32 for a 3×3 256→256
-//! at 56², batch 64, on an H200 (`../shared/cuda/README.md`): ~29 TFLOP/s, a speed without tensor
+//! at 56², batch 64, on an H200: ~29 TFLOP/s, a speed without tensor
 //! cores. It leaves the descriptor at `CUDNN_DEFAULT_MATH`, documented as permitting TF32 tensor
 //! cores on A100 and newer; PyTorch asks for `CUDNN_TENSOR_OP_MATH` for half-precision data (that
 //! this is the cause is for the GPU parity test and benches to confirm). candle also asks

@@ -11,7 +11,7 @@
 //! (its argmax collapses onto a few dozen tokens and its decoder renders noise), and a trained one
 //! cannot be downloaded here. The embedded codebook (512 centroids of 4×4 patches) was fitted on
 //! CIFAR-10's training images with
-//! `cim-run fit-kmeans --data cifar10 --path ../shared/data/cifar10 --patch 4 --vocab 512 --samples 200000 --iters 30 --seed 0 --out plugins/patch-kmeans/assets/cifar10_p4_v512.safetensors`.
+//! `cim-run fit-kmeans --data cifar10 --path data/cifar10 --patch 4 --vocab 512 --samples 200000 --iters 30 --seed 0 --out plugins/patch-kmeans/assets/cifar10_p4_v512.safetensors`.
 //!
 //! - encode: `(B, 3, h, w)` in `[0, 1]` → `(B, h/p, w/p)` u32
 //! - decode: ids → `(B, 3, h, w)` centroid mosaic in `[0, 1]`
