@@ -212,4 +212,24 @@ fn build_errors_name_the_component_and_the_key() {
         e.contains("enhancer `vit_tiny`") && e.contains("[enhancer.vit_tiny]"),
         "{e}"
     );
+    // A zero width is an error naming it, not a panic deep in a kernel.
+    let e = build(&["enhancer.vit_tiny.width=0"]);
+    assert!(
+        e.contains("[enhancer.vit_tiny]") && e.contains("width = 0"),
+        "{e}"
+    );
+}
+
+/// Sizes and counts that would panic or hang deep inside a run are refused at resolve time with
+/// the key named.
+#[test]
+fn sizes_and_worker_counts_are_checked_at_resolve_time() {
+    for (set, key) in [
+        ("data.image_size=0", "data.image_size"),
+        ("data.tokenizer_size=0", "data.tokenizer_size"),
+        ("data.workers=100000", "data.workers"),
+    ] {
+        let e = err(layers("quickstart", &[set]));
+        assert!(e.contains(key), "{set}: {e}");
+    }
 }

@@ -183,7 +183,7 @@ impl Attention {
         flash: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
-        if heads == 0 || !dim.is_multiple_of(heads) {
+        if dim == 0 || heads == 0 || !dim.is_multiple_of(heads) {
             return Err(Error::config(format!(
                 "width {dim} is not divisible by {heads} attention heads"
             )));

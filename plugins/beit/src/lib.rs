@@ -99,7 +99,7 @@ impl Beit {
         }
         let patch = image_size / grid.h;
         let heads = cfg.heads.unwrap_or((width / 64).max(1));
-        if heads == 0 || !width.is_multiple_of(heads) {
+        if width == 0 || heads == 0 || !width.is_multiple_of(heads) {
             let whence = match cfg.width {
                 Some(_) => "generator.beit.width".to_string(),
                 None => "the enhancer's width, which the generator follows unless generator.beit.width is set".to_string(),

@@ -118,6 +118,12 @@ impl Vit {
                 cfg.drop_path
             )));
         }
+        if cfg.width == 0 || cfg.heads == 0 || !cfg.width.is_multiple_of(cfg.heads) {
+            return Err(Error::config(format!(
+                "vit: width = {} must be a positive multiple of heads = {}",
+                cfg.width, cfg.heads
+            )));
+        }
         if cfg.patch_size == 0 || !image_size.is_multiple_of(cfg.patch_size) {
             return Err(Error::config(format!(
                 "vit: image size {image_size} is not divisible by patch_size {}",

@@ -608,6 +608,15 @@ pub fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
         }
     };
     let summary = trainer.run(None)?;
+    if summary.steps == 0 {
+        println!(
+            "nothing to do: {} is at step {}, where it ends; --steps N with N > {} trains it further",
+            summary.run_dir.display(),
+            summary.final_step,
+            summary.final_step
+        );
+        return Ok(());
+    }
     let obj = format!("loss_{}", trainer.cim.names["objective"]);
     let n = (summary.steps / 10).max(1);
     println!(

@@ -156,6 +156,68 @@ fn with_sets<'a>(base: &[&'a str], sets: &'a [String]) -> Vec<&'a str> {
     v
 }
 
+/// `CIM_*` variables set the configuration's sections (`CIM_TRAIN__LR`); one that names no
+/// section (`CIM_HOME`) is ignored with a warning naming it, instead of failing every command.
+#[test]
+fn unrelated_cim_variables_are_ignored_with_a_warning() {
+    let out = Command::new(env!("CARGO_BIN_EXE_cim-run"))
+        .args(["--preset", "quickstart", "--print-config"])
+        .env("RUST_LOG", "warn")
+        .env("CIM_HOME", "/somewhere")
+        .env("CIM_TRAIN__LR", "0.25")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("CIM_HOME"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("lr = 0.25"), "{stdout}");
+}
+
+/// `--resume` of a finished run, or with `--steps` at or below its step, says so and succeeds
+/// without training or rewriting anything; the stale temp folder of an interrupted checkpoint
+/// write is removed on resume.
+#[test]
+fn resuming_a_finished_run_says_so_and_succeeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("done");
+    let d = dir.to_str().unwrap();
+    let sets = small(&[]);
+    let out = cim_run(
+        &with_sets(&["--preset", "quickstart", "--out", d], &sets),
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let stale = dir.join("checkpoints/.step-00000009.tmp-4242");
+    std::fs::create_dir_all(&stale).unwrap();
+    for args in [vec!["--resume", d], vec!["--resume", d, "--steps", "2"]] {
+        let out = cim_run(&args, None);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("nothing to do") && stdout.contains("at step 6"),
+            "{stdout}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap(),
+        metrics
+    );
+    assert!(
+        !stale.exists(),
+        "the interrupted write's temp folder is removed"
+    );
+}
+
 #[test]
 fn a_process_killed_while_writing_a_checkpoint_leaves_the_previous_one_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();
@@ -283,6 +345,37 @@ fn unreadable_files_are_skipped_counted_and_reported() {
     .unwrap();
     assert_eq!(last["skipped_files"], 3);
     assert!(last["loss"].as_f64().unwrap().is_finite());
+}
+
+/// Each unreadable file is warned about once, however often the epochs draw it (here three
+/// files, three epochs); the run's summary counts them.
+#[test]
+fn one_warning_per_unreadable_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let bad = folder_with_bad_files(&data);
+    let out_dir = tmp.path().join("run");
+    let path = format!("data.path=\"{}\"", data.display());
+    let sets = small(&["data.source=\"folder\"", &path, "data.prefetch=2"]);
+    let out = cim_run(
+        &with_sets(
+            &["--preset", "quickstart", "--out", out_dir.to_str().unwrap()],
+            &sets,
+        ),
+        None,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stderr.matches("skipping unreadable image").count(),
+        bad.len(),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("skipped {} unreadable files", bad.len())),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -92,9 +92,68 @@ pub fn checkpoint_dir(run_dir: &Path, step: usize) -> std::path::PathBuf {
     run_dir.join("checkpoints").join(format!("step-{step:08}"))
 }
 
+/// Removes the temporary folders that interrupted checkpoint writes left in `run_dir`
+/// (`checkpoints/.step-*`: a killed process, a full disk). Only the run's one writer (the holder
+/// of its [`crate::rundir::RunDir`] lock) calls it, so none of them is being written. Returns
+/// how many it removed.
+pub fn remove_interrupted(run_dir: &Path) -> Result<usize> {
+    let root = run_dir.join("checkpoints");
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    for e in entries {
+        let p = e.map_err(|e| Error::io(&root, e))?.path();
+        let stale = p
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(".step-"));
+        if stale && p.is_dir() {
+            std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// `tensors` as a safetensors file at `path`, an error naming the file.
+fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    candle_core::safetensors::save(tensors, path).map_err(|e| Error::Data {
+        path: path.display().to_string(),
+        message: format!("cannot write: {e}"),
+    })
+}
+
 /// Writes a checkpoint folder atomically, then deletes all but the newest `keep` checkpoints.
+/// A failed write (a full disk) removes its temporary folder again and says which step and file
+/// it could not write; the checkpoints written before stay as they were.
 pub fn write_checkpoint(
     run_dir: &Path,
+    state: &TrainState,
+    weights: &HashMap<String, Tensor>,
+    optimizer: &HashMap<String, Tensor>,
+    config_toml: &str,
+    keep: usize,
+) -> Result<std::path::PathBuf> {
+    remove_interrupted(run_dir)?;
+    let root = run_dir.join("checkpoints");
+    let tmp = root.join(format!(
+        ".step-{:08}.tmp-{}",
+        state.step,
+        std::process::id()
+    ));
+    let written = write_checkpoint_in(run_dir, &tmp, state, weights, optimizer, config_toml, keep);
+    written.map_err(|e| {
+        let _ = std::fs::remove_dir_all(&tmp);
+        Error::msg(format!(
+            "writing the checkpoint of step {}: {e}",
+            state.step
+        ))
+    })
+}
+
+fn write_checkpoint_in(
+    run_dir: &Path,
+    tmp: &Path,
     state: &TrainState,
     weights: &HashMap<String, Tensor>,
     optimizer: &HashMap<String, Tensor>,
@@ -104,15 +163,7 @@ pub fn write_checkpoint(
     let root = run_dir.join("checkpoints");
     std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
     let dest = checkpoint_dir(run_dir, state.step);
-    let tmp = root.join(format!(
-        ".step-{:08}.tmp-{}",
-        state.step,
-        std::process::id()
-    ));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::create_dir(tmp).map_err(|e| Error::io(tmp, e))?;
     let n = WRITTEN.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
     let synced = |name: &str, write: &dyn Fn(&Path) -> Result<()>| -> Result<()> {
         let p = tmp.join(name);
@@ -121,12 +172,8 @@ pub fn write_checkpoint(
             .and_then(|f| f.sync_all())
             .map_err(|e| Error::io(&p, e))
     };
-    synced("model.safetensors", &|p| {
-        Ok(candle_core::safetensors::save(weights, p)?)
-    })?;
-    synced("optimizer.safetensors", &|p| {
-        Ok(candle_core::safetensors::save(optimizer, p)?)
-    })?;
+    synced("model.safetensors", &|p| save_tensors(weights, p))?;
+    synced("optimizer.safetensors", &|p| save_tensors(optimizer, p))?;
     fault_point(n);
     let json = serde_json::to_string_pretty(state).map_err(|e| Error::msg(e.to_string()))?;
     synced("state.json", &|p| {
@@ -146,7 +193,7 @@ pub fn write_checkpoint(
     if replaced {
         std::fs::rename(&dest, &old).map_err(|e| Error::io(&dest, e))?;
     }
-    std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+    std::fs::rename(tmp, &dest).map_err(|e| Error::io(&dest, e))?;
     if replaced {
         std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
     }
@@ -201,14 +248,34 @@ pub struct Loaded {
     pub optimizer: std::collections::BTreeMap<String, Tensor>,
 }
 
-/// Reads the newest complete checkpoint of `run_dir`.
+/// Reads the newest complete checkpoint of `run_dir` that reads back whole: one that does not
+/// (a damaged file) is passed over with a warning naming it, for the one before.
 pub fn load_latest(run_dir: &Path) -> Result<Loaded> {
-    let (_, dir) = list_checkpoints(run_dir)?.pop().ok_or_else(|| {
-        Error::msg(format!(
-            "{}: no complete checkpoint to resume from (expected checkpoints/step-*/state.json)",
-            run_dir.display()
-        ))
-    })?;
+    let mut all = list_checkpoints(run_dir)?;
+    let newest = all.last().map(|c| c.0);
+    while let Some((step, dir)) = all.pop() {
+        match load(dir) {
+            Ok(l) => {
+                if Some(step) != newest {
+                    tracing::warn!(
+                        step,
+                        "resuming from an older checkpoint: the newer ones do not read back"
+                    );
+                }
+                return Ok(l);
+            }
+            Err(e) if all.is_empty() => return Err(e),
+            Err(e) => tracing::warn!("passing over a damaged checkpoint: {e}"),
+        }
+    }
+    Err(Error::msg(format!(
+        "{}: no complete checkpoint to resume from (expected checkpoints/step-*/state.json)",
+        run_dir.display()
+    )))
+}
+
+/// Reads the checkpoint folder `dir`.
+fn load(dir: std::path::PathBuf) -> Result<Loaded> {
     let state_path = dir.join("state.json");
     let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
     let state: TrainState = serde_json::from_str(&text).map_err(|e| Error::Data {
@@ -273,6 +340,7 @@ mod tests {
         // An interrupted write: a hidden temp folder and a step folder without state.json.
         std::fs::create_dir_all(dir.path().join("checkpoints/.step-00000040.tmp-1")).unwrap();
         std::fs::create_dir_all(dir.path().join("checkpoints/step-00000050")).unwrap();
+        let stale = dir.path().join("checkpoints/.step-00000040.tmp-1");
         let steps: Vec<usize> = list_checkpoints(dir.path())?
             .into_iter()
             .map(|c| c.0)
@@ -280,8 +348,10 @@ mod tests {
         assert_eq!(steps, vec![20, 30]);
         let l = load_latest(dir.path())?;
         assert_eq!((l.state.step, l.weights.len()), (30, 1));
-        // Writing the same step again replaces it and leaves nothing else behind.
+        // Writing the same step again replaces it and leaves nothing else behind; the
+        // interrupted write's temporary folder is gone with it.
         write_checkpoint(dir.path(), &l.state, &w, &w, "again", 2)?;
+        assert!(!stale.exists());
         assert_eq!(
             std::fs::read_to_string(dir.path().join("checkpoints/step-00000030/config.toml"))
                 .unwrap(),
@@ -291,6 +361,69 @@ mod tests {
         let empty = tempfile::tempdir().unwrap();
         let e = load_latest(empty.path()).err().unwrap().to_string();
         assert!(e.contains("no complete checkpoint"), "{e}");
+        Ok(())
+    }
+
+    /// A damaged newest checkpoint is passed over for the one before; when none reads back, the
+    /// error names the damaged file.
+    #[test]
+    fn resume_falls_back_past_a_damaged_checkpoint() -> Result<()> {
+        let dir = tempfile::tempdir().unwrap();
+        let w = HashMap::from([("a".to_string(), Tensor::new(&[1f32], &Device::Cpu)?)]);
+        for step in [10, 20] {
+            let state = TrainState {
+                step,
+                optimizer_t: step as u64,
+                seed: 1,
+                micro_batches: step as u64,
+                epoch: 0,
+                skipped: vec![],
+            };
+            write_checkpoint(dir.path(), &state, &w, &w, "", 3)?;
+        }
+        let damaged = dir
+            .path()
+            .join("checkpoints/step-00000020/model.safetensors");
+        std::fs::write(&damaged, b"not a safetensors file").unwrap();
+        assert_eq!(load_latest(dir.path())?.state.step, 10);
+        std::fs::write(
+            dir.path()
+                .join("checkpoints/step-00000010/model.safetensors"),
+            b"truncated",
+        )
+        .unwrap();
+        let e = load_latest(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("step-00000010/model.safetensors"), "{e}");
+        Ok(())
+    }
+
+    /// A checkpoint that cannot be written (here: its folder is a file) says which step and
+    /// removes what it began, so no temporary folder keeps the disk full.
+    #[test]
+    fn a_failed_checkpoint_write_names_the_step_and_leaves_no_temp() -> Result<()> {
+        let dir = tempfile::tempdir().unwrap();
+        let w = HashMap::from([("a".to_string(), Tensor::new(&[1f32], &Device::Cpu)?)]);
+        let state = TrainState {
+            step: 7,
+            optimizer_t: 7,
+            seed: 1,
+            micro_batches: 7,
+            epoch: 0,
+            skipped: vec![],
+        };
+        std::fs::write(dir.path().join("checkpoints"), b"in the way").unwrap();
+        let e = write_checkpoint(dir.path(), &state, &w, &w, "", 3)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("step 7") && e.contains("checkpoints"), "{e}");
+        std::fs::remove_file(dir.path().join("checkpoints")).unwrap();
+        write_checkpoint(dir.path(), &state, &w, &w, "", 3)?;
+        let names: Vec<String> = std::fs::read_dir(dir.path().join("checkpoints"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(names, ["step-00000007"]);
         Ok(())
     }
 }

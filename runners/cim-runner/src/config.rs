@@ -647,6 +647,54 @@ impl Layers {
     }
 }
 
+/// The top-level sections of a configuration, the only ones `CIM_*` variables may set.
+pub const SECTIONS: [&str; 12] = [
+    "run",
+    "data",
+    "train",
+    "tokenizer",
+    "masking",
+    "generator",
+    "sampler",
+    "enhancer",
+    "objective",
+    "finetune",
+    "tokenizer_train",
+    "init",
+];
+
+/// The `CIM_*` environment variables of the configuration (`CIM_TRAIN__LR=1e-3` is `train.lr`).
+/// A `CIM_*` variable whose first part names no section (`CIM_HOME`, another tool's) is not the
+/// configuration's: it is ignored, with a warning once per process.
+fn config_env() -> Env {
+    fn section(key: &str) -> String {
+        key.split("__")
+            .next()
+            .unwrap_or("")
+            .split('.')
+            .next()
+            .unwrap_or("")
+            .to_lowercase()
+    }
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        for (key, _) in std::env::vars() {
+            if let Some(rest) = key.strip_prefix("CIM_") {
+                if !SECTIONS.contains(&section(rest).as_str()) {
+                    tracing::warn!(
+                        "ignoring the environment variable {key}: `{}` is no configuration section ({})",
+                        section(rest),
+                        SECTIONS.join(", ")
+                    );
+                }
+            }
+        }
+    });
+    Env::prefixed("CIM_")
+        .filter(|k| SECTIONS.contains(&section(k.as_str()).as_str()))
+        .split("__")
+}
+
 /// The layered figment. See the module docs for the precedence.
 pub fn figment(layers: &Layers) -> Result<Figment> {
     let (base_path, base) = embedded("base").expect("configs/base.toml is embedded");
@@ -677,7 +725,7 @@ pub fn figment(layers: &Layers) -> Result<Figment> {
         });
     }
     if layers.env {
-        fig = fig.merge(Env::prefixed("CIM_").split("__"));
+        fig = fig.merge(config_env());
     }
     Ok(fig.merge(SetArgs::parse(&layers.set)?))
 }
@@ -775,6 +823,9 @@ pub fn validate_precision(precision: Precision, enhancer: &str) -> Result<()> {
     )))
 }
 
+/// The most loader threads `data.workers` may ask for.
+pub const MAX_WORKERS: usize = 256;
+
 fn validate(cfg: &RunConfig) -> Result<()> {
     let bad = |k: &str, why: String| Err(Error::config(format!("`{k}` {why}")));
     let enh = cfg
@@ -788,6 +839,23 @@ fn validate(cfg: &RunConfig) -> Result<()> {
     }
     if !(cfg.train.lr > 0.0) {
         return bad("train.lr", format!("must be > 0, got {}", cfg.train.lr));
+    }
+    for (key, size) in [
+        ("data.image_size", cfg.data.image_size),
+        ("data.tokenizer_size", cfg.data.tokenizer_size),
+    ] {
+        if size == 0 {
+            return bad(key, "must be ≥ 1 (a side in pixels)".into());
+        }
+    }
+    if cfg.data.workers > MAX_WORKERS {
+        return bad(
+            "data.workers",
+            format!(
+                "= {} is more loader threads than any machine uses; at most {MAX_WORKERS} (0 = one per core)",
+                cfg.data.workers
+            ),
+        );
     }
     let [s0, s1] = cfg.data.crop_scale;
     if !(0.0 < s0 && s0 <= s1 && s1 <= 1.0) {
@@ -810,4 +878,20 @@ fn validate(cfg: &RunConfig) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `SECTIONS` lists exactly the top-level tables of a configuration.
+    #[test]
+    fn sections_are_the_configurations_tables() {
+        let v = toml::Value::try_from(RunConfig::default()).unwrap();
+        let mut keys: Vec<&str> = v.as_table().unwrap().keys().map(|k| k.as_str()).collect();
+        keys.sort();
+        let mut want = SECTIONS.to_vec();
+        want.sort();
+        assert_eq!(keys, want);
+    }
 }

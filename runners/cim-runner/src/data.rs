@@ -522,6 +522,8 @@ pub struct Loader {
     /// The last epoch's order, so consecutive batches do not reshuffle the whole dataset.
     order_cache: std::sync::Mutex<Option<(u64, Arc<Vec<usize>>)>>,
     pool: rayon::ThreadPool,
+    /// Unreadable files warned about: one warning per file, however often it is drawn.
+    warned: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Loader {
@@ -554,7 +556,21 @@ impl Loader {
             seed,
             order_cache: Default::default(),
             pool,
+            warned: Default::default(),
         })
+    }
+
+    /// Whether `path` is new to the unreadable files warned about (and records it).
+    fn warn_once(&self, path: &str) -> bool {
+        self.warned
+            .lock()
+            .map(|mut w| w.insert(path.to_string()))
+            .unwrap_or(true)
+    }
+
+    /// Unreadable files warned about so far.
+    pub fn warned(&self) -> usize {
+        self.warned.lock().map(|w| w.len()).unwrap_or(0)
     }
 
     /// Batches per epoch (a last partial batch is dropped; at least one batch, cycling small sets).
@@ -623,7 +639,9 @@ impl Loader {
                             }
                             Err(e) => match e.path() {
                                 Some(path) => {
-                                    tracing::warn!("skipping unreadable image: {e}");
+                                    if self.warn_once(&path) {
+                                        tracing::warn!("skipping unreadable image: {e}");
+                                    }
                                     skipped.push(path);
                                 }
                                 None => return Err(e),

@@ -48,14 +48,13 @@ where
     Entry<K>: cim_api::inventory::Collect,
 {
     let sel = select::<K>(&res.figment)?;
-    (sel.entry.build)(&sel.params, Variant::Default, ctx)
-        .map_err(|e| {
-            Error::msg(format!(
-                "building {kind} `{name}` (its keys: [{kind}.{name}]): {e}",
-                kind = K::KIND,
-                name = sel.entry.name
-            ))
-        })
+    (sel.entry.build)(&sel.params, Variant::Default, ctx).map_err(|e| {
+        Error::msg(format!(
+            "building {kind} `{name}` (its keys: [{kind}.{name}]): {e}",
+            kind = K::KIND,
+            name = sel.entry.name
+        ))
+    })
 }
 
 /// Sets the process-wide backend switches of a run's `[run]` section: cim's CUDA kernels

@@ -57,8 +57,11 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// Mean of `key` over the first / last `n` steps.
+    /// Mean of `key` over the first / last `n` steps (NaN when no step ran).
     pub fn mean(&self, key: &str, first: bool, n: usize) -> f64 {
+        if self.records.is_empty() {
+            return f64::NAN;
+        }
         let n = n.min(self.records.len()).max(1);
         let slice = if first {
             &self.records[..n]
@@ -107,6 +110,13 @@ impl Trainer {
     /// the data or the optimisation. Metrics after the checkpoint are dropped (they are redone).
     pub fn resume(run_dir: PathBuf, set: Vec<String>) -> Result<Self> {
         let run = RunDir::open(run_dir)?;
+        let stale = crate::checkpoint::remove_interrupted(run.path())?;
+        if stale > 0 {
+            tracing::warn!(
+                stale,
+                "removed the temporary folders of interrupted checkpoint writes"
+            );
+        }
         let ckpt = crate::checkpoint::load_latest(run.path())?;
         let saved = ckpt.dir.join("config.toml");
         let layers = |set: Vec<String>| Layers {
@@ -428,6 +438,17 @@ impl Trainer {
             .or(Some(self.resolved.cfg.run.max_steps).filter(|&n| n > 0))
             .unwrap_or(self.schedule.total);
         let steps = target.saturating_sub(self.step);
+        if steps == 0 {
+            // A finished run (or a target below its step): nothing to train, nothing rewritten.
+            return Ok(Summary {
+                run_dir: self.run.path().to_path_buf(),
+                steps: 0,
+                final_step: self.step,
+                records: vec![],
+                seconds: 0.0,
+                skipped: self.skipped.iter().cloned().collect(),
+            });
+        }
         let mut metrics = self.run.metrics()?;
         let bar = if std::io::stderr().is_terminal() {
             let b = indicatif::ProgressBar::new(target as u64);
