@@ -32,8 +32,9 @@ parity() { # the GPU parity test of the CUDA kernels, ok/FAIL per check
 
 # The device tool returns at most 8 files: every cim bench line goes to $OUT/cim.jsonl, each after a
 # {"run": NAME} line.
-bench() { # NAME PRESET [--set ...]
+bench() { # NAME PRESET [--set ...]   (random dVAE weights: speed does not depend on them)
   local name=$1 preset=$2; shift 2
+  set -- --set tokenizer.dalle_dvae.weights='"random"' "$@"
   el "cim $name"
   local j="$OUT/cim_now.json"
   RUST_LOG=info timeout 150 $RUN .gpu/cim-run.xz bench --preset "$preset" --batch "$B" \

@@ -233,3 +233,22 @@ fn sizes_and_worker_counts_are_checked_at_resolve_time() {
         assert!(e.contains(key), "{set}: {e}");
     }
 }
+
+/// `--config FILE` without `--preset` layers the file over the quickstart preset, never over
+/// `base.toml`'s paper-sized defaults (ViT-B/16, batch 2048).
+#[test]
+fn a_config_file_alone_starts_from_the_quickstart() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mine.toml");
+    std::fs::write(&file, "[train]\nlr = 0.5\n").unwrap();
+    let l = cim_run::cli::ConfigArgs {
+        preset: None,
+        config: vec![file],
+        set: vec![],
+    }
+    .layers();
+    let res = resolve(&Layers { env: false, ..l }).unwrap();
+    assert_eq!(res.cfg.train.lr, 0.5);
+    assert_eq!(res.cfg.enhancer["name"].as_str(), Some("vit_tiny"));
+    assert_eq!(res.cfg.train.batch_size, 16);
+}

@@ -497,6 +497,8 @@ fn full_size_presets_build_and_take_one_step() {
             "train.batch_size=2",
             "--set",
             "run.device=cpu",
+            "--set",
+            "tokenizer.dalle_dvae.weights=random",
         ])
         .unwrap_or_else(|e| panic!("{preset}: {e}"));
         let m = read_metrics(&out);
@@ -513,4 +515,32 @@ fn full_size_presets_build_and_take_one_step() {
             "{preset}: mask_frac {frac}"
         );
     }
+}
+
+/// The paper presets refuse to pre-train on a random dVAE unless asked to: without weights the
+/// error says where OpenAI's come from and how to ask for a random one; with
+/// `weights = "random"` the pipeline builds.
+#[test]
+fn paper_presets_refuse_a_random_dvae_unless_asked() {
+    for preset in ["vit_b16_respix", "resnet50_revdet"] {
+        let res = resolve(&Layers::preset(preset)).unwrap();
+        let e = match Cim::build(&res) {
+            Ok(_) => panic!("{preset}: built on a random dVAE without being asked"),
+            Err(e) => e.to_string(),
+        };
+        for want in [
+            "tokenizer.dalle_dvae.weights",
+            "https://cdn.openai.com/dall-e/encoder.pkl",
+            "tools/convert_dalle.py",
+            "\"random\"",
+        ] {
+            assert!(e.contains(want), "{preset}: {want} missing from: {e}");
+        }
+    }
+    let res = resolve(&Layers {
+        set: vec!["tokenizer.dalle_dvae.weights=\"random\"".into()],
+        ..Layers::preset("vit_b16_respix")
+    })
+    .unwrap();
+    Cim::build(&res).unwrap();
 }

@@ -13,7 +13,8 @@ export LD_LIBRARY_PATH="$(dirname "$cupti")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export CUDA_INJECTION64_PATH="$PWD/.gpu/libkernel_times.so"
 for s in "$s1" "$s2"; do
   CIM_PHASE_MARKERS=1 KERNEL_TIMES_OUT="$OUT/prof_${preset}_$s.tsv" timeout 200 bash .gpu/run-on-gpu.sh .gpu/cim-run.xz bench \
-    --preset "$preset" --steps "$s" --device cuda:0 "$@" > "$OUT/prof_${preset}_$s.json" 2> "$OUT/prof.err"
+    --preset "$preset" --steps "$s" --device cuda:0 --set tokenizer.dalle_dvae.weights='"random"' "$@" \
+    > "$OUT/prof_${preset}_$s.json" 2> "$OUT/prof.err"
   echo "profile $preset steps=$s rc=$? $(grep -o '"step_ms":[0-9.]*' "$OUT/prof_${preset}_$s.json")"; grep -v INFO "$OUT/prof.err" | tail -n 5 | cut -c1-300
 done
 python3 benches/cupti/diff.py "$OUT/prof_${preset}_$s1.tsv" "$OUT/prof_${preset}_$s2.tsv" $((s2 - s1)) "${TOP:-45}"

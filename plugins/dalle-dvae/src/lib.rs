@@ -46,7 +46,9 @@ pub struct DvaeConfig {
     /// A safetensors file with OpenAI's parameter names (`encoder.blocks.input.w`, …,
     /// `decoder.blocks.output.conv.b`), e.g. written by `tools/convert_dalle.py`. Every tensor is
     /// shape-checked by name. A local path or `hub:OWNER/REPO[@REVISION]/FILE`
-    /// ([`cim_api::weights`]). Unset: random initialisation (seeded), useless as a tokenizer.
+    /// ([`cim_api::weights`]), or `"random"`: a seeded random initialisation, which carries no
+    /// image information (for tests and benchmarks). Unset is an error saying where OpenAI's
+    /// weights come from ([`WEIGHTS_HOWTO`]).
     pub weights: Option<String>,
     /// `"f32"`, `"bf16"`, `"f16"`, or `"auto"`: on CUDA the first of f16, bf16 whose tokens on
     /// the first batch agree with the f32 encoder's at least `min_agreement` of the time, else
@@ -136,7 +138,7 @@ impl DvaeConfig {
             group_count: 3,
             n_blk_per_group: 1,
             eps: LOGIT_LAPLACE_EPS,
-            weights: None,
+            weights: Some("random".into()),
             precision: Precision::Auto,
             min_agreement: 0.99,
             decoder_precision: DecoderPrecision::Same,
@@ -686,9 +688,19 @@ pub fn agreement(a: &Tensor, b: &Tensor) -> Result<f64> {
     Ok(eq as f64)
 }
 
+/// How to get OpenAI's dVAE weights, in the error an unset `tokenizer.dalle_dvae.weights` gives.
+pub const WEIGHTS_HOWTO: &str = "tokenizer.dalle_dvae.weights is not set, and a randomly \
+initialised dVAE carries no image information (its corrupted images are grey): pre-training on it \
+would waste the run. OpenAI publishes the dVAE as https://cdn.openai.com/dall-e/encoder.pkl and \
+https://cdn.openai.com/dall-e/decoder.pkl; convert them once with `python3 tools/convert_dalle.py \
+encoder.pkl decoder.pkl dvae.safetensors` and set tokenizer.dalle_dvae.weights = \"dvae.safetensors\" \
+(or a hub:OWNER/REPO@REVISION/FILE holding that file). To run with a random dVAE on purpose \
+(tests, benchmarks), set tokenizer.dalle_dvae.weights = \"random\".";
+
 fn build(cfg: DvaeConfig, ctx: &BuildCtx) -> Result<DvaeTokenizer> {
     let net = match cfg.weights.clone() {
-        None => DalleDvae::new(cfg, ctx.vb.clone())?,
+        None => return Err(Error::config(WEIGHTS_HOWTO)),
+        Some(spec) if spec == "random" => DalleDvae::new(cfg, ctx.vb.clone())?,
         Some(spec) => {
             let path = cim_api::weights::resolve(&spec, "tokenizer.dalle_dvae.weights")?;
             DalleDvae::from_file(cfg, &path, &ctx.device)?

@@ -21,7 +21,7 @@ use cim_runner::{bench, export, finetune, fit, inspect, probe, tokenizer_train};
     about = "Corrupted Image Modeling (CiM) pre-training",
     after_help = "Configuration precedence, lowest first: built-in defaults → configs/base.toml → --preset → \
                   --config FILE(s) → CIM_* environment variables (CIM_TRAIN__LR=1e-3) → --set KEY=VALUE.\n\
-                  Without --preset or --config, the `quickstart` preset runs."
+                  Without --preset, the `quickstart` preset is the layer under --config files and --set."
 )]
 pub struct Cli {
     #[command(flatten)]

@@ -620,18 +620,16 @@ pub struct Layers {
 
 impl Layers {
     /// The layers of a command line's `--preset`, `--config` and `--set` flags, environment
-    /// included; the `quickstart` preset when neither a preset nor a file is named.
+    /// included. Without `--preset` the `quickstart` preset is the layer under the files: a
+    /// config file alone starts from a run that fits a CPU, never from `base.toml`'s paper-sized
+    /// defaults (ViT-B/16 at batch 2048).
     pub fn from_flags(
         preset: Option<String>,
         config_files: Vec<PathBuf>,
         set: Vec<String>,
     ) -> Self {
-        let preset = match (preset, config_files.is_empty()) {
-            (None, true) => Some("quickstart".to_string()),
-            (p, _) => p,
-        };
         Self {
-            preset,
+            preset: Some(preset.unwrap_or_else(|| "quickstart".to_string())),
             config_files,
             set,
             env: true,
@@ -680,7 +678,9 @@ fn config_env() -> Env {
     WARNED.call_once(|| {
         for (key, _) in std::env::vars() {
             if let Some(rest) = key.strip_prefix("CIM_") {
-                if !SECTIONS.contains(&section(rest).as_str()) {
+                // cim's own switches that are no configuration key (`cim-run bench`'s markers).
+                let own = key == "CIM_PHASE_MARKERS";
+                if !own && !SECTIONS.contains(&section(rest).as_str()) {
                     tracing::warn!(
                         "ignoring the environment variable {key}: `{}` is no configuration section ({})",
                         section(rest),
