@@ -612,5 +612,5 @@ fn recorded_block(x: &Tensor, p: &[&Tensor], heads: usize) -> candle_core::Resul
         &lin(&ops::layer_norm_mixed(&x1, p[6], p[7], 1e-6)?, p[8], None)?,
         p[9],
     )?;
-    Ok((&x1 + lin(&h, p[10], Some(p[11]))?)?)
+    &x1 + lin(&h, p[10], Some(p[11]))?
 }

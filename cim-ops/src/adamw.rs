@@ -243,10 +243,10 @@ pub fn square_sums_composed(t: &Tensor) -> Result<Tensor> {
         (a, b) = (b, a % b);
     }
     let width = a; // gcd(n, 4096): rows of `width` tile the tensor exactly
-    Ok(t.to_dtype(DType::F32)?
+    t.to_dtype(DType::F32)?
         .reshape((n / width, width))?
         .sqr()?
-        .sum(1)?)
+        .sum(1)
 }
 
 /// The same update from candle ops, returning the new `(param, moments)` (the reference of the

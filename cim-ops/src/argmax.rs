@@ -21,9 +21,9 @@ pub fn argmax_channels(x: &Tensor) -> Result<Tensor> {
     let on_cuda =
         super::kernels_on_cuda(x) && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16);
     if !(on_cuda || (x.dtype() == DType::F32 && x.device().is_cpu())) {
-        return Ok(x.argmax(1)?);
+        return x.argmax(1);
     }
-    Ok(x.detach().contiguous()?.apply_op1_no_bwd(&ArgmaxChannels)?)
+    x.detach().contiguous()?.apply_op1_no_bwd(&ArgmaxChannels)
 }
 
 /// `argmax` over the last dimension of `x` `(…, C)` → `(…)` u32 indices: the channels-last
@@ -40,9 +40,9 @@ pub fn argmax_last(x: &Tensor) -> Result<Tensor> {
         super::kernels_on_cuda(x) && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16);
     let on_cpu = x.dtype() == DType::F32 && x.device().is_cpu();
     if !(on_cuda || on_cpu) || x.elem_count() == 0 {
-        return Ok(x.argmax(candle_core::D::Minus1)?);
+        return x.argmax(candle_core::D::Minus1);
     }
-    Ok(x.detach().contiguous()?.apply_op1_no_bwd(&ArgmaxRows)?)
+    x.detach().contiguous()?.apply_op1_no_bwd(&ArgmaxRows)
 }
 
 struct ArgmaxRows;

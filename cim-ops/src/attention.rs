@@ -157,7 +157,7 @@ fn gemm_detached_rows(
 fn softmax_native(s: &Tensor, valid: usize) -> Result<Tensor> {
     if matches!(s.dtype(), DType::BF16 | DType::F32) && super::fusable_device(s) {
         let op = super::SoftmaxOp { valid: Some(valid) };
-        return Ok(s.contiguous()?.apply_op1_no_bwd(&op)?);
+        return s.contiguous()?.apply_op1_no_bwd(&op);
     }
     let w = s.dim(candle_core::D::Minus1)?;
     let y = super::softmax_last_dim(
@@ -165,7 +165,7 @@ fn softmax_native(s: &Tensor, valid: usize) -> Result<Tensor> {
             .to_dtype(DType::F32)?,
     )?
     .to_dtype(s.dtype())?;
-    Ok(y.pad_with_zeros(candle_core::D::Minus1, 0, w - valid)?)
+    y.pad_with_zeros(candle_core::D::Minus1, 0, w - valid)
 }
 
 /// `P ⊙ (dP − Σ dP ⊙ P)` over the last dimension, in f32 arithmetic, returned in `p`'s dtype
@@ -202,10 +202,9 @@ pub fn attention_composed(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tens
     let attn = q.matmul(&k.t()?)?;
     let attn =
         super::softmax_last_dim(&attn.to_dtype(candle_core::DType::F32)?)?.to_dtype(v.dtype())?;
-    Ok(attn
-        .matmul(&v)?
+    attn.matmul(&v)?
         .transpose(1, 2)?
-        .reshape((b, n, heads * hd))?)
+        .reshape((b, n, heads * hd))
 }
 
 /// Shapes of one fused attention call.

@@ -353,10 +353,9 @@ fn composed_in(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64, last: bool)
     let mean = mean_over(x)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = mean_over(&xc.sqr()?)?;
-    Ok(xc
-        .broadcast_div(&(var + eps)?.sqrt()?)?
+    xc.broadcast_div(&(var + eps)?.sqrt()?)?
         .broadcast_mul(&weight.reshape(&shape[..])?)?
-        .broadcast_add(&bias.reshape(&shape[..])?)?)
+        .broadcast_add(&bias.reshape(&shape[..])?)
 }
 
 /// `(outer, channels, inner)` of a map: `(B, C, H·W)` channels first, `(B·H·W, C, 1)` channels

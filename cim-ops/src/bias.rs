@@ -51,7 +51,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     };
     let mut shape = lead.to_vec();
     shape.push(w.dim(0)?);
-    Ok(y.reshape(shape)?)
+    y.reshape(shape)
 }
 
 /// `b` must be `(D,)` for `x` `(…, D)`: the one shape check of both ops (their kernels take `D`
@@ -238,7 +238,7 @@ fn bias_gelu_mixed(x: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// The same function from candle's differentiable ops.
 pub fn bias_gelu_composed(x: &Tensor, b: &Tensor) -> Result<Tensor> {
-    Ok(x.broadcast_add(&b.to_dtype(x.dtype())?)?.gelu_erf()?)
+    x.broadcast_add(&b.to_dtype(x.dtype())?)?.gelu_erf()
 }
 
 /// `(erf(z/√2), exp(−z²/2))`: erf by Abramowitz & Stegun 7.1.26 (absolute error ≤ 1.5e-7), whose

@@ -429,7 +429,7 @@ mod tests {
         let dt = x.dtype();
         let c = |t: &Tensor| t.to_dtype(dt);
         let lin = |x: &Tensor, (w, b): (&Tensor, &Tensor)| -> Result<Tensor> {
-            Ok(x.broadcast_matmul(&c(w)?.t()?)?.broadcast_add(&c(b)?)?)
+            x.broadcast_matmul(&c(w)?.t()?)?.broadcast_add(&c(b)?)
         };
         let ln = |x: &Tensor, (w, b): (&Tensor, &Tensor)| -> Result<Tensor> {
             super::super::layer_norm_composed(x, &c(w)?, &c(b)?, eps)
@@ -440,7 +440,7 @@ mod tests {
         let a = super::super::attention_composed(&qkv, heads, scale)?;
         let x1 = (x + lin(&a, p.proj)?)?;
         let h = lin(&ln(&x1, p.norm2)?, p.fc1)?.gelu_erf()?;
-        Ok((&x1 + lin(&h, p.fc2)?)?)
+        &x1 + lin(&h, p.fc2)?
     }
 
     /// Values and all thirteen gradients of the one-node block against the recorded reference,

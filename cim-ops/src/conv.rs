@@ -67,7 +67,7 @@ pub fn conv2d_with_budget(
                 return y.run();
             }
         }
-        return Ok(x.conv2d(&w, padding, stride, 1, 1)?);
+        return x.conv2d(&w, padding, stride, 1, 1);
     }
     let (_, c, h, wd) = x.dims4()?;
     let (_, c_w, k, _) = w.dims4()?;
@@ -234,7 +234,7 @@ pub fn conv2d_nhwc(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Res
     }
     let to_nchw = |t: &Tensor| t.permute((0, 3, 1, 2))?.contiguous();
     let y = conv2d(&to_nchw(x)?, &to_nchw(w)?, padding, stride)?;
-    Ok(y.permute((0, 2, 3, 1))?.contiguous()?)
+    y.permute((0, 2, 3, 1))?.contiguous()
 }
 
 /// `conv2d` of a channels-last map `x` `(B, H, W, C)` with a weight `w` in [`conv2d`]'s (and
@@ -285,7 +285,7 @@ pub fn conv2d_channels_last(
         return Ok(y);
     }
     let y = conv2d(&x.permute((0, 3, 1, 2))?.contiguous()?, w, padding, stride)?;
-    Ok(y.permute((0, 2, 3, 1))?.contiguous()?)
+    y.permute((0, 2, 3, 1))?.contiguous()
 }
 
 /// [`conv2d_channels_last`] without cuDNN where [`conv2d`] has a fused path (f32, or bf16 with an
@@ -317,7 +317,7 @@ fn plain_forward(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Tensor> {
         true => cpu_forward(&x32, &w.to_dtype(DType::F32)?, op)?,
         false => x32.conv2d(&w.to_dtype(DType::F32)?, op.padding, op.stride, 1, 1)?,
     };
-    Ok(y.to_dtype(x.dtype())?)
+    y.to_dtype(x.dtype())
 }
 
 /// `(dx, dw)` of a channels-last convolution, `x` `(B, H, W, C)` and `dy` `(B, Ho, Wo, C_out)`,
@@ -585,7 +585,7 @@ fn cpu_forward(x: &Tensor, w: &Tensor, op: Im2Col) -> Result<Tensor> {
             y
         })
     })??;
-    Ok(Tensor::from_vec(y, (b, c_out, ho, wo), x.device())?)
+    Tensor::from_vec(y, (b, c_out, ho, wo), x.device())
 }
 
 /// The CPU kernel's `(dx, dw)` for f32 `x`, `w` and output gradient `dy` (`dx` when `need_dx`).
@@ -970,7 +970,7 @@ mod tests {
         let full = x.conv2d(&wt, pad, 1, 1, 1)?;
         let pick = |n: usize| -> Result<Tensor> {
             let idx: Vec<u32> = (0..n).step_by(stride).map(|i| i as u32).collect();
-            Ok(Tensor::new(idx.as_slice(), &candle_core::Device::Cpu)?)
+            Tensor::new(idx.as_slice(), &candle_core::Device::Cpu)
         };
         let (ho, wo) = (full.dim(2)?, full.dim(3)?);
         let want = full

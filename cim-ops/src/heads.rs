@@ -44,13 +44,13 @@ pub fn split_qkv_padded(qkv: &Tensor, heads: usize, rows: usize, q_scale: f64) -
         scale: q_scale as f32,
     };
     if applies(&[qkv]) {
-        return Ok(qkv.contiguous()?.apply_op1_no_bwd(&op)?);
+        return qkv.contiguous()?.apply_op1_no_bwd(&op);
     }
     let p = qkv
         .reshape((b, n, 3, heads, hd))?
         .permute((2, 0, 3, 1, 4))?;
     let p = p.pad_with_zeros(3, 0, rows - n)?;
-    Ok(scale_first(&p, q_scale)?.contiguous()?)
+    scale_first(&p, q_scale)?.contiguous()
 }
 
 /// `(B, N, H·hd)` → `(B, H, N, hd)`, contiguous (the inverse of [`merge_heads`]).
@@ -75,12 +75,12 @@ pub fn split_heads_padded(x: &Tensor, heads: usize, rows: usize) -> Result<Tenso
             rows,
             scale: 1.0,
         };
-        return Ok(x.contiguous()?.apply_op1_no_bwd(&op)?);
+        return x.contiguous()?.apply_op1_no_bwd(&op);
     }
-    Ok(x.reshape((b, n, heads, hd))?
+    x.reshape((b, n, heads, hd))?
         .transpose(1, 2)?
         .pad_with_zeros(2, 0, rows - n)?
-        .contiguous()?)
+        .contiguous()
 }
 
 /// `(B, H, N, hd)` → `(B, N, H·hd)`, contiguous.
@@ -98,11 +98,9 @@ pub fn merge_heads_rows(x: &Tensor, n: usize) -> Result<Tensor> {
     }
     if applies(&[x]) {
         let op = Heads::Merge { n, scale: 1.0 };
-        return Ok(x.contiguous()?.apply_op1_no_bwd(&op)?);
+        return x.contiguous()?.apply_op1_no_bwd(&op);
     }
-    Ok(x.narrow(2, 0, n)?
-        .transpose(1, 2)?
-        .reshape((b, n, h * hd))?)
+    x.narrow(2, 0, n)?.transpose(1, 2)?.reshape((b, n, h * hd))
 }
 
 /// `dq`, `dk`, `dv` `(B, H, N, hd)` → the packed `(B, N, 3·H·hd)` (the layout of `split_qkv`'s
@@ -135,13 +133,13 @@ pub fn merge_qkv_rows(
             n,
             scale: dq_scale as f32,
         };
-        return Ok(dq.apply_op3_no_bwd(&dk, &dv, &op)?);
+        return dq.apply_op3_no_bwd(&dk, &dv, &op);
     }
     let packed = scale_first(&Tensor::stack(&[dq, dk, dv], 0)?, dq_scale)?;
-    Ok(packed
+    packed
         .narrow(3, 0, n)?
         .permute((1, 3, 0, 2, 4))?
-        .reshape((b, n, 3 * h * hd))?)
+        .reshape((b, n, 3 * h * hd))
 }
 
 /// `t` with its first entry along dimension 0 multiplied by `scale` (the composed paths).
@@ -151,7 +149,7 @@ fn scale_first(t: &Tensor, scale: f64) -> Result<Tensor> {
     }
     let first = (t.narrow(0, 0, 1)? * scale)?;
     let rest = t.narrow(0, 1, t.dim(0)? - 1)?;
-    Ok(Tensor::cat(&[&first, &rest], 0)?)
+    Tensor::cat(&[&first, &rest], 0)
 }
 
 /// The kernels run for f32/bf16 tensors of one dtype on the CPU and (kernels on) on CUDA.

@@ -203,7 +203,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 pub fn layer_norm_mixed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let dt = x.dtype();
     if dt == DType::F32 || !fusable_device(x) {
-        return Ok(layer_norm(&x.to_dtype(DType::F32)?, weight, bias, eps)?.to_dtype(dt)?);
+        return layer_norm(&x.to_dtype(DType::F32)?, weight, bias, eps)?.to_dtype(dt);
     }
     let eps = eps as f32;
     mixed_rowwise(
@@ -263,7 +263,7 @@ pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64)
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    Ok(xn.broadcast_mul(weight)?.broadcast_add(bias)?)
+    xn.broadcast_mul(weight)?.broadcast_add(bias)
 }
 
 /// Softmax over the last dimension.
@@ -279,7 +279,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?;
     let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
 /// Index of the nearest codebook row for every row of `rows` (`argmin ‖x − c‖²`): the quantiser of
@@ -291,7 +291,7 @@ pub fn nearest(rows: &Tensor, codebook: &Tensor) -> Result<Tensor> {
         .matmul(&codebook.t()?)?
         .affine(-2.0, 0.0)?
         .broadcast_add(&c2)?;
-    Ok(score.argmin(D::Minus1)?)
+    score.argmin(D::Minus1)
 }
 
 /// Mean cross-entropy of `logits` `(M, V)` against class ids `targets` `(M,)` (u32): the fused
@@ -308,7 +308,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             let per_row = logits
                 .contiguous()?
                 .apply_op2(&targets.contiguous()?.detach(), CrossEntropyOp)?;
-            return Ok(per_row.mean_all()?);
+            return per_row.mean_all();
         }
         return cross_entropy(&logits.to_dtype(DType::F32)?, targets);
     }

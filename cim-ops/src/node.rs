@@ -555,7 +555,7 @@ mod tests {
                 ])
             })?;
             // `a` is also used by a recorded op.
-            Ok(((&y * &up)?.sum_all()? + a.as_tensor().sum_all()?)?)
+            (&y * &up)?.sum_all()? + a.as_tensor().sum_all()?
         };
         // Four inputs need the sink: without one they are four graph inputs.
         let e = build().unwrap_err().to_string();

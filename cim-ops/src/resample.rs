@@ -27,24 +27,24 @@ fn kernel_applies(x: &Tensor) -> Result<bool> {
 /// candle's, NaN handling included.
 pub fn max_pool_2x2(x: &Tensor) -> Result<Tensor> {
     if !kernel_applies(x)? || x.dim(2)? < 2 || x.dim(3)? < 2 {
-        return Ok(x.max_pool2d(2)?);
+        return x.max_pool2d(2);
     }
-    Ok(x.contiguous()?.apply_op1_no_bwd(&Resample {
+    x.contiguous()?.apply_op1_no_bwd(&Resample {
         pool: true,
         nhwc: false,
-    })?)
+    })
 }
 
 /// `upsample_nearest2d(2H, 2W)` of `x` `(B, C, H, W)`, equal to candle's.
 pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
     if !kernel_applies(x)? {
         let (_, _, h, w) = x.dims4()?;
-        return Ok(x.upsample_nearest2d(2 * h, 2 * w)?);
+        return x.upsample_nearest2d(2 * h, 2 * w);
     }
-    Ok(x.contiguous()?.apply_op1_no_bwd(&Resample {
+    x.contiguous()?.apply_op1_no_bwd(&Resample {
         pool: false,
         nhwc: false,
-    })?)
+    })
 }
 
 /// [`max_pool_2x2`] of a channels-last map `x` `(B, H, W, C)` → `(B, H/2, W/2, C)`, the same
@@ -53,10 +53,10 @@ pub fn max_pool_2x2_nhwc(x: &Tensor) -> Result<Tensor> {
     if !kernel_applies(x)? || x.dim(1)? < 2 || x.dim(2)? < 2 {
         return through_nchw(x, max_pool_2x2);
     }
-    Ok(x.contiguous()?.apply_op1_no_bwd(&Resample {
+    x.contiguous()?.apply_op1_no_bwd(&Resample {
         pool: true,
         nhwc: true,
-    })?)
+    })
 }
 
 /// [`upsample_nearest_2x`] of a channels-last map `x` `(B, H, W, C)` → `(B, 2H, 2W, C)`.
@@ -64,17 +64,17 @@ pub fn upsample_nearest_2x_nhwc(x: &Tensor) -> Result<Tensor> {
     if !kernel_applies(x)? {
         return through_nchw(x, upsample_nearest_2x);
     }
-    Ok(x.contiguous()?.apply_op1_no_bwd(&Resample {
+    x.contiguous()?.apply_op1_no_bwd(&Resample {
         pool: false,
         nhwc: true,
-    })?)
+    })
 }
 
 /// `f` of a channels-last map, run channels first between two transposes (tracked inputs, other
 /// dtypes and devices: candle's ops and their backward).
 fn through_nchw(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
     let y = f(&x.permute((0, 3, 1, 2))?.contiguous()?)?;
-    Ok(y.permute((0, 2, 3, 1))?.contiguous()?)
+    y.permute((0, 2, 3, 1))?.contiguous()
 }
 
 /// 2× max-pooling (`pool`) or nearest upsampling, of NCHW maps or (`nhwc`) channels-last ones.

@@ -68,7 +68,7 @@ pub fn residual_add_composed(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> R
         Some(bias) => super::bias_add(b, bias)?,
         None => b.clone(),
     };
-    Ok((a + t.to_dtype(a.dtype())?)?)
+    a + t.to_dtype(a.dtype())?
 }
 
 type Fusable = (Tensor, Tensor, Option<Tensor>);
