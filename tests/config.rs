@@ -252,3 +252,29 @@ fn a_config_file_alone_starts_from_the_quickstart() {
     assert_eq!(res.cfg.enhancer["name"].as_str(), Some("vit_tiny"));
     assert_eq!(res.cfg.train.batch_size, 16);
 }
+
+/// A command-line mistake reads `error: …` once, and a missing file names the path and the
+/// operating system's reason once.
+#[test]
+fn error_messages_say_things_once() {
+    let run = |args: &[&str]| {
+        let mut v = vec!["cim-run".to_string()];
+        v.extend(args.iter().map(|s| s.to_string()));
+        format!("{:#}", cim_run::cli::run(v).unwrap_err())
+    };
+    let e = run(&["--no-such-flag"]);
+    assert!(
+        !e.starts_with("error:") && e.contains("--no-such-flag"),
+        "{e}"
+    );
+    let e = run(&["--config", "/no/such/file.toml", "--print-config"]);
+    assert!(e.contains("/no/such/file.toml"), "{e}");
+    let e = format!(
+        "{:#}",
+        anyhow::Error::from(cim_api::Error::io(
+            "/no/such/file",
+            std::io::Error::from(std::io::ErrorKind::NotFound)
+        ))
+    );
+    assert_eq!(e.matches("not found").count(), 1, "{e}");
+}

@@ -42,13 +42,10 @@ pub enum Error {
     #[error("{path}: {message}")]
     Data { path: String, message: String },
 
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file could not be read or written. The message holds the operating system's reason, so
+    /// it is not chained again as a source (a report would print it twice).
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
 
     /// Anything else, with a message saying what and where.
     #[error("{0}")]
@@ -72,7 +69,7 @@ impl Error {
     pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.as_ref().display().to_string(),
-            source,
+            error: source,
         }
     }
 }

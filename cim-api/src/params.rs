@@ -107,6 +107,7 @@ impl ParamStore {
                     var.dims()
                 )));
             }
+            check_float(name, t.dtype())?;
             var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
         }
         if strict {
@@ -242,6 +243,17 @@ impl SimpleBackend for ParamStore {
     }
 }
 
+/// Parameters load from floating-point tensors only: integer values of the right shape (a u8
+/// image, an index table under a parameter's name) would be converted without a word.
+pub fn check_float(name: &str, dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::F16 | DType::BF16 | DType::F64 => Ok(()),
+        other => Err(Error::msg(format!(
+            "tensor `{name}` holds {other:?} values; parameters load from f32, f16, bf16 or f64 tensors"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,5 +299,27 @@ mod tests {
         let err = t.get_with_hints(4, "w", Init::Const(1.0)).unwrap_err();
         assert!(err.to_string().contains("`w`"), "{err}");
         Ok(())
+    }
+
+    /// A tensor of the right shape but an integer dtype is refused, naming the key and dtype;
+    /// float dtypes load (converted to the parameter's).
+    #[test]
+    fn integer_tensors_do_not_load_into_parameters() {
+        let store = ParamStore::trainable(0);
+        let vb = store.var_builder(DType::F32, &Device::Cpu);
+        let _ = vb.get_with_hints(4, "w", Init::Const(0.0)).unwrap();
+        let u8s = Tensor::new(&[1u8, 2, 3, 4], &Device::Cpu).unwrap();
+        let e = store
+            .load(&BTreeMap::from([("w".to_string(), u8s)]), true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`w`") && e.contains("U8"), "{e}");
+        let halves = Tensor::new(&[1f32, 2., 3., 4.], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        store
+            .load(&BTreeMap::from([("w".to_string(), halves)]), true)
+            .unwrap();
     }
 }

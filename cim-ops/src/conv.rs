@@ -199,7 +199,7 @@ fn cudnn_forward_nhwc(_: &Tensor, _: &Tensor, _: Im2Col) -> Result<Option<Tensor
 
 /// `conv2d` of channels-last maps, forward only (a frozen network: the dVAE on CUDA): `x`
 /// `(B, H, W, C)`, `w` `(C_out, k, k, C)` → `(B, Ho, Wo, C_out)`, the same sizes as [`conv2d`].
-/// With cim's cuDNN convolution ([`set_cudnn_conv`]) cuDNN's NHWC kernels, which is what the
+/// With cim's cuDNN convolution ([`set_cudnn_conv`](crate::set_cudnn_conv)) cuDNN's NHWC kernels, which is what the
 /// layout is for: on NCHW data, cuDNN's tensor-core kernels transpose every input and output
 /// (14.4 ms of a ViT-B/16 RESPIX step in an H200 profile (2026-11-27)). Elsewhere [`conv2d`]
 /// between transposes: the same function, for the CPU tests and as the GPU parity reference.

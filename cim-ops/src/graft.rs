@@ -22,9 +22,9 @@ use crate::Result;
 /// output directly. Without tracked inputs the output comes back as is.
 ///
 /// The node has at most three graph inputs (candle's custom ops take one to three). While a
-/// [`GradSink`] is installed on this thread, inputs that are variables (parameters) are not graph
+/// [`GradSink`](crate::GradSink) is installed on this thread, inputs that are variables (parameters) are not graph
 /// inputs when another input carries the graph: their gradients go to the sink, which
-/// [`GradSink::backward`] merges into the gradient store — no zero tensor, no addition, no packing
+/// [`GradSink::backward`](crate::GradSink::backward) merges into the gradient store — no zero tensor, no addition, no packing
 /// per parameter. So a node may then take any number of parameters beside up to three activations.
 ///
 /// ```

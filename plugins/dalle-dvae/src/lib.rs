@@ -959,6 +959,12 @@ impl DalleDvae {
             path: path.display().to_string(),
             message: format!("cannot read dVAE weights: {e}"),
         })?;
+        for (name, t) in &tensors {
+            cim_api::params::check_float(name, t.dtype()).map_err(|e| Error::Data {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+        }
         let n = tensors.len();
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let model = Self::new(cfg, vb).map_err(|e| Error::Data {

@@ -557,7 +557,9 @@ fn list() -> anyhow::Result<String> {
 pub fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
     let cli = Cli::try_parse_from(args).map_err(|e| {
         if e.use_stderr() {
-            anyhow::anyhow!("{e}")
+            // clap's message starts with its own "error: "; `main` prints one.
+            let msg = e.to_string();
+            anyhow::anyhow!("{}", msg.strip_prefix("error: ").unwrap_or(&msg).trim_end())
         } else {
             // --help / --version: print and succeed.
             print!("{e}");
@@ -657,9 +659,13 @@ pub fn main() -> ExitCode {
     crate::keep_freed_memory();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .init();
     // The command runs on one of rayon's workers: its parallel kernels then split in place rather
     // than wait for the pool (cim_ops::threads' module doc).

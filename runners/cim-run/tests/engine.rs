@@ -174,6 +174,36 @@ fn unrelated_cim_variables_are_ignored_with_a_warning() {
     assert!(stdout.contains("lr = 0.25"), "{stdout}");
 }
 
+/// Log lines redirected to a file carry no colour codes, and say step/total, epoch and ETA.
+#[test]
+fn logs_to_a_file_are_plain_and_say_where_the_run_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_cim-run"))
+        .args([
+            "--preset",
+            "quickstart",
+            "--steps",
+            "4",
+            "--out",
+            dir.to_str().unwrap(),
+        ])
+        .args(["--set", "train.batch_size=4", "--set", "run.log_every=2"])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "colour codes in a redirected log: {stderr}"
+    );
+    assert!(
+        stderr.contains("step 2/4 epoch") && stderr.contains(" eta 0:"),
+        "{stderr}"
+    );
+}
+
 /// `--resume` of a finished run, or with `--steps` at or below its step, says so and succeeds
 /// without training or rewriting anything; the stale temp folder of an interrupted checkpoint
 /// write is removed on resume.

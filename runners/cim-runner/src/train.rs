@@ -26,6 +26,12 @@ use crate::optim::{AdamW, Schedule};
 use crate::pipeline::{Cim, StepRngs};
 use crate::rundir::RunDir;
 
+/// `h:mm:ss` of `seconds`.
+pub fn clock(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
 /// One line of `metrics.jsonl`.
 #[derive(Clone, Debug, Serialize)]
 pub struct StepRecord {
@@ -486,7 +492,18 @@ impl Trainer {
                     b.inc(1);
                 }
                 None if rec.step % log_every == 0 || rec.step == 1 || rec.step == target => {
-                    tracing::info!(step = rec.step, "{msg}");
+                    // Without a progress bar (a log file, a pipe): where the run is and how long
+                    // it still needs, in the line itself.
+                    let done = records.len() + 1;
+                    let per_step = start.elapsed().as_secs_f64() / done as f64;
+                    let eta = per_step * (target - rec.step) as f64;
+                    let epoch = (rec.step * self.accum) as f64
+                        / self.loader.batches_per_epoch().max(1) as f64;
+                    tracing::info!(
+                        "step {}/{target} epoch {epoch:.2} eta {}: {msg}",
+                        rec.step,
+                        clock(eta)
+                    );
                 }
                 None => {}
             }
