@@ -303,6 +303,18 @@ fn load(dir: std::path::PathBuf) -> Result<Loaded> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A checkpoint's state at `step` (seed 1, epoch 0).
+    fn state(step: usize) -> TrainState {
+        TrainState {
+            step,
+            optimizer_t: step as u64,
+            seed: 1,
+            micro_batches: step as u64,
+            epoch: 0,
+            skipped: vec![],
+        }
+    }
     use candle_core::Device;
 
     #[test]
@@ -327,14 +339,7 @@ mod tests {
         let t = Tensor::new(&[1f32], &Device::Cpu)?;
         let w = HashMap::from([("a".to_string(), t)]);
         for step in [10, 20, 30] {
-            let state = TrainState {
-                step,
-                optimizer_t: step as u64,
-                seed: 1,
-                micro_batches: step as u64,
-                epoch: 0,
-                skipped: vec![],
-            };
+            let state = state(step);
             write_checkpoint(dir.path(), &state, &w, &w, "", 2)?;
         }
         // An interrupted write: a hidden temp folder and a step folder without state.json.
@@ -371,14 +376,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let w = HashMap::from([("a".to_string(), Tensor::new(&[1f32], &Device::Cpu)?)]);
         for step in [10, 20] {
-            let state = TrainState {
-                step,
-                optimizer_t: step as u64,
-                seed: 1,
-                micro_batches: step as u64,
-                epoch: 0,
-                skipped: vec![],
-            };
+            let state = state(step);
             write_checkpoint(dir.path(), &state, &w, &w, "", 3)?;
         }
         let damaged = dir
@@ -403,14 +401,7 @@ mod tests {
     fn a_failed_checkpoint_write_names_the_step_and_leaves_no_temp() -> Result<()> {
         let dir = tempfile::tempdir().unwrap();
         let w = HashMap::from([("a".to_string(), Tensor::new(&[1f32], &Device::Cpu)?)]);
-        let state = TrainState {
-            step: 7,
-            optimizer_t: 7,
-            seed: 1,
-            micro_batches: 7,
-            epoch: 0,
-            skipped: vec![],
-        };
+        let state = state(7);
         std::fs::write(dir.path().join("checkpoints"), b"in the way").unwrap();
         let e = write_checkpoint(dir.path(), &state, &w, &w, "", 3)
             .err()
