@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::tiles::{self, View};
 use super::{is_fusable, simd, slice};
-use crate::Result;
+use crate::{AttentionBackward, Result};
 
 /// Attention of `qkv` `(B, N, 3·H·Dh)` (the qkv projection's output, per token `[q | k | v]`, each
 /// `H` heads of `Dh`), `softmax(scale · q·kᵀ)·v` per head, as `(B, N, H·Dh)` (heads concatenated).
@@ -76,10 +76,6 @@ pub fn attention_gemm(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> 
     let (out, backward) = gemm_detached(&qkv.detach(), heads, scale)?;
     super::with_backward(&[qkv], out, move |dout| Ok(vec![Some(backward(dout)?)]))
 }
-
-/// The backward of a detached attention forward: `d qkv` from `d out`.
-pub(crate) type AttentionBackward =
-    Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
 
 /// Attention of a detached `qkv` and its backward, for callers that graft a larger sub-graph
 /// (a whole transformer block, [`super::pre_norm_block`]): the fused kernel on the CPU in f32

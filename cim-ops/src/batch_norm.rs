@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{is_fusable, slice};
-use crate::Result;
+use crate::{Bn, Result};
 
 /// Per-channel `[mean; biased variance]` `(2, C)` of `x` `(B, C, H, W)`. No gradient. `None` when
 /// the fused kernels do not apply (f32 on the CPU; f32 or bf16 on CUDA with the kernels on).
@@ -103,27 +103,6 @@ pub struct BnTail<'a> {
 /// The kernels' `mode` bits (`kernels/ops.cu`): a ReLU, a residual.
 const RELU: u32 = 1;
 const RESIDUAL: u32 = 2;
-
-/// A fused node's settings, shared by its three kernels' ops: ε, channels last,
-/// and the tail's `mode` bits.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Bn {
-    pub eps: f32,
-    pub last: bool,
-    pub mode: u32,
-}
-
-impl Bn {
-    /// The settings of a CUDA launch.
-    #[cfg(feature = "cuda")]
-    fn launch(self) -> super::cuda::Bn {
-        super::cuda::Bn {
-            eps: self.eps,
-            last: self.last,
-            mode: self.mode,
-        }
-    }
-}
 
 impl BnTail<'_> {
     fn mode(&self) -> u32 {
@@ -789,7 +768,7 @@ impl CustomOp3 for ApplyOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::batch_norm_fwd((s1, l1), (s2, l2), (s3, l3), self.bn.launch())
+        super::cuda::batch_norm_fwd((s1, l1), (s2, l2), (s3, l3), self.bn)
     }
 }
 
@@ -910,7 +889,7 @@ impl CustomOp3 for GradSumsOp {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         with_cuda_residual(&self.residual, |r| {
-            super::cuda::batch_norm_grad_sums((s1, l1), (s2, l2), (s3, l3), r, self.bn.launch())
+            super::cuda::batch_norm_grad_sums((s1, l1), (s2, l2), (s3, l3), r, self.bn)
         })
     }
 }
@@ -1023,7 +1002,7 @@ impl CustomOp3 for DxOp {
         with_cuda_residual(&self.residual, |r| {
             let both = self.bn.mode == RELU | RESIDUAL;
             let shape = dx_shape(l1, both);
-            super::cuda::batch_norm_dx((s1, l1), (s2, l2), (s3, l3), r, self.bn.launch(), shape)
+            super::cuda::batch_norm_dx((s1, l1), (s2, l2), (s3, l3), r, self.bn, shape)
         })
     }
 }

@@ -211,7 +211,7 @@ struct Forward {
     x: Tensor,
     xn1: Tensor,
     attn: Tensor,
-    attn_bwd: super::attention::AttentionBackward,
+    attn_bwd: crate::AttentionBackward,
     x1: Tensor,
     xn2: Tensor,
     h: Tensor,

@@ -768,14 +768,7 @@ fn channel_moments_t<T: KernelFloat>(
     ))
 }
 
-/// A BatchNorm launch's settings: `eps`, channels last, and the tail's mode bits (1: ReLU,
-/// 2: residual).
-#[derive(Clone, Copy, Debug)]
-pub struct Bn {
-    pub eps: f32,
-    pub last: bool,
-    pub mode: u32,
-}
+use crate::Bn;
 
 type Arg<'a> = (&'a CudaStorage, &'a Layout);
 

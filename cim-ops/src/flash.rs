@@ -27,9 +27,6 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Sh
 use super::slice;
 use crate::Result;
 
-/// The backward of a detached attention forward: `d qkv` from `d out`.
-type DetachedBackward = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
-
 /// Whether the flash kernels take this `qkv` `(B, N, 3·H·Dh)`: asked for (`flash`), the CUDA kernels on,
 /// bf16, `Dh = 64`, a 16-byte aligned start.
 pub(crate) fn flash_applies(qkv: &Tensor, heads: usize, flash: bool) -> bool {
@@ -48,7 +45,7 @@ pub(crate) fn flash_detached(
     qkv: &Tensor,
     heads: usize,
     scale: f64,
-) -> Result<(Tensor, DetachedBackward)> {
+) -> Result<(Tensor, crate::AttentionBackward)> {
     Geo::from_layout(qkv.layout(), heads)?;
     let scale = scale as f32;
     let qkv = qkv.contiguous()?;

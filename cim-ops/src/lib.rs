@@ -107,6 +107,19 @@ pub use respix::{respix_loss, respix_sliding_target};
 pub use select::select_rows;
 pub use simd::avx2_kernels;
 
+/// The backward of a detached attention forward, `d qkv` from `d out` (the GEMM, CPU-kernel and
+/// flash paths give the same kind).
+pub(crate) type AttentionBackward = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// A fused BatchNorm node's settings, shared by its three kernels' ops on the CPU and their CUDA
+/// launches: ε, channels last, and the tail's `mode` bits (1: ReLU, 2: residual).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Bn {
+    pub eps: f32,
+    pub last: bool,
+    pub mode: u32,
+}
+
 /// Widest attention head the CUDA attention kernel takes (one warp per query row, four values
 /// per lane); wider heads take the composed path.
 fn cuda_max_head_dim() -> usize {

@@ -680,10 +680,10 @@ fn config_env() -> Env {
             if let Some(rest) = key.strip_prefix("CIM_") {
                 // cim's own switches that are no configuration key (`cim-run bench`'s markers).
                 let own = key == "CIM_PHASE_MARKERS";
-                if !own && !SECTIONS.contains(&section(rest).as_str()) {
+                let first = section(rest);
+                if !own && !SECTIONS.contains(&first.as_str()) {
                     tracing::warn!(
-                        "ignoring the environment variable {key}: `{}` is no configuration section ({})",
-                        section(rest),
+                        "ignoring the environment variable {key}: `{first}` is no configuration section ({})",
                         SECTIONS.join(", ")
                     );
                 }
