@@ -12,7 +12,7 @@ use cim_runner::export::Format;
 use cim_runner::probe::{Init, Pooling};
 use cim_runner::rundir::RunDir;
 use cim_runner::train::Trainer;
-use cim_runner::{bench, export, finetune, fit, inspect, probe, tokenizer_train};
+use cim_runner::{bench, datasets, export, finetune, fit, inspect, probe, tokenizer_train};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -68,6 +68,9 @@ impl ConfigArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
+    /// Data sets: `data get NAME` downloads, checks and unpacks one under the data root; `data list`.
+    #[command(subcommand)]
+    Data(DataCmd),
     /// Fit a `patch_kmeans` tokenizer codebook (k-means on random image patches).
     FitKmeans(FitKmeansCmd),
     /// Time one training step phase by phase; prints one JSON line (the reference's fields).
@@ -86,6 +89,42 @@ pub enum Command {
     Tokenize(TokenizeCmd),
     /// Train the `vq` tokenizer on the images of the data table; prints PSNR and codebook perplexity on held-out images.
     TokenizerTrain(TokenizerTrainCmd),
+}
+
+/// `cim-run data`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum DataCmd {
+    /// Download a data set from its publisher, check its checksum and unpack it to the layout the
+    /// presets read (`<data.root>/NAME`). An interrupted download continues when run again.
+    Get(DataGetCmd),
+    /// The data sets `data get` knows, and where they are (or would be) under the data root.
+    List(DataListCmd),
+}
+
+/// `cim-run data get`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DataGetCmd {
+    /// `cifar10`, `imagenette` or `imagenette-160` (`cim-run data list`).
+    pub name: String,
+    /// Destination folder (default: `<data.root>/NAME`, where the presets look).
+    #[arg(long, value_name = "DIR")]
+    pub to: Option<PathBuf>,
+    /// A mirror of the publisher's archive (checked against the publisher's checksum).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// The MD5 of the whole archive at --url, when it is not the publisher's file.
+    #[arg(long, requires = "url")]
+    pub md5: Option<String>,
+    /// `data.root` comes from here (`--set data.root=DIR`, `CIM_DATA__ROOT=DIR`, a config file).
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+/// `cim-run data list`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DataListCmd {
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 /// `cim-run bench`.
@@ -438,8 +477,52 @@ fn set_backend(layers: &Layers) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn data(cmd: DataCmd) -> anyhow::Result<()> {
+    match cmd {
+        DataCmd::Get(c) => {
+            let root = cim_runner::data::root(&resolve(&c.config.layers())?.cfg.data);
+            let r = datasets::get(&datasets::GetArgs {
+                name: c.name,
+                root,
+                to: c.to,
+                url: c.url,
+                md5: c.md5,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            })?;
+            if r.fetched {
+                println!(
+                    "{}: {} files in {} (downloaded {} MB{})",
+                    r.name,
+                    r.files,
+                    r.path.display(),
+                    r.downloaded / 1_000_000,
+                    if r.resumed_from > 0 {
+                        format!(", continuing {} MB fetched before", r.resumed_from / 1_000_000)
+                    } else {
+                        String::new()
+                    }
+                );
+            } else {
+                println!("{}: already complete in {} ({} files)", r.name, r.path.display(), r.files);
+            }
+            Ok(())
+        }
+        DataCmd::List(c) => {
+            let root = cim_runner::data::root(&resolve(&c.config.layers())?.cfg.data);
+            println!("data root: {} (data.root; relative data.path values are also looked for here)", root.display());
+            for k in datasets::KNOWN {
+                let dir = root.join(k.name);
+                let state = if dir.join(".complete").is_file() { "present" } else { "absent" };
+                println!("  {:<15} {:<8} {}\n  {:<15} {:<8} {} ({} MB)", k.name, state, k.about, "", "", k.url, k.size / 1_000_000);
+            }
+            Ok(())
+        }
+    }
+}
+
 fn subcommand(cmd: Command) -> anyhow::Result<()> {
     match cmd {
+        Command::Data(c) => data(c),
         Command::FitKmeans(opts) => fit(opts.into()),
         Command::Bench(args) => {
             let args = bench::BenchArgs::from(args);

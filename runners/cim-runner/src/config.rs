@@ -216,7 +216,12 @@ pub enum DataSource {
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     pub source: DataSource,
+    /// The data set's folder (or CIFAR-10 file). A relative path is looked for in the working
+    /// directory first, then under `root` (see [`crate::data::locate`]).
     pub path: Option<PathBuf>,
+    /// Where `cim-run data get` puts data sets and where relative `path`s are also looked for;
+    /// unset: `$XDG_CACHE_HOME/cim/data`, else `~/.cache/cim/data` ([`crate::data::default_root`]).
+    pub root: Option<PathBuf>,
     /// CIFAR-10 split: `"train"` or `"test"`.
     pub split: Split,
     /// Side of the generator/enhancer view (paper: 224), bicubic.
@@ -243,6 +248,7 @@ impl Default for DataConfig {
         Self {
             source: DataSource::Quickstart,
             path: None,
+            root: None,
             split: Split::Train,
             image_size: 224,
             tokenizer_size: 112,

@@ -279,30 +279,101 @@ pub fn read_image(path: &Path) -> Result<RgbImage> {
     })
 }
 
-/// A labelled split for evaluation: CIFAR-10's `train.bin`/`test.bin` under `path`, or an
+/// A labelled split for evaluation: CIFAR-10's `train.bin`/`test.bin` under `data.path`, or an
 /// ImageFolder's `path/train` / `path/val`. `who` names the command in the error for unlabelled data.
-pub fn open_labelled(
-    source: DataSource,
-    path: &Path,
-    train: bool,
-    who: &str,
-) -> Result<Box<dyn Dataset>> {
-    Ok(match source {
+pub fn open_labelled(data: &DataConfig, train: bool, who: &str) -> Result<Box<dyn Dataset>> {
+    if data.source == DataSource::Quickstart {
+        return Err(Error::config(format!(
+            "{who} needs labelled data: data.source \"cifar10\" or \"folder\""
+        )));
+    }
+    let path = locate(data)?;
+    Ok(match data.source {
         DataSource::Cifar10 => Box::new(Cifar10::open(
-            path,
+            &path,
             if train { Split::Train } else { Split::Test },
         )?),
-        DataSource::Folder => Box::new(Folder::open(&path.join(if train {
-            "train"
-        } else {
-            "val"
-        }))?),
-        DataSource::Quickstart => {
-            return Err(Error::config(format!(
-                "{who} needs labelled data: data.source \"cifar10\" or \"folder\""
-            )))
+        _ => {
+            let split = if train { "train" } else { "val" };
+            let dir = path.join(split);
+            if !dir.is_dir() {
+                return Err(Error::Data {
+                    path: path.display().to_string(),
+                    message: format!(
+                        "{who} reads labelled images from train/ and val/ (PATH/train/<class>/*.jpg, \
+                         PATH/val/<class>/*.jpg); there is no {}",
+                        dir.display()
+                    ),
+                });
+            }
+            Box::new(Folder::open(&dir)?)
         }
     })
+}
+
+/// The data root: `data.root`, else [`default_root`].
+pub fn root(data: &DataConfig) -> PathBuf {
+    data.root.clone().unwrap_or_else(default_root)
+}
+
+/// Where data sets live unless `data.root` says otherwise: `$XDG_CACHE_HOME/cim/data`, else
+/// `$HOME/.cache/cim/data`, else `./data` (no home folder).
+pub fn default_root() -> PathBuf {
+    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    match (nonempty("XDG_CACHE_HOME"), nonempty("HOME")) {
+        (Some(cache), _) => cache.join("cim/data"),
+        (None, Some(home)) => home.join(".cache/cim/data"),
+        (None, None) => PathBuf::from("data"),
+    }
+}
+
+/// The folder or file `data.path` names: an absolute path as it is; a relative one in the working
+/// directory if it exists there, else under the data root ([`root`]). When neither exists the
+/// error names the key, both places and the `cim-run data get` command that fetches the set.
+pub fn locate(data: &DataConfig) -> Result<PathBuf> {
+    let path = data.path.clone().ok_or_else(|| {
+        Error::config(format!(
+            "`data.path` is required for data.source = {:?}",
+            data.source
+        ))
+    })?;
+    if path.is_absolute() || path.exists() {
+        return if path.exists() {
+            Ok(path)
+        } else {
+            Err(missing(data, &path, &[path.clone()]))
+        };
+    }
+    let under_root = root(data).join(&path);
+    if under_root.exists() {
+        return Ok(under_root);
+    }
+    Err(missing(data, &path, &[path.clone(), under_root]))
+}
+
+fn missing(data: &DataConfig, path: &Path, tried: &[PathBuf]) -> Error {
+    let tried: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let how = match crate::datasets::find(&name) {
+        Some(set) if set.source == data.source => format!(
+            "fetch it with `cim-run data get {}`{}",
+            set.name,
+            match &data.root {
+                Some(r) => format!(" --to {}", r.join(path).display()),
+                None => String::new(),
+            }
+        ),
+        _ => format!(
+            "`cim-run data get` fetches {}; for other data point data.path at it \
+             (--set data.path=DIR, or data.root for relative paths)",
+            crate::datasets::names().join(", ")
+        ),
+    };
+    Error::Config(format!(
+        "data.path = {:?}: no such file or folder (looked for {}); {how}",
+        path.display().to_string(),
+        tried.join(" and ")
+    ))
 }
 
 /// The indices `0..n`, or a seeded random subset of `limit` of them (sorted) when `0 < limit < n`.
@@ -318,15 +389,10 @@ pub fn subset(n: usize, limit: usize, seed: u64) -> Vec<usize> {
 
 /// Opens the dataset a config names.
 pub fn open(cfg: &DataConfig) -> Result<Arc<dyn Dataset>> {
-    let path = || {
-        cfg.path
-            .clone()
-            .ok_or_else(|| Error::config("`data.path` is required for this data.source"))
-    };
     Ok(match cfg.source {
         DataSource::Quickstart => Arc::new(Embedded::quickstart()?),
-        DataSource::Cifar10 => Arc::new(Cifar10::open(&path()?, cfg.split)?),
-        DataSource::Folder => Arc::new(Folder::open(&path()?)?),
+        DataSource::Cifar10 => Arc::new(Cifar10::open(&locate(cfg)?, cfg.split)?),
+        DataSource::Folder => Arc::new(Folder::open(&locate(cfg)?)?),
     })
 }
 
@@ -817,6 +883,36 @@ mod tests {
         assert_eq!(v(&ba.image), v(&bb.image));
         assert_ne!(v(&ba.image), v(&bc.image));
         Ok(())
+    }
+
+    #[test]
+    fn relative_paths_are_found_under_the_root_and_labelled_folders_need_train_and_val() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("sets/pets/cat")).unwrap();
+        let data = DataConfig {
+            source: DataSource::Folder,
+            path: Some("sets/pets".into()),
+            root: Some(dir.path().into()),
+            ..DataConfig::default()
+        };
+        assert_eq!(locate(&data).unwrap(), dir.path().join("sets/pets"));
+        let err = open_labelled(&data, true, "probe").err().unwrap().to_string();
+        assert!(
+            err.contains("train/ and val/") && err.contains("sets/pets/train"),
+            "{err}"
+        );
+        let gone = DataConfig {
+            path: Some("cifar10".into()),
+            source: DataSource::Cifar10,
+            ..data
+        };
+        let err = locate(&gone).err().unwrap().to_string();
+        assert!(
+            err.contains("data.path = \"cifar10\"")
+                && err.contains(&dir.path().join("cifar10").display().to_string())
+                && err.contains("--to"),
+            "{err}"
+        );
     }
 
     #[test]

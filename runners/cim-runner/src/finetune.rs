@@ -85,11 +85,7 @@ pub fn layer_scale(name: &str, depth: usize, decay: f64) -> f64 {
 }
 
 fn open_split(data: &DataConfig, train: bool) -> Result<Box<dyn Dataset>> {
-    let path = data
-        .path
-        .clone()
-        .ok_or_else(|| Error::config("fine-tuning needs `data.path` (labelled data)"))?;
-    open_labelled(data.source, &path, train, "fine-tuning")
+    open_labelled(data, train, "fine-tuning")
 }
 
 /// Training view: RandomResizedCrop + flip + RandAugment, CHW in `[0, 1]`.

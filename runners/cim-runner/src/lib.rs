@@ -11,6 +11,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod datasets;
 pub mod export;
 pub mod finetune;
 pub mod fit;

@@ -14,7 +14,7 @@ use serde::Serialize;
 use cim_api::pixels::normalize;
 use cim_api::{Error, Result};
 
-use crate::config::{resolve, DataSource};
+use crate::config::{resolve, DataConfig, DataSource};
 use crate::data::{center_views, open_labelled, subset, Dataset};
 use crate::optim::AdamW;
 use crate::pipeline::Cim;
@@ -116,29 +116,24 @@ impl FeatureSet {
     }
 }
 
-/// The labelled data the flags name: `--data/--path`, else the config's `[data]`.
-fn data_source(args: &ProbeArgs) -> Result<(DataSource, PathBuf)> {
-    if let Some(p) = &args.path {
-        return Ok((args.data, p.clone()));
-    }
-    if args.layers.preset.is_none() && args.layers.config_files.is_empty() {
+/// The labelled data the flags name: `--data/--path` (with the config's `data.root`), else the
+/// config's `[data]`.
+fn data_source(args: &ProbeArgs) -> Result<DataConfig> {
+    if args.path.is_none() && args.layers.preset.is_none() && args.layers.config_files.is_empty() {
         return Err(Error::config(
             "probe needs labelled data: --path DIR (with --data cifar10|folder) or --preset probe_cifar10",
         ));
     }
-    let res = resolve(&args.layers)?;
-    let path = res
-        .cfg
-        .data
-        .path
-        .clone()
-        .ok_or_else(|| Error::config("probe: data.path is not set"))?;
-    Ok((res.cfg.data.source, path))
+    let mut data = resolve(&args.layers)?.cfg.data;
+    if let Some(p) = &args.path {
+        data.source = args.data;
+        data.path = Some(p.clone());
+    }
+    Ok(data)
 }
 
 fn open_split(args: &ProbeArgs, train: bool) -> Result<Box<dyn Dataset>> {
-    let (source, path) = data_source(args)?;
-    open_labelled(source, &path, train, "probe")
+    open_labelled(&data_source(args)?, train, "probe")
 }
 
 /// Runs the enhancer over `indices` of `data` (centre crop at the run's size, normalised).
@@ -419,7 +414,7 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport> {
                 "{}-{:?}-{}-{split}-{n}.safetensors",
                 format!("{:?}", args.init).to_lowercase(),
                 args.feature,
-                format!("{:?}", data_source(args).map(|d| d.0).unwrap_or(args.data)).to_lowercase()
+                format!("{:?}", data_source(args).map(|d| d.source).unwrap_or(args.data)).to_lowercase()
             )
             .to_lowercase(),
         )
