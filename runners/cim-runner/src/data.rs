@@ -337,12 +337,11 @@ pub fn locate(data: &DataConfig) -> Result<PathBuf> {
             data.source
         ))
     })?;
-    if path.is_absolute() || path.exists() {
-        return if path.exists() {
-            Ok(path)
-        } else {
-            Err(missing(data, &path, &[path.clone()]))
-        };
+    if path.exists() {
+        return Ok(path);
+    }
+    if path.is_absolute() {
+        return Err(missing(data, &path, std::slice::from_ref(&path)));
     }
     let under_root = root(data).join(&path);
     if under_root.exists() {
