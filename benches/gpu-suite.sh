@@ -21,7 +21,7 @@ source benches/gpu-lib.sh
 parity
 
 # Every run names run.cudnn_conv, so the suite means the same whichever default the binary has.
-FAST=(--set run.precision='"bf16"' --set run.cuda_kernels=true)
+FAST=(--set run.precision='"bf16"' --set run.cuda_kernels=true --set run.cuda_unverified=true --set run.cuda_keep_freed=true)
 OFF=(--set run.cudnn_conv=false); ON=(--set run.cudnn_conv=true)
 bench vit_b16_respix vit_b16_respix "${FAST[@]}" "${OFF[@]}"
 

@@ -116,6 +116,36 @@ fn switching_a_plugin_by_name_leaves_no_stale_keys() {
     assert_eq!(d["width"].to_num().unwrap().to_u128(), Some(384));
 }
 
+/// Every paper preset keeps the paper's global batch of 2048 but runs it on one GPU as micro-batches
+/// of 128 (gradient accumulation) in bf16 there, f32 on the CPU (`run.precision = "auto"`).
+#[test]
+fn paper_presets_fit_one_gpu_and_keep_the_global_batch() {
+    use cim_runner::config::Precision;
+    for preset in [
+        "vit_b16_respix",
+        "vit_b16_revdet",
+        "vit_s16_respix",
+        "vit_s16_revdet",
+        "resnet50_respix",
+        "resnet50_revdet",
+    ] {
+        let r = resolve(&layers(preset, &[])).unwrap();
+        let t = &r.cfg.train;
+        assert_eq!(
+            (t.batch_size, t.batch_size / t.accum_steps, r.cfg.run.precision),
+            (2048, 128, Precision::Auto),
+            "{preset}"
+        );
+    }
+    // "auto" is f32 on the CPU, where the fused kernels are f32's.
+    let q = resolve(&layers("quickstart", &["run.precision=\"auto\"", "run.device=\"cpu\""])).unwrap();
+    let cim = cim_runner::pipeline::Cim::build(&q).unwrap();
+    assert_eq!(
+        (cim.compute, cim.run.precision),
+        (candle_core::DType::F32, Precision::F32)
+    );
+}
+
 /// `cim-run --preset vit_b16_respix --print-config` shows the paper's Table 9 values.
 #[test]
 fn vit_b16_respix_resolves_to_table_9() {

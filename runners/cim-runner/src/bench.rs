@@ -185,7 +185,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
     let mut step = |lap: &mut Lap| -> Result<candle_core::Tensor> {
         lap.begin()?;
         // As in training: parameter gradients of fused nodes go straight to the store.
-        let sink = cim_ops::GradSink::install_if(cfg.run.grad_sink);
+        let sink = cim_ops::GradSink::install_if(cim.run.grad_sink);
         let golden = cim.tokens(&b)?;
         lap.end("tok_encode")?;
         let mim = cim.mim(&b, golden, &mut rngs)?;
@@ -254,23 +254,23 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         img: cfg.data.image_size,
         tok_res: cfg.data.tokenizer_size,
         tokens: cim.grid.len(),
-        dtype: match (cfg.run.precision, dev.is_cuda() && cfg.run.tf32) {
+        dtype: match (cim.run.precision, dev.is_cuda() && cfg.run.tf32) {
             (crate::config::Precision::Bf16, _) => "bf16 (f32 master weights)".into(),
             (_, true) => "fp32 (tf32 matmul)".into(),
             _ => "fp32".into(),
         },
         cuda_kernels: dev.is_cuda() && cim_ops::cuda_kernels(),
         fused_blocks: cfg.run.fused_blocks && cim_ops::kernels_run_on(&dev),
-        grad_sink: cfg.run.grad_sink,
-        graft_regions: cfg.run.grad_sink && cfg.run.graft_regions,
+        grad_sink: cim.run.grad_sink,
+        graft_regions: cim.run.grad_sink && cim.run.graft_regions,
         phase_timing: if use_marks {
             "device events"
         } else {
             "host sync"
         },
         upload_cache: args.upload_cache && dev.is_cuda(),
-        flash_attention: cfg.run.flash_attention && dev.is_cuda() && cim_ops::cuda_kernels(),
-        cuda_keep_freed: cfg.run.cuda_keep_freed && dev.is_cuda(),
+        flash_attention: cim.run.flash_attention && dev.is_cuda() && cim_ops::cuda_kernels(),
+        cuda_keep_freed: cim.run.cuda_keep_freed && dev.is_cuda(),
         cudnn_conv: dev.is_cuda() && cim_ops::cudnn_conv(),
         cpu_kernels: cim_ops::cpu_kernels().name(),
         cpu_threads: rayon::current_num_threads(),

@@ -79,6 +79,9 @@ pub enum Precision {
     /// Mixed precision: bf16 matmuls, convolutions and activations; f32 master weights, optimizer
     /// state, normalisation, softmax and losses.
     Bf16,
+    /// `bf16` on CUDA for an enhancer with a mixed-precision path, `f32` otherwise (the CPU's
+    /// f32 kernels are its fast ones). What the paper presets use.
+    Auto,
 }
 
 /// `data.split`: which part of a labelled data set a run reads (CIFAR-10's `train.bin` or
@@ -168,6 +171,11 @@ pub struct RunSection {
     /// attention. Off by default: its GPU parity check (`cim-ops/tests/ops_cuda.rs`) has not run
     /// on a GPU yet (book: Performance, "Not yet measured").
     pub flash_attention: bool,
+    /// On CUDA, also run the paths whose GPU parity check has not run on a GPU yet
+    /// ([`UNVERIFIED_ON_GPU`]; book: Performance, "Not yet measured"). `false` (the default): on
+    /// CUDA those switches are off whatever they say; they keep their values on the CPU, where
+    /// their tests run.
+    pub cuda_unverified: bool,
     /// Compute precision of the generator and enhancer: `"f32"`, or `"bf16"` (mixed precision:
     /// f32 master weights, optimizer state, LayerNorm, softmax and losses; bf16 matmuls and
     /// activations; ResNet-50's BatchNorm in f32). bf16 needs a ViT or the ResNet-50 enhancer.
@@ -193,8 +201,35 @@ impl Default for RunSection {
             cudnn_conv: true,
             cuda_keep_freed: true,
             flash_attention: false,
+            cuda_unverified: false,
             precision: Precision::F32,
         }
+    }
+}
+
+/// The execution paths written since the last GPU run: they pass their CPU tests and the CUDA
+/// kernels' emulation test, but not yet `cim-ops/tests/ops_cuda.rs` on a GPU. On CUDA each runs
+/// only with `run.cuda_unverified = true` ([`RunSection::in_force`]).
+pub const UNVERIFIED_ON_GPU: [&str; 5] = [
+    "run.grad_sink",
+    "run.graft_regions",
+    "run.cuda_keep_freed",
+    "run.flash_attention",
+    "layout = \"auto\" as channels last (cuDNN NHWC)",
+];
+
+impl RunSection {
+    /// The switches in force on a device: on CUDA without `cuda_unverified`, those of
+    /// [`UNVERIFIED_ON_GPU`] are off. Elsewhere the section as configured.
+    pub fn in_force(&self, cuda: bool) -> RunSection {
+        let mut run = self.clone();
+        if cuda && !run.cuda_unverified {
+            run.grad_sink = false;
+            run.graft_regions = false;
+            run.cuda_keep_freed = false;
+            run.flash_attention = false;
+        }
+        run
     }
 }
 
@@ -812,7 +847,7 @@ pub fn resolve(layers: &Layers) -> Result<Resolved> {
 /// `run.precision` for enhancer `enhancer`: f32 always; bf16 for the enhancers whose plugin
 /// declares a mixed-precision path (`mixed_precision: true` in its registration).
 pub fn validate_precision(precision: Precision, enhancer: &str) -> Result<()> {
-    if precision == Precision::F32 {
+    if precision != Precision::Bf16 {
         return Ok(());
     }
     let with_path: Vec<&str> = cim_api::registry::table::<dyn Enhancer>()?
@@ -889,6 +924,26 @@ fn validate(cfg: &RunConfig) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On CUDA the paths not yet checked on a GPU are off unless `run.cuda_unverified`; the CPU
+    /// keeps every switch as configured.
+    #[test]
+    fn unverified_gpu_paths_are_off_on_cuda_by_default() {
+        let run = RunSection {
+            flash_attention: true,
+            ..RunSection::default()
+        };
+        let cuda = run.in_force(true);
+        assert!(!cuda.grad_sink && !cuda.graft_regions && !cuda.cuda_keep_freed);
+        assert!(!cuda.flash_attention && cuda.fused_blocks && cuda.cuda_kernels);
+        assert_eq!(run.in_force(false), run);
+        let opted = RunSection {
+            cuda_unverified: true,
+            ..run.clone()
+        };
+        assert_eq!(opted.in_force(true), opted);
+        assert_eq!(UNVERIFIED_ON_GPU.len(), 5);
+    }
 
     /// `SECTIONS` lists exactly the top-level tables of a configuration.
     #[test]

@@ -377,7 +377,7 @@ pub fn finetune(args: &FinetuneArgs) -> Result<FinetuneSummary> {
         let x = Tensor::from_vec(px, (bs, 3, s, s), &cim.device)?;
         let t = Tensor::from_vec(targets, (bs, classes), &cim.device)?;
         // Parameter gradients of fused nodes go straight to the store (see `ops::GradSink`).
-        let sink = cim_ops::GradSink::install_if(ft_res.cfg.run.grad_sink);
+        let sink = cim_ops::GradSink::install_if(cim.run.grad_sink);
         let z = head.logits(&cim, &normalize(&x, data.mean, data.std)?, true)?;
         let loss = match ft.loss {
             FinetuneLoss::Ce => (candle_nn::ops::log_softmax(&z, 1)? * &t)?

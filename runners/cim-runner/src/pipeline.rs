@@ -41,6 +41,8 @@ pub struct Cim {
     pub device: Device,
     /// Compute dtype of the generator and enhancer (`run.precision`); parameters stay f32.
     pub compute: DType,
+    /// The `[run]` switches in force on `device` ([`crate::config::RunSection::in_force`]).
+    pub run: crate::config::RunSection,
 }
 
 fn build<K: Kind + ?Sized>(res: &Resolved, ctx: &BuildCtx) -> Result<Box<K>>
@@ -90,13 +92,34 @@ impl Cim {
     /// Builds every component through the registry, in dependency order: tokenizer (vocabulary,
     /// grid) → masking → enhancer (feature layout) → generator → sampler → objective.
     pub fn build(res: &Resolved) -> Result<Self> {
-        let device = device(res.cfg.run.device, res.cfg.run.cuda_keep_freed)?;
-        let run = &res.cfg.run;
+        let cfg_run = &res.cfg.run;
+        let device = device(
+            cfg_run.device,
+            cfg_run.cuda_keep_freed && cfg_run.cuda_unverified,
+        )?;
+        let mut run = cfg_run.in_force(device.is_cuda());
+        if run.precision == Precision::Auto {
+            let mixed = crate::config::validate_precision(Precision::Bf16, &res.components["enhancer"].0);
+            run.precision = if device.is_cuda() && mixed.is_ok() {
+                Precision::Bf16
+            } else {
+                Precision::F32
+            };
+        }
+        if device.is_cuda() && !run.cuda_unverified {
+            tracing::info!(
+                "on CUDA, paths not yet checked on a GPU are off: {} (run.cuda_unverified = true runs them)",
+                crate::config::UNVERIFIED_ON_GPU.join(", ")
+            );
+        }
         let exec = ExecChoices {
             fused_blocks: run.fused_blocks,
             flash_attention: run.flash_attention,
             regions: run.graft_regions,
-            channels_last: device.is_cuda() && cim_ops::cudnn_conv() && cim_ops::cuda_kernels(),
+            channels_last: device.is_cuda()
+                && run.cuda_unverified
+                && cim_ops::cudnn_conv()
+                && cim_ops::cuda_kernels(),
         };
         let data = res.cfg.data.clone();
         let params = ParamStore::trainable(res.cfg.run.seed);
@@ -154,11 +177,12 @@ impl Cim {
             names,
             data,
             device,
-            compute: if res.cfg.run.precision == Precision::Bf16 {
+            compute: if run.precision == Precision::Bf16 {
                 DType::BF16
             } else {
                 DType::F32
             },
+            run,
         })
     }
 }

@@ -136,7 +136,10 @@ pub fn tokenizer_train(args: &TokenizerTrainArgs) -> Result<TokenizerReport> {
             "tokenizer_train.steps and tokenizer_train.batch_size must be ≥ 1",
         ));
     }
-    let device = crate::pipeline::device(res.cfg.run.device, res.cfg.run.cuda_keep_freed)?;
+    let device = crate::pipeline::device(
+        res.cfg.run.device,
+        res.cfg.run.cuda_keep_freed && res.cfg.run.cuda_unverified,
+    )?;
     let seed = res.cfg.run.seed;
 
     let all = crate::data::open(&data_cfg)?;

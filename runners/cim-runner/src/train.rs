@@ -291,7 +291,7 @@ impl Trainer {
             *phase_ms.entry("data").or_default() += t0.elapsed().as_secs_f64() * 1e3;
             let mut rngs = StepRngs::for_step(seed, self.step as u64, j as u64);
             // Parameter gradients of fused nodes go straight to the store (see `ops::GradSink`).
-            let sink = cim_ops::GradSink::install_if(self.resolved.cfg.run.grad_sink);
+            let sink = cim_ops::GradSink::install_if(self.cim.run.grad_sink);
             // The forward and its backward are queued before any scalar is read, so on CUDA the
             // host does not wait between them; the losses are checked after the backward, still
             // before the update.
