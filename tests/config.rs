@@ -132,13 +132,21 @@ fn paper_presets_fit_one_gpu_and_keep_the_global_batch() {
         let r = resolve(&layers(preset, &[])).unwrap();
         let t = &r.cfg.train;
         assert_eq!(
-            (t.batch_size, t.batch_size / t.accum_steps, r.cfg.run.precision),
+            (
+                t.batch_size,
+                t.batch_size / t.accum_steps,
+                r.cfg.run.precision
+            ),
             (2048, 128, Precision::Auto),
             "{preset}"
         );
     }
     // "auto" is f32 on the CPU, where the fused kernels are f32's.
-    let q = resolve(&layers("quickstart", &["run.precision=\"auto\"", "run.device=\"cpu\""])).unwrap();
+    let q = resolve(&layers(
+        "quickstart",
+        &["run.precision=\"auto\"", "run.device=\"cpu\""],
+    ))
+    .unwrap();
     let cim = cim_runner::pipeline::Cim::build(&q).unwrap();
     assert_eq!(
         (cim.compute, cim.run.precision),
@@ -217,6 +225,23 @@ fn cli_reports_bad_presets_and_keys() {
         "{e}"
     );
     assert!(run(&["--list"]).is_ok());
+    // Presets of the other commands are refused by the training command, naming the right one.
+    let e = run(&["--preset", "ft_tiny_cifar10", "--steps", "1"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cim-run finetune RUN_DIR --preset ft_tiny_cifar10"),
+        "{e}"
+    );
+    let e = run(&["--preset", "probe_cifar10"]).unwrap_err().to_string();
+    assert!(
+        e.contains("cim-run probe RUN_DIR --preset probe_cifar10"),
+        "{e}"
+    );
+    use cim_runner::config::{preset_kind, PresetKind};
+    assert_eq!(preset_kind("vq_cifar10"), Some(PresetKind::TokenizerTrain));
+    assert_eq!(preset_kind("vit_b16_respix"), Some(PresetKind::Pretrain));
+    assert_eq!(preset_kind("nope"), None);
 }
 
 /// An error caused by one component's choice names that component and the key to set: the

@@ -114,9 +114,40 @@ fn quickstart_runs_and_writes_its_run_directory() {
         );
     }
     assert!(!w.keys().any(|k| k.starts_with("tokenizer.")));
-    // The picture grid is a valid PNG: 8 rows of 64-px tiles, 5 columns (RESPIX adds two).
+    // The picture grid is a valid PNG: 8 rows of 64-px tiles drawn at 128 px under a title band,
+    // 5 columns (RESPIX adds two).
     let png = image::open(out.join("samples.png")).unwrap().to_rgb8();
-    assert_eq!(png.dimensions(), (5 * 66 + 2, 8 * 66 + 2));
+    assert_eq!(png.dimensions(), (5 * 132 + 4, 24 + 8 * 132 + 4));
+    // TensorBoard: every step's numbers as scalars, the same values as metrics.jsonl.
+    let events: Vec<_> = std::fs::read_dir(out.join("tensorboard"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(events[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("events.out.tfevents."));
+    let scalars = cim::run::tensorboard::read_scalars(&events[0]).unwrap();
+    let loss: Vec<(u64, f32)> = scalars
+        .iter()
+        .filter(|s| s.tag == "loss")
+        .map(|s| (s.step, s.value))
+        .collect();
+    let want: Vec<(u64, f32)> = m
+        .iter()
+        .map(|r| {
+            (
+                r["step"].as_u64().unwrap(),
+                r["loss"].as_f64().unwrap() as f32,
+            )
+        })
+        .collect();
+    assert_eq!(loss, want);
+    assert!(scalars
+        .iter()
+        .any(|s| s.tag == "phase_ms/backward" && s.step == 4));
     // The resolved config loads back.
     let again = resolve(&Layers {
         preset: None,
@@ -495,6 +526,8 @@ fn full_size_presets_build_and_take_one_step() {
             "data.source=quickstart",
             "--set",
             "train.batch_size=2",
+            "--set",
+            "train.accum_steps=1",
             "--set",
             "run.device=cpu",
             "--set",

@@ -132,7 +132,7 @@ pub struct DataListCmd {
 pub struct BenchCmd {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Images per step (default: the preset's `train.batch_size`, at most 128).
+    /// Images per step (default: the preset's micro-batch, `train.batch_size / train.accum_steps`, at most 128).
     #[arg(long)]
     pub batch: Option<usize>,
     /// Timed steps.
@@ -497,23 +497,47 @@ fn data(cmd: DataCmd) -> anyhow::Result<()> {
                     r.path.display(),
                     r.downloaded / 1_000_000,
                     if r.resumed_from > 0 {
-                        format!(", continuing {} MB fetched before", r.resumed_from / 1_000_000)
+                        format!(
+                            ", continuing {} MB fetched before",
+                            r.resumed_from / 1_000_000
+                        )
                     } else {
                         String::new()
                     }
                 );
             } else {
-                println!("{}: already complete in {} ({} files)", r.name, r.path.display(), r.files);
+                println!(
+                    "{}: already complete in {} ({} files)",
+                    r.name,
+                    r.path.display(),
+                    r.files
+                );
             }
             Ok(())
         }
         DataCmd::List(c) => {
             let root = cim_runner::data::root(&resolve(&c.config.layers())?.cfg.data);
-            println!("data root: {} (data.root; relative data.path values are also looked for here)", root.display());
+            println!(
+                "data root: {} (data.root; relative data.path values are also looked for here)",
+                root.display()
+            );
             for k in datasets::KNOWN {
                 let dir = root.join(k.name);
-                let state = if dir.join(".complete").is_file() { "present" } else { "absent" };
-                println!("  {:<15} {:<8} {}\n  {:<15} {:<8} {} ({} MB)", k.name, state, k.about, "", "", k.url, k.size / 1_000_000);
+                let state = if dir.join(".complete").is_file() {
+                    "present"
+                } else {
+                    "absent"
+                };
+                println!(
+                    "  {:<15} {:<8} {}\n  {:<15} {:<8} {} ({} MB)",
+                    k.name,
+                    state,
+                    k.about,
+                    "",
+                    "",
+                    k.url,
+                    k.size / 1_000_000
+                );
             }
             Ok(())
         }
@@ -548,6 +572,7 @@ fn subcommand(cmd: Command) -> anyhow::Result<()> {
             let args = probe::ProbeArgs::from(args);
             set_backend(&run_layers(&args.run_dir, vec![])?)?;
             let report = probe::probe(&args)?;
+            eprint!("\n{}", report.table());
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
@@ -555,6 +580,7 @@ fn subcommand(cmd: Command) -> anyhow::Result<()> {
             let args = finetune::FinetuneArgs::from(args);
             set_backend(&args.layers)?;
             let summary = finetune::finetune(&args)?;
+            eprint!("\n{}", summary.table());
             println!("{}", serde_json::to_string(&summary)?);
             Ok(())
         }
@@ -632,7 +658,23 @@ fn list() -> anyhow::Result<String> {
     kind("sampler", registry::about::<dyn Sampler>()?);
     kind("enhancer", registry::about::<dyn Enhancer>()?);
     kind("objective", registry::about::<dyn Objective>()?);
-    s.push_str(&format!("presets:\n  {}\n", preset_names().join(", ")));
+    use cim_runner::config::{preset_kind, PresetKind};
+    for (kind, title) in [
+        (PresetKind::Pretrain, "pre-training presets"),
+        (PresetKind::Finetune, "fine-tuning presets"),
+        (PresetKind::Probe, "probe presets (labelled data)"),
+        (PresetKind::TokenizerTrain, "tokenizer-training presets"),
+    ] {
+        let names: Vec<&str> = preset_names()
+            .into_iter()
+            .filter(|n| preset_kind(n) == Some(kind))
+            .collect();
+        s.push_str(&format!(
+            "{title} ({}):\n  {}\n",
+            kind.usage(),
+            names.join(", ")
+        ));
+    }
     Ok(s)
 }
 
@@ -673,6 +715,16 @@ pub fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
         None => {
             let mut layers = cli.cfg.layers();
             let preset = layers.preset.clone();
+            if let Some(name) = preset.as_ref().filter(|_| !cli.print_config) {
+                use cim_runner::config::{preset_kind, PresetKind};
+                match preset_kind(name) {
+                    Some(PresetKind::Pretrain) | None => {}
+                    Some(kind) => anyhow::bail!(
+                        "--preset {name} is not a pre-training preset: run it as `{}` (`cim-run --list` shows the presets by kind)",
+                        kind.usage().replace("NAME", name)
+                    ),
+                }
+            }
             if let Some(n) = cli.steps {
                 layers.set.push(format!("run.max_steps={n}"));
             }

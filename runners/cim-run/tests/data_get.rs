@@ -115,7 +115,10 @@ fn cifar_archive(n: usize) -> Vec<u8> {
         "cifar-10-batches-bin/batches.meta.txt".into(),
         b"airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n\n".to_vec(),
     ));
-    files.push(("cifar-10-batches-bin/readme.html".into(), b"<html/>".to_vec()));
+    files.push((
+        "cifar-10-batches-bin/readme.html".into(),
+        b"<html/>".to_vec(),
+    ));
     tar_gz(&files)
 }
 
@@ -142,15 +145,19 @@ fn cifar10_is_fetched_checked_unpacked_and_trained_on_without_a_data_path() {
     let root = tmp.path().join("data");
     let archive = cifar_archive(8);
     let server = serve(archive.clone(), false, 1);
-    let url = format!(
-        "http://127.0.0.1:{}/cifar-10-binary.tar.gz",
-        server.port
-    );
+    let url = format!("http://127.0.0.1:{}/cifar-10-binary.tar.gz", server.port);
 
     // Before: the preset names data.path, where it looked and the command that fetches it.
     let out = tmp.path().join("run");
     let o = cim_run(
-        &["--preset", "tiny_vit_respix", "--steps", "2", "--out", out.to_str().unwrap()],
+        &[
+            "--preset",
+            "tiny_vit_respix",
+            "--steps",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ],
         &root,
     );
     let t = text(&o);
@@ -163,7 +170,15 @@ fn cifar10_is_fetched_checked_unpacked_and_trained_on_without_a_data_path() {
     );
 
     let o = cim_run(
-        &["data", "get", "cifar10", "--url", &url, "--md5", &md5_hex(&archive)],
+        &[
+            "data",
+            "get",
+            "cifar10",
+            "--url",
+            &url,
+            "--md5",
+            &md5_hex(&archive),
+        ],
         &root,
     );
     assert!(o.status.success(), "{}", text(&o));
@@ -198,7 +213,10 @@ fn cifar10_is_fetched_checked_unpacked_and_trained_on_without_a_data_path() {
     );
     assert!(o.status.success(), "{}", text(&o));
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    assert_eq!(metrics.lines().filter(|l| l.contains("\"step\"")).count(), 2);
+    assert_eq!(
+        metrics.lines().filter(|l| l.contains("\"step\"")).count(),
+        2
+    );
 }
 
 #[test]
@@ -229,7 +247,9 @@ fn an_interrupted_download_continues_with_a_range_request() {
         vec![None, Some(archive.len() as u64 / 2)]
     );
     assert_eq!(
-        std::fs::metadata(root.join("cifar10/train.bin")).unwrap().len(),
+        std::fs::metadata(root.join("cifar10/train.bin"))
+            .unwrap()
+            .len(),
         20 * 3073
     );
 }
@@ -242,13 +262,25 @@ fn a_bad_checksum_is_refused_and_the_download_removed() {
     let server = serve(archive.clone(), false, 2);
     let url = format!("http://127.0.0.1:{}/c.tar.gz", server.port);
     let o = cim_run(
-        &["data", "get", "cifar10", "--url", &url, "--md5", &"0".repeat(32)],
+        &[
+            "data",
+            "get",
+            "cifar10",
+            "--url",
+            &url,
+            "--md5",
+            &"0".repeat(32),
+        ],
         &root,
     );
     let t = text(&o);
     assert!(!o.status.success());
     assert!(
-        t.contains(&format!("MD5 {}, expected {}", md5_hex(&archive), "0".repeat(32))),
+        t.contains(&format!(
+            "MD5 {}, expected {}",
+            md5_hex(&archive),
+            "0".repeat(32)
+        )),
         "{t}"
     );
     assert!(!root.join(".downloads/c.tar.gz.part").exists());
@@ -279,19 +311,29 @@ fn an_image_folder_archive_unpacks_train_and_val() {
             }
         }
     }
-    files.push(("imagenette2-320/noisy_imagenette.csv".into(), b"path\n".to_vec()));
+    files.push((
+        "imagenette2-320/noisy_imagenette.csv".into(),
+        b"path\n".to_vec(),
+    ));
     let archive = tar_gz(&files);
     let server = serve(archive.clone(), false, 1);
     let url = format!("http://127.0.0.1:{}/imagenette2-320.tgz", server.port);
     let o = cim_run(
-        &["data", "get", "imagenette", "--url", &url, "--md5", &md5_hex(&archive)],
+        &[
+            "data",
+            "get",
+            "imagenette",
+            "--url",
+            &url,
+            "--md5",
+            &md5_hex(&archive),
+        ],
         &root,
     );
     assert!(o.status.success(), "{}", text(&o));
     let dir = root.join("imagenette");
     assert!(dir.join("train/n02/1.png").is_file() && dir.join("val/n01/0.png").is_file());
     assert!(!dir.join("noisy_imagenette.csv").exists());
-
 }
 
 #[test]

@@ -462,11 +462,12 @@ fn pictures_and_loss_curve_are_valid_pngs() {
     for step in [2, 4] {
         let p = dir.join(format!("pictures/step-{step:08}.png"));
         let img = image::open(&p).unwrap().to_rgb8();
-        // 4 rows (batch 4) of 64-px tiles, 5 columns for RESPIX.
-        assert_eq!(img.dimensions(), (5 * 66 + 2, 4 * 66 + 2), "{p:?}");
+        // 4 rows (batch 4) of 64-px tiles drawn at 128 px, 5 titled columns for RESPIX.
+        assert_eq!(img.dimensions(), (5 * 132 + 4, 24 + 4 * 132 + 4), "{p:?}");
     }
+    // One panel per loss: loss, loss_mim, loss_respix side by side.
     let curve = image::open(dir.join("loss_curve.png")).unwrap().to_rgb8();
-    assert_eq!(curve.dimensions(), (900, 540));
+    assert_eq!(curve.dimensions(), (3 * 420, 40 + 320));
     // Not a blank canvas: the curves put colour on it.
     let coloured = curve
         .pixels()
@@ -513,8 +514,9 @@ fn tokenize_prints_token_grids_and_writes_the_reconstruction() {
         // coffee.jpg 17.98 dB, CIFAR-10 test images 23.05 dB on average).
         assert!(r.psnr_db > 16.0, "{r:?}");
     }
+    // Two titled columns (view, reconstruction) of 32-px tiles drawn at 128 px, two rows.
     let png = image::open(&out).unwrap().to_rgb8();
-    assert_eq!(png.dimensions(), (2 * 34 + 2, 2 * 34 + 2));
+    assert_eq!(png.dimensions(), (2 * 132 + 4, 24 + 2 * 132 + 4));
 }
 
 #[test]

@@ -27,7 +27,7 @@ use crate::pipeline::{Cim, StepRngs};
 #[derive(Debug, Clone)]
 pub struct BenchArgs {
     pub layers: Layers,
-    /// Images per step (default: the preset's `train.batch_size`, at most 128).
+    /// Images per step (default: the preset's micro-batch, `train.batch_size / train.accum_steps`, at most 128).
     pub batch: Option<usize>,
     /// Timed steps.
     pub steps: usize,
@@ -150,11 +150,11 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
     // Data: the embedded photographs, so a benchmark needs no dataset on disk.
     layers.set.push("data.source=\"quickstart\"".into());
     let probe = resolve(&layers)?;
-    let batch = args
-        .batch
-        .unwrap_or(probe.cfg.train.batch_size.min(128))
-        .max(1);
+    // One step of one micro-batch: the preset's (batch_size / accum_steps), at most 128.
+    let micro = probe.cfg.train.batch_size / probe.cfg.train.accum_steps.max(1);
+    let batch = args.batch.unwrap_or(micro.min(128)).max(1);
     layers.set.push(format!("train.batch_size={batch}"));
+    layers.set.push("train.accum_steps=1".into());
     let res = resolve(&layers)?;
     let cfg = &res.cfg;
     let cim = Cim::build(&res)?;

@@ -134,6 +134,9 @@ pub struct RunSection {
     pub keep_checkpoints: usize,
     /// Write a picture grid `pictures/step-NNNNNNN.png` every this many steps; 0 = only at the end.
     pub picture_every: usize,
+    /// Also write each step's numbers as TensorBoard scalars into `<run>/tensorboard/`
+    /// (`tensorboard --logdir runs/`).
+    pub tensorboard: bool,
     /// On CUDA, let f32 matmuls use TF32 tensor cores (PyTorch's `allow_tf32`).
     pub tf32: bool,
     /// On CUDA, use cim's fused kernels (`cim_ops`: LayerNorm, softmax, cross-entropy,
@@ -193,6 +196,7 @@ impl Default for RunSection {
             checkpoint_every: 1000,
             keep_checkpoints: 3,
             picture_every: 0,
+            tensorboard: true,
             tf32: true,
             cuda_kernels: true,
             fused_blocks: true,
@@ -639,6 +643,46 @@ pub fn preset_names() -> Vec<&'static str> {
         .map(|(n, _, _)| *n)
         .filter(|n| *n != "base")
         .collect()
+}
+
+/// What a preset is for, read from the tables it sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PresetKind {
+    /// `cim-run --preset NAME`: CiM pre-training.
+    Pretrain,
+    /// `cim-run finetune RUN_DIR --preset NAME` (it sets `[finetune]`).
+    Finetune,
+    /// `cim-run probe RUN_DIR --preset NAME` (it sets only `[data]`).
+    Probe,
+    /// `cim-run tokenizer-train --preset NAME` (it sets `[tokenizer_train]`).
+    TokenizerTrain,
+}
+
+impl PresetKind {
+    /// How the kind's presets are run, for `--list` and refusals.
+    pub fn usage(self) -> &'static str {
+        match self {
+            Self::Pretrain => "cim-run --preset NAME",
+            Self::Finetune => "cim-run finetune RUN_DIR --preset NAME",
+            Self::Probe => "cim-run probe RUN_DIR --preset NAME",
+            Self::TokenizerTrain => "cim-run tokenizer-train --preset NAME --out FILE",
+        }
+    }
+}
+
+/// The kind of an embedded preset (`None`: no such preset).
+pub fn preset_kind(name: &str) -> Option<PresetKind> {
+    let (_, text) = embedded(name)?;
+    let table: toml::Table = toml::from_str(text).ok()?;
+    Some(if table.contains_key("finetune") {
+        PresetKind::Finetune
+    } else if table.contains_key("tokenizer_train") {
+        PresetKind::TokenizerTrain
+    } else if table.keys().all(|k| k == "data") {
+        PresetKind::Probe
+    } else {
+        PresetKind::Pretrain
+    })
 }
 
 fn embedded(name: &str) -> Option<(&'static str, &'static str)> {

@@ -319,7 +319,11 @@ pub fn root(data: &DataConfig) -> PathBuf {
 /// Where data sets live unless `data.root` says otherwise: `$XDG_CACHE_HOME/cim/data`, else
 /// `$HOME/.cache/cim/data`, else `./data` (no home folder).
 pub fn default_root() -> PathBuf {
-    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let nonempty = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     match (nonempty("XDG_CACHE_HOME"), nonempty("HOME")) {
         (Some(cache), _) => cache.join("cim/data"),
         (None, Some(home)) => home.join(".cache/cim/data"),
@@ -895,7 +899,10 @@ mod tests {
             ..DataConfig::default()
         };
         assert_eq!(locate(&data).unwrap(), dir.path().join("sets/pets"));
-        let err = open_labelled(&data, true, "probe").err().unwrap().to_string();
+        let err = open_labelled(&data, true, "probe")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             err.contains("train/ and val/") && err.contains("sets/pets/train"),
             "{err}"

@@ -134,7 +134,10 @@ pub fn get(args: &GetArgs) -> Result<GetReport> {
             names().join(", ")
         ))
     })?;
-    let dest = args.to.clone().unwrap_or_else(|| args.root.join(known.name));
+    let dest = args
+        .to
+        .clone()
+        .unwrap_or_else(|| args.root.join(known.name));
     let mut report = GetReport {
         name: known.name.into(),
         path: dest.clone(),
@@ -162,7 +165,11 @@ pub fn get(args: &GetArgs) -> Result<GetReport> {
         // The publisher's archive, or a mirror of it.
         None => Expect::Known(known.check, known.size),
     };
-    let file_name = url.rsplit('/').next().filter(|s| !s.is_empty()).unwrap_or(known.name);
+    let file_name = url
+        .rsplit('/')
+        .next()
+        .filter(|s| !s.is_empty())
+        .unwrap_or(known.name);
     let downloads = dest
         .parent()
         .map(Path::to_path_buf)
@@ -269,7 +276,12 @@ fn download(url: &str, part: &Path, progress: bool) -> Result<(u64, u64)> {
             )
             .expect("a valid template"),
         );
-        bar.set_message(part.file_name().unwrap_or_default().to_string_lossy().to_string());
+        bar.set_message(
+            part.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string(),
+        );
         bar.set_position(start);
         bar
     } else {
@@ -326,7 +338,9 @@ fn verify(part: &Path, expect: &Expect, url: &str) -> Result<()> {
     let (want, got) = match expect {
         Expect::Known(check, size) => {
             if len != *size {
-                return Err(bad(format!("{len} bytes, the publisher's archive has {size}")));
+                return Err(bad(format!(
+                    "{len} bytes, the publisher's archive has {size}"
+                )));
             }
             match check {
                 Check::Md5(hex) => (*hex, md5_hex(&mut f, u64::MAX)),
@@ -343,10 +357,7 @@ fn verify(part: &Path, expect: &Expect, url: &str) -> Result<()> {
 }
 
 /// The entries of a `.tar.gz` as (path inside the archive, reader), regular files only.
-fn each_file(
-    archive: &Path,
-    mut f: impl FnMut(&Path, &mut dyn Read) -> Result<()>,
-) -> Result<()> {
+fn each_file(archive: &Path, mut f: impl FnMut(&Path, &mut dyn Read) -> Result<()>) -> Result<()> {
     let file = File::open(archive).map_err(|e| Error::io(archive, e))?;
     let gz = flate2::read::GzDecoder::new(BufReader::new(file));
     let mut tar = tar::Archive::new(gz);
@@ -431,7 +442,10 @@ fn unpack_cifar(archive: &Path, to: &Path) -> Result<usize> {
     }
     let train: Vec<u8> = batches[..5].iter().flatten().flatten().copied().collect();
     write(&to.join("train.bin"), &train)?;
-    write(&to.join("test.bin"), batches[5].as_deref().unwrap_or_default())?;
+    write(
+        &to.join("test.bin"),
+        batches[5].as_deref().unwrap_or_default(),
+    )?;
     let classes: Vec<&str> = meta
         .as_deref()
         .unwrap_or_default()
@@ -439,7 +453,10 @@ fn unpack_cifar(archive: &Path, to: &Path) -> Result<usize> {
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect();
-    write(&to.join("classes.txt"), (classes.join("\n") + "\n").as_bytes())?;
+    write(
+        &to.join("classes.txt"),
+        (classes.join("\n") + "\n").as_bytes(),
+    )?;
     Ok(3)
 }
 
@@ -486,7 +503,11 @@ fn write(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn is_empty_dir(p: &Path) -> Result<bool> {
-    Ok(p.is_dir() && std::fs::read_dir(p).map_err(|e| Error::io(p, e))?.next().is_none())
+    Ok(p.is_dir()
+        && std::fs::read_dir(p)
+            .map_err(|e| Error::io(p, e))?
+            .next()
+            .is_none())
 }
 
 fn count_files(dir: &Path) -> Result<usize> {

@@ -61,6 +61,43 @@ pub struct FinetuneSummary {
     pub seconds: f64,
 }
 
+impl FinetuneSummary {
+    /// The evaluations as a table for people (`cim-run finetune` prints it on stderr, the JSON
+    /// line on stdout).
+    pub fn table(&self) -> String {
+        let mut t = format!(
+            "fine-tuning of {} ({} weights) in {}: {} steps, {:.1} epochs, {:.1} s\n\n{:>6} {:>8} {:>11} {:>9} {:>9}\n",
+            self.enhancer,
+            format!("{:?}", self.init).to_lowercase(),
+            self.out,
+            self.steps,
+            self.epochs,
+            self.seconds,
+            "epoch",
+            "step",
+            "train loss",
+            "top-1",
+            "top-5"
+        );
+        for r in self.curve.iter().filter(|r| r.eval) {
+            t.push_str(&format!(
+                "{:>6} {:>8} {:>11.4} {:>7.2} % {:>7.2} %\n",
+                r.epoch,
+                r.step,
+                r.train_loss,
+                100.0 * r.top1,
+                100.0 * r.top5
+            ));
+        }
+        t.push_str(&format!(
+            "\nbest top-1 {:.2} %, last {:.2} %\n",
+            100.0 * self.best_top1,
+            100.0 * self.last_top1
+        ));
+        t
+    }
+}
+
 /// The layer id of a parameter for layer-wise learning-rate decay (BEiT): embeddings 0, block `i`
 /// `i + 1`, everything after the blocks (final norm, fc_norm, head) `depth + 1`.
 pub fn layer_id(name: &str, depth: usize) -> usize {
@@ -268,6 +305,9 @@ pub fn finetune(args: &FinetuneArgs) -> Result<FinetuneSummary> {
     })?;
     out.write_config(&ft_res)?;
     let mut metrics = out.metrics()?;
+    if ft_res.cfg.run.tensorboard {
+        metrics = metrics.tensorboard(&out)?;
+    }
     tracing::info!(
         run = %args.run_dir.display(),
         init = ?args.init,

@@ -83,16 +83,21 @@ pub fn corrupt(args: &CorruptArgs) -> Result<f64> {
     let mut rngs = StepRngs::for_step(args.seed, 0, 0);
     let mim = cim.mim(&batch, golden, &mut rngs)?;
     let mut cols = vec![
-        batch.image.clone(),
-        crate::pictures::masked_view(&batch.image, &mim.mask)?,
+        ("original".to_string(), batch.image.clone()),
+        (
+            "masked input".to_string(),
+            crate::pictures::masked_view(&batch.image, &mim.mask)?,
+        ),
     ];
     let mut replaced = 0.0;
     for k in 0..args.samples.max(1) {
         let mut r = StepRngs::for_step(args.seed, 0, 1 + k as u64);
         let c = cim.corrupt(&mim, &mut r)?;
         replaced += c.n_replaced.to_scalar::<f32>()? as f64 / mim.mask.total().max(1) as f64;
-        cols.push(c.image);
+        cols.push((format!("sample {}", k + 1), c.image));
     }
+    let cols: Vec<crate::pictures::Column> =
+        cols.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
     crate::pictures::write_grid(&args.out, &cols, b)?;
     Ok(replaced / args.samples.max(1) as f64)
 }
@@ -205,7 +210,14 @@ pub fn tokenize(args: &TokenizeArgs) -> Result<Vec<Tokenized>> {
         .mean(1)?
         .to_vec1()?;
     if let Some(out) = &args.decode {
-        crate::pictures::write_grid(out, &[view.clone(), recon.clone()], b)?;
+        crate::pictures::write_grid(
+            out,
+            &[
+                ("tokenizer view", view.clone()),
+                ("reconstruction", recon.clone()),
+            ],
+            b,
+        )?;
     }
     let (gh, gw) = (ids.dim(1)?, ids.dim(2)?);
     let rows: Vec<Vec<Vec<u32>>> = ids.to_vec3()?;

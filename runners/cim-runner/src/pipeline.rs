@@ -99,7 +99,8 @@ impl Cim {
         )?;
         let mut run = cfg_run.in_force(device.is_cuda());
         if run.precision == Precision::Auto {
-            let mixed = crate::config::validate_precision(Precision::Bf16, &res.components["enhancer"].0);
+            let mixed =
+                crate::config::validate_precision(Precision::Bf16, &res.components["enhancer"].0);
             run.precision = if device.is_cuda() && mixed.is_ok() {
                 Precision::Bf16
             } else {

@@ -93,6 +93,52 @@ pub struct ProbeReport {
     pub seconds: f64,
 }
 
+impl ProbeReport {
+    /// The report as a table for people (`cim-run probe` prints it on stderr, the JSON line on
+    /// stdout).
+    pub fn table(&self) -> String {
+        let pct = |x: f64| format!("{:6.2} %", 100.0 * x);
+        let low = |x: &dyn std::fmt::Debug| format!("{x:?}").to_lowercase();
+        let mut t = format!(
+            "probe of {} ({}, {} weights, {} feature of {} dims)\n\
+             {} training / {} test images, {} classes\n\n\
+             {:<24} {:>9} {:>9}\n",
+            self.run_dir,
+            self.enhancer,
+            low(&self.init),
+            low(&self.feature),
+            self.dim,
+            self.train_images,
+            self.test_images,
+            self.classes,
+            "classifier",
+            "top-1",
+            "top-5",
+        );
+        t.push_str(&format!(
+            "{:<24} {:>9} {:>9}\n{:<24} {:>9} {:>9}\n",
+            format!("linear (wd {:.0e})", self.linear_weight_decay),
+            pct(self.linear.top1),
+            pct(self.linear.top5),
+            format!("k-nn (k = {})", self.knn_k),
+            pct(self.knn.top1),
+            pct(self.knn.top5),
+        ));
+        let sweep: Vec<String> = self
+            .linear_sweep
+            .iter()
+            .map(|(wd, acc)| format!("{wd:.0e}: {:.2} %", 100.0 * acc))
+            .collect();
+        t.push_str(&format!(
+            "\nweight decay chosen on held-out training images: {}\n{:.0} images/s, {:.1} s\n",
+            sweep.join(", "),
+            self.images_per_s,
+            self.seconds
+        ));
+        t
+    }
+}
+
 /// Features `(N, D)` and labels of a split, on the host.
 pub struct FeatureSet {
     pub x: Vec<f32>,
@@ -414,7 +460,11 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport> {
                 "{}-{:?}-{}-{split}-{n}.safetensors",
                 format!("{:?}", args.init).to_lowercase(),
                 args.feature,
-                format!("{:?}", data_source(args).map(|d| d.source).unwrap_or(args.data)).to_lowercase()
+                format!(
+                    "{:?}",
+                    data_source(args).map(|d| d.source).unwrap_or(args.data)
+                )
+                .to_lowercase()
             )
             .to_lowercase(),
         )

@@ -120,7 +120,11 @@ impl RunDir {
             .append(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        Ok(Metrics { file, path })
+        Ok(Metrics {
+            file,
+            path,
+            events: None,
+        })
     }
 
     /// Drops the lines of `metrics.jsonl` after step `step` (they are redone when a run resumes
@@ -149,21 +153,62 @@ impl RunDir {
     }
 }
 
-/// A run's `metrics.jsonl`: one JSON object per line, appended.
+/// A run's `metrics.jsonl`: one JSON object per line, appended; with [`Metrics::tensorboard`],
+/// also TensorBoard scalars.
 #[derive(Debug)]
 pub struct Metrics {
     file: File,
     path: PathBuf,
+    events: Option<crate::tensorboard::EventWriter>,
 }
 
 impl Metrics {
-    /// Appends `record` as one line.
+    /// Also writes every record's numbers as TensorBoard scalars into `<run>/tensorboard/`
+    /// (`run.tensorboard`).
+    pub fn tensorboard(mut self, run: &RunDir) -> Result<Self> {
+        self.events = Some(crate::tensorboard::EventWriter::create(
+            &run.join("tensorboard"),
+        )?);
+        Ok(self)
+    }
+
+    /// Appends `record` as one line, and its numbers as scalars at its `step` (else `epoch`):
+    /// `loss`, `lr`, … and nested maps as `phase_ms/data`.
     pub fn append(&mut self, record: &impl Serialize) -> Result<()> {
-        let line = serde_json::to_string(record).map_err(|e| Error::msg(e.to_string()))?;
-        writeln!(self.file, "{line}").map_err(|e| Error::io(&self.path, e))
+        let value = serde_json::to_value(record).map_err(|e| Error::msg(e.to_string()))?;
+        writeln!(self.file, "{value}").map_err(|e| Error::io(&self.path, e))?;
+        if let (Some(ev), Some(obj)) = (&mut self.events, value.as_object()) {
+            let step = obj
+                .get("step")
+                .or_else(|| obj.get("epoch"))
+                .and_then(|s| s.as_u64())
+                .unwrap_or(0);
+            for (k, v) in obj {
+                if k == "step" || k == "epoch" {
+                    continue;
+                }
+                match v {
+                    serde_json::Value::Number(n) => {
+                        ev.scalar(k, step, n.as_f64().unwrap_or(f64::NAN))?
+                    }
+                    serde_json::Value::Object(inner) => {
+                        for (k2, v2) in inner {
+                            if let Some(x) = v2.as_f64() {
+                                ev.scalar(&format!("{k}/{k2}"), step, x)?;
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn flush(&mut self) -> Result<()> {
+        if let Some(ev) = &mut self.events {
+            ev.flush()?;
+        }
         self.file.flush().map_err(|e| Error::io(&self.path, e))
     }
 

@@ -261,7 +261,10 @@ pub fn tokenizer_train(args: &TokenizerTrainArgs) -> Result<TokenizerReport> {
     let rows = x.dim(0)?.min(8);
     crate::pictures::write_grid(
         &side("png"),
-        &[x.narrow(0, 0, rows)?, rec.narrow(0, 0, rows)?],
+        &[
+            ("held-out image", x.narrow(0, 0, rows)?),
+            ("reconstruction", rec.narrow(0, 0, rows)?),
+        ],
         rows,
     )?;
     Ok(report)

@@ -425,13 +425,16 @@ impl Trainer {
         let mut rngs = StepRngs::for_step(self.resolved.cfg.run.seed ^ 0x5049_4354, 0, 0);
         let out = self.cim.forward(&batch, &mut rngs)?;
         let mut cols = vec![
-            batch.image.clone(),
-            crate::pictures::masked_view(&batch.image, &out.mask)?,
-            out.corrupted.clone(),
+            ("original", batch.image.clone()),
+            (
+                "masked input",
+                crate::pictures::masked_view(&batch.image, &out.mask)?,
+            ),
+            ("corrupted", out.corrupted.clone()),
         ];
         if let (Some(p), Some(t)) = (&out.prediction, &out.target) {
-            cols.push(crate::pictures::show_normalised(p)?);
-            cols.push(crate::pictures::show_normalised(t)?);
+            cols.push(("prediction", crate::pictures::show_normalised(p)?));
+            cols.push(("target", crate::pictures::show_normalised(t)?));
         }
         crate::pictures::write_grid(path, &cols, 8)
     }
@@ -456,6 +459,9 @@ impl Trainer {
             });
         }
         let mut metrics = self.run.metrics()?;
+        if self.resolved.cfg.run.tensorboard {
+            metrics = metrics.tensorboard(&self.run)?;
+        }
         let bar = if std::io::stderr().is_terminal() {
             let b = indicatif::ProgressBar::new(target as u64);
             b.set_position(self.step as u64);
