@@ -71,6 +71,9 @@ pub enum Command {
     /// Data sets: `data get NAME` downloads, checks and unpacks one under the data root; `data list`.
     #[command(subcommand)]
     Data(DataCmd),
+    /// Draw a run's loss curves from its metrics.jsonl now (also while it trains); the run writes
+    /// `loss_curve.png` itself only when it ends.
+    Plot(PlotCmd),
     /// Fit a `patch_kmeans` tokenizer codebook (k-means on random image patches).
     FitKmeans(FitKmeansCmd),
     /// Time one training step phase by phase; prints one JSON line (the reference's fields).
@@ -89,6 +92,16 @@ pub enum Command {
     Tokenize(TokenizeCmd),
     /// Train the `vq` tokenizer on the images of the data table; prints PSNR and codebook perplexity on held-out images.
     TokenizerTrain(TokenizerTrainCmd),
+}
+
+/// `cim-run plot`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PlotCmd {
+    /// A pre-training or fine-tuning run directory (its `metrics.jsonl`).
+    pub run_dir: PathBuf,
+    /// Output PNG (default: `RUN_DIR/loss_curve.png`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// `cim-run data`.
@@ -547,6 +560,12 @@ fn data(cmd: DataCmd) -> anyhow::Result<()> {
 fn subcommand(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Data(c) => data(c),
+        Command::Plot(c) => {
+            let out = c.out.unwrap_or_else(|| c.run_dir.join("loss_curve.png"));
+            cim_runner::pictures::loss_curve(&c.run_dir.join("metrics.jsonl"), &out)?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
         Command::FitKmeans(opts) => fit(opts.into()),
         Command::Bench(args) => {
             let args = bench::BenchArgs::from(args);
@@ -811,5 +830,46 @@ pub fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every subcommand and every option says what it is for in `--help`.
+    #[test]
+    fn every_command_and_option_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg
+                    .get_help()
+                    .is_none_or(|h| h.to_string().trim().is_empty())
+                {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() == "help" {
+                    continue;
+                }
+                let p = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(p.clone());
+                }
+                walk(sub, &p, missing);
+            }
+        }
+        let mut missing = vec![];
+        walk(
+            &<Cli as clap::CommandFactory>::command(),
+            "cim-run",
+            &mut missing,
+        );
+        assert!(missing.is_empty(), "no help text: {missing:?}");
     }
 }

@@ -117,6 +117,16 @@ pub fn grid_image(columns: &[Column], rows: usize) -> Result<RgbImage> {
     Ok(RgbImage::from_raw(width as u32, height as u32, buf).expect("w·h·3 bytes"))
 }
 
+/// Line colours that read on white (matplotlib's first "tab10" colours).
+const COLOURS: [[u8; 3]; 6] = [
+    [31, 119, 180],
+    [214, 39, 40],
+    [44, 160, 44],
+    [148, 103, 189],
+    [255, 127, 14],
+    [140, 86, 75],
+];
+
 const FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSansMono.ttf");
 
 /// Reads every `loss*` series of `metrics.jsonl` as (step, value) points.
@@ -152,7 +162,8 @@ fn loss_series(metrics: &Path) -> Result<std::collections::BTreeMap<String, Vec<
 }
 
 /// Plots each `loss*` series of `metrics.jsonl` against the step in a panel of its own (linear
-/// axes, each scaled to its own series), side by side, into a PNG.
+/// axes, each scaled to its own series), side by side, into a PNG: the values faint, their running
+/// mean bold.
 pub fn loss_curve(metrics: &Path, out: &Path) -> Result<()> {
     use plotters::prelude::*;
     let series = loss_series(metrics)?;
@@ -203,9 +214,17 @@ pub fn loss_curve(metrics: &Path, out: &Path) -> Result<()> {
                 .label_style(("sans-serif", 13))
                 .draw()
                 .map_err(|e| plot_err(&e))?;
-            let color = Palette99::pick(i).to_rgba();
+            // The raw values faint, their running mean over ~2 % of the steps on top.
+            let [r, g, b] = COLOURS[i % COLOURS.len()];
+            let color = RGBColor(r, g, b).to_rgba();
             chart
-                .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+                .draw_series(LineSeries::new(pts.iter().copied(), color.mix(0.3)))
+                .map_err(|e| plot_err(&e))?;
+            chart
+                .draw_series(LineSeries::new(
+                    running_mean(pts, (pts.len() / 50).max(1)),
+                    color.stroke_width(2),
+                ))
                 .map_err(|e| plot_err(&e))?;
         }
         root.present().map_err(|e| plot_err(&e))?;
@@ -215,6 +234,21 @@ pub fn loss_curve(metrics: &Path, out: &Path) -> Result<()> {
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .map_err(|e| plot_err(&e))?;
     write_atomic(out, &png)
+}
+
+/// The mean of each point's `window` latest values (fewer at the start).
+fn running_mean(pts: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
+    let mut sum = 0.0;
+    pts.iter()
+        .enumerate()
+        .map(|(i, &(x, y))| {
+            sum += y;
+            if i >= window {
+                sum -= pts[i - window].1;
+            }
+            (x, sum / (i + 1).min(window) as f64)
+        })
+        .collect()
 }
 
 /// A y tick with as many decimals as the axis' range needs (4.5, 4.52, 0.0031).
@@ -300,6 +334,8 @@ mod tests {
         assert_eq!(format_tick(4.52, 0.19), "4.52");
         assert_eq!(format_tick(1.1012, 0.0019), "1.1012");
         assert_eq!(format_tick(18.0, 1.9), "18.0");
+        let m = running_mean(&[(1.0, 1.0), (2.0, 3.0), (3.0, 5.0)], 2);
+        assert_eq!(m, vec![(1.0, 1.0), (2.0, 2.0), (3.0, 4.0)]);
         Ok(())
     }
 }
