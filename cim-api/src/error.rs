@@ -38,6 +38,11 @@ pub enum Error {
         what: &'static str,
     },
 
+    /// Training diverged: a loss or the gradient norm is not finite at optimizer step `step`
+    /// (1-based). The run stopped before that update; the message says where and what to do.
+    #[error("{message}")]
+    Diverged { step: usize, message: String },
+
     /// Bad input data (a file that is not an image, a truncated record, …), with its path.
     #[error("{path}: {message}")]
     Data { path: String, message: String },

@@ -71,6 +71,9 @@ pub enum Command {
     /// Data sets: `data get NAME` downloads, checks and unpacks one under the data root; `data list`.
     #[command(subcommand)]
     Data(DataCmd),
+    /// Run a grid of pre-training cells over seeds, probe each beside its random-init control,
+    /// and write results.csv, results.md and results.png; a rerun continues where it stopped.
+    Sweep(SweepCmd),
     /// Draw a run's loss curves from its metrics.jsonl now (also while it trains); the run writes
     /// `loss_curve.png` itself only when it ends.
     Plot(PlotCmd),
@@ -92,6 +95,23 @@ pub enum Command {
     Tokenize(TokenizeCmd),
     /// Train the `vq` tokenizer on the images of the data table; prints PSNR and codebook perplexity on held-out images.
     TokenizerTrain(TokenizerTrainCmd),
+}
+
+/// `cim-run sweep`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SweepCmd {
+    /// The sweep spec (`configs/sweeps/*.toml`).
+    pub spec: PathBuf,
+    /// The results folder (default: `runs/sweeps/<spec name>`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Where the cells' run folders live (default `runs/sweeps/cells`); specs sharing it share
+    /// identical cells.
+    #[arg(long)]
+    pub cells: Option<PathBuf>,
+    /// List every cell × seed and control with whether it is done; run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// `cim-run plot`.
@@ -560,6 +580,25 @@ fn data(cmd: DataCmd) -> anyhow::Result<()> {
 fn subcommand(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Data(c) => data(c),
+        Command::Sweep(c) => {
+            let r = cim_runner::sweep::sweep(&cim_runner::sweep::SweepArgs {
+                spec: c.spec,
+                out: c.out,
+                cells: c.cells,
+                dry_run: c.dry_run,
+            })?;
+            if !c.dry_run {
+                println!(
+                    "wrote {dir}/results.csv, {dir}/results.md, {dir}/results.png ({} cells × seeds, {} controls; {} run now in {:.1} min)",
+                    r.rows.len(),
+                    r.controls.len(),
+                    r.units_run,
+                    r.seconds / 60.0,
+                    dir = r.out.display()
+                );
+            }
+            Ok(())
+        }
         Command::Plot(c) => {
             let out = c.out.unwrap_or_else(|| c.run_dir.join("loss_curve.png"));
             cim_runner::pictures::loss_curve(&c.run_dir.join("metrics.jsonl"), &out)?;

@@ -21,6 +21,7 @@ pub mod pictures;
 pub mod pipeline;
 pub mod probe;
 pub mod rundir;
+pub mod sweep;
 pub mod tensorboard;
 pub mod tokenizer_train;
 pub mod train;

@@ -186,10 +186,13 @@ impl AdamW {
             } else {
                 String::new()
             };
-            return Err(Error::msg(format!(
-                "gradient norm is {norm}: non-finite gradients in {}{more}",
-                bad.iter().take(3).copied().collect::<Vec<_>>().join(", ")
-            )));
+            return Err(Error::Diverged {
+                step: self.t as usize + 1,
+                message: format!(
+                    "gradient norm is {norm}: non-finite gradients in {}{more}",
+                    bad.iter().take(3).copied().collect::<Vec<_>>().join(", ")
+                ),
+            });
         }
         let scale = if clip > 0.0 && norm > clip {
             clip / (norm + 1e-6)

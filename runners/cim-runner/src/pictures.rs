@@ -92,7 +92,7 @@ pub fn grid_image(columns: &[Column], rows: usize) -> Result<RgbImage> {
         }
     }
     // Column titles, centred above their column.
-    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    register_font();
     let mut buf = img.into_raw();
     {
         let area =
@@ -128,6 +128,11 @@ const COLOURS: [[u8; 3]; 6] = [
 ];
 
 const FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSansMono.ttf");
+
+/// Makes the embedded font plotters' `sans-serif` (pictures must not depend on system fonts).
+pub fn register_font() {
+    let _ = plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, FONT);
+}
 
 /// Reads every `loss*` series of `metrics.jsonl` as (step, value) points.
 fn loss_series(metrics: &Path) -> Result<std::collections::BTreeMap<String, Vec<(f64, f64)>>> {
@@ -172,7 +177,7 @@ pub fn loss_curve(metrics: &Path, out: &Path) -> Result<()> {
         |n| n.to_string_lossy().to_string(),
     );
     let plot_err = |e: &dyn std::fmt::Display| Error::msg(format!("{}: {e}", out.display()));
-    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    register_font();
     let n = series.len();
     let ncols = n.min(3);
     let nrows = n.div_ceil(ncols);

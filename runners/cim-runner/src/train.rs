@@ -318,14 +318,17 @@ impl Trainer {
                         self.cim.names["enhancer"]
                     )
                 };
-                return Err(Error::msg(format!(
-                    "step {}: {name} is {v} in the {component} (loss_mim {:?}, loss_{obj} {:?}); \
-                     stopping before the update — {}",
-                    self.step + 1,
-                    out.losses.get("loss_mim"),
-                    out.losses.get(&format!("loss_{obj}")),
-                    self.checkpoint_note()
-                )));
+                return Err(Error::Diverged {
+                    step: self.step + 1,
+                    message: format!(
+                        "step {}: {name} is {v} in the {component} (loss_mim {:?}, loss_{obj} {:?}); \
+                         stopping before the update — {}",
+                        self.step + 1,
+                        out.losses.get("loss_mim"),
+                        out.losses.get(&format!("loss_{obj}")),
+                        self.checkpoint_note()
+                    ),
+                });
             }
             match grads.as_mut() {
                 None => grads = Some(g),
@@ -345,11 +348,18 @@ impl Trainer {
             .opt
             .step(&grads, lr, self.resolved.cfg.train.clip_grad)
             .map_err(|e| {
-                Error::msg(format!(
+                let message = format!(
                     "step {}: {e}; stopping before the update — {}",
                     self.step + 1,
                     self.checkpoint_note()
-                ))
+                );
+                match e {
+                    Error::Diverged { .. } => Error::Diverged {
+                        step: self.step + 1,
+                        message,
+                    },
+                    _ => Error::msg(message),
+                }
             })?;
         clock.lap("optim");
         phase_ms.extend(clock.phases);

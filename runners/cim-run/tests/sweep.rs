@@ -1,0 +1,259 @@
+//! `cim-run sweep` end to end on the embedded quickstart photographs and a small labelled set the
+//! test writes in CIFAR-10's binary format: cells and their control run, results are written, a
+//! rerun skips what is done, a divergent cell is a result, and spec errors stop the sweep before
+//! any cell runs.
+
+use std::path::Path;
+use std::process::Command;
+
+/// `n` CIFAR-10 records: label `i % 10`, pixels a seeded pattern that depends on the label.
+fn cifar_records(n: usize, salt: u8) -> Vec<u8> {
+    let mut v = vec![];
+    for i in 0..n {
+        let label = (i % 10) as u8;
+        v.push(label);
+        for p in 0..3072usize {
+            v.push((label as usize * 23 + p * 7 + i * 3 + salt as usize) as u8);
+        }
+    }
+    v
+}
+
+fn cim_run(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cim-run"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap()
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn write_spec(dir: &Path, data: &Path, cells: &str) -> std::path::PathBuf {
+    let p = dir.join("spec.toml");
+    std::fs::write(
+        &p,
+        format!(
+            r#"name = "two-cells"
+title = "Two samplers"
+preset = "quickstart"
+set = ["train.total_steps=3", "train.warmup_steps=1", "train.batch_size=4", "data.workers=1"]
+seeds = [0]
+
+[probe]
+set = ['data.path="{data}"']
+k = 3
+
+{cells}"#,
+            data = data.display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn a_two_cell_sweep_runs_resumes_and_records_a_divergent_cell() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("cifar");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("train.bin"), cifar_records(40, 0)).unwrap();
+    std::fs::write(data.join("test.bin"), cifar_records(20, 1)).unwrap();
+    let spec = write_spec(
+        tmp.path(),
+        &data,
+        r#"[[cell]]
+name = "gumbel"
+set = ["sampler.name=\"gumbel\""]
+paper = "84.0"
+
+[[cell]]
+name = "argmax"
+set = ["sampler.name=\"argmax\""]
+
+[[cell]]
+name = "blowup"
+set = ["train.total_steps=30", "train.lr=1e12", "train.clip_grad=0"]
+"#,
+    );
+    let out = tmp.path().join("out");
+    let cells = tmp.path().join("cells");
+    let args = [
+        "sweep",
+        spec.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--cells",
+        cells.to_str().unwrap(),
+    ];
+    let o = cim_run(&args);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("sweep two-cells: 4/4 done"), "{t}");
+    assert!(t.contains("3 cells × seeds, 1 controls; 4 run now"), "{t}");
+
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(rows.len(), 4, "{csv}");
+    let by = |cell: &str| rows.iter().find(|r| r[1].starts_with(cell)).unwrap();
+    for cell in ["gumbel", "argmax", "control"] {
+        let r = by(cell);
+        assert_eq!(r[3], "ok", "{cell}: {csv}");
+        let top1: f64 = r[7].parse().unwrap();
+        assert!((0.0..=1.0).contains(&top1), "{cell}: {top1}");
+    }
+    assert_eq!(by("gumbel")[4], "3");
+    // The divergent cell is a row, with the step it stopped at.
+    let blow = by("blowup");
+    assert_eq!(blow[3], "diverged", "{csv}");
+    let step: usize = blow[4].parse().unwrap();
+    assert!((1..=30).contains(&step), "{csv}");
+
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(md.starts_with("# Two samplers"), "{md}");
+    assert!(md.contains("| gumbel | 84.0 |"), "{md}");
+    assert!(md.contains("| control (vit_tiny at random init) |"), "{md}");
+    assert!(md.contains(&format!("1/1: seed 0 at step {step}")), "{md}");
+    let png = image::open(out.join("results.png")).unwrap().to_rgb8();
+    assert_eq!(png.dimensions(), (140 + 110 * 4, 420));
+
+    // A rerun finds every unit done and rewrites the same results.
+    let o = cim_run(&args);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("0 run now"), "{t}");
+    let again = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    assert_eq!(again, csv);
+
+    // The cells are shared: a second spec with one of the same cells reuses its folder.
+    let spec2 = tmp.path().join("spec2.toml");
+    let text2 = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("name = \"two-cells\"", "name = \"other\"");
+    let cut = text2.find("[[cell]]\nname = \"argmax\"").unwrap();
+    std::fs::write(&spec2, &text2[..cut]).unwrap();
+    let o = cim_run(&[
+        "sweep",
+        spec2.to_str().unwrap(),
+        "--out",
+        tmp.path().join("out2").to_str().unwrap(),
+        "--cells",
+        cells.to_str().unwrap(),
+    ]);
+    assert!(text(&o).contains("0 run now"), "{}", text(&o));
+}
+
+#[test]
+fn an_interrupted_cell_resumes_from_its_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("cifar");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("train.bin"), cifar_records(20, 0)).unwrap();
+    std::fs::write(data.join("test.bin"), cifar_records(10, 1)).unwrap();
+    let spec = write_spec(
+        tmp.path(),
+        &data,
+        "[[cell]]\nname = \"only\"\nset = [\"train.total_steps=4\", \"run.checkpoint_every=2\"]\n",
+    );
+    let cells = tmp.path().join("cells");
+    let base = [
+        "sweep",
+        spec.to_str().unwrap(),
+        "--cells",
+        cells.to_str().unwrap(),
+        "--out",
+    ];
+    // Kill the process while it writes its second checkpoint (step 4), after the one at step 2.
+    let o = Command::new(env!("CARGO_BIN_EXE_cim-run"))
+        .args(base)
+        .arg(tmp.path().join("out"))
+        .env("CIMRUN_FAULT", "checkpoint:2")
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{}", text(&o));
+    let cell = std::fs::read_dir(&cells)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            !p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("control")
+        })
+        .unwrap();
+    assert!(cell.join("checkpoints/step-00000002").is_dir());
+    assert!(!cell.join("result.json").exists());
+    let mut args: Vec<String> = base.iter().map(|s| s.to_string()).collect();
+    args.push(tmp.path().join("out").display().to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = cim_run(&args);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("resuming"), "{t}");
+    let m = std::fs::read_to_string(cell.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = m
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4]);
+}
+
+#[test]
+fn spec_errors_stop_the_sweep_before_any_cell_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("cifar");
+    let cells = tmp.path().join("cells");
+    for (cells_text, want) in [
+        (
+            "[[cell]]\nname = \"a\"\nset = [\"sampler.nmae=\\\"argmax\\\"\"]\n[[cell]]\nname = \"b\"\n",
+            "cell `a`",
+        ),
+        ("[[cell]]\nname = \"a\"\nsetting = []\n", "setting"),
+    ] {
+        let spec = write_spec(tmp.path(), &data, cells_text);
+        let o = cim_run(&[
+            "sweep",
+            spec.to_str().unwrap(),
+            "--cells",
+            cells.to_str().unwrap(),
+            "--out",
+            tmp.path().join("out").to_str().unwrap(),
+        ]);
+        let t = text(&o);
+        assert!(!o.status.success());
+        assert!(t.contains(want), "{want}: {t}");
+        assert!(!cells.exists(), "a cell ran: {t}");
+    }
+    let spec = write_spec(tmp.path(), &data, "[[cell]]\nname = \"a\"\n");
+    let s = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("preset = \"quickstart\"", "preset = \"no_such_preset\"");
+    std::fs::write(&spec, s).unwrap();
+    let o = cim_run(&[
+        "sweep",
+        spec.to_str().unwrap(),
+        "--cells",
+        cells.to_str().unwrap(),
+    ]);
+    assert!(
+        text(&o).contains("unknown preset `no_such_preset`"),
+        "{}",
+        text(&o)
+    );
+    assert!(!cells.exists());
+}
