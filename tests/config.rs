@@ -1,5 +1,7 @@
 //! Configuration layering and its error messages, through the same entry points the CLI uses.
 
+use std::path::Path;
+
 use cim_runner::config::{resolve, Layers};
 
 fn layers(preset: &str, set: &[&str]) -> Layers {
@@ -332,4 +334,27 @@ fn error_messages_say_things_once() {
         ))
     );
     assert_eq!(e.matches("not found").count(), 1, "{e}");
+}
+
+/// Every sweep spec in `configs/sweeps/` resolves all its cells (a dry run plans every cell × seed
+/// and control and runs none).
+#[test]
+fn every_sweep_spec_resolves() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/sweeps");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let spec = e.unwrap().path();
+        let tmp = tempfile::tempdir().unwrap();
+        let r = cim_runner::sweep::sweep(&cim_runner::sweep::SweepArgs {
+            spec: spec.clone(),
+            out: Some(tmp.path().join("out")),
+            cells: Some(tmp.path().join("cells")),
+            dry_run: true,
+        })
+        .unwrap_or_else(|e| panic!("{}: {e}", spec.display()));
+        assert_eq!(r.units_run, 0);
+        assert!(!tmp.path().join("cells").exists());
+        n += 1;
+    }
+    assert!(n >= 6, "{n} specs");
 }

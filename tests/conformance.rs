@@ -29,6 +29,7 @@ fn registry_holds_the_documented_names() {
             "sampler",
             vec!["argmax", "gumbel", "top_k", "top_p", "uniform"],
         ),
+        ("corruption", vec!["random_erasing", "tokens"]),
         (
             "enhancer",
             vec!["resnet50", "vit_b16", "vit_s16", "vit_tiny"],

@@ -37,10 +37,10 @@ pub mod testing;
 pub use error::{Error, Result};
 pub use params::ParamStore;
 pub use registry::{BuildCtx, ExportSpec, Kind};
-pub use traits::{Enhancer, Generator, Masking, Objective, Sampler, Tokenizer};
+pub use traits::{Corruption, Enhancer, Generator, Masking, Objective, Sampler, Tokenizer};
 pub use types::{
-    DecoderPrecisionReport, EnhancerInfo, ExecChoices, Features, Losses, MapLayout, Mask,
-    ObjectiveBatch, ObjectiveOutput, PrecisionReport, TokenGrid,
+    Corrupted, CorruptionInput, DecoderPrecisionReport, EnhancerInfo, ExecChoices, Features,
+    Losses, MapLayout, Mask, ObjectiveBatch, ObjectiveOutput, PrecisionReport, TokenGrid,
 };
 
 /// What a plugin crate needs in one import: `use cim_api::prelude::*;` brings the component
@@ -51,9 +51,9 @@ pub use types::{
 pub mod prelude {
     pub use crate::registry::BuildCtx;
     pub use crate::{
-        Enhancer, EnhancerInfo, Error, ExecChoices, Features, Generator, Losses, MapLayout, Mask,
-        Masking, Objective, ObjectiveBatch, ObjectiveOutput, ParamStore, Result, Sampler,
-        TokenGrid, Tokenizer,
+        Corrupted, Corruption, CorruptionInput, Enhancer, EnhancerInfo, Error, ExecChoices,
+        Features, Generator, Losses, MapLayout, Mask, Masking, Objective, ObjectiveBatch,
+        ObjectiveOutput, ParamStore, Result, Sampler, TokenGrid, Tokenizer,
     };
     pub use candle_core::{DType, Device, Module, ModuleT, Tensor, Var, D};
     pub use candle_nn::VarBuilder;

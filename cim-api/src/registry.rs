@@ -22,7 +22,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use figment::Figment;
 
-use crate::traits::{Enhancer, Generator, Masking, Objective, Sampler, Tokenizer};
+use crate::traits::{Corruption, Enhancer, Generator, Masking, Objective, Sampler, Tokenizer};
 use crate::types::{EnhancerInfo, TokenGrid};
 use crate::{Error, Result};
 
@@ -88,6 +88,7 @@ kinds! {
     Masking => "masking",
     Generator => "generator",
     Sampler => "sampler",
+    Corruption => "corruption",
     Enhancer => "enhancer",
     Objective => "objective",
 }
@@ -153,6 +154,7 @@ pub fn all_names() -> Result<Vec<(&'static str, Vec<&'static str>)>> {
         ("masking", names::<dyn Masking>()?),
         ("generator", names::<dyn Generator>()?),
         ("sampler", names::<dyn Sampler>()?),
+        ("corruption", names::<dyn Corruption>()?),
         ("enhancer", names::<dyn Enhancer>()?),
         ("objective", names::<dyn Objective>()?),
     ])
@@ -312,6 +314,11 @@ macro_rules! register_generator {
 #[macro_export]
 macro_rules! register_sampler {
     ($($body:tt)*) => { $crate::register_component!($crate::Sampler { $($body)* }); };
+}
+/// Registers a [`Corruption`](crate::Corruption). See [`register_component!`].
+#[macro_export]
+macro_rules! register_corruption {
+    ($($body:tt)*) => { $crate::register_component!($crate::Corruption { $($body)* }); };
 }
 /// Registers an [`Enhancer`](crate::Enhancer). See [`register_component!`].
 #[macro_export]

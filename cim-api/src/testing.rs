@@ -11,8 +11,8 @@ use figment::Figment;
 use rand::SeedableRng;
 
 use crate::registry::{self, BuildCtx, Entry, Kind, Variant};
-use crate::traits::{Enhancer, Generator, Masking, Objective, Sampler, Tokenizer};
-use crate::types::{EnhancerInfo, Features, Mask, ObjectiveBatch, TokenGrid};
+use crate::traits::{Corruption, Enhancer, Generator, Masking, Objective, Sampler, Tokenizer};
+use crate::types::{CorruptionInput, EnhancerInfo, Features, Mask, ObjectiveBatch, TokenGrid};
 use crate::{Error, ParamStore, Result};
 
 /// Sizes used by the conformance checks.
@@ -204,6 +204,99 @@ pub fn check_generator(name: &str) -> Result<()> {
     assert_all_grads_nonzero(&store, &loss, &format!("generator {name}"))
 }
 
+/// A tokenizer for corruption checks: token `t` decodes to a `4×4` block of grey `t / VOCAB`.
+struct BlockTokenizer;
+
+impl Tokenizer for BlockTokenizer {
+    fn vocab_size(&self) -> usize {
+        VOCAB
+    }
+    fn grid(&self, _size: (usize, usize)) -> Result<TokenGrid> {
+        Ok(GRID)
+    }
+    fn encode(&self, pixels: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::zeros(
+            (pixels.dim(0)?, GRID.h, GRID.w),
+            DType::U32,
+            pixels.device(),
+        )?)
+    }
+    fn decode(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, gh, gw) = ids.dims3()?;
+        let s = IMAGE / GRID.h;
+        Ok((ids.to_dtype(DType::F32)? / VOCAB as f64)?
+            .reshape((b, 1, gh, gw))?
+            .upsample_nearest2d(gh * s, gw * s)?
+            .broadcast_as((b, 3, gh * s, gw * s))?
+            .contiguous()?)
+    }
+}
+
+/// A corruption returns an image of the input's shape in `[0, 1]`, flags changes only at masked
+/// positions, repeats with its seed and creates no parameters.
+pub fn check_corruption(name: &str) -> Result<()> {
+    let e = entry::<dyn Corruption>(name)?;
+    let store = ParamStore::trainable(0);
+    let c = (e.build)(
+        &Figment::new(),
+        Variant::Tiny,
+        &tiny_ctx(&store, "corruption"),
+    )?;
+    let image = uniform((BATCH, 3, IMAGE, IMAGE), 7)?;
+    let flags: Vec<bool> = (0..BATCH * GRID.len()).map(|i| i % 3 == 0).collect();
+    let mask = Mask::new(BATCH, GRID, flags.clone())?;
+    let golden: Vec<u32> = (0..BATCH * GRID.len())
+        .map(|i| (i * 5 % VOCAB) as u32)
+        .collect();
+    let golden = Tensor::from_vec(golden, (BATCH, GRID.h, GRID.w), &Device::Cpu)?;
+    let at_mask = mask.indices_tensor(&Device::Cpu)?;
+    let sampled: Vec<u32> = (0..mask.total()).map(|i| (i * 11 % VOCAB) as u32).collect();
+    let sampled = Tensor::from_vec(sampled, mask.total(), &Device::Cpu)?;
+    let input = CorruptionInput {
+        image: &image,
+        golden: &golden,
+        mask: &mask,
+        at_mask: &at_mask,
+        sampled: &sampled,
+        tokenizer: &BlockTokenizer,
+    };
+    let run = |seed| c.corrupt(&input, &mut rand::rngs::StdRng::seed_from_u64(seed));
+    let out = run(5)?;
+    ensure(out.image.dims() == image.dims(), || {
+        format!(
+            "corruption {name}: image {:?}, expected {:?}",
+            out.image.dims(),
+            image.dims()
+        )
+    })?;
+    assert_finite(&out.image, name)?;
+    let px = out.image.flatten_all()?.to_vec1::<f32>()?;
+    ensure(px.iter().all(|v| (0.0..=1.0).contains(v)), || {
+        format!("corruption {name}: pixels outside [0, 1]")
+    })?;
+    ensure(out.replaced.dims() == [BATCH, GRID.len()], || {
+        format!(
+            "corruption {name}: replaced {:?}, expected [{BATCH}, {}]",
+            out.replaced.dims(),
+            GRID.len()
+        )
+    })?;
+    let replaced = out.replaced.flatten_all()?.to_vec1::<f32>()?;
+    ensure(
+        replaced
+            .iter()
+            .zip(&flags)
+            .all(|(&r, &m)| r == 0.0 || (r == 1.0 && m)),
+        || format!("corruption {name}: a change flagged outside the mask, or a flag not 0/1"),
+    )?;
+    ensure(run(5)?.image.flatten_all()?.to_vec1::<f32>()? == px, || {
+        format!("corruption {name}: same seed gave another image")
+    })?;
+    ensure(store.is_empty(), || {
+        format!("corruption {name}: must not create parameters")
+    })
+}
+
 pub fn check_sampler(name: &str) -> Result<()> {
     let e = entry::<dyn Sampler>(name)?;
     let store = ParamStore::trainable(0);
@@ -331,6 +424,11 @@ pub fn check_all_registered() -> Result<Vec<String>> {
         check_generator,
     )?;
     run("sampler", registry::names::<dyn Sampler>()?, check_sampler)?;
+    run(
+        "corruption",
+        registry::names::<dyn Corruption>()?,
+        check_corruption,
+    )?;
     run(
         "enhancer",
         registry::names::<dyn Enhancer>()?,

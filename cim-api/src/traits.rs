@@ -1,13 +1,14 @@
 //! The component traits. One CiM step calls them in this order (stages 1–9 of the training step; book: architecture):
 //! [`Tokenizer::encode`] → [`Masking::sample`] → [`Generator::forward`] / [`Generator::mim_loss`] →
-//! [`Sampler::sample`] → replace → [`Tokenizer::decode`] → [`Enhancer::forward_t`] →
-//! [`Objective::forward`].
+//! [`Sampler::sample`] → [`Corruption::corrupt`] (CiM's: replace, then [`Tokenizer::decode`]) →
+//! [`Enhancer::forward_t`] → [`Objective::forward`].
 
 use candle_core::{DType, Tensor};
 use rand::RngCore;
 
 use crate::types::{
-    EnhancerInfo, Features, Mask, ObjectiveBatch, ObjectiveOutput, PrecisionReport, TokenGrid,
+    Corrupted, CorruptionInput, EnhancerInfo, Features, Mask, ObjectiveBatch, ObjectiveOutput,
+    PrecisionReport, TokenGrid,
 };
 use crate::Result;
 
@@ -64,6 +65,16 @@ pub trait Generator: Send + Sync {
 pub trait Sampler: Send + Sync {
     /// `logits` `(M, V)` → `(M,)` u32 token ids, using only `rng` for randomness.
     fn sample(&self, logits: &Tensor, rng: &mut dyn RngCore) -> Result<Tensor>;
+}
+
+/// Makes the enhancer's input from the original view, the mask and the sampled tokens (stages
+/// 5–7). CiM's own (`tokens`, the default) writes the sampled tokens at the masked positions and
+/// renders the grid with the tokenizer's decoder; others corrupt pixels directly (the random
+/// erasing of paper Table 8). Never receives gradients; randomness only from `rng`.
+pub trait Corruption: Send + Sync {
+    /// Returns the corrupted image `(B, 3, H, W)` in `[0, 1]` at the input's size, detached, and
+    /// per token position `(B, N)` f32 1 where the image was changed there (REVDET's label).
+    fn corrupt(&self, input: &CorruptionInput<'_>, rng: &mut dyn RngCore) -> Result<Corrupted>;
 }
 
 /// The network being pre-trained (§2.2): sees only the corrupted image.

@@ -275,3 +275,26 @@ impl Default for ExecChoices {
         }
     }
 }
+
+/// What a [`Corruption`](crate::Corruption) gets.
+pub struct CorruptionInput<'a> {
+    /// The original view `(B, 3, H, W)` in `[0, 1]` at the enhancer's size.
+    pub image: &'a Tensor,
+    /// Golden tokens `(B, gh, gw)` u32.
+    pub golden: &'a Tensor,
+    pub mask: &'a Mask,
+    /// Flat positions `(M,)` u32 of the masked tokens in `golden` ([`Mask::flat_indices`] order).
+    pub at_mask: &'a Tensor,
+    /// The sampler's tokens `(M,)` u32 for the masked positions, in the same order.
+    pub sampled: &'a Tensor,
+    /// The frozen tokenizer (its decoder renders token grids).
+    pub tokenizer: &'a dyn crate::Tokenizer,
+}
+
+/// What a [`Corruption`](crate::Corruption) returns.
+pub struct Corrupted {
+    /// `(B, 3, H, W)` in `[0, 1]`, detached.
+    pub image: Tensor,
+    /// `(B, N)` f32: 1 where the token position was changed.
+    pub replaced: Tensor,
+}

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use cim_api::registry;
-use cim_api::{Enhancer, Generator, Masking, Objective, Sampler, Tokenizer};
+use cim_api::{Corruption, Enhancer, Generator, Masking, Objective, Sampler, Tokenizer};
 use cim_runner::config::{preset_names, resolve, run_layers, DataSource, Layers, Split};
 use cim_runner::export::Format;
 use cim_runner::probe::{Init, Pooling};
@@ -714,6 +714,7 @@ fn list() -> anyhow::Result<String> {
     kind("masking", registry::about::<dyn Masking>()?);
     kind("generator", registry::about::<dyn Generator>()?);
     kind("sampler", registry::about::<dyn Sampler>()?);
+    kind("corruption", registry::about::<dyn Corruption>()?);
     kind("enhancer", registry::about::<dyn Enhancer>()?);
     kind("objective", registry::about::<dyn Objective>()?);
     use cim_runner::config::{preset_kind, PresetKind};

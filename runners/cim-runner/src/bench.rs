@@ -191,7 +191,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         let mim = cim.mim(&b, golden, &mut rngs)?;
         let mut grads = sink.backward(&mim.loss)?;
         lap.end("gen_fwd_bwd")?;
-        let corruption = cim.corrupt(&mim, &mut rngs)?;
+        let corruption = cim.corrupt(&b, &mim, &mut rngs)?;
         lap.end("sample_decode")?;
         let out = cim.enhance(&b, &mim, &corruption)?;
         let enh = (&out.loss * weight)?;

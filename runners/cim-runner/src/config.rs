@@ -16,7 +16,9 @@ use cim_api::figment::providers::{Env, Format, Serialized, Toml};
 use cim_api::figment::value::{Dict, Map, Value};
 use cim_api::figment::{Figment, Metadata, Profile, Provider, Source};
 use cim_api::registry::Variant;
-use cim_api::{Enhancer, Error, Generator, Masking, Objective, Result, Sampler, Tokenizer};
+use cim_api::{
+    Corruption, Enhancer, Error, Generator, Masking, Objective, Result, Sampler, Tokenizer,
+};
 use serde::{Deserialize, Serialize};
 
 include!(concat!(env!("OUT_DIR"), "/presets.rs"));
@@ -529,6 +531,7 @@ pub struct RunConfig {
     pub masking: Section,
     pub generator: Section,
     pub sampler: Section,
+    pub corruption: Section,
     pub enhancer: Section,
     pub objective: Section,
     pub finetune: FinetuneConfig,
@@ -546,6 +549,7 @@ impl Default for RunConfig {
             masking: section("random"),
             generator: section("beit"),
             sampler: section("gumbel"),
+            corruption: section("tokens"),
             enhancer: section("vit_b16"),
             objective: section("respix"),
             finetune: FinetuneConfig::default(),
@@ -731,7 +735,7 @@ impl Layers {
 }
 
 /// The top-level sections of a configuration, the only ones `CIM_*` variables may set.
-pub const SECTIONS: [&str; 12] = [
+pub const SECTIONS: [&str; 13] = [
     "run",
     "data",
     "train",
@@ -739,6 +743,7 @@ pub const SECTIONS: [&str; 12] = [
     "masking",
     "generator",
     "sampler",
+    "corruption",
     "enhancer",
     "objective",
     "finetune",
@@ -877,6 +882,7 @@ pub fn resolve(layers: &Layers) -> Result<Resolved> {
     components.insert("masking", component::<dyn Masking>(&figment)?);
     components.insert("generator", component::<dyn Generator>(&figment)?);
     components.insert("sampler", component::<dyn Sampler>(&figment)?);
+    components.insert("corruption", component::<dyn Corruption>(&figment)?);
     components.insert("enhancer", component::<dyn Enhancer>(&figment)?);
     components.insert("objective", component::<dyn Objective>(&figment)?);
     validate(&cfg)?;

@@ -92,7 +92,7 @@ pub fn corrupt(args: &CorruptArgs) -> Result<f64> {
     let mut replaced = 0.0;
     for k in 0..args.samples.max(1) {
         let mut r = StepRngs::for_step(args.seed, 0, 1 + k as u64);
-        let c = cim.corrupt(&mim, &mut r)?;
+        let c = cim.corrupt(&batch, &mim, &mut r)?;
         replaced += c.n_replaced.to_scalar::<f32>()? as f64 / mim.mask.total().max(1) as f64;
         cols.push((format!("sample {}", k + 1), c.image));
     }

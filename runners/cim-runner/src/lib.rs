@@ -1,7 +1,7 @@
 //! # cim-runner — configuration, data, assembly and the CiM training loop
 //!
 //! The library behind the `cim-run` command line: [`config::resolve`] layers and validates the
-//! configuration, [`pipeline::Cim::build`] assembles the six components through the registry,
+//! configuration, [`pipeline::Cim::build`] assembles the seven components through the registry,
 //! [`train::Trainer`] runs the steps in a run directory, and [`probe`], [`finetune`] and
 //! [`export`] evaluate and hand over the pre-trained enhancer. It sets no process-wide state: the
 //! allocator, thread pools and backend switches belong to the binary's `main` (`cim-run`).
@@ -28,6 +28,7 @@ pub mod train;
 
 // inventory drops registrations from crates nothing references: name every plugin crate here.
 use cim_plugin_beit as _;
+use cim_plugin_corruption as _;
 use cim_plugin_dalle_dvae as _;
 use cim_plugin_masking as _;
 use cim_plugin_objectives as _;

@@ -10,8 +10,8 @@ use cim_api::config::select;
 use cim_api::pixels::normalize;
 use cim_api::registry::{BuildCtx, Entry, Kind, Variant};
 use cim_api::{
-    Enhancer, Error, ExecChoices, Generator, Losses, Mask, Masking, Objective, ObjectiveBatch,
-    ParamStore, Result, Sampler, TokenGrid, Tokenizer,
+    Corruption, CorruptionInput, Enhancer, Error, ExecChoices, Generator, Losses, Mask, Masking,
+    Objective, ObjectiveBatch, ParamStore, Result, Sampler, TokenGrid, Tokenizer,
 };
 
 use crate::config::{DataConfig, DeviceChoice, Precision, Resolved};
@@ -27,6 +27,7 @@ pub struct Cim {
     pub masking: Box<dyn Masking>,
     pub generator: Box<dyn Generator>,
     pub sampler: Box<dyn Sampler>,
+    pub corruption: Box<dyn Corruption>,
     pub enhancer: Box<dyn Enhancer>,
     pub objective: Box<dyn Objective>,
     /// Trainable parameters: `generator.*`, `enhancer.*`, `objective.*`.
@@ -158,6 +159,7 @@ impl Cim {
         ctx.enhancer_vb = Some(vb.pp("enhancer"));
         let generator = build::<dyn Generator>(res, &ctx.with_vb(vb.pp("generator")))?;
         let sampler = build::<dyn Sampler>(res, &ctx.with_vb(vb.pp("sampler")))?;
+        let corruption = build::<dyn Corruption>(res, &ctx.with_vb(vb.pp("corruption")))?;
         let objective = build::<dyn Objective>(res, &ctx.with_vb(vb.pp("objective")))?;
         let names = res
             .components
@@ -169,6 +171,7 @@ impl Cim {
             masking,
             generator,
             sampler,
+            corruption,
             enhancer,
             objective,
             params,
@@ -298,20 +301,6 @@ impl Cim {
     }
 }
 
-/// Paper Eq. (2), `replace(g, m, x_sampling)`, on the device: the golden ids `(B·N,)` with the
-/// sampled ones `(M,)` written at the flat masked positions `(M,)`, and REVDET's label per
-/// position, 1 where the token changed (a sampled token equal to the golden one counts as not
-/// replaced). Nothing is read back to the host, so the step queues on without waiting.
-pub fn replace_tokens(
-    golden: &Tensor,
-    at_mask: &Tensor,
-    sampled: &Tensor,
-) -> Result<(Tensor, Tensor)> {
-    let ids = golden.scatter(at_mask, &sampled.to_dtype(DType::U32)?, 0)?;
-    let replaced = ids.ne(golden)?.to_dtype(DType::F32)?;
-    Ok((ids, replaced))
-}
-
 /// The RNG streams of a step.
 pub struct StepRngs {
     pub mask: StdRng,
@@ -355,7 +344,7 @@ pub struct QueuedStep {
     /// `MIM + w · objective`, the scalar to differentiate.
     pub total: Tensor,
     pub mim: MimOut,
-    pub corruption: Corruption,
+    pub corruption: CorruptionOut,
     pub out: cim_api::ObjectiveOutput,
     /// Host wall time of each forward phase in ms (the time to queue it, on CUDA).
     pub phase_ms: Vec<(&'static str, f64)>,
@@ -398,7 +387,7 @@ pub struct MimOut {
 }
 
 /// Stages 4–7: the corrupted image and REVDET's label.
-pub struct Corruption {
+pub struct CorruptionOut {
     /// `(B, 3, H, W)` in `[0, 1]` at the enhancer's size, detached.
     pub image: Tensor,
     /// `(B, N)` 1 where the token was replaced by a different one.
@@ -437,28 +426,32 @@ impl Cim {
         })
     }
 
-    /// Stages 4–7, without gradients: sample at the masked positions, replace, decode, resize.
-    pub fn corrupt(&self, mim: &MimOut, rngs: &mut StepRngs) -> Result<Corruption> {
-        let golden = &mim.golden;
-        let b = golden.dim(0)?;
+    /// Stages 4–7, without gradients: sample at the masked positions, then the corruption
+    /// (CiM's: replace, decode, resize).
+    pub fn corrupt(
+        &self,
+        batch: &Batch,
+        mim: &MimOut,
+        rngs: &mut StepRngs,
+    ) -> Result<CorruptionOut> {
         let sampled = self
             .sampler
             .sample(&mim.logits.detach(), &mut rngs.sample)?;
-        let golden_flat = golden.flatten_all()?;
-        let (ids, replaced) = replace_tokens(&golden_flat, &mim.at_mask, &sampled)?;
-        let corrupted_ids = ids.reshape(golden.shape())?;
-        let replaced = replaced.reshape((b, self.grid.len()))?;
-        let n_replaced = replaced.sum_all()?;
-        let small = self.tokenizer.decode(&corrupted_ids)?.detach();
-        let s = self.data.image_size;
-        let image = if small.dims()[2..] == [s, s] {
-            small
-        } else {
-            small.upsample_bilinear2d(s, s, false)?
-        };
-        Ok(Corruption {
-            image,
-            replaced,
+        let out = self.corruption.corrupt(
+            &CorruptionInput {
+                image: &batch.image,
+                golden: &mim.golden,
+                mask: &mim.mask,
+                at_mask: &mim.at_mask,
+                sampled: &sampled,
+                tokenizer: self.tokenizer.as_ref(),
+            },
+            &mut rngs.sample,
+        )?;
+        let n_replaced = out.replaced.sum_all()?;
+        Ok(CorruptionOut {
+            image: out.image,
+            replaced: out.replaced,
             n_replaced,
         })
     }
@@ -468,7 +461,7 @@ impl Cim {
         &self,
         batch: &Batch,
         mim: &MimOut,
-        corruption: &Corruption,
+        corruption: &CorruptionOut,
     ) -> Result<cim_api::ObjectiveOutput> {
         let features = self
             .enhancer
@@ -506,7 +499,7 @@ impl Cim {
         clock.lap("tok_encode");
         let mim = self.mim(batch, golden, rngs)?;
         clock.lap("gen_fwd");
-        let corruption = self.corrupt(&mim, rngs)?;
+        let corruption = self.corrupt(batch, &mim, rngs)?;
         clock.lap("sample_decode");
         let out = self.enhance(batch, &mim, &corruption)?;
         let total = (&mim.loss + (&out.loss * self.objective.weight())?)?;
@@ -541,7 +534,7 @@ impl Cim {
         &self,
         total: &Tensor,
         mim: &MimOut,
-        corruption: &Corruption,
+        corruption: &CorruptionOut,
         objective: &Tensor,
     ) -> Result<Losses> {
         let mut losses = Losses::default();
@@ -578,61 +571,5 @@ impl Cim {
         }
         losses.insert("golden_distinct", distinct as f64);
         Ok(losses)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Eq. (2) written out on the host: the reference the device version is tested against.
-    fn replace_on_host(golden: &[u32], masked: &[u32], sampled: &[u32]) -> (Vec<u32>, Vec<f32>) {
-        let mut ids = golden.to_vec();
-        let mut replaced = vec![0f32; golden.len()];
-        for (&p, &s) in masked.iter().zip(sampled) {
-            let p = p as usize;
-            replaced[p] = (s != golden[p]) as u8 as f32;
-            ids[p] = s;
-        }
-        (ids, replaced)
-    }
-
-    fn replace_u32(golden: &[u32], masked: &[u32], sampled: &[u32]) -> (Vec<u32>, Vec<f32>) {
-        let dev = Device::Cpu;
-        let t = |v: &[u32]| Tensor::new(v, &dev).unwrap();
-        let (ids, replaced) = replace_tokens(&t(golden), &t(masked), &t(sampled)).unwrap();
-        (ids.to_vec1().unwrap(), replaced.to_vec1().unwrap())
-    }
-
-    #[test]
-    fn replaced_means_changed_not_merely_masked() {
-        // Positions 1, 2, 4 masked; position 2's sample equals its golden token.
-        let (ids, replaced) = replace_u32(&[10, 11, 12, 13, 14], &[1, 2, 4], &[7, 12, 9]);
-        assert_eq!(ids, vec![10, 7, 12, 13, 9]);
-        assert_eq!(replaced, vec![0.0, 1.0, 0.0, 0.0, 1.0]);
-    }
-
-    #[test]
-    fn device_replacement_equals_eq2_on_the_host() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = StdRng::seed_from_u64(7);
-        let (n, vocab) = (4 * 196, 16u32);
-        let golden: Vec<u32> = (0..n).map(|_| rng.gen_range(0..vocab)).collect();
-        let masked: Vec<u32> = (0..n as u32).filter(|_| rng.gen_bool(0.55)).collect();
-        let sampled: Vec<u32> = masked.iter().map(|_| rng.gen_range(0..vocab)).collect();
-        let want = replace_on_host(&golden, &masked, &sampled);
-        assert_eq!(replace_u32(&golden, &masked, &sampled), want);
-        // Some sampled tokens equal their golden one (vocabulary 16): not every masked one counts.
-        let n_replaced = want.1.iter().sum::<f32>() as usize;
-        assert!(
-            n_replaced > 0 && n_replaced < masked.len(),
-            "{n_replaced} of {}",
-            masked.len()
-        );
-        // No masked positions: the golden ids, nothing replaced.
-        assert_eq!(
-            replace_u32(&golden, &[], &[]),
-            (golden.clone(), vec![0.0; n])
-        );
     }
 }

@@ -99,6 +99,13 @@ impl ProbeReport {
     pub fn table(&self) -> String {
         let pct = |x: f64| format!("{:6.2} %", 100.0 * x);
         let low = |x: &dyn std::fmt::Debug| format!("{x:?}").to_lowercase();
+        let wd = |w: f64| {
+            if w == 0.0 {
+                "0".to_string()
+            } else {
+                format!("{w:.0e}")
+            }
+        };
         let mut t = format!(
             "probe of {} ({}, {} weights, {} feature of {} dims)\n\
              {} training / {} test images, {} classes\n\n\
@@ -117,17 +124,17 @@ impl ProbeReport {
         );
         t.push_str(&format!(
             "{:<24} {:>9} {:>9}\n{:<24} {:>9} {:>9}\n",
-            format!("linear (wd {:.0e})", self.linear_weight_decay),
+            format!("linear (wd {})", wd(self.linear_weight_decay)),
             pct(self.linear.top1),
             pct(self.linear.top5),
-            format!("k-nn (k = {})", self.knn_k),
+            format!("k-NN (k = {})", self.knn_k),
             pct(self.knn.top1),
             pct(self.knn.top5),
         ));
         let sweep: Vec<String> = self
             .linear_sweep
             .iter()
-            .map(|(wd, acc)| format!("{wd:.0e}: {:.2} %", 100.0 * acc))
+            .map(|(w, acc)| format!("{}: {:.2} %", wd(*w), 100.0 * acc))
             .collect();
         t.push_str(&format!(
             "\nweight decay chosen on held-out training images: {}\n{:.0} images/s, {:.1} s\n",

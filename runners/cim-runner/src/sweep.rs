@@ -202,13 +202,26 @@ fn fnv(text: &str) -> String {
     format!("{h:016x}")
 }
 
+/// A preset with overrides, under the user's `CIM_*` environment as every command is (so
+/// `CIM_DATA__ROOT` says where the data sets are).
 fn layers(preset: &str, sets: &[&[String]]) -> Layers {
     Layers {
         preset: Some(preset.to_string()),
         config_files: vec![],
         set: sets.iter().flat_map(|s| s.iter().cloned()).collect(),
-        env: false,
+        env: true,
     }
+}
+
+/// The name of a cell: a hash of its resolved configuration without `data.root` (where the data
+/// set lies on this machine does not change the experiment).
+fn cell_key(resolved: &Resolved) -> Result<String> {
+    let mut t: toml::Table = toml::from_str(&resolved.to_toml()?)
+        .map_err(|e| Error::msg(format!("a resolved configuration does not parse: {e}")))?;
+    if let Some(data) = t.get_mut("data").and_then(|d| d.as_table_mut()) {
+        data.remove("root");
+    }
+    Ok(fnv(&t.to_string()))
 }
 
 /// Resolves every cell × seed before anything runs, so a spec error stops the sweep at once.
@@ -225,14 +238,17 @@ fn plan(spec: &Spec, spec_path: &Path, cells_root: &Path) -> Result<Vec<Unit>> {
             let seed_set = vec![format!("run.seed={seed}")];
             let resolved = resolve(&layers(&spec.preset, &[&spec.set, &cell.set, &seed_set]))
                 .map_err(|e| named(e, &format!("cell `{}`", cell.name)))?;
-            let text = resolved.to_toml()?;
-            let dir = cells_root.join(fnv(&text));
+            let dir = cells_root.join(cell_key(&resolved)?);
             // The control: the same enhancer (and data), freshly initialised with the same seed.
+            let data = crate::config::DataConfig {
+                root: None,
+                ..resolved.cfg.data.clone()
+            };
             let enh = format!(
                 "{}\n{:?}\n{}",
                 toml::to_string(&resolved.components["enhancer"].1).unwrap_or_default(),
                 resolved.components["enhancer"].0,
-                toml::to_string(&resolved.cfg.data).unwrap_or_default()
+                toml::to_string(&data).unwrap_or_default()
             );
             let control = cells_root.join(format!("control-{}-seed{seed}", fnv(&enh)));
             units.push(Unit {
