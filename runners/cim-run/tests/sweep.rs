@@ -121,6 +121,7 @@ set = ["train.total_steps=30", "train.lr=1e12", "train.clip_grad=0"]
 
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
     assert!(md.starts_with("# Two samplers"), "{md}");
+    assert!(!md.contains("Still running"), "{md}");
     assert!(md.contains("| gumbel | 84.0 |"), "{md}");
     assert!(md.contains("| control (vit_tiny at random init) |"), "{md}");
     assert!(md.contains(&format!("1/1: seed 0 at step {step}")), "{md}");

@@ -191,6 +191,8 @@ pub struct SweepReport {
     pub rows: Vec<Row>,
     pub controls: Vec<Row>,
     pub units_run: usize,
+    /// Cell × seed runs not done yet (0 when the sweep is complete).
+    pub pending: usize,
     pub seconds: f64,
 }
 
@@ -460,6 +462,7 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
             rows: vec![],
             controls: vec![],
             units_run: 0,
+            pending: units.len(),
             seconds: 0.0,
         });
     }
@@ -486,42 +489,7 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
         };
         tracing::info!("sweep {}: {position}/{total} done{eta}; {label}", spec.name);
     };
-    let mut rows = vec![];
-    for u in &units {
-        let cell = &spec.cells[u.cell].name;
-        let result = match read_result(&u.dir) {
-            Some(r) => r,
-            None => {
-                progress(&format!("cell `{cell}` seed {}", u.seed), None);
-                let t = Instant::now();
-                let r = run_cell(&spec, u)?;
-                progress(
-                    &format!(
-                        "cell `{cell}` seed {}: {}",
-                        u.seed,
-                        if r.status == "ok" {
-                            format!(
-                                "linear {:.2} %, k-NN {:.2} %",
-                                100.0 * r.linear_top1,
-                                100.0 * r.knn_top1
-                            )
-                        } else {
-                            format!("diverged at step {}", r.steps)
-                        }
-                    ),
-                    Some(t.elapsed().as_secs_f64()),
-                );
-                r
-            }
-        };
-        rows.push(Row {
-            sweep: spec.name.clone(),
-            cell: cell.clone(),
-            seed: u.seed,
-            dir: u.dir.display().to_string(),
-            result,
-        });
-    }
+    // The controls first: they are short, and every cell's difference needs one.
     let mut control_rows = vec![];
     for &i in &controls {
         let u = &units[i];
@@ -553,18 +521,66 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
             result,
         });
     }
-    let report = SweepReport {
+    let mut report = SweepReport {
         out: out.clone(),
-        rows,
+        rows: vec![],
         controls: control_rows,
-        units_run: ran,
-        seconds: start.elapsed().as_secs_f64(),
+        units_run: 0,
+        pending: units.len(),
+        seconds: 0.0,
     };
-    write_csv(&out.join("results.csv"), &report)?;
-    let md = markdown(&spec, &args.spec, &report, &units);
-    write_atomic(&out.join("results.md"), md.as_bytes())?;
-    chart(&out.join("results.png"), &spec, &report)?;
+    for u in &units {
+        let cell = &spec.cells[u.cell].name;
+        let (result, fresh) = match read_result(&u.dir) {
+            Some(r) => (r, false),
+            None => {
+                progress(&format!("cell `{cell}` seed {}", u.seed), None);
+                let t = Instant::now();
+                let r = run_cell(&spec, u)?;
+                progress(
+                    &format!(
+                        "cell `{cell}` seed {}: {}",
+                        u.seed,
+                        if r.status == "ok" {
+                            format!(
+                                "linear {:.2} %, k-NN {:.2} %",
+                                100.0 * r.linear_top1,
+                                100.0 * r.knn_top1
+                            )
+                        } else {
+                            format!("diverged at step {}", r.steps)
+                        }
+                    ),
+                    Some(t.elapsed().as_secs_f64()),
+                );
+                (r, true)
+            }
+        };
+        report.rows.push(Row {
+            sweep: spec.name.clone(),
+            cell: cell.clone(),
+            seed: u.seed,
+            dir: u.dir.display().to_string(),
+            result,
+        });
+        report.pending -= 1;
+        if fresh && report.pending > 0 {
+            // The results so far, so a long sweep can be read while it runs.
+            write_results(&spec, &args.spec, &report, &units)?;
+        }
+    }
+    report.units_run = ran;
+    report.seconds = start.elapsed().as_secs_f64();
+    write_results(&spec, &args.spec, &report, &units)?;
     Ok(report)
+}
+
+/// `results.csv`, `results.md` and `results.png` of the rows so far.
+fn write_results(spec: &Spec, spec_path: &Path, report: &SweepReport, units: &[Unit]) -> Result<()> {
+    write_csv(&report.out.join("results.csv"), report)?;
+    let md = markdown(spec, spec_path, report, units);
+    write_atomic(&report.out.join("results.md"), md.as_bytes())?;
+    chart(&report.out.join("results.png"), spec, report)
 }
 
 fn write_csv(path: &Path, r: &SweepReport) -> Result<()> {
@@ -674,6 +690,13 @@ fn markdown(spec: &Spec, spec_path: &Path, r: &SweepReport, units: &[Unit]) -> S
         steps,
         spec.probe.preset
     ));
+    if r.pending > 0 {
+        s.push_str(&format!(
+            "**Still running: {} of {} cell × seed runs to come**; the rows below are the finished ones.\n\n",
+            r.pending,
+            units.len()
+        ));
+    }
     let ft = spec.finetune.is_some();
     s.push_str("| cell | paper | linear | k-NN | Δ linear | Δ k-NN |");
     s.push_str(if ft { " fine-tune |" } else { "" });
