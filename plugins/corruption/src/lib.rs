@@ -179,28 +179,45 @@ mod tests {
         }
     }
 
-    fn input_parts() -> Result<(Tensor, Tensor, Mask, Tensor, Tensor)> {
-        let dev = Device::Cpu;
-        let image = Tensor::full(0.25f32, (1, 3, 4, 4), &dev)?;
-        let golden = Tensor::new(&[[[1u32, 2], [3, 4]]], &dev)?;
-        let mask = Mask::new(1, TokenGrid::new(2, 2), vec![true, false, false, true])?;
-        let at = mask.indices_tensor(&dev)?;
-        // Position 0 gets token 7 (a change), position 3 gets 4 again (no change).
-        let sampled = Tensor::new(&[7u32, 4], &dev)?;
-        Ok((image, golden, mask, at, sampled))
+    /// One 4×4 grey image (0.25) on a 2×2 grid, positions 0 and 3 masked.
+    struct Parts {
+        image: Tensor,
+        golden: Tensor,
+        mask: Mask,
+        at: Tensor,
+        sampled: Tensor,
+    }
+
+    impl Parts {
+        fn new() -> Result<Self> {
+            let dev = Device::Cpu;
+            let mask = Mask::new(1, TokenGrid::new(2, 2), vec![true, false, false, true])?;
+            Ok(Self {
+                image: Tensor::full(0.25f32, (1, 3, 4, 4), &dev)?,
+                golden: Tensor::new(&[[[1u32, 2], [3, 4]]], &dev)?,
+                at: mask.indices_tensor(&dev)?,
+                mask,
+                // Position 0 gets token 7 (a change), position 3 gets 4 again (no change).
+                sampled: Tensor::new(&[7u32, 4], &dev)?,
+            })
+        }
+
+        fn input(&self) -> CorruptionInput<'_> {
+            CorruptionInput {
+                image: &self.image,
+                golden: &self.golden,
+                mask: &self.mask,
+                at_mask: &self.at,
+                sampled: &self.sampled,
+                tokenizer: &Blocks,
+            }
+        }
     }
 
     #[test]
     fn tokens_replace_masked_positions_and_flag_only_changes() -> Result<()> {
-        let (image, golden, mask, at, sampled) = input_parts()?;
-        let input = CorruptionInput {
-            image: &image,
-            golden: &golden,
-            mask: &mask,
-            at_mask: &at,
-            sampled: &sampled,
-            tokenizer: &Blocks,
-        };
+        let parts = Parts::new()?;
+        let input = parts.input();
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
         let c = Tokens.corrupt(&input, &mut rng)?;
         assert_eq!(c.replaced.to_vec2::<f32>()?, vec![vec![1.0, 0.0, 0.0, 0.0]]);
@@ -214,15 +231,8 @@ mod tests {
 
     #[test]
     fn random_erasing_changes_exactly_the_masked_cells_and_repeats_with_its_seed() -> Result<()> {
-        let (image, golden, mask, at, sampled) = input_parts()?;
-        let input = CorruptionInput {
-            image: &image,
-            golden: &golden,
-            mask: &mask,
-            at_mask: &at,
-            sampled: &sampled,
-            tokenizer: &Blocks,
-        };
+        let parts = Parts::new()?;
+        let input = parts.input();
         let erase = RandomErasing { fill: Fill::Noise };
         let run = |seed| -> Result<Corrupted> {
             erase.corrupt(&input, &mut rand::rngs::StdRng::seed_from_u64(seed))

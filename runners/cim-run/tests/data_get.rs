@@ -5,7 +5,6 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -122,20 +121,26 @@ fn cifar_archive(n: usize) -> Vec<u8> {
     tar_gz(&files)
 }
 
+mod common;
+use common::text;
+
 fn cim_run(args: &[&str], root: &Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_cim-run"))
-        .args(args)
-        .env("CIM_DATA__ROOT", root)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
+    common::cim_run(args, &[("CIM_DATA__ROOT", root.as_os_str())])
 }
 
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+/// `cim-run data get NAME --url URL --md5 MD5` under the data root `root`.
+fn get(name: &str, url: &str, archive: &[u8], root: &Path) -> std::process::Output {
+    cim_run(
+        &[
+            "data",
+            "get",
+            name,
+            "--url",
+            url,
+            "--md5",
+            &md5_hex(archive),
+        ],
+        root,
     )
 }
 
@@ -169,18 +174,7 @@ fn cifar10_is_fetched_checked_unpacked_and_trained_on_without_a_data_path() {
         "{t}"
     );
 
-    let o = cim_run(
-        &[
-            "data",
-            "get",
-            "cifar10",
-            "--url",
-            &url,
-            "--md5",
-            &md5_hex(&archive),
-        ],
-        &root,
-    );
+    let o = get("cifar10", &url, &archive, &root);
     assert!(o.status.success(), "{}", text(&o));
     let dir = root.join("cifar10");
     let train = std::fs::read(dir.join("train.bin")).unwrap();
@@ -318,18 +312,7 @@ fn an_image_folder_archive_unpacks_train_and_val() {
     let archive = tar_gz(&files);
     let server = serve(archive.clone(), false, 1);
     let url = format!("http://127.0.0.1:{}/imagenette2-320.tgz", server.port);
-    let o = cim_run(
-        &[
-            "data",
-            "get",
-            "imagenette",
-            "--url",
-            &url,
-            "--md5",
-            &md5_hex(&archive),
-        ],
-        &root,
-    );
+    let o = get("imagenette", &url, &archive, &root);
     assert!(o.status.success(), "{}", text(&o));
     let dir = root.join("imagenette");
     assert!(dir.join("train/n02/1.png").is_file() && dir.join("val/n01/0.png").is_file());

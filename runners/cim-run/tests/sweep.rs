@@ -4,7 +4,6 @@
 //! any cell runs.
 
 use std::path::Path;
-use std::process::Command;
 
 /// `n` CIFAR-10 records: label `i % 10`, pixels a seeded pattern that depends on the label.
 fn cifar_records(n: usize, salt: u8) -> Vec<u8> {
@@ -19,20 +18,11 @@ fn cifar_records(n: usize, salt: u8) -> Vec<u8> {
     v
 }
 
-fn cim_run(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_cim-run"))
-        .args(args)
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap()
-}
+mod common;
+use common::text;
 
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+fn cim_run(args: &[&str]) -> std::process::Output {
+    common::cim_run(args, &[])
 }
 
 fn write_spec(dir: &Path, data: &Path, cells: &str) -> std::path::PathBuf {
@@ -175,13 +165,10 @@ fn an_interrupted_cell_resumes_from_its_checkpoint() {
         "--out",
     ];
     // Kill the process while it writes its second checkpoint (step 4), after the one at step 2.
-    let o = Command::new(env!("CARGO_BIN_EXE_cim-run"))
-        .args(base)
-        .arg(tmp.path().join("out"))
-        .env("CIMRUN_FAULT", "checkpoint:2")
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
+    let out = tmp.path().join("out");
+    let mut args = base.to_vec();
+    args.push(out.to_str().unwrap());
+    let o = common::cim_run(&args, &[("CIMRUN_FAULT", "checkpoint:2".as_ref())]);
     assert!(!o.status.success(), "{}", text(&o));
     let cell = std::fs::read_dir(&cells)
         .unwrap()
@@ -195,9 +182,6 @@ fn an_interrupted_cell_resumes_from_its_checkpoint() {
         .unwrap();
     assert!(cell.join("checkpoints/step-00000002").is_dir());
     assert!(!cell.join("result.json").exists());
-    let mut args: Vec<String> = base.iter().map(|s| s.to_string()).collect();
-    args.push(tmp.path().join("out").display().to_string());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let o = cim_run(&args);
     let t = text(&o);
     assert!(o.status.success(), "{t}");

@@ -576,7 +576,12 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
 }
 
 /// `results.csv`, `results.md` and `results.png` of the rows so far.
-fn write_results(spec: &Spec, spec_path: &Path, report: &SweepReport, units: &[Unit]) -> Result<()> {
+fn write_results(
+    spec: &Spec,
+    spec_path: &Path,
+    report: &SweepReport,
+    units: &[Unit],
+) -> Result<()> {
     write_csv(&report.out.join("results.csv"), report)?;
     let md = markdown(spec, spec_path, report, units);
     write_atomic(&report.out.join("results.md"), md.as_bytes())?;
