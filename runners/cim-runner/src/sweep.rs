@@ -169,8 +169,14 @@ pub struct CellResult {
     pub knn_top5: f64,
     /// Best top-1 of the fine-tune, when the spec asks for one.
     pub finetune_top1: Option<f64>,
-    /// Seconds of pre-training and evaluation together.
+    /// Seconds of pre-training and evaluation together (`train_s + eval_s`).
     pub wall_s: f64,
+    /// Seconds of the training steps, from `metrics.jsonl` (so a resumed cell counts them all).
+    #[serde(default)]
+    pub train_s: f64,
+    /// Seconds of the probe (and fine-tune).
+    #[serde(default)]
+    pub eval_s: f64,
 }
 
 /// A row of `results.csv`.
@@ -275,13 +281,20 @@ fn write_result(dir: &Path, r: &CellResult) -> Result<()> {
     write_atomic(&dir.join("result.json"), text.as_bytes())
 }
 
-/// Means of the last tenth of a run's `loss_mim` and `loss_<objective>` in `metrics.jsonl`.
-fn final_losses(dir: &Path, objective: &str) -> (f64, f64) {
+/// From a run's `metrics.jsonl`: the means of the last tenth of its `loss_mim` and
+/// `loss_<objective>`, and the seconds its steps took (`batch / images_per_s` summed).
+fn from_metrics(dir: &Path, objective: &str, batch: usize) -> (f64, f64, f64) {
     let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap_or_default();
     let recs: Vec<serde_json::Value> = text
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
+    let train_s = recs
+        .iter()
+        .filter_map(|r| r["images_per_s"].as_f64())
+        .filter(|&ips| ips > 0.0)
+        .map(|ips| batch as f64 / ips)
+        .sum();
     let n = (recs.len() / 10).max(1).min(recs.len());
     let tail = &recs[recs.len() - n..];
     let mean = |k: &str| {
@@ -292,7 +305,11 @@ fn final_losses(dir: &Path, objective: &str) -> (f64, f64) {
             v.iter().sum::<f64>() / v.len() as f64
         }
     };
-    (mean("loss_mim"), mean(&format!("loss_{objective}")))
+    (
+        mean("loss_mim"),
+        mean(&format!("loss_{objective}")),
+        train_s,
+    )
 }
 
 fn probe_args(spec: &Spec, run_dir: &Path, init: Init) -> ProbeArgs {
@@ -336,8 +353,8 @@ fn evaluate(spec: &Spec, run_dir: &Path, init: Init, r: &mut CellResult) -> Resu
 
 /// Pre-trains (or resumes) and evaluates one cell; a divergence is a result.
 fn run_cell(spec: &Spec, u: &Unit) -> Result<CellResult> {
-    let start = Instant::now();
     let objective = u.resolved.components["objective"].0.clone();
+    let batch = u.resolved.cfg.train.batch_size;
     let finished = u.dir.join("model.safetensors").is_file();
     let mut r = CellResult {
         status: "ok".into(),
@@ -363,8 +380,8 @@ fn run_cell(spec: &Spec, u: &Unit) -> Result<CellResult> {
                 r.status = "diverged".into();
                 r.steps = step;
                 r.message = message;
-                (r.loss_mim, r.loss_objective) = final_losses(&u.dir, &objective);
-                r.wall_s = start.elapsed().as_secs_f64();
+                (r.loss_mim, r.loss_objective, r.train_s) = from_metrics(&u.dir, &objective, batch);
+                r.wall_s = r.train_s;
                 std::fs::create_dir_all(&u.dir).map_err(|e| Error::io(&u.dir, e))?;
                 write_result(&u.dir, &r)?;
                 return Ok(r);
@@ -375,9 +392,11 @@ fn run_cell(spec: &Spec, u: &Unit) -> Result<CellResult> {
     r.steps = crate::checkpoint::load_latest(&u.dir)
         .map(|l| l.state.step)
         .unwrap_or(0);
-    (r.loss_mim, r.loss_objective) = final_losses(&u.dir, &objective);
+    (r.loss_mim, r.loss_objective, r.train_s) = from_metrics(&u.dir, &objective, batch);
+    let start = Instant::now();
     evaluate(spec, &u.dir, Init::Pretrained, &mut r)?;
-    r.wall_s = start.elapsed().as_secs_f64();
+    r.eval_s = start.elapsed().as_secs_f64();
+    r.wall_s = r.train_s + r.eval_s;
     write_result(&u.dir, &r)?;
     Ok(r)
 }
@@ -395,7 +414,8 @@ fn run_control(spec: &Spec, u: &Unit) -> Result<CellResult> {
         ..CellResult::default()
     };
     evaluate(spec, &u.control, Init::Scratch, &mut r)?;
-    r.wall_s = start.elapsed().as_secs_f64();
+    r.eval_s = start.elapsed().as_secs_f64();
+    r.wall_s = r.eval_s;
     write_result(&u.control, &r)?;
     Ok(r)
 }
@@ -590,12 +610,12 @@ fn write_results(
 
 fn write_csv(path: &Path, r: &SweepReport) -> Result<()> {
     let mut s = String::from(
-        "sweep,cell,seed,status,steps,loss_mim,loss_objective,linear_top1,linear_top5,knn_top1,knn_top5,finetune_top1,wall_s,dir\n",
+        "sweep,cell,seed,status,steps,loss_mim,loss_objective,linear_top1,linear_top5,knn_top1,knn_top5,finetune_top1,wall_s,train_s,eval_s,dir\n",
     );
     for row in r.rows.iter().chain(&r.controls) {
         let x = &row.result;
         s.push_str(&format!(
-            "{},{},{},{},{},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{},{:.1},{}\n",
+            "{},{},{},{},{},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{},{:.1},{:.1},{:.1},{}\n",
             row.sweep,
             csv_field(&row.cell),
             row.seed,
@@ -611,6 +631,8 @@ fn write_csv(path: &Path, r: &SweepReport) -> Result<()> {
                 .map(|v| format!("{v:.5}"))
                 .unwrap_or_default(),
             x.wall_s,
+            x.train_s,
+            x.eval_s,
             csv_field(&row.dir)
         ));
     }
