@@ -487,27 +487,22 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
         });
     }
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-    let mut ran = 0usize;
-    let mut run_secs = 0.0;
-    let mut position = done_before;
-    let mut progress = |label: &str, secs: Option<f64>| {
-        if let Some(s) = secs {
-            ran += 1;
-            run_secs += s;
-            position += 1;
-        }
-        let eta = if ran > 0 {
-            let left = (total - position) as f64 * run_secs / ran as f64;
-            format!(
-                ", eta {}:{:02}:{:02}",
-                (left / 3600.0) as u64,
-                (left / 60.0) as u64 % 60,
-                left as u64 % 60
-            )
-        } else {
-            String::new()
-        };
-        tracing::info!("sweep {}: {position}/{total} done{eta}; {label}", spec.name);
+    let mut progress = Progress {
+        name: spec.name.clone(),
+        total,
+        done: done_before,
+        left: [
+            units
+                .iter()
+                .filter(|u| read_result(&u.dir).is_none())
+                .count(),
+            controls
+                .iter()
+                .filter(|&&i| read_result(&units[i].control).is_none())
+                .count(),
+        ],
+        secs: [0.0; 2],
+        ran: [0; 2],
     };
     // The controls first: they are short, and every cell's difference needs one.
     let mut control_rows = vec![];
@@ -516,16 +511,17 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
         let result = match read_result(&u.control) {
             Some(r) => r,
             None => {
-                progress(&format!("control seed {}", u.seed), None);
+                progress.starts(&format!("control seed {}", u.seed));
                 let t = Instant::now();
                 let r = run_control(&spec, u)?;
-                progress(
+                progress.finished(
+                    CONTROL,
+                    t.elapsed().as_secs_f64(),
                     &format!(
                         "control seed {}: linear {:.2} %",
                         u.seed,
                         100.0 * r.linear_top1
                     ),
-                    Some(t.elapsed().as_secs_f64()),
                 );
                 r
             }
@@ -554,10 +550,12 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
         let (result, fresh) = match read_result(&u.dir) {
             Some(r) => (r, false),
             None => {
-                progress(&format!("cell `{cell}` seed {}", u.seed), None);
+                progress.starts(&format!("cell `{cell}` seed {}", u.seed));
                 let t = Instant::now();
                 let r = run_cell(&spec, u)?;
-                progress(
+                progress.finished(
+                    CELL,
+                    t.elapsed().as_secs_f64(),
                     &format!(
                         "cell `{cell}` seed {}: {}",
                         u.seed,
@@ -571,7 +569,6 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
                             format!("diverged at step {}", r.steps)
                         }
                     ),
-                    Some(t.elapsed().as_secs_f64()),
                 );
                 (r, true)
             }
@@ -589,10 +586,63 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
             write_results(&spec, &args.spec, &report, &units)?;
         }
     }
-    report.units_run = ran;
+    report.units_run = progress.ran.iter().sum();
     report.seconds = start.elapsed().as_secs_f64();
     write_results(&spec, &args.spec, &report, &units)?;
     Ok(report)
+}
+
+const CELL: usize = 0;
+const CONTROL: usize = 1;
+
+/// The log's progress lines: units done of all, and the time left estimated per kind of unit
+/// (a control is a probe, a cell a whole pre-training), once one of each kind has run.
+struct Progress {
+    name: String,
+    total: usize,
+    done: usize,
+    /// Cells and controls still to run.
+    left: [usize; 2],
+    secs: [f64; 2],
+    ran: [usize; 2],
+}
+
+impl Progress {
+    fn eta(&self) -> String {
+        let mut left = 0.0;
+        for k in [CELL, CONTROL] {
+            if self.left[k] > 0 {
+                if self.ran[k] == 0 {
+                    return String::new();
+                }
+                left += self.left[k] as f64 * self.secs[k] / self.ran[k] as f64;
+            }
+        }
+        format!(
+            ", about {}:{:02}:{:02} left",
+            (left / 3600.0) as u64,
+            (left / 60.0) as u64 % 60,
+            left as u64 % 60
+        )
+    }
+
+    fn starts(&self, label: &str) {
+        tracing::info!(
+            "sweep {}: {}/{} done{}; {label}",
+            self.name,
+            self.done,
+            self.total,
+            self.eta()
+        );
+    }
+
+    fn finished(&mut self, kind: usize, secs: f64, label: &str) {
+        self.done += 1;
+        self.left[kind] = self.left[kind].saturating_sub(1);
+        self.secs[kind] += secs;
+        self.ran[kind] += 1;
+        self.starts(label);
+    }
 }
 
 /// `results.csv`, `results.md` and `results.png` of the rows so far.
