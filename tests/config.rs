@@ -350,6 +350,7 @@ fn every_sweep_spec_resolves() {
             out: Some(tmp.path().join("out")),
             cells: Some(tmp.path().join("cells")),
             dry_run: true,
+            report_only: false,
         })
         .unwrap_or_else(|e| panic!("{}: {e}", spec.display()));
         assert_eq!(r.units_run, 0);

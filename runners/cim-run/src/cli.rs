@@ -112,6 +112,10 @@ pub struct SweepCmd {
     /// List every cell × seed and control with whether it is done; run nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Write results.csv/md/png from the units finished so far and run nothing (while another
+    /// process runs the sweep, or to stop a sweep at a table that is enough).
+    #[arg(long, conflicts_with = "dry_run")]
+    pub report: bool,
 }
 
 /// `cim-run plot`.
@@ -586,6 +590,7 @@ fn subcommand(cmd: Command) -> anyhow::Result<()> {
                 out: c.out,
                 cells: c.cells,
                 dry_run: c.dry_run,
+                report_only: c.report,
             })?;
             if !c.dry_run {
                 println!(

@@ -182,6 +182,15 @@ fn an_interrupted_cell_resumes_from_its_checkpoint() {
         .unwrap();
     assert!(cell.join("checkpoints/step-00000002").is_dir());
     assert!(!cell.join("result.json").exists());
+    // --report writes what is finished (the control) and runs nothing.
+    let mut report = args.clone();
+    report.push("--report");
+    let o = cim_run(&report);
+    assert!(o.status.success(), "{}", text(&o));
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(md.contains("Still running: 1 of 1"), "{md}");
+    assert!(md.contains("| control (vit_tiny at random init) |"), "{md}");
+    assert!(!cell.join("result.json").exists());
     let o = cim_run(&args);
     let t = text(&o);
     assert!(o.status.success(), "{t}");

@@ -141,6 +141,8 @@ pub struct SweepArgs {
     pub cells: Option<PathBuf>,
     /// List the units and whether each is done, run nothing.
     pub dry_run: bool,
+    /// Write the results of the finished units and run nothing.
+    pub report_only: bool,
 }
 
 /// One cell × seed, resolved.
@@ -510,6 +512,7 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
         let u = &units[i];
         let result = match read_result(&u.control) {
             Some(r) => r,
+            None if args.report_only => continue,
             None => {
                 progress.starts(&format!("control seed {}", u.seed));
                 let t = Instant::now();
@@ -549,6 +552,7 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
         let cell = &spec.cells[u.cell].name;
         let (result, fresh) = match read_result(&u.dir) {
             Some(r) => (r, false),
+            None if args.report_only => continue,
             None => {
                 progress.starts(&format!("cell `{cell}` seed {}", u.seed));
                 let t = Instant::now();
