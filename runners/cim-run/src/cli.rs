@@ -560,7 +560,7 @@ fn data(cmd: DataCmd) -> anyhow::Result<()> {
             );
             for k in datasets::KNOWN {
                 let dir = root.join(k.name);
-                let state = if dir.join(".complete").is_file() {
+                let state = if datasets::is_complete(&dir) {
                     "present"
                 } else {
                     "absent"

@@ -125,6 +125,11 @@ pub struct GetReport {
 
 const COMPLETE: &str = ".complete";
 
+/// Whether `dir` holds a data set `get` finished unpacking.
+pub fn is_complete(dir: &Path) -> bool {
+    dir.join(COMPLETE).is_file()
+}
+
 /// Downloads, checks and unpacks a data set. A folder that is already complete is left alone.
 pub fn get(args: &GetArgs) -> Result<GetReport> {
     let known = find(&args.name).ok_or_else(|| {
@@ -146,7 +151,7 @@ pub fn get(args: &GetArgs) -> Result<GetReport> {
         resumed_from: 0,
         files: 0,
     };
-    if dest.join(COMPLETE).is_file() {
+    if is_complete(&dest) {
         report.files = count_files(&dest)?;
         return Ok(report);
     }

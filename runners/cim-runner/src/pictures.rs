@@ -44,7 +44,11 @@ pub type Column<'a> = (&'a str, Tensor);
 /// Writes a PNG with one titled column per entry of `columns` and one row per image (at most
 /// `rows`); small tiles are enlarged to [`MIN_TILE`] px.
 pub fn write_grid(path: &Path, columns: &[Column], rows: usize) -> Result<()> {
-    let img = grid_image(columns, rows)?;
+    write_png(path, &grid_image(columns, rows)?)
+}
+
+/// Encodes `img` as PNG and writes it atomically.
+pub fn write_png(path: &Path, img: &RgbImage) -> Result<()> {
     let mut bytes = std::io::Cursor::new(Vec::new());
     img.write_to(&mut bytes, image::ImageFormat::Png)
         .map_err(|e| Error::msg(format!("encoding {}: {e}", path.display())))?;
@@ -234,11 +238,10 @@ pub fn loss_curve(metrics: &Path, out: &Path) -> Result<()> {
         }
         root.present().map_err(|e| plot_err(&e))?;
     }
-    let img = RgbImage::from_raw(w, h, buf).expect("buffer has w·h·3 bytes");
-    let mut png = vec![];
-    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .map_err(|e| plot_err(&e))?;
-    write_atomic(out, &png)
+    write_png(
+        out,
+        &RgbImage::from_raw(w, h, buf).expect("buffer has w·h·3 bytes"),
+    )
 }
 
 /// The mean of each point's `window` latest values (fewer at the start).

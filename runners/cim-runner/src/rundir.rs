@@ -175,9 +175,14 @@ impl Metrics {
     /// Appends `record` as one line, and its numbers as scalars at its `step` (else `epoch`):
     /// `loss`, `lr`, … and nested maps as `phase_ms/data`.
     pub fn append(&mut self, record: &impl Serialize) -> Result<()> {
+        // The line keeps the record's field order (`step` first); the scalars need the fields.
+        let line = serde_json::to_string(record).map_err(|e| Error::msg(e.to_string()))?;
+        writeln!(self.file, "{line}").map_err(|e| Error::io(&self.path, e))?;
+        let Some(ev) = &mut self.events else {
+            return Ok(());
+        };
         let value = serde_json::to_value(record).map_err(|e| Error::msg(e.to_string()))?;
-        writeln!(self.file, "{value}").map_err(|e| Error::io(&self.path, e))?;
-        if let (Some(ev), Some(obj)) = (&mut self.events, value.as_object()) {
+        if let Some(obj) = value.as_object() {
             let step = obj
                 .get("step")
                 .or_else(|| obj.get("epoch"))

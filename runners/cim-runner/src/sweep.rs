@@ -215,12 +215,11 @@ fn fnv(text: &str) -> String {
 /// A preset with overrides, under the user's `CIM_*` environment as every command is (so
 /// `CIM_DATA__ROOT` says where the data sets are).
 fn layers(preset: &str, sets: &[&[String]]) -> Layers {
-    Layers {
-        preset: Some(preset.to_string()),
-        config_files: vec![],
-        set: sets.iter().flat_map(|s| s.iter().cloned()).collect(),
-        env: true,
-    }
+    Layers::from_flags(
+        Some(preset.to_string()),
+        vec![],
+        sets.iter().flat_map(|s| s.iter().cloned()).collect(),
+    )
 }
 
 /// The name of a cell: a hash of its resolved configuration without `data.root` (where the data
@@ -622,12 +621,7 @@ impl Progress {
                 left += self.left[k] as f64 * self.secs[k] / self.ran[k] as f64;
             }
         }
-        format!(
-            ", about {}:{:02}:{:02} left",
-            (left / 3600.0) as u64,
-            (left / 60.0) as u64 % 60,
-            left as u64 % 60
-        )
+        format!(", about {} left", crate::train::clock(left))
     }
 
     fn starts(&self, label: &str) {
@@ -721,6 +715,18 @@ fn by_cell<'a>(spec: &Spec, rows: &'a [Row]) -> Vec<(&'a str, Vec<&'a Row>)> {
         let rs: Vec<&Row> = rows.iter().filter(|r| r.cell == c.name).collect();
         if let Some(first) = rs.first() {
             out.push((first.cell.as_str(), rs));
+        }
+    }
+    out
+}
+
+/// The controls by name (one per distinct enhancer), in the order they ran: their rows over seeds.
+fn control_groups(r: &SweepReport) -> Vec<(&str, Vec<&Row>)> {
+    let mut out: Vec<(&str, Vec<&Row>)> = vec![];
+    for c in &r.controls {
+        match out.iter_mut().find(|(name, _)| *name == c.cell) {
+            Some((_, rows)) => rows.push(c),
+            None => out.push((c.cell.as_str(), vec![c])),
         }
     }
     out
@@ -841,16 +847,9 @@ fn markdown(spec: &Spec, spec_path: &Path, r: &SweepReport, units: &[Unit]) -> S
             c.set.join("`, `")
         ));
     }
-    let mut seen: Vec<&str> = vec![];
-    for c in &r.controls {
-        if seen.contains(&c.cell.as_str()) {
-            continue;
-        }
-        seen.push(&c.cell);
-        let rows: Vec<&Row> = r.controls.iter().filter(|x| x.cell == c.cell).collect();
+    for (cell, rows) in control_groups(r) {
         s.push_str(&format!(
-            "| {} | | {} | {} | | |",
-            c.cell,
+            "| {cell} | | {} | {} | | |",
             pm(&rows, |x| Some(x.linear_top1)).2,
             pm(&rows, |x| Some(x.knn_top1)).2
         ));
@@ -882,14 +881,9 @@ fn chart(path: &Path, spec: &Spec, r: &SweepReport) -> Result<()> {
             (cell.to_string(), 100.0 * m, 100.0 * s, false)
         })
         .collect();
-    let mut seen: Vec<&str> = vec![];
-    for c in &r.controls {
-        if !seen.contains(&c.cell.as_str()) {
-            seen.push(&c.cell);
-            let rows: Vec<&Row> = r.controls.iter().filter(|x| x.cell == c.cell).collect();
-            let (m, s, _) = pm(&rows, |x| Some(x.linear_top1));
-            bars.push(("control".into(), 100.0 * m, 100.0 * s, true));
-        }
+    for (_, rows) in control_groups(r) {
+        let (m, s, _) = pm(&rows, |x| Some(x.linear_top1));
+        bars.push(("control".into(), 100.0 * m, 100.0 * s, true));
     }
     let top = bars
         .iter()
@@ -965,11 +959,10 @@ fn chart(path: &Path, spec: &Spec, r: &SweepReport) -> Result<()> {
         }
         root.present().map_err(|e| err(&e))?;
     }
-    let img = image::RgbImage::from_raw(w, h, buf).expect("w·h·3 bytes");
-    let mut png = vec![];
-    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .map_err(|e| err(&e))?;
-    write_atomic(path, &png)
+    crate::pictures::write_png(
+        path,
+        &image::RgbImage::from_raw(w, h, buf).expect("w·h·3 bytes"),
+    )
 }
 
 #[cfg(test)]
