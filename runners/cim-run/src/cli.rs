@@ -767,6 +767,8 @@ pub fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
         print!("{}", list()?);
         return Ok(());
     }
+    // One process of a data-parallel job when torchrun, mpirun or srun started it.
+    let launch = cim_dist::Launch::from_env()?;
     let mut trainer = match &cli.resume {
         Some(dir) => {
             let mut set = cli.cfg.set.clone();
@@ -774,7 +776,7 @@ pub fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
                 set.push(format!("run.max_steps={n}"));
             }
             set_backend(&run_layers(dir, set.clone())?)?;
-            Trainer::resume(dir.clone(), set)?
+            Trainer::resume_launched(dir.clone(), set, launch)?
         }
         None => {
             let mut layers = cli.cfg.layers();
@@ -794,7 +796,12 @@ pub fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
             }
             let resolved = resolve(&layers)?;
             if cli.print_config {
-                print!("{}", resolved.to_toml()?);
+                let (accum, micro) = resolved.cfg.train.split(launch.world)?;
+                print!(
+                    "# this process: {}; each rank accumulates {accum} micro-batch(es) of {micro} images\n{}",
+                    launch.describe(),
+                    resolved.to_toml()?
+                );
                 return Ok(());
             }
             cim_runner::pipeline::set_backend(&resolved.cfg.run);
@@ -805,10 +812,23 @@ pub fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
                     preset.as_deref().unwrap_or("run"),
                 ),
             };
-            Trainer::new(resolved, run_dir)?
+            Trainer::launched(resolved, run_dir, launch)?
         }
     };
-    let summary = trainer.run(None)?;
+    let summary = match trainer.run(None) {
+        Ok(s) => s,
+        Err(e) => {
+            // A divergence is seen by every rank at the same step; any other error may be this
+            // rank's alone, and the others would wait for it: it ends the job.
+            if !matches!(e, cim_api::Error::Diverged { .. }) {
+                trainer.dist().fail(&e.to_string());
+            }
+            return Err(e.into());
+        }
+    };
+    if !trainer.dist().is_leader() {
+        return Ok(()); // rank 0 reports
+    }
     if summary.steps == 0 {
         println!(
             "nothing to do: {} is at step {}, where it ends; --steps N with N > {} trains it further",
@@ -854,10 +874,19 @@ impl std::error::Error for HelpShown {}
 /// (CPU threads, the allocator's purge setting, logging), then the command on a worker of rayon's
 /// pool. Call it first thing in `main`.
 pub fn main() -> ExitCode {
+    // Processes sharing a node (a data-parallel job) share its cores.
+    let local = cim_dist::local_processes();
+    if local > 1 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", (cores / local).max(1).to_string());
+    }
     cim_ops::threads::settle_cpu_threads();
     crate::keep_freed_memory();
+    // Ranks other than 0 of a job log warnings and errors only; rank 0 tells the progress.
+    let rank = cim_dist::Launch::from_env().map_or(0, |l| l.rank);
+    let default = if rank == 0 { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org).
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());

@@ -151,10 +151,11 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
     layers.set.push("data.source=\"quickstart\"".into());
     let probe = resolve(&layers)?;
     // One step of one micro-batch: the preset's (batch_size / accum_steps), at most 128.
-    let micro = probe.cfg.train.batch_size / probe.cfg.train.accum_steps.max(1);
+    let (_, micro) = probe.cfg.train.split(1)?;
     let batch = args.batch.unwrap_or(micro.min(128)).max(1);
     layers.set.push(format!("train.batch_size={batch}"));
     layers.set.push("train.accum_steps=1".into());
+    layers.set.push("train.micro_batch=0".into());
     let res = resolve(&layers)?;
     let cfg = &res.cfg;
     let cim = Cim::build(&res)?;

@@ -325,8 +325,56 @@ pub struct TrainConfig {
     /// If > 0, warmup length in steps (instead of warmup_epochs × steps per epoch).
     pub warmup_steps: usize,
     /// Gradient accumulation: each optimizer step sums gradients over this many micro-batches of
-    /// `batch_size / accum_steps` images (`batch_size` stays the effective batch).
+    /// `batch_size / accum_steps` images (`batch_size` stays the effective batch). In a job of
+    /// several processes each rank accumulates this many micro-batches of
+    /// `batch_size / (world × accum_steps)` images.
     pub accum_steps: usize,
+    /// If > 0, the micro-batch in images, whatever the number of processes: each rank then
+    /// accumulates `batch_size / (world × micro_batch)` micro-batches (and `accum_steps` must be
+    /// left at 1). A run fixed by `batch_size` and `micro_batch` computes the same steps on one
+    /// process or many.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub micro_batch: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+impl TrainConfig {
+    /// Micro-batches each of `world` ranks accumulates per step, and their size in images; an
+    /// indivisible batch is an error naming the keys.
+    pub fn split(&self, world: usize) -> Result<(usize, usize)> {
+        let (b, w) = (self.batch_size, world.max(1));
+        let what = |accum: usize| {
+            format!(
+                "train.batch_size = {b} does not split into {w} rank(s) × {accum} micro-batch(es) of equal size"
+            )
+        };
+        if self.micro_batch > 0 {
+            let m = self.micro_batch;
+            if self.accum_steps != 1 {
+                return Err(Error::config(format!(
+                    "train.micro_batch = {m} fixes the accumulation itself; leave train.accum_steps at 1 (it is {})",
+                    self.accum_steps
+                )));
+            }
+            if !b.is_multiple_of(w * m) {
+                return Err(Error::config(format!(
+                    "train.batch_size = {b} is not a multiple of {w} rank(s) × train.micro_batch = {m}"
+                )));
+            }
+            return Ok((b / (w * m), m));
+        }
+        let a = self.accum_steps;
+        if a == 0 {
+            return Err(Error::config("train.accum_steps must be ≥ 1"));
+        }
+        if !b.is_multiple_of(w * a) {
+            return Err(Error::config(format!("{} (train.accum_steps = {a})", what(a))));
+        }
+        Ok((a, b / (w * a)))
+    }
 }
 
 impl Default for TrainConfig {
@@ -344,6 +392,7 @@ impl Default for TrainConfig {
             total_steps: 0,
             warmup_steps: 0,
             accum_steps: 1,
+            micro_batch: 0,
         }
     }
 }
@@ -537,6 +586,30 @@ pub struct RunConfig {
     pub finetune: FinetuneConfig,
     pub tokenizer_train: TokenizerTrainConfig,
     pub init: InitConfig,
+    pub dist: DistConfig,
+}
+
+/// `[dist]`: how the processes of a data-parallel job talk (book: Training on many GPUs). Who
+/// is which rank comes from the launcher (`torchrun`, `mpirun`, `srun`), not from here.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistConfig {
+    /// `"auto"` (NCCL on CUDA, MPI on the CPU), `"mpi"` or `"nccl"`.
+    pub backend: cim_dist::Backend,
+    /// Seconds a rank waits in a collective (or for the rendezvous) before it ends the job.
+    pub timeout_s: u64,
+    /// Gradients are averaged in flat buckets of at most this many MiB, one collective each.
+    pub bucket_mb: f64,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        Self {
+            backend: cim_dist::Backend::Auto,
+            timeout_s: 300,
+            bucket_mb: 25.0,
+        }
+    }
 }
 
 impl Default for RunConfig {
@@ -555,6 +628,7 @@ impl Default for RunConfig {
             finetune: FinetuneConfig::default(),
             tokenizer_train: TokenizerTrainConfig::default(),
             init: InitConfig::default(),
+            dist: DistConfig::default(),
         }
     }
 }
@@ -841,6 +915,7 @@ impl Resolved {
         root.insert("run".into(), to_toml(&self.cfg.run)?);
         root.insert("data".into(), to_toml(&self.cfg.data)?);
         root.insert("train".into(), to_toml(&self.cfg.train)?);
+        root.insert("dist".into(), to_toml(&self.cfg.dist)?);
         if self.cfg.init != InitConfig::default() {
             root.insert("init".into(), to_toml(&self.cfg.init)?);
         }
@@ -927,6 +1002,13 @@ fn validate(cfg: &RunConfig) -> Result<()> {
     validate_precision(cfg.run.precision, enh)?;
     if cfg.train.batch_size == 0 {
         return bad("train.batch_size", "must be ≥ 1".into());
+    }
+    cfg.train.split(1)?;
+    if cfg.dist.timeout_s == 0 {
+        return bad("dist.timeout_s", "must be ≥ 1 (seconds)".into());
+    }
+    if !(cfg.dist.bucket_mb > 0.0) {
+        return bad("dist.bucket_mb", format!("must be > 0, got {}", cfg.dist.bucket_mb));
     }
     if !(cfg.train.lr > 0.0) {
         return bad("train.lr", format!("must be > 0, got {}", cfg.train.lr));

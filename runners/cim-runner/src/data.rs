@@ -581,13 +581,52 @@ pub fn mix(a: u64, b: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Deterministic epoch-shuffled batches: batch `k` of epoch `e` depends only on `(seed, e, k)`,
-/// whatever thread or how many threads produced it.
+/// Which micro-batches of each optimizer step a loader yields: a step's global batch is `parts`
+/// micro-batches in a row, and this process takes `count` of them from `first` on (a rank of a
+/// data-parallel job takes `parts / world` of them, its own block). The default is the whole
+/// step: one part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub parts: usize,
+    pub first: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    pub const WHOLE: Shard = Shard {
+        parts: 1,
+        first: 0,
+        count: 1,
+    };
+
+    /// The micro-batches of `rank` in a world of `world` ranks that accumulate `accum` each.
+    pub fn of_rank(rank: usize, world: usize, accum: usize) -> Self {
+        Self {
+            parts: world * accum,
+            first: rank * accum,
+            count: accum,
+        }
+    }
+
+    /// The run-wide index of this process's `local`-th micro-batch: step `local / count`, part
+    /// `first + local % count`.
+    pub fn global(&self, local: u64) -> u64 {
+        let (count, parts) = (self.count.max(1) as u64, self.parts.max(1) as u64);
+        (local / count) * parts + self.first as u64 + local % count
+    }
+}
+
+/// Deterministic epoch-shuffled batches. Images are drawn by their position in the epoch's
+/// order, and each is augmented from `(seed, epoch, position)`: what a micro-batch holds depends
+/// only on the seed and where it sits in the run, whatever thread, process or how many of them
+/// produced it. An epoch is a whole number of global batches (`parts` micro-batches each); the
+/// images left over are dropped.
 pub struct Loader {
     data: Arc<dyn Dataset>,
     cfg: DataConfig,
     batch_size: usize,
     seed: u64,
+    shard: Shard,
     /// The last epoch's order, so consecutive batches do not reshuffle the whole dataset.
     order_cache: std::sync::Mutex<Option<(u64, Arc<Vec<usize>>)>>,
     pool: rayon::ThreadPool,
@@ -623,6 +662,7 @@ impl Loader {
             cfg,
             batch_size,
             seed,
+            shard: Shard::WHOLE,
             order_cache: Default::default(),
             pool,
             warned: Default::default(),
@@ -642,9 +682,21 @@ impl Loader {
         self.warned.lock().map(|w| w.len()).unwrap_or(0)
     }
 
-    /// Batches per epoch (a last partial batch is dropped; at least one batch, cycling small sets).
+    /// This loader yields `shard`'s micro-batches of every step ([`Shard`]).
+    pub fn sharded(mut self, shard: Shard) -> Self {
+        self.shard = shard;
+        self
+    }
+
+    /// Global batches (optimizer steps) per epoch: a last partial one is dropped; at least one,
+    /// cycling small sets.
+    pub fn steps_per_epoch(&self) -> usize {
+        (self.data.len() / (self.batch_size * self.shard.parts.max(1))).max(1)
+    }
+
+    /// This process's micro-batches per epoch.
     pub fn batches_per_epoch(&self) -> usize {
-        (self.data.len() / self.batch_size).max(1)
+        self.steps_per_epoch() * self.shard.count.max(1)
     }
 
     pub fn batch_size(&self) -> usize {
@@ -674,15 +726,20 @@ impl Loader {
         idx
     }
 
-    /// Batch number `index` of the whole run on the host, its samples decoded on the worker pool.
-    /// An unreadable file is logged, reported in [`HostBatch::skipped`] and replaced by the next
-    /// readable image in the epoch's order (so the batch stays deterministic).
+    /// This process's micro-batch number `index` on the host ([`Shard::global`] places it in the
+    /// run), its samples decoded on the worker pool. An unreadable file is logged, reported in
+    /// [`HostBatch::skipped`] and replaced by the next readable image in the epoch's order (so the
+    /// batch stays deterministic).
     pub fn host_batch(&self, index: u64) -> Result<HostBatch> {
         use rayon::prelude::*;
         let start = std::time::Instant::now();
-        let per_epoch = self.batches_per_epoch() as u64;
-        let epoch = index / per_epoch;
-        let k = (index % per_epoch) as usize;
+        let global = self.shard.global(index);
+        let parts = self.shard.parts.max(1) as u64;
+        let (step, part) = (global / parts, (global % parts) as usize);
+        let per_epoch = self.steps_per_epoch() as u64;
+        let epoch = step / per_epoch;
+        // The micro-batch's first position in the epoch's order.
+        let first = ((step % per_epoch) as usize * parts as usize + part) * self.batch_size;
         let order = self.order(epoch);
         let n = order.len();
         type Sample = (usize, Views, Vec<String>, f64, f64);
@@ -691,7 +748,7 @@ impl Loader {
                 .into_par_iter()
                 .map(|j| {
                     let t = std::time::Instant::now();
-                    let pos = k * self.batch_size + j;
+                    let pos = first + j;
                     let mut skipped = vec![];
                     for attempt in 0..n {
                         let i = order[(pos + attempt) % n];
@@ -885,6 +942,51 @@ mod tests {
         let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(v(&ba.image), v(&bb.image));
         assert_ne!(v(&ba.image), v(&bc.image));
+        Ok(())
+    }
+
+    /// DistributedSampler's contract: over an epoch the ranks' micro-batches are disjoint and
+    /// together hold every image of the epoch once; and each is, pixel for pixel, the micro-batch
+    /// a single process accumulating all of them draws at the same place in the step.
+    #[test]
+    fn rank_shards_are_disjoint_cover_the_epoch_and_match_one_process() -> Result<()> {
+        let data: Arc<dyn Dataset> = Arc::new(Embedded::quickstart()?);
+        let n = data.len();
+        let cfg = DataConfig {
+            image_size: 16,
+            tokenizer_size: 16,
+            ..DataConfig::default()
+        };
+        let (world, accum, micro) = (2, 2, 1);
+        let one = Loader::new(data.clone(), cfg.clone(), micro, 9)?.sharded(Shard::of_rank(0, 1, world * accum));
+        let ranks: Vec<Loader> = (0..world)
+            .map(|r| Ok(Loader::new(data.clone(), cfg.clone(), micro, 9)?.sharded(Shard::of_rank(r, world, accum))))
+            .collect::<Result<_>>()?;
+        let steps = ranks[0].steps_per_epoch();
+        assert_eq!(steps, n / (world * accum * micro));
+        assert_eq!(one.steps_per_epoch(), steps);
+        let mut seen = std::collections::BTreeMap::new();
+        for (r, loader) in ranks.iter().enumerate() {
+            assert_eq!(loader.batches_per_epoch(), steps * accum);
+            for local in 0..loader.batches_per_epoch() as u64 {
+                let b = loader.host_batch(local)?;
+                // The same micro-batch of the one-process run: step local / accum, part r·accum + local % accum.
+                let step = local / accum as u64;
+                let part = (r * accum) as u64 + local % accum as u64;
+                let a = one.host_batch(step * (world * accum) as u64 + part)?;
+                assert_eq!(a.indices, b.indices);
+                assert_eq!(a.image, b.image);
+                for i in b.indices {
+                    assert!(seen.insert(i, r).is_none(), "image {i} drawn twice in one epoch");
+                }
+            }
+        }
+        assert_eq!(seen.len(), steps * world * accum * micro);
+        // The next epoch reshuffles, the same way on every rank.
+        let e1: Vec<usize> = (0..world)
+            .flat_map(|r| ranks[r].host_batch(ranks[r].batches_per_epoch() as u64).unwrap().indices)
+            .collect();
+        assert_eq!(e1.len(), world * micro);
         Ok(())
     }
 

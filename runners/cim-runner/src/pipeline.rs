@@ -72,12 +72,13 @@ pub fn set_backend(run: &crate::config::RunSection) {
 }
 
 /// Resolves `run.device`; a CUDA device is set up by `cim_ops::device::prepare` (`keep_freed`:
-/// `run.cuda_keep_freed`).
-pub fn device(choice: DeviceChoice, keep_freed: bool) -> Result<Device> {
+/// `run.cuda_keep_freed`). `"auto"` takes GPU `local_rank`: each process of a data-parallel job
+/// its own GPU of the node.
+pub fn device(choice: DeviceChoice, keep_freed: bool, local_rank: usize) -> Result<Device> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
         DeviceChoice::Auto => {
-            let dev = Device::cuda_if_available(0)?;
+            let dev = Device::cuda_if_available(local_rank)?;
             cim_ops::device::prepare(&dev, keep_freed)?;
             Ok(dev)
         }
@@ -93,10 +94,17 @@ impl Cim {
     /// Builds every component through the registry, in dependency order: tokenizer (vocabulary,
     /// grid) → masking → enhancer (feature layout) → generator → sampler → objective.
     pub fn build(res: &Resolved) -> Result<Self> {
+        Self::build_on(res, 0)
+    }
+
+    /// [`Cim::build`] for the process of a data-parallel job whose rank on its node is
+    /// `local_rank` (`run.device = "auto"` takes that GPU).
+    pub fn build_on(res: &Resolved, local_rank: usize) -> Result<Self> {
         let cfg_run = &res.cfg.run;
         let device = device(
             cfg_run.device,
             cfg_run.cuda_keep_freed && cfg_run.cuda_unverified,
+            local_rank,
         )?;
         let mut run = cfg_run.in_force(device.is_cuda());
         if run.precision == Precision::Auto {

@@ -26,7 +26,8 @@ const RUN_MARKERS: [&str; 3] = ["metrics.jsonl", "checkpoints", "model.safetenso
 #[derive(Debug)]
 pub struct RunDir {
     path: PathBuf,
-    _lock: File,
+    /// `None` for a follower ([`RunDir::follower`]).
+    _lock: Option<File>,
 }
 
 impl RunDir {
@@ -52,6 +53,12 @@ impl RunDir {
             )));
         }
         Ok(dir)
+    }
+
+    /// The run directory `path` as a rank other than 0 of a data-parallel job sees it: it reads
+    /// checkpoints from it and writes nothing, so it neither creates nor locks it.
+    pub fn follower(path: PathBuf) -> Self {
+        Self { path, _lock: None }
     }
 
     /// Opens the existing run directory `path` to continue writing it, and locks it.
@@ -95,7 +102,10 @@ impl RunDir {
         file.rewind().map_err(|e| Error::io(&lock_path, e))?;
         write!(file, "{}", std::process::id()).map_err(|e| Error::io(&lock_path, e))?;
         file.flush().map_err(|e| Error::io(&lock_path, e))?;
-        Ok(Self { path, _lock: file })
+        Ok(Self {
+            path,
+            _lock: Some(file),
+        })
     }
 
     pub fn path(&self) -> &Path {

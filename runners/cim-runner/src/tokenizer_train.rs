@@ -139,6 +139,7 @@ pub fn tokenizer_train(args: &TokenizerTrainArgs) -> Result<TokenizerReport> {
     let device = crate::pipeline::device(
         res.cfg.run.device,
         res.cfg.run.cuda_keep_freed && res.cfg.run.cuda_unverified,
+        0,
     )?;
     let seed = res.cfg.run.seed;
 

@@ -21,10 +21,28 @@ use cim_api::{Error, Losses, Result};
 
 use crate::checkpoint::{save_safetensors, write_checkpoint, TrainState};
 use crate::config::{resolve, Layers, Resolved};
-use crate::data::{self, HostBatch, Loader, Prefetch};
+use crate::data::{self, HostBatch, Loader, Prefetch, Shard};
 use crate::optim::{AdamW, Schedule};
 use crate::pipeline::{Cim, StepRngs};
 use crate::rundir::RunDir;
+use cim_dist::{Dist, Launch};
+
+/// FNV-1a over bytes: the checksum ranks compare at the start.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn bytes(&mut self, b: &[u8]) {
+        for &x in b {
+            self.0 = (self.0 ^ x as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}
 
 /// `h:mm:ss` of `seconds`.
 pub fn clock(seconds: f64) -> String {
@@ -88,7 +106,10 @@ pub struct Trainer {
     pub schedule: Schedule,
     loader: Arc<Loader>,
     prefetch: Option<Prefetch>,
+    /// Micro-batches this process accumulates per step.
     accum: usize,
+    /// The processes of the run (one, unless launched by torchrun, mpirun or srun).
+    dist: Arc<Dist>,
     step: usize,
     resolved: Resolved,
     run: RunDir,
@@ -101,22 +122,66 @@ impl Trainer {
     /// Creates and locks `run_dir` (refusing one that already holds a run, or that another
     /// process writes to), then builds the model and data.
     pub fn new(resolved: Resolved, run_dir: PathBuf) -> Result<Self> {
-        let run = RunDir::create(run_dir)?;
-        let t = Self::build(resolved, run)?;
-        for (component, spec) in t.resolved.cfg.init.sources() {
-            let r = t.cim.init_from(component, spec)?;
-            tracing::info!(component, file = %r.file, tensors = r.loaded, ignored = r.ignored.len(), "initialised from file");
-        }
-        t.run.write_config(&t.resolved)?;
+        Self::launched(resolved, run_dir, Launch::single())
+    }
+
+    /// [`Trainer::new`] as one rank of a data-parallel job: rank 0 creates and writes the run
+    /// directory, the other ranks only compute.
+    pub fn launched(resolved: Resolved, run_dir: PathBuf, launch: Launch) -> Result<Self> {
+        let run = match launch.rank {
+            0 => RunDir::create(run_dir)?,
+            _ => RunDir::follower(run_dir),
+        };
+        let t = Self::build(resolved, run, launch)?;
+        t.or_end_job(|t| {
+            for (component, spec) in t.resolved.cfg.init.sources() {
+                let r = t.cim.init_from(component, spec)?;
+                tracing::info!(component, file = %r.file, tensors = r.loaded, ignored = r.ignored.len(), "initialised from file");
+            }
+            if t.dist.is_leader() {
+                t.run.write_config(&t.resolved)?;
+            }
+            Ok(())
+        })?;
         Ok(t)
+    }
+
+    /// Runs `f`; in a job of several processes an error of this rank alone ends the whole job
+    /// (the other ranks would wait for it forever), naming the rank.
+    fn or_end_job<T>(&self, f: impl FnOnce(&Self) -> Result<T>) -> Result<T> {
+        let r = f(self);
+        if let Err(e) = &r {
+            self.dist.fail(&e.to_string());
+        }
+        r
+    }
+
+    /// The processes of the run.
+    pub fn dist(&self) -> &Arc<Dist> {
+        &self.dist
     }
 
     /// Continues the run in `run_dir` from its newest complete checkpoint. `set` may change `run.*`
     /// keys (device, max_steps, logging, checkpoint cadence) but nothing that shapes the model,
     /// the data or the optimisation. Metrics after the checkpoint are dropped (they are redone).
     pub fn resume(run_dir: PathBuf, set: Vec<String>) -> Result<Self> {
-        let run = RunDir::open(run_dir)?;
-        let stale = crate::checkpoint::remove_interrupted(run.path())?;
+        Self::resume_launched(run_dir, set, Launch::single())
+    }
+
+    /// [`Trainer::resume`] as one rank of a data-parallel job. Every rank reads the checkpoint
+    /// (the run directory is on a file system they share); the world size may differ from the
+    /// run's before: the weights and optimizer state are the same, and the data position follows
+    /// from the step.
+    pub fn resume_launched(run_dir: PathBuf, set: Vec<String>, launch: Launch) -> Result<Self> {
+        let leader = launch.rank == 0;
+        let run = match leader {
+            true => RunDir::open(run_dir)?,
+            false => RunDir::follower(run_dir),
+        };
+        let stale = match leader {
+            true => crate::checkpoint::remove_interrupted(run.path())?,
+            false => 0,
+        };
         if stale > 0 {
             tracing::warn!(
                 stale,
@@ -137,16 +202,26 @@ impl Trainer {
             let mut v = toml::Value::try_from(&r.cfg).map_err(|e| Error::msg(e.to_string()))?;
             if let Some(t) = v.as_table_mut() {
                 t.remove("run");
+                t.remove("dist");
             }
             Ok(v)
         };
         if strip(&original)? != strip(&resolved)? {
             return Err(Error::config(
-                "--resume may only change `run.*` keys (device, max_steps, logging, checkpoints); \
+                "--resume may only change `run.*` keys (device, max_steps, logging, checkpoints) and `dist.*`; \
                  the model, data and optimisation must stay as checkpointed",
             ));
         }
-        let mut t = Self::build(resolved, run)?;
+        let mut t = Self::build(resolved, run, launch)?;
+        let resumed = t.resume_from(ckpt);
+        if let Err(e) = &resumed {
+            t.dist.fail(&e.to_string());
+        }
+        resumed.map(|()| t)
+    }
+
+    fn resume_from(&mut self, ckpt: crate::checkpoint::Loaded) -> Result<()> {
+        let t = self;
         let state = ckpt.state;
         if state.seed != t.resolved.cfg.run.seed {
             return Err(Error::config(format!(
@@ -171,35 +246,45 @@ impl Trainer {
         t.step = state.step;
         t.skipped = state.skipped.into_iter().collect();
         t.last_checkpoint = Some((state.step, ckpt.dir.clone()));
-        // metrics.jsonl: keep the lines up to the checkpoint.
-        let dropped = t.run.truncate_metrics(state.step)?;
-        if dropped > 0 {
-            tracing::info!("dropped {dropped} metrics lines after step {}", state.step);
+        if t.dist.is_leader() {
+            // metrics.jsonl: keep the lines up to the checkpoint.
+            let dropped = t.run.truncate_metrics(state.step)?;
+            if dropped > 0 {
+                tracing::info!("dropped {dropped} metrics lines after step {}", state.step);
+            }
+            t.run.write_config(&t.resolved)?;
         }
-        t.run.write_config(&t.resolved)?;
         tracing::info!(checkpoint = %ckpt.dir.display(), step = state.step, "resumed");
-        Ok(t)
+        Ok(())
     }
 
-    fn build(resolved: Resolved, run: RunDir) -> Result<Self> {
+    fn build(resolved: Resolved, run: RunDir, launch: Launch) -> Result<Self> {
         let cfg = &resolved.cfg;
         let t = &cfg.train;
-        let accum = t.accum_steps;
-        if accum == 0 || !t.batch_size.is_multiple_of(accum) {
-            return Err(Error::config(format!(
-                "train.accum_steps = {accum} must be ≥ 1 and divide train.batch_size = {}",
-                t.batch_size
-            )));
-        }
-        let cim = Cim::build(&resolved)?;
-        let dataset = data::open(&cfg.data)?;
-        let loader = Arc::new(Loader::new(
-            dataset,
-            cfg.data.clone(),
-            t.batch_size / accum,
-            cfg.run.seed,
+        let (world, rank) = (launch.world, launch.rank);
+        let (accum, micro) = t.split(world)?;
+        let cim = Cim::build_on(&resolved, launch.local_rank)?;
+        let dist = Arc::new(Dist::connect(
+            launch,
+            cfg.dist.backend,
+            &cim.device,
+            std::time::Duration::from_secs(cfg.dist.timeout_s),
         )?);
-        let per_epoch = (loader.batches_per_epoch() / accum).max(1);
+        if world > 1 {
+            eprintln!(
+                "cim-run: {}, backend {}, device {:?}: {accum} micro-batch(es) of {micro} images per step of {}",
+                dist.launch.describe(),
+                dist.backend(),
+                cim.device,
+                t.batch_size
+            );
+        }
+        let dataset = data::open(&cfg.data).inspect_err(|e| dist.fail(&e.to_string()))?;
+        let loader = Loader::new(dataset, cfg.data.clone(), micro, cfg.run.seed)
+            .inspect_err(|e| dist.fail(&e.to_string()))?
+            .sharded(Shard::of_rank(rank, world, accum));
+        let loader = Arc::new(loader);
+        let per_epoch = loader.steps_per_epoch();
         let total = if t.total_steps > 0 {
             t.total_steps
         } else {
@@ -234,6 +319,7 @@ impl Trainer {
             loader,
             prefetch: None,
             accum,
+            dist,
             step: 0,
             resolved,
             run,
@@ -272,24 +358,29 @@ impl Trainer {
         self.prefetch.as_mut().expect("just started").next_batch()
     }
 
-    /// One optimizer step over `train.accum_steps` micro-batches. A non-finite loss or gradient
-    /// norm stops with an error naming the step and the component; no parameter is changed.
+    /// One optimizer step over `train.accum_steps` micro-batches (in a job of several
+    /// processes: this rank's micro-batches, then the losses and gradients averaged over the
+    /// ranks). A non-finite loss or gradient norm stops with an error naming the step and the
+    /// component — on every rank at the same step, since they see the same averages; no
+    /// parameter is changed.
     pub fn train_step(&mut self) -> Result<StepRecord> {
         let start = Instant::now();
         let cfg = &self.resolved.cfg;
         let (seed, accum) = (cfg.run.seed, self.accum);
         let (s, t) = (cfg.data.image_size, cfg.data.tokenizer_size);
+        // This rank's micro-batches are parts first.. of the step's global batch.
+        let first = self.dist.rank() * accum;
         let mut grads: Option<candle_core::backprop::GradStore> = None;
         let mut losses = Losses::default();
         let mut phase_ms = std::collections::BTreeMap::<&'static str, f64>::new();
         for j in 0..accum {
             let t0 = Instant::now();
-            let micro = (self.step * accum + j) as u64;
-            let hb = self.host_batch(micro)?;
+            let local = (self.step * accum + j) as u64;
+            let hb = self.host_batch(local)?;
             self.skipped.extend(hb.skipped.iter().cloned());
             let batch = hb.to_device(s, t, &self.cim.device)?;
             *phase_ms.entry("data").or_default() += t0.elapsed().as_secs_f64() * 1e3;
-            let mut rngs = StepRngs::for_step(seed, self.step as u64, j as u64);
+            let mut rngs = StepRngs::for_step(seed, self.step as u64, (first + j) as u64);
             // Parameter gradients of fused nodes go straight to the store (see `ops::GradSink`).
             let sink = cim_ops::GradSink::install_if(self.cim.run.grad_sink);
             // The forward and its backward are queued before any scalar is read, so on CUDA the
@@ -306,30 +397,7 @@ impl Trainer {
             drop(sink);
             clock.lap("backward");
             let out = self.cim.read(queued)?;
-            if let Some((name, v)) = out.losses.first_non_finite() {
-                let obj = self.cim.names["objective"].clone();
-                let component = if name == "loss_mim"
-                    || !out.losses.get("loss_mim").is_some_and(f64::is_finite)
-                {
-                    format!("generator `{}` (MIM loss)", self.cim.names["generator"])
-                } else {
-                    format!(
-                        "enhancer `{}` / objective `{obj}`",
-                        self.cim.names["enhancer"]
-                    )
-                };
-                return Err(Error::Diverged {
-                    step: self.step + 1,
-                    message: format!(
-                        "step {}: {name} is {v} in the {component} (loss_mim {:?}, loss_{obj} {:?}); \
-                         stopping before the update — {}",
-                        self.step + 1,
-                        out.losses.get("loss_mim"),
-                        out.losses.get(&format!("loss_{obj}")),
-                        self.checkpoint_note()
-                    ),
-                });
-            }
+            let bad = out.losses.first_non_finite().is_some();
             match grads.as_mut() {
                 None => grads = Some(g),
                 Some(acc) => acc.extend(g)?,
@@ -340,9 +408,38 @@ impl Trainer {
             for (k, v) in out.phase_ms.iter().chain(clock.phases.iter()) {
                 *phase_ms.entry(k).or_default() += v;
             }
+            if bad && self.dist.world() == 1 {
+                break; // no update follows; the other micro-batches would not change that
+            }
         }
-        let grads = grads.expect("accum_steps ≥ 1");
+        let mut grads = grads.expect("accum_steps ≥ 1");
         let mut clock = crate::pipeline::PhaseClock::start();
+        // Every rank waits here for the others: past dist.timeout_s the watchdog ends the job.
+        let _waiting = self.dist.watch(format!("step {}: averaging losses and gradients", self.step + 1));
+        if self.dist.world() > 1 {
+            losses = self.average_losses(losses)?;
+            self.average_gradients(&mut grads)?;
+            clock.lap("all_reduce");
+        }
+        if let Some((name, v)) = losses.first_non_finite() {
+            let obj = self.cim.names["objective"].clone();
+            let component = if name == "loss_mim" || !losses.get("loss_mim").is_some_and(f64::is_finite) {
+                format!("generator `{}` (MIM loss)", self.cim.names["generator"])
+            } else {
+                format!("enhancer `{}` / objective `{obj}`", self.cim.names["enhancer"])
+            };
+            return Err(Error::Diverged {
+                step: self.step + 1,
+                message: format!(
+                    "step {}: {name} is {v} in the {component} (loss_mim {:?}, loss_{obj} {:?}); \
+                     stopping before the update — {}",
+                    self.step + 1,
+                    losses.get("loss_mim"),
+                    losses.get(&format!("loss_{obj}")),
+                    self.checkpoint_note()
+                ),
+            });
+        }
         let lr = self.schedule.lr(self.step);
         let info = self
             .opt
@@ -361,7 +458,14 @@ impl Trainer {
                     _ => Error::msg(message),
                 }
             })?;
+        if self.dist.world() > 1 {
+            // BatchNorm statistics: rank 0's on every rank, as PyTorch DDP's broadcast_buffers.
+            for (_, var) in self.cim.buffers.vars() {
+                var.set(&self.dist.broadcast(var.as_tensor(), 0)?)?;
+            }
+        }
         clock.lap("optim");
+        drop(_waiting);
         phase_ms.extend(clock.phases);
         self.step += 1;
         let secs = start.elapsed().as_secs_f64();
@@ -374,6 +478,57 @@ impl Trainer {
             skipped_files: self.skipped.len(),
             phase_ms,
         })
+    }
+
+    /// The mean over ranks of every loss and diagnostic (a non-finite value on any rank makes
+    /// the mean non-finite, so every rank stops at the same step).
+    fn average_losses(&self, losses: Losses) -> Result<Losses> {
+        let (keys, values): (Vec<String>, Vec<f64>) = losses.0.into_iter().unzip();
+        let mean = self.dist.mean_f64(&values, &self.cim.device)?;
+        Ok(Losses(keys.into_iter().zip(mean).collect()))
+    }
+
+    /// The mean over ranks of every trainable parameter's gradient, in the parameters' (sorted)
+    /// order, in buckets of `dist.bucket_mb`; a parameter without a gradient on this rank
+    /// contributes zeros, so every rank reduces the same buffers.
+    fn average_gradients(&self, grads: &mut candle_core::backprop::GradStore) -> Result<()> {
+        let vars = self.cim.params.vars();
+        let local = vars
+            .iter()
+            .map(|(_, v)| match grads.get(v.as_tensor()) {
+                Some(g) => Ok(g.clone()),
+                None => v.as_tensor().zeros_like(),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let bucket = (self.resolved.cfg.dist.bucket_mb * 1024.0 * 1024.0) as usize;
+        let mean = self.dist.all_reduce_mean(&local, bucket.max(1))?;
+        for ((_, v), g) in vars.iter().zip(mean) {
+            grads.insert(v.as_tensor(), g);
+        }
+        Ok(())
+    }
+
+    /// Checks that every rank starts from the same weights, BatchNorm statistics and optimizer
+    /// state (a checksum of each), so the ranks stay replicas.
+    fn verify_replicas(&self) -> Result<()> {
+        if self.dist.world() == 1 {
+            return Ok(());
+        }
+        let mut h = Fnv::default();
+        for (name, var) in self.cim.params.vars().into_iter().chain(self.cim.buffers.vars()) {
+            h.bytes(name.as_bytes());
+            let v: Vec<f32> = var.as_tensor().flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+            v.iter().for_each(|x| h.bytes(&x.to_bits().to_le_bytes()));
+        }
+        let opt: std::collections::BTreeMap<_, _> = self.opt.state()?.into_iter().collect();
+        for (name, t) in opt {
+            h.bytes(name.as_bytes());
+            let v: Vec<f32> = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+            v.iter().for_each(|x| h.bytes(&x.to_bits().to_le_bytes()));
+        }
+        h.bytes(&(self.step as u64).to_le_bytes());
+        let _waiting = self.dist.watch("comparing the ranks' starting weights");
+        self.dist.agree("the starting weights and optimizer state", h.0, &self.cim.device)
     }
 
     fn checkpoint_note(&self) -> String {
@@ -392,13 +547,12 @@ impl Trainer {
 
     /// The state beside the weights.
     pub fn state(&self) -> TrainState {
-        let micro = (self.step * self.accum) as u64;
         TrainState {
             step: self.step,
             optimizer_t: self.opt.steps_taken(),
             seed: self.resolved.cfg.run.seed,
-            micro_batches: micro,
-            epoch: micro / self.loader.batches_per_epoch() as u64,
+            micro_batches: (self.step * self.accum * self.dist.world()) as u64,
+            epoch: (self.step / self.loader.steps_per_epoch()) as u64,
             skipped: self.skipped.iter().cloned().collect(),
         }
     }
@@ -457,6 +611,7 @@ impl Trainer {
             .or(Some(self.resolved.cfg.run.max_steps).filter(|&n| n > 0))
             .unwrap_or(self.schedule.total);
         let steps = target.saturating_sub(self.step);
+        self.verify_replicas()?;
         if steps == 0 {
             // A finished run (or a target below its step): nothing to train, nothing rewritten.
             return Ok(Summary {
@@ -468,11 +623,17 @@ impl Trainer {
                 skipped: self.skipped.iter().cloned().collect(),
             });
         }
-        let mut metrics = self.run.metrics()?;
+        let leader = self.dist.is_leader();
+        let mut metrics = match leader {
+            true => Some(self.run.metrics()?),
+            false => None,
+        };
         if self.resolved.cfg.run.tensorboard {
-            metrics = metrics.tensorboard(&self.run)?;
+            if let Some(m) = metrics.take() {
+                metrics = Some(m.tensorboard(&self.run)?);
+            }
         }
-        let bar = if std::io::stderr().is_terminal() {
+        let bar = if leader && std::io::stderr().is_terminal() {
             let b = indicatif::ProgressBar::new(target as u64);
             b.set_position(self.step as u64);
             b.set_style(
@@ -492,7 +653,9 @@ impl Trainer {
         let mut records = vec![];
         for _ in 0..steps {
             let rec = self.train_step()?;
-            metrics.append(&rec)?;
+            if let Some(m) = metrics.as_mut() {
+                m.append(&rec)?;
+            }
             let msg = format!(
                 "loss {:.4} mim {:.4} {} {:.4} lr {:.2e} {:.1} img/s",
                 rec.losses.get("loss").unwrap_or(f64::NAN),
@@ -507,14 +670,13 @@ impl Trainer {
                     b.set_message(msg);
                     b.inc(1);
                 }
-                None if rec.step % log_every == 0 || rec.step == 1 || rec.step == target => {
+                None if leader && (rec.step % log_every == 0 || rec.step == 1 || rec.step == target) => {
                     // Without a progress bar (a log file, a pipe): where the run is and how long
                     // it still needs, in the line itself.
                     let done = records.len() + 1;
                     let per_step = start.elapsed().as_secs_f64() / done as f64;
                     let eta = per_step * (target - rec.step) as f64;
-                    let epoch = (rec.step * self.accum) as f64
-                        / self.loader.batches_per_epoch().max(1) as f64;
+                    let epoch = rec.step as f64 / self.loader.steps_per_epoch().max(1) as f64;
                     tracing::info!(
                         "step {}/{target} epoch {epoch:.2} eta {}: {msg}",
                         rec.step,
@@ -525,8 +687,13 @@ impl Trainer {
             }
             let step = rec.step;
             records.push(rec);
+            if !leader {
+                continue; // rank 0 writes the run's files
+            }
             if run.checkpoint_every > 0 && step % run.checkpoint_every == 0 && step < target {
-                metrics.flush()?;
+                if let Some(m) = metrics.as_mut() {
+                    m.flush()?;
+                }
                 self.checkpoint()?;
             }
             if run.picture_every > 0 && step % run.picture_every == 0 {
@@ -538,13 +705,15 @@ impl Trainer {
         if let Some(b) = bar {
             b.finish();
         }
-        metrics.flush()?;
-        if self.last_checkpoint.as_ref().map(|c| c.0) != Some(self.step) {
-            self.checkpoint()?;
+        if let Some(mut metrics) = metrics {
+            metrics.flush()?;
+            if self.last_checkpoint.as_ref().map(|c| c.0) != Some(self.step) {
+                self.checkpoint()?;
+            }
+            save_safetensors(&self.run.join("model.safetensors"), &self.weights())?;
+            self.write_samples(&self.run.join("samples.png"))?;
+            crate::pictures::loss_curve(metrics.path(), &self.run.join("loss_curve.png"))?;
         }
-        save_safetensors(&self.run.join("model.safetensors"), &self.weights())?;
-        self.write_samples(&self.run.join("samples.png"))?;
-        crate::pictures::loss_curve(metrics.path(), &self.run.join("loss_curve.png"))?;
         if !self.skipped.is_empty() {
             tracing::warn!(
                 "skipped {} unreadable files: {}",
