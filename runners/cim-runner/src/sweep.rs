@@ -222,14 +222,15 @@ fn layers(preset: &str, sets: &[&[String]]) -> Layers {
     )
 }
 
-/// The name of a cell: a hash of its resolved configuration without `data.root` (where the data
-/// set lies on this machine does not change the experiment).
+/// The name of a cell: a hash of its resolved configuration without `data.root` and `[dist]`
+/// (where the data set lies, and how processes would talk, do not change the experiment).
 fn cell_key(resolved: &Resolved) -> Result<String> {
     let mut t: toml::Table = toml::from_str(&resolved.to_toml()?)
         .map_err(|e| Error::msg(format!("a resolved configuration does not parse: {e}")))?;
     if let Some(data) = t.get_mut("data").and_then(|d| d.as_table_mut()) {
         data.remove("root");
     }
+    t.remove("dist");
     Ok(fnv(&t.to_string()))
 }
 
