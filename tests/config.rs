@@ -136,10 +136,11 @@ fn paper_presets_fit_one_gpu_and_keep_the_global_batch() {
         assert_eq!(
             (
                 t.batch_size,
-                t.batch_size / t.accum_steps,
+                t.split(1).unwrap(),
+                t.split(8).unwrap(),
                 r.cfg.run.precision
             ),
-            (2048, 128, Precision::Auto),
+            (2048, (16, 128), (2, 128), Precision::Auto),
             "{preset}"
         );
     }

@@ -527,7 +527,7 @@ fn full_size_presets_build_and_take_one_step() {
             "--set",
             "train.batch_size=2",
             "--set",
-            "train.accum_steps=1",
+            "train.micro_batch=2",
             "--set",
             "run.device=cpu",
             "--set",

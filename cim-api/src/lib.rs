@@ -23,6 +23,7 @@
 //! `VarBuilder`s.
 
 pub mod config;
+pub mod cross_rank;
 pub mod error;
 pub mod params;
 pub mod pixels;
@@ -34,6 +35,7 @@ pub mod weights;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use cross_rank::{CrossRank, CrossRankSlot};
 pub use error::{Error, Result};
 pub use params::ParamStore;
 pub use registry::{BuildCtx, ExportSpec, Kind};

@@ -195,6 +195,9 @@ pub struct BuildCtx {
     pub enhancer_vb: Option<VarBuilder<'static>>,
     /// How the component computes (fast paths it stores at build time).
     pub exec: crate::types::ExecChoices,
+    /// Sums across the processes of a data-parallel job, filled once they connect (synchronised
+    /// BatchNorm reads it); empty in a job of one.
+    pub cross_rank: crate::CrossRankSlot,
 }
 
 impl BuildCtx {

@@ -50,6 +50,7 @@ pub fn tiny_ctx(store: &ParamStore, prefix: &str) -> BuildCtx {
         buffers: ParamStore::frozen(0),
         enhancer_vb: None,
         exec: crate::ExecChoices::default(),
+        cross_rank: Default::default(),
     }
 }
 

@@ -92,9 +92,21 @@ impl Launch {
             let digits: String = v.chars().take_while(|c| c.is_ascii_digit()).collect();
             digits.parse().ok()
         };
-        type Names = (Launcher, &'static str, &'static str, &'static str, &'static str);
+        type Names = (
+            Launcher,
+            &'static str,
+            &'static str,
+            &'static str,
+            &'static str,
+        );
         let known: [Names; 4] = [
-            (Launcher::Torchrun, "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+            (
+                Launcher::Torchrun,
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE",
+            ),
             (
                 Launcher::OpenMpi,
                 "OMPI_COMM_WORLD_RANK",
@@ -102,7 +114,13 @@ impl Launch {
                 "OMPI_COMM_WORLD_LOCAL_RANK",
                 "OMPI_COMM_WORLD_LOCAL_SIZE",
             ),
-            (Launcher::Pmi, "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+            (
+                Launcher::Pmi,
+                "PMI_RANK",
+                "PMI_SIZE",
+                "MPI_LOCALRANKID",
+                "MPI_LOCALNRANKS",
+            ),
             (
                 Launcher::Slurm,
                 "SLURM_PROCID",
@@ -139,7 +157,9 @@ impl Launch {
         }
         if let (Some(addr), Some(port)) = (get("MASTER_ADDR"), get("MASTER_PORT")) {
             let port = port.trim().parse::<u16>().map_err(|_| {
-                Error::config(format!("environment variable MASTER_PORT={port:?} is not a port"))
+                Error::config(format!(
+                    "environment variable MASTER_PORT={port:?} is not a port"
+                ))
             })?;
             launch.master = Some((addr, port));
         }
@@ -193,7 +213,10 @@ mod tests {
             ("TORCHELASTIC_USE_AGENT_STORE", "True"),
         ])
         .unwrap();
-        assert_eq!((t.launcher, t.rank, t.world, t.local_rank, t.local_world), (Launcher::Torchrun, 3, 8, 1, 2));
+        assert_eq!(
+            (t.launcher, t.rank, t.world, t.local_rank, t.local_world),
+            (Launcher::Torchrun, 3, 8, 1, 2)
+        );
         assert_eq!(t.master, Some(("node0".into(), 29500)));
         assert!(t.agent_store);
         let o = launch(&[
@@ -203,7 +226,10 @@ mod tests {
             ("OMPI_COMM_WORLD_LOCAL_SIZE", "2"),
         ])
         .unwrap();
-        assert_eq!((o.launcher, o.rank, o.world, o.local_rank, o.local_world), (Launcher::OpenMpi, 1, 2, 1, 2));
+        assert_eq!(
+            (o.launcher, o.rank, o.world, o.local_rank, o.local_world),
+            (Launcher::OpenMpi, 1, 2, 1, 2)
+        );
         assert!(o.launcher.is_mpi() && o.master.is_none() && !o.agent_store);
         let p = launch(&[("PMI_RANK", "0"), ("PMI_SIZE", "4")]).unwrap();
         assert_eq!((p.launcher, p.world, p.local_world), (Launcher::Pmi, 4, 4));
@@ -214,18 +240,32 @@ mod tests {
             ("SLURM_STEP_TASKS_PER_NODE", "4(x2)"),
         ])
         .unwrap();
-        assert_eq!((s.launcher, s.rank, s.world, s.local_rank, s.local_world), (Launcher::Slurm, 5, 8, 1, 4));
+        assert_eq!(
+            (s.launcher, s.rank, s.world, s.local_rank, s.local_world),
+            (Launcher::Slurm, 5, 8, 1, 4)
+        );
         // An sbatch script itself (no srun step) is not a job of many.
-        assert_eq!(launch(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "4")]).unwrap().world, 1);
+        assert_eq!(
+            launch(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "4")])
+                .unwrap()
+                .world,
+            1
+        );
     }
 
     #[test]
     fn malformed_variables_are_named() {
-        let e = launch(&[("RANK", "two"), ("WORLD_SIZE", "2")]).unwrap_err().to_string();
+        let e = launch(&[("RANK", "two"), ("WORLD_SIZE", "2")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("RANK=\"two\""), "{e}");
-        let e = launch(&[("RANK", "2"), ("WORLD_SIZE", "2")]).unwrap_err().to_string();
+        let e = launch(&[("RANK", "2"), ("WORLD_SIZE", "2")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("RANK=2") && e.contains("WORLD_SIZE=2"), "{e}");
-        let e = launch(&[("MASTER_ADDR", "h"), ("MASTER_PORT", "http")]).unwrap_err().to_string();
+        let e = launch(&[("MASTER_ADDR", "h"), ("MASTER_PORT", "http")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("MASTER_PORT=\"http\""), "{e}");
     }
 }

@@ -19,6 +19,7 @@ use cim_api::{Error, Result};
 
 pub mod launch;
 pub mod rendezvous;
+mod sync;
 
 #[cfg(feature = "mpi")]
 mod mpi_backend;
@@ -26,6 +27,7 @@ mod mpi_backend;
 mod nccl_backend;
 
 pub use launch::{local_processes, Launch, Launcher};
+pub use sync::SyncSum;
 
 /// The operations between the processes of a job. Every rank calls each operation in the same
 /// order with tensors of the same shape and dtype.
@@ -82,7 +84,12 @@ pub struct Dist {
 
 impl std::fmt::Debug for Dist {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Dist({}, {})", self.launch.describe(), self.coll.backend())
+        write!(
+            f,
+            "Dist({}, {})",
+            self.launch.describe(),
+            self.coll.backend()
+        )
     }
 }
 
@@ -98,10 +105,20 @@ impl Dist {
     }
 
     /// Connects the processes of `launch` through `backend` (`Auto`: NCCL on CUDA, MPI on the
-    /// CPU), waiting at most `timeout` for the others here and in every later collective.
-    pub fn connect(launch: Launch, backend: Backend, device: &Device, timeout: Duration) -> Result<Self> {
-        if launch.world == 1 {
-            return Ok(Self { launch, ..Self::single() });
+    /// CPU), waiting at most `timeout` for the others here and in every later collective. A job of
+    /// one needs no backend with `Auto`; a backend named explicitly is connected even then (a
+    /// one-rank check of it).
+    pub fn connect(
+        launch: Launch,
+        backend: Backend,
+        device: &Device,
+        timeout: Duration,
+    ) -> Result<Self> {
+        if launch.world == 1 && backend == Backend::Auto {
+            return Ok(Self {
+                launch,
+                ..Self::single()
+            });
         }
         let chosen = match backend {
             Backend::Auto if device.is_cuda() => Backend::Nccl,
@@ -113,14 +130,22 @@ impl Dist {
             Backend::Nccl => nccl(&launch, device, timeout)?,
             Backend::Auto => unreachable!("resolved above"),
         };
+        Ok(Self::with_collective(launch, coll, timeout))
+    }
+
+    /// The processes of `launch` connected by a [`Collective`] of your own (another engine, or a
+    /// test's), with the watchdog of `timeout`.
+    pub fn with_collective(launch: Launch, coll: Box<dyn Collective>, timeout: Duration) -> Self {
         let dist = Self {
             launch,
             coll,
             waiting: Default::default(),
             timeout,
         };
-        dist.start_watchdog();
-        Ok(dist)
+        if dist.world() > 1 {
+            dist.start_watchdog();
+        }
+        dist
     }
 
     pub fn rank(&self) -> usize {
@@ -173,9 +198,14 @@ impl Dist {
             .expect("spawning the watchdog thread");
     }
 
+    /// Whether collectives go through a backend: several ranks, or one with a backend named.
+    pub fn is_connected(&self) -> bool {
+        self.coll.backend() != "single"
+    }
+
     /// The sum of `t` over ranks.
     pub fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        if self.world() == 1 {
+        if !self.is_connected() {
             return Ok(t.clone());
         }
         self.coll.all_reduce_sum(&t.contiguous()?)
@@ -183,7 +213,7 @@ impl Dist {
 
     /// Rank `root`'s `t` on every rank.
     pub fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
-        if self.world() == 1 {
+        if !self.is_connected() {
             return Ok(t.clone());
         }
         self.coll.broadcast(&t.contiguous()?, root)
@@ -191,7 +221,7 @@ impl Dist {
 
     /// The mean over ranks of each of `values` (a loss, a count), read back to the host.
     pub fn mean_f64(&self, values: &[f64], device: &Device) -> Result<Vec<f64>> {
-        if self.world() == 1 || values.is_empty() {
+        if !self.is_connected() || values.is_empty() {
             return Ok(values.to_vec());
         }
         let t = Tensor::from_slice(values, values.len(), device)?;
@@ -204,7 +234,7 @@ impl Dist {
     /// same tensors in the same order. A bucket holds one dtype: bf16 gradients go as bf16.
     pub fn all_reduce_mean(&self, tensors: &[Tensor], bucket_bytes: usize) -> Result<Vec<Tensor>> {
         let w = self.world();
-        if w == 1 {
+        if !self.is_connected() {
             return Ok(tensors.to_vec());
         }
         let mut out = Vec::with_capacity(tensors.len());
@@ -215,7 +245,8 @@ impl Dist {
             let mut bytes = 0;
             while end < tensors.len()
                 && tensors[end].dtype() == dtype
-                && (end == start || bytes + tensors[end].elem_count() * dtype.size_in_bytes() <= bucket_bytes)
+                && (end == start
+                    || bytes + tensors[end].elem_count() * dtype.size_in_bytes() <= bucket_bytes)
             {
                 bytes += tensors[end].elem_count() * dtype.size_in_bytes();
                 end += 1;
@@ -244,7 +275,7 @@ impl Dist {
     /// names each rank that differs from rank 0.
     pub fn agree(&self, what: &str, value: u64, device: &Device) -> Result<()> {
         let w = self.world();
-        if w == 1 {
+        if !self.is_connected() {
             return Ok(());
         }
         // Four 16-bit pieces per rank: exact in any float sum.

@@ -21,7 +21,10 @@ impl Mpi {
         let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Serialized)
             .ok_or_else(|| Error::msg("MPI was initialised already in this process"))?;
         if threading < mpi::Threading::Serialized {
-            tracing::warn!(?threading, "the MPI library does not offer serialized threading");
+            tracing::warn!(
+                ?threading,
+                "the MPI library does not offer serialized threading"
+            );
         }
         let world = universe.world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);
@@ -51,7 +54,11 @@ fn to_host(t: &Tensor) -> Result<Host> {
         DType::U8 => Host::U8(flat.to_vec1()?),
         DType::U32 => Host::U32(flat.to_vec1()?),
         DType::F32 | DType::BF16 | DType::F16 => Host::F32(flat.to_dtype(DType::F32)?.to_vec1()?),
-        other => return Err(Error::msg(format!("mpi backend: no collective for {other:?} tensors"))),
+        other => {
+            return Err(Error::msg(format!(
+                "mpi backend: no collective for {other:?} tensors"
+            )))
+        }
     })
 }
 

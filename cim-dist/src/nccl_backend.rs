@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
@@ -37,15 +38,6 @@ impl Nccl {
                 "dist.backend = \"nccl\" needs run.device on CUDA; on the CPU use dist.backend = \"mpi\"",
             ));
         };
-        let Some((host, port)) = launch.master.clone() else {
-            return Err(Error::config(format!(
-                "{}: NCCL's rendezvous needs MASTER_ADDR and MASTER_PORT (torchrun sets them; \
-                 with mpirun or srun export them in the job script)",
-                launch.describe()
-            )));
-        };
-        // torchrun's agent listens on MASTER_PORT itself.
-        let port = if launch.agent_store { port.wrapping_add(1) } else { port };
         let nccl = |e: candle_core::cuda_backend::cudarc::nccl::result::NcclError| {
             Error::msg(format!("{}: NCCL: {e:?}", launch.describe()))
         };
@@ -55,17 +47,58 @@ impl Nccl {
         } else {
             None
         };
-        let bytes = rendezvous::share(launch.rank, launch.world, &host, port, mine.as_deref(), timeout)?;
+        let bytes = match (launch.world, mine) {
+            (1, Some(id)) => id, // a job of one: nobody to hand the id to
+            (_, mine) => {
+                let Some((host, port)) = launch.master.clone() else {
+                    return Err(Error::config(format!(
+                        "{}: NCCL's rendezvous needs MASTER_ADDR and MASTER_PORT (torchrun sets them; \
+                         with mpirun or srun export them in the job script)",
+                        launch.describe()
+                    )));
+                };
+                // torchrun's agent listens on MASTER_PORT itself.
+                let port = if launch.agent_store {
+                    port.wrapping_add(1)
+                } else {
+                    port
+                };
+                rendezvous::share(
+                    launch.rank,
+                    launch.world,
+                    &host,
+                    port,
+                    mine.as_deref(),
+                    timeout,
+                )?
+            }
+        };
         let internal: [core::ffi::c_char; 128] = bytes
             .iter()
             .map(|&b| b as core::ffi::c_char)
             .collect::<Vec<_>>()
             .try_into()
-            .map_err(|_| Error::msg(format!("rendezvous: NCCL's id has {} bytes, not 128", bytes.len())))?;
-        let comm = Comm::from_rank(dev.cuda_stream(), launch.rank, launch.world, Id::uninit(internal))
-            .map_err(nccl)?;
-        tracing::info!(rank = launch.rank, world = launch.world, "NCCL communicator ready");
-        Ok(Self { comm: Arc::new(Shared(comm)) })
+            .map_err(|_| {
+                Error::msg(format!(
+                    "rendezvous: NCCL's id has {} bytes, not 128",
+                    bytes.len()
+                ))
+            })?;
+        let comm = Comm::from_rank(
+            dev.cuda_stream(),
+            launch.rank,
+            launch.world,
+            Id::uninit(internal),
+        )
+        .map_err(nccl)?;
+        tracing::info!(
+            rank = launch.rank,
+            world = launch.world,
+            "NCCL communicator ready"
+        );
+        Ok(Self {
+            comm: Arc::new(Shared(comm)),
+        })
     }
 }
 
@@ -133,12 +166,18 @@ impl Collective for Nccl {
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        let op = NcclOp { comm: self.comm.clone(), op: Op::Sum };
+        let op = NcclOp {
+            comm: self.comm.clone(),
+            op: Op::Sum,
+        };
         Ok(t.detach().apply_op1_no_bwd(&op)?)
     }
 
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
-        let op = NcclOp { comm: self.comm.clone(), op: Op::Broadcast(root) };
+        let op = NcclOp {
+            comm: self.comm.clone(),
+            op: Op::Broadcast(root),
+        };
         Ok(t.detach().apply_op1_no_bwd(&op)?)
     }
 

@@ -53,7 +53,11 @@ fn serve(world: usize, port: u16, payload: &[u8], deadline: Instant) -> Result<(
                 if r == 0 || r >= world || served[r] {
                     return Err(Error::msg(format!(
                         "rendezvous: {peer} says it is rank {r}, which is {} in a world of {world}",
-                        if r < world && served[r] { "taken" } else { "not a rank" }
+                        if r < world && served[r] {
+                            "taken"
+                        } else {
+                            "not a rank"
+                        }
                     )));
                 }
                 let mut msg = (payload.len() as u64).to_le_bytes().to_vec();
@@ -82,7 +86,13 @@ fn serve(world: usize, port: u16, payload: &[u8], deadline: Instant) -> Result<(
     Ok(())
 }
 
-fn fetch(rank: usize, host: &str, port: u16, deadline: Instant, timeout: Duration) -> Result<Vec<u8>> {
+fn fetch(
+    rank: usize,
+    host: &str,
+    port: u16,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Vec<u8>> {
     let mut last = String::from("no address");
     while Instant::now() < deadline {
         let addrs = match (host, port).to_socket_addrs() {
@@ -96,7 +106,11 @@ fn fetch(rank: usize, host: &str, port: u16, deadline: Instant, timeout: Duratio
             let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
                 continue;
             };
-            let _ = stream.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100))));
+            let _ = stream.set_read_timeout(Some(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(100)),
+            ));
             let mut hello = MAGIC.to_vec();
             hello.extend_from_slice(&(rank as u64).to_le_bytes());
             let read = stream.write_all(&hello).and_then(|()| {
@@ -124,7 +138,11 @@ mod tests {
     use super::*;
 
     fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     }
 
     #[test]
@@ -135,7 +153,10 @@ mod tests {
         let peers: Vec<_> = (1..4)
             .map(|r| std::thread::spawn(move || share(r, 4, "127.0.0.1", port, None, t).unwrap()))
             .collect();
-        assert_eq!(share(0, 4, "127.0.0.1", port, Some(&payload), t).unwrap(), payload);
+        assert_eq!(
+            share(0, 4, "127.0.0.1", port, Some(&payload), t).unwrap(),
+            payload
+        );
         for p in peers {
             assert_eq!(p.join().unwrap(), payload);
         }
@@ -145,11 +166,17 @@ mod tests {
     fn missing_ranks_are_named_after_the_timeout() {
         let port = free_port();
         let t = Duration::from_millis(300);
-        let peer = std::thread::spawn(move || share(2, 3, "127.0.0.1", port, None, Duration::from_secs(20)));
-        let e = share(0, 3, "127.0.0.1", port, Some(b"id"), t).unwrap_err().to_string();
+        let peer = std::thread::spawn(move || {
+            share(2, 3, "127.0.0.1", port, None, Duration::from_secs(20))
+        });
+        let e = share(0, 3, "127.0.0.1", port, Some(b"id"), t)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("rank(s) 1 did not connect"), "{e}");
         assert_eq!(peer.join().unwrap().unwrap(), b"id");
-        let e = share(1, 2, "127.0.0.1", free_port(), None, t).unwrap_err().to_string();
+        let e = share(1, 2, "127.0.0.1", free_port(), None, t)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("rank 1 could not reach rank 0"), "{e}");
     }
 }

@@ -110,6 +110,8 @@ pub struct BatchNorm {
     running_var: Var,
     momentum: f64,
     eps: f64,
+    /// In a data-parallel job with `dist.sync_bn`: training statistics over every rank's batch.
+    sync: cim_api::CrossRankSlot,
 }
 
 impl BatchNorm {
@@ -136,6 +138,7 @@ impl BatchNorm {
             running_var: var("running_var")?,
             momentum,
             eps,
+            sync: Default::default(),
         })
     }
 
@@ -179,6 +182,45 @@ impl BatchNorm {
         }
     }
 
+    /// Training with statistics over the whole job's batch (SyncBatchNorm): each rank's
+    /// per-channel sums of `x` and `x²` are summed across ranks — differentiably, so the backward
+    /// sums the ranks' gradients of the statistics as well — and give the mean and the biased
+    /// variance of all `n × world` values.
+    fn normalise_synced(
+        &self,
+        x: &Tensor,
+        sync: &dyn cim_api::CrossRank,
+        n: f64,
+        shape: [usize; 4],
+        dims: [usize; 3],
+    ) -> Result<Tensor> {
+        if x.dtype() == DType::BF16 {
+            let y = self.normalise_synced(&x.to_dtype(DType::F32)?, sync, n, shape, dims)?;
+            return Ok(y.to_dtype(DType::BF16)?);
+        }
+        let sum_over = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.sum_keepdim(dims[0])?
+                .sum_keepdim(dims[1])?
+                .sum_keepdim(dims[2])?)
+        };
+        let sums = Tensor::cat(&[sum_over(x)?, sum_over(&x.sqr()?)?], 0)?;
+        let total = sync.sum(&sums)?;
+        let all = n * sync.world() as f64;
+        let mean = (total.narrow(0, 0, 1)? / all)?;
+        let var = ((total.narrow(0, 1, 1)? / all)? - mean.sqr()?)?.relu()?;
+        self.update_running(
+            &mean.detach().flatten_all()?,
+            &var.detach().flatten_all()?,
+            all / (all - 1.0).max(1.0),
+        )?;
+        let xn = x
+            .broadcast_sub(&mean)?
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(xn
+            .broadcast_mul(&self.weight.reshape(&shape[..])?)?
+            .broadcast_add(&self.bias.reshape(&shape[..])?)?)
+    }
+
     /// The normalised map, and whether the fused node applied `tail` already.
     fn normalise(
         &self,
@@ -196,6 +238,12 @@ impl BatchNorm {
         };
         let n = (x.elem_count() / c.max(1)) as f64;
         let unbias = n / (n - 1.0).max(1.0);
+        if let Some(sync) = self.sync.get().filter(|_| train) {
+            return Ok((
+                self.normalise_synced(x, sync.as_ref(), n, shape, dims)?,
+                false,
+            ));
+        }
         if train {
             // Fused: one statistics reduction giving [γ; β; mean; var], one normalisation kernel
             // keeping only its input, a backward of two kernels (batch_norm_train_tail).
@@ -387,7 +435,22 @@ impl ResNet {
 
     /// `layer4` output in the network's layout: `(B, 2048, h, w)`, channels last `(B, h, w, 2048)`.
     fn trunk(&self, image: &Tensor, train: bool) -> Result<Tensor> {
-        self.trunk_with(image, train, self.regions)
+        // A region's hand-written backward has no place for the ranks' sums of SyncBatchNorm.
+        let synced = self.bn1.sync.get().is_some();
+        self.trunk_with(image, train, self.regions && !synced)
+    }
+
+    /// Every BatchNorm reads `slot` for the sums across ranks (synchronised BatchNorm).
+    pub fn set_cross_rank(&mut self, slot: &cim_api::CrossRankSlot) {
+        self.bn1.sync = slot.clone();
+        for b in self.stages.iter_mut().flatten() {
+            for bn in [&mut b.bn1, &mut b.bn2, &mut b.bn3] {
+                bn.sync = slot.clone();
+            }
+            if let Some((_, bn)) = b.downsample.as_mut() {
+                bn.sync = slot.clone();
+            }
+        }
     }
 
     /// [`Self::trunk`], the bottlenecks as a region where `regions` and they allow one.
@@ -511,7 +574,8 @@ impl Enhancer for ResNet {
 }
 
 fn build(cfg: ResNetConfig, ctx: &BuildCtx) -> Result<ResNet> {
-    let net = ResNet::new(&cfg, ctx.image_size, ctx.vb.clone(), &ctx.buffers, ctx.exec)?;
+    let mut net = ResNet::new(&cfg, ctx.image_size, ctx.vb.clone(), &ctx.buffers, ctx.exec)?;
+    net.set_cross_rank(&ctx.cross_rank);
     tracing::info!(
         channels_last = net.channels_last(),
         layout = ?cfg.layout,
@@ -551,6 +615,118 @@ mod tests {
     #[test]
     fn conformance() -> Result<()> {
         cim_api::testing::check_enhancer("resnet50")
+    }
+
+    /// Two ranks joined through threads: the sum of what both hand in (a test double of MPI).
+    struct Threads {
+        rank: usize,
+        shared: std::sync::Arc<(std::sync::Mutex<Vec<Vec<f32>>>, std::sync::Barrier)>,
+    }
+
+    impl cim_dist::Collective for Threads {
+        fn backend(&self) -> &'static str {
+            "threads"
+        }
+        fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+            let (slots, barrier) = &*self.shared;
+            slots.lock().unwrap()[self.rank] = t.flatten_all()?.to_vec1::<f32>()?;
+            barrier.wait();
+            let sum: Vec<f32> = {
+                let s = slots.lock().unwrap();
+                (0..s[0].len())
+                    .map(|i| s.iter().map(|v| v[i]).sum())
+                    .collect()
+            };
+            barrier.wait();
+            Ok(Tensor::from_vec(sum, t.shape(), t.device())?)
+        }
+        fn broadcast(&self, _: &Tensor, _: usize) -> Result<Tensor> {
+            Err(Error::msg("not needed"))
+        }
+        fn abort(&self, _: i32) -> ! {
+            panic!("a rank failed")
+        }
+    }
+
+    /// SyncBatchNorm: two ranks with half a batch each compute what one process computes on the
+    /// whole batch — outputs, the input's gradient, the affine parameters' gradients (summed over
+    /// ranks, as the trainer's all-reduce does) and the running statistics.
+    #[test]
+    fn synchronised_batch_norm_over_two_ranks_is_batch_norm_over_the_whole_batch() -> Result<()> {
+        let x = (cim_api::testing::uniform((4, 3, 5, 5), 11)? * 3.0)?;
+        let r = cim_api::testing::uniform((4, 3, 5, 5), 12)?;
+        // Returns y, dL/dx, dL/dweight, dL/dbias and the running mean of rank `rank` of `world`
+        // (world 1: the whole batch, no slot).
+        let run = |rank: usize, world: usize, shared| -> Result<Vec<Tensor>> {
+            let store = ParamStore::trainable(3);
+            let buffers = ParamStore::frozen(3);
+            let vb = store.var_builder(DType::F32, &Device::Cpu).pp("bn");
+            let mut bn = BatchNorm::new(3, 0.1, 1e-5, vb, &buffers)?;
+            bn.weight = (cim_api::testing::uniform(3, 4)? + 0.5)?;
+            bn.bias = cim_api::testing::uniform(3, 5)?;
+            let (w, b) = (Var::from_tensor(&bn.weight)?, Var::from_tensor(&bn.bias)?);
+            bn.weight = w.as_tensor().clone();
+            bn.bias = b.as_tensor().clone();
+            if world > 1 {
+                let launch = cim_dist::Launch {
+                    rank,
+                    world,
+                    ..cim_dist::Launch::single()
+                };
+                let coll = Box::new(Threads { rank, shared });
+                let dist = cim_dist::Dist::with_collective(
+                    launch,
+                    coll,
+                    std::time::Duration::from_secs(60),
+                );
+                bn.sync.set(std::sync::Arc::new(cim_dist::SyncSum::new(
+                    std::sync::Arc::new(dist),
+                )));
+            }
+            let per = 4 / world;
+            let xs = Var::from_tensor(&x.narrow(0, rank * per, per)?)?;
+            let y = bn.forward_t(xs.as_tensor(), true, false)?;
+            let loss = (&y * r.narrow(0, rank * per, per)?)?.sum_all()?;
+            let g = loss.backward()?;
+            let grad = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+            let mean = buffers.get("bn.running_mean").unwrap().as_tensor().clone();
+            Ok(vec![y, grad(&xs), grad(&w), grad(&b), mean])
+        };
+        let pair = || {
+            std::sync::Arc::new((
+                std::sync::Mutex::new(vec![vec![]; 2]),
+                std::sync::Barrier::new(2),
+            ))
+        };
+        let whole = run(0, 1, pair())?;
+        let shared = pair();
+        let (zero, one) = std::thread::scope(|s| {
+            let other = s.spawn(|| run(1, 2, shared.clone()).unwrap());
+            let zero = run(0, 2, shared.clone()).unwrap();
+            (zero, other.join().unwrap())
+        });
+        let want = [
+            Tensor::cat(&[&zero[0], &one[0]], 0)?,
+            Tensor::cat(&[&zero[1], &one[1]], 0)?,
+            (&zero[2] + &one[2])?,
+            (&zero[3] + &one[3])?,
+            zero[4].clone(),
+        ];
+        for (i, (w, got)) in whole.iter().zip(&want).enumerate() {
+            let d = (w - got)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            let scale = w.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(
+                d <= 1e-5 * scale.max(1.0),
+                "output {i}: differs by {d} (scale {scale})"
+            );
+        }
+        // Both ranks hold the same running statistics.
+        assert_eq!(zero[4].to_vec1::<f32>()?, one[4].to_vec1::<f32>()?);
+        Ok(())
     }
 
     /// A training forward moves the running statistics as PyTorch does: `0.9·running + 0.1·batch`

@@ -34,9 +34,13 @@ fn image_folder(dir: &Path) -> PathBuf {
 /// The run: tiny_vit_respix on the folder, a global batch of 16 in micro-batches of 4 (one
 /// process accumulates 4 of them, each of two ranks 2).
 fn args(data: &Path, extra: &[&str]) -> Vec<String> {
+    args_of("tiny_vit_respix", data, extra)
+}
+
+fn args_of(preset: &str, data: &Path, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = [
         "--preset",
-        "tiny_vit_respix",
+        preset,
         "--set",
         "data.source=\"folder\"",
         "--set",
@@ -79,7 +83,11 @@ fn mpirun(np: usize, args: &[String]) -> Output {
     let out = mpirun_command(np, args)
         .output()
         .expect("mpirun not found: install OpenMPI (tools/install-mpi.sh)");
-    assert!(out.status.success(), "mpirun -np {np} failed:\n{}", text(&out));
+    assert!(
+        out.status.success(),
+        "mpirun -np {np} failed:\n{}",
+        text(&out)
+    );
     out
 }
 
@@ -117,7 +125,10 @@ fn weights(run: &Path) -> HashMap<String, Tensor> {
 fn max_rel_diff(a: &Path, b: &Path, from: u64) -> (f64, f64) {
     let (ma, mb) = (metrics(a), metrics(b));
     let pick = |m: &[serde_json::Value]| -> Vec<serde_json::Value> {
-        m.iter().filter(|r| r["step"].as_u64().unwrap() >= from).cloned().collect()
+        m.iter()
+            .filter(|r| r["step"].as_u64().unwrap() >= from)
+            .cloned()
+            .collect()
     };
     let (ma, mb) = (pick(&ma), pick(&mb));
     assert_eq!(ma.len(), mb.len(), "{} vs {} steps", ma.len(), mb.len());
@@ -132,7 +143,16 @@ fn max_rel_diff(a: &Path, b: &Path, from: u64) -> (f64, f64) {
     let (wa, wb) = (weights(a), weights(b));
     assert_eq!(wa.len(), wb.len());
     let rel = |x: &Tensor, y: &Tensor| -> f64 {
-        let max = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let max = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        };
         max(&(x - y).unwrap()) / max(y).max(1e-12)
     };
     let mut key_bias = 0f64;
@@ -144,7 +164,12 @@ fn max_rel_diff(a: &Path, b: &Path, from: u64) -> (f64, f64) {
             for i in [0, 2] {
                 worst = worst.max(rel(&part(ta, i), &part(tb, i)));
             }
-            let d = (part(ta, 1) - part(tb, 1)).unwrap().abs().unwrap().max(0).unwrap();
+            let d = (part(ta, 1) - part(tb, 1))
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max(0)
+                .unwrap();
             key_bias = key_bias.max(d.to_scalar::<f32>().unwrap() as f64);
         } else {
             worst = worst.max(rel(ta, tb));
@@ -159,7 +184,10 @@ fn two_ranks_match_one_process_at_the_same_global_batch() {
     let data = image_folder(tmp.path());
     let dir = |n: &str| tmp.path().join(n);
     let run = |d: &Path, micro: &str| {
-        args(&data, &["--steps", "4", "--out", d.to_str().unwrap(), "--set", micro])
+        args(
+            &data,
+            &["--steps", "4", "--out", d.to_str().unwrap(), "--set", micro],
+        )
     };
     // Micro-batches of 8: each rank takes one per step, the one process accumulates two. Halving
     // is exact in floating point, so (g₀ + g₁)/2 is g₀/2 + g₁/2 bit for bit: the runs agree exactly.
@@ -174,8 +202,14 @@ fn two_ranks_match_one_process_at_the_same_global_batch() {
     let two = dir("two");
     let out = mpirun(2, &run(&two, "train.micro_batch=4"));
     let log = text(&out);
-    assert!(log.contains("rank 0 of 2 (OpenMPI mpirun") && log.contains("rank 1 of 2"), "{log}");
-    assert!(log.contains("backend mpi") && log.contains("2 micro-batch(es) of 4 images"), "{log}");
+    assert!(
+        log.contains("rank 0 of 2 (OpenMPI mpirun") && log.contains("rank 1 of 2"),
+        "{log}"
+    );
+    assert!(
+        log.contains("backend mpi") && log.contains("2 micro-batch(es) of 4 images"),
+        "{log}"
+    );
     // Only rank 0 reports and writes.
     assert_eq!(log.matches("done: 4 steps").count(), 1, "{log}");
     assert_eq!(metrics(&two).len(), 4);
@@ -195,9 +229,52 @@ fn two_ranks_match_one_process_at_the_same_global_batch() {
         .output()
         .unwrap();
     let cfg = text(&cfg);
-    assert!(cfg.contains("# this process: rank 1 of 2 (torchrun"), "{cfg}");
-    assert!(cfg.contains("each rank accumulates 2 micro-batch(es) of 4 images"), "{cfg}");
-    assert!(cfg.contains("[dist]") && cfg.contains("timeout_s = 20"), "{cfg}");
+    assert!(
+        cfg.contains("# this process: rank 1 of 2 (torchrun"),
+        "{cfg}"
+    );
+    assert!(
+        cfg.contains("each rank accumulates 2 micro-batch(es) of 4 images"),
+        "{cfg}"
+    );
+    assert!(
+        cfg.contains("[dist]") && cfg.contains("timeout_s = 20"),
+        "{cfg}"
+    );
+}
+
+/// A job of one with the backend named still goes through it (every collective of one rank):
+/// the same run as without, bit for bit. (On a GPU, `dist.backend = "nccl"` is the same check
+/// of NCCL: benches/gpu-dist-check.sh.)
+#[test]
+fn one_rank_through_mpi_is_the_single_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = image_folder(tmp.path());
+    let dir = |n: &str| tmp.path().join(n);
+    let run = |d: &Path| {
+        args(
+            &data,
+            &[
+                "--steps",
+                "3",
+                "--out",
+                d.to_str().unwrap(),
+                "--set",
+                "dist.backend=\"mpi\"",
+            ],
+        )
+    };
+    single(&args(
+        &data,
+        &["--steps", "3", "--out", dir("alone").to_str().unwrap()],
+    ));
+    let out = mpirun(1, &run(&dir("mpi")));
+    assert!(
+        !text(&out).contains("rank 0 of 1"),
+        "a job of one says nothing of ranks"
+    );
+    let (worst, key_bias) = max_rel_diff(&dir("alone"), &dir("mpi"), 1);
+    assert_eq!((worst, key_bias), (0.0, 0.0));
 }
 
 #[test]
@@ -209,10 +286,20 @@ fn a_two_rank_checkpoint_resumes_at_one_rank_and_at_two() {
     // Uninterrupted: 2 ranks, 6 steps.
     mpirun(2, &args(&data, &["--out", &s(dir("whole"))]));
     // 2 ranks for 3 steps, then the rest at 1 rank and, from a copy, at 2 ranks.
-    mpirun(2, &args(&data, &["--steps", "3", "--out", &s(dir("first"))]));
+    mpirun(
+        2,
+        &args(&data, &["--steps", "3", "--out", &s(dir("first"))]),
+    );
     copy_dir(&dir("first"), &dir("at2"));
     std::fs::rename(dir("first"), dir("at1")).unwrap();
-    let resume = |d: &str| vec!["--resume".to_string(), s(dir(d)), "--steps".into(), "6".into()];
+    let resume = |d: &str| {
+        vec![
+            "--resume".to_string(),
+            s(dir(d)),
+            "--steps".into(),
+            "6".into(),
+        ]
+    };
     let out = single(&resume("at1"));
     assert!(text(&out).contains("now at step 6"), "{}", text(&out));
     mpirun(2, &resume("at2"));
@@ -221,8 +308,44 @@ fn a_two_rank_checkpoint_resumes_at_one_rank_and_at_two() {
         let (worst, key_bias) = max_rel_diff(&dir(d), &dir("whole"), 4);
         eprintln!("resumed {d} vs uninterrupted: largest relative difference {worst:.3e}, key biases {key_bias:.3e}");
         assert!(worst < 1e-5, "{d}: largest relative difference {worst}");
-        assert!(key_bias < 6.0 * 1e-3, "{d}: key biases differ by {key_bias}");
+        assert!(
+            key_bias < 6.0 * 1e-3,
+            "{d}: key biases differ by {key_bias}"
+        );
     }
+}
+
+/// The ResNet enhancer normalises with the statistics of both ranks' micro-batches (SyncBN, on
+/// by default); without it, each rank's own. (The layer itself is checked against one process's
+/// BatchNorm in the resnet plugin's tests.)
+#[test]
+fn resnet_ranks_synchronise_batch_norm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = image_folder(tmp.path());
+    let run = |name: &str, sync: &str| {
+        let dir = tmp.path().join(name);
+        let a = args_of(
+            "tiny_resnet_respix",
+            &data,
+            &[
+                "--steps",
+                "2",
+                "--out",
+                dir.to_str().unwrap(),
+                "--set",
+                sync,
+            ],
+        );
+        mpirun(2, &a);
+        metrics(&dir)
+    };
+    let synced = run("sync", "dist.sync_bn=true");
+    let own = run("own", "dist.sync_bn=false");
+    assert_eq!(synced.len(), 2);
+    let loss = |m: &[serde_json::Value], i: usize| m[i]["loss_respix"].as_f64().unwrap();
+    assert!(loss(&synced, 0).is_finite() && loss(&synced, 1).is_finite());
+    // The first step's forward differs only in the statistics BatchNorm normalises with.
+    assert_ne!(loss(&synced, 0), loss(&own, 0));
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -267,7 +390,15 @@ fn disturb_rank_one(signal: &str, timeout_s: u64) -> (Duration, Output) {
     let data = image_folder(tmp.path());
     let run = tmp.path().join("run");
     let marker = format!("CIM_TEST_JOB={}", tmp.path().display());
-    let mut a = args(&data, &["--out", run.to_str().unwrap(), "--set", "train.total_steps=100000"]);
+    let mut a = args(
+        &data,
+        &[
+            "--out",
+            run.to_str().unwrap(),
+            "--set",
+            "train.total_steps=100000",
+        ],
+    );
     a.extend(["--set".into(), format!("dist.timeout_s={timeout_s}")]);
     let child = mpirun_command(2, &a)
         .env("CIM_TEST_JOB", tmp.path())
@@ -276,17 +407,27 @@ fn disturb_rank_one(signal: &str, timeout_s: u64) -> (Duration, Output) {
         .spawn()
         .unwrap();
     let start = Instant::now();
-    while !std::fs::read_to_string(run.join("metrics.jsonl")).is_ok_and(|m| m.lines().count() >= 2) {
-        assert!(start.elapsed() < Duration::from_secs(120), "the job did not start");
+    while !std::fs::read_to_string(run.join("metrics.jsonl")).is_ok_and(|m| m.lines().count() >= 2)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the job did not start"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let pid = rank_pid(&marker, 1).expect("rank 1's process");
     let sent = Instant::now();
-    assert!(Command::new("kill").args([signal, &pid.to_string()]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
     let out = child.wait_with_output().unwrap();
     let took = sent.elapsed();
     // A stopped process left behind would outlive the test.
-    let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
     (took, out)
 }
 
@@ -295,7 +436,10 @@ fn a_killed_rank_ends_the_job_naming_it() {
     let (took, out) = disturb_rank_one("-KILL", 10);
     let log = text(&out);
     assert!(!out.status.success(), "{log}");
-    assert!(took < Duration::from_secs(60), "the job took {took:?} to end:\n{log}");
+    assert!(
+        took < Duration::from_secs(60),
+        "the job took {took:?} to end:\n{log}"
+    );
     assert!(log.contains("rank 1"), "{log}");
 }
 
@@ -304,7 +448,10 @@ fn a_stalled_rank_ends_the_job_after_the_timeout() {
     let (took, out) = disturb_rank_one("-STOP", 3);
     let log = text(&out);
     assert!(!out.status.success(), "{log}");
-    assert!(took < Duration::from_secs(60), "the job took {took:?} to end:\n{log}");
+    assert!(
+        took < Duration::from_secs(60),
+        "the job took {took:?} to end:\n{log}"
+    );
     assert!(
         log.contains("rank 0 of 2") && log.contains("for the other ranks (dist.timeout_s = 3)"),
         "{log}"

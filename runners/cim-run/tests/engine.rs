@@ -434,18 +434,16 @@ fn folders_without_images_are_an_error_at_start() {
 
 #[test]
 fn accumulation_must_divide_the_batch() {
-    let tmp = tempfile::tempdir().unwrap();
-    let res = resolve(&Layers {
+    // Refused when the configuration is resolved, before anything is built.
+    let e = resolve(&Layers {
         preset: Some("quickstart".into()),
         config_files: vec![],
         set: small(&["train.accum_steps=3"]),
         env: false,
     })
-    .unwrap();
-    let e = Trainer::new(res, tmp.path().join("r"))
-        .err()
-        .unwrap()
-        .to_string();
+    .err()
+    .unwrap()
+    .to_string();
     assert!(
         e.contains("train.accum_steps = 3") && e.contains("batch_size = 4"),
         "{e}"

@@ -35,6 +35,7 @@ fn weights(enhancer: &str) -> BTreeMap<String, Tensor> {
         buffers: buffers.clone(),
         enhancer_vb: None,
         exec: Default::default(),
+        cross_rank: Default::default(),
     };
     let _ = (entry.build)(&figment::Figment::new(), Variant::Default, &ctx).unwrap();
     params

@@ -371,7 +371,10 @@ impl TrainConfig {
             return Err(Error::config("train.accum_steps must be ≥ 1"));
         }
         if !b.is_multiple_of(w * a) {
-            return Err(Error::config(format!("{} (train.accum_steps = {a})", what(a))));
+            return Err(Error::config(format!(
+                "{} (train.accum_steps = {a})",
+                what(a)
+            )));
         }
         Ok((a, b / (w * a)))
     }
@@ -600,6 +603,9 @@ pub struct DistConfig {
     pub timeout_s: u64,
     /// Gradients are averaged in flat buckets of at most this many MiB, one collective each.
     pub bucket_mb: f64,
+    /// BatchNorm in training normalises with the statistics of the whole global micro-batch
+    /// (every rank's), not each rank's own (PyTorch's SyncBatchNorm).
+    pub sync_bn: bool,
 }
 
 impl Default for DistConfig {
@@ -608,6 +614,7 @@ impl Default for DistConfig {
             backend: cim_dist::Backend::Auto,
             timeout_s: 300,
             bucket_mb: 25.0,
+            sync_bn: true,
         }
     }
 }
@@ -809,10 +816,11 @@ impl Layers {
 }
 
 /// The top-level sections of a configuration, the only ones `CIM_*` variables may set.
-pub const SECTIONS: [&str; 13] = [
+pub const SECTIONS: [&str; 14] = [
     "run",
     "data",
     "train",
+    "dist",
     "tokenizer",
     "masking",
     "generator",
@@ -1008,7 +1016,10 @@ fn validate(cfg: &RunConfig) -> Result<()> {
         return bad("dist.timeout_s", "must be ≥ 1 (seconds)".into());
     }
     if !(cfg.dist.bucket_mb > 0.0) {
-        return bad("dist.bucket_mb", format!("must be > 0, got {}", cfg.dist.bucket_mb));
+        return bad(
+            "dist.bucket_mb",
+            format!("must be > 0, got {}", cfg.dist.bucket_mb),
+        );
     }
     if !(cfg.train.lr > 0.0) {
         return bad("train.lr", format!("must be > 0, got {}", cfg.train.lr));

@@ -958,9 +958,16 @@ mod tests {
             ..DataConfig::default()
         };
         let (world, accum, micro) = (2, 2, 1);
-        let one = Loader::new(data.clone(), cfg.clone(), micro, 9)?.sharded(Shard::of_rank(0, 1, world * accum));
+        let one = Loader::new(data.clone(), cfg.clone(), micro, 9)?.sharded(Shard::of_rank(
+            0,
+            1,
+            world * accum,
+        ));
         let ranks: Vec<Loader> = (0..world)
-            .map(|r| Ok(Loader::new(data.clone(), cfg.clone(), micro, 9)?.sharded(Shard::of_rank(r, world, accum))))
+            .map(|r| {
+                Ok(Loader::new(data.clone(), cfg.clone(), micro, 9)?
+                    .sharded(Shard::of_rank(r, world, accum)))
+            })
             .collect::<Result<_>>()?;
         let steps = ranks[0].steps_per_epoch();
         assert_eq!(steps, n / (world * accum * micro));
@@ -977,14 +984,22 @@ mod tests {
                 assert_eq!(a.indices, b.indices);
                 assert_eq!(a.image, b.image);
                 for i in b.indices {
-                    assert!(seen.insert(i, r).is_none(), "image {i} drawn twice in one epoch");
+                    assert!(
+                        seen.insert(i, r).is_none(),
+                        "image {i} drawn twice in one epoch"
+                    );
                 }
             }
         }
         assert_eq!(seen.len(), steps * world * accum * micro);
         // The next epoch reshuffles, the same way on every rank.
         let e1: Vec<usize> = (0..world)
-            .flat_map(|r| ranks[r].host_batch(ranks[r].batches_per_epoch() as u64).unwrap().indices)
+            .flat_map(|r| {
+                ranks[r]
+                    .host_batch(ranks[r].batches_per_epoch() as u64)
+                    .unwrap()
+                    .indices
+            })
             .collect();
         assert_eq!(e1.len(), world * micro);
         Ok(())

@@ -44,6 +44,9 @@ pub struct Cim {
     pub compute: DType,
     /// The `[run]` switches in force on `device` ([`crate::config::RunSection::in_force`]).
     pub run: crate::config::RunSection,
+    /// Sums across the processes of a data-parallel job, for synchronised BatchNorm: the trainer
+    /// fills it once they connect (`dist.sync_bn`).
+    pub cross_rank: cim_api::CrossRankSlot,
 }
 
 fn build<K: Kind + ?Sized>(res: &Resolved, ctx: &BuildCtx) -> Result<Box<K>>
@@ -148,6 +151,7 @@ impl Cim {
             buffers: buffers.clone(),
             enhancer_vb: None,
             exec,
+            cross_rank: Default::default(),
         };
         let tokenizer = build::<dyn Tokenizer>(res, &ctx)?;
         let grid = tokenizer
@@ -195,6 +199,7 @@ impl Cim {
                 DType::F32
             },
             run,
+            cross_rank: ctx.cross_rank.clone(),
         })
     }
 }

@@ -270,6 +270,10 @@ impl Trainer {
             &cim.device,
             std::time::Duration::from_secs(cfg.dist.timeout_s),
         )?);
+        if world > 1 && cfg.dist.sync_bn {
+            cim.cross_rank
+                .set(Arc::new(cim_dist::SyncSum::new(dist.clone())));
+        }
         if world > 1 {
             eprintln!(
                 "cim-run: {}, backend {}, device {:?}: {accum} micro-batch(es) of {micro} images per step of {}",
@@ -415,19 +419,26 @@ impl Trainer {
         let mut grads = grads.expect("accum_steps ≥ 1");
         let mut clock = crate::pipeline::PhaseClock::start();
         // Every rank waits here for the others: past dist.timeout_s the watchdog ends the job.
-        let _waiting = self.dist.watch(format!("step {}: averaging losses and gradients", self.step + 1));
-        if self.dist.world() > 1 {
+        let _waiting = self.dist.watch(format!(
+            "step {}: averaging losses and gradients",
+            self.step + 1
+        ));
+        if self.dist.is_connected() {
             losses = self.average_losses(losses)?;
             self.average_gradients(&mut grads)?;
             clock.lap("all_reduce");
         }
         if let Some((name, v)) = losses.first_non_finite() {
             let obj = self.cim.names["objective"].clone();
-            let component = if name == "loss_mim" || !losses.get("loss_mim").is_some_and(f64::is_finite) {
-                format!("generator `{}` (MIM loss)", self.cim.names["generator"])
-            } else {
-                format!("enhancer `{}` / objective `{obj}`", self.cim.names["enhancer"])
-            };
+            let component =
+                if name == "loss_mim" || !losses.get("loss_mim").is_some_and(f64::is_finite) {
+                    format!("generator `{}` (MIM loss)", self.cim.names["generator"])
+                } else {
+                    format!(
+                        "enhancer `{}` / objective `{obj}`",
+                        self.cim.names["enhancer"]
+                    )
+                };
             return Err(Error::Diverged {
                 step: self.step + 1,
                 message: format!(
@@ -458,7 +469,7 @@ impl Trainer {
                     _ => Error::msg(message),
                 }
             })?;
-        if self.dist.world() > 1 {
+        if self.dist.is_connected() {
             // BatchNorm statistics: rank 0's on every rank, as PyTorch DDP's broadcast_buffers.
             for (_, var) in self.cim.buffers.vars() {
                 var.set(&self.dist.broadcast(var.as_tensor(), 0)?)?;
@@ -511,24 +522,41 @@ impl Trainer {
     /// Checks that every rank starts from the same weights, BatchNorm statistics and optimizer
     /// state (a checksum of each), so the ranks stay replicas.
     fn verify_replicas(&self) -> Result<()> {
-        if self.dist.world() == 1 {
+        if !self.dist.is_connected() {
             return Ok(());
         }
         let mut h = Fnv::default();
-        for (name, var) in self.cim.params.vars().into_iter().chain(self.cim.buffers.vars()) {
+        for (name, var) in self
+            .cim
+            .params
+            .vars()
+            .into_iter()
+            .chain(self.cim.buffers.vars())
+        {
             h.bytes(name.as_bytes());
-            let v: Vec<f32> = var.as_tensor().flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+            let v: Vec<f32> = var
+                .as_tensor()
+                .flatten_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1()?;
             v.iter().for_each(|x| h.bytes(&x.to_bits().to_le_bytes()));
         }
         let opt: std::collections::BTreeMap<_, _> = self.opt.state()?.into_iter().collect();
         for (name, t) in opt {
             h.bytes(name.as_bytes());
-            let v: Vec<f32> = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+            let v: Vec<f32> = t
+                .flatten_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1()?;
             v.iter().for_each(|x| h.bytes(&x.to_bits().to_le_bytes()));
         }
         h.bytes(&(self.step as u64).to_le_bytes());
         let _waiting = self.dist.watch("comparing the ranks' starting weights");
-        self.dist.agree("the starting weights and optimizer state", h.0, &self.cim.device)
+        self.dist.agree(
+            "the starting weights and optimizer state",
+            h.0,
+            &self.cim.device,
+        )
     }
 
     fn checkpoint_note(&self) -> String {
@@ -584,6 +612,8 @@ impl Trainer {
 
     /// Draws the first batch of the run through the current model and writes a picture grid:
     /// original | masked input | corrupted image | prediction and target (pixel objectives).
+    /// In a data-parallel job every rank draws its own (synchronised BatchNorm needs them all)
+    /// and rank 0 writes.
     pub fn write_samples(&self, path: &Path) -> Result<()> {
         let batch = self.loader.batch(0, &self.cim.device)?;
         let mut rngs = StepRngs::for_step(self.resolved.cfg.run.seed ^ 0x5049_4354, 0, 0);
@@ -600,7 +630,10 @@ impl Trainer {
             cols.push(("prediction", crate::pictures::show_normalised(p)?));
             cols.push(("target", crate::pictures::show_normalised(t)?));
         }
-        crate::pictures::write_grid(path, &cols, 8)
+        match self.dist.is_leader() {
+            true => crate::pictures::write_grid(path, &cols, 8),
+            false => Ok(()),
+        }
     }
 
     /// Runs until the run has taken `until` steps (default: `run.max_steps`, else the schedule's
@@ -670,7 +703,9 @@ impl Trainer {
                     b.set_message(msg);
                     b.inc(1);
                 }
-                None if leader && (rec.step % log_every == 0 || rec.step == 1 || rec.step == target) => {
+                None if leader
+                    && (rec.step % log_every == 0 || rec.step == 1 || rec.step == target) =>
+                {
                     // Without a progress bar (a log file, a pipe): where the run is and how long
                     // it still needs, in the line itself.
                     let done = records.len() + 1;
@@ -687,10 +722,12 @@ impl Trainer {
             }
             let step = rec.step;
             records.push(rec);
-            if !leader {
-                continue; // rank 0 writes the run's files
-            }
-            if run.checkpoint_every > 0 && step % run.checkpoint_every == 0 && step < target {
+            // Rank 0 writes the run's files.
+            if leader
+                && run.checkpoint_every > 0
+                && step % run.checkpoint_every == 0
+                && step < target
+            {
                 if let Some(m) = metrics.as_mut() {
                     m.flush()?;
                 }
@@ -698,20 +735,24 @@ impl Trainer {
             }
             if run.picture_every > 0 && step % run.picture_every == 0 {
                 let dir = self.run.join("pictures");
-                std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+                if leader {
+                    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+                }
                 self.write_samples(&dir.join(format!("step-{step:08}.png")))?;
             }
         }
         if let Some(b) = bar {
             b.finish();
         }
-        if let Some(mut metrics) = metrics {
+        if let Some(metrics) = metrics.as_mut() {
             metrics.flush()?;
             if self.last_checkpoint.as_ref().map(|c| c.0) != Some(self.step) {
                 self.checkpoint()?;
             }
             save_safetensors(&self.run.join("model.safetensors"), &self.weights())?;
-            self.write_samples(&self.run.join("samples.png"))?;
+        }
+        self.write_samples(&self.run.join("samples.png"))?;
+        if let Some(metrics) = metrics {
             crate::pictures::loss_curve(metrics.path(), &self.run.join("loss_curve.png"))?;
         }
         if !self.skipped.is_empty() {
