@@ -92,11 +92,8 @@ fn mpirun(np: usize, args: &[String]) -> Output {
 }
 
 fn single(args: &[String]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_cim-run"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .unwrap();
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let out = common::cim_run(&args, &[("RAYON_NUM_THREADS", "1".as_ref())]);
     assert!(out.status.success(), "{}", text(&out));
     out
 }
@@ -371,7 +368,7 @@ fn rank_pid(marker: &str, rank: usize) -> Option<u32> {
             continue;
         };
         let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
-        let has = |v: &str| vars.iter().any(|x| *x == v.as_bytes());
+        let has = |v: &str| vars.contains(&v.as_bytes());
         let exe = std::fs::read_link(e.path().join("exe")).unwrap_or_default();
         if has(marker)
             && has(&format!("OMPI_COMM_WORLD_RANK={rank}"))
