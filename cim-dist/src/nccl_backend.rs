@@ -1,6 +1,7 @@
-//! The `nccl` backend: collectives on CUDA device memory through NCCL (cudarc's bindings; the
-//! library is loaded at run time). Rank 0 makes NCCL's unique id and hands it to the other ranks
-//! through the TCP rendezvous at `MASTER_ADDR:MASTER_PORT` ([`crate::rendezvous`]).
+//! The `nccl` backend: collectives on CUDA device memory through NCCL (cudarc's bindings). Rank 0
+//! makes NCCL's unique id and hands it to the other ranks through the TCP rendezvous at
+//! `MASTER_ADDR:MASTER_PORT` ([`crate::rendezvous`]) — or, under mpirun without those variables
+//! and in a binary built with the `mpi` feature too, by an MPI broadcast.
 //!
 //! The collectives are candle custom ops, so they queue on the device's stream like any other
 //! kernel; a host read after them waits for them (the watchdog times that wait).
@@ -29,6 +30,8 @@ unsafe impl Sync for Shared {}
 
 pub struct Nccl {
     comm: Arc<Shared>,
+    /// MPI, when it carried the id: kept until the end, when it is finalised.
+    _mpi: Option<Box<dyn Collective>>,
 }
 
 impl Nccl {
@@ -47,8 +50,18 @@ impl Nccl {
         } else {
             None
         };
+        #[allow(unused_mut)]
+        let mut mpi: Option<Box<dyn Collective>> = None;
         let bytes = match (launch.world, mine) {
             (1, Some(id)) => id, // a job of one: nobody to hand the id to
+            #[cfg(feature = "mpi")]
+            (_, mine) if launch.master.is_none() && launch.launcher.is_mpi() => {
+                let m = crate::mpi_backend::Mpi::init(launch)?;
+                let id = Tensor::from_vec(mine.unwrap_or(vec![0u8; 128]), 128, &Device::Cpu)?;
+                let id = m.broadcast(&id, 0)?.to_vec1::<u8>()?;
+                mpi = Some(Box::new(m));
+                id
+            }
             (_, mine) => {
                 let Some((host, port)) = launch.master.clone() else {
                     return Err(Error::config(format!(
@@ -98,6 +111,7 @@ impl Nccl {
         );
         Ok(Self {
             comm: Arc::new(Shared(comm)),
+            _mpi: mpi,
         })
     }
 }
