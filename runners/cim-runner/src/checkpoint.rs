@@ -63,8 +63,11 @@ pub struct TrainState {
     /// AdamW's step counter (bias correction).
     pub optimizer_t: u64,
     pub seed: u64,
-    /// Micro-batches consumed (`step × accum_steps`): the data loader's position.
+    /// Micro-batches the whole job consumed (`step × world × accum_steps`), for the record: a
+    /// resumed run finds its data position from `step` and the global batch, whatever the number
+    /// of processes then.
     pub micro_batches: u64,
+    /// Epochs completed at `step`.
     pub epoch: u64,
     /// Files skipped as unreadable so far.
     pub skipped: Vec<String>,
