@@ -506,10 +506,29 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
         secs: [0.0; 2],
         ran: [0; 2],
     };
-    // The controls first: they are short, and every cell's difference needs one.
+    // The controls first: they are short, and every cell's difference needs one. Where cells
+    // differ in their enhancer's shape (one control each), a control's name lists its cells.
+    let control_key = |u: &Unit| {
+        u.control
+            .display()
+            .to_string()
+            .rsplit_once("-seed")
+            .map(|(k, _)| k.to_string())
+    };
+    let mut keys: Vec<Option<String>> = units.iter().map(control_key).collect();
+    keys.sort();
+    keys.dedup();
+    let several = keys.len() > 1;
     let mut control_rows = vec![];
     for &i in &controls {
         let u = &units[i];
+        let mut of: Vec<&str> = vec![];
+        for v in units.iter().filter(|v| control_key(v) == control_key(u)) {
+            let name = spec.cells[v.cell].name.as_str();
+            if !of.contains(&name) {
+                of.push(name);
+            }
+        }
         let result = match read_result(&u.control) {
             Some(r) => r,
             None if args.report_only => continue,
@@ -531,10 +550,17 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
         };
         control_rows.push(Row {
             sweep: spec.name.clone(),
-            cell: format!(
-                "control ({} at random init)",
-                u.resolved.components["enhancer"].0
-            ),
+            cell: match several {
+                false => format!(
+                    "control ({} at random init)",
+                    u.resolved.components["enhancer"].0
+                ),
+                true => format!(
+                    "control ({} at random init) of {}",
+                    u.resolved.components["enhancer"].0,
+                    of.join("; ")
+                ),
+            },
             seed: u.seed,
             dir: u.control.display().to_string(),
             result,
@@ -760,10 +786,17 @@ fn markdown(spec: &Spec, spec_path: &Path, r: &SweepReport, units: &[Unit]) -> S
     if !spec.paper.is_empty() {
         s.push_str(&format!("Paper: {}\n\n", spec.paper));
     }
-    let steps = units
-        .first()
+    let mut steps: Vec<usize> = units
+        .iter()
         .map(|u| u.resolved.cfg.train.total_steps)
-        .unwrap_or(0);
+        .collect();
+    steps.sort();
+    steps.dedup();
+    let steps = match steps.as_slice() {
+        [] => "0".to_string(),
+        [n] => n.to_string(),
+        [a, .., b] => format!("{a}–{b}"),
+    };
     s.push_str(&format!(
         "`cim-run sweep {}` — preset `{}`{}, seeds {:?}, {} steps per cell; linear probe and k-NN \
          top-1 (%) on {} as mean ± std over seeds.\n\n",
@@ -839,13 +872,16 @@ fn markdown(spec: &Spec, spec_path: &Path, r: &SweepReport, units: &[Unit]) -> S
             s.push_str(&format!(" {} |", pm(&rows, |x| x.finetune_top1).2));
         }
         s.push_str(&format!(
-            " {} | `{}` |\n",
+            " {} | {} |\n",
             if diverged.is_empty() {
                 format!("0/{}", rows.len())
             } else {
                 format!("{}/{}: {}", diverged.len(), rows.len(), diverged.join(", "))
             },
-            c.set.join("`, `")
+            match c.set.is_empty() {
+                true => "none".to_string(),
+                false => format!("`{}`", c.set.join("`, `")),
+            }
         ));
     }
     for (cell, rows) in control_groups(r) {
