@@ -519,9 +519,17 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
     keys.sort();
     keys.dedup();
     let several = keys.len() > 1;
+    let mut numbered: Vec<Option<String>> = vec![];
     let mut control_rows = vec![];
     for &i in &controls {
         let u = &units[i];
+        if !numbered.contains(&control_key(u)) {
+            numbered.push(control_key(u));
+        }
+        let number = 1 + numbered
+            .iter()
+            .position(|k| *k == control_key(u))
+            .expect("just added");
         let mut of: Vec<&str> = vec![];
         for v in units.iter().filter(|v| control_key(v) == control_key(u)) {
             let name = spec.cells[v.cell].name.as_str();
@@ -556,7 +564,7 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
                     u.resolved.components["enhancer"].0
                 ),
                 true => format!(
-                    "control ({} at random init) of {}",
+                    "control {number} ({} at random init) of {}",
                     u.resolved.components["enhancer"].0,
                     of.join("; ")
                 ),
@@ -918,9 +926,15 @@ fn chart(path: &Path, spec: &Spec, r: &SweepReport) -> Result<()> {
             (cell.to_string(), 100.0 * m, 100.0 * s, false)
         })
         .collect();
-    for (_, rows) in control_groups(r) {
+    let groups = control_groups(r);
+    let several = groups.len() > 1;
+    for (i, (_, rows)) in groups.into_iter().enumerate() {
         let (m, s, _) = pm(&rows, |x| Some(x.linear_top1));
-        bars.push(("control".into(), 100.0 * m, 100.0 * s, true));
+        let name = match several {
+            false => "control".to_string(),
+            true => format!("control {}", i + 1),
+        };
+        bars.push((name, 100.0 * m, 100.0 * s, true));
     }
     let top = bars
         .iter()
@@ -930,7 +944,10 @@ fn chart(path: &Path, spec: &Spec, r: &SweepReport) -> Result<()> {
         * 1.15;
     let err = |e: &dyn std::fmt::Display| Error::msg(format!("{}: {e}", path.display()));
     let n = bars.len();
-    let (w, h) = ((140 + 110 * n) as u32, 420u32);
+    // Each bar's slot is wide enough for its label (13-px type: about 8 px a character).
+    let longest = bars.iter().map(|b| b.0.chars().count()).max().unwrap_or(0);
+    let slot = 110.max(8 * longest + 12);
+    let (w, h) = ((140 + slot * n) as u32, 420u32);
     let mut buf = vec![0u8; (w * h * 3) as usize];
     {
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
