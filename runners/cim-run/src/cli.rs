@@ -761,6 +761,16 @@ pub fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
         Err(e) => return Err(e),
     };
     if let Some(cmd) = cli.command {
+        // Only pre-training is data-parallel; several copies of a subcommand would write the
+        // same files.
+        let launch = cim_dist::Launch::from_env()?;
+        if launch.world > 1 {
+            anyhow::bail!(
+                "{}: subcommands run in one process; start it without torchrun, mpirun or srun \
+                 (only pre-training, `cim-run --preset …`, spreads over several)",
+                launch.describe()
+            );
+        }
         return subcommand(cmd);
     }
     if cli.list {

@@ -654,3 +654,39 @@ fn bf16_is_refused_for_an_enhancer_without_a_mixed_precision_path() {
     assert!(cim_runner::config::validate_precision(Precision::Bf16, "resnet50").is_ok());
     assert!(cim_runner::config::validate_precision(Precision::F32, "my_enhancer").is_ok());
 }
+
+/// Started by a launcher as rank 1 of 2 (torchrun's variables): a subcommand refuses to run as
+/// one of several copies, and training in a binary without a backend for the device says which
+/// build it needs — both naming the rank.
+#[test]
+fn launched_as_one_of_several_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cim-run"))
+            .args(args)
+            .env("RANK", "1")
+            .env("WORLD_SIZE", "2")
+            .env("LOCAL_RANK", "1")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let e = run(&["plot", tmp.path().to_str().unwrap()]);
+    assert!(
+        e.contains("rank 1 of 2 (torchrun") && e.contains("subcommands run in one process"),
+        "{e}"
+    );
+    let out = tmp.path().join("r");
+    let mut args = vec!["--steps", "1", "--out", out.to_str().unwrap()];
+    let sets = small(&[]);
+    args.extend(with_sets(&[], &sets));
+    let e = run(&args);
+    assert!(e.contains("rank 1 of 2 (torchrun"), "{e}");
+    if cfg!(not(feature = "mpi")) {
+        assert!(
+            e.contains("needs a cim-run built with `--features mpi`"),
+            "{e}"
+        );
+    }
+}
