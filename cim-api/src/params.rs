@@ -121,14 +121,30 @@ impl ParamStore {
     }
 }
 
-/// FNV-1a: a stable hash of parameter names across builds and platforms.
-fn fnv1a(s: &str) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in s.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
+/// 64-bit FNV-1a, fed piece by piece: a hash that is the same across builds, platforms and
+/// processes (parameter names' seeds, sweep cells' names, the ranks' weight checksums).
+#[derive(Clone, Copy, Debug)]
+pub struct Fnv1a(pub u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
     }
-    h
+}
+
+impl Fnv1a {
+    pub fn update(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// [`Fnv1a`] of one string.
+pub fn fnv1a(s: &str) -> u64 {
+    let mut h = Fnv1a::default();
+    h.update(s.as_bytes());
+    h.0
 }
 
 /// Draws a tensor for `init` on the host from a stream seeded by `(seed, name)`.

@@ -181,12 +181,6 @@ impl Launch {
     }
 }
 
-/// The processes sharing this node, from the launcher's variables (1 without a launcher): each
-/// takes its share of the CPU cores.
-pub fn local_processes() -> usize {
-    Launch::from_env().map_or(1, |l| l.local_world.max(1))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

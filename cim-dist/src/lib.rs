@@ -26,7 +26,7 @@ mod mpi_backend;
 #[cfg(feature = "nccl")]
 mod nccl_backend;
 
-pub use launch::{local_processes, Launch, Launcher};
+pub use launch::{Launch, Launcher};
 pub use sync::SyncSum;
 
 /// The operations between the processes of a job. Every rank calls each operation in the same
@@ -241,14 +241,13 @@ impl Dist {
         let mut start = 0;
         while start < tensors.len() {
             let dtype = tensors[start].dtype();
-            let mut end = start;
-            let mut bytes = 0;
+            let size = |t: &Tensor| t.elem_count() * dtype.size_in_bytes();
+            let (mut end, mut bytes) = (start, 0);
             while end < tensors.len()
                 && tensors[end].dtype() == dtype
-                && (end == start
-                    || bytes + tensors[end].elem_count() * dtype.size_in_bytes() <= bucket_bytes)
+                && (end == start || bytes + size(&tensors[end]) <= bucket_bytes)
             {
-                bytes += tensors[end].elem_count() * dtype.size_in_bytes();
+                bytes += size(&tensors[end]);
                 end += 1;
             }
             let flat: Vec<Tensor> = tensors[start..end]
@@ -299,6 +298,14 @@ impl Dist {
                 differ.join(", ")
             )))
         }
+    }
+
+    /// `r`, after ending the whole job if it is an error of this rank's ([`Dist::fail`]).
+    pub fn or_end_job<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            self.fail(&e.to_string());
+        }
+        r
     }
 
     /// Reports `error` as this rank's and ends the whole job (a rank that stopped alone would

@@ -182,22 +182,16 @@ impl BatchNorm {
         }
     }
 
-    /// Training with statistics over the whole job's batch (SyncBatchNorm): each rank's
-    /// per-channel sums of `x` and `x²` are summed across ranks — differentiably, so the backward
-    /// sums the ranks' gradients of the statistics as well — and give the mean and the biased
-    /// variance of all `n × world` values.
-    fn normalise_synced(
-        &self,
+    /// Training statistics over the whole job's batch (SyncBatchNorm): each rank's per-channel
+    /// sums of `x` and `x²` are summed across ranks — differentiably, so the backward sums the
+    /// ranks' gradients of the statistics as well — and give the mean and the biased variance of
+    /// all `n × world` values, with the factor that makes that variance unbiased.
+    fn synced_moments(
         x: &Tensor,
         sync: &dyn cim_api::CrossRank,
         n: f64,
-        shape: [usize; 4],
         dims: [usize; 3],
-    ) -> Result<Tensor> {
-        if x.dtype() == DType::BF16 {
-            let y = self.normalise_synced(&x.to_dtype(DType::F32)?, sync, n, shape, dims)?;
-            return Ok(y.to_dtype(DType::BF16)?);
-        }
+    ) -> Result<(Tensor, Tensor, f64)> {
         let sum_over = |t: &Tensor| -> Result<Tensor> {
             Ok(t.sum_keepdim(dims[0])?
                 .sum_keepdim(dims[1])?
@@ -208,17 +202,7 @@ impl BatchNorm {
         let all = n * sync.world() as f64;
         let mean = (total.narrow(0, 0, 1)? / all)?;
         let var = ((total.narrow(0, 1, 1)? / all)? - mean.sqr()?)?.relu()?;
-        self.update_running(
-            &mean.detach().flatten_all()?,
-            &var.detach().flatten_all()?,
-            all / (all - 1.0).max(1.0),
-        )?;
-        let xn = x
-            .broadcast_sub(&mean)?
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(xn
-            .broadcast_mul(&self.weight.reshape(&shape[..])?)?
-            .broadcast_add(&self.bias.reshape(&shape[..])?)?)
+        Ok((mean, var, all / (all - 1.0).max(1.0)))
     }
 
     /// The normalised map, and whether the fused node applied `tail` already.
@@ -238,13 +222,9 @@ impl BatchNorm {
         };
         let n = (x.elem_count() / c.max(1)) as f64;
         let unbias = n / (n - 1.0).max(1.0);
-        if let Some(sync) = self.sync.get().filter(|_| train) {
-            return Ok((
-                self.normalise_synced(x, sync.as_ref(), n, shape, dims)?,
-                false,
-            ));
-        }
-        if train {
+        // Synchronised statistics (several ranks) take the composed path below.
+        let sync = self.sync.get();
+        if train && sync.is_none() {
             // Fused: one statistics reduction giving [γ; β; mean; var], one normalisation kernel
             // keeping only its input, a backward of two kernels (batch_norm_train_tail).
             let (w, b, eps) = (&self.weight, &self.bias, self.eps);
@@ -264,8 +244,14 @@ impl BatchNorm {
                 .mean_keepdim(dims[2])?)
         };
         let (mean, var) = if train {
-            let mean = mean_over(x)?;
-            let var = mean_over(&x.broadcast_sub(&mean)?.sqr()?)?;
+            let (mean, var, unbias) = match sync {
+                Some(sync) => Self::synced_moments(x, sync.as_ref(), n, dims)?,
+                None => {
+                    let mean = mean_over(x)?;
+                    let var = mean_over(&x.broadcast_sub(&mean)?.sqr()?)?;
+                    (mean, var, unbias)
+                }
+            };
             let bm = mean.detach().flatten_all()?;
             let bv = var.detach().flatten_all()?;
             self.update_running(&bm, &bv, unbias)?;

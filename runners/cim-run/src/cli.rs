@@ -826,16 +826,13 @@ pub fn run(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
         }
     };
     let summary = match trainer.run(None) {
-        Ok(s) => s,
-        Err(e) => {
-            // A divergence is seen by every rank at the same step; any other error may be this
-            // rank's alone, and the others would wait for it: it ends the job.
-            if !matches!(e, cim_api::Error::Diverged { .. }) {
-                trainer.dist().fail(&e.to_string());
-            }
-            return Err(e.into());
+        // A divergence is seen by every rank at the same step; any other error may be this
+        // rank's alone, and the others would wait for it: it ends the job.
+        Err(e) if !matches!(e, cim_api::Error::Diverged { .. }) => {
+            trainer.dist().or_end_job(Err(e))
         }
-    };
+        r => r,
+    }?;
     if !trainer.dist().is_leader() {
         return Ok(()); // rank 0 reports
     }
@@ -884,17 +881,20 @@ impl std::error::Error for HelpShown {}
 /// (CPU threads, the allocator's purge setting, logging), then the command on a worker of rayon's
 /// pool. Call it first thing in `main`.
 pub fn main() -> ExitCode {
-    // Processes sharing a node (a data-parallel job) share its cores.
-    let local = cim_dist::local_processes();
-    if local > 1 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+    // Processes sharing a node (a data-parallel job) share its cores. (A malformed launcher
+    // variable is reported by the command; here it counts as a job of one.)
+    let launch = cim_dist::Launch::from_env().unwrap_or_else(|_| cim_dist::Launch::single());
+    if launch.local_world > 1 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        std::env::set_var("RAYON_NUM_THREADS", (cores / local).max(1).to_string());
+        std::env::set_var(
+            "RAYON_NUM_THREADS",
+            (cores / launch.local_world).max(1).to_string(),
+        );
     }
     cim_ops::threads::settle_cpu_threads();
     crate::keep_freed_memory();
     // Ranks other than 0 of a job log warnings and errors only; rank 0 tells the progress.
-    let rank = cim_dist::Launch::from_env().map_or(0, |l| l.rank);
-    let default = if rank == 0 { "info" } else { "warn" };
+    let default = if launch.rank == 0 { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org).

@@ -346,11 +346,6 @@ impl TrainConfig {
     /// indivisible batch is an error naming the keys.
     pub fn split(&self, world: usize) -> Result<(usize, usize)> {
         let (b, w) = (self.batch_size, world.max(1));
-        let what = |accum: usize| {
-            format!(
-                "train.batch_size = {b} does not split into {w} rank(s) × {accum} micro-batch(es) of equal size"
-            )
-        };
         if self.micro_batch > 0 {
             let m = self.micro_batch;
             if self.accum_steps != 1 {
@@ -372,8 +367,7 @@ impl TrainConfig {
         }
         if !b.is_multiple_of(w * a) {
             return Err(Error::config(format!(
-                "{} (train.accum_steps = {a})",
-                what(a)
+                "train.batch_size = {b} does not split into {w} rank(s) × {a} micro-batch(es) of equal size (train.accum_steps = {a})"
             )));
         }
         Ok((a, b / (w * a)))

@@ -206,10 +206,7 @@ pub struct SweepReport {
 
 /// 64-bit FNV-1a: a stable name for a resolved configuration.
 fn fnv(text: &str) -> String {
-    let h = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    });
-    format!("{h:016x}")
+    format!("{:016x}", cim_api::params::fnv1a(text))
 }
 
 /// A preset with overrides, under the user's `CIM_*` environment as every command is (so

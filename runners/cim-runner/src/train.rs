@@ -27,23 +27,6 @@ use crate::pipeline::{Cim, StepRngs};
 use crate::rundir::RunDir;
 use cim_dist::{Dist, Launch};
 
-/// FNV-1a over bytes: the checksum ranks compare at the start.
-struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv {
-    fn bytes(&mut self, b: &[u8]) {
-        for &x in b {
-            self.0 = (self.0 ^ x as u64).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-}
-
 /// `h:mm:ss` of `seconds`.
 pub fn clock(seconds: f64) -> String {
     let s = seconds.max(0.0).round() as u64;
@@ -133,27 +116,21 @@ impl Trainer {
             _ => RunDir::follower(run_dir),
         };
         let t = Self::build(resolved, run, launch)?;
-        t.or_end_job(|t| {
-            for (component, spec) in t.resolved.cfg.init.sources() {
-                let r = t.cim.init_from(component, spec)?;
-                tracing::info!(component, file = %r.file, tensors = r.loaded, ignored = r.ignored.len(), "initialised from file");
-            }
-            if t.dist.is_leader() {
-                t.run.write_config(&t.resolved)?;
-            }
-            Ok(())
-        })?;
+        // An error of this rank alone ends the whole job: the others would wait for it forever.
+        t.dist.or_end_job(t.initialise())?;
         Ok(t)
     }
 
-    /// Runs `f`; in a job of several processes an error of this rank alone ends the whole job
-    /// (the other ranks would wait for it forever), naming the rank.
-    fn or_end_job<T>(&self, f: impl FnOnce(&Self) -> Result<T>) -> Result<T> {
-        let r = f(self);
-        if let Err(e) = &r {
-            self.dist.fail(&e.to_string());
+    /// A new run's start: components from their `init.*` files, and (rank 0) `config.toml`.
+    fn initialise(&self) -> Result<()> {
+        for (component, spec) in self.resolved.cfg.init.sources() {
+            let r = self.cim.init_from(component, spec)?;
+            tracing::info!(component, file = %r.file, tensors = r.loaded, ignored = r.ignored.len(), "initialised from file");
         }
-        r
+        if self.dist.is_leader() {
+            self.run.write_config(&self.resolved)?;
+        }
+        Ok(())
     }
 
     /// The processes of the run.
@@ -214,10 +191,8 @@ impl Trainer {
         }
         let mut t = Self::build(resolved, run, launch)?;
         let resumed = t.resume_from(ckpt);
-        if let Err(e) = &resumed {
-            t.dist.fail(&e.to_string());
-        }
-        resumed.map(|()| t)
+        t.dist.or_end_job(resumed)?;
+        Ok(t)
     }
 
     fn resume_from(&mut self, ckpt: crate::checkpoint::Loaded) -> Result<()> {
@@ -283,9 +258,11 @@ impl Trainer {
                 t.batch_size
             );
         }
-        let dataset = data::open(&cfg.data).inspect_err(|e| dist.fail(&e.to_string()))?;
-        let loader = Loader::new(dataset, cfg.data.clone(), micro, cfg.run.seed)
-            .inspect_err(|e| dist.fail(&e.to_string()))?
+        let loader = dist
+            .or_end_job(
+                data::open(&cfg.data)
+                    .and_then(|d| Loader::new(d, cfg.data.clone(), micro, cfg.run.seed)),
+            )?
             .sharded(Shard::of_rank(rank, world, accum));
         let loader = Arc::new(loader);
         let per_epoch = loader.steps_per_epoch();
@@ -525,32 +502,22 @@ impl Trainer {
         if !self.dist.is_connected() {
             return Ok(());
         }
-        let mut h = Fnv::default();
-        for (name, var) in self
-            .cim
-            .params
-            .vars()
+        // Weights and buffers (`enhancer.…`) beside the moments (`m.…`, `v.…`), in name order.
+        let state: std::collections::BTreeMap<String, candle_core::Tensor> = self
+            .weights()
             .into_iter()
-            .chain(self.cim.buffers.vars())
-        {
-            h.bytes(name.as_bytes());
-            let v: Vec<f32> = var
-                .as_tensor()
-                .flatten_all()?
-                .to_dtype(candle_core::DType::F32)?
-                .to_vec1()?;
-            v.iter().for_each(|x| h.bytes(&x.to_bits().to_le_bytes()));
-        }
-        let opt: std::collections::BTreeMap<_, _> = self.opt.state()?.into_iter().collect();
-        for (name, t) in opt {
-            h.bytes(name.as_bytes());
+            .chain(self.opt.state()?)
+            .collect();
+        let mut h = cim_api::params::Fnv1a::default();
+        for (name, t) in state {
+            h.update(name.as_bytes());
             let v: Vec<f32> = t
                 .flatten_all()?
                 .to_dtype(candle_core::DType::F32)?
                 .to_vec1()?;
-            v.iter().for_each(|x| h.bytes(&x.to_bits().to_le_bytes()));
+            v.iter().for_each(|x| h.update(&x.to_bits().to_le_bytes()));
         }
-        h.bytes(&(self.step as u64).to_le_bytes());
+        h.update(&(self.step as u64).to_le_bytes());
         let _waiting = self.dist.watch("comparing the ranks' starting weights");
         self.dist.agree(
             "the starting weights and optimizer state",
