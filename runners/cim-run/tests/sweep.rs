@@ -142,6 +142,67 @@ set = ["train.total_steps=30", "train.lr=1e12", "train.clip_grad=0"]
         cells.to_str().unwrap(),
     ]);
     assert!(text(&o).contains("0 run now"), "{}", text(&o));
+
+    // Fine-tuning the shared, finished cell and its control runs only the fine-tunes; each
+    // fine-tuning configuration has its own folder and its own rows.
+    let finetune = |lr: &str| {
+        let p = tmp.path().join(format!("spec-ft-{lr}.toml"));
+        let mut t = std::fs::read_to_string(&spec2).unwrap();
+        let at = t.find("[[cell]]").unwrap();
+        t.insert_str(
+            at,
+            &format!(
+                "[finetune]\npreset = \"ft_tiny_cifar10\"\nset = ['data.path=\"{}\"', \"finetune.epochs=1\", \
+                 \"finetune.batch_size=8\", \"finetune.lr={lr}\", \"data.workers=1\", \"data.image_size=64\"]\n\n",
+                data.display()
+            ),
+        );
+        std::fs::write(&p, t).unwrap();
+        let out = tmp.path().join(format!("out-ft-{lr}"));
+        let o = cim_run(&[
+            "sweep",
+            p.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--cells",
+            cells.to_str().unwrap(),
+        ]);
+        (text(&o), out)
+    };
+    let (t, out_ft) = finetune("1e-3");
+    assert!(t.contains("2 run now"), "{t}");
+    assert!(
+        !t.contains("resuming") && !t.contains("step 1/3"),
+        "pre-trained again: {t}"
+    );
+    let csv_ft = std::fs::read_to_string(out_ft.join("results.csv")).unwrap();
+    for row in csv_ft.lines().skip(1) {
+        let top1: f64 = row.split(',').nth(11).unwrap().parse().unwrap();
+        assert!((0.0..=1.0).contains(&top1), "{csv_ft}");
+    }
+    let gumbel = cells.join(
+        rows.iter().find(|r| r[1] == "gumbel").unwrap()[15]
+            .rsplit('/')
+            .next()
+            .unwrap(),
+    );
+    let folders = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("finetune-pretrained-")
+            })
+            .count()
+    };
+    assert_eq!(folders(&gumbel), 1);
+    assert!(finetune("1e-3").0.contains("0 run now"));
+    let (t, _) = finetune("3e-3");
+    assert!(t.contains("2 run now"), "{t}");
+    assert_eq!(folders(&gumbel), 2);
 }
 
 #[test]

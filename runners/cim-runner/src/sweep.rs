@@ -169,7 +169,10 @@ pub struct CellResult {
     pub linear_top5: f64,
     pub knn_top1: f64,
     pub knn_top5: f64,
-    /// Best top-1 of the fine-tune, when the spec asks for one.
+    /// Best top-1 of the fine-tune, when the spec asks for one. A cell's fine-tunes live in
+    /// folders of their own (`finetune-<init>-<hash of the fine-tuning config>`), so the rows of
+    /// specs that fine-tune one shared cell differently each get their own.
+    #[serde(default)]
     pub finetune_top1: Option<f64>,
     /// Seconds of pre-training and evaluation together (`train_s + eval_s`).
     pub wall_s: f64,
@@ -231,14 +234,44 @@ fn cell_key(resolved: &Resolved) -> Result<String> {
     Ok(fnv(&t.to_string()))
 }
 
+/// The name of a fine-tuning configuration: a hash of its `[finetune]` and `[data]` (without
+/// `data.root`); the network and its seed come from the run it fine-tunes.
+fn finetune_key(resolved: &Resolved) -> Result<String> {
+    let mut data = toml::Value::try_from(&resolved.cfg.data)
+        .map_err(|e| Error::msg(format!("cannot write config: {e}")))?;
+    if let Some(d) = data.as_table_mut() {
+        d.remove("root");
+    }
+    let mut t = toml::Table::new();
+    t.insert("data".into(), data);
+    t.insert(
+        "finetune".into(),
+        toml::Value::try_from(&resolved.cfg.finetune)
+            .map_err(|e| Error::msg(format!("cannot write config: {e}")))?,
+    );
+    Ok(fnv(&t.to_string()))
+}
+
 /// Resolves every cell × seed before anything runs, so a spec error stops the sweep at once.
-fn plan(spec: &Spec, spec_path: &Path, cells_root: &Path) -> Result<Vec<Unit>> {
+fn plan<'a>(
+    spec: &'a Spec,
+    spec_path: &Path,
+    cells_root: &Path,
+) -> Result<(Vec<Unit>, Option<Finetune<'a>>)> {
     let named =
         |e: Error, what: &str| Error::Config(format!("{} ({what}): {e}", spec_path.display()));
     resolve(&layers(&spec.probe.preset, &[&spec.probe.set])).map_err(|e| named(e, "[probe]"))?;
-    if let Some(ft) = &spec.finetune {
-        resolve(&layers(&ft.preset, &[&ft.set])).map_err(|e| named(e, "[finetune]"))?;
-    }
+    let finetune = match &spec.finetune {
+        None => None,
+        Some(ft) => {
+            let resolved =
+                resolve(&layers(&ft.preset, &[&ft.set])).map_err(|e| named(e, "[finetune]"))?;
+            Some(Finetune {
+                spec: ft,
+                key: finetune_key(&resolved)?,
+            })
+        }
+    };
     let mut units = vec![];
     for (ci, cell) in spec.cells.iter().enumerate() {
         for &seed in &spec.seeds {
@@ -267,7 +300,7 @@ fn plan(spec: &Spec, spec_path: &Path, cells_root: &Path) -> Result<Vec<Unit>> {
             });
         }
     }
-    Ok(units)
+    Ok((units, finetune))
 }
 
 fn read_result(dir: &Path) -> Option<CellResult> {
@@ -327,27 +360,82 @@ fn probe_args(spec: &Spec, run_dir: &Path, init: Init) -> ProbeArgs {
     }
 }
 
-fn evaluate(spec: &Spec, run_dir: &Path, init: Init, r: &mut CellResult) -> Result<()> {
+fn probe(spec: &Spec, run_dir: &Path, init: Init, r: &mut CellResult) -> Result<()> {
     let p = crate::probe::probe(&probe_args(spec, run_dir, init))?;
     r.linear_top1 = p.linear.top1;
     r.linear_top5 = p.linear.top5;
     r.knn_top1 = p.knn.top1;
     r.knn_top5 = p.knn.top5;
-    if let Some(ft) = &spec.finetune {
-        let out = run_dir.join(format!("finetune-{init:?}").to_lowercase());
+    Ok(())
+}
+
+/// The spec's `[finetune]`, when it has one, and the name of its resolved configuration.
+struct Finetune<'a> {
+    spec: &'a FinetuneSpec,
+    key: String,
+}
+
+impl Finetune<'_> {
+    /// Where the fine-tune of `run_dir` (a cell or a control) under this configuration lives.
+    fn dir(&self, run_dir: &Path, init: Init) -> PathBuf {
+        run_dir.join(format!("finetune-{init:?}-{}", self.key).to_lowercase())
+    }
+
+    /// The best top-1 of a finished fine-tune of `run_dir`.
+    fn result(&self, run_dir: &Path, init: Init) -> Option<f64> {
+        let text = std::fs::read_to_string(self.dir(run_dir, init).join("result.json")).ok()?;
+        serde_json::from_str::<serde_json::Value>(&text).ok()?["best_top1"].as_f64()
+    }
+
+    /// Fine-tunes `run_dir`'s enhancer (an interrupted fine-tune starts again) and records it.
+    fn run(&self, run_dir: &Path, init: Init) -> Result<f64> {
+        let out = self.dir(run_dir, init);
         if out.exists() {
-            // An interrupted fine-tune starts again (it is short).
             std::fs::remove_dir_all(&out).map_err(|e| Error::io(&out, e))?;
         }
         let s = crate::finetune::finetune(&crate::finetune::FinetuneArgs {
             run_dir: run_dir.to_path_buf(),
-            layers: layers(&ft.preset, &[&ft.set]),
+            layers: layers(&self.spec.preset, &[&self.spec.set]),
             init,
-            out: Some(out),
+            out: Some(out.clone()),
         })?;
-        r.finetune_top1 = Some(s.best_top1);
+        let text = serde_json::to_string_pretty(&s).map_err(|e| Error::msg(e.to_string()))?;
+        write_atomic(&out.join("result.json"), text.as_bytes())?;
+        Ok(s.best_top1)
     }
-    Ok(())
+}
+
+/// Whether a cell or control is finished: probed, and fine-tuned when the spec asks for it.
+fn is_done(run_dir: &Path, init: Init, ft: Option<&Finetune>) -> bool {
+    match read_result(run_dir) {
+        None => false,
+        Some(r) if r.status != "ok" => true,
+        Some(_) => ft.is_none_or(|f| f.result(run_dir, init).is_some()),
+    }
+}
+
+/// A unit's result: read back, or computed now (`None` when it is not done and `report_only`).
+/// A probed unit whose fine-tune is missing is only fine-tuned.
+fn obtain(
+    run_dir: &Path,
+    init: Init,
+    ft: Option<&Finetune>,
+    report_only: bool,
+    compute: impl FnOnce() -> Result<CellResult>,
+) -> Result<Option<CellResult>> {
+    let mut r = match read_result(run_dir) {
+        Some(r) => r,
+        None if report_only => return Ok(None),
+        None => compute()?,
+    };
+    if let (Some(f), "ok") = (ft, r.status.as_str()) {
+        r.finetune_top1 = match f.result(run_dir, init) {
+            Some(top1) => Some(top1),
+            None if report_only => return Ok(None),
+            None => Some(f.run(run_dir, init)?),
+        };
+    }
+    Ok(Some(r))
 }
 
 /// Pre-trains (or resumes) and evaluates one cell; a divergence is a result.
@@ -393,14 +481,14 @@ fn run_cell(spec: &Spec, u: &Unit) -> Result<CellResult> {
         .unwrap_or(0);
     (r.loss_mim, r.loss_objective, r.train_s) = from_metrics(&u.dir, &objective, batch);
     let start = Instant::now();
-    evaluate(spec, &u.dir, Init::Pretrained, &mut r)?;
+    probe(spec, &u.dir, Init::Pretrained, &mut r)?;
     r.eval_s = start.elapsed().as_secs_f64();
     r.wall_s = r.train_s + r.eval_s;
     write_result(&u.dir, &r)?;
     Ok(r)
 }
 
-/// The control of a unit: its enhancer freshly initialised, probed (and fine-tuned) the same way.
+/// The control of a unit: its enhancer freshly initialised, probed the same way.
 fn run_control(spec: &Spec, u: &Unit) -> Result<CellResult> {
     let start = Instant::now();
     std::fs::create_dir_all(&u.control).map_err(|e| Error::io(&u.control, e))?;
@@ -412,7 +500,7 @@ fn run_control(spec: &Spec, u: &Unit) -> Result<CellResult> {
         status: "ok".into(),
         ..CellResult::default()
     };
-    evaluate(spec, &u.control, Init::Scratch, &mut r)?;
+    probe(spec, &u.control, Init::Scratch, &mut r)?;
     r.eval_s = start.elapsed().as_secs_f64();
     r.wall_s = r.eval_s;
     write_result(&u.control, &r)?;
@@ -431,7 +519,10 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
         .cells
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs/sweeps/cells"));
-    let units = plan(&spec, &args.spec, &cells_root)?;
+    let (units, finetune) = plan(&spec, &args.spec, &cells_root)?;
+    let ft = finetune.as_ref();
+    let cell_done = |u: &Unit| is_done(&u.dir, Init::Pretrained, ft);
+    let control_done = |u: &Unit| is_done(&u.control, Init::Scratch, ft);
     // The work: every unit, then each distinct control once.
     let mut controls: Vec<usize> = vec![];
     for (i, u) in units.iter().enumerate() {
@@ -440,13 +531,10 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
         }
     }
     let total = units.len() + controls.len();
-    let done_before = units
-        .iter()
-        .filter(|u| read_result(&u.dir).is_some())
-        .count()
+    let done_before = units.iter().filter(|u| cell_done(u)).count()
         + controls
             .iter()
-            .filter(|&&i| read_result(&units[i].control).is_some())
+            .filter(|&&i| control_done(&units[i]))
             .count();
     if args.dry_run {
         for u in &units {
@@ -454,11 +542,7 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
                 "{:<24} seed {:<4} {} {}",
                 spec.cells[u.cell].name,
                 u.seed,
-                if read_result(&u.dir).is_some() {
-                    "done   "
-                } else {
-                    "to run "
-                },
+                if cell_done(u) { "done   " } else { "to run " },
                 u.dir.display()
             );
         }
@@ -468,7 +552,7 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
                 "{:<24} seed {:<4} {} {}",
                 "control",
                 u.seed,
-                if read_result(&u.control).is_some() {
+                if control_done(u) {
                     "done   "
                 } else {
                     "to run "
@@ -491,13 +575,10 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
         total,
         done: done_before,
         left: [
-            units
-                .iter()
-                .filter(|u| read_result(&u.dir).is_none())
-                .count(),
+            units.iter().filter(|u| !cell_done(u)).count(),
             controls
                 .iter()
-                .filter(|&&i| read_result(&units[i].control).is_none())
+                .filter(|&&i| !control_done(&units[i]))
                 .count(),
         ],
         secs: [0.0; 2],
@@ -534,25 +615,24 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
                 of.push(name);
             }
         }
-        let result = match read_result(&u.control) {
-            Some(r) => r,
-            None if args.report_only => continue,
-            None => {
-                progress.starts(&format!("control seed {}", u.seed));
-                let t = Instant::now();
-                let r = run_control(&spec, u)?;
-                progress.finished(
-                    CONTROL,
-                    t.elapsed().as_secs_f64(),
-                    &format!(
-                        "control seed {}: linear {:.2} %",
-                        u.seed,
-                        100.0 * r.linear_top1
-                    ),
-                );
-                r
-            }
+        let fresh = !control_done(u);
+        if fresh && !args.report_only {
+            progress.starts(&format!("control seed {}", u.seed));
+        }
+        let t = Instant::now();
+        let Some(result) = obtain(&u.control, Init::Scratch, ft, args.report_only, || {
+            run_control(&spec, u)
+        })?
+        else {
+            continue;
         };
+        if fresh {
+            progress.finished(
+                CONTROL,
+                t.elapsed().as_secs_f64(),
+                &format!("control seed {}: {}", u.seed, scores(&result)),
+            );
+        }
         control_rows.push(Row {
             sweep: spec.name.clone(),
             cell: match several {
@@ -581,33 +661,24 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
     };
     for u in &units {
         let cell = &spec.cells[u.cell].name;
-        let (result, fresh) = match read_result(&u.dir) {
-            Some(r) => (r, false),
-            None if args.report_only => continue,
-            None => {
-                progress.starts(&format!("cell `{cell}` seed {}", u.seed));
-                let t = Instant::now();
-                let r = run_cell(&spec, u)?;
-                progress.finished(
-                    CELL,
-                    t.elapsed().as_secs_f64(),
-                    &format!(
-                        "cell `{cell}` seed {}: {}",
-                        u.seed,
-                        if r.status == "ok" {
-                            format!(
-                                "linear {:.2} %, k-NN {:.2} %",
-                                100.0 * r.linear_top1,
-                                100.0 * r.knn_top1
-                            )
-                        } else {
-                            format!("diverged at step {}", r.steps)
-                        }
-                    ),
-                );
-                (r, true)
-            }
+        let fresh = !cell_done(u);
+        if fresh && !args.report_only {
+            progress.starts(&format!("cell `{cell}` seed {}", u.seed));
+        }
+        let t = Instant::now();
+        let Some(result) = obtain(&u.dir, Init::Pretrained, ft, args.report_only, || {
+            run_cell(&spec, u)
+        })?
+        else {
+            continue;
         };
+        if fresh {
+            progress.finished(
+                CELL,
+                t.elapsed().as_secs_f64(),
+                &format!("cell `{cell}` seed {}: {}", u.seed, scores(&result)),
+            );
+        }
         report.rows.push(Row {
             sweep: spec.name.clone(),
             cell: cell.clone(),
@@ -625,6 +696,22 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
     report.seconds = start.elapsed().as_secs_f64();
     write_results(&spec, &args.spec, &report, &units)?;
     Ok(report)
+}
+
+/// A unit's scores for the log.
+fn scores(r: &CellResult) -> String {
+    if r.status != "ok" {
+        return format!("diverged at step {}", r.steps);
+    }
+    let mut s = format!(
+        "linear {:.2} %, k-NN {:.2} %",
+        100.0 * r.linear_top1,
+        100.0 * r.knn_top1
+    );
+    if let Some(top1) = r.finetune_top1 {
+        s.push_str(&format!(", fine-tune {:.2} %", 100.0 * top1));
+    }
+    s
 }
 
 const CELL: usize = 0;
