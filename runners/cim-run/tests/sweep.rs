@@ -25,6 +25,18 @@ fn cim_run(args: &[&str]) -> std::process::Output {
     common::cim_run(args, &[])
 }
 
+/// `cim-run sweep SPEC --out OUT --cells CELLS`.
+fn sweep(spec: &Path, out: &Path, cells: &Path) -> std::process::Output {
+    cim_run(&[
+        "sweep",
+        spec.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--cells",
+        cells.to_str().unwrap(),
+    ])
+}
+
 fn write_spec(dir: &Path, data: &Path, cells: &str) -> std::path::PathBuf {
     let p = dir.join("spec.toml");
     std::fs::write(
@@ -74,15 +86,7 @@ set = ["train.total_steps=30", "train.lr=1e12", "train.clip_grad=0"]
     );
     let out = tmp.path().join("out");
     let cells = tmp.path().join("cells");
-    let args = [
-        "sweep",
-        spec.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--cells",
-        cells.to_str().unwrap(),
-    ];
-    let o = cim_run(&args);
+    let o = sweep(&spec, &out, &cells);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(t.contains("sweep two-cells: 4/4 done"), "{t}");
@@ -119,7 +123,7 @@ set = ["train.total_steps=30", "train.lr=1e12", "train.clip_grad=0"]
     assert_eq!(png.dimensions(), (140 + 110 * 4, 420));
 
     // A rerun finds every unit done and rewrites the same results.
-    let o = cim_run(&args);
+    let o = sweep(&spec, &out, &cells);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(t.contains("0 run now"), "{t}");
@@ -133,14 +137,7 @@ set = ["train.total_steps=30", "train.lr=1e12", "train.clip_grad=0"]
         .replace("name = \"two-cells\"", "name = \"other\"");
     let cut = text2.find("[[cell]]\nname = \"argmax\"").unwrap();
     std::fs::write(&spec2, &text2[..cut]).unwrap();
-    let o = cim_run(&[
-        "sweep",
-        spec2.to_str().unwrap(),
-        "--out",
-        tmp.path().join("out2").to_str().unwrap(),
-        "--cells",
-        cells.to_str().unwrap(),
-    ]);
+    let o = sweep(&spec2, &tmp.path().join("out2"), &cells);
     assert!(text(&o).contains("0 run now"), "{}", text(&o));
 
     // Fine-tuning the shared, finished cell and its control runs only the fine-tunes; each
@@ -159,15 +156,7 @@ set = ["train.total_steps=30", "train.lr=1e12", "train.clip_grad=0"]
         );
         std::fs::write(&p, t).unwrap();
         let out = tmp.path().join(format!("out-ft-{lr}"));
-        let o = cim_run(&[
-            "sweep",
-            p.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--cells",
-            cells.to_str().unwrap(),
-        ]);
-        (text(&o), out)
+        (text(&sweep(&p, &out, &cells)), out)
     };
     let (t, out_ft) = finetune("1e-3");
     assert!(t.contains("2 run now"), "{t}");
@@ -281,14 +270,7 @@ fn spec_errors_stop_the_sweep_before_any_cell_runs() {
         ("[[cell]]\nname = \"a\"\nsetting = []\n", "setting"),
     ] {
         let spec = write_spec(tmp.path(), &data, cells_text);
-        let o = cim_run(&[
-            "sweep",
-            spec.to_str().unwrap(),
-            "--cells",
-            cells.to_str().unwrap(),
-            "--out",
-            tmp.path().join("out").to_str().unwrap(),
-        ]);
+        let o = sweep(&spec, &tmp.path().join("out"), &cells);
         let t = text(&o);
         assert!(!o.status.success());
         assert!(t.contains(want), "{want}: {t}");

@@ -414,30 +414,6 @@ fn is_done(run_dir: &Path, init: Init, ft: Option<&Finetune>) -> bool {
     }
 }
 
-/// A unit's result: read back, or computed now (`None` when it is not done and `report_only`).
-/// A probed unit whose fine-tune is missing is only fine-tuned.
-fn obtain(
-    run_dir: &Path,
-    init: Init,
-    ft: Option<&Finetune>,
-    report_only: bool,
-    compute: impl FnOnce() -> Result<CellResult>,
-) -> Result<Option<CellResult>> {
-    let mut r = match read_result(run_dir) {
-        Some(r) => r,
-        None if report_only => return Ok(None),
-        None => compute()?,
-    };
-    if let (Some(f), "ok") = (ft, r.status.as_str()) {
-        r.finetune_top1 = match f.result(run_dir, init) {
-            Some(top1) => Some(top1),
-            None if report_only => return Ok(None),
-            None => Some(f.run(run_dir, init)?),
-        };
-    }
-    Ok(Some(r))
-}
-
 /// Pre-trains (or resumes) and evaluates one cell; a divergence is a result.
 fn run_cell(spec: &Spec, u: &Unit) -> Result<CellResult> {
     let objective = u.resolved.components["objective"].0.clone();
@@ -615,24 +591,14 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
                 of.push(name);
             }
         }
-        let fresh = !control_done(u);
-        if fresh && !args.report_only {
-            progress.starts(&format!("control seed {}", u.seed));
-        }
-        let t = Instant::now();
-        let Some(result) = obtain(&u.control, Init::Scratch, ft, args.report_only, || {
-            run_control(&spec, u)
-        })?
+        let label = format!("control seed {}", u.seed);
+        let Some((result, _)) =
+            progress.unit(CONTROL, &label, &u.control, ft, args.report_only, || {
+                run_control(&spec, u)
+            })?
         else {
             continue;
         };
-        if fresh {
-            progress.finished(
-                CONTROL,
-                t.elapsed().as_secs_f64(),
-                &format!("control seed {}: {}", u.seed, scores(&result)),
-            );
-        }
         control_rows.push(Row {
             sweep: spec.name.clone(),
             cell: match several {
@@ -661,24 +627,14 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
     };
     for u in &units {
         let cell = &spec.cells[u.cell].name;
-        let fresh = !cell_done(u);
-        if fresh && !args.report_only {
-            progress.starts(&format!("cell `{cell}` seed {}", u.seed));
-        }
-        let t = Instant::now();
-        let Some(result) = obtain(&u.dir, Init::Pretrained, ft, args.report_only, || {
-            run_cell(&spec, u)
-        })?
+        let label = format!("cell `{cell}` seed {}", u.seed);
+        let Some((result, fresh)) =
+            progress.unit(CELL, &label, &u.dir, ft, args.report_only, || {
+                run_cell(&spec, u)
+            })?
         else {
             continue;
         };
-        if fresh {
-            progress.finished(
-                CELL,
-                t.elapsed().as_secs_f64(),
-                &format!("cell `{cell}` seed {}: {}", u.seed, scores(&result)),
-            );
-        }
         report.rows.push(Row {
             sweep: spec.name.clone(),
             cell: cell.clone(),
@@ -751,6 +707,42 @@ impl Progress {
             self.total,
             self.eta()
         );
+    }
+
+    /// A cell's (`CELL`) or control's (`CONTROL`) result, read back or computed now, and whether
+    /// it was computed now; `None` when it is not done and only a report is asked for. A probed
+    /// unit whose fine-tune is missing is only fine-tuned.
+    fn unit(
+        &mut self,
+        kind: usize,
+        label: &str,
+        run_dir: &Path,
+        ft: Option<&Finetune>,
+        report_only: bool,
+        compute: impl FnOnce() -> Result<CellResult>,
+    ) -> Result<Option<(CellResult, bool)>> {
+        let init = [Init::Pretrained, Init::Scratch][kind];
+        let fresh = !is_done(run_dir, init, ft);
+        if !fresh {
+            let mut r = read_result(run_dir).expect("a finished unit has its result");
+            r.finetune_top1 = ft.and_then(|f| f.result(run_dir, init));
+            return Ok(Some((r, false)));
+        }
+        if report_only {
+            return Ok(None);
+        }
+        self.starts(label);
+        let t = Instant::now();
+        let mut r = match read_result(run_dir) {
+            Some(r) => r,
+            None => compute()?,
+        };
+        if let (Some(f), "ok") = (ft, r.status.as_str()) {
+            r.finetune_top1 = Some(f.run(run_dir, init)?);
+        }
+        let secs = t.elapsed().as_secs_f64();
+        self.finished(kind, secs, &format!("{label}: {}", scores(&r)));
+        Ok(Some((r, true)))
     }
 
     fn finished(&mut self, kind: usize, secs: f64, label: &str) {
