@@ -237,19 +237,21 @@ fn cell_key(resolved: &Resolved) -> Result<String> {
 /// The name of a fine-tuning configuration: a hash of its `[finetune]` and `[data]` (without
 /// `data.root`); the network and its seed come from the run it fine-tunes.
 fn finetune_key(resolved: &Resolved) -> Result<String> {
-    let mut data = toml::Value::try_from(&resolved.cfg.data)
-        .map_err(|e| Error::msg(format!("cannot write config: {e}")))?;
-    if let Some(d) = data.as_table_mut() {
-        d.remove("root");
+    #[derive(Serialize)]
+    struct Key<'a> {
+        data: crate::config::DataConfig,
+        finetune: &'a crate::config::FinetuneConfig,
     }
-    let mut t = toml::Table::new();
-    t.insert("data".into(), data);
-    t.insert(
-        "finetune".into(),
-        toml::Value::try_from(&resolved.cfg.finetune)
-            .map_err(|e| Error::msg(format!("cannot write config: {e}")))?,
-    );
-    Ok(fnv(&t.to_string()))
+    let key = Key {
+        data: crate::config::DataConfig {
+            root: None,
+            ..resolved.cfg.data.clone()
+        },
+        finetune: &resolved.cfg.finetune,
+    };
+    let text =
+        toml::to_string(&key).map_err(|e| Error::msg(format!("cannot write config: {e}")))?;
+    Ok(fnv(&text))
 }
 
 /// Resolves every cell × seed before anything runs, so a spec error stops the sweep at once.
@@ -405,13 +407,21 @@ impl Finetune<'_> {
     }
 }
 
-/// Whether a cell or control is finished: probed, and fine-tuned when the spec asks for it.
-fn is_done(run_dir: &Path, init: Init, ft: Option<&Finetune>) -> bool {
-    match read_result(run_dir) {
-        None => false,
-        Some(r) if r.status != "ok" => true,
-        Some(_) => ft.is_none_or(|f| f.result(run_dir, init).is_some()),
+/// The result of a finished cell or control — probed, and fine-tuned when the spec asks for it
+/// (a diverged cell is finished as it is) — with the fine-tune's score; `None` while work is left.
+fn recorded(run_dir: &Path, init: Init, ft: Option<&Finetune>) -> Option<CellResult> {
+    let mut r = read_result(run_dir)?;
+    if let (Some(f), "ok") = (ft, r.status.as_str()) {
+        r.finetune_top1 = Some(f.result(run_dir, init)?);
+    } else {
+        r.finetune_top1 = None;
     }
+    Some(r)
+}
+
+/// Whether a cell or control is finished (see [`recorded`]).
+fn is_done(run_dir: &Path, init: Init, ft: Option<&Finetune>) -> bool {
+    recorded(run_dir, init, ft).is_some()
 }
 
 /// Pre-trains (or resumes) and evaluates one cell; a divergence is a result.
@@ -722,10 +732,7 @@ impl Progress {
         compute: impl FnOnce() -> Result<CellResult>,
     ) -> Result<Option<(CellResult, bool)>> {
         let init = [Init::Pretrained, Init::Scratch][kind];
-        let fresh = !is_done(run_dir, init, ft);
-        if !fresh {
-            let mut r = read_result(run_dir).expect("a finished unit has its result");
-            r.finetune_top1 = ft.and_then(|f| f.result(run_dir, init));
+        if let Some(r) = recorded(run_dir, init, ft) {
             return Ok(Some((r, false)));
         }
         if report_only {
