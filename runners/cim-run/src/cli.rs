@@ -594,11 +594,18 @@ fn subcommand(cmd: Command) -> anyhow::Result<()> {
             })?;
             if !c.dry_run {
                 println!(
-                    "wrote {dir}/results.csv, {dir}/results.md, {dir}/results.png ({} cells × seeds, {} controls; {} run now in {:.1} min)",
+                    "wrote {dir}/results.csv, {dir}/results.md, {dir}/results.png ({} cells × seeds, {} controls; {} run now in {:.1} min){}",
                     r.rows.len(),
                     r.controls.len(),
                     r.units_run,
                     r.seconds / 60.0,
+                    match r.pending {
+                        0 => String::new(),
+                        n => format!(
+                            "; {n} cells × seeds not finished: run the sweep again, or `--report` \
+                             once the processes running them end"
+                        ),
+                    },
                     dir = r.out.display()
                 );
             }

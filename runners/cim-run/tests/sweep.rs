@@ -224,10 +224,12 @@ fn an_interrupted_cell_resumes_from_its_checkpoint() {
         .unwrap()
         .map(|e| e.unwrap().path())
         .find(|p| {
-            !p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("control")
+            p.is_dir()
+                && !p
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("control")
         })
         .unwrap();
     assert!(cell.join("checkpoints/step-00000002").is_dir());
@@ -255,6 +257,75 @@ fn an_interrupted_cell_resumes_from_its_checkpoint() {
         })
         .collect();
     assert_eq!(steps, vec![1, 2, 3, 4]);
+}
+
+/// Two sweeps sharing a cells folder split the work: a unit whose lock another process holds is
+/// left to it (not run twice, not counted as done), and is picked up by the next run once free.
+#[test]
+fn a_unit_another_sweep_holds_is_left_to_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("cifar");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("train.bin"), cifar_records(20, 0)).unwrap();
+    std::fs::write(data.join("test.bin"), cifar_records(10, 1)).unwrap();
+    let spec = write_spec(
+        tmp.path(),
+        &data,
+        "[[cell]]\nname = \"gumbel\"\nset = [\"sampler.name=\\\"gumbel\\\"\"]\n\n\
+         [[cell]]\nname = \"argmax\"\nset = [\"sampler.name=\\\"argmax\\\"\"]\n",
+    );
+    let out = tmp.path().join("out");
+    let cells = tmp.path().join("cells");
+    let mut args = vec![
+        "sweep",
+        spec.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--cells",
+        cells.to_str().unwrap(),
+    ];
+    args.push("--dry-run");
+    let plan = text(&cim_run(&args));
+    args.pop();
+    let gumbel = plan
+        .lines()
+        .find(|l| l.starts_with("gumbel"))
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap_or_else(|| panic!("{plan}"));
+    std::fs::create_dir_all(&cells).unwrap();
+    let lock = cim_runner::rundir::PidLock::take(Path::new(&format!("{gumbel}.lock")))
+        .unwrap()
+        .unwrap();
+
+    let o = cim_run(&args);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains(&format!(
+            "cell `gumbel` seed 0 is being run by process {}",
+            std::process::id()
+        )),
+        "{t}"
+    );
+    assert!(t.contains("2 run now"), "{t}");
+    assert!(t.contains("1 cells × seeds not finished"), "{t}");
+    assert!(!Path::new(gumbel).join("result.json").exists());
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(md.contains("Still running: 1 of 2"), "{md}");
+    // One seed: no spread to state.
+    let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
+    assert!(md.contains("(1 seed)"), "{md}");
+    assert!(rows.iter().all(|l| !l.contains('±')), "{md}");
+
+    drop(lock);
+    let o = cim_run(&args);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("1 run now") && !t.contains("not finished"),
+        "{t}"
+    );
+    assert!(Path::new(gumbel).join("result.json").is_file());
 }
 
 #[test]

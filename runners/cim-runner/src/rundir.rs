@@ -27,7 +27,7 @@ const RUN_MARKERS: [&str; 3] = ["metrics.jsonl", "checkpoints", "model.safetenso
 pub struct RunDir {
     path: PathBuf,
     /// `None` for a follower ([`RunDir::follower`]).
-    _lock: Option<File>,
+    _lock: Option<PidLock>,
 }
 
 impl RunDir {
@@ -73,39 +73,17 @@ impl RunDir {
     }
 
     fn lock(path: PathBuf) -> Result<Self> {
-        let lock_path = path.join(".lock");
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(|e| Error::io(&lock_path, e))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = match holder.trim() {
-                    "" => "another process".to_string(),
-                    pid => format!("process {pid}"),
-                };
-                return Err(Error::msg(format!(
-                    "{} is in use by {holder} (a run writing to it); wait for it to finish, or \
-                     choose another --out",
-                    path.display()
-                )));
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
+        match PidLock::take(&path.join(".lock"))? {
+            Ok(lock) => Ok(Self {
+                path,
+                _lock: Some(lock),
+            }),
+            Err(holder) => Err(Error::msg(format!(
+                "{} is in use by {holder} (a run writing to it); wait for it to finish, or \
+                 choose another --out",
+                path.display()
+            ))),
         }
-        file.set_len(0).map_err(|e| Error::io(&lock_path, e))?;
-        file.rewind().map_err(|e| Error::io(&lock_path, e))?;
-        write!(file, "{}", std::process::id()).map_err(|e| Error::io(&lock_path, e))?;
-        file.flush().map_err(|e| Error::io(&lock_path, e))?;
-        Ok(Self {
-            path,
-            _lock: Some(file),
-        })
     }
 
     pub fn path(&self) -> &Path {
@@ -229,6 +207,44 @@ impl Metrics {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// An exclusive lock on a file that holds the holder's process id, kept until it is dropped or the
+/// process ends (the operating system releases it then, so a killed process leaves no stale lock).
+#[derive(Debug)]
+pub struct PidLock {
+    _file: File,
+}
+
+impl PidLock {
+    /// Takes the lock on `path`, creating the file if needed; `Ok(Err(holder))` when another
+    /// holds it, the holder named as "process N" (or "another process" before it wrote its id).
+    pub fn take(path: &Path) -> Result<std::result::Result<Self, String>> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                return Ok(Err(match holder.trim() {
+                    "" => "another process".to_string(),
+                    pid => format!("process {pid}"),
+                }));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(path, e)),
+        }
+        file.set_len(0).map_err(|e| Error::io(path, e))?;
+        file.rewind().map_err(|e| Error::io(path, e))?;
+        write!(file, "{}", std::process::id()).map_err(|e| Error::io(path, e))?;
+        file.flush().map_err(|e| Error::io(path, e))?;
+        Ok(Ok(Self { _file: file }))
     }
 }
 

@@ -22,6 +22,7 @@ use cim_api::{Error, Result};
 use crate::checkpoint::write_atomic;
 use crate::config::{resolve, Layers, Resolved};
 use crate::probe::{Init, Pooling, ProbeArgs};
+use crate::rundir::PidLock;
 use crate::train::Trainer;
 
 /// A sweep spec (TOML). Unknown keys are errors.
@@ -555,7 +556,9 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
             seconds: 0.0,
         });
     }
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    for dir in [&out, &cells_root] {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
     let mut progress = Progress {
         name: spec.name.clone(),
         total,
@@ -738,6 +741,30 @@ impl Progress {
         if report_only {
             return Ok(None);
         }
+        // One process per unit: a sweep sharing this folder (the same spec, or another with
+        // identical cells) that holds it keeps it, and this one goes on to the next unit.
+        let lock_path = run_dir.with_file_name(format!(
+            "{}.lock",
+            run_dir.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let _lock = match PidLock::take(&lock_path)? {
+            Ok(lock) => lock,
+            Err(holder) => {
+                tracing::info!(
+                    "sweep {}: {label} is being run by {holder} ({}); left to it",
+                    self.name,
+                    lock_path.display()
+                );
+                self.left[kind] = self.left[kind].saturating_sub(1);
+                return Ok(None);
+            }
+        };
+        // Another process may have finished it since the first look.
+        if let Some(r) = recorded(run_dir, init, ft) {
+            self.left[kind] = self.left[kind].saturating_sub(1);
+            self.done += 1;
+            return Ok(Some((r, false)));
+        }
         self.starts(label);
         let t = Instant::now();
         let mut r = match read_result(run_dir) {
@@ -857,10 +884,10 @@ fn pm(rows: &[&Row], f: impl Fn(&CellResult) -> Option<f64>) -> (f64, f64, Strin
         .filter_map(|r| f(&r.result))
         .collect();
     let (m, s) = mean_std(&v);
-    let text = if v.is_empty() {
-        "—".into()
-    } else {
-        format!("{:.2} ± {:.2}", 100.0 * m, 100.0 * s)
+    let text = match v.len() {
+        0 => "—".into(),
+        1 => format!("{:.2} (1 seed)", 100.0 * m),
+        _ => format!("{:.2} ± {:.2}", 100.0 * m, 100.0 * s),
     };
     (m, s, text)
 }
