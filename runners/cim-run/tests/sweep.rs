@@ -18,6 +18,15 @@ fn cifar_records(n: usize, salt: u8) -> Vec<u8> {
     v
 }
 
+/// `<dir>/cifar/{train,test}.bin` with `train` and `test` records.
+fn cifar_dir(dir: &Path, train: usize, test: usize) -> std::path::PathBuf {
+    let data = dir.join("cifar");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("train.bin"), cifar_records(train, 0)).unwrap();
+    std::fs::write(data.join("test.bin"), cifar_records(test, 1)).unwrap();
+    data
+}
+
 mod common;
 use common::text;
 
@@ -63,10 +72,7 @@ k = 3
 #[test]
 fn a_two_cell_sweep_runs_resumes_and_records_a_divergent_cell() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("cifar");
-    std::fs::create_dir_all(&data).unwrap();
-    std::fs::write(data.join("train.bin"), cifar_records(40, 0)).unwrap();
-    std::fs::write(data.join("test.bin"), cifar_records(20, 1)).unwrap();
+    let data = cifar_dir(tmp.path(), 40, 20);
     let spec = write_spec(
         tmp.path(),
         &data,
@@ -197,10 +203,7 @@ set = ["train.total_steps=30", "train.lr=1e12", "train.clip_grad=0"]
 #[test]
 fn an_interrupted_cell_resumes_from_its_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("cifar");
-    std::fs::create_dir_all(&data).unwrap();
-    std::fs::write(data.join("train.bin"), cifar_records(20, 0)).unwrap();
-    std::fs::write(data.join("test.bin"), cifar_records(10, 1)).unwrap();
+    let data = cifar_dir(tmp.path(), 20, 10);
     let spec = write_spec(
         tmp.path(),
         &data,
@@ -264,10 +267,7 @@ fn an_interrupted_cell_resumes_from_its_checkpoint() {
 #[test]
 fn a_unit_another_sweep_holds_is_left_to_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("cifar");
-    std::fs::create_dir_all(&data).unwrap();
-    std::fs::write(data.join("train.bin"), cifar_records(20, 0)).unwrap();
-    std::fs::write(data.join("test.bin"), cifar_records(10, 1)).unwrap();
+    let data = cifar_dir(tmp.path(), 20, 10);
     let spec = write_spec(
         tmp.path(),
         &data,
@@ -276,17 +276,13 @@ fn a_unit_another_sweep_holds_is_left_to_it() {
     );
     let out = tmp.path().join("out");
     let cells = tmp.path().join("cells");
-    let mut args = vec![
+    let plan = text(&cim_run(&[
         "sweep",
         spec.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
         "--cells",
         cells.to_str().unwrap(),
-    ];
-    args.push("--dry-run");
-    let plan = text(&cim_run(&args));
-    args.pop();
+        "--dry-run",
+    ]));
     let gumbel = plan
         .lines()
         .find(|l| l.starts_with("gumbel"))
@@ -297,7 +293,7 @@ fn a_unit_another_sweep_holds_is_left_to_it() {
         .unwrap()
         .unwrap();
 
-    let o = cim_run(&args);
+    let o = sweep(&spec, &out, &cells);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(
@@ -318,7 +314,7 @@ fn a_unit_another_sweep_holds_is_left_to_it() {
     assert!(rows.iter().all(|l| !l.contains('±')), "{md}");
 
     drop(lock);
-    let o = cim_run(&args);
+    let o = sweep(&spec, &out, &cells);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(
